@@ -1,0 +1,14 @@
+"""sparse_inductor: a torch.compile backend for 2:4 and block-sparse nn.Linear weights.
+
+    compiled = torch.compile(model, backend="sparse")      # no import needed (entry point)
+    report = sparse_inductor.explain(model, x)             # what the compiler decided, per layer
+    sparse_inductor.prune(model, "2:4")                    # demo helper: make 2:4 weights
+"""
+from .api import explain
+from .options import SparseOptions
+from .prune import prune
+from .report import LayerDecision, Report
+
+__version__ = "0.1.0"
+
+__all__ = ["explain", "prune", "SparseOptions", "LayerDecision", "Report", "__version__"]

@@ -1,0 +1,52 @@
+"""The one place for differences between torch versions (2.11 on the GPU machine, 2.13 in CI).
+
+Everything else imports these helpers instead of testing versions or attributes itself.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+__all__ = ["TORCH_VERSION", "get_attr", "size_hint", "fake_constant", "device_name"]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def get_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def size_hint(s: Any) -> Optional[int]:
+    """An int for a (possibly symbolic) size: its hint for a SymInt, None when there is none."""
+    if isinstance(s, int):
+        return s
+    if isinstance(s, torch.SymInt):
+        node = s.node
+        return int(node.hint) if node.has_hint() else None
+    return None
+
+
+def fake_constant(near: fx.Node, t: torch.Tensor) -> torch.Tensor:
+    """A FakeTensor for a new constant, made in the fake mode of the graph around `near`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = None
+    for n in [near, *near.all_input_nodes]:
+        val = n.meta.get("val")
+        mode = getattr(val, "fake_mode", None)
+        if mode is not None:
+            break
+    if mode is None:
+        mode = torch._guards.detect_fake_mode() or FakeTensorMode()
+    return mode.from_tensor(t, static_shapes=True)

@@ -1,0 +1,8 @@
+"""Compressed weight formats: pure tensor code, no torch.fx and no Inductor (docs/formats.md)."""
+from .block import BLOCK_SIZES, BlockSparse, block_nonzero_map, compress_block, decompress_block
+from .sparse24 import compress_24, decompress_24, is_24, mask_24, violations_24
+
+__all__ = [
+    "BLOCK_SIZES", "BlockSparse", "block_nonzero_map", "compress_block", "decompress_block",
+    "compress_24", "decompress_24", "is_24", "mask_24", "violations_24",
+]

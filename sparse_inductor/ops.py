@@ -1,0 +1,52 @@
+"""The project's sparse linear ops (torch.library custom ops), with fakes and reference kernels.
+
+Both compute y = x @ W^T + bias for a 2-D x [M, K], exactly as F.linear on the dense weight would:
+the reference implementations decompress W and call F.linear, on CPU and CUDA alike. Fast kernels
+plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering/), chosen by the
+`kernel` argument that the rewrite pass writes into the graph.
+
+    sparse_inductor::linear_24(x, values, meta, bias, kernel) -> y [M, N]
+        values [2, N, K/4], meta [ceil(N/2), K/4] uint8 (formats/sparse24.py)
+    sparse_inductor::linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel) -> y [M, N]
+        blocks [nnzb, b, b], row_ptr [Nb+1], col_idx [nnzb], row_order [Nb] int32 (formats/block.py)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .formats import decompress_24, decompress_block
+
+__all__ = ["linear_24", "linear_block"]
+
+
+@torch.library.custom_op("sparse_inductor::linear_24", mutates_args=())
+def linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor], kernel: str) -> Tensor:
+    w = decompress_24(values, meta)
+    return F.linear(x, w, bias)
+
+
+@linear_24.register_fake
+def _(x, values, meta, bias, kernel):
+    torch._check(x.dim() == 2, lambda: f"linear_24 expects a 2-D input, got {x.dim()}-D")
+    torch._check(x.shape[1] == values.shape[2] * 4, lambda: "linear_24: K mismatch between x and values")
+    return x.new_empty(x.shape[0], values.shape[1])
+
+
+@torch.library.custom_op("sparse_inductor::linear_block", mutates_args=())
+def linear_block(
+    x: Tensor, blocks: Tensor, row_ptr: Tensor, col_idx: Tensor, row_order: Tensor,
+    bias: Optional[Tensor], n: int, k: int, kernel: str,
+) -> Tensor:
+    w = decompress_block(blocks, row_ptr, col_idx, n, k)
+    return F.linear(x, w, bias)
+
+
+@linear_block.register_fake
+def _(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel):
+    torch._check(x.dim() == 2, lambda: f"linear_block expects a 2-D input, got {x.dim()}-D")
+    torch._check(x.shape[1] == k, lambda: "linear_block: K mismatch between x and the weight")
+    return x.new_empty(x.shape[0], n)

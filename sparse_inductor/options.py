@@ -1,0 +1,121 @@
+"""Options of the sparse backend, in one dataclass, and the environment variables the project reads.
+
+torch.compile accepts either `mode=` or `options=`, not both; so `options` may also carry "mode".
+Keys that are not fields of SparseOptions are Inductor config settings and pass through to
+Inductor unchanged (e.g. {"force": True, "max_autotune": True}).
+
+Environment variables (read when a compile starts, never at import):
+    SPARSE_INDUCTOR_DISABLE=1   compile with plain Inductor: no detection, no rewrite.
+    SPARSE_INDUCTOR_FORCE=1     as options={"force": True}.
+Logging: TORCH_LOGS="+sparse_inductor" (the per-layer decisions at INFO, details at DEBUG).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Optional
+
+from .formats import BLOCK_SIZES
+
+__all__ = ["SparseOptions", "resolve_options", "ENV_DISABLE", "ENV_FORCE"]
+
+ENV_DISABLE = "SPARSE_INDUCTOR_DISABLE"
+ENV_FORCE = "SPARSE_INDUCTOR_FORCE"
+
+PATTERNS = ("2:4", "block")
+_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseOptions:
+    """What the sparse backend detects and when it rewrites a layer.
+
+    force:             rewrite every detected 2:4 / block-sparse layer, even where the cost model
+                       expects dense to be faster (tests use it on CPU, where nothing else is).
+    patterns:          which sparsity patterns to look for.
+    block_sizes:       square block sizes to try for block sparsity.
+    max_block_density: a weight counts as block-sparse only if at most this fraction of its
+                       blocks hold a nonzero.
+    min_speedup:       a layer is made sparse only if its kernel is expected to be at least this
+                       much faster than dense (1.05 = 5%).
+    kernel:            pin one kernel family for every sparse layer ("reference", "triton", ...);
+                       None lets the dispatcher choose.
+    fx_cache:          let Inductor's FX graph cache store graphs with sparse weights (keyed by a
+                       digest of the weights' contents; the compressed weights go into the
+                       artifact). False bypasses the cache for such graphs.
+    mode:              torch.compile's mode, for callers that also pass options.
+    """
+
+    force: bool = False
+    patterns: tuple[str, ...] = PATTERNS
+    block_sizes: tuple[int, ...] = BLOCK_SIZES
+    max_block_density: float = 0.5
+    min_speedup: float = 1.05
+    kernel: Optional[str] = None
+    fx_cache: bool = True
+    mode: Optional[str] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "patterns", tuple(self.patterns))
+        object.__setattr__(self, "block_sizes", tuple(sorted(set(self.block_sizes), reverse=True)))
+        bad = [p for p in self.patterns if p not in PATTERNS]
+        if bad:
+            raise ValueError(f"unknown sparsity pattern(s) {bad}; choose from {PATTERNS}")
+        bad = [b for b in self.block_sizes if b not in BLOCK_SIZES]
+        if bad:
+            raise ValueError(f"unsupported block size(s) {bad}; choose from {BLOCK_SIZES}")
+        if not 0.0 <= self.max_block_density <= 1.0:
+            raise ValueError(f"max_block_density must be in [0, 1], got {self.max_block_density}")
+        if self.min_speedup <= 0:
+            raise ValueError(f"min_speedup must be positive, got {self.min_speedup}")
+        if self.mode not in _MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose from {_MODES[1:]}")
+
+    def digest(self) -> str:
+        return repr(dataclasses.astuple(self))
+
+
+_FIELDS = {f.name for f in dataclasses.fields(SparseOptions)}
+
+
+def resolve_options(
+    mode: Optional[str] = None, options: Optional[Mapping[str, Any] | SparseOptions] = None
+) -> tuple[SparseOptions, dict[str, Any]]:
+    """Split what torch.compile passed into (SparseOptions, Inductor config patches)."""
+    if isinstance(options, SparseOptions):
+        ours, inductor = dataclasses.asdict(options), {}
+    else:
+        options = dict(options or {})
+        ours = {k: v for k, v in options.items() if k in _FIELDS}
+        inductor = {k: v for k, v in options.items() if k not in _FIELDS}
+    if mode is not None:
+        if ours.get("mode") not in (None, mode):
+            raise ValueError(f"mode given twice: {mode!r} and options['mode']={ours['mode']!r}")
+        ours["mode"] = mode
+    if os.environ.get(ENV_FORCE, "") not in ("", "0"):
+        ours["force"] = True
+    opts = SparseOptions(**ours)
+    if opts.mode not in (None, "default"):
+        import torch._inductor
+
+        inductor = {**torch._inductor.list_mode_options(opts.mode), **inductor}
+    _check_inductor_keys(inductor)
+    return opts, inductor
+
+
+def _check_inductor_keys(patches: Mapping[str, Any]) -> None:
+    import torch._inductor.config as ic
+
+    known = set(ic._config.keys()) if hasattr(ic, "_config") else None
+    if known is None:
+        return
+    unknown = [k for k in patches if k not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown}: neither a SparseOptions field ({sorted(_FIELDS)}) "
+            "nor an Inductor config setting"
+        )
+
+
+def disabled_by_env() -> bool:
+    return os.environ.get(ENV_DISABLE, "") not in ("", "0")

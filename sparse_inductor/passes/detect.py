@@ -1,0 +1,86 @@
+"""Detection: read a weight W [N, K] and say which sparsity pattern it has, with a reason.
+
+No graph here: detect() takes a tensor. Only exact zeros count (W != 0 is the test, so NaN and
+Inf are nonzeros); nothing is pruned. Precedence when a weight fits both patterns: block-sparse
+when at most half of its blocks are nonzero (it then moves fewer bytes than 2:4), else 2:4.
+
+Block size: the largest size whose block density is within 25% of the smallest density seen
+across sizes, so a weight pruned in 64x64 blocks is read as 64x64 and not 16x16.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from ..formats import block_nonzero_map, violations_24
+from ..options import SparseOptions
+
+__all__ = ["Detection", "detect", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BLOCK_TOLERANCE = 1.25
+_PREFER_BLOCK_BELOW = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    pattern: str  # "2:4", "block" or "dense"
+    density: float  # fraction of nonzero weights
+    reason: str
+    block: Optional[int] = None
+    block_density: Optional[float] = None  # fraction of nonzero blocks
+
+
+def _dtype_guard(w: torch.Tensor) -> Optional[str]:
+    if w.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {str(w.dtype).replace('torch.', '')} is not supported (float16, bfloat16, float32)"
+    if w.dim() != 2:
+        return f"weight is {w.dim()}-D, not 2-D"
+    if w.numel() == 0:
+        return "empty weight"
+    return None
+
+
+def _why_not_24(w: torch.Tensor) -> Optional[str]:
+    n, k = w.shape
+    if k % 4:
+        return f"K={k} is not a multiple of 4"
+    bad = violations_24(w)
+    if bad:
+        total = n * k // 4
+        return f"{bad} of {total} groups of four have more than two nonzeros"
+    return None
+
+
+def _best_block(w: torch.Tensor, sizes: tuple[int, ...]) -> tuple[Optional[int], Optional[float]]:
+    dens = {b: float(block_nonzero_map(w, b).float().mean()) for b in sizes if b <= max(w.shape)}
+    if not dens:
+        return None, None
+    lowest = min(dens.values())
+    for b in sorted(dens, reverse=True):
+        if dens[b] <= lowest * _BLOCK_TOLERANCE + 1e-12:
+            return b, dens[b]
+    return None, None  # unreachable
+
+
+def detect(w: torch.Tensor, opts: SparseOptions) -> Detection:
+    with torch.no_grad():
+        why = _dtype_guard(w)
+        if why:
+            density = float((w != 0).float().mean()) if w.numel() else 0.0
+            return Detection("dense", density, why)
+        density = float((w != 0).float().mean())
+        why24 = _why_not_24(w) if "2:4" in opts.patterns else "2:4 not requested"
+        b, bd = (None, None)
+        if "block" in opts.patterns and opts.block_sizes:
+            b, bd = _best_block(w, opts.block_sizes)
+        is_block = bd is not None and bd <= opts.max_block_density
+        if is_block and (why24 is not None or bd <= _PREFER_BLOCK_BELOW):
+            return Detection("block", density, f"{b}x{b} blocks, {bd:.1%} of blocks nonzero", b, bd)
+        if why24 is None:
+            return Detection("2:4", density, "every group of four along K has at most two nonzeros", b, bd)
+        why_block = ("block sparsity not requested" if bd is None else
+                     f"{bd:.1%} of {b}x{b} blocks nonzero (max_block_density={opts.max_block_density})")
+        return Detection("dense", density, f"not 2:4 ({why24}); not block-sparse ({why_block})", b, bd)

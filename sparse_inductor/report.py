@@ -1,0 +1,124 @@
+"""Per-layer decision records: the source of `explain`, the log lines and the tests' assertions.
+
+The rewrite pass makes one LayerDecision per linear it looks at and hands it to `record()`, which
+logs it on the `sparse_inductor` logger and appends it to every active `collect()` context.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+from typing import Iterator, Optional
+
+log = logging.getLogger("sparse_inductor")
+
+__all__ = ["LayerDecision", "Report", "collect", "record", "log"]
+
+
+@dataclasses.dataclass
+class LayerDecision:
+    """What the compiler decided for one linear, and why.
+
+    name:     module path of the linear (e.g. "blocks.0.mlp.fc1"), or the constant's name.
+    shape:    (N, K) = (out_features, in_features).
+    dtype:    the weight's dtype, e.g. "bfloat16".
+    pattern:  "2:4", "block" or "dense" (what the weight is, exact zeros only).
+    block:    the block size for "block", else None.
+    density:  fraction of nonzero weights.
+    kernel:   what runs: "dense" when the layer was not rewritten, else the sparse kernel.
+    fused:    ops folded into the kernel (e.g. "bias", "transpose").
+    reason:   why this kernel (or why dense).
+    m:        rows of the input the decision assumed (None if unknown).
+    dense_us / sparse_us: the cost model's estimates, where it made them.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    dtype: str
+    pattern: str
+    block: Optional[int]
+    density: float
+    kernel: str
+    fused: tuple[str, ...]
+    reason: str
+    m: Optional[int] = None
+    dense_us: Optional[float] = None
+    sparse_us: Optional[float] = None
+
+    @property
+    def sparse(self) -> bool:
+        return self.kernel != "dense"
+
+    def line(self) -> str:
+        blk = f" {self.block}x{self.block}" if self.block else ""
+        fused = ",".join(self.fused) or "-"
+        return (f"{self.name}: {self.shape[0]}x{self.shape[1]} {self.dtype} {self.pattern}{blk} "
+                f"density={self.density:.3f} -> {self.kernel} (fused: {fused}): {self.reason}")
+
+
+class Report:
+    """The decisions of one compile; `str(report)` is a table, `.layers` the records."""
+
+    def __init__(self, layers: list[LayerDecision], notes: Optional[list[str]] = None):
+        self.layers = list(layers)
+        self.notes = list(notes or [])
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def by_name(self, name: str) -> list[LayerDecision]:
+        return [d for d in self.layers if d.name == name]
+
+    def __str__(self) -> str:
+        head = ("layer", "N x K", "dtype", "pattern", "density", "kernel", "fused", "reason")
+        rows = [head]
+        for d in self.layers:
+            pat = d.pattern + (f" {d.block}x{d.block}" if d.block else "")
+            rows.append((d.name, f"{d.shape[0]}x{d.shape[1]}", d.dtype, pat, f"{d.density:.3f}",
+                         d.kernel, ",".join(d.fused) or "-", d.reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+        lines = []
+        for j, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+            if j == 0:
+                lines.append("  ".join("-" * w for w in widths) + "  " + "-" * len(head[-1]))
+        n_sparse = sum(d.sparse for d in self.layers)
+        lines.append(f"{n_sparse} of {len(self.layers)} linear(s) run sparse")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+_lock = threading.Lock()
+_sinks: list[list] = []
+
+
+@contextlib.contextmanager
+def collect() -> Iterator[list]:
+    """Collect the records (and notes, as strings) made while the block runs."""
+    sink: list = []
+    with _lock:
+        _sinks.append(sink)
+    try:
+        yield sink
+    finally:
+        with _lock:
+            _sinks.remove(sink)
+
+
+def record(item: LayerDecision | str) -> None:
+    if isinstance(item, LayerDecision):
+        log.info("%s", item.line())
+    else:
+        log.warning("%s", item)
+    with _lock:
+        for sink in _sinks:
+            sink.append(item)
