@@ -54,11 +54,13 @@ def sparse_backend(gm: fx.GraphModule, example_inputs: list, *, mode: Optional[s
         if inference:
             frozen = _lift_module_state(work, example_inputs)
             inputs = [x for i, x in enumerate(example_inputs) if i not in frozen]
-            digest, digested = weights_digest(frozen.values(), opts)
+            constants = [*frozen.values(), *(v for _, v in gm.named_parameters()), *(v for _, v in gm.named_buffers()),
+                         *_attr_tensors(gm)]
+            digest = weights_digest(gm.code, constants, opts)
         else:
             frozen, inputs = {}, example_inputs
-            digest, digested = "grad-enabled", set()
-        sparse_pass = SparseGraphPass(opts, digest, digested, user_pass)
+            digest = "grad-enabled"
+        sparse_pass = SparseGraphPass(opts, digest, user_pass)
     except Exception as e:
         log.exception("sparse_inductor: setup failed")
         record(f"sparse_inductor: setup failed ({type(e).__name__}: {e}); compiled with plain Inductor")
@@ -79,6 +81,19 @@ def sparse_backend(gm: fx.GraphModule, example_inputs: list, *, mode: Optional[s
     if not frozen:
         return compiled
     return _FrozenCall(compiled, len(example_inputs), frozen, gm)
+
+
+def _attr_tensors(gm: fx.GraphModule) -> list:
+    from ._compat import get_attr
+
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            try:
+                out.append(get_attr(gm, node.target))
+            except AttributeError:
+                pass
+    return out
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -152,9 +167,7 @@ class _FrozenCall:
     def _stale(self, args):
         if not self.warned:
             self.warned = True
-            msg = ("sparse_inductor: a parameter was replaced after compilation; running this graph "
-                   "eagerly with the new weights (compile again to make it fast)")
-            log.warning(msg)
-            record(msg)
+            record("sparse_inductor: a parameter was replaced after compilation; running this graph "
+                   "eagerly with the new weights (compile again to make it fast)")  # logs it too
         with torch.no_grad():
             return self.eager(*args)

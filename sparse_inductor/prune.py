@@ -18,6 +18,8 @@ __all__ = ["prune", "prune_24_", "prune_blocks_"]
 def prune_24_(w: torch.Tensor) -> torch.Tensor:
     """Keep the two largest |w| in every group of four along the last dim (K % 4 == 0)."""
     n, k = w.shape
+    if k % 4:
+        raise ValueError(f"2:4 needs K % 4 == 0, got shape {tuple(w.shape)}")
     g = w.reshape(n, k // 4, 4)
     keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(2, dim=-1).indices, True)
     w.copy_((g * keep).reshape(n, k))

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import warnings
 from typing import Iterator, Optional
 
 log = logging.getLogger("sparse_inductor")
@@ -115,10 +116,12 @@ def collect() -> Iterator[list]:
 
 
 def record(item: LayerDecision | str) -> None:
+    """Log a decision (INFO) or a note (WARNING, and a Python warning so that it is seen)."""
     if isinstance(item, LayerDecision):
         log.info("%s", item.line())
     else:
         log.warning("%s", item)
+        warnings.warn(item, RuntimeWarning, stacklevel=2)
     with _lock:
         for sink in _sinks:
             sink.append(item)

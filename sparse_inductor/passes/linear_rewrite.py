@@ -28,12 +28,13 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from .. import _compat
+from .. import _compat, ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
 from ..dispatch import Layer, choose
 from ..formats import compress_24, compress_block
 from ..options import SparseOptions
 from ..report import LayerDecision, record
 from .detect import Detection, detect
+from .sink_views import sink_views
 
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
@@ -53,6 +54,7 @@ class LinearSite:
 
 
 _TRANSPOSES = {aten.permute.default, aten.t.default, aten.transpose.int}
+_OPS = (torch.ops.sparse_inductor.linear_24.default, torch.ops.sparse_inductor.linear_block.default)
 
 
 def _module_path(node: fx.Node) -> Optional[str]:
@@ -179,12 +181,8 @@ def _compress(det: Detection, w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"blocks": bs.blocks, "row_ptr": bs.row_ptr, "col_idx": bs.col_idx, "row_order": bs.row_order}
 
 
-def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions, digested: Optional[set[int]] = None) -> list[LinearSite]:
-    """The pass body: detect, decide, rewrite. Returns the sites it looked at.
-
-    digested: storage pointers of the weights whose contents the FX-cache key covers; a weight
-    outside it stays dense (None: no restriction, for graphs that bypass the cache).
-    """
+def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]:
+    """The pass body: detect, decide, rewrite. Returns the sites it looked at."""
     sites = find_linears(gm)
     detections: dict[int, Detection] = {}
     consts = _Constants(gm)
@@ -218,11 +216,6 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions, digested: Optional[
             decision.reason = site.why_not or det.reason
             record(decision)
             continue
-        if digested is not None and w.untyped_storage().data_ptr() not in digested:
-            decision.reason = ("weight was made during compilation (e.g. constant folding), so the FX cache "
-                               "key does not cover it; options fx_cache=False allows it")
-            record(decision)
-            continue
         x_val = site.x.meta.get("val")
         if not isinstance(x_val, torch.Tensor) or x_val.dtype != w.dtype or x_val.dim() != 2:
             decision.reason = "input dtype differs from the weight's" if isinstance(x_val, torch.Tensor) else "input has no metadata"
@@ -247,6 +240,7 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions, digested: Optional[
             decision.reason = f"internal error, left dense: {type(e).__name__}: {e}"
         record(decision)
     _erase_dead_weights(sites)
+    sink_views([n for n in gm.graph.nodes if n.op == "call_function" and n.target in _OPS])
     return sites
 
 

@@ -2,15 +2,16 @@
 
 Inductor's FX graph cache keys frozen weights by shape and dtype only, so two models of the same
 shapes would share an artifact. The rewrite bakes compressed weights into the graph, so uuid()
-covers (1) every source file of this package, (2) the options, and (3) a digest of the contents
-of every weight that the pass may compress, computed by the backend before Inductor starts
-(`weights_digest`). With options fx_cache=False and sparse weights present, uuid() is None and
-Inductor bypasses its cache for the graph.
+covers (1) every source file of this package, (2) the options, and (3) a digest of the captured
+graph and of the contents of every tensor it reads as a constant, computed by the backend before
+Inductor starts (`weights_digest`). With options fx_cache=False, uuid() is None and Inductor
+bypasses its cache for the graph.
 
 One pass object per hook on torch 2.11/2.12: a pass the user had installed runs after ours.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import logging
@@ -22,7 +23,6 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from ..options import SparseOptions
 from ..report import record
-from .detect import Detection, detect
 from .linear_rewrite import rewrite_linears
 
 log = logging.getLogger("sparse_inductor")
@@ -37,58 +37,51 @@ def source_hash() -> str:
     return get_hash_for_files(files).hex()
 
 
-def _candidates(tensors: Iterable[Any]) -> list[torch.Tensor]:
-    seen, out = set(), []
-    for t in tensors:
-        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
-            continue
-        if isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta":
-            continue
-        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            out.append(t)
-    return out
+def _update_with_bytes(h: Any, t: torch.Tensor) -> None:
+    """Feed the raw bytes of `t` (row-major) to hash `h`, without numpy: the GPU machine's torch
+    may run without it, and `Tensor.numpy()` then raises."""
+    data = t.detach().contiguous().cpu()  # keeps the storage alive while we read it
+    nbytes = data.numel() * data.element_size()
+    if nbytes:
+        h.update(memoryview((ctypes.c_ubyte * nbytes).from_address(data.data_ptr())))
 
 
-def weights_digest(tensors: Iterable[Any], opts: SparseOptions) -> tuple[Optional[str], set[int]]:
-    """sha256 over the contents of the 2-D float tensors that detection calls sparse.
+def weights_digest(graph_code: str, tensors: Iterable[Any], opts: SparseOptions) -> Optional[str]:
+    """sha256 over the graph Dynamo captured and the contents of every tensor it reads as a
+    constant (parameters, buffers, tensor attributes).
 
-    Returns (digest, storage pointers of the digested tensors); digest is None when the cache
-    must be bypassed (fx_cache=False and a sparse weight is present).
+    Every constant the pass may compress, including those Inductor derives while freezing (e.g.
+    the concatenated weight of two linears sharing an input), is a function of these. None when
+    options fx_cache=False: Inductor then bypasses its cache and nothing is hashed.
     """
-    h = hashlib.sha256()
-    digested: set[int] = set()
-    for t in _candidates(tensors):
-        for w in (t, t.t()):  # a weight may appear as W or as W^T
-            det: Detection = detect(w.detach(), opts)
-            if det.pattern == "dense":
-                continue
-            digested.add(t.untyped_storage().data_ptr())
-            h.update(f"{det.pattern}|{det.block}|{tuple(w.shape)}|{w.dtype}|".encode())
-            data = w.detach().contiguous().cpu()
-            h.update(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
-            break
-    if digested and not opts.fx_cache:
-        return None, digested
-    return h.hexdigest(), digested
+    if not opts.fx_cache:
+        return None
+    h = hashlib.sha256(graph_code.encode())
+    seen = set()
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        h.update(repr(key[1:]).encode())
+        if key in seen:
+            continue
+        seen.add(key)
+        _update_with_bytes(h, t)
+    return h.hexdigest()
 
 
 class SparseGraphPass(CustomGraphPass):
-    """weights_digest: see weights_digest(); digested: storages the digest covers (None: any weight
-    may be rewritten, which is only safe when uuid() is None)."""
+    """weights_digest: see weights_digest(); None makes uuid() None (no FX graph cache)."""
 
-    def __init__(self, opts: SparseOptions, weights_digest: Optional[str], digested: Optional[set[int]] = None,
-                 user_pass: Any = None):
+    def __init__(self, opts: SparseOptions, weights_digest: Optional[str], user_pass: Any = None):
         self.opts = opts
         self.weights_digest = weights_digest
-        self.digested = None if weights_digest is None else (digested or set())
         self.user_pass = user_pass
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
         try:
-            rewrite_linears(gm, self.opts, self.digested)
+            rewrite_linears(gm, self.opts)
         except Exception as e:  # never break the user's compile: the graph is valid layer by layer
             log.exception("sparse_inductor: the rewrite pass failed")
             record(f"sparse_inductor: rewrite pass failed ({type(e).__name__}: {e}); remaining layers stay dense")

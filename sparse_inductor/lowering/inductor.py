@@ -1,0 +1,64 @@
+"""The one place that registers Inductor lowerings for the project's ops.
+
+Each op carries the kernel the pass chose (its `kernel` argument). A lowering that has a template
+for that kernel on that device emits it, with the bias as an Inductor pointwise add that the
+scheduler fuses into the template's store; anything else (the "reference" kernel, a CPU tensor,
+or a template that fails to generate) becomes an extern call of the op's reference implementation,
+so a failure costs speed for that layer, never the compile.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..report import record
+
+log = logging.getLogger("sparse_inductor")
+_registered = False
+
+
+def _template_lowerings():
+    from . import triton_24, triton_block
+
+    return {
+        (torch.ops.sparse_inductor.linear_24.default, "triton"): triton_24.lower,
+        (torch.ops.sparse_inductor.linear_block.default, "triton"): triton_block.lower,
+    }
+
+
+def register() -> None:
+    """Register the lowerings once per process (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from torch._inductor.lowering import fallback_handler, lowerings, register_lowering
+
+    from .. import ops  # noqa: F401  (defines the ops)
+
+    aten = torch.ops.aten
+    table = _template_lowerings()
+
+    def make(op, n_weight_args, out_features):
+        fallback = fallback_handler(op, add_to_fallback_set=False)
+
+        def lowering(x, *args):
+            weights, rest = args[:n_weight_args], args[n_weight_args:]
+            bias, kernel = rest[0], rest[-1]
+            fn = table.get((op, kernel))
+            if fn is not None and x.get_device() is not None and x.get_device().type == "cuda":
+                try:
+                    out = fn(x, *weights, n=out_features(weights, rest))
+                    return out if bias is None else lowerings[aten.add.Tensor](out, bias)
+                except Exception as e:  # this layer falls back to the reference kernel
+                    log.exception("sparse_inductor: %s lowering failed", kernel)
+                    record(f"sparse_inductor: {kernel} kernel failed to lower ({type(e).__name__}: {e}); "
+                           "that layer runs the reference kernel")
+            return fallback(x, *args)
+
+        register_lowering(op, type_promotion_kind=None)(lowering)
+
+    # linear_24(x, values, meta, bias, kernel); linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel)
+    make(torch.ops.sparse_inductor.linear_24.default, 2, lambda w, rest: int(w[0].get_size()[1]))
+    make(torch.ops.sparse_inductor.linear_block.default, 4, lambda w, rest: int(rest[1]))
+    _registered = True

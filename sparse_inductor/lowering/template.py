@@ -1,0 +1,54 @@
+"""Shared plumbing for the project's Triton templates in Inductor.
+
+A template's source is: the imports, the source of the family's self-contained @triton.jit device
+functions (the same functions the eager kernels and the interpreter tests call), then the
+Inductor template body ({{def_kernel}}, {{size}}, {{stride}}, {{store_output}}). Inductor writes
+the whole text into the generated kernel module, so the device functions sit beside the kernel
+and Inductor fuses its epilogue (bias, activation, residual, cast) into {{store_output}}.
+"""
+from __future__ import annotations
+
+import inspect
+import textwrap
+from typing import Any, Callable, Sequence
+
+__all__ = ["template_source", "get_template", "grid_nm"]
+
+_PRELUDE = "import triton\nimport triton.language as tl\n\n"
+
+
+def _source(fn: Any) -> str:
+    py = getattr(fn, "fn", fn)  # JITFunction (or the interpreter's wrapper) -> the Python function
+    src = textwrap.dedent(inspect.getsource(py))
+    if "{{" in src or "{%" in src:
+        raise ValueError(f"{py.__name__}: device functions must not contain Jinja markup")
+    return src
+
+
+def template_source(device_functions: Sequence[Any], body: str) -> str:
+    parts = [_PRELUDE] + [_source(f) + "\n\n" for f in device_functions] + [textwrap.dedent(body).lstrip("\n")]
+    return "".join(parts)
+
+
+_TEMPLATES: dict[str, Any] = {}
+
+
+def get_template(name: str, source_fn: Callable[[], str], grid: Callable) -> Any:
+    """One TritonTemplate per name and process (Inductor asserts on duplicate names)."""
+    if name not in _TEMPLATES:
+        from torch._inductor.select_algorithm import TritonTemplate
+
+        existing = TritonTemplate.all_templates.get(name)
+        _TEMPLATES[name] = existing or TritonTemplate(name=name, grid=grid, source=source_fn())
+    return _TEMPLATES[name]
+
+
+def grid_nm() -> Callable:
+    """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)) over an output [M, N]."""
+    from torch._inductor.select_algorithm import SymbolicGridFn
+
+    @SymbolicGridFn
+    def grid(m, n, meta, *, cdiv):
+        return (cdiv(n, meta["BLOCK_N"]), cdiv(m, meta["BLOCK_M"]), 1)
+
+    return grid

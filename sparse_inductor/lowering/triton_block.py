@@ -1,0 +1,472 @@
+"""Triton kernel for the block-sparse linear: y = x @ W^T + bias with W in the packed block layout.
+
+Shapes and layouts (formats/block.py builds the weight side once, at compile time):
+
+    x          [M, K]          fp16 / bf16 / fp32, any strides
+    blocks     [nnzb, B, B]    x's dtype, contiguous; blocks[i][r, c] = W[rb*B + r, col_idx[i]*B + c]
+    row_ptr    [Nb + 1]        int32; the blocks of block row rb are row_ptr[rb] .. row_ptr[rb+1]-1
+    col_idx    [nnzb]          int32, block column of each block (ascending inside a block row)
+    row_order  [Nb]            int32, block rows by descending nonzero count
+    bias       [N] or None     x's dtype
+    y          [M, N]          x's dtype, contiguous
+    Nb = ceil(N / B), Kb = ceil(K / B); ragged edges of W are zero-padded inside the blocks.
+
+Design.
+- One program per (output block row, M tile): program (p, t) computes y[t*BLOCK_M : +BLOCK_M,
+  rb*B : +B] for rb = row_order[p]. The output tile's width is the block size, so a program owns
+  its tile outright: no split-K, no atomics, no zero-init pass, and the epilogue (bias, guard,
+  whatever Inductor fuses) runs once per tile on the fp32 accumulator.
+- The reduction walks only the nonzero blocks of the row: for each block i, the x tile
+  x[m_tile, col_idx[i]*B : +B] (gathered by the block's column) times blocks[i]^T. The transpose
+  is done by indexing (the block is loaded as a [k, n] tile with k contiguous), never by a copy.
+- row_order puts the block rows with the most blocks at the lowest program ids, which the GPU
+  launches first (grid axis 0 varies fastest); short rows fill in the tail (longest-processing-
+  time-first scheduling). Guess until measured on the H100: with several M tiles the long rows of
+  tile 1 start after the short rows of tile 0; the alternative order (M tile fastest) trades that
+  for worse L2 reuse of the x tile across block rows.
+- fp32 accumulate always. fp16/bf16 go to tl.dot directly; fp32 uses tl.dot with ALLOW_TF32
+  choosing "tf32" or "ieee". Under the Triton interpreter (CPU), bf16 tl.dot is garbage
+  (DESIGN-NOTES, "Triton on the CPU"), so DOT_FP32 upcasts both tiles to fp32 first.
+
+Non-finite inputs. A dense matmul computes 0 * x for the zero blocks too, so a NaN or Inf in
+x[m, k] makes y[m, n] NaN for every n whose weight W[n, k] is zero; a kernel that skips empty
+blocks would lose that. nonfinite_inputs(x) gives F[m, c] = sum(0 * x[m, block column c]) (0, or
+NaN when that stretch of x holds a NaN/Inf) and CNT[m] = the number of NaN entries of F[m, :]; the
+kernel counts the NaN entries among the block columns it visits (nan_in) and sets y[m, n] to NaN
+when CNT[m] > nan_in, i.e. when a non-finite x falls in a block it skipped. Inside visited blocks
+the tensor-core product sees the zeros and non-finite values itself. The result has exactly the
+NaN/Inf pattern of dense. Non-finite values in W sit in nonzero blocks (NaN/Inf count as nonzero
+in compress_block), which are always computed.
+
+For the Inductor template (written elsewhere): `block_sparse_acc` is self-contained (it refers only
+to `tl` and its arguments) so that `device_source()` (inspect.getsource of DEVICE_FUNCTIONS) can be
+pasted into the template's source ahead of the kernel. The template's kernel then does what
+`_block_linear_kernel` below does, with Inductor generating the store and epilogue:
+    rb = tl.load(row_order_ptr + tl.program_id(0)); pid_m = tl.program_id(1)
+    acc, nan_in = block_sparse_acc(x, blocks, row_ptr, col_idx, F, rb, pid_m, M, N, K, KB, stride_xm,
+                                   stride_xk, BLOCK_M, B, ALLOW_TF32, False, True)  # DOT_FP32: interpreter only
+    rows offs_m = pid_m * BLOCK_M + arange(BLOCK_M) (mask < M), columns offs_n = rb * B + arange(B)
+    (mask < N); add NaN where CNT[offs_m] > nan_in (see above), as below.
+The grid is (Nb, cdiv(M, BLOCK_M)); B, BLOCK_M, num_warps and num_stages come from pick_config.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats.block import BLOCK_SIZES
+
+__all__ = [
+    "BlockLinearConfig", "CONFIGS", "DEVICE_FUNCTIONS", "M_BUCKETS", "block_linear",
+    "block_sparse_acc", "device_source", "m_bucket", "pick_config",
+]
+
+# Triton decides at decoration time whether kernels run in the interpreter; read it the same way.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device function (self-contained: embedded into the Inductor template by inspect.getsource)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def block_sparse_acc(
+    # pointers
+    x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, f_ptr,
+    # which output tile: block row (already permuted through row_order) and M tile
+    rb, pid_m,
+    # sizes (N is unused: rows of W beyond N are zero padding inside the blocks); KB = ceil(K / B)
+    M, N, K, KB,
+    # strides of x
+    stride_xm, stride_xk,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, B: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,  # fp32 inputs: tf32 tensor cores (True) or full fp32 (False)
+    DOT_FP32: tl.constexpr,  # upcast both dot operands to fp32 first (bf16 under the interpreter)
+    HAS_F: tl.constexpr,  # count the non-finite block columns visited (see nonfinite_inputs)
+):
+    """(acc, nan_in): fp32 acc[BLOCK_M, B] = sum over blocks i of block row rb of
+    x[pid_m*BLOCK_M : +BLOCK_M, col_idx[i]*B : +B] @ blocks[i]^T, and nan_in[BLOCK_M], for each
+    row, the number of visited block columns c with F[m, c] NaN (F [M, KB] from nonfinite_inputs).
+
+    Rows of x at or beyond M and columns at or beyond K load as 0; the padded block entries are 0.
+    Rows of acc beyond M and columns beyond N hold padding; the caller masks them at the store.
+    """
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = tl.arange(0, B)
+    mask_m = offs_m < M
+    start = tl.load(row_ptr_ptr + rb)
+    end = tl.load(row_ptr_ptr + rb + 1)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    # blocks[i]^T as a [k, n] tile: element (k, n) is blocks[i][n, k] at offset n*B + k, so k is
+    # the contiguous axis of the loaded tile (the nn.Linear transpose, done by indexing).
+    w_ptrs = blocks_ptr + start.to(tl.int64) * (B * B) + (offs_b[:, None] + offs_b[None, :] * B)
+    # The block column is loaded one iteration ahead and carried: x's address then depends on a
+    # loop-carried value, not on a load of the same iteration, and Triton 3.6's pipeliner gives x
+    # and the block num_stages buffers. Loading col_idx[i] inside iteration i makes it an indirect
+    # load chain that costs pipeline stages: 4 stages gave 1 buffer (no prefetch) with mma.sync and
+    # 2 with wgmma (read from the sm90 TTGIR; the speed itself is not measured yet).
+    c_ptr = col_idx_ptr + start
+    col = tl.load(c_ptr, mask=start < end, other=0)
+    acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    nan_in = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    f_rows = f_ptr + offs_m.to(tl.int64) * KB
+    for i in range(start, end):
+        if HAS_F:
+            f = tl.load(f_rows + col, mask=mask_m, other=0.0)
+            nan_in += (f != f).to(tl.float32)
+        offs_k = col * B + offs_b
+        a = tl.load(x_rows + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        w = tl.load(w_ptrs)
+        if DOT_FP32:
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        elif ALLOW_TF32:
+            acc = tl.dot(a, w, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        w_ptrs += B * B
+        c_ptr += 1
+        col = tl.load(c_ptr, mask=i + 1 < end, other=0)
+    return acc, nan_in
+
+
+# Every @triton.jit function the template must embed, in definition order.
+DEVICE_FUNCTIONS = (block_sparse_acc,)
+
+
+def device_source() -> str:
+    """The source of DEVICE_FUNCTIONS (decorators included), ready to paste into a template."""
+    return "\n\n".join(inspect.getsource(f.fn) for f in DEVICE_FUNCTIONS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager kernel and launcher
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _block_linear_kernel(
+    # pointers
+    x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, row_order_ptr, bias_ptr, f_ptr, cnt_ptr, y_ptr,
+    # sizes
+    M, N, K, KB,
+    # strides
+    stride_xm, stride_xk, stride_ym, stride_yn,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, B: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GUARD: tl.constexpr,
+    ALLOW_TF32: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """y[M, N] = x[M, K] @ W^T (+ bias[N]), one [BLOCK_M, B] tile a program; with HAS_GUARD, NaN
+    where a non-finite x meets a skipped (all-zero) block, as in dense."""
+    rb = tl.load(row_order_ptr + tl.program_id(0))
+    pid_m = tl.program_id(1)
+    acc, nan_in = block_sparse_acc(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, f_ptr, rb, pid_m, M, N, K, KB,
+                                   stride_xm, stride_xk, BLOCK_M, B, ALLOW_TF32, DOT_FP32, HAS_GUARD)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = rb * B + tl.arange(0, B)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_GUARD:
+        cnt = tl.load(cnt_ptr + offs_m, mask=mask_m, other=0.0)
+        acc += tl.where(cnt > nan_in, float("nan"), 0.0)[:, None]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+class BlockLinearConfig(NamedTuple):
+    block_m: int
+    num_warps: int
+    num_stages: int
+
+
+# M buckets: an M falls in the smallest bucket >= M; 256 stands for every M > 128.
+M_BUCKETS = (16, 32, 64, 128, 256)
+
+# The one config table, keyed by (block size, M bucket). ALL ENTRIES ARE GUESSES until tuned on
+# the H100 (torch 2.11, triton 3.6); none has been timed. What is known, from compiling every
+# entry for sm_90a with triton 3.6 on the CPU machine (TTGIR + ptxas -v, no GPU): all compile,
+# none spills, the largest (b=128, BLOCK_M 128, bf16) takes 192 KiB of shared memory of the 227.
+# - M <= 16 (decode): BLOCK_M 16, the smallest tile tl.dot accepts on the GPU; the kernel is a
+#   stream over the weight blocks, so the M tile should not waste work on padding rows.
+# - BLOCK_M < 64 compiles to mma.sync; BLOCK_M >= 64 with 4 or 8 warps to async wgmma.
+# - stages: each holds an x tile [BLOCK_M, B] plus a block [B, B]. Triton 3.6 allocates
+#   num_stages buffers on the wgmma path and num_stages - 1 on the mma.sync path (TTGIR). M <= 16
+#   is bandwidth bound with few programs per SM, so it gets the deepest prefetch (5 stages);
+#   b=128 with BLOCK_M 128 is 64 KiB a bf16 stage, so 3. _fit_stages trims stages for fp32.
+# - b=16: each step is a 16-wide dot, so the loop is latency bound whatever the config; few
+#   warps per program keep more programs resident. b=128 with BLOCK_M 128: 8 warps, so the
+#   128x128 fp32 accumulator takes 64 registers a thread, not 128 (ptxas: 148 registers).
+CONFIGS: dict[tuple[int, int], BlockLinearConfig] = {
+    (16, 16): BlockLinearConfig(16, 2, 5),
+    (16, 32): BlockLinearConfig(32, 2, 4),
+    (16, 64): BlockLinearConfig(64, 4, 4),
+    (16, 128): BlockLinearConfig(64, 4, 4),
+    (16, 256): BlockLinearConfig(128, 4, 4),
+    (32, 16): BlockLinearConfig(16, 2, 5),
+    (32, 32): BlockLinearConfig(32, 4, 4),
+    (32, 64): BlockLinearConfig(64, 4, 4),
+    (32, 128): BlockLinearConfig(128, 4, 4),
+    (32, 256): BlockLinearConfig(128, 4, 4),
+    (64, 16): BlockLinearConfig(16, 4, 5),
+    (64, 32): BlockLinearConfig(32, 4, 4),
+    (64, 64): BlockLinearConfig(64, 4, 4),
+    (64, 128): BlockLinearConfig(128, 4, 4),
+    (64, 256): BlockLinearConfig(128, 4, 4),
+    (128, 16): BlockLinearConfig(16, 4, 5),
+    (128, 32): BlockLinearConfig(32, 4, 4),
+    (128, 64): BlockLinearConfig(64, 4, 3),
+    (128, 128): BlockLinearConfig(128, 8, 3),
+    (128, 256): BlockLinearConfig(128, 8, 3),
+}
+
+# Shared memory the pipelined loads may use (H100: 227 KiB a block), counted as num_stages whole
+# stages (conservative: mma.sync uses one fewer); the rest is left for layout conversions and the
+# epilogue. A guess until measured.
+_SMEM_BUDGET = 192 * 1024
+
+
+def m_bucket(m: int) -> int:
+    for bucket in M_BUCKETS[:-1]:
+        if m <= bucket:
+            return bucket
+    return M_BUCKETS[-1]
+
+
+def _fit_stages(cfg: BlockLinearConfig, b: int, elem_size: int) -> BlockLinearConfig:
+    """Fewer stages when x tile + block per stage would overflow _SMEM_BUDGET (fp32 inputs)."""
+    per_stage = (cfg.block_m * b + b * b) * elem_size
+    stages = max(1, min(cfg.num_stages, _SMEM_BUDGET // per_stage))
+    return cfg._replace(num_stages=stages)
+
+
+def pick_config(b: int, m: int, dtype: torch.dtype) -> BlockLinearConfig:
+    """The table's config for block size b and M, with stages trimmed to fit dtype's tiles."""
+    return _fit_stages(CONFIGS[(b, m_bucket(m))], b, dtype.itemsize)
+
+
+def nonfinite_inputs(x: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """F [M, ceil(K/b)] fp32: sum(0 * x[m, block column c]), 0 or NaN; CNT [M] fp32: NaN count of F[m]."""
+    m, k = x.shape
+    z = (x * 0).to(torch.float32)
+    kb = math.ceil(k / b)
+    if kb * b != k:
+        z = torch.nn.functional.pad(z, (0, kb * b - k))
+    f = z.reshape(m, kb, b).sum(-1)
+    return f, f.isnan().sum(-1, dtype=torch.float32)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"block_linear: {msg}")
+
+
+def _default_allow_tf32() -> bool:
+    # Follow F.linear on fp32: TF32 unless float32 matmul precision is "highest".
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def block_linear(
+    x: torch.Tensor, blocks: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+    row_order: torch.Tensor, bias: Optional[torch.Tensor], n: int, k: int, *,
+    guard: bool = True, config: Optional[BlockLinearConfig] = None,
+    allow_tf32: Optional[bool] = None,
+) -> torch.Tensor:
+    """y = F.linear(x, W, bias) for W [n, k] in the packed block layout (formats/block.py).
+
+    x [M, k] fp16/bf16/fp32 (any strides); blocks [nnzb, b, b] contiguous, x's dtype; row_ptr
+    [ceil(n/b)+1], col_idx [nnzb], row_order [ceil(n/b)] int32; bias [n] in x's dtype or None.
+    Returns y [M, n] contiguous in x's dtype, accumulated in fp32.
+
+    guard=True reproduces dense non-finite semantics exactly: a NaN or Inf in x[m, k] makes y[m, n]
+    NaN wherever W[n, k] is zero, including inside the blocks this kernel skips (see
+    nonfinite_inputs). It costs a pass over x before the kernel. guard=False skips it: outputs
+    whose non-finite inputs only meet skipped blocks then stay finite.
+
+    config: a BlockLinearConfig to use instead of the table (CONFIGS, by block size and M bucket).
+    allow_tf32: fp32 inputs only; None follows torch.get_float32_matmul_precision() like F.linear.
+    The format's invariants (col_idx < ceil(k/b), row_ptr monotone, row_order a permutation) are
+    trusted, not checked: that would need a device sync.
+    """
+    _check(x.dim() == 2, f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    _check(x.dtype in _DTYPES, f"x dtype must be one of {_DTYPES}, got {x.dtype}")
+    _check(blocks.dim() == 3 and blocks.shape[1] == blocks.shape[2],
+           f"blocks must be [nnzb, b, b], got shape {tuple(blocks.shape)}")
+    b = blocks.shape[-1]
+    _check(b in BLOCK_SIZES, f"block size must be one of {BLOCK_SIZES}, got {b}")
+    _check(blocks.dtype == x.dtype, f"blocks dtype {blocks.dtype} differs from x dtype {x.dtype}")
+    _check(blocks.is_contiguous(), "blocks must be contiguous")
+    _check(n >= 0 and k >= 0, f"n and k must be >= 0, got n={n}, k={k}")
+    _check(x.shape[1] == k, f"x has K={x.shape[1]} but the weight has k={k}")
+    nb = math.ceil(n / b)
+    for name, t, numel in (("row_ptr", row_ptr, nb + 1), ("col_idx", col_idx, blocks.shape[0]),
+                           ("row_order", row_order, nb)):
+        _check(t.dtype == torch.int32 and t.dim() == 1 and t.is_contiguous(),
+               f"{name} must be a contiguous 1-D int32 tensor, got {t.dtype} shape {tuple(t.shape)}")
+        _check(t.numel() == numel, f"{name} must have {numel} entries (n={n}, b={b}), got {t.numel()}")
+    if bias is not None:
+        _check(bias.shape == (n,), f"bias must be [{n}], got shape {tuple(bias.shape)}")
+        _check(bias.dtype == x.dtype, f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+    for name, t in (("blocks", blocks), ("row_ptr", row_ptr), ("col_idx", col_idx),
+                    ("row_order", row_order), ("bias", bias)):
+        _check(t is None or t.device == x.device, f"{name} is on {getattr(t, 'device', None)}, x on {x.device}")
+    _check(x.device.type == "cuda" or _INTERPRETED,
+           f"x is on {x.device}: CPU tensors need TRITON_INTERPRET=1 set before this module is imported")
+
+    m = x.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    if config is None:
+        config = pick_config(b, m, x.dtype)
+    _check(config.block_m >= 16 and config.block_m & (config.block_m - 1) == 0,
+           f"config.block_m must be a power of two >= 16, got {config.block_m}")
+    grid = (nb, triton.cdiv(m, config.block_m))
+    _check(grid[1] <= 65535, f"M={m} needs {grid[1]} M tiles, over the grid's 65535 (raise block_m)")
+    f = cnt = None
+    kb = math.ceil(k / b)
+    if guard:
+        f, cnt = nonfinite_inputs(x, b)
+    if allow_tf32 is None:
+        allow_tf32 = _default_allow_tf32()
+    _block_linear_kernel[grid](
+        x, blocks, row_ptr, col_idx, row_order,
+        bias if bias is not None else y, f if f is not None else y, cnt if cnt is not None else y, y,
+        m, n, k, kb,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        BLOCK_M=config.block_m, B=b,
+        HAS_BIAS=bias is not None, HAS_GUARD=guard,
+        ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
+        DOT_FP32=x.dtype == torch.bfloat16 and _INTERPRETED,  # bf16 tl.dot is wrong there
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Inductor template: the device function above plus a body that Inductor renders, so that what
+# follows the linear (bias, activation, residual, cast) is fused into the store.
+# ----------------------------------------------------------------------------------------------
+
+_TEMPLATE_BODY = r'''
+{{def_kernel("X", "BLOCKS", "ROW_PTR", "COL_IDX", "ROW_ORDER", "F", "CNT")}}
+    M = {{size("X", 0)}}
+    K = {{size("X", 1)}}
+    N = {{size(None, 1)}}
+    KB = {{size("F", 1)}}
+    stride_xm = {{stride("X", 0)}}
+    stride_xk = {{stride("X", 1)}}
+    rb = tl.load(ROW_ORDER + tl.program_id(0))
+    pid_m = tl.program_id(1)
+    acc, nan_in = block_sparse_acc(X, BLOCKS, ROW_PTR, COL_IDX, F, rb, pid_m, M, N, K, KB,
+                                   stride_xm, stride_xk, BLOCK_M, B, ALLOW_TF32, False, True)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = rb * B + tl.arange(0, B)
+    cnt = tl.load(CNT + offs_m, mask=offs_m < M, other=0.0)
+    acc += tl.where(cnt > nan_in, float("nan"), 0.0)[:, None]
+    idx_m = offs_m[:, None]
+    idx_n = offs_n[None, :]
+    mask = (idx_m < M) & (idx_n < N)
+    {{store_output(("idx_m", "idx_n"), "acc", "mask", val_shape=("BLOCK_M", "B"))}}
+'''
+
+TEMPLATE_NAME = "sparse_inductor_block"
+
+
+def _grid():
+    from torch._inductor.select_algorithm import SymbolicGridFn
+
+    @SymbolicGridFn
+    def grid(m, n, meta, *, cdiv):
+        return (cdiv(n, meta["B"]), cdiv(m, meta["BLOCK_M"]), 1)
+
+    return grid
+
+
+def template():
+    from .template import get_template, template_source
+
+    return get_template(TEMPLATE_NAME, lambda: template_source(DEVICE_FUNCTIONS, _TEMPLATE_BODY), _grid())
+
+
+def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int):
+    """Inductor lowering of sparse_inductor::linear_block (without bias) to the template; one
+    choice, so that Inductor fuses what follows into the store.
+
+    The non-finite inputs F and CNT (see nonfinite_inputs) are built from Inductor ops here, so
+    the reduction over x may fuse with whatever produces x."""
+    import sympy
+    from torch._inductor.ir import FixedLayout
+    from torch._inductor.lowering import lowerings
+    from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs
+    from torch._inductor.virtualized import V
+
+    aten = torch.ops.aten
+    m, k = x.get_size()
+    b = int(blocks.get_size()[-1])
+    kb = -(-int(k) // b)
+    z = lowerings[aten.mul.Tensor](x, 0.0)
+    if kb * b != int(k):
+        z = lowerings[aten.constant_pad_nd.default](z, [0, kb * b - int(k)], 0.0)
+    z = lowerings[aten.view.default](z, [m, kb, b])
+    f = lowerings[aten.sum.dim_IntList](z, [2], False, dtype=torch.float32)
+    cnt = lowerings[aten.sum.dim_IntList](lowerings[aten.isnan.default](f), [1], False, dtype=torch.float32)
+    inputs = tuple(realize_inputs(x, blocks, row_ptr, col_idx, row_order, f, cnt))
+    x = inputs[0]
+    m_hint = int(m) if isinstance(m, (int, sympy.Integer)) else V.graph.sizevars.size_hint(m, fallback=64)
+    cfg = pick_config(b, m_hint, x.get_dtype())
+    layout = FixedLayout(x.get_device(), x.get_dtype(), [m, n])
+    choices: list = []
+    err = template().maybe_append_choice(
+        choices, input_nodes=inputs, layout=layout, num_stages=cfg.num_stages, num_warps=cfg.num_warps,
+        BLOCK_M=cfg.block_m, B=b, ALLOW_TF32=_default_allow_tf32() and x.get_dtype() == torch.float32)
+    if err is not None or not choices:
+        raise RuntimeError(f"block template rejected the layer: {err}")
+    return autotune_select_algorithm("sparse_inductor_block", choices, list(inputs), layout)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dispatcher's view of this family
+# ----------------------------------------------------------------------------------------------
+
+def _check_layer(layer) -> Optional[str]:
+    if layer.dtype not in _DTYPES:
+        return f"dtype {layer.dtype} not supported"
+    if layer.block not in BLOCK_SIZES:
+        return f"block size {layer.block} not supported"
+    return None
+
+
+# Fractions of the device model's bandwidth and matrix rate the kernel reaches (H100 guesses until
+# measured; see docs/benchmarks.md).
+_BW, _MMA = 0.6, 0.4
+
+
+def _estimate_us(layer, model) -> Optional[float]:
+    if model is None or layer.m is None or layer.block_density is None:
+        return None
+    es = torch.finfo(layer.dtype).bits // 8
+    m, n, k, d = layer.m, layer.n, layer.k, layer.block_density
+    weight = d * n * k * es
+    io = 2 * m * k * es + m * n * es  # x read by the guard and (at least once) by the kernel, y
+    mma = 2 * m * n * k * d * (2 if layer.dtype == torch.float32 else 1) / (model.flops_per_us * _MMA)
+    return max((weight + io) / (model.bytes_per_us * _BW), mma) + 2 * model.launch_us
+
+
+def _register_kernel():
+    from ..dispatch import KernelSpec, register_kernel
+
+    register_kernel(KernelSpec("triton", "block", ("cuda",), _check_layer, _estimate_us))
+
+
+_register_kernel()

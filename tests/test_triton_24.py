@@ -1,0 +1,153 @@
+"""The 2:4 Triton kernels (lowering/triton_24.py) against an fp64 reference.
+
+On CPU they run in the Triton interpreter (conftest sets TRITON_INTERPRET=1), fp16/fp32 only
+(the interpreter's bf16 dot is wrong), tiles >= 16 for tl.dot. GPU tests (bf16, realistic sizes)
+are marked `gpu`.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+
+from sparse_inductor.formats import compress_24
+from sparse_inductor.lowering.triton_24 import CONFIGS, pick_config, sp24_linear
+from sparse_inductor.prune import prune_24_
+
+# Relative Frobenius error vs fp64, by dtype, with the reason for each bound.
+TOL = {
+    # fp32 inputs, fp32 accumulate, ieee dot: error is accumulation rounding, ~1e-7 at these sizes
+    torch.float32: 1e-5,
+    # fp16 output rounding (11-bit mantissa: 2^-11 ~ 4.9e-4 relative per element) dominates
+    torch.float16: 2e-3,
+    # bf16: 8-bit mantissa, 2^-8 ~ 3.9e-3 per element on the output rounding
+    torch.bfloat16: 1e-2,
+}
+
+# Small tiles for the interpreter (still >= 16 for tl.dot).
+SMALL = {
+    "gemv": dict(GEMV=True, BLOCK_M=1, BLOCK_N=16, BLOCK_G=16, num_warps=4, num_stages=1),
+    "dot16": dict(GEMV=False, BLOCK_M=16, BLOCK_N=16, BLOCK_G=16, num_warps=4, num_stages=1),
+    "dot32": dict(GEMV=False, BLOCK_M=32, BLOCK_N=32, BLOCK_G=16, num_warps=4, num_stages=1),
+}
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make(n, k, m, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = prune_24_(torch.randn(n, k, generator=g)).to(dtype)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    return w, x, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cfg", sorted(SMALL))
+@pytest.mark.parametrize("m,n,k", [(1, 16, 64), (3, 33, 64), (17, 48, 128), (5, 7, 4 * 37)])
+def test_matches_fp64(dtype, cfg, m, n, k):
+    w, x, b = make(n, k, m, dtype)
+    values, meta = compress_24(w)
+    ref = x.double() @ w.double().T + b.double()
+    y = sp24_linear(x, values, meta, b, config=dict(SMALL[cfg]))
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("cfg", sorted(SMALL))
+def test_every_metadata_pattern(cfg):
+    """Each of the six kept-pair codes, and groups with 0 or 1 nonzeros, in every row parity."""
+    pairs = list(itertools.combinations(range(4), 2))
+    n, groups = 12, 16
+    w = torch.zeros(n, 4 * groups)
+    for r in range(n):
+        for g in range(groups):
+            kind = (r + g) % 8
+            if kind < 6:
+                i0, i1 = pairs[kind]
+                w[r, 4 * g + i0], w[r, 4 * g + i1] = 1.0 + r, -2.0 - g
+            elif kind == 6:
+                w[r, 4 * g + (g % 4)] = 3.0
+    x = torch.randn(2, 4 * groups)
+    values, meta = compress_24(w)
+    y = sp24_linear(x, values, meta, config=dict(SMALL[cfg]))
+    assert rel_err(y, x.double() @ w.double().T) < TOL[torch.float32]
+
+
+def test_strided_input():
+    w, x, _ = make(32, 64, 20, torch.float32)
+    xs = torch.randn(64, 20).t()  # non-contiguous [20, 64]
+    values, meta = compress_24(w)
+    for cfg in SMALL.values():
+        y = sp24_linear(xs, values, meta, config=dict(cfg))
+        assert rel_err(y, xs.double() @ w.double().T) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("cfg", sorted(SMALL))
+def test_nonfinite_inputs_poison_rows_like_dense(cfg):
+    w, x, _ = make(32, 64, 4, torch.float32)
+    x[1, 3] = math.nan
+    x[2, 5] = math.inf
+    values, meta = compress_24(w)
+    y = sp24_linear(x, values, meta, config=dict(SMALL[cfg]))
+    ref = torch.nn.functional.linear(x, w)
+    assert ref[2].isinf().any() and ref[2].isnan().any()  # the Inf row has both, as dense does
+    # exactly dense's non-finite pattern: NaN where a non-finite x meets a zero (or NaN), +-Inf elsewhere
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+    assert torch.equal(y[y.isinf()], ref[ref.isinf()])
+    assert rel_err(y[[0, 3]], x[[0, 3]].double() @ w.double().T) < TOL[torch.float32]
+
+
+def test_nonfinite_weights_propagate():
+    w, x, _ = make(16, 64, 3, torch.float32)
+    w[4, 1], w[4, 2], w[4, 3] = math.nan, 0.0, 0.0  # keep 2:4 in that group
+    w[4, 0] = 0.0
+    values, meta = compress_24(w)
+    for cfg in SMALL.values():
+        y = sp24_linear(x, values, meta, config=dict(cfg))
+        assert y[:, 4].isnan().all() and y[:, [0, 5]].isfinite().all()
+
+
+def test_all_zero_weight_gives_bias():
+    w = torch.zeros(16, 64)
+    b = torch.randn(16)
+    x = torch.randn(2, 64)
+    values, meta = compress_24(w)
+    for cfg in SMALL.values():
+        assert torch.equal(sp24_linear(x, values, meta, b, config=dict(cfg)), b.expand(2, 16))
+
+
+def test_input_errors():
+    w, x, _ = make(16, 64, 2, torch.float32)
+    values, meta = compress_24(w)
+    with pytest.raises(ValueError, match="K="):
+        sp24_linear(x[:, :32], values, meta)
+    with pytest.raises(ValueError, match="2-D"):
+        sp24_linear(x[None], values, meta)
+    with pytest.raises(ValueError, match="dtype|is torch"):
+        sp24_linear(x.half(), values, meta)
+
+
+def test_config_table():
+    assert pick_config(1, 14336, 4096)["GEMV"] and pick_config(1, 4096, 4096)["GEMV"]
+    for m in (2, 16, 64, 1000, None):
+        cfg = pick_config(m, 4096, 4096)
+        assert not cfg["GEMV"] and cfg["BLOCK_M"] >= 16 and cfg["BLOCK_G"] >= 16
+    for cfg in CONFIGS.values():
+        assert cfg["BLOCK_N"] >= 8 and cfg["BLOCK_G"] >= 16
+
+
+# ---- GPU (bf16, sizes of the targets)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 300])
+@pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336), (1000, 512)])
+def test_gpu_bf16(m, n, k):
+    torch.manual_seed(0)
+    w = prune_24_(torch.randn(n, k, device="cuda")).bfloat16()
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    values, meta = compress_24(w)
+    ref = x.double() @ w.double().T
+    assert rel_err(sp24_linear(x, values, meta), ref) < TOL[torch.bfloat16]
