@@ -68,8 +68,10 @@ def sparse_backend(gm: fx.GraphModule, example_inputs: list, *, mode: Optional[s
 
     ours = {**patches, "post_grad_custom_pre_pass": sparse_pass}
     if inference:
-        # freezing turns weights into constants; CPU weight prepacking would hide the linears
-        ours.update({"freezing": True, "cpp.weight_prepack": False})
+        # freezing turns weights into constants; CPU weight prepacking would hide the linears;
+        # Inductor inlines 1-D constants of <= 8 elements as code that rebuilds them on every call
+        # (seen on the H100 as two extra kernels for a small block-sparse layer's index arrays)
+        ours.update({"freezing": True, "cpp.weight_prepack": False, "always_keep_tensor_constants": True})
     try:
         compiled = compile_fx(work, inputs, config_patches=ours)
     except Exception as e:

@@ -30,10 +30,10 @@ Design.
 
 Non-finite inputs. A dense matmul computes 0 * x for the zero blocks too, so a NaN or Inf in
 x[m, k] makes y[m, n] NaN for every n whose weight W[n, k] is zero; a kernel that skips empty
-blocks would lose that. nonfinite_inputs(x) gives F[m, c] = sum(0 * x[m, block column c]) (0, or
-NaN when that stretch of x holds a NaN/Inf) and CNT[m] = the number of NaN entries of F[m, :]; the
-kernel counts the NaN entries among the block columns it visits (nan_in) and sets y[m, n] to NaN
-when CNT[m] > nan_in, i.e. when a non-finite x falls in a block it skipped. Inside visited blocks
+blocks would lose that. nonfinite_rows(x) gives g[m] = sum(0 * x[m, :]) (0, or NaN when the row
+holds a NaN/Inf), one cheap reduction; when a tile has such a row (rare), nan_where_skipped reads
+the block columns that its block row skips and sets y[m, n] to NaN where a non-finite x lies in
+one of them. Inside visited blocks
 the tensor-core product sees the zeros and non-finite values itself. The result has exactly the
 NaN/Inf pattern of dense. Non-finite values in W sit in nonzero blocks (NaN/Inf count as nonzero
 in compress_block), which are always computed.
@@ -43,10 +43,10 @@ to `tl` and its arguments) so that `device_source()` (inspect.getsource of DEVIC
 pasted into the template's source ahead of the kernel. The template's kernel then does what
 `_block_linear_kernel` below does, with Inductor generating the store and epilogue:
     rb = tl.load(row_order_ptr + tl.program_id(0)); pid_m = tl.program_id(1)
-    acc, nan_in = block_sparse_acc(x, blocks, row_ptr, col_idx, F, rb, pid_m, M, N, K, KB, stride_xm,
-                                   stride_xk, BLOCK_M, B, ALLOW_TF32, False, True)  # DOT_FP32: interpreter only
+    acc = block_sparse_acc(x, blocks, row_ptr, col_idx, rb, pid_m, M, N, K, stride_xm, stride_xk,
+                           BLOCK_M, B, ALLOW_TF32, False)        # DOT_FP32 only in the interpreter
     rows offs_m = pid_m * BLOCK_M + arange(BLOCK_M) (mask < M), columns offs_n = rb * B + arange(B)
-    (mask < N); add NaN where CNT[offs_m] > nan_in (see above), as below.
+    (mask < N); add nan_where_skipped(...) (see above), as below.
 The grid is (Nb, cdiv(M, BLOCK_M)); B, BLOCK_M, num_warps and num_stages come from pick_config.
 """
 from __future__ import annotations
@@ -80,22 +80,20 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def block_sparse_acc(
     # pointers
-    x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, f_ptr,
+    x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr,
     # which output tile: block row (already permuted through row_order) and M tile
     rb, pid_m,
-    # sizes (N is unused: rows of W beyond N are zero padding inside the blocks); KB = ceil(K / B)
-    M, N, K, KB,
+    # sizes (N is unused: rows of W beyond N are zero padding inside the blocks)
+    M, N, K,
     # strides of x
     stride_xm, stride_xk,
     # meta-parameters
     BLOCK_M: tl.constexpr, B: tl.constexpr,
     ALLOW_TF32: tl.constexpr,  # fp32 inputs: tf32 tensor cores (True) or full fp32 (False)
     DOT_FP32: tl.constexpr,  # upcast both dot operands to fp32 first (bf16 under the interpreter)
-    HAS_F: tl.constexpr,  # count the non-finite block columns visited (see nonfinite_inputs)
 ):
-    """(acc, nan_in): fp32 acc[BLOCK_M, B] = sum over blocks i of block row rb of
-    x[pid_m*BLOCK_M : +BLOCK_M, col_idx[i]*B : +B] @ blocks[i]^T, and nan_in[BLOCK_M], for each
-    row, the number of visited block columns c with F[m, c] NaN (F [M, KB] from nonfinite_inputs).
+    """fp32 acc[BLOCK_M, B] = sum over blocks i of block row rb of
+    x[pid_m*BLOCK_M : +BLOCK_M, col_idx[i]*B : +B] @ blocks[i]^T.
 
     Rows of x at or beyond M and columns at or beyond K load as 0; the padded block entries are 0.
     Rows of acc beyond M and columns beyond N hold padding; the caller masks them at the store.
@@ -117,12 +115,7 @@ def block_sparse_acc(
     c_ptr = col_idx_ptr + start
     col = tl.load(c_ptr, mask=start < end, other=0)
     acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
-    nan_in = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    f_rows = f_ptr + offs_m.to(tl.int64) * KB
     for i in range(start, end):
-        if HAS_F:
-            f = tl.load(f_rows + col, mask=mask_m, other=0.0)
-            nan_in += (f != f).to(tl.float32)
         offs_k = col * B + offs_b
         a = tl.load(x_rows + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
@@ -136,11 +129,41 @@ def block_sparse_acc(
         w_ptrs += B * B
         c_ptr += 1
         col = tl.load(c_ptr, mask=i + 1 < end, other=0)
-    return acc, nan_in
+    return acc
+
+
+@triton.jit
+def nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g_ptr, rb, pid_m, M, K, stride_xm, stride_xk,
+                      BLOCK_M: tl.constexpr, B: tl.constexpr):
+    """[BLOCK_M]: NaN for the rows whose x holds a NaN/Inf inside a block column that block row rb
+    skips (dense would compute 0 * x there), else 0. g[m] = sum(0 * x[m, :]) (0 or NaN) says which
+    rows hold any; only if one of this tile's does (rare; the branch is uniform over the program)
+    are the skipped columns of x read."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
+    out = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    any_bad = tl.sum(g, axis=0)
+    if any_bad != any_bad:
+        offs_b = tl.arange(0, B)
+        x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+        ptr = tl.load(row_ptr_ptr + rb)
+        end = tl.load(row_ptr_ptr + rb + 1)
+        nxt = tl.load(col_idx_ptr + ptr, mask=ptr < end, other=-1)
+        bad = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c in range(0, tl.cdiv(K, B)):
+            offs_k = c * B + offs_b
+            z = tl.load(x_rows + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & (offs_k[None, :] < K) & (c != nxt), other=0.0).to(tl.float32) * 0.0
+            bad += tl.sum((z != z).to(tl.float32), axis=1)
+            ptr += (c == nxt).to(tl.int32)
+            nxt = tl.load(col_idx_ptr + ptr, mask=ptr < end, other=-1)
+        out = tl.where(bad > 0, float("nan"), 0.0)
+    return out
 
 
 # Every @triton.jit function the template must embed, in definition order.
-DEVICE_FUNCTIONS = (block_sparse_acc,)
+DEVICE_FUNCTIONS = (block_sparse_acc, nan_where_skipped)
 
 
 def device_source() -> str:
@@ -155,9 +178,9 @@ def device_source() -> str:
 @triton.jit
 def _block_linear_kernel(
     # pointers
-    x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, row_order_ptr, bias_ptr, f_ptr, cnt_ptr, y_ptr,
+    x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, row_order_ptr, bias_ptr, g_ptr, y_ptr,
     # sizes
-    M, N, K, KB,
+    M, N, K,
     # strides
     stride_xm, stride_xk, stride_ym, stride_yn,
     # meta-parameters
@@ -169,8 +192,8 @@ def _block_linear_kernel(
     where a non-finite x meets a skipped (all-zero) block, as in dense."""
     rb = tl.load(row_order_ptr + tl.program_id(0))
     pid_m = tl.program_id(1)
-    acc, nan_in = block_sparse_acc(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, f_ptr, rb, pid_m, M, N, K, KB,
-                                   stride_xm, stride_xk, BLOCK_M, B, ALLOW_TF32, DOT_FP32, HAS_GUARD)
+    acc = block_sparse_acc(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, rb, pid_m, M, N, K,
+                           stride_xm, stride_xk, BLOCK_M, B, ALLOW_TF32, DOT_FP32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = rb * B + tl.arange(0, B)
     mask_m = offs_m < M
@@ -178,8 +201,8 @@ def _block_linear_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_GUARD:
-        cnt = tl.load(cnt_ptr + offs_m, mask=mask_m, other=0.0)
-        acc += tl.where(cnt > nan_in, float("nan"), 0.0)[:, None]
+        acc += nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g_ptr, rb, pid_m, M, K,
+                                 stride_xm, stride_xk, BLOCK_M, B)[:, None]
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -255,15 +278,9 @@ def pick_config(b: int, m: int, dtype: torch.dtype) -> BlockLinearConfig:
     return _fit_stages(CONFIGS[(b, m_bucket(m))], b, dtype.itemsize)
 
 
-def nonfinite_inputs(x: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """F [M, ceil(K/b)] fp32: sum(0 * x[m, block column c]), 0 or NaN; CNT [M] fp32: NaN count of F[m]."""
-    m, k = x.shape
-    z = (x * 0).to(torch.float32)
-    kb = math.ceil(k / b)
-    if kb * b != k:
-        z = torch.nn.functional.pad(z, (0, kb * b - k))
-    f = z.reshape(m, kb, b).sum(-1)
-    return f, f.isnan().sum(-1, dtype=torch.float32)
+def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """g [M] fp32: sum(0 * x[m, :]), 0 for a finite row, NaN when it holds a NaN/Inf."""
+    return (x * 0).to(torch.float32).sum(-1)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -290,7 +307,7 @@ def block_linear(
 
     guard=True reproduces dense non-finite semantics exactly: a NaN or Inf in x[m, k] makes y[m, n]
     NaN wherever W[n, k] is zero, including inside the blocks this kernel skips (see
-    nonfinite_inputs). It costs a pass over x before the kernel. guard=False skips it: outputs
+    nonfinite_rows). It costs a pass over x before the kernel. guard=False skips it: outputs
     whose non-finite inputs only meet skipped blocks then stay finite.
 
     config: a BlockLinearConfig to use instead of the table (CONFIGS, by block size and M bucket).
@@ -333,16 +350,13 @@ def block_linear(
            f"config.block_m must be a power of two >= 16, got {config.block_m}")
     grid = (nb, triton.cdiv(m, config.block_m))
     _check(grid[1] <= 65535, f"M={m} needs {grid[1]} M tiles, over the grid's 65535 (raise block_m)")
-    f = cnt = None
-    kb = math.ceil(k / b)
-    if guard:
-        f, cnt = nonfinite_inputs(x, b)
+    g = nonfinite_rows(x) if guard else None
     if allow_tf32 is None:
         allow_tf32 = _default_allow_tf32()
     _block_linear_kernel[grid](
         x, blocks, row_ptr, col_idx, row_order,
-        bias if bias is not None else y, f if f is not None else y, cnt if cnt is not None else y, y,
-        m, n, k, kb,
+        bias if bias is not None else y, g if g is not None else y, y,
+        m, n, k,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         BLOCK_M=config.block_m, B=b,
         HAS_BIAS=bias is not None, HAS_GUARD=guard,
@@ -359,21 +373,19 @@ def block_linear(
 # ----------------------------------------------------------------------------------------------
 
 _TEMPLATE_BODY = r'''
-{{def_kernel("X", "BLOCKS", "ROW_PTR", "COL_IDX", "ROW_ORDER", "F", "CNT")}}
+{{def_kernel("X", "BLOCKS", "ROW_PTR", "COL_IDX", "ROW_ORDER", "G")}}
     M = {{size("X", 0)}}
     K = {{size("X", 1)}}
     N = {{size(None, 1)}}
-    KB = {{size("F", 1)}}
     stride_xm = {{stride("X", 0)}}
     stride_xk = {{stride("X", 1)}}
     rb = tl.load(ROW_ORDER + tl.program_id(0))
     pid_m = tl.program_id(1)
-    acc, nan_in = block_sparse_acc(X, BLOCKS, ROW_PTR, COL_IDX, F, rb, pid_m, M, N, K, KB,
-                                   stride_xm, stride_xk, BLOCK_M, B, ALLOW_TF32, False, True)
+    acc = block_sparse_acc(X, BLOCKS, ROW_PTR, COL_IDX, rb, pid_m, M, N, K, stride_xm, stride_xk,
+                           BLOCK_M, B, ALLOW_TF32, False)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = rb * B + tl.arange(0, B)
-    cnt = tl.load(CNT + offs_m, mask=offs_m < M, other=0.0)
-    acc += tl.where(cnt > nan_in, float("nan"), 0.0)[:, None]
+    acc += nan_where_skipped(X, ROW_PTR, COL_IDX, G, rb, pid_m, M, K, stride_xm, stride_xk, BLOCK_M, B)[:, None]
     idx_m = offs_m[:, None]
     idx_n = offs_n[None, :]
     mask = (idx_m < M) & (idx_n < N)
@@ -403,8 +415,8 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int):
     """Inductor lowering of sparse_inductor::linear_block (without bias) to the template; one
     choice, so that Inductor fuses what follows into the store.
 
-    The non-finite inputs F and CNT (see nonfinite_inputs) are built from Inductor ops here, so
-    the reduction over x may fuse with whatever produces x."""
+    The non-finite row check g (see nonfinite_rows) is built from Inductor ops here, so the
+    reduction over x may fuse with whatever produces x."""
     import sympy
     from torch._inductor.ir import FixedLayout
     from torch._inductor.lowering import lowerings
@@ -412,16 +424,10 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int):
     from torch._inductor.virtualized import V
 
     aten = torch.ops.aten
-    m, k = x.get_size()
+    m = x.get_size()[0]
     b = int(blocks.get_size()[-1])
-    kb = -(-int(k) // b)
-    z = lowerings[aten.mul.Tensor](x, 0.0)
-    if kb * b != int(k):
-        z = lowerings[aten.constant_pad_nd.default](z, [0, kb * b - int(k)], 0.0)
-    z = lowerings[aten.view.default](z, [m, kb, b])
-    f = lowerings[aten.sum.dim_IntList](z, [2], False, dtype=torch.float32)
-    cnt = lowerings[aten.sum.dim_IntList](lowerings[aten.isnan.default](f), [1], False, dtype=torch.float32)
-    inputs = tuple(realize_inputs(x, blocks, row_ptr, col_idx, row_order, f, cnt))
+    g = lowerings[aten.sum.dim_IntList](lowerings[aten.mul.Tensor](x, 0.0), [1], False, dtype=torch.float32)
+    inputs = tuple(realize_inputs(x, blocks, row_ptr, col_idx, row_order, g))
     x = inputs[0]
     m_hint = int(m) if isinstance(m, (int, sympy.Integer)) else V.graph.sizevars.size_hint(m, fallback=64)
     cfg = pick_config(b, m_hint, x.get_dtype())
