@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
-import os
 import platform
 import sys
 from typing import Callable, Optional
@@ -82,6 +80,24 @@ def _compiled_linear(w: torch.Tensor, bias: Optional[torch.Tensor], backend: str
     return torch.compile(lin.eval(), backend=backend, options=options)
 
 
+def _layer_times(w: torch.Tensor, x: torch.Tensor) -> dict:
+    """Dense F.linear, dense torch.compile, ours compiled with force=True (CUDA-graph replays),
+    and the kernel the dispatcher picks without force, for y = x @ w^T."""
+    from .report import LayerDecision, collect
+
+    with torch.no_grad():
+        dense = _bench(_graphed(lambda: F.linear(x, w)))
+        dc = _compiled_linear(w, None, "inductor")
+        dense_c = _bench(_graphed(lambda: dc(x)))
+        ours_mod = _compiled_linear(w, None, "sparse", {"force": True})
+        ours_mod(x)
+        ours = _bench(_graphed(lambda: ours_mod(x)))
+        with collect() as sink:
+            _compiled_linear(w, None, "sparse")(x)
+    chosen = next((d.kernel for d in sink if isinstance(d, LayerDecision)), "?")
+    return dict(dense=dense, dense_compile=dense_c, compiled=ours, chosen=chosen)
+
+
 def bench_linear24(rows: list, shapes=None):
     from .formats import compress_24
     from .lowering.triton_24 import sp24_linear
@@ -97,26 +113,14 @@ def bench_linear24(rows: list, shapes=None):
         w = prune_24_(torch.randn(n, k, device=dev, dtype=dt))
         x = torch.randn(m, k, device=dev, dtype=dt)
         values, meta = compress_24(w)
+        t = _layer_times(w, x)
         with torch.no_grad():
-            dense = _bench(_graphed(lambda: F.linear(x, w)))
-            dc = _compiled_linear(w, None, "inductor")
-            dense_c = _bench(_graphed(lambda: dc(x)))
             cslt = _try(lambda: _bench(_cslt_fn(w, x)))
             kern = _bench(_graphed(lambda: sp24_linear(x, values, meta)))
-            from .report import collect
-            with collect() as sink:
-                ours_mod = _compiled_linear(w, None, "sparse", {"force": True})
-                ours_mod(x)
-            ours = _bench(_graphed(lambda: ours_mod(x)))
-            with collect() as sink2:
-                auto = _compiled_linear(w, None, "sparse")
-                auto(x)
-        chosen = next((d.kernel for d in sink2 if hasattr(d, "kernel")), "?")
-        r = dict(section="linear24", M=m, N=n, K=k, dense=dense, dense_compile=dense_c, cslt_eager=cslt,
-                 kernel=kern, compiled=ours, chosen=chosen)
-        rows.append(r)
-        print(f"| {m} | {n} | {k} | {_fmt(dense)} | {_fmt(dense_c)} | {_fmt(cslt)} | {_fmt(kern)} | {_fmt(ours)} | "
-              f"{_ratio(dense, kern)} | {_ratio(dense_c, ours)} | {chosen} |", flush=True)
+        rows.append(dict(section="linear24", M=m, N=n, K=k, cslt_eager=cslt, kernel=kern, **t))
+        print(f"| {m} | {n} | {k} | {_fmt(t['dense'])} | {_fmt(t['dense_compile'])} | {_fmt(cslt)} | {_fmt(kern)} | "
+              f"{_fmt(t['compiled'])} | {_ratio(t['dense'], kern)} | {_ratio(t['dense_compile'], t['compiled'])} | "
+              f"{t['chosen']} |", flush=True)
 
 
 def _cslt_fn(w, x):
@@ -141,25 +145,14 @@ def bench_block(rows: list, cases=None):
         w = prune_blocks_(torch.randn(n, k, device=dev, dtype=dt), b, sparsity)
         x = torch.randn(m, k, device=dev, dtype=dt)
         bs = compress_block(w, b)
+        t = _layer_times(w, x)
         with torch.no_grad():
-            dense = _bench(_graphed(lambda: F.linear(x, w)))
-            dc = _compiled_linear(w, None, "inductor")
-            dense_c = _bench(_graphed(lambda: dc(x)))
             bsr = _try(lambda: _bench(_bsr_fn(w, x, b)))
             kern = _bench(_graphed(lambda: block_linear(x, *bs, None, n, k)))
-            ours_mod = _compiled_linear(w, None, "sparse", {"force": True})
-            ours_mod(x)
-            ours = _bench(_graphed(lambda: ours_mod(x)))
-            from .report import collect
-            with collect() as sink:
-                auto = _compiled_linear(w, None, "sparse")
-                auto(x)
-        chosen = next((d.kernel for d in sink if hasattr(d, "kernel")), "?")
-        r = dict(section="block", M=m, N=n, K=k, block=b, sparsity=sparsity, dense=dense, dense_compile=dense_c,
-                 bsr_eager=bsr, kernel=kern, compiled=ours, chosen=chosen)
-        rows.append(r)
-        print(f"| {m} | {n} | {k} | {sparsity:.0%} | {_fmt(dense)} | {_fmt(dense_c)} | {_fmt(bsr)} | {_fmt(kern)} | "
-              f"{_fmt(ours)} | {_ratio(dense, kern)} | {_ratio(dense_c, ours)} | {chosen} |", flush=True)
+        rows.append(dict(section="block", M=m, N=n, K=k, block=b, sparsity=sparsity, bsr_eager=bsr, kernel=kern, **t))
+        print(f"| {m} | {n} | {k} | {sparsity:.0%} | {_fmt(t['dense'])} | {_fmt(t['dense_compile'])} | {_fmt(bsr)} | "
+              f"{_fmt(kern)} | {_fmt(t['compiled'])} | {_ratio(t['dense'], kern)} | "
+              f"{_ratio(t['dense_compile'], t['compiled'])} | {t['chosen']} |", flush=True)
 
 
 def _bsr_fn(w, x, b):
@@ -235,13 +228,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--quick", action="store_true", help="one small case per section (a smoke test)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("sparse_inductor.bench needs a CUDA GPU")
     print(header())
     rows: list = []
+    quick = {"linear24": dict(shapes=[(1, 4096, 4096)]), "block": dict(cases=[(16, 4096, 4096, 64, 0.9)]),
+             "e2e": dict(which=())}
     for name in args.sections.split(","):
-        SECTIONS[name.strip()](rows)
+        name = name.strip()
+        if name not in SECTIONS:
+            sys.exit(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
+        SECTIONS[name](rows, **(quick[name] if args.quick else {}))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(header=header(), rows=rows), f, indent=1)
