@@ -33,6 +33,7 @@ class Layer:
     block: Optional[int] = None
     block_density: Optional[float] = None
     device_name: str = ""
+    m_static: bool = True  # False: M is dynamic and `m` only Inductor's hint for it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -151,3 +151,17 @@ def test_gpu_bf16(m, n, k):
     values, meta = compress_24(w)
     ref = x.double() @ w.double().T
     assert rel_err(sp24_linear(x, values, meta), ref) < TOL[torch.bfloat16]
+
+
+def test_dispatch_gemv_only_for_static_m1():
+    """A dynamic M whose hint is 1 gets the tensor-core template (lower() never picks the gemv for
+    a symbolic M), so the dispatcher must not price it as the gemv."""
+    from sparse_inductor.dispatch import Layer, choose
+    from sparse_inductor.options import SparseOptions
+
+    def layer(static):
+        return Layer("2:4", 1, 14336, 4096, torch.bfloat16, "cuda", device_name="NVIDIA H100 80GB HBM3",
+                     m_static=static)
+
+    assert choose(layer(True), SparseOptions()).kernel == "triton"
+    assert choose(layer(False), SparseOptions()).kernel == "dense"

@@ -341,7 +341,7 @@ def _estimate_us(layer, model) -> Optional[float]:
         return None
     es = torch.finfo(layer.dtype).bits // 8
     m, n, k = layer.m, layer.n, layer.k
-    if m == 1:
+    if m == 1 and layer.m_static:  # the gemv template is used only for a static M of 1 (see lower)
         byts = n * k * es / 2 + n * k / 8 + (k + n) * es
         return byts / (model.bytes_per_us * _GEMV_BW) + model.launch_us
     return dense_us(layer, model) / _DOT_VS_DENSE

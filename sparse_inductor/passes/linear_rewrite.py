@@ -222,7 +222,7 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             record(decision)
             continue
         layer = Layer(det.pattern, m, n, k, w.dtype, w.device.type, det.block, det.block_density,
-                      _compat.device_name(w.device))
+                      _compat.device_name(w.device), m_static=isinstance(x_val.shape[0], int))
         choice = choose(layer, opts)
         decision.kernel, decision.dense_us, decision.sparse_us = choice.kernel, choice.dense_us, choice.sparse_us
         decision.reason = f"{det.reason}; {choice.reason}"
