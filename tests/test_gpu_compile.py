@@ -73,15 +73,16 @@ def prepared(model, pattern):
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "block"])
-@pytest.mark.parametrize("m", [1, 32])
+@pytest.mark.parametrize("m", [1, 32, (4, 8)])
 def test_linear_bias_relu_is_one_kernel(pattern, m):
+    """m=(4, 8): a 3-D input, where passes/sink_views.py moves the reshape below the ReLU."""
     model = prepared(LinearBiasReLU(), pattern)
-    x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(*(m if isinstance(m, tuple) else (m,)), 256, device="cuda", dtype=torch.bfloat16)
     out, code, decisions = compile_and_code(model, x, {"force": True})
     assert [d.kernel for d in decisions] == ["triton"]
     assert rel_err(out, fp64(model, x)) < TOL_BF16
     if os.environ.get("OUT"):  # the device tool's output folder: keep the code for reading
-        with open(os.path.join(os.environ["OUT"], f"code_lbr_{pattern.replace(':', '')}_{m}.py"), "w") as f:
+        with open(os.path.join(os.environ["OUT"], f"code_lbr_{pattern.replace(':', '')}_{x.shape[0]}_{x.dim()}d.py"), "w") as f:
             f.write(code)
     defs = kernel_defs(code)
     # one kernel for the linear: the template, with bias and ReLU in its store; no extern matmul,
