@@ -4,6 +4,7 @@ Everything else imports these helpers instead of testing versions or attributes 
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
@@ -11,7 +12,11 @@ import torch.fx as fx
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
-__all__ = ["TORCH_VERSION", "get_attr", "size_hint", "fake_constant", "device_name"]
+__all__ = ["TORCH_VERSION", "get_attr", "size_hint", "fake_constant", "device_name", "INTERPRETING"]
+
+# Triton decides when a kernel is defined whether it runs in the interpreter (TRITON_INTERPRET=1);
+# the kernel modules read it here, the same way, once.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def device_name(device: torch.device) -> str:

@@ -25,9 +25,12 @@ def _source(fn: Any) -> str:
     return src
 
 
+def device_functions_source(device_functions: Sequence[Any]) -> str:
+    return "".join(_source(f) + "\n\n" for f in device_functions)
+
+
 def template_source(device_functions: Sequence[Any], body: str) -> str:
-    parts = [_PRELUDE] + [_source(f) + "\n\n" for f in device_functions] + [textwrap.dedent(body).lstrip("\n")]
-    return "".join(parts)
+    return _PRELUDE + device_functions_source(device_functions) + textwrap.dedent(body).lstrip("\n")
 
 
 _TEMPLATES: dict[str, Any] = {}

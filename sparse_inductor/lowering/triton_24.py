@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._compat import INTERPRETING
+
 __all__ = ["sp24_dot_acc", "sp24_gemv_acc", "sp24_linear", "pick_config", "DEVICE_FUNCTIONS"]
 
 
@@ -216,15 +218,9 @@ def pick_config(m: Optional[int], n: int, k: int) -> dict:
     return dict(CONFIGS["m128"])
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def allow_tf32(dtype: torch.dtype) -> bool:
     """tf32 for fp32 inputs only where torch allows it for dense matmuls (never in the interpreter)."""
-    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreting()
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRETING
 
 
 def sp24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -254,7 +250,7 @@ def sp24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, ACT=activation or "none",
         EVEN_G=g % cfg["BLOCK_G"] == 0, ALLOW_TF32=allow_tf32(x.dtype),
-        UPCAST=_interpreting(), num_warps=num_warps, num_stages=num_stages, **cfg)
+        UPCAST=INTERPRETING, num_warps=num_warps, num_stages=num_stages, **cfg)
     return y
 
 

@@ -51,15 +51,14 @@ The grid is (Nb, cdiv(M, BLOCK_M)); B, BLOCK_M, num_warps and num_stages come fr
 """
 from __future__ import annotations
 
-import inspect
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .._compat import INTERPRETING
 from ..formats.block import BLOCK_SIZES
 
 __all__ = [
@@ -67,8 +66,6 @@ __all__ = [
     "block_sparse_acc", "device_source", "m_bucket", "pick_config",
 ]
 
-# Triton decides at decoration time whether kernels run in the interpreter; read it the same way.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -168,7 +165,9 @@ DEVICE_FUNCTIONS = (block_sparse_acc, nan_where_skipped)
 
 def device_source() -> str:
     """The source of DEVICE_FUNCTIONS (decorators included), ready to paste into a template."""
-    return "\n\n".join(inspect.getsource(f.fn) for f in DEVICE_FUNCTIONS)
+    from .template import device_functions_source
+
+    return device_functions_source(DEVICE_FUNCTIONS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +336,7 @@ def block_linear(
     for name, t in (("blocks", blocks), ("row_ptr", row_ptr), ("col_idx", col_idx),
                     ("row_order", row_order), ("bias", bias)):
         _check(t is None or t.device == x.device, f"{name} is on {getattr(t, 'device', None)}, x on {x.device}")
-    _check(x.device.type == "cuda" or _INTERPRETED,
+    _check(x.device.type == "cuda" or INTERPRETING,
            f"x is on {x.device}: CPU tensors need TRITON_INTERPRET=1 set before this module is imported")
 
     m = x.shape[0]
@@ -361,7 +360,7 @@ def block_linear(
         BLOCK_M=config.block_m, B=b,
         HAS_BIAS=bias is not None, HAS_GUARD=guard,
         ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
-        DOT_FP32=x.dtype == torch.bfloat16 and _INTERPRETED,  # bf16 tl.dot is wrong there
+        DOT_FP32=x.dtype == torch.bfloat16 and INTERPRETING,  # bf16 tl.dot is wrong there
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y
