@@ -12,7 +12,7 @@ import torch.fx as fx
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
-__all__ = ["TORCH_VERSION", "get_attr", "size_hint", "fake_constant", "device_name", "INTERPRETING"]
+__all__ = ["TORCH_VERSION", "get_attr", "size_hint", "fake_constant", "fake_eval", "device_name", "INTERPRETING"]
 
 # Triton decides when a kernel is defined whether it runs in the interpreter (TRITON_INTERPRET=1);
 # the kernel modules read it here, the same way, once.
@@ -55,3 +55,19 @@ def fake_constant(near: fx.Node, t: torch.Tensor) -> torch.Tensor:
     if mode is None:
         mode = torch._guards.detect_fake_mode() or FakeTensorMode()
     return mode.from_tensor(t, static_shapes=True)
+
+
+def fake_eval(node: fx.Node) -> Any:
+    """The FakeTensor value of a new call_function node, from its inputs' meta["val"]."""
+    vals = [a.meta.get("val") for a in node.all_input_nodes]
+    mode = next((getattr(v, "fake_mode", None) for v in vals if getattr(v, "fake_mode", None) is not None), None)
+
+    def val(a):
+        return a.meta["val"] if isinstance(a, fx.Node) else a
+
+    args = fx.node.map_arg(node.args, val)
+    kwargs = fx.node.map_arg(node.kwargs, val)
+    if mode is None:
+        return node.target(*args, **kwargs)
+    with mode:
+        return node.target(*args, **kwargs)

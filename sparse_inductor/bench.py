@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m sparse_inductor.bench [--sections linear24,block,e2e] [--json out.json]`.
+"""Benchmarks: `python -m sparse_inductor.bench [--sections linear24,block,cusparselt,e2e] [--json out.json]`.
 
 Needs a CUDA GPU. Every time is the median of triton.testing.do_bench (L2 flushed between reps),
 in microseconds. Compiled modules and our kernels are timed as CUDA-graph replays, so that Python
@@ -28,17 +28,9 @@ def _bench(fn: Callable, rep: int = 100) -> float:
 
 
 def _graphed(fn: Callable) -> Callable:
-    """Capture fn() in a CUDA graph (after warm-up) and return its replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    from .measure import graphed
+
+    return graphed(fn)
 
 
 def _try(fn: Callable) -> Optional[float]:
@@ -155,6 +147,63 @@ def bench_block(rows: list, cases=None):
               f"{_ratio(t['dense_compile'], t['compiled'])} | {t['chosen']} |", flush=True)
 
 
+def _host_us(fn: Callable, n: int = 20) -> float:
+    """Host time per call of fn, back to back (the GPU queue absorbs the kernels)."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return t
+
+
+def bench_cusparselt(rows: list, shapes=None):
+    """Compute-bound 2:4 linears: cuBLAS, PyTorch's cuSPARSELt paths, and ours (plan made once,
+    algorithm searched at compile time), each inside a CUDA graph, plus the host cost per call."""
+    from .dispatch import kernels
+    from .lowering import cusparselt
+    from .measure import LayerTimer
+    from .options import SparseOptions
+    from .prune import prune_24_
+
+    dev, dt = "cuda", torch.bfloat16
+    shapes = shapes or [(8192, 14336, 4096), (8192, 4096, 14336), (4096, 28672, 4096), (12608, 3072, 768),
+                        (12608, 768, 3072), (6304, 5120, 1280), (6304, 1280, 5120)]
+    print("\n## One 2:4 linear through cuSPARSELt, y = x @ W^T (no bias), CUDA-graph replays\n")
+    print("| M | N | K | dense F.linear | dense compile | torch._cslt_sparse_mm (alg 0) | ours: kernel (best alg) | "
+          "ours: compiled | kernel vs dense | compiled vs dense compile | chosen by dispatcher | "
+          "host us/call: torch cslt / ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    spec = next(k for k in kernels("2:4") if k.name == "cusparselt")
+    for (m, n, k) in shapes:
+        torch.manual_seed(0)
+        w = prune_24_(torch.randn(n, k, device=dev, dtype=dt))
+        x = torch.randn(m, k, device=dev, dtype=dt)
+        wc = cusparselt.compress(w)
+        from .dispatch import Layer
+
+        layer = Layer("2:4", m, n, k, dt, "cuda", device_name=torch.cuda.get_device_name())
+        timer = LayerTimer(layer, w, False, SparseOptions(mode="reduce-overhead"), {"cusparselt": spec},
+                           lambda s: {"wc": wc})
+        best = timer("cusparselt", m)
+        alg = best[1].get("alg_id", 0) if best else 0
+        t = _layer_times(w, x)
+        with torch.no_grad():
+            torch_cslt = _bench(_graphed(lambda: torch._cslt_sparse_mm(wc, x.t(), transpose_result=True)))
+            kern = _bench(_graphed(lambda: cusparselt.linear(x, wc, None, n, k, alg)))
+            h_torch = _host_us(lambda: torch._cslt_sparse_mm(wc, x.t(), transpose_result=True, alg_id=alg))
+            h_ours = _host_us(lambda: cusparselt.linear(x, wc, None, n, k, alg))
+        rows.append(dict(section="cusparselt", M=m, N=n, K=k, torch_cslt=torch_cslt, kernel=kern, alg_id=alg,
+                         host_torch=h_torch, host_ours=h_ours, **t))
+        print(f"| {m} | {n} | {k} | {_fmt(t['dense'])} | {_fmt(t['dense_compile'])} | {_fmt(torch_cslt)} | "
+              f"{_fmt(kern)} (alg {alg}) | {_fmt(t['compiled'])} | {_ratio(t['dense'], kern)} | "
+              f"{_ratio(t['dense_compile'], t['compiled'])} | {t['chosen']} | {h_torch:.0f} / {h_ours:.0f} |", flush=True)
+
+
 def _bsr_fn(w, x, b):
     from torch.sparse._triton_ops import bsr_dense_mm
 
@@ -175,6 +224,10 @@ class LlamaMLP(nn.Module):
 
 
 def _e2e_row(rows, name, model, x, options=None):
+    """Three ways to run the same model, dense vs sparse: CUDA-graph replays of the default-mode
+    compile, plain calls of it (default mode, host overhead included), and plain calls of both
+    compiled with mode="reduce-overhead" (Inductor's CUDA graphs; the dispatcher then times the
+    candidates without their host cost)."""
     from .report import LayerDecision, collect
 
     with torch.no_grad():
@@ -187,25 +240,55 @@ def _e2e_row(rows, name, model, x, options=None):
             ours = torch.compile(model, backend="sparse", options=options)
             out = ours(x).float()
         t_ours = _bench(_graphed(lambda: ours(x)), rep=200)
-    kernels = sorted({d.kernel for d in sink if isinstance(d, LayerDecision)})
+        # default mode, as a user calls the compiled module (host overhead included)
+        t_dense_eager, t_ours_eager = _bench(lambda: dense_c(x), rep=200), _bench(lambda: ours(x), rep=200)
+        dense_c = ours = None  # free the graphs before the next compiles
+        torch._dynamo.reset()
+        dense_ro = torch.compile(model, mode="reduce-overhead")
+        t_dense_ro = _bench(lambda: dense_ro(x), rep=200)
+        dense_ro = None
+        torch._dynamo.reset()
+        with collect() as sink_ro:
+            ours_ro = torch.compile(model, backend="sparse", options={**(options or {}), "mode": "reduce-overhead"})
+            ours_ro(x)
+        t_ours_ro = _bench(lambda: ours_ro(x), rep=200)
+        ours_ro = None
+        torch._dynamo.reset()
+
+    def used(records):
+        ks = [d.kernel for d in records if isinstance(d, LayerDecision)]
+        return ", ".join(f"{k} {ks.count(k)}" for k in sorted(set(ks)))
+
+    kernels, kernels_ro = used(sink), used(sink_ro)
     relerr = float((out - ref).norm() / ref.norm())
-    rows.append(dict(section="e2e", model=name, dense_compile=t_dense, sparse=t_ours, kernels=kernels, relerr=relerr))
-    print(f"| {name} | {t_dense:.1f} | {t_ours:.1f} | {t_dense / t_ours:.2f}x | {','.join(kernels)} | {relerr:.1e} |", flush=True)
+    rows.append(dict(section="e2e", model=name, dense_compile=t_dense, sparse=t_ours, dense_compile_nograph=t_dense_eager,
+                     sparse_nograph=t_ours_eager, dense_ro=t_dense_ro, sparse_ro=t_ours_ro, kernels=kernels,
+                     kernels_ro=kernels_ro, relerr=relerr))
+    print(f"| {name} | {t_dense:.1f} | {t_ours:.1f} | {t_dense / t_ours:.2f}x | {t_dense_eager:.1f} | {t_ours_eager:.1f} | "
+          f"{t_dense_eager / t_ours_eager:.2f}x | {kernels} | {t_dense_ro:.1f} | {t_ours_ro:.1f} | "
+          f"{t_dense_ro / t_ours_ro:.2f}x | {kernels_ro} | {relerr:.1e} |", flush=True)
 
 
-def bench_e2e(rows: list, which=("llama", "vit")):
+def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24")):
     from .prune import prune
 
     dev, dt = "cuda", torch.bfloat16
-    print("\n## Whole models: dense torch.compile vs backend=\"sparse\" (dispatcher's choice), CUDA-graph replay\n")
-    print("| model | dense compile us | sparse us | speedup | kernels used | rel. err vs dense |")
-    print("|---|---|---|---|---|---|")
-    if "llama" in which:
+    print("\n## Whole models: dense torch.compile vs backend=\"sparse\" (dispatcher's choice)\n")
+    print("Default-mode compiles timed as CUDA-graph replays and as plain calls (host overhead included); "
+          "then both compiled with mode=\"reduce-overhead\" (RO), plain calls.\n")
+    print("| model | dense compile us (graph) | sparse us (graph) | speedup (graph) | dense compile us (default) | "
+          "sparse us (default) | speedup (default) | kernels (default) | dense RO us | sparse RO us | speedup (RO) | "
+          "kernels (RO) | rel. err vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    if "llama" in which or "llama_prefill" in which:
         torch.manual_seed(0)
         model = nn.Sequential(*[LlamaMLP() for _ in range(8)]).to(dev, dt).eval()
         prune(model, "2:4")
-        for b in (1, 16):
+        for b in ((1, 16) if "llama" in which else ()):
             _e2e_row(rows, f"8 Llama MLP blocks 2:4, decode batch {b}", model, torch.randn(b, 4096, device=dev, dtype=dt))
+        if "llama_prefill" in which:
+            _e2e_row(rows, "8 Llama MLP blocks 2:4, prefill 4096 tokens", model,
+                     torch.randn(4096, 4096, device=dev, dtype=dt))
         del model
     if "vit" in which:
         try:
@@ -218,16 +301,30 @@ def bench_e2e(rows: list, which=("llama", "vit")):
         prune(model, "block", block=64, sparsity=0.9, filter_fn=lambda m, n: ".mlp." in f".{n}.")
         _e2e_row(rows, "ViT-B/16 batch 64, MLP weights 90% zero 64x64 blocks", model,
                  torch.randn(64, 3, 224, 224, device=dev, dtype=dt))
+        del model
+    if "vit24" in which:
+        import timm
+
+        for name, batch in (("vit_base_patch16_224", 64), ("vit_huge_patch14_224", 32)):
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False).to(dev, dt).eval()
+            prune(model, "2:4")
+            _e2e_row(rows, f"{name} batch {batch}, every linear 2:4", model,
+                     torch.randn(batch, 3, 224, 224, device=dev, dtype=dt))
+            del model
+            torch.cuda.empty_cache()
     torch.cuda.empty_cache()
 
 
-SECTIONS = {"linear24": bench_linear24, "block": bench_block, "e2e": bench_e2e}
+SECTIONS = {"linear24": bench_linear24, "block": bench_block, "cusparselt": bench_cusparselt, "e2e": bench_e2e}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--e2e", default="llama,vit,llama_prefill,vit24",
+                   help="models of the e2e section: llama (decode), vit (block), llama_prefill, vit24 (2:4 ViT-B, ViT-H)")
     p.add_argument("--quick", action="store_true", help="one small case per section (a smoke test)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -235,12 +332,13 @@ def main(argv=None):
     print(header())
     rows: list = []
     quick = {"linear24": dict(shapes=[(1, 4096, 4096)]), "block": dict(cases=[(16, 4096, 4096, 64, 0.9)]),
-             "e2e": dict(which=())}
+             "cusparselt": dict(shapes=[(2048, 4096, 4096)]), "e2e": dict(which=())}
     for name in args.sections.split(","):
         name = name.strip()
         if name not in SECTIONS:
             sys.exit(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
-        SECTIONS[name](rows, **(quick[name] if args.quick else {}))
+        kw = quick[name] if args.quick else ({"which": tuple(args.e2e.split(","))} if name == "e2e" else {})
+        SECTIONS[name](rows, **kw)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(header=header(), rows=rows), f, indent=1)

@@ -1,11 +1,16 @@
 """Which kernel runs a sparse layer: a registry of kernel families and a cost model.
 
 Every kernel family registers a KernelSpec: the pattern it serves, the devices it runs on, a guard
-that returns why it cannot run a layer (or None), and an estimate of its time. `choose` keeps a
-layer dense unless the best runnable kernel is expected to beat dense by `min_speedup`, or
-`force` is set. The model is a roofline (bytes over bandwidth, flops over peak, plus a launch
-cost) per device; devices it does not know (the CPU among them) have no estimate, so nothing is
-rewritten there unless forced.
+that returns why it cannot run a layer (or None), an estimate of its time, and (for measuring)
+how to build its weights and run it eagerly. `choose` keeps a layer dense unless the best runnable
+kernel beats dense by `min_speedup`, or `force` is set.
+
+Two ways to know "beats": measured (the default on CUDA, options dispatch="auto"/"measure"): the
+rewrite pass hands `choose` a timer (measure.py) that times dense and every candidate on the device
+at the layer's M, with the layer's real compressed weight, and caches the times on disk; or
+modelled (dispatch="model", and wherever measuring is impossible): a roofline (bytes over bandwidth,
+flops over peak, plus a launch cost) per device. Devices with neither (the CPU) keep every layer
+dense unless forced.
 """
 from __future__ import annotations
 
@@ -72,12 +77,32 @@ def dense_us(layer: Layer, model: Optional[DeviceModel] = None) -> Optional[floa
 
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
+    """One kernel family.
+
+    compress(w, layer) -> the constants its op reads (None: the pattern's own format, see
+    passes/linear_rewrite.py); fmt names that format, so layers share constants per format.
+    runner(tensors, bias, layer, params) -> fn(x) -> y: an eager call of the kernel, for timing.
+    variants(layer, tensors) -> the parameter sets to time (e.g. cuSPARSELt algorithm ids); the
+    fastest one's parameters go into the graph with the kernel.
+    node_args(x, constants, bias, n, k, params) -> (op, args): the graph node the rewrite makes
+    (None: the pattern's op, sparse_inductor::linear_24 / linear_block, with `kernel` = name).
+    host_heavy: its host time per call is counted when timing outside CUDA graphs.
+    row_guard: the rewrite adds the non-finite row check after it (linear_rewrite._guard_rows).
+    """
+
     name: str
     pattern: str
     devices: tuple[str, ...]
     check: Callable[[Layer], Optional[str]]
     estimate_us: Callable[[Layer, Optional[DeviceModel]], Optional[float]]
     reference: bool = False  # a correctness reference, never chosen over a real kernel
+    compress: Optional[Callable[..., dict]] = None
+    fmt: Optional[str] = None
+    runner: Optional[Callable[..., Callable]] = None
+    variants: Optional[Callable[..., list]] = None
+    node_args: Optional[Callable[..., tuple]] = None
+    host_heavy: bool = False  # its launch costs host time that matters outside CUDA graphs (measure.py)
+    row_guard: bool = False  # it skips the zeros without restoring dense's non-finite rows: guard them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +111,13 @@ class Choice:
     reason: str
     dense_us: Optional[float] = None
     sparse_us: Optional[float] = None
+    params: dict = dataclasses.field(default_factory=dict)  # the kernel's parameters (e.g. alg_id)
+    candidates: dict = dataclasses.field(default_factory=dict)  # measured: {"dense": us, kernel: us}
+    measured: bool = False
+
+
+# A timer: (kernel name or "dense", M) -> (median us, params) or None when it could not be timed.
+Timer = Callable[[str, int], Optional[tuple]]
 
 
 _KERNELS: dict[str, KernelSpec] = {}
@@ -100,7 +132,7 @@ def kernels(pattern: Optional[str] = None) -> list[KernelSpec]:
     return [k for k in _KERNELS.values() if pattern is None or k.pattern == pattern]
 
 
-def choose(layer: Layer, opts: SparseOptions) -> Choice:
+def choose(layer: Layer, opts: SparseOptions, timer: Optional[Timer] = None) -> Choice:
     cands = [k for k in kernels(layer.pattern) if layer.device in k.devices]
     if opts.kernel is not None:
         cands = [k for k in cands if k.name == opts.kernel]
@@ -113,6 +145,10 @@ def choose(layer: Layer, opts: SparseOptions) -> Choice:
         (why_not.append(f"{k.name}: {reason}") if reason else runnable.append(k))
     if not runnable:
         return Choice("dense", "no kernel can run this layer (" + "; ".join(why_not) + ")")
+    if timer is not None and opts.dispatch != "model" and layer.m is not None:
+        measured = _choose_measured(layer, opts, [k for k in runnable if not k.reference and k.runner], timer)
+        if measured is not None:
+            return measured
     model = device_model(layer)
     d_us = dense_us(layer, model)
 
@@ -130,6 +166,55 @@ def choose(layer: Layer, opts: SparseOptions) -> Choice:
     if est * opts.min_speedup <= d_us:
         return Choice(best.name, f"expected {d_us / est:.2f}x faster than dense ({est:.1f} vs {d_us:.1f} us)", d_us, est)
     return Choice("dense", f"sparse not expected to win ({best.name} {est:.1f} us vs dense {d_us:.1f} us)", d_us, est)
+
+
+def m_buckets(layer: Layer) -> list[int]:
+    """The Ms a layer is timed at: its own for a static M; for a dynamic one the hint and a spread
+    of batch sizes around it (the op runs one kernel for every M, so it must not lose at any)."""
+    if layer.m_static:
+        return [layer.m]
+    spread = [1, 16, 128, 1024, 8192]
+    return [layer.m] + [m for m in spread if m != layer.m and m <= max(8 * layer.m, 16)]
+
+
+# A kernel chosen for a dynamic M may lose to dense at another bucket by at most this much.
+BUCKET_TOLERANCE = 1.02
+
+
+def _choose_measured(layer: Layer, opts: SparseOptions, cands: list[KernelSpec], timer: Timer) -> Optional[Choice]:
+    ms = m_buckets(layer)
+    dense = [timer("dense", m) for m in ms]
+    if any(d is None for d in dense):
+        return None  # cannot measure dense here: the caller falls back to the model
+    dense_t = [d[0] for d in dense]
+    table: dict = {"dense": dense_t[0]}
+    best = None
+    for k in cands:
+        ts = [timer(k.name, m) for m in ms]
+        if any(t is None for t in ts):
+            table[k.name] = None
+            continue
+        table[k.name] = ts[0][0]
+        worst = max(t[0] / d for t, d in zip(ts, dense_t))  # slowest ratio vs dense over the buckets
+        if best is None or ts[0][0] < best[1]:
+            best = (k, ts[0][0], ts[0][1], worst)
+    where = f"M={layer.m}" + ("" if layer.m_static else f" (dynamic; buckets {ms})")
+    if best is None:
+        return Choice("dense", f"no sparse kernel could be timed at {where}", dense_t[0], None, {}, table, True)
+    k, t, params, worst = best
+    speedup = dense_t[0] / t
+    if opts.force:
+        return Choice(k.name, f"forced (options force=True); measured {speedup:.2f}x vs dense at {where}",
+                      dense_t[0], t, params, table, True)
+    if t * opts.min_speedup <= dense_t[0] and worst <= BUCKET_TOLERANCE:
+        return Choice(k.name, f"measured {speedup:.2f}x faster than dense at {where} ({t:.1f} vs {dense_t[0]:.1f} us)",
+                      dense_t[0], t, params, table, True)
+    if worst > BUCKET_TOLERANCE and speedup >= opts.min_speedup:
+        why = f"{k.name} wins at M={layer.m} but is {worst:.2f}x dense's time at another batch size ({ms})"
+    else:
+        why = (f"sparse not measured faster by {opts.min_speedup:.2f}x at {where} "
+               f"({k.name} {t:.1f} us vs dense {dense_t[0]:.1f} us)")
+    return Choice("dense", why, dense_t[0], t, {}, table, True)
 
 
 # ---- the reference kernels (ops.py): decompress + F.linear, correct everywhere, never fast

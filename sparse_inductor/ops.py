@@ -9,6 +9,8 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
         values [2, N, K/4], meta [ceil(N/2), K/4] uint8 (formats/sparse24.py)
     sparse_inductor::linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel) -> y [M, N]
         blocks [nnzb, b, b], row_ptr [Nb+1], col_idx [nnzb], row_order [Nb] int32 (formats/block.py)
+    sparse_inductor::linear_cslt(x, wc, bias, n, k, alg_id, split_k) -> y [M, N]
+        wc = torch._cslt_compress(W), cuSPARSELt's own layout (CUDA only; lowering/cusparselt.py)
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torch import Tensor
 
 from .formats import decompress_24, decompress_block
 
-__all__ = ["linear_24", "linear_block"]
+__all__ = ["linear_24", "linear_block", "linear_cslt"]
 
 
 @torch.library.custom_op("sparse_inductor::linear_24", mutates_args=())
@@ -49,4 +51,18 @@ def linear_block(
 def _(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel):
     torch._check(x.dim() == 2, lambda: f"linear_block expects a 2-D input, got {x.dim()}-D")
     torch._check(x.shape[1] == k, lambda: "linear_block: K mismatch between x and the weight")
+    return x.new_empty(x.shape[0], n)
+
+
+@torch.library.custom_op("sparse_inductor::linear_cslt", mutates_args=())
+def linear_cslt(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id: int, split_k: int) -> Tensor:
+    from .lowering import cusparselt
+
+    return cusparselt.linear(x, wc, bias, n, k, alg_id, split_k)
+
+
+@linear_cslt.register_fake
+def _(x, wc, bias, n, k, alg_id, split_k):
+    torch._check(x.dim() == 2, lambda: f"linear_cslt expects a 2-D input, got {x.dim()}-D")
+    torch._check(x.shape[1] == k, lambda: "linear_cslt: K mismatch between x and the weight")
     return x.new_empty(x.shape[0], n)

@@ -5,6 +5,8 @@ Keys that are not fields of SparseOptions are Inductor config settings and pass 
 Inductor unchanged (e.g. {"force": True, "max_autotune": True}).
 
 Environment variables (read when a compile starts, never at import):
+    SPARSE_INDUCTOR_CACHE_DIR   where measured kernel timings are cached (default: a folder
+                                "sparse_inductor" in Inductor's cache directory).
     SPARSE_INDUCTOR_DISABLE=1   compile with plain Inductor: no detection, no rewrite.
     SPARSE_INDUCTOR_FORCE=1     as options={"force": True}.
 Logging: TORCH_LOGS="+sparse_inductor" (the per-layer decisions at INFO, details at DEBUG).
@@ -23,6 +25,7 @@ ENV_DISABLE = "SPARSE_INDUCTOR_DISABLE"
 ENV_FORCE = "SPARSE_INDUCTOR_FORCE"
 
 PATTERNS = ("2:4", "block")
+_DISPATCH = ("auto", "measure", "model")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -40,6 +43,9 @@ class SparseOptions:
                        much faster than dense (1.05 = 5%).
     kernel:            pin one kernel family for every sparse layer ("reference", "triton", ...);
                        None lets the dispatcher choose.
+    dispatch:          how the dispatcher decides: "auto" (measure where it can: CUDA), "measure"
+                       (time dense and each candidate on the device, cached on disk; see measure.py),
+                       "model" (the roofline estimate only, no timing at compile time).
     fx_cache:          let Inductor's FX graph cache store graphs with sparse weights (keyed by a
                        digest of the weights' contents; the compressed weights go into the
                        artifact). False bypasses the cache for such graphs.
@@ -52,6 +58,7 @@ class SparseOptions:
     max_block_density: float = 0.5
     min_speedup: float = 1.05
     kernel: Optional[str] = None
+    dispatch: str = "auto"
     fx_cache: bool = True
     mode: Optional[str] = None
 
@@ -68,6 +75,8 @@ class SparseOptions:
             raise ValueError(f"max_block_density must be in [0, 1], got {self.max_block_density}")
         if self.min_speedup <= 0:
             raise ValueError(f"min_speedup must be positive, got {self.min_speedup}")
+        if self.dispatch not in _DISPATCH:
+            raise ValueError(f"unknown dispatch {self.dispatch!r}; choose from {_DISPATCH}")
         if self.mode not in _MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {_MODES[1:]}")
 

@@ -78,7 +78,7 @@ def test_linear_bias_relu_is_one_kernel(pattern, m):
     """m=(4, 8): a 3-D input, where passes/sink_views.py moves the reshape below the ReLU."""
     model = prepared(LinearBiasReLU(), pattern)
     x = torch.randn(*(m if isinstance(m, tuple) else (m,)), 256, device="cuda", dtype=torch.bfloat16)
-    out, code, decisions = compile_and_code(model, x, {"force": True})
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton"})
     assert [d.kernel for d in decisions] == ["triton"]
     assert rel_err(out, fp64(model, x)) < TOL_BF16
     if os.environ.get("OUT"):  # the device tool's output folder: keep the code for reading
@@ -103,7 +103,7 @@ def test_linear_bias_relu_is_one_kernel(pattern, m):
 def test_gated_mlp_residual_fused(pattern):
     model = prepared(GatedMLP(), pattern)
     x = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
-    out, code, decisions = compile_and_code(model, x, {"force": True})
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton"})
     assert decisions and all(d.kernel == "triton" for d in decisions)
     assert rel_err(out, fp64(model, x)) < TOL_BF16
     assert "extern_kernels.mm" not in code
@@ -116,7 +116,7 @@ def test_gated_mlp_residual_fused(pattern):
 def test_gated_product_fused():
     model = prepared(GatedMLP(), "2:4")
     x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
-    _, code, _ = compile_and_code(model, x, {"force": True})
+    _, code, _ = compile_and_code(model, x, {"force": True, "kernel": "triton"})
     assert all(d.startswith("triton_tem") for d in kernel_defs(code)), kernel_defs(code)
 
 
@@ -124,7 +124,7 @@ def test_gated_product_fused():
 def test_dynamic_batch(pattern):
     model = prepared(LinearBiasReLU(), pattern)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="sparse", options={"force": True}, dynamic=True)
+    compiled = torch.compile(model, backend="sparse", options={"force": True, "kernel": "triton"}, dynamic=True)
     with torch.no_grad():
         for m in (1, 7, 33, 130):
             x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
@@ -137,7 +137,7 @@ def test_nonfinite_input_rows(pattern):
     x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
     x[1, 3] = float("nan")
     x[2, 7] = float("inf")
-    out, _, _ = compile_and_code(model, x, {"force": True})
+    out, _, _ = compile_and_code(model, x, {"force": True, "kernel": "triton"})
     with torch.no_grad():
         ref = model(x)
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())

@@ -5,7 +5,7 @@ its lowering with Inductor. Without a lowering, Inductor runs an op as an extern
 reference implementation (ops.py): that is the "reference" kernel.
 """
 
-from . import triton_24, triton_block  # noqa: E402,F401  (register the kernel families with the dispatcher)
+from . import cusparselt, triton_24, triton_block  # noqa: E402,F401  (register the kernel families with the dispatcher)
 from .inductor import register as _register_lowerings  # noqa: E402
 
 _register_lowerings()

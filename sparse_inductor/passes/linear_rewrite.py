@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from .. import _compat, ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
-from ..dispatch import Layer, choose
+from ..dispatch import KernelSpec, Layer, choose, kernels
 from ..formats import compress_24, compress_block
 from ..options import SparseOptions
 from ..report import LayerDecision, record
@@ -54,7 +54,8 @@ class LinearSite:
 
 
 _TRANSPOSES = {aten.permute.default, aten.t.default, aten.transpose.int}
-_OPS = (torch.ops.sparse_inductor.linear_24.default, torch.ops.sparse_inductor.linear_block.default)
+_OPS = (torch.ops.sparse_inductor.linear_24.default, torch.ops.sparse_inductor.linear_block.default,
+        torch.ops.sparse_inductor.linear_cslt.default)
 
 
 def _module_path(node: fx.Node) -> Optional[str]:
@@ -172,6 +173,18 @@ def _unique_attr(gm: fx.GraphModule, base: str) -> str:
     return name
 
 
+def _fmt(spec: KernelSpec, det: Detection) -> str:
+    """The constant format a kernel reads: its own, else its pattern's (blocks of one size)."""
+    return spec.fmt if spec.fmt and spec.fmt != "block" else (f"block{det.block}" if det.pattern == "block" else "sp24")
+
+
+def _structure(det: Detection, w: torch.Tensor) -> str:
+    """What, besides the shape, a kernel's time depends on: the number of nonzero blocks."""
+    if det.pattern != "block":
+        return ""
+    return f"density={det.block_density:.4f}"
+
+
 def _compress(det: Detection, w: torch.Tensor) -> dict[str, torch.Tensor]:
     w = w.detach()
     if det.pattern == "2:4":
@@ -186,6 +199,8 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
     sites = find_linears(gm)
     detections: dict[int, Detection] = {}
     consts = _Constants(gm)
+    compressed: dict[int, dict[str, dict]] = {}  # weight -> format -> constants, made once
+    outputs: list[fx.Node] = []  # the node that now produces each rewritten linear's output
     for site in sites:
         node = site.node
         out_val = node.meta.get("val")
@@ -223,16 +238,38 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             continue
         layer = Layer(det.pattern, m, n, k, w.dtype, w.device.type, det.block, det.block_density,
                       _compat.device_name(w.device), m_static=isinstance(x_val.shape[0], int))
-        choice = choose(layer, opts)
+        specs = {spec.name: spec for spec in kernels(det.pattern)}
+        made: dict[str, dict] = compressed.setdefault(key, {})
+
+        def tensors(spec: KernelSpec, det=det, w=w, layer=layer, made=made) -> dict:
+            fmt = _fmt(spec, det)
+            if fmt not in made:
+                made[fmt] = spec.compress(w.detach(), layer) if spec.compress else _compress(det, w)
+            return made[fmt]
+
+        timer = None
+        if layer.device == "cuda" and opts.dispatch != "model":
+            from ..measure import LayerTimer
+
+            timer = LayerTimer(layer, w.detach(), site.bias is not None, opts, specs, tensors, _structure(det, w))
+        try:
+            choice = choose(layer, opts, timer)
+        except Exception as e:  # never break the user's compile
+            log.exception("sparse_inductor: dispatch failed for %s", site.name)
+            decision.reason = f"internal error in the dispatcher, left dense: {type(e).__name__}: {e}"
+            record(decision)
+            continue
         decision.kernel, decision.dense_us, decision.sparse_us = choice.kernel, choice.dense_us, choice.sparse_us
+        decision.candidates, decision.params, decision.measured = choice.candidates, choice.params, choice.measured
         decision.reason = f"{det.reason}; {choice.reason}"
         if choice.kernel == "dense":
             record(decision)
             continue
         try:
-            tensors = _compress(det, w)
-            cnodes = consts.nodes((key, det.pattern, det.block), tensors, node)
-            _replace(site, det, cnodes, choice.kernel, n, k)
+            spec = specs[choice.kernel]
+            fmt = _fmt(spec, det)
+            cnodes = consts.nodes((key, fmt), tensors(spec), node)
+            outputs.append(_replace(site, det, spec, cnodes, choice.kernel, choice.params, n, k))
             decision.fused = ("transpose",) + (("bias",) if site.bias is not None else ())
         except Exception as e:  # never break the user's compile
             log.exception("sparse_inductor: rewrite failed for %s", site.name)
@@ -240,7 +277,7 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             decision.reason = f"internal error, left dense: {type(e).__name__}: {e}"
         record(decision)
     _erase_dead_weights(sites)
-    sink_views([n for n in gm.graph.nodes if n.op == "call_function" and n.target in _OPS])
+    sink_views(outputs)
     return sites
 
 
@@ -259,11 +296,14 @@ def _erase_dead_weights(sites: list[LinearSite]) -> None:
             wnode.graph.erase_node(wnode)
 
 
-def _replace(site: LinearSite, det: Detection, cnodes: tuple[fx.Node, ...], kernel: str, n: int, k: int) -> None:
+def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[fx.Node, ...], kernel: str,
+             params: dict, n: int, k: int) -> fx.Node:
     node, graph = site.node, site.node.graph
     # read x and bias from the node now: rewrites of earlier layers may have replaced them
     bias, x = (node.args[0], node.args[1]) if node.target is aten.addmm.default else (None, node.args[0])
-    if det.pattern == "2:4":
+    if spec.node_args is not None:
+        target, args = spec.node_args(x, cnodes, bias, n, k, params)
+    elif det.pattern == "2:4":
         target = torch.ops.sparse_inductor.linear_24.default
         args = (x, *cnodes, bias, kernel)
     else:
@@ -272,5 +312,33 @@ def _replace(site: LinearSite, det: Detection, cnodes: tuple[fx.Node, ...], kern
     with graph.inserting_before(node):
         new = graph.call_function(target, args)
     new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
+    out = _guard_rows(new, x) if spec.row_guard else new
+    node.replace_all_uses_with(out)
     graph.erase_node(node)
+    return out
+
+
+def _guard_rows(y: fx.Node, x: fx.Node) -> fx.Node:
+    """y + g, g[m] = sum_k 0 * x[m, k] in fp32 (0 for a finite row, NaN for a row holding a NaN or
+    Inf), for kernels that never multiply the pruned zeros (cuSPARSELt's sparse tensor cores).
+
+    Dense computes 0 * x for every zero weight, so a non-finite input makes its whole output row
+    non-finite; a kernel that skips the zeros leaves the outputs finite where the input meets a
+    zero. With the guard every output of such a row is NaN (dense has +-Inf at some of them: the
+    non-finite positions of the linear's output match dense, the NaN-vs-Inf split does not, so an
+    activation after it can differ: ReLU(-Inf) = 0 where ReLU(NaN) = NaN). Inductor makes the
+    mul+sum one reduction over x (fusable with x's producer) and the add part of the epilogue.
+    """
+    graph = y.graph
+    with graph.inserting_before(y):
+        zero = graph.call_function(aten.mul.Tensor, (x, 0))
+        g = graph.call_function(aten.sum.dim_IntList, (zero, [1], True), {"dtype": torch.float32})
+        gy = graph.call_function(torch.ops.prims.convert_element_type.default, (g, y.meta["val"].dtype))
+    with graph.inserting_after(y):
+        out = graph.call_function(aten.add.Tensor, (y, gy))
+    for n in (zero, g, gy, out):
+        n.meta["val"] = _compat.fake_eval(n)
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in y.meta:
+                n.meta[key] = y.meta[key]
+    return out

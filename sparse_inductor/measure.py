@@ -1,0 +1,218 @@
+"""Timing a layer's candidates on its device at compile time, with an on-disk cache.
+
+The dispatcher (dispatch.choose) asks a LayerTimer for the time of "dense" (F.linear on the real
+weight: what Inductor runs for a dense linear, a cuBLAS call with the bias fused) and of each
+sparse kernel family (its eager launcher on the real compressed weight) at the layer's M. A
+family with several parameter sets (cuSPARSELt's algorithm ids) is timed for each, and the
+fastest set is returned with its time.
+
+What a time means depends on how the model will run:
+- mode="reduce-overhead" (CUDA graphs): the GPU time alone, the median of
+  `triton.testing.do_bench` with the L2 cache flushed;
+- otherwise (default mode), for kernels whose launch is heavy on the host (KernelSpec.host_heavy:
+  cuSPARSELt: ~630 us per call through torch._cslt_sparse_mm, ~60 us through our plan cache, both
+  measured on the H100 behind a deep GPU queue): GPU time + host time per call. Added, not the
+  larger of the two: Inductor-compiled models are often close to host-bound already (ViT-H/14 at
+  batch 32: 13.8 ms of host time per 26 ms forward, dense), so the extra host time of a sparse call
+  is not hidden behind the GPU. Dense and the Triton templates are launched by Inductor's generated
+  code at a few us per kernel, so their GPU time alone is compared (their eager launchers, used
+  here for timing, cost more host time than the compiled code does).
+
+Times are cached in a JSON file (SPARSE_INDUCTOR_CACHE_DIR, default `<Inductor cache dir>/
+sparse_inductor/timings.json`), keyed by GPU name, torch / triton / cuSPARSELt versions, this
+package's source hash, the kernel, the timing mode and the layer's shape, dtype and structure, so
+a second compile of the same shapes times nothing. Delete the file to re-measure.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import KernelSpec, Layer
+from .options import SparseOptions
+
+log = logging.getLogger("sparse_inductor")
+
+__all__ = ["LayerTimer", "cache_path", "time_us", "ENV_CACHE_DIR"]
+
+ENV_CACHE_DIR = "SPARSE_INDUCTOR_CACHE_DIR"
+
+
+def cache_path() -> str:
+    root = os.environ.get(ENV_CACHE_DIR)
+    if not root:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        root = os.path.join(cache_dir(), "sparse_inductor")
+    return os.path.join(root, "timings.json")
+
+
+class _DiskCache:
+    """A dict persisted as one JSON file; writes merge with what other processes wrote."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.path: Optional[str] = None
+        self.data: dict = {}
+
+    def _load(self, path: str) -> dict:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str) -> Optional[dict]:
+        with self.lock:
+            path = cache_path()
+            if path != self.path:
+                self.path, self.data = path, self._load(path)
+            return self.data.get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        with self.lock:
+            path = cache_path()
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                data = self._load(path)
+                data[key] = value
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+                with os.fdopen(fd, "w") as f:
+                    json.dump(data, f, indent=0, sort_keys=True)
+                os.replace(tmp, path)
+                self.path, self.data = path, data
+            except OSError as e:  # a read-only cache costs re-measuring, nothing else
+                log.warning("sparse_inductor: cannot write the timing cache %s: %s", path, e)
+                self.data[key] = value
+
+
+CACHE = _DiskCache()
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """Capture fn() in a CUDA graph (after a warm-up on a side stream) and return its replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def time_us(fn: Callable[[], object], count_host: bool) -> float:
+    """Median GPU time of fn, L2 flushed, as a CUDA-graph replay (so that the eager launchers' host
+    cost, which Inductor's generated code does not pay, stays out); with count_host, plus fn's
+    median host time per call."""
+    import triton.testing
+
+    try:
+        replay = graphed(fn)
+    except Exception as e:  # e.g. compiling inside someone's capture: time it as it is
+        log.debug("sparse_inductor: CUDA-graph capture for timing failed (%s); timing eagerly", e)
+        replay = fn
+    gpu = triton.testing.do_bench(replay, warmup=5, rep=25, return_mode="median") * 1e3
+    del replay
+    if not count_host:
+        return gpu
+    # host time per call behind a deep GPU queue, as inside a model (launches get slower there)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(40_000_000)  # ~20 ms of GPU time queued ahead of the calls
+    host = []
+    for _ in range(21):
+        t0 = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return gpu + sorted(host)[len(host) // 2] * 1e6
+
+
+def _versions(device: torch.device) -> str:
+    from . import __version__
+    from .lowering import cusparselt
+    from .passes.manager import source_hash
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "-"
+    from ._compat import device_name
+
+    return (f"{device_name(device)}|torch {torch.__version__}|triton {tv}|"
+            f"cusparselt {cusparselt.version()}|sparse_inductor {__version__} {source_hash()[:12]}")
+
+
+class LayerTimer:
+    """The dispatcher's timer for one layer: (kernel name or "dense", M) -> (us, params) or None.
+
+    w: the dense weight [N, K] on the device; tensors(spec): the spec's compressed constants
+    (memoized by the caller, so the chosen kernel's constants are made once); structure: a string
+    that tells apart weights whose kernel time differs at equal shape (the block layout).
+    """
+
+    def __init__(self, layer: Layer, w: torch.Tensor, has_bias: bool, opts: SparseOptions,
+                 specs: dict[str, KernelSpec], tensors: Callable[[KernelSpec], dict], structure: str = ""):
+        self.layer, self.w, self.has_bias, self.opts = layer, w, has_bias, opts
+        self.specs, self.tensors = specs, tensors
+        self.graphs = opts.mode == "reduce-overhead"
+        self.structure = structure
+        self._env: Optional[str] = None
+
+    def key(self, name: str, m: int) -> str:
+        if self._env is None:
+            self._env = _versions(self.w.device)
+        ly = self.layer
+        return (f"{self._env}|{'graph' if self.graphs else 'eager'}|{name}|{ly.pattern}|M={m} N={ly.n} K={ly.k}|"
+                f"{ly.dtype}|bias={self.has_bias}|block={ly.block}|{self.structure}")
+
+    def __call__(self, name: str, m: int) -> Optional[tuple]:
+        try:
+            key = self.key(name, m)
+            hit = CACHE.get(key)
+            if hit is not None:
+                return (hit["us"], hit.get("params", {})) if hit.get("us") is not None else None
+            result = self._measure(name, m)
+            CACHE.put(key, {"us": result[0] if result else None, "params": result[1] if result else {}})
+            if result is not None:
+                log.info("sparse_inductor: timed %s at M=%d N=%d K=%d: %.1f us %s", name, m, self.layer.n,
+                         self.layer.k, result[0], result[1] or "")
+            return result
+        except Exception as e:  # a kernel that cannot be timed is not a candidate
+            log.warning("sparse_inductor: timing %s failed at M=%d: %s: %s", name, m, type(e).__name__, e)
+            return None
+
+    def _measure(self, name: str, m: int) -> Optional[tuple]:
+        ly, w = self.layer, self.w
+        gen = torch.Generator(device=w.device).manual_seed(0)
+        x = torch.randn(m, ly.k, device=w.device, dtype=w.dtype, generator=gen)
+        bias = torch.randn(ly.n, device=w.device, dtype=w.dtype, generator=gen) if self.has_bias else None
+        if name == "dense":
+            return time_us(lambda: F.linear(x, w, bias), False), {}
+        spec = self.specs[name]
+        tensors = self.tensors(spec)
+        best = None
+        for params in (spec.variants(ly, tensors) if spec.variants else [{}]):
+            try:
+                fn = spec.runner(tensors, bias, ly, params)
+                fn(x)  # compile / plan outside the timed region
+                t = time_us(lambda: fn(x), spec.host_heavy and not self.graphs)
+            except Exception as e:
+                log.debug("sparse_inductor: %s %s failed at M=%d: %s", name, params, m, e)
+                continue
+            if best is None or t < best[0]:
+                best = (t, dict(params))
+        return best

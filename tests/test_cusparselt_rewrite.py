@@ -1,0 +1,95 @@
+"""The cuSPARSELt rewrite on CPU, with the library emulated: the graph the pass makes (golden), the
+non-finite row guard, and the kernel's parameters in the node. The real library runs in
+test_gpu_cusparselt.py on the H100.
+
+The emulation computes y = x @ W^T over the kept (nonzero) weights only, as sparse tensor cores do:
+a NaN/Inf input meeting a pruned zero is never multiplied. The guard must restore dense's
+"a non-finite input row gives a non-finite output row".
+"""
+import dataclasses
+
+import expecttest
+import pytest
+import torch
+import torch.nn as nn
+
+from sparse_inductor import dispatch
+from sparse_inductor.lowering import cusparselt
+
+from test_backend import Fc, run_sparse, seeded
+
+OPTS = {"force": True, "kernel": "cusparselt"}
+# fp32: the emulation sums the products in another order than F.linear: a few ulps (K = 16).
+TOL32 = dict(rtol=1e-5, atol=1e-6)
+
+
+def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1):
+    kept = (wc != 0).to(x.dtype)
+    terms = torch.where(kept.bool().unsqueeze(0), x.unsqueeze(1) * wc.unsqueeze(0), torch.zeros((), dtype=x.dtype))
+    y = terms.sum(-1)
+    return y if bias is None else y + bias
+
+
+@pytest.fixture(autouse=True)
+def emulated_cusparselt(monkeypatch):
+    spec = dispatch._KERNELS["2:4/cusparselt"]
+    monkeypatch.setitem(dispatch._KERNELS, "2:4/cusparselt", dataclasses.replace(spec, devices=("cpu", "cuda")))
+    monkeypatch.setattr(cusparselt, "available", lambda: True)
+    monkeypatch.setitem(cusparselt._CUDA_TYPE, torch.float32, 0)  # the emulation also does fp32
+    monkeypatch.setattr(cusparselt, "compress", lambda w: w.contiguous().clone())  # "compressed" = W itself
+    monkeypatch.setattr(cusparselt, "linear", _emulated_linear)
+
+
+class TestCusparseltGraph(expecttest.TestCase):
+    def test_golden_linear_bias_relu(self):
+        model = seeded(Fc, act=True)
+        x = torch.randn(4, 16)
+        torch._dynamo.reset()
+        r = run_sparse(model, (x,), options=OPTS)
+        assert [d.kernel for d in r.decisions] == ["cusparselt"]
+        torch.testing.assert_close(r.outputs[0], model(x).detach(), **TOL32)
+        self.assertExpectedInline(r.graphs[0], """\
+def forward(self, arg2_1: "f32[4, 16]"):
+_sparse_0_wc: "f32[32, 16]" = self._sparse_0_wc
+arg1_1: "f32[32]" = self._frozen_param1
+mul_tensor: "f32[4, 16]" = torch.ops.aten.mul.Tensor(arg2_1, 0)
+sum_dim_int_list: "f32[4, 1]" = torch.ops.aten.sum.dim_IntList(mul_tensor, [1], True, dtype = torch.float32)
+convert_element_type_default: "f32[4, 1]" = torch.ops.prims.convert_element_type.default(sum_dim_int_list, torch.float32)
+linear_cslt_default: "f32[4, 32]" = torch.ops.sparse_inductor.linear_cslt.default(arg2_1, _sparse_0_wc, arg1_1, 32, 16, 0, 1)
+add_tensor: "f32[4, 32]" = torch.ops.aten.add.Tensor(linear_cslt_default, convert_element_type_default)
+relu: "f32[4, 32]" = torch.ops.aten.relu.default(add_tensor)
+return (relu,)""")
+
+    def test_golden_3d_input_views_sink_below_the_guard(self):
+        model = seeded(Fc, act=True)
+        x = torch.randn(2, 3, 16)
+        torch._dynamo.reset()
+        r = run_sparse(model, (x,), options=OPTS)
+        torch.testing.assert_close(r.outputs[0], model(x).detach(), **TOL32)
+        graph = r.graphs[0]
+        # one reshape in, one out, after the ReLU: everything between is 2-D and fuses
+        assert graph.count("aten.reshape") == 2 and graph.index("aten.relu") < graph.rindex("aten.reshape"), graph
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_rows_stay_nonfinite(dtype):
+    model = seeded(Fc, k=16, n=32).to(dtype)
+    x = torch.randn(5, 16, dtype=dtype)
+    x[1, 3] = float("nan")
+    x[3, 7] = float("inf")
+    torch._dynamo.reset()
+    r = run_sparse(model, (x,), options=OPTS)
+    out, ref = r.outputs[0], model(x).detach()
+    assert torch.equal(out.isfinite(), ref.isfinite())  # rows 1 and 3 wholly non-finite, like dense
+    assert torch.equal(out.isnan() | ref.isnan(), out.isnan())  # every dense NaN is a NaN here too
+    finite = ref.isfinite()
+    torch.testing.assert_close(out[finite], ref[finite], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_without_guard_the_emulation_would_differ():
+    """The emulation really skips zeros (so the test above tests the guard, not the emulation)."""
+    w = torch.tensor([[1.0, 0.0, 2.0, 0.0]])
+    x = torch.tensor([[1.0, float("nan"), 1.0, 1.0]])
+    assert torch.isfinite(_emulated_linear(x, w, None, 1, 4)).all()
+    assert torch.isnan(x @ w.t()).all()

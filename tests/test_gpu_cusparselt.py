@@ -1,0 +1,168 @@
+"""cuSPARSELt behind sparse_inductor::linear_cslt, and the measured dispatcher, on the GPU.
+
+Numerics against fp64; the ctypes plan path against torch._cslt_sparse_mm (same library, same
+algorithm: the same bits); the compiled graph calls the op once per linear with the bias fused and
+everything after it in one Inductor kernel (FileCheck on the generated code); the dispatcher's
+timings land in the on-disk cache and a second compile reuses them.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparse_inductor
+from sparse_inductor import measure
+from sparse_inductor.lowering import cusparselt
+
+from test_gpu_compile import TOL_BF16, GatedMLP, LinearBiasReLU, compile_and_code, fp64, kernel_defs, prepared, rel_err
+
+pytestmark = pytest.mark.gpu
+
+# fp16: 11-bit mantissa, fp32 accumulation, one rounding of the output (and of the bias add in the
+# library's epilogue): a few 2^-11 relative in the norm.
+TOL = {torch.bfloat16: TOL_BF16, torch.float16: 2e-3}
+
+
+def w24(n, k, dtype):
+    w = torch.randn(n, k, device="cuda", dtype=dtype)
+    keep = torch.rand(n, k // 4, 4, device="cuda").argsort(-1)[..., :2]
+    mask = torch.zeros(n, k // 4, 4, device="cuda", dtype=torch.bool).scatter_(-1, keep, True)
+    return w * mask.view(n, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 8, 17, 64, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_numerics(dtype, m, bias):
+    n, k = 256, 512
+    w = w24(n, k, dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    y = cusparselt.linear(x, cusparselt.compress(w), b, n, k)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.shape == (m, n) and y.is_contiguous() and y.dtype == dtype
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+def test_plan_path_matches_torch_bitwise():
+    n, k, m = 512, 1024, 64
+    w = w24(n, k, torch.bfloat16)
+    wc, b = cusparselt.compress(w), torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    x2 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    top = cusparselt.max_alg_id(wc, x, n, k)
+    assert top >= 1
+    for alg in (0, top):
+        ours = cusparselt.linear(x, wc, b, n, k, alg)
+        theirs = torch._cslt_sparse_mm(wc, x.t(), b, transpose_result=True, alg_id=alg)
+        assert torch.equal(ours, theirs), alg
+        # a second call with other data reuses the plan and is still right
+        assert torch.equal(cusparselt.linear(x2, wc, b, n, k, alg),
+                           torch._cslt_sparse_mm(wc, x2.t(), b, transpose_result=True, alg_id=alg))
+
+
+def test_plan_path_inside_cuda_graph():
+    n, k, m = 256, 512, 32
+    w = w24(n, k, torch.bfloat16)
+    wc = cusparselt.compress(w)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    cusparselt.linear(x, wc, None, n, k)  # plan made outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = cusparselt.linear(x, wc, None, n, k)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    assert rel_err(y, F.linear(x.double(), w.double())) < TOL_BF16
+
+
+@pytest.mark.parametrize("m", [64, (4, 16)])
+def test_compiled_linear_bias_relu(m):
+    """The op runs once with the bias fused by cuSPARSELt; the ReLU (with the non-finite row guard's
+    add) is one Inductor kernel after it; the guard's reduction over x is one kernel before it."""
+    model = prepared(LinearBiasReLU(), "2:4")
+    x = torch.randn(*(m if isinstance(m, tuple) else (m,)), 256, device="cuda", dtype=torch.bfloat16)
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt"})
+    assert [d.kernel for d in decisions] == ["cusparselt"]
+    assert "alg_id" in decisions[0].params
+    assert rel_err(out, fp64(model, x)) < TOL_BF16
+    torch.testing.FileCheck().check_count("torch.ops.sparse_inductor.linear_cslt.default(", 1, exactly=True).run(code)
+    assert "extern_kernels.mm" not in code and "extern_kernels.addmm" not in code
+    defs = kernel_defs(code)
+    poi = [d for d in defs if d.startswith("triton_poi_")]
+    red = [d for d in defs if d.startswith(("triton_per_", "triton_red_"))]
+    assert len(poi) == 1 and "relu" in poi[0] and len(red) == 1 and len(defs) == 2, defs
+
+
+def test_compiled_gated_mlp_one_epilogue_kernel_per_linear():
+    model = prepared(GatedMLP(), "2:4")
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt"})
+    assert decisions and all(d.kernel == "cusparselt" for d in decisions)
+    assert rel_err(out, fp64(model, x)) < TOL_BF16
+    # w1|w3 (concatenated by freezing) and w2: two calls; SiLU*gate one kernel, residual add one
+    # kernel; plus one guard reduction per call (the one over w2's input may fuse with SiLU*gate)
+    torch.testing.FileCheck().check_count("torch.ops.sparse_inductor.linear_cslt.default(", 2, exactly=True).run(code)
+    defs = kernel_defs(code)
+    assert len([d for d in defs if d.startswith("triton_poi_")]) <= 2 and 3 <= len(defs) <= 4, defs
+
+
+def test_nonfinite_input_rows():
+    """Sparse tensor cores skip the pruned zeros; the graph's row guard makes a row with a NaN/Inf
+    input wholly non-finite, as dense is (NaN where dense may have +-Inf)."""
+    lin = prepared(LinearBiasReLU(), "2:4").fc
+    x = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
+    x[1, 3] = float("nan")
+    x[2, 7] = float("inf")
+    out, _, _ = compile_and_code(lin, x, {"force": True, "kernel": "cusparselt"})
+    with torch.no_grad():
+        ref = lin(x)
+    assert torch.equal(out.isfinite(), ref.isfinite())
+    assert torch.equal(out.isnan() | ref.isnan(), out.isnan())
+
+
+def test_dynamic_batch_pads_m():
+    model = prepared(LinearBiasReLU(), "2:4")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sparse", options={"force": True, "kernel": "cusparselt"}, dynamic=True)
+    with torch.no_grad():
+        for m in (1, 7, 33, 130):
+            x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+            assert rel_err(compiled(x), fp64(model, x)) < TOL_BF16
+
+
+def test_reduce_overhead_mode():
+    model = prepared(LinearBiasReLU(), "2:4")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sparse",
+                             options={"force": True, "kernel": "cusparselt", "mode": "reduce-overhead"})
+    x = torch.randn(48, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, capture, replay
+            out = compiled(x)
+    assert rel_err(out, fp64(model, x)) < TOL_BF16
+
+
+def test_measured_dispatch_and_disk_cache(tmp_path, monkeypatch):
+    """At a compute-bound shape the dispatcher times dense and both 2:4 kernels and keeps the
+    fastest; a second compile reads the times from the cache and times nothing."""
+    monkeypatch.setenv(measure.ENV_CACHE_DIR, str(tmp_path))
+    model = prepared(LinearBiasReLU(2048, 4096), "2:4")
+    x = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+    opts = {"fx_cache": False}  # the pass must run again (an FX-cache hit would skip it)
+    _, _, decisions = compile_and_code(model, x, opts)
+    (d,) = decisions
+    assert d.measured and set(d.candidates) >= {"dense", "triton", "cusparselt"}, d
+    fastest = min((t, k) for k, t in d.candidates.items() if t is not None)[1]
+    sparse_best = min(t for k, t in d.candidates.items() if k != "dense" and t is not None)
+    if d.kernel != "dense":
+        assert d.kernel == fastest and sparse_best * 1.05 <= d.candidates["dense"]
+    else:
+        assert sparse_best * 1.05 > d.candidates["dense"]
+    assert (tmp_path / "timings.json").exists()
+
+    def no_timing(*a, **k):
+        raise AssertionError("timed again despite the cache")
+
+    monkeypatch.setattr(measure, "time_us", no_timing)
+    _, _, again = compile_and_code(model, x, opts)
+    assert again[0].kernel == d.kernel and again[0].candidates == d.candidates
+    print(sparse_inductor.LayerDecision.line(d))
