@@ -316,7 +316,84 @@ def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24")):
     torch.cuda.empty_cache()
 
 
-SECTIONS = {"linear24": bench_linear24, "block": bench_block, "cusparselt": bench_cusparselt, "e2e": bench_e2e}
+class W8Linear(nn.Module):
+    """Weight-only int8 linear (per-output-channel scale), as a user writes it."""
+
+    def __init__(self, wq: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("wq", wq)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        return F.linear(x, self.wq.to(x.dtype)) * self.scale
+
+
+def _quantize_linears_(model: nn.Module) -> None:
+    """Replace every nn.Linear (no bias) by a W8Linear of its weight, symmetric per channel."""
+    for name, mod in list(model.named_children()):
+        if isinstance(mod, nn.Linear) and mod.bias is None:
+            w = mod.weight.detach().float()
+            scale = w.abs().amax(1).clamp_min(1e-8) / 127
+            wq = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            setattr(model, name, W8Linear(wq, scale.to(mod.weight.dtype)))
+        else:
+            _quantize_linears_(mod)
+
+
+def bench_quant(rows: list, shapes=None, models=True):
+    """Weight-only int8 2:4 (issue 6): the Triton kernels read int8 values; vs bf16 dense."""
+    from .formats import compress_24
+    from .lowering.triton_24 import sp24_linear
+    from .prune import prune, prune_24_
+
+    dev, dt = "cuda", torch.bfloat16
+    shapes = shapes or [(1, 14336, 4096), (1, 4096, 4096), (1, 4096, 14336)]
+    print("\n## Weight-only int8 2:4 linears vs bf16 dense\n")
+    print("| M | N | K | bf16 dense F.linear | bf16 dense compile | ours: int8 kernel | ours: compiled (scale fused) | kernel vs dense | compiled vs dense compile |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (m, n, k) in shapes:
+        torch.manual_seed(0)
+        w = prune_24_(torch.randn(n, k, device=dev, dtype=dt))
+        x = torch.randn(m, k, device=dev, dtype=dt)
+        mod = nn.Sequential(nn.Linear(k, n, bias=False, device=dev, dtype=dt))
+        with torch.no_grad():
+            mod[0].weight.copy_(w)
+        _quantize_linears_(mod)
+        values, meta = compress_24(mod[0].wq)
+        with torch.no_grad():
+            dense = _bench(_graphed(lambda: F.linear(x, w)))
+            torch._dynamo.reset()
+            dc = torch.compile(nn.Linear(k, n, bias=False, device=dev, dtype=dt).eval())
+            dense_c = _bench(_graphed(lambda: dc(x)))
+            kern = _bench(_graphed(lambda: sp24_linear(x, values, meta)))
+            torch._dynamo.reset()
+            ours = torch.compile(mod.eval(), backend="sparse", options={"force": True, "kernel": "triton"})
+            ours(x)
+            comp = _bench(_graphed(lambda: ours(x)))
+        rows.append(dict(section="quant", M=m, N=n, K=k, dense=dense, dense_compile=dense_c, kernel=kern, compiled=comp))
+        print(f"| {m} | {n} | {k} | {_fmt(dense)} | {_fmt(dense_c)} | {_fmt(kern)} | {_fmt(comp)} | "
+              f"{_ratio(dense, kern)} | {_ratio(dense_c, comp)} |", flush=True)
+    if models:
+        torch.manual_seed(0)
+        model = nn.Sequential(*[LlamaMLP() for _ in range(8)]).to(dev, dt).eval()
+        prune(model, "2:4")
+        x = torch.randn(1, 4096, device=dev, dtype=dt)
+        with torch.no_grad():
+            torch._dynamo.reset()
+            dense_c = torch.compile(model)
+            t_dense = _bench(_graphed(lambda: dense_c(x)), rep=200)
+            _quantize_linears_(model)
+            torch._dynamo.reset()
+            ours = torch.compile(model, backend="sparse")
+            ours(x)
+            t_ours = _bench(_graphed(lambda: ours(x)), rep=200)
+        rows.append(dict(section="quant", model="llama8 int8 woq 2:4 decode b1", dense_compile=t_dense, sparse=t_ours))
+        print(f"\n8 Llama MLP blocks, int8 weight-only 2:4, decode batch 1: bf16 dense compile {t_dense:.1f} us, "
+              f"ours {t_ours:.1f} us, {t_dense / t_ours:.2f}x", flush=True)
+
+
+SECTIONS = {"linear24": bench_linear24, "block": bench_block, "cusparselt": bench_cusparselt, "e2e": bench_e2e,
+            "quant": bench_quant}
 
 
 def main(argv=None):
@@ -332,7 +409,8 @@ def main(argv=None):
     print(header())
     rows: list = []
     quick = {"linear24": dict(shapes=[(1, 4096, 4096)]), "block": dict(cases=[(16, 4096, 4096, 64, 0.9)]),
-             "cusparselt": dict(shapes=[(2048, 4096, 4096)]), "e2e": dict(which=())}
+             "cusparselt": dict(shapes=[(2048, 4096, 4096)]), "e2e": dict(which=()),
+             "quant": dict(shapes=[(1, 4096, 4096)], models=False)}
     for name in args.sections.split(","):
         name = name.strip()
         if name not in SECTIONS:

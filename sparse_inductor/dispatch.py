@@ -39,6 +39,7 @@ class Layer:
     block_density: Optional[float] = None
     device_name: str = ""
     m_static: bool = True  # False: M is dynamic and `m` only Inductor's hint for it
+    weight_dtype: Optional[torch.dtype] = None  # the stored weight's dtype where it differs (int8 weight-only)
 
 
 @dataclasses.dataclass(frozen=True)

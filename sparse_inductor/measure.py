@@ -177,7 +177,7 @@ class LayerTimer:
             self._env = _versions(self.w.device)
         ly = self.layer
         return (f"{self._env}|{'graph' if self.graphs else 'eager'}|{name}|{ly.pattern}|M={m} N={ly.n} K={ly.k}|"
-                f"{ly.dtype}|bias={self.has_bias}|block={ly.block}|{self.structure}")
+                f"{ly.dtype}|w={ly.weight_dtype}|bias={self.has_bias}|block={ly.block}|{self.structure}")
 
     def __call__(self, name: str, m: int) -> Optional[tuple]:
         try:
@@ -198,10 +198,12 @@ class LayerTimer:
     def _measure(self, name: str, m: int) -> Optional[tuple]:
         ly, w = self.layer, self.w
         gen = torch.Generator(device=w.device).manual_seed(0)
-        x = torch.randn(m, ly.k, device=w.device, dtype=w.dtype, generator=gen)
-        bias = torch.randn(ly.n, device=w.device, dtype=w.dtype, generator=gen) if self.has_bias else None
+        x = torch.randn(m, ly.k, device=w.device, dtype=ly.dtype, generator=gen)
+        bias = torch.randn(ly.n, device=w.device, dtype=ly.dtype, generator=gen) if self.has_bias else None
         if name == "dense":
-            return time_us(lambda: F.linear(x, w, bias), False), {}
+            # a weight-only quantized W against its dequantized copy, converted once: dense's best case
+            wd = w if w.dtype == x.dtype else w.to(x.dtype)
+            return time_us(lambda: F.linear(x, wd, bias), False), {}
         spec = self.specs[name]
         tensors = self.tensors(spec)
         best = None

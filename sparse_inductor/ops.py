@@ -6,7 +6,8 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
 `kernel` argument that the rewrite pass writes into the graph.
 
     sparse_inductor::linear_24(x, values, meta, bias, kernel) -> y [M, N]
-        values [2, N, K/4], meta [ceil(N/2), K/4] uint8 (formats/sparse24.py)
+        values [2, N, K/4] (x's dtype, or int8 for a weight-only quantized W: y = x @ W_int^T, the
+        scales stay in the graph after the op), meta [ceil(N/2), K/4] uint8 (formats/sparse24.py)
     sparse_inductor::linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel) -> y [M, N]
         blocks [nnzb, b, b], row_ptr [Nb+1], col_idx [nnzb], row_order [Nb] int32 (formats/block.py)
     sparse_inductor::linear_cslt(x, wc, bias, n, k, alg_id, split_k) -> y [M, N]
@@ -27,7 +28,7 @@ __all__ = ["linear_24", "linear_block", "linear_cslt"]
 
 @torch.library.custom_op("sparse_inductor::linear_24", mutates_args=())
 def linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor], kernel: str) -> Tensor:
-    w = decompress_24(values, meta)
+    w = decompress_24(values, meta).to(x.dtype)  # int8 values (weight-only quantized): their integers
     return F.linear(x, w, bias)
 
 
@@ -43,7 +44,7 @@ def linear_block(
     x: Tensor, blocks: Tensor, row_ptr: Tensor, col_idx: Tensor, row_order: Tensor,
     bias: Optional[Tensor], n: int, k: int, kernel: str,
 ) -> Tensor:
-    w = decompress_block(blocks, row_ptr, col_idx, n, k)
+    w = decompress_block(blocks, row_ptr, col_idx, n, k).to(x.dtype)  # int8 blocks: their integers
     return F.linear(x, w, bias)
 
 

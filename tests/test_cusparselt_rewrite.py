@@ -11,7 +11,6 @@ import dataclasses
 import expecttest
 import pytest
 import torch
-import torch.nn as nn
 
 from sparse_inductor import dispatch
 from sparse_inductor.lowering import cusparselt

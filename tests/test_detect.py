@@ -103,7 +103,15 @@ def test_all_zero():
     assert d.block == 64  # every size gives 0%: the largest that fits in the weight
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.int64, torch.float64, torch.bool])
+def test_int8_weights_are_read():
+    """int8 weights (weight-only quantized; the rewrite checks the convert to x's dtype) count zeros too."""
+    w = w24()
+    w = torch.where(w != 0, w.sign() * (w.abs() * 10 + 1), 0.0).to(torch.int8)
+    d = detect(w, OPTS)
+    assert d.pattern == "2:4" and d.density == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float64, torch.bool])
 def test_unsupported_dtypes(dtype):
     w = w24()
     w = torch.where(w != 0, w.sign() * (w.abs() * 10 + 1), 0.0).to(dtype)  # nonzeros stay nonzero

@@ -303,6 +303,8 @@ def _raw_stream(index: Optional[int]) -> int:
 # ---- the dispatcher's view of this family
 
 def _check(layer) -> Optional[str]:
+    if layer.weight_dtype not in (None, layer.dtype):
+        return "weight-only quantized weights run on the Triton kernels (cuSPARSELt needs x and W in one dtype)"
     return why_not_runnable(layer.n, layer.k, layer.dtype)
 
 

@@ -68,6 +68,10 @@ def sp24_dot_acc(X, V, META, M, N, K, stride_xm, stride_xk, pid_m, pid_n,
             v0 = tl.load(v_ptr + rg[None, :], mask=g_ok[None, :], other=0.0)
             v1 = tl.load(v_ptr + N * G + rg[None, :], mask=g_ok[None, :], other=0.0)
             mb = tl.load(meta_ptr + rg[None, :], mask=g_ok[None, :], other=0)
+        # int8 weight-only: the values dequantize to x's dtype here (exact for int8 in fp16/bf16);
+        # the per-channel scale is a mul after the op that Inductor fuses into the store
+        v0 = v0.to(X.dtype.element_ty)
+        v1 = v1.to(X.dtype.element_ty)
         code = (mb.to(tl.int32) >> shift) & 15
         i0 = code & 3
         i1 = code >> 2
@@ -225,7 +229,10 @@ def allow_tf32(dtype: torch.dtype) -> bool:
 
 def sp24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 *, activation: Optional[str] = None, config: Optional[dict] = None) -> torch.Tensor:
-    """Eager launcher: y = act(x @ W^T + bias) for a 2-D x [M, K] and W in the 2:4 layout."""
+    """Eager launcher: y = act(x @ W^T + bias) for a 2-D x [M, K] and W in the 2:4 layout.
+
+    values may be int8 (a weight-only quantized W): W is then used as its integer values in x's
+    dtype, and the caller applies the scales (in a compiled graph, a mul fused into the store)."""
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
     _, n, g = values.shape
@@ -234,8 +241,8 @@ def sp24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
         raise ValueError(f"x has K={k} but the weight has K={4 * g}")
     if meta.shape != (math.ceil(n / 2), g) or meta.dtype != torch.uint8:
         raise ValueError(f"meta must be uint8 [{math.ceil(n / 2)}, {g}], got {meta.dtype} {tuple(meta.shape)}")
-    if values.dtype != x.dtype:
-        raise ValueError(f"x is {x.dtype} but the weight is {values.dtype}")
+    if values.dtype not in (x.dtype, torch.int8):
+        raise ValueError(f"x is {x.dtype} but the weight is {values.dtype} (int8 values: weight-only quantized)")
     if activation not in (None, "relu"):
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     values, meta = values.contiguous(), meta.contiguous()
@@ -321,6 +328,8 @@ def lower(x, values, meta, *, n: int):
 def _check(layer) -> Optional[str]:
     if layer.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {layer.dtype} not supported"
+    if layer.weight_dtype not in (None, layer.dtype, torch.int8):
+        return f"weight dtype {layer.weight_dtype} not supported"
     return None
 
 
@@ -337,8 +346,9 @@ def _estimate_us(layer, model) -> Optional[float]:
         return None
     es = torch.finfo(layer.dtype).bits // 8
     m, n, k = layer.m, layer.n, layer.k
+    ws = 1 if layer.weight_dtype == torch.int8 else es  # int8 weight-only: one byte a value
     if m == 1 and layer.m_static:  # the gemv template is used only for a static M of 1 (see lower)
-        byts = n * k * es / 2 + n * k / 8 + (k + n) * es
+        byts = n * k * ws / 2 + n * k / 8 + (k + n) * es
         return byts / (model.bytes_per_us * _GEMV_BW) + model.launch_us
     return dense_us(layer, model) / _DOT_VS_DENSE
 

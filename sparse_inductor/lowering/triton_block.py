@@ -447,6 +447,8 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int):
 def _check_layer(layer) -> Optional[str]:
     if layer.dtype not in _DTYPES:
         return f"dtype {layer.dtype} not supported"
+    if layer.weight_dtype not in (None, layer.dtype):
+        return "weight-only quantized block-sparse weights are not supported yet"
     if layer.block not in BLOCK_SIZES:
         return f"block size {layer.block} not supported"
     return None

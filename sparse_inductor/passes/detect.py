@@ -19,7 +19,7 @@ from ..options import SparseOptions
 
 __all__ = ["Detection", "detect", "SUPPORTED_DTYPES"]
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int8)  # int8: weight-only quantized
 _BLOCK_TOLERANCE = 1.25
 _PREFER_BLOCK_BELOW = 0.5
 
@@ -35,7 +35,7 @@ class Detection:
 
 def _dtype_guard(w: torch.Tensor) -> Optional[str]:
     if w.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {str(w.dtype).replace('torch.', '')} is not supported (float16, bfloat16, float32)"
+        return f"dtype {str(w.dtype).replace('torch.', '')} is not supported (float16, bfloat16, float32, int8)"
     if w.dim() != 2:
         return f"weight is {w.dim()}-D, not 2-D"
     if w.numel() == 0:

@@ -51,6 +51,8 @@ class LinearSite:
     bias: Optional[fx.Node]
     name: str
     why_not: Optional[str] = None  # set when the site cannot be considered at all
+    chain: list = dataclasses.field(default_factory=list)  # nodes between the mm and the get_attr
+    dequant: Optional[torch.dtype] = None  # int8 weight-only: the float dtype W is converted to
 
 
 _TRANSPOSES = {aten.permute.default, aten.t.default, aten.transpose.int}
@@ -76,23 +78,69 @@ def _is_linear_module(node: fx.Node) -> bool:
     return isinstance(ty, type) and issubclass(ty, torch.nn.Linear) or "Linear" in str(ty)
 
 
-def _resolve_weight(gm: fx.GraphModule, wt: fx.Node) -> tuple[Optional[fx.Node], Optional[torch.Tensor], Optional[str]]:
-    """W_t operand of mm -> (get_attr node, W [N, K], None) or (None, None, why)."""
-    node, transposed = wt, True
-    if node.op == "call_function" and node.target in _TRANSPOSES:
-        dims = node.args[1:] if node.target != aten.t.default else ()
-        if node.target == aten.permute.default and list(dims[0]) != [1, 0]:
-            return None, None, "weight operand is not a plain transpose"
-        node, transposed = node.args[0], False
+_CONVERTS = {torch.ops.prims.convert_element_type.default, aten._to_copy.default}
+_DEQUANT_TO = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _convert_dtype(node: fx.Node) -> Optional[torch.dtype]:
+    if node.target is aten._to_copy.default:
+        return node.kwargs.get("dtype")
+    return node.args[1] if len(node.args) > 1 else None
+
+
+def _resolve_weight(gm: fx.GraphModule, wt: fx.Node) -> tuple[Optional[fx.Node], Optional[torch.Tensor], Optional[str],
+                                                               list[fx.Node], Optional[torch.dtype]]:
+    """W_t operand of mm -> (get_attr node, W [N, K], why not, the nodes between, dequant dtype).
+
+    Accepted: a get_attr holding W_t [K, N] (freezing folded the transpose), a transpose of a
+    get_attr holding W, and either of those through one convert of an int8 constant to a float
+    dtype (weight-only int8: Inductor's freezing keeps int8 -> bf16 unfolded). W is returned as
+    stored (int8 for the latter); the dtype it is converted to comes last.
+    """
+    node, transposed, chain, dequant = wt, True, [], None
+    for _ in range(2):
+        if node.op != "call_function":
+            break
+        if node.target in _TRANSPOSES and transposed:
+            dims = node.args[1:] if node.target != aten.t.default else ()
+            if node.target == aten.permute.default and list(dims[0]) != [1, 0]:
+                return None, None, "weight operand is not a plain transpose", [], None
+            chain.append(node)
+            node, transposed = node.args[0], False
+        elif node.target in _CONVERTS and dequant is None:
+            dequant = _convert_dtype(node)
+            chain.append(node)
+            node = node.args[0]
+        else:
+            break
     if node.op == "get_attr":
         t = _compat.get_attr(gm, node.target)
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            return None, None, "weight is not a 2-D tensor constant"
-        return node, (t.t() if transposed else t), None
+            return None, None, "weight is not a 2-D tensor constant", [], None
+        if dequant is not None and (t.dtype != torch.int8 or dequant not in _DEQUANT_TO):
+            return None, None, f"weight is converted from {t.dtype} to {dequant} in the graph (only int8 -> float is read)", [], None
+        return node, (t.t() if transposed else t), None, chain, dequant
     if node.op == "placeholder":
         return None, None, ("weight is a graph input, not a constant: compile under torch.no_grad() or "
-                            "torch.inference_mode() so that Inductor freezes the weights")
-    return None, None, "weight is computed in the graph, not a constant"
+                            "torch.inference_mode() so that Inductor freezes the weights"), [], None
+    return None, None, ("weight is computed in the graph, not a constant (e.g. dequantized with per-group "
+                        "scales before the matmul)"), [], None
+
+
+def _from_int8_constant(gm: fx.GraphModule, node: fx.Node, depth: int = 8) -> bool:
+    """Whether an int8 constant feeds this operand within a few ops (a dequantized weight)."""
+    seen, todo = set(), [(node, 0)]
+    while todo:
+        n, d = todo.pop()
+        if n in seen or d > depth:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            t = _compat.get_attr(gm, n.target)
+            if isinstance(t, torch.Tensor) and t.dtype == torch.int8:
+                return True
+        todo.extend((a, d + 1) for a in n.all_input_nodes)
+    return False
 
 
 def find_linears(gm: fx.GraphModule) -> list[LinearSite]:
@@ -109,11 +157,11 @@ def find_linears(gm: fx.GraphModule) -> list[LinearSite]:
             continue
         if not isinstance(wt, fx.Node) or not isinstance(x, fx.Node):
             continue
-        wnode, w, why = _resolve_weight(gm, wt)
-        if w is None and not _is_linear_module(node):
+        wnode, w, why, chain, dequant = _resolve_weight(gm, wt)
+        if w is None and not _is_linear_module(node) and not _from_int8_constant(gm, wt):
             continue  # a matmul of activations, not a linear layer
         name = _module_path(node) or (str(wnode.target) if wnode is not None else node.name)
-        site = LinearSite(node, x, wnode, w, bias, name, why)
+        site = LinearSite(node, x, wnode, w, bias, name, why, chain, dequant)
         if site.why_not is None and node.target is aten.addmm.default:
             if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
                 site.why_not = "addmm with alpha/beta != 1"
@@ -224,7 +272,8 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             log.exception("sparse_inductor: detection failed for %s", site.name)
             det = Detection("dense", float("nan"), f"internal error in detection: {type(e).__name__}: {e}")
         m = _m_of(site.x)
-        decision = LayerDecision(site.name, (n, k), _dtype_name(w.dtype), det.pattern,
+        wdt = _dtype_name(w.dtype) + (f"->{_dtype_name(site.dequant)} (weight-only)" if site.dequant else "")
+        decision = LayerDecision(site.name, (n, k), wdt, det.pattern,
                                  det.block if det.pattern == "block" else None,
                                  det.density, "dense", (), det.reason, m)
         if det.pattern == "dense" or site.why_not:
@@ -232,12 +281,14 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             record(decision)
             continue
         x_val = site.x.meta.get("val")
-        if not isinstance(x_val, torch.Tensor) or x_val.dtype != w.dtype or x_val.dim() != 2:
+        compute = site.dequant or w.dtype
+        if not isinstance(x_val, torch.Tensor) or x_val.dtype != compute or x_val.dim() != 2:
             decision.reason = "input dtype differs from the weight's" if isinstance(x_val, torch.Tensor) else "input has no metadata"
             record(decision)
             continue
-        layer = Layer(det.pattern, m, n, k, w.dtype, w.device.type, det.block, det.block_density,
-                      _compat.device_name(w.device), m_static=isinstance(x_val.shape[0], int))
+        layer = Layer(det.pattern, m, n, k, compute, w.device.type, det.block, det.block_density,
+                      _compat.device_name(w.device), m_static=isinstance(x_val.shape[0], int),
+                      weight_dtype=w.dtype if w.dtype != compute else None)
         specs = {spec.name: spec for spec in kernels(det.pattern)}
         made: dict[str, dict] = compressed.setdefault(key, {})
 
@@ -270,7 +321,8 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             fmt = _fmt(spec, det)
             cnodes = consts.nodes((key, fmt), tensors(spec), node)
             outputs.append(_replace(site, det, spec, cnodes, choice.kernel, choice.params, n, k))
-            decision.fused = ("transpose",) + (("bias",) if site.bias is not None else ())
+            decision.fused = (("transpose",) + (("dequant",) if site.dequant else ())
+                              + (("bias",) if site.bias is not None else ()))
         except Exception as e:  # never break the user's compile
             log.exception("sparse_inductor: rewrite failed for %s", site.name)
             decision.kernel = "dense"
@@ -282,18 +334,12 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
 
 
 def _erase_dead_weights(sites: list[LinearSite]) -> None:
-    """Drop the dense W_t constants (and transposes of them) that no longer have users."""
-    seen = set()
+    """Drop the dense W constants, and the transposes / converts between them and the matmuls,
+    that no longer have users."""
     for site in sites:
-        wnode = site.weight_node
-        if wnode is None or wnode in seen:
-            continue
-        seen.add(wnode)
-        for user in list(wnode.users):
-            if user.op == "call_function" and user.target in _TRANSPOSES and not user.users:
-                user.graph.erase_node(user)
-        if not wnode.users:
-            wnode.graph.erase_node(wnode)
+        for node in [*site.chain, site.weight_node]:
+            if node is not None and not getattr(node, "_erased", False) and not node.users:
+                node.graph.erase_node(node)
 
 
 def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[fx.Node, ...], kernel: str,
