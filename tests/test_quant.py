@@ -142,8 +142,8 @@ def test_kernel_families_on_weight_only_layers():
                weight_dtype=torch.int8)
     assert triton_24._check(ly) is None
     assert "cuSPARSELt" in cusparselt._check(ly)
-    assert triton_block._check_layer(Layer("block", 1, 4096, 4096, torch.bfloat16, "cuda", block=64,
-                                           block_density=0.1, weight_dtype=torch.int8)) is not None
+    blk = Layer("block", 1, 4096, 4096, torch.bfloat16, "cuda", block=64, block_density=0.1, weight_dtype=torch.int8)
+    assert triton_block._check_layer(blk) is None
     # the gemv reads 2.5 bytes per four weights instead of 4.5 (bf16 2:4) or 8 (bf16 dense)
     import dataclasses
 
@@ -152,6 +152,41 @@ def test_kernel_families_on_weight_only_layers():
     bf16 = dataclasses.replace(ly, weight_dtype=None)
     model = device_model(ly)
     assert triton_24._estimate_us(ly, model) < triton_24._estimate_us(bf16, model) < dense_us(ly)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 17])
+def test_block_kernel_on_int8_blocks(dtype, m):
+    from sparse_inductor.formats.block import compress_block
+    from sparse_inductor.lowering.triton_block import block_linear
+    from test_triton_block import MIXED, make_weight
+
+    b = 16
+    n, k = 4 * b - 5, 4 * b - 3
+    wq = (make_weight(n, k, b, MIXED, torch.float32, device="cpu") * 60).round().clamp(-127, 127).to(torch.int8)
+    bs = compress_block(wq, b)
+    assert bs.blocks.dtype == torch.int8
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    y = block_linear(x, *bs, None, n, k, allow_tf32=False)
+    ref = x.double() @ wq.double().T
+    assert y.dtype == dtype and rel_err(y, ref) < TOL[dtype]
+
+
+def test_block_sparse_int8_rewrite():
+    from sparse_inductor.prune import prune_blocks_
+
+    torch.manual_seed(0)
+    model = W8Linear(64, 64, act=False).eval()
+    w = prune_blocks_(torch.randn(64, 64), 16, 0.75)
+    model.wq.copy_((w * 20).round().clamp(-127, 127).to(torch.int8))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    r = run_sparse(model, (x,))
+    (d,) = r.decisions
+    assert (d.pattern, d.block, d.kernel) == ("block", 16, "reference"), d.line()
+    assert "dequant" in d.fused
+    assert rel_err(r.outputs[0], model.fp64(x)) < TOL_BF16
 
 
 @pytest.mark.gpu

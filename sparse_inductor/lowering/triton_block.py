@@ -116,7 +116,7 @@ def block_sparse_acc(
         offs_k = col * B + offs_b
         a = tl.load(x_rows + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        w = tl.load(w_ptrs)
+        w = tl.load(w_ptrs).to(a.dtype)  # int8 blocks (weight-only): their integers in x's dtype
         if DOT_FP32:
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         elif ALLOW_TF32:
@@ -320,7 +320,8 @@ def block_linear(
            f"blocks must be [nnzb, b, b], got shape {tuple(blocks.shape)}")
     b = blocks.shape[-1]
     _check(b in BLOCK_SIZES, f"block size must be one of {BLOCK_SIZES}, got {b}")
-    _check(blocks.dtype == x.dtype, f"blocks dtype {blocks.dtype} differs from x dtype {x.dtype}")
+    _check(blocks.dtype in (x.dtype, torch.int8),
+           f"blocks dtype {blocks.dtype} differs from x dtype {x.dtype} (int8 blocks: weight-only quantized)")
     _check(blocks.is_contiguous(), "blocks must be contiguous")
     _check(n >= 0 and k >= 0, f"n and k must be >= 0, got n={n}, k={k}")
     _check(x.shape[1] == k, f"x has K={x.shape[1]} but the weight has k={k}")
@@ -447,8 +448,8 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int):
 def _check_layer(layer) -> Optional[str]:
     if layer.dtype not in _DTYPES:
         return f"dtype {layer.dtype} not supported"
-    if layer.weight_dtype not in (None, layer.dtype):
-        return "weight-only quantized block-sparse weights are not supported yet"
+    if layer.weight_dtype not in (None, layer.dtype, torch.int8):
+        return f"weight dtype {layer.weight_dtype} not supported"
     if layer.block not in BLOCK_SIZES:
         return f"block size {layer.block} not supported"
     return None
@@ -464,7 +465,7 @@ def _estimate_us(layer, model) -> Optional[float]:
         return None
     es = torch.finfo(layer.dtype).bits // 8
     m, n, k, d = layer.m, layer.n, layer.k, layer.block_density
-    weight = d * n * k * es
+    weight = d * n * k * (1 if layer.weight_dtype == torch.int8 else es)
     io = 2 * m * k * es + m * n * es  # x read by the guard and (at least once) by the kernel, y
     mma = 2 * m * n * k * d * (2 if layer.dtype == torch.float32 else 1) / (model.flops_per_us * _MMA)
     return max((weight + io) / (model.bytes_per_us * _BW), mma) + 2 * model.launch_us
