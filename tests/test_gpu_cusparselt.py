@@ -166,3 +166,27 @@ def test_measured_dispatch_and_disk_cache(tmp_path, monkeypatch):
     _, _, again = compile_and_code(model, x, opts)
     assert again[0].kernel == d.kernel and again[0].candidates == d.candidates
     print(sparse_inductor.LayerDecision.line(d))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.int32])
+@pytest.mark.parametrize("with_alpha", [False, True])
+def test_int8_inputs_with_out_dtype(out_dtype, with_alpha):
+    """int8 x int8 -> out_dtype with a per-row alpha (the int8 weight's dequantization scale):
+    the same bits as torch._cslt_sparse_mm, and the integer product exactly scaled vs fp64."""
+    if out_dtype == torch.int32 and with_alpha:
+        pytest.skip("a float scale on an int32 output is not a case users have")
+    n, k, m = 256, 512, 48
+    wq = (w24(n, k, torch.float32) * 30).round().clamp(-127, 127).to(torch.int8)
+    xq = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+    wc = cusparselt.compress(wq)
+    alpha = (torch.rand(n, device="cuda") / 100) if with_alpha else None
+    ours = cusparselt.linear(xq, wc, None, n, k, out_dtype=out_dtype, alpha=alpha)
+    theirs = torch._cslt_sparse_mm(wc, xq.t(), None, alpha, out_dtype, transpose_result=True)
+    assert ours.dtype == out_dtype and torch.equal(ours, theirs)
+    ref = xq.double() @ wq.double().T  # exact: int32 accumulation of |.| < 2^31
+    if alpha is not None:
+        ref = ref * alpha.double()
+    if out_dtype == torch.int32:
+        assert torch.equal(ours.double(), ref)
+    else:
+        assert rel_err(ours, ref) < TOL[out_dtype]

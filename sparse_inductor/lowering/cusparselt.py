@@ -37,11 +37,13 @@ __all__ = ["available", "version", "compress", "linear", "max_alg_id", "why_not_
 _ORDER_COL, _ORDER_ROW = 1, 2
 _OP_N, _OP_T = 0, 1
 _SPARSITY_50 = 0
-_COMPUTE_32F = 2
-_BIAS_POINTER = 8  # cusparseLtMatmulDescAttribute_t
+_COMPUTE_32I, _COMPUTE_32F = 0, 2
+_ALPHA_VECTOR_SCALING, _BIAS_POINTER = 5, 8  # cusparseLtMatmulDescAttribute_t
 _ALG_DEFAULT = 0
 _ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID, _SPLIT_K = 0, 1, 3  # cusparseLtMatmulAlgAttribute_t
 _CUDA_TYPE = {torch.float16: 2, torch.bfloat16: 14}
+_OUT_TYPE = {torch.float16: 2, torch.bfloat16: 14, torch.int32: 10, torch.int8: 3}
+_INT8 = 3  # CUDA_R_8I
 _OPAQUE = 512  # bytes of each opaque cuSPARSELt struct (alignas 16)
 _PAD_M = 8
 
@@ -139,11 +141,17 @@ class _Plan:
     """Descriptors, algorithm selection, plan and workspace of one matmul configuration."""
 
     def __init__(self, lib: _Lib, device: int, m: int, n: int, k: int, dtype: torch.dtype,
-                 bias_ptr: int, alg_id: int, split_k: int):
+                 bias_ptr: int, alg_id: int, split_k: int, out_dtype: Optional[torch.dtype] = None,
+                 vector_alpha: bool = False):
         self.lib, dll = lib, lib.dll
         self.handle = lib.handle(device)
         h = self.handle.ptr
-        ty = _CUDA_TYPE[dtype]
+        # 16-bit: in = out, fp32 compute. int8 x int8 (as torch._cslt_sparse_mm): int32 compute,
+        # the output int8 or out_dtype (fp16 / bf16 / int32)
+        ty = _INT8 if dtype == torch.int8 else _CUDA_TYPE[dtype]
+        out_ty = _OUT_TYPE[out_dtype or dtype]
+        compute = _COMPUTE_32I if dtype == torch.int8 else _COMPUTE_32F
+        self.vector_alpha = vector_alpha
         self.a, self.b, self.d = _Opaque(), _Opaque(), _Opaque()
         self.mm, self.sel, self.plan = _Opaque(), _Opaque(), _Opaque()
         i64 = ctypes.c_int64
@@ -152,9 +160,13 @@ class _Plan:
         lib.check(dll.cusparseLtDenseDescriptorInit(h, self.b.ptr, i64(m), i64(k), i64(k), ctypes.c_uint32(16),
                                                      ty, _ORDER_ROW), "dense descriptor (x)")
         lib.check(dll.cusparseLtDenseDescriptorInit(h, self.d.ptr, i64(n), i64(m), i64(n), ctypes.c_uint32(16),
-                                                     ty, _ORDER_COL), "dense descriptor (y)")
+                                                     out_ty, _ORDER_COL), "dense descriptor (y)")
         lib.check(dll.cusparseLtMatmulDescriptorInit(h, self.mm.ptr, _OP_N, _OP_T, self.a.ptr, self.b.ptr,
-                                                      self.d.ptr, self.d.ptr, _COMPUTE_32F), "matmul descriptor")
+                                                      self.d.ptr, self.d.ptr, compute), "matmul descriptor")
+        if vector_alpha:  # alpha is then a device vector of N floats (a per-row scale), passed per call
+            one = ctypes.c_int(1)
+            lib.check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, _ALPHA_VECTOR_SCALING, ctypes.byref(one),
+                                                           ctypes.c_size_t(4)), "alpha vector scaling")
         if bias_ptr:
             self._bias = ctypes.c_void_p(bias_ptr)
             lib.check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, _BIAS_POINTER, ctypes.byref(self._bias),
@@ -195,8 +207,10 @@ class _Plan:
                        ctypes.addressof(self.beta), ctypes.addressof(self._stream),
                        self.workspace.data_ptr() if self.workspace is not None else None)
 
-    def __call__(self, wc: Tensor, x: Tensor, y: Tensor, stream: int) -> None:
+    def __call__(self, wc: Tensor, x: Tensor, y: Tensor, stream: int, alpha_ptr: int = 0) -> None:
         h, plan, alpha, beta, streams, ws = self._fixed
+        if self.vector_alpha:
+            alpha = alpha_ptr
         self._stream.value = stream
         yp = y.data_ptr()
         status = self._mm(h, plan, alpha, wc.data_ptr(), x.data_ptr(), beta, yp, yp, ws, streams, 1)
@@ -242,18 +256,20 @@ _PLANS: dict[tuple, _Plan] = {}
 _PLANS_LOCK = threading.Lock()
 
 
-def _plan(m: int, n: int, k: int, x: Tensor, bias: Optional[Tensor], alg_id: int, split_k: int) -> Optional[_Plan]:
+def _plan(m: int, n: int, k: int, x: Tensor, bias: Optional[Tensor], alg_id: int, split_k: int,
+          out_dtype: Optional[torch.dtype] = None, vector_alpha: bool = False) -> Optional[_Plan]:
     lib = _lib()
     if lib is None:
         return None
     bias_ptr = bias.data_ptr() if bias is not None else 0
-    key = (x.device.index, m, n, k, x.dtype, bias_ptr, alg_id, split_k)
+    key = (x.device.index, m, n, k, x.dtype, bias_ptr, alg_id, split_k, out_dtype, vector_alpha)
     p = _PLANS.get(key)
     if p is None:
         with _PLANS_LOCK:
             p = _PLANS.get(key)
             if p is None:
-                p = _PLANS[key] = _Plan(lib, x.device.index or 0, m, n, k, x.dtype, bias_ptr, alg_id, split_k)
+                p = _PLANS[key] = _Plan(lib, x.device.index or 0, m, n, k, x.dtype, bias_ptr, alg_id, split_k,
+                                        out_dtype, vector_alpha)
     return p
 
 
@@ -263,13 +279,16 @@ def max_alg_id(wc: Tensor, x: Tensor, n: int, k: int) -> int:
     return p.max_alg_id if p is not None else 0
 
 
-def _padded(m: int) -> int:
-    return max(_PAD_M, -(-m // _PAD_M) * _PAD_M)
+def _padded(m: int, multiple: int = _PAD_M) -> int:
+    return max(multiple, -(-m // multiple) * multiple)
 
 
-def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id: int = 0, split_k: int = 1) -> Tensor:
-    """y = x @ W^T + bias, W given as `compress(W)`; x [M, K] fp16/bf16 on CUDA; y [M, N] contiguous.
+def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id: int = 0, split_k: int = 1,
+           out_dtype: Optional[torch.dtype] = None, alpha: Optional[Tensor] = None) -> Tensor:
+    """y = alpha * (x @ W^T) + bias, W given as `compress(W)`; y [M, N] contiguous.
 
+    x [M, K] fp16/bf16, or int8 with W int8 (then out_dtype fp16/bf16/int32 or int8 by default);
+    alpha: None, or a float32 [N] per-row scale of W (e.g. int8 dequantization scales).
     The hot path (a plan already made): a dict lookup, the output allocation and one foreign call.
     Like the sparse tensor cores, it never multiplies the pruned zeros: a NaN/Inf in x meets only
     the kept weights (the compiled graph adds the row check, see passes/linear_rewrite._guard_rows).
@@ -277,22 +296,27 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
     if x.device.type != "cuda":
         raise RuntimeError("cuSPARSELt runs on CUDA only")
     m = x.shape[0]
-    mp = _padded(m)
+    mp = _padded(m, 16 if x.dtype == torch.int8 else _PAD_M)
     if not x.is_contiguous():
         x = x.contiguous()
     if mp != m:
         x = F.pad(x, (0, 0, 0, mp - m))
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
+    if alpha is not None:
+        alpha = alpha.to(torch.float32).contiguous()
     dev = x.device
-    plan = _PLANS.get((dev.index, mp, n, k, x.dtype, bias.data_ptr() if bias is not None else 0, alg_id, split_k))
+    vec = alpha is not None
+    plan = _PLANS.get((dev.index, mp, n, k, x.dtype, bias.data_ptr() if bias is not None else 0, alg_id, split_k,
+                       out_dtype, vec))
     if plan is None:
-        plan = _plan(mp, n, k, x, bias, alg_id, split_k)
+        plan = _plan(mp, n, k, x, bias, alg_id, split_k, out_dtype, vec)
     if plan is None:
-        y = torch._cslt_sparse_mm(wc, x.t(), bias, transpose_result=True, alg_id=alg_id, split_k=split_k)
+        y = torch._cslt_sparse_mm(wc, x.t(), bias, alpha, out_dtype, transpose_result=True, alg_id=alg_id,
+                                  split_k=split_k)
     else:
-        y = torch.empty((mp, n), dtype=x.dtype, device=dev)
-        plan(wc, x, y, _raw_stream(dev.index))
+        y = torch.empty((mp, n), dtype=out_dtype or x.dtype, device=dev)
+        plan(wc, x, y, _raw_stream(dev.index), alpha.data_ptr() if vec else 0)
     return y[:m] if mp != m else y
 
 
