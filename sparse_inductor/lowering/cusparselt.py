@@ -248,7 +248,8 @@ def _persistent_empty(nbytes: int, device: int) -> Tensor:
     t.join()
     if not out:
         raise RuntimeError(f"could not allocate a {nbytes}-byte cuSPARSELt workspace")
-    torch.cuda.synchronize(device)  # the allocation happened on that thread's stream
+    if not torch.cuda.is_current_stream_capturing():  # (a sync inside a capture would end it)
+        torch.cuda.synchronize(device)  # the allocation happened on that thread's stream
     return out[0]
 
 
