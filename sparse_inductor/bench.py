@@ -340,6 +340,52 @@ def _quantize_linears_(model: nn.Module) -> None:
             _quantize_linears_(mod)
 
 
+class W8A8Linear(nn.Module):
+    """Dynamic per-token int8 activations x int8 weight (per-channel scale), via torch._int_mm."""
+
+    def __init__(self, wq: torch.Tensor, w_scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("wq", wq)
+        self.register_buffer("w_scale", w_scale.float())
+
+    def forward(self, x):
+        s = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-5) / 127
+        xq = (x.float() / s).round().clamp(-128, 127).to(torch.int8)
+        return (torch._int_mm(xq, self.wq.t()).float() * s * self.w_scale).to(x.dtype)
+
+
+def bench_int8_act(rows: list, shapes=None):
+    """int8 dynamic activations x int8 2:4 weights through cuSPARSELt (int32 out, scales fused by
+    Inductor after it) vs bf16 dense F.linear and vs the same int8 model compiled densely
+    (torch._int_mm + scales). Compiled modules timed as CUDA-graph replays."""
+    from .prune import prune_24_
+
+    dev, dt = "cuda", torch.bfloat16
+    shapes = shapes or [(8192, 14336, 4096), (8192, 4096, 14336)]
+    print("\n## int8 dynamic activations x int8 2:4 weights\n")
+    print("| M | N | K | bf16 dense F.linear | int8 dense compile (_int_mm + scales) | ours compiled | vs bf16 dense | vs int8 dense |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (m, n, k) in shapes:
+        torch.manual_seed(0)
+        w = prune_24_(torch.randn(n, k, device=dev, dtype=dt))
+        x = torch.randn(m, k, device=dev, dtype=dt)
+        scale = w.float().abs().amax(1).clamp_min(1e-8) / 127
+        wq = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        model = W8A8Linear(wq, scale).eval()
+        with torch.no_grad():
+            bf16 = _bench(_graphed(lambda: F.linear(x, w)))
+            torch._dynamo.reset()
+            dense_c = torch.compile(model)
+            t_int8 = _bench(_graphed(lambda: dense_c(x)))
+            torch._dynamo.reset()
+            ours = torch.compile(model, backend="sparse")
+            ours(x)
+            t_ours = _bench(_graphed(lambda: ours(x)))
+        rows.append(dict(section="int8_act", M=m, N=n, K=k, bf16_dense=bf16, int8_dense_compile=t_int8, sparse=t_ours))
+        print(f"| {m} | {n} | {k} | {_fmt(bf16)} | {_fmt(t_int8)} | {_fmt(t_ours)} | {_ratio(bf16, t_ours)} | "
+              f"{_ratio(t_int8, t_ours)} |", flush=True)
+
+
 def bench_quant(rows: list, shapes=None, models=True):
     """Weight-only int8 2:4 (issue 6): the Triton kernels read int8 values; vs bf16 dense."""
     from .formats import compress_24
@@ -393,7 +439,7 @@ def bench_quant(rows: list, shapes=None, models=True):
 
 
 SECTIONS = {"linear24": bench_linear24, "block": bench_block, "cusparselt": bench_cusparselt, "e2e": bench_e2e,
-            "quant": bench_quant}
+            "quant": bench_quant, "int8_act": bench_int8_act}
 
 
 def main(argv=None):
@@ -410,7 +456,7 @@ def main(argv=None):
     rows: list = []
     quick = {"linear24": dict(shapes=[(1, 4096, 4096)]), "block": dict(cases=[(16, 4096, 4096, 64, 0.9)]),
              "cusparselt": dict(shapes=[(2048, 4096, 4096)]), "e2e": dict(which=()),
-             "quant": dict(shapes=[(1, 4096, 4096)], models=False)}
+             "quant": dict(shapes=[(1, 4096, 4096)], models=False), "int8_act": dict(shapes=[(2048, 4096, 4096)])}
     for name in args.sections.split(","):
         name = name.strip()
         if name not in SECTIONS:

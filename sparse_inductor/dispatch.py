@@ -221,6 +221,8 @@ def _choose_measured(layer: Layer, opts: SparseOptions, cands: list[KernelSpec],
 # ---- the reference kernels (ops.py): decompress + F.linear, correct everywhere, never fast
 
 def _no_limits(layer: Layer) -> Optional[str]:
+    if layer.dtype == torch.int8:
+        return "int8 x int8 runs on cuSPARSELt only"
     return None
 
 

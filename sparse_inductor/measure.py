@@ -198,8 +198,15 @@ class LayerTimer:
     def _measure(self, name: str, m: int) -> Optional[tuple]:
         ly, w = self.layer, self.w
         gen = torch.Generator(device=w.device).manual_seed(0)
-        x = torch.randn(m, ly.k, device=w.device, dtype=ly.dtype, generator=gen)
-        bias = torch.randn(ly.n, device=w.device, dtype=ly.dtype, generator=gen) if self.has_bias else None
+        if ly.dtype == torch.int8:  # int8 x int8 -> int32: dense is torch._int_mm, as in the graph
+            x = torch.randint(-127, 128, (m, ly.k), device=w.device, dtype=torch.int8, generator=gen)
+            if name == "dense":
+                wt = w.t()
+                return time_us(lambda: torch._int_mm(x, wt), False), {}
+            bias = None
+        else:
+            x = torch.randn(m, ly.k, device=w.device, dtype=ly.dtype, generator=gen)
+            bias = torch.randn(ly.n, device=w.device, dtype=ly.dtype, generator=gen) if self.has_bias else None
         if name == "dense":
             # a weight-only quantized W against its dequantized copy, converted once: dense's best case
             wd = w if w.dtype == x.dtype else w.to(x.dtype)

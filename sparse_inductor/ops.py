@@ -10,8 +10,9 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
         scales stay in the graph after the op), meta [ceil(N/2), K/4] uint8 (formats/sparse24.py)
     sparse_inductor::linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel) -> y [M, N]
         blocks [nnzb, b, b], row_ptr [Nb+1], col_idx [nnzb], row_order [Nb] int32 (formats/block.py)
-    sparse_inductor::linear_cslt(x, wc, bias, n, k, alg_id, split_k) -> y [M, N]
-        wc = torch._cslt_compress(W), cuSPARSELt's own layout (CUDA only; lowering/cusparselt.py)
+    sparse_inductor::linear_cslt(x, wc, bias, n, k, alg_id, split_k, out_dtype=None) -> y [M, N]
+        wc = torch._cslt_compress(W), cuSPARSELt's own layout (CUDA only; lowering/cusparselt.py);
+        x and W int8 with out_dtype=torch.int32 is torch._int_mm(x, W^T) (dynamic int8 activations)
 """
 from __future__ import annotations
 
@@ -56,14 +57,15 @@ def _(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel):
 
 
 @torch.library.custom_op("sparse_inductor::linear_cslt", mutates_args=())
-def linear_cslt(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id: int, split_k: int) -> Tensor:
+def linear_cslt(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id: int, split_k: int,
+                out_dtype: Optional[torch.dtype] = None) -> Tensor:
     from .lowering import cusparselt
 
-    return cusparselt.linear(x, wc, bias, n, k, alg_id, split_k)
+    return cusparselt.linear(x, wc, bias, n, k, alg_id, split_k, out_dtype)
 
 
 @linear_cslt.register_fake
-def _(x, wc, bias, n, k, alg_id, split_k):
+def _(x, wc, bias, n, k, alg_id, split_k, out_dtype=None):
     torch._check(x.dim() == 2, lambda: f"linear_cslt expects a 2-D input, got {x.dim()}-D")
     torch._check(x.shape[1] == k, lambda: "linear_cslt: K mismatch between x and the weight")
-    return x.new_empty(x.shape[0], n)
+    return x.new_empty(x.shape[0], n, dtype=out_dtype or x.dtype)

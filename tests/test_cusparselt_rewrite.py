@@ -11,6 +11,7 @@ import dataclasses
 import expecttest
 import pytest
 import torch
+import torch.nn as nn
 
 from sparse_inductor import dispatch
 from sparse_inductor.lowering import cusparselt
@@ -22,7 +23,9 @@ OPTS = {"force": True, "kernel": "cusparselt"}
 TOL32 = dict(rtol=1e-5, atol=1e-6)
 
 
-def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1):
+def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None):
+    if x.dtype == torch.int8:  # int32 accumulation, exact
+        return (x.long() @ wc.long().T).to(out_dtype or torch.int8)
     kept = (wc != 0).to(x.dtype)
     terms = torch.where(kept.bool().unsqueeze(0), x.unsqueeze(1) * wc.unsqueeze(0), torch.zeros((), dtype=x.dtype))
     y = terms.sum(-1)
@@ -92,3 +95,66 @@ def test_without_guard_the_emulation_would_differ():
     x = torch.tensor([[1.0, float("nan"), 1.0, 1.0]])
     assert torch.isfinite(_emulated_linear(x, w, None, 1, 4)).all()
     assert torch.isnan(x @ w.t()).all()
+
+
+class W8A8Linear(nn.Module):
+    """Dynamic int8 activations x int8 2:4 weight, as users write it (torch._int_mm + scales)."""
+
+    def __init__(self, k=64, n=32, seed=0):
+        super().__init__()
+        from sparse_inductor.prune import prune_24_
+
+        g = torch.Generator().manual_seed(seed)
+        w = prune_24_(torch.randn(n, k, generator=g))
+        self.register_buffer("wq", (w * 40).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("w_scale", torch.rand(n, generator=g) / 40)
+        self.bias = nn.Parameter(torch.randn(n, generator=g).to(torch.bfloat16))
+
+    def forward(self, x):
+        s = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-5) / 127
+        xq = (x.float() / s).round().clamp(-128, 127).to(torch.int8)
+        y = torch._int_mm(xq, self.wq.t())
+        return (y.float() * s * self.w_scale).to(x.dtype) + self.bias
+
+
+def test_int8_activations_rewrite_is_exact(monkeypatch):
+    """torch._int_mm(xq, Wq^T) with a 2:4 Wq becomes one linear_cslt with an int32 output (no row
+    guard: int8 holds no NaN); the quantize and dequantize steps stay Inductor's to fuse."""
+    model = W8A8Linear().eval()
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    r = run_sparse(model, (x,), options=OPTS)
+    (d,) = r.decisions
+    assert (d.kernel, d.pattern, d.dtype) == ("cusparselt", "2:4", "int8"), d.line()
+    graph = r.graphs[0]
+    assert "torch.ops.sparse_inductor.linear_cslt.default(" in graph and "torch.int32)" in graph, graph
+    assert "_int_mm" not in graph and "aten.sum" not in graph, graph
+    # against the same model compiled by plain Inductor: the same integers, the same fused epilogue
+    monkeypatch.setenv("SPARSE_INDUCTOR_DISABLE", "1")
+    torch._dynamo.reset()
+    plain = run_sparse(model, (x,), options=OPTS)
+    assert not plain.decisions
+    torch.testing.assert_close(r.outputs[0], plain.outputs[0], rtol=0, atol=0)
+
+
+def test_int8_activations_dense_weight_stays_dense():
+    model = W8A8Linear().eval()
+    with torch.no_grad():
+        model.wq.copy_(torch.randint(1, 100, model.wq.shape, dtype=torch.int8))  # no zeros at all
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    r = run_sparse(model, (x,), options=OPTS)
+    (d,) = r.decisions
+    assert d.kernel == "dense" and "not 2:4" in d.reason
+
+
+def test_int8_activations_without_cusparselt_stay_dense(monkeypatch):
+    """The Triton and reference kernels do not take int8 x int8: forced or not, dense with a reason."""
+    spec = dispatch._KERNELS["2:4/cusparselt"]
+    monkeypatch.setitem(dispatch._KERNELS, "2:4/cusparselt", dataclasses.replace(spec, devices=("cuda",)))
+    model = W8A8Linear().eval()
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    r = run_sparse(model, (x,), options={"force": True})
+    (d,) = r.decisions
+    assert d.kernel == "dense" and "int8 x int8 runs on cuSPARSELt only" in d.reason, d.line()

@@ -125,10 +125,11 @@ def version() -> Optional[int]:
 def why_not_runnable(n: int, k: int, dtype: torch.dtype) -> Optional[str]:
     if not available():
         return "cuSPARSELt is not available (no CUDA device or torch built without it)"
-    if dtype not in _CUDA_TYPE:
-        return f"dtype {dtype} not supported by the cuSPARSELt path (fp16/bf16)"
-    if n % 16 or k % 16:
-        return f"N and K must be multiples of 16 for cuSPARSELt (got N={n}, K={k})"
+    if dtype not in _CUDA_TYPE and dtype != torch.int8:
+        return f"dtype {dtype} not supported by the cuSPARSELt path (fp16/bf16, or int8 x int8)"
+    align = 32 if dtype == torch.int8 else 16
+    if n % align or k % align:
+        return f"N and K must be multiples of {align} for cuSPARSELt in {dtype} (got N={n}, K={k})"
     return None
 
 
@@ -274,9 +275,9 @@ def _plan(m: int, n: int, k: int, x: Tensor, bias: Optional[Tensor], alg_id: int
     return p
 
 
-def max_alg_id(wc: Tensor, x: Tensor, n: int, k: int) -> int:
+def max_alg_id(wc: Tensor, x: Tensor, n: int, k: int, out_dtype: Optional[torch.dtype] = None) -> int:
     """The largest algorithm id cuSPARSELt offers for this matmul (0 where it cannot tell)."""
-    p = _plan(_padded(x.shape[0]), n, k, x, None, 0, 1)
+    p = _plan(_padded(x.shape[0], 16 if x.dtype == torch.int8 else _PAD_M), n, k, x, None, 0, 1, out_dtype)
     return p.max_alg_id if p is not None else 0
 
 
@@ -350,20 +351,27 @@ def _compress_spec(w, layer) -> dict:
 
 def _runner(t, bias, layer, params):
     """The call plus what the compiled graph adds around it, for timing: the non-finite row check
-    (one reduction over x; its add rides in the epilogue kernel that follows)."""
+    (one reduction over x; its add rides in the epilogue kernel that follows; none for int8 x)."""
     wc, n, k = t["wc"], layer.n, layer.k
     alg, sk = params.get("alg_id", 0), params.get("split_k", 1)
+    out = _out_dtype(layer)
 
     def run(x):
-        torch.sum(x, dim=-1, dtype=torch.float32)
-        return linear(x, wc, bias, n, k, alg, sk)
+        if out is None:
+            torch.sum(x, dim=-1, dtype=torch.float32)
+        return linear(x, wc, bias, n, k, alg, sk, out)
 
     return run
 
 
+def _out_dtype(layer) -> Optional[torch.dtype]:
+    """int8 x int8 keeps torch._int_mm's int32 result (exact; the scales stay graph ops after it)."""
+    return torch.int32 if layer.dtype == torch.int8 else None
+
+
 def _variants(layer, t) -> list:
     x = torch.empty(layer.m or 8, layer.k, dtype=layer.dtype, device=t["wc"].device)
-    top = max_alg_id(t["wc"], x, layer.n, layer.k) if _lib() is not None else 0
+    top = max_alg_id(t["wc"], x, layer.n, layer.k, _out_dtype(layer)) if _lib() is not None else 0
     if not top:
         top = torch.backends.cusparselt.get_max_alg_id() or 20
     return [{"alg_id": a, "split_k": 1} for a in range(top + 1)]
@@ -371,7 +379,10 @@ def _variants(layer, t) -> list:
 
 def _node_args(x, constants, bias, n, k, params) -> tuple:
     op = torch.ops.sparse_inductor.linear_cslt.default
-    return op, (x, constants[0], bias, n, k, int(params.get("alg_id", 0)), int(params.get("split_k", 1)))
+    args = (x, constants[0], bias, n, k, int(params.get("alg_id", 0)), int(params.get("split_k", 1)))
+    if x.meta["val"].dtype == torch.int8:
+        args += (torch.int32,)
+    return op, args
 
 
 def _register_kernel():

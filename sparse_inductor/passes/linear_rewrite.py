@@ -153,6 +153,9 @@ def find_linears(gm: fx.GraphModule) -> list[LinearSite]:
             bias = None
         elif node.target is aten.addmm.default:
             bias, x, wt = node.args[:3]
+        elif node.target is aten._int_mm.default:  # int8 x int8 -> int32 (dynamic int8 activations)
+            x, wt = node.args[:2]
+            bias = None
         else:
             continue
         if not isinstance(wt, fx.Node) or not isinstance(x, fx.Node):
@@ -347,6 +350,8 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
     node, graph = site.node, site.node.graph
     # read x and bias from the node now: rewrites of earlier layers may have replaced them
     bias, x = (node.args[0], node.args[1]) if node.target is aten.addmm.default else (None, node.args[0])
+    if node.target is aten._int_mm.default and spec.node_args is None:
+        raise RuntimeError(f"kernel {kernel!r} cannot compute torch._int_mm")
     if spec.node_args is not None:
         target, args = spec.node_args(x, cnodes, bias, n, k, params)
     elif det.pattern == "2:4":
@@ -358,7 +363,8 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
     with graph.inserting_before(node):
         new = graph.call_function(target, args)
     new.meta.update(node.meta)
-    out = _guard_rows(new, x) if spec.row_guard else new
+    floating = x.meta["val"].dtype.is_floating_point  # int8 x cannot hold a NaN/Inf
+    out = _guard_rows(new, x) if spec.row_guard and floating else new
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     return out
