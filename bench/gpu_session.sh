@@ -11,14 +11,16 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >/dev/null 2>&1
 OUT_DIR=${OUT:-/tmp}
+quiet() { grep -v "^DEBUG\|UserWarning\|warn\|^  " "$1" | tail -5; }
 if [ "$SECTIONS" != "-" ]; then
   OUT= timeout 200 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider --tb=short 2>&1 \
     | grep "^E \|passed\|failed\|FAILED" | head -40 | tee "$OUT_DIR/gputests.txt"
   timeout 370 python3 -m sparse_inductor.bench --sections "$SECTIONS" --json "$OUT_DIR/bench.json" \
     2>"$OUT_DIR/bench.err" | tee "$OUT_DIR/bench.md"
-  fi
+  quiet "$OUT_DIR/bench.err"
+fi
 if [ -n "$E2E" ]; then
   timeout 560 python3 -m sparse_inductor.bench --sections e2e --e2e "$E2E" --json "$OUT_DIR/bench_e2e.json" \
     2>"$OUT_DIR/bench_e2e.err" | tee "$OUT_DIR/bench_e2e.md"
+  quiet "$OUT_DIR/bench_e2e.err"
 fi
-grep -v "^DEBUG\|UserWarning\|warn\|^  " "$OUT_DIR/bench.err" | tail -5
