@@ -90,20 +90,31 @@ def _layer_times(w: torch.Tensor, x: torch.Tensor) -> dict:
     return dict(dense=dense, dense_compile=dense_c, compiled=ours, chosen=chosen)
 
 
+def _case24(m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded bf16 2:4 weight W [n, k] (two largest of four kept) and input x [m, k] on the GPU."""
+    from .prune import prune_24_
+
+    torch.manual_seed(0)
+    w = prune_24_(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+    return w, torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+
+
+def _int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (w_int8, fp32 scale [N]) with w ~ w_int8 * scale[:, None]."""
+    scale = w.float().abs().amax(1).clamp_min(1e-8) / 127
+    return (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
 def bench_linear24(rows: list, shapes=None):
     from .formats import compress_24
     from .lowering.triton_24 import sp24_linear
-    from .prune import prune_24_
 
-    dev, dt = "cuda", torch.bfloat16
     shapes = shapes or [(m, n, k) for (n, k) in [(14336, 4096), (4096, 4096), (4096, 14336)] for m in (1, 16, 64)]
     print("\n## One 2:4 linear, y = x @ W^T (no bias)\n")
     print("| M | N | K | dense F.linear | dense compile | to_sparse_semi_structured (eager) | ours: kernel | ours: compiled | kernel vs dense | compiled vs dense compile | chosen by dispatcher |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (m, n, k) in shapes:
-        torch.manual_seed(0)
-        w = prune_24_(torch.randn(n, k, device=dev, dtype=dt))
-        x = torch.randn(m, k, device=dev, dtype=dt)
+        w, x = _case24(m, n, k)
         values, meta = compress_24(w)
         t = _layer_times(w, x)
         with torch.no_grad():
@@ -168,9 +179,8 @@ def bench_cusparselt(rows: list, shapes=None):
     from .lowering import cusparselt
     from .measure import LayerTimer
     from .options import SparseOptions
-    from .prune import prune_24_
 
-    dev, dt = "cuda", torch.bfloat16
+    dt = torch.bfloat16
     shapes = shapes or [(8192, 14336, 4096), (8192, 4096, 14336), (4096, 28672, 4096), (12608, 3072, 768),
                         (12608, 768, 3072), (6304, 5120, 1280), (6304, 1280, 5120)]
     print("\n## One 2:4 linear through cuSPARSELt, y = x @ W^T (no bias), CUDA-graph replays\n")
@@ -180,9 +190,7 @@ def bench_cusparselt(rows: list, shapes=None):
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     spec = next(k for k in kernels("2:4") if k.name == "cusparselt")
     for (m, n, k) in shapes:
-        torch.manual_seed(0)
-        w = prune_24_(torch.randn(n, k, device=dev, dtype=dt))
-        x = torch.randn(m, k, device=dev, dtype=dt)
+        w, x = _case24(m, n, k)
         wc = cusparselt.compress(w)
         from .dispatch import Layer
 
@@ -332,9 +340,7 @@ def _quantize_linears_(model: nn.Module) -> None:
     """Replace every nn.Linear (no bias) by a W8Linear of its weight, symmetric per channel."""
     for name, mod in list(model.named_children()):
         if isinstance(mod, nn.Linear) and mod.bias is None:
-            w = mod.weight.detach().float()
-            scale = w.abs().amax(1).clamp_min(1e-8) / 127
-            wq = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            wq, scale = _int8_per_channel(mod.weight.detach())
             setattr(model, name, W8Linear(wq, scale.to(mod.weight.dtype)))
         else:
             _quantize_linears_(mod)
@@ -358,20 +364,14 @@ def bench_int8_act(rows: list, shapes=None):
     """int8 dynamic activations x int8 2:4 weights through cuSPARSELt (int32 out, scales fused by
     Inductor after it) vs bf16 dense F.linear and vs the same int8 model compiled densely
     (torch._int_mm + scales). Compiled modules timed as CUDA-graph replays."""
-    from .prune import prune_24_
 
-    dev, dt = "cuda", torch.bfloat16
     shapes = shapes or [(8192, 14336, 4096), (8192, 4096, 14336)]
     print("\n## int8 dynamic activations x int8 2:4 weights\n")
     print("| M | N | K | bf16 dense F.linear | int8 dense compile (_int_mm + scales) | ours compiled | vs bf16 dense | vs int8 dense |")
     print("|---|---|---|---|---|---|---|---|")
     for (m, n, k) in shapes:
-        torch.manual_seed(0)
-        w = prune_24_(torch.randn(n, k, device=dev, dtype=dt))
-        x = torch.randn(m, k, device=dev, dtype=dt)
-        scale = w.float().abs().amax(1).clamp_min(1e-8) / 127
-        wq = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-        model = W8A8Linear(wq, scale).eval()
+        w, x = _case24(m, n, k)
+        model = W8A8Linear(*_int8_per_channel(w)).eval()
         with torch.no_grad():
             bf16 = _bench(_graphed(lambda: F.linear(x, w)))
             torch._dynamo.reset()
@@ -390,7 +390,7 @@ def bench_quant(rows: list, shapes=None, models=True):
     """Weight-only int8 2:4 (issue 6): the Triton kernels read int8 values; vs bf16 dense."""
     from .formats import compress_24
     from .lowering.triton_24 import sp24_linear
-    from .prune import prune, prune_24_
+    from .prune import prune
 
     dev, dt = "cuda", torch.bfloat16
     shapes = shapes or [(1, 14336, 4096), (1, 4096, 4096), (1, 4096, 14336)]
@@ -398,9 +398,7 @@ def bench_quant(rows: list, shapes=None, models=True):
     print("| M | N | K | bf16 dense F.linear | bf16 dense compile | ours: int8 kernel | ours: compiled (scale fused) | kernel vs dense | compiled vs dense compile |")
     print("|---|---|---|---|---|---|---|---|---|")
     for (m, n, k) in shapes:
-        torch.manual_seed(0)
-        w = prune_24_(torch.randn(n, k, device=dev, dtype=dt))
-        x = torch.randn(m, k, device=dev, dtype=dt)
+        w, x = _case24(m, n, k)
         mod = nn.Sequential(nn.Linear(k, n, bias=False, device=dev, dtype=dt))
         with torch.no_grad():
             mod[0].weight.copy_(w)

@@ -80,8 +80,8 @@ def dense_us(layer: Layer, model: Optional[DeviceModel] = None) -> Optional[floa
 class KernelSpec:
     """One kernel family.
 
-    compress(w, layer) -> the constants its op reads (None: the pattern's own format, see
-    passes/linear_rewrite.py); fmt names that format, so layers share constants per format.
+    compress(w, layer) -> the constants its op reads, when not the pattern's own format
+    (None: formats/, via passes/linear_rewrite._compress); fmt names that own format.
     runner(tensors, bias, layer, params) -> fn(x) -> y: an eager call of the kernel, for timing.
     variants(layer, tensors) -> the parameter sets to time (e.g. cuSPARSELt algorithm ids); the
     fastest one's parameters go into the graph with the kernel.

@@ -258,26 +258,26 @@ _PLANS: dict[tuple, _Plan] = {}
 _PLANS_LOCK = threading.Lock()
 
 
-def _plan(m: int, n: int, k: int, x: Tensor, bias: Optional[Tensor], alg_id: int, split_k: int,
-          out_dtype: Optional[torch.dtype] = None, vector_alpha: bool = False) -> Optional[_Plan]:
-    lib = _lib()
-    if lib is None:
-        return None
-    bias_ptr = bias.data_ptr() if bias is not None else 0
-    key = (x.device.index, m, n, k, x.dtype, bias_ptr, alg_id, split_k, out_dtype, vector_alpha)
+def _plan(key: tuple) -> Optional[_Plan]:
+    """The plan for key = (device index, M, N, K, x dtype, bias pointer, alg_id, split_k, out_dtype,
+    vector alpha), made on first use; None where the library cannot be loaded."""
     p = _PLANS.get(key)
     if p is None:
+        lib = _lib()
+        if lib is None:
+            return None
         with _PLANS_LOCK:
             p = _PLANS.get(key)
             if p is None:
-                p = _PLANS[key] = _Plan(lib, x.device.index or 0, m, n, k, x.dtype, bias_ptr, alg_id, split_k,
-                                        out_dtype, vector_alpha)
+                device, m, n, k, dtype, bias_ptr, alg_id, split_k, out_dtype, vec = key
+                p = _PLANS[key] = _Plan(lib, device or 0, m, n, k, dtype, bias_ptr, alg_id, split_k, out_dtype, vec)
     return p
 
 
 def max_alg_id(wc: Tensor, x: Tensor, n: int, k: int, out_dtype: Optional[torch.dtype] = None) -> int:
     """The largest algorithm id cuSPARSELt offers for this matmul (0 where it cannot tell)."""
-    p = _plan(_padded(x.shape[0], 16 if x.dtype == torch.int8 else _PAD_M), n, k, x, None, 0, 1, out_dtype)
+    m = _padded(x.shape[0], 16 if x.dtype == torch.int8 else _PAD_M)
+    p = _plan((x.device.index, m, n, k, x.dtype, 0, 0, 1, out_dtype, False))
     return p.max_alg_id if p is not None else 0
 
 
@@ -309,10 +309,8 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
         alpha = alpha.to(torch.float32).contiguous()
     dev = x.device
     vec = alpha is not None
-    plan = _PLANS.get((dev.index, mp, n, k, x.dtype, bias.data_ptr() if bias is not None else 0, alg_id, split_k,
-                       out_dtype, vec))
-    if plan is None:
-        plan = _plan(mp, n, k, x, bias, alg_id, split_k, out_dtype, vec)
+    plan = _plan((dev.index, mp, n, k, x.dtype, bias.data_ptr() if bias is not None else 0, alg_id, split_k,
+                  out_dtype, vec))
     if plan is None:
         y = torch._cslt_sparse_mm(wc, x.t(), bias, alpha, out_dtype, transpose_result=True, alg_id=alg_id,
                                   split_k=split_k)

@@ -353,13 +353,6 @@ def _estimate_us(layer, model) -> Optional[float]:
     return dense_us(layer, model) / _DOT_VS_DENSE
 
 
-def _compress(w, layer) -> dict:
-    from ..formats import compress_24
-
-    values, meta = compress_24(w)
-    return {"values": values, "meta": meta}
-
-
 def _runner(t, bias, layer, params):
     # what the lowering emits: the gemv only for a static M of 1, else the tensor-core config
     # sized by the hint (see lower)
@@ -371,7 +364,7 @@ def _register_kernel():
     from ..dispatch import KernelSpec, register_kernel
 
     register_kernel(KernelSpec("triton", "2:4", ("cuda",), _check, _estimate_us,
-                               compress=_compress, fmt="sp24", runner=_runner))
+                               runner=_runner))
 
 
 _register_kernel()

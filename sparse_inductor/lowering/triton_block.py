@@ -471,13 +471,6 @@ def _estimate_us(layer, model) -> Optional[float]:
     return max((weight + io) / (model.bytes_per_us * _BW), mma) + 2 * model.launch_us
 
 
-def _compress(w, layer) -> dict:
-    from ..formats import compress_block
-
-    bs = compress_block(w, layer.block)
-    return {"blocks": bs.blocks, "row_ptr": bs.row_ptr, "col_idx": bs.col_idx, "row_order": bs.row_order}
-
-
 def _runner(t, bias, layer, params):
     """What the template costs, for timing: the kernel plus one reduction that reads x once (the
     template's non-finite row check, which Inductor emits as one fused reduction kernel; the eager
@@ -494,7 +487,7 @@ def _register_kernel():
     from ..dispatch import KernelSpec, register_kernel
 
     register_kernel(KernelSpec("triton", "block", ("cuda",), _check_layer, _estimate_us,
-                               compress=_compress, fmt="block", runner=_runner))
+                               runner=_runner))
 
 
 _register_kernel()

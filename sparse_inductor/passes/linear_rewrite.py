@@ -226,10 +226,10 @@ def _unique_attr(gm: fx.GraphModule, base: str) -> str:
 
 def _fmt(spec: KernelSpec, det: Detection) -> str:
     """The constant format a kernel reads: its own, else its pattern's (blocks of one size)."""
-    return spec.fmt if spec.fmt and spec.fmt != "block" else (f"block{det.block}" if det.pattern == "block" else "sp24")
+    return spec.fmt or (f"block{det.block}" if det.pattern == "block" else "sp24")
 
 
-def _structure(det: Detection, w: torch.Tensor) -> str:
+def _structure(det: Detection) -> str:
     """What, besides the shape, a kernel's time depends on: the number of nonzero blocks."""
     if det.pattern != "block":
         return ""
@@ -305,7 +305,7 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
         if layer.device == "cuda" and opts.dispatch != "model":
             from ..measure import LayerTimer
 
-            timer = LayerTimer(layer, w.detach(), site.bias is not None, opts, specs, tensors, _structure(det, w))
+            timer = LayerTimer(layer, w.detach(), site.bias is not None, opts, specs, tensors, _structure(det))
         try:
             choice = choose(layer, opts, timer)
         except Exception as e:  # never break the user's compile
