@@ -89,6 +89,9 @@ class KernelSpec:
     (None: the pattern's op, sparse_inductor::linear_24 / linear_block, with `kernel` = name).
     host_heavy: its host time per call is counted when timing outside CUDA graphs.
     row_guard: the rewrite adds the non-finite row check after it (linear_rewrite._guard_rows).
+    split_outputs: a concatenated layer whose output the graph splits (Inductor's fusion of
+    linears sharing an input) becomes one op per piece (passes/split_outputs.py): for template
+    kernels, so that what reads several pieces (a gated product) fuses into a template's store.
     """
 
     name: str
@@ -104,6 +107,7 @@ class KernelSpec:
     node_args: Optional[Callable[..., tuple]] = None
     host_heavy: bool = False  # its launch costs host time that matters outside CUDA graphs (measure.py)
     row_guard: bool = False  # it skips the zeros without restoring dense's non-finite rows: guard them
+    split_outputs: bool = False  # split a concatenated layer back at its output's split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,5 +236,8 @@ def _reference_us(layer: Layer, model: Optional[DeviceModel]) -> Optional[float]
     return None if d is None else 2 * d
 
 
-register_kernel(KernelSpec("reference", "2:4", ("cpu", "cuda"), _no_limits, _reference_us, reference=True))
-register_kernel(KernelSpec("reference", "block", ("cpu", "cuda"), _no_limits, _reference_us, reference=True))
+# the reference kernels split like the templates they stand in for (so the CPU tests see the pass)
+register_kernel(KernelSpec("reference", "2:4", ("cpu", "cuda"), _no_limits, _reference_us, reference=True,
+                           split_outputs=True))
+register_kernel(KernelSpec("reference", "block", ("cpu", "cuda"), _no_limits, _reference_us, reference=True,
+                           split_outputs=True))

@@ -11,6 +11,7 @@ the helper below bypasses that cache (a post-grad pass without a uuid) unless a 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -332,6 +333,89 @@ linear_24_default: "f32[4, 32]" = torch.ops.sparse_inductor.linear_24.default(re
 relu_1: "f32[4, 32]" = torch.ops.aten.relu.default(linear_24_default)
 linear_block_default: "f32[4, 64]" = torch.ops.sparse_inductor.linear_block.default(relu_1, _sparse_1_blocks, _sparse_1_row_ptr, _sparse_1_col_idx, _sparse_1_row_order, arg5_1, 64, 32, 'reference')
 return (linear_block_default,)""")
+
+
+class Gated(nn.Module):
+    """A Llama MLP (SiLU-gated): Inductor concatenates w1 and w3 (same input) into one linear."""
+
+    def __init__(self, d=32, h=64, prune=pruned_24, bias=False):
+        super().__init__()
+        self.w1 = prune(nn.Linear(d, h, bias=bias))
+        self.w3 = prune(nn.Linear(d, h, bias=bias))
+        self.w2 = nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class Qkv(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.q, self.k, self.v = (pruned_24(nn.Linear(d, d)) for _ in range(3))
+
+    def forward(self, x):
+        return self.q(x) * self.k(x) + self.v(x)
+
+
+class TestSplitOutputs(expecttest.TestCase):
+    """passes/split_outputs.py: Inductor's concatenation of w1 and w3 (on the CPU only with
+    cpp.enable_concat_linear; always on CUDA) is split back into one op per piece."""
+
+    def run_gated(self, model, x):
+        torch._dynamo.reset()
+        with torch._inductor.config.patch({"cpp.enable_concat_linear": True}):
+            r = run_sparse(model, (x,))
+        assert_like_eager(r.outputs[0], model(x).detach())
+        return r
+
+    def test_24_gate_split(self):
+        r = self.run_gated(seeded(Gated), torch.randn(4, 32))
+        self.assertExpectedInline(r.graphs[0], """\
+def forward(self, arg3_1: "f32[4, 32]"):
+_sparse_2_values: "f32[2, 64, 8]" = self._sparse_2_values
+_sparse_2_meta: "u8[32, 8]" = self._sparse_2_meta
+_sparse_1_values: "f32[2, 64, 8]" = self._sparse_1_values
+_sparse_1_meta: "u8[32, 8]" = self._sparse_1_meta
+linear_24_default_1: "f32[4, 64]" = torch.ops.sparse_inductor.linear_24.default(arg3_1, _sparse_1_values, _sparse_1_meta, None, 'reference')
+linear_24_default_2: "f32[4, 64]" = torch.ops.sparse_inductor.linear_24.default(arg3_1, _sparse_2_values, _sparse_2_meta, None, 'reference')
+permute_2: "f32[64, 32]" = self._frozen_param5
+neg: "f32[4, 64]" = torch.ops.aten.neg.default(linear_24_default_2)
+exp: "f32[4, 64]" = torch.ops.aten.exp.default(neg)
+add: "f32[4, 64]" = torch.ops.aten.add.Tensor(exp, 1)
+div: "f32[4, 64]" = torch.ops.aten.div.Tensor(linear_24_default_2, add)
+mul: "f32[4, 64]" = torch.ops.aten.mul.Tensor(div, linear_24_default_1)
+mm_2: "f32[4, 32]" = torch.ops.aten.mm.default(mul, permute_2)
+return (mm_2,)""")
+        (d,) = [d for d in r.decisions if d.sparse]
+        self.assertEqual(d.shape, (128, 32))
+        self.assertIn("split", d.fused)
+
+    def test_bias_sliced(self):
+        # Inductor concatenates biased linears only in threes (q, k, v): the bias is sliced too
+        model, x = seeded(Qkv), torch.randn(3, 32)
+        r = self.run_gated(model, x)
+        self.assertEqual(r.graphs[0].count("torch.ops.aten.slice.Tensor("), 3)
+        self.assertEqual(r.graphs[0].count("linear_24.default("), 3)
+        self.assertNotIn("split_with_sizes", r.graphs[0])
+        with torch.no_grad():
+            assert_close_fp64(r.outputs[0], copy.deepcopy(model).double()(x.double()), torch.float32)
+
+    def test_block_split_at_block_boundary(self):
+        r = self.run_gated(seeded(Gated, prune=pruned_blocks), torch.randn(4, 32))
+        self.assertEqual(r.graphs[0].count("linear_block.default("), 2)
+        self.assertNotIn("split_with_sizes", r.graphs[0])
+
+    def test_block_not_split_inside_a_block(self):
+        # pieces of 24 rows: the second would start inside a 16x16 block, so the op stays whole
+        def right_half_zero(lin):  # 24 rows: blocks 16x16 of the concatenated [48, 32] weight
+            lin.weight.data[:, 16:] = 0
+            return lin
+
+        r = self.run_gated(seeded(Gated, h=24, prune=right_half_zero), torch.randn(4, 32))
+        self.assertEqual(r.graphs[0].count("linear_block.default("), 1)
+        self.assertIn("split_with_sizes", r.graphs[0])
+        (d,) = [d for d in r.decisions if d.sparse]
+        self.assertNotIn("split", d.fused)
 
 
 # ---------------------------------------------------------------- numerics against fp64

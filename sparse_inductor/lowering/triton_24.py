@@ -364,7 +364,7 @@ def _register_kernel():
     from ..dispatch import KernelSpec, register_kernel
 
     register_kernel(KernelSpec("triton", "2:4", ("cuda",), _check, _estimate_us,
-                               runner=_runner))
+                               runner=_runner, split_outputs=True))
 
 
 _register_kernel()

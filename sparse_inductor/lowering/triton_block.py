@@ -12,8 +12,9 @@ Shapes and layouts (formats/block.py builds the weight side once, at compile tim
     Nb = ceil(N / B), Kb = ceil(K / B); ragged edges of W are zero-padded inside the blocks.
 
 Design.
-- One program per (output block row, M tile): program (p, t) computes y[t*BLOCK_M : +BLOCK_M,
-  rb*B : +B] for rb = row_order[p]. The output tile's width is the block size, so a program owns
+- One program per (output block row, column slice, M tile): program (p, t) computes
+  y[t*BLOCK_M : +BLOCK_M, rb*B + s*BN : +BN] for rb = row_order[p // (B/BN)], s = p % (B/BN); BN = B
+  (the whole block row) unless the config splits it (small M: more programs in flight). The output tile's width is the block size, so a program owns
   its tile outright: no split-K, no atomics, no zero-init pass, and the epilogue (bias, guard,
   whatever Inductor fuses) runs once per tile on the fp32 accumulator.
 - The reduction walks only the nonzero blocks of the row: for each block i, the x tile
@@ -42,12 +43,13 @@ For the Inductor template (written elsewhere): `block_sparse_acc` is self-contai
 to `tl` and its arguments) so that `device_source()` (inspect.getsource of DEVICE_FUNCTIONS) can be
 pasted into the template's source ahead of the kernel. The template's kernel then does what
 `_block_linear_kernel` below does, with Inductor generating the store and epilogue:
-    rb = tl.load(row_order_ptr + tl.program_id(0)); pid_m = tl.program_id(1)
-    acc = block_sparse_acc(x, blocks, row_ptr, col_idx, rb, pid_m, M, N, K, stride_xm, stride_xk,
-                           BLOCK_M, B, ALLOW_TF32, False)        # DOT_FP32 only in the interpreter
-    rows offs_m = pid_m * BLOCK_M + arange(BLOCK_M) (mask < M), columns offs_n = rb * B + arange(B)
-    (mask < N); add nan_where_skipped(...) (see above), as below.
-The grid is (Nb, cdiv(M, BLOCK_M)); B, BLOCK_M, num_warps and num_stages come from pick_config.
+    rb = tl.load(row_order_ptr + tl.program_id(0) // (B // BN)); sub = tl.program_id(0) % (B // BN)
+    pid_m = tl.program_id(1)
+    acc = block_sparse_acc(x, blocks, row_ptr, col_idx, rb, sub, pid_m, M, N, K, stride_xm, stride_xk,
+                           BLOCK_M, B, BN, ALLOW_TF32, False)    # DOT_FP32 only in the interpreter
+    rows offs_m = pid_m * BLOCK_M + arange(BLOCK_M) (mask < M), columns offs_n = rb * B + sub * BN +
+    arange(BN) (mask < N); add nan_where_skipped(...) (see above), as below.
+The grid is (Nb * B / BN, cdiv(M, BLOCK_M)); B, BN, BLOCK_M, num_warps and num_stages come from pick_config.
 """
 from __future__ import annotations
 
@@ -78,32 +80,37 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def block_sparse_acc(
     # pointers
     x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr,
-    # which output tile: block row (already permuted through row_order) and M tile
-    rb, pid_m,
+    # which output tile: block row (already permuted through row_order), column slice of it
+    # (columns rb*B + sub*BN .. + BN), M tile
+    rb, sub, pid_m,
     # sizes (N is unused: rows of W beyond N are zero padding inside the blocks)
     M, N, K,
     # strides of x
     stride_xm, stride_xk,
     # meta-parameters
-    BLOCK_M: tl.constexpr, B: tl.constexpr,
+    BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr,
     ALLOW_TF32: tl.constexpr,  # fp32 inputs: tf32 tensor cores (True) or full fp32 (False)
     DOT_FP32: tl.constexpr,  # upcast both dot operands to fp32 first (bf16 under the interpreter)
 ):
-    """fp32 acc[BLOCK_M, B] = sum over blocks i of block row rb of
-    x[pid_m*BLOCK_M : +BLOCK_M, col_idx[i]*B : +B] @ blocks[i]^T.
+    """fp32 acc[BLOCK_M, BN] = sum over blocks i of block row rb of
+    x[pid_m*BLOCK_M : +BLOCK_M, col_idx[i]*B : +B] @ blocks[i][sub*BN : +BN, :]^T.
+
+    BN <= B (a power of two dividing B): a program computes BN of the block row's B columns, so that
+    small M has B / BN times more programs streaming the weight (each reads the same x tiles).
 
     Rows of x at or beyond M and columns at or beyond K load as 0; the padded block entries are 0.
     Rows of acc beyond M and columns beyond N hold padding; the caller masks them at the store.
     """
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_b = tl.arange(0, B)
+    offs_n = sub * BN + tl.arange(0, BN)
     mask_m = offs_m < M
     start = tl.load(row_ptr_ptr + rb)
     end = tl.load(row_ptr_ptr + rb + 1)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     # blocks[i]^T as a [k, n] tile: element (k, n) is blocks[i][n, k] at offset n*B + k, so k is
     # the contiguous axis of the loaded tile (the nn.Linear transpose, done by indexing).
-    w_ptrs = blocks_ptr + start.to(tl.int64) * (B * B) + (offs_b[:, None] + offs_b[None, :] * B)
+    w_ptrs = blocks_ptr + start.to(tl.int64) * (B * B) + (offs_b[:, None] + offs_n[None, :] * B)
     # The block column is loaded one iteration ahead and carried: x's address then depends on a
     # loop-carried value, not on a load of the same iteration, and Triton 3.6's pipeliner gives x
     # and the block num_stages buffers. Loading col_idx[i] inside iteration i makes it an indirect
@@ -111,7 +118,7 @@ def block_sparse_acc(
     # 2 with wgmma (read from the sm90 TTGIR; the speed itself is not measured yet).
     c_ptr = col_idx_ptr + start
     col = tl.load(c_ptr, mask=start < end, other=0)
-    acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
     for i in range(start, end):
         offs_k = col * B + offs_b
         a = tl.load(x_rows + offs_k[None, :] * stride_xk,
@@ -183,18 +190,19 @@ def _block_linear_kernel(
     # strides
     stride_xm, stride_xk, stride_ym, stride_yn,
     # meta-parameters
-    BLOCK_M: tl.constexpr, B: tl.constexpr,
+    BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GUARD: tl.constexpr,
     ALLOW_TF32: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """y[M, N] = x[M, K] @ W^T (+ bias[N]), one [BLOCK_M, B] tile a program; with HAS_GUARD, NaN
+    """y[M, N] = x[M, K] @ W^T (+ bias[N]), one [BLOCK_M, BN] tile a program; with HAS_GUARD, NaN
     where a non-finite x meets a skipped (all-zero) block, as in dense."""
-    rb = tl.load(row_order_ptr + tl.program_id(0))
+    rb = tl.load(row_order_ptr + tl.program_id(0) // (B // BN))
+    sub = tl.program_id(0) % (B // BN)
     pid_m = tl.program_id(1)
-    acc = block_sparse_acc(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, rb, pid_m, M, N, K,
-                           stride_xm, stride_xk, BLOCK_M, B, ALLOW_TF32, DOT_FP32)
+    acc = block_sparse_acc(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, rb, sub, pid_m, M, N, K,
+                           stride_xm, stride_xk, BLOCK_M, B, BN, ALLOW_TF32, DOT_FP32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = rb * B + tl.arange(0, B)
+    offs_n = rb * B + sub * BN + tl.arange(0, BN)
     mask_m = offs_m < M
     mask_n = offs_n < N
     if HAS_BIAS:
@@ -210,6 +218,7 @@ class BlockLinearConfig(NamedTuple):
     block_m: int
     num_warps: int
     num_stages: int
+    block_n: Optional[int] = None  # output columns a program computes (<= B); None: the block size B
 
 
 # M buckets: an M falls in the smallest bucket >= M; 256 stands for every M > 128.
@@ -267,7 +276,7 @@ def m_bucket(m: int) -> int:
 
 def _fit_stages(cfg: BlockLinearConfig, b: int, elem_size: int) -> BlockLinearConfig:
     """Fewer stages when x tile + block per stage would overflow _SMEM_BUDGET (fp32 inputs)."""
-    per_stage = (cfg.block_m * b + b * b) * elem_size
+    per_stage = (cfg.block_m * b + b * (cfg.block_n or b)) * elem_size
     stages = max(1, min(cfg.num_stages, _SMEM_BUDGET // per_stage))
     return cfg._replace(num_stages=stages)
 
@@ -348,7 +357,10 @@ def block_linear(
         config = pick_config(b, m, x.dtype)
     _check(config.block_m >= 16 and config.block_m & (config.block_m - 1) == 0,
            f"config.block_m must be a power of two >= 16, got {config.block_m}")
-    grid = (nb, triton.cdiv(m, config.block_m))
+    bn = config.block_n or b
+    _check(16 <= bn <= b and b % bn == 0 and bn & (bn - 1) == 0,
+           f"config.block_n must be a power of two in 16..{b} (the block size), got {bn}")
+    grid = (nb * (b // bn), triton.cdiv(m, config.block_m))
     _check(grid[1] <= 65535, f"M={m} needs {grid[1]} M tiles, over the grid's 65535 (raise block_m)")
     g = nonfinite_rows(x) if guard else None
     if allow_tf32 is None:
@@ -358,7 +370,7 @@ def block_linear(
         bias if bias is not None else y, g if g is not None else y, y,
         m, n, k,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        BLOCK_M=config.block_m, B=b,
+        BLOCK_M=config.block_m, B=b, BN=bn,
         HAS_BIAS=bias is not None, HAS_GUARD=guard,
         ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
         DOT_FP32=x.dtype == torch.bfloat16 and INTERPRETING,  # bf16 tl.dot is wrong there
@@ -379,17 +391,18 @@ _TEMPLATE_BODY = r'''
     N = {{size(None, 1)}}
     stride_xm = {{stride("X", 0)}}
     stride_xk = {{stride("X", 1)}}
-    rb = tl.load(ROW_ORDER + tl.program_id(0))
+    rb = tl.load(ROW_ORDER + tl.program_id(0) // (B // BN))
+    sub = tl.program_id(0) % (B // BN)
     pid_m = tl.program_id(1)
-    acc = block_sparse_acc(X, BLOCKS, ROW_PTR, COL_IDX, rb, pid_m, M, N, K, stride_xm, stride_xk,
-                           BLOCK_M, B, ALLOW_TF32, False)
+    acc = block_sparse_acc(X, BLOCKS, ROW_PTR, COL_IDX, rb, sub, pid_m, M, N, K, stride_xm, stride_xk,
+                           BLOCK_M, B, BN, ALLOW_TF32, False)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = rb * B + tl.arange(0, B)
+    offs_n = rb * B + sub * BN + tl.arange(0, BN)
     acc += nan_where_skipped(X, ROW_PTR, COL_IDX, G, rb, pid_m, M, K, stride_xm, stride_xk, BLOCK_M, B)[:, None]
     idx_m = offs_m[:, None]
     idx_n = offs_n[None, :]
     mask = (idx_m < M) & (idx_n < N)
-    {{store_output(("idx_m", "idx_n"), "acc", "mask", val_shape=("BLOCK_M", "B"))}}
+    {{store_output(("idx_m", "idx_n"), "acc", "mask", val_shape=("BLOCK_M", "BN"))}}
 '''
 
 TEMPLATE_NAME = "sparse_inductor_block"
@@ -400,7 +413,7 @@ def _grid():
 
     @SymbolicGridFn
     def grid(m, n, meta, *, cdiv):
-        return (cdiv(n, meta["B"]), cdiv(m, meta["BLOCK_M"]), 1)
+        return (cdiv(n, meta["B"]) * (meta["B"] // meta["BN"]), cdiv(m, meta["BLOCK_M"]), 1)
 
     return grid
 
@@ -435,7 +448,7 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int):
     choices: list = []
     err = template().maybe_append_choice(
         choices, input_nodes=inputs, layout=layout, num_stages=cfg.num_stages, num_warps=cfg.num_warps,
-        BLOCK_M=cfg.block_m, B=b, ALLOW_TF32=_default_allow_tf32() and x.get_dtype() == torch.float32)
+        BLOCK_M=cfg.block_m, B=b, BN=cfg.block_n or b, ALLOW_TF32=_default_allow_tf32() and x.get_dtype() == torch.float32)
     if err is not None or not choices:
         raise RuntimeError(f"block template rejected the layer: {err}")
     return autotune_select_algorithm("sparse_inductor_block", choices, list(inputs), layout)
@@ -487,7 +500,7 @@ def _register_kernel():
     from ..dispatch import KernelSpec, register_kernel
 
     register_kernel(KernelSpec("triton", "block", ("cuda",), _check_layer, _estimate_us,
-                               runner=_runner))
+                               runner=_runner, split_outputs=True))
 
 
 _register_kernel()

@@ -35,6 +35,7 @@ from ..options import SparseOptions
 from ..report import LayerDecision, record
 from .detect import Detection, detect
 from .sink_views import sink_views
+from .split_outputs import output_pieces, split_op
 
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
@@ -216,6 +217,14 @@ class _Constants:
         return self.made[key]
 
 
+    def drop_unused(self, key: tuple) -> None:
+        """Forget the constants made for key and remove them where nothing reads them any more."""
+        for n in self.made.pop(key, ()):
+            if not n.users:
+                self.gm.graph.erase_node(n)
+                delattr(self.gm, n.target)
+
+
 def _unique_attr(gm: fx.GraphModule, base: str) -> str:
     name, i = base, 0
     while hasattr(gm, name):
@@ -323,9 +332,13 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             spec = specs[choice.kernel]
             fmt = _fmt(spec, det)
             cnodes = consts.nodes((key, fmt), tensors(spec), node)
-            outputs.append(_replace(site, det, spec, cnodes, choice.kernel, choice.params, n, k))
+            out = _replace(site, det, spec, cnodes, choice.kernel, choice.params, n, k)
+            pieces = _split(out, site, det, spec, choice.kernel, w, layer, consts, key) if spec.split_outputs else None
+            if pieces:
+                consts.drop_unused((key, fmt))
+            outputs.extend(pieces or [out])
             decision.fused = (("transpose",) + (("dequant",) if site.dequant else ())
-                              + (("bias",) if site.bias is not None else ()))
+                              + (("bias",) if site.bias is not None else ()) + (("split",) if pieces else ()))
         except Exception as e:  # never break the user's compile
             log.exception("sparse_inductor: rewrite failed for %s", site.name)
             decision.kernel = "dense"
@@ -354,12 +367,8 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
         raise RuntimeError(f"kernel {kernel!r} cannot compute torch._int_mm")
     if spec.node_args is not None:
         target, args = spec.node_args(x, cnodes, bias, n, k, params)
-    elif det.pattern == "2:4":
-        target = torch.ops.sparse_inductor.linear_24.default
-        args = (x, *cnodes, bias, kernel)
     else:
-        target = torch.ops.sparse_inductor.linear_block.default
-        args = (x, *cnodes, bias, n, k, kernel)
+        target, args = _pattern_op(det, x, cnodes, bias, n, k, kernel)
     with graph.inserting_before(node):
         new = graph.call_function(target, args)
     new.meta.update(node.meta)
@@ -368,6 +377,35 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     return out
+
+
+def _pattern_op(det: Detection, x: fx.Node, cnodes: tuple, bias: Any, n: int, k: int, kernel: str) -> tuple:
+    """(target, args) of the pattern's own op: sparse_inductor::linear_24 / linear_block."""
+    if det.pattern == "2:4":
+        return torch.ops.sparse_inductor.linear_24.default, (x, *cnodes, bias, kernel)
+    return torch.ops.sparse_inductor.linear_block.default, (x, *cnodes, bias, n, k, kernel)
+
+
+def _split(out: fx.Node, site: LinearSite, det: Detection, spec: KernelSpec, kernel: str, w: torch.Tensor,
+           layer: Layer, consts: _Constants, key: int) -> Optional[list[fx.Node]]:
+    """The op `out` (the pattern's own op) split into one op per piece of its output, where the
+    graph splits that output (passes/split_outputs.py); None where it does not, or cannot be."""
+    if spec.node_args is not None or spec.row_guard or out.target not in _OPS[:2]:
+        return None
+    n, k = w.shape
+    pieces = output_pieces(out, n, det.block if det.pattern == "block" else None)
+    if not pieces:
+        return None
+    x = out.args[0]
+    bias = out.args[3] if det.pattern == "2:4" else out.args[5]
+
+    def make(a: int, b: int, piece_bias: Optional[fx.Node]) -> tuple:
+        piece = w[a:b]
+        t = spec.compress(piece.detach(), dataclasses.replace(layer, n=b - a)) if spec.compress else _compress(det, piece)
+        cnodes = consts.nodes((key, _fmt(spec, det), a, b), t, out)
+        return _pattern_op(det, x, cnodes, piece_bias, b - a, k, kernel)
+
+    return split_op(out, pieces, bias, make)
 
 
 def _guard_rows(y: fx.Node, x: fx.Node) -> fx.Node:
