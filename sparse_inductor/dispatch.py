@@ -22,7 +22,33 @@ import torch
 
 from .options import SparseOptions
 
-__all__ = ["Layer", "KernelSpec", "Choice", "register_kernel", "kernels", "choose", "device_model", "dense_us"]
+__all__ = ["Layer", "Scaled", "KernelSpec", "Choice", "register_kernel", "kernels", "choose", "device_model",
+           "dense_us"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaled:
+    """How an fp8 linear read from `torch._scaled_mm(x8, W8^T, scale_a, scale_b, bias, out_dtype=...)`
+    is computed once rewritten (docs/formats.md, "fp8"):
+
+    form "tensor" (scale_a per-tensor): cuSPARSELt's fp32 accumulator times an alpha vector
+    alpha[n] = scale_a * scale_b[n] (scale_b per-tensor or per-column), plus the bias, rounded once
+    to out_dtype inside the library;
+    form "row" (scale_a per-row [M, 1], or a bias the library cannot take): the library's fp32
+    accumulator as an fp32 output, then scale_a, scale_b, bias and the cast to out_dtype in one
+    Inductor pointwise kernel (one rounding; costs an fp32 write and read of y).
+    scale_b_vector: scale_b is [1, N] (row-wise) rather than one number (the dense timing calls
+    torch._scaled_mm with the same scale shapes).
+    """
+
+    form: str  # "tensor" | "row"
+    out_dtype: torch.dtype
+    scale_b_vector: bool = False
+
+    @property
+    def lib_out_dtype(self) -> torch.dtype:
+        """What the library writes: out_dtype itself, or fp32 for the epilogue to finish."""
+        return self.out_dtype if self.form == "tensor" else torch.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +66,7 @@ class Layer:
     device_name: str = ""
     m_static: bool = True  # False: M is dynamic and `m` only Inductor's hint for it
     weight_dtype: Optional[torch.dtype] = None  # the stored weight's dtype where it differs (int8 weight-only)
+    scaled: Optional[Scaled] = None  # fp8 x fp8 read from torch._scaled_mm (dtype is then float8_e4m3fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +254,8 @@ def _choose_measured(layer: Layer, opts: SparseOptions, cands: list[KernelSpec],
 def _no_limits(layer: Layer) -> Optional[str]:
     if layer.dtype == torch.int8:
         return "int8 x int8 runs on cuSPARSELt only"
+    if layer.dtype == torch.float8_e4m3fn:
+        return "fp8 x fp8 (torch._scaled_mm) runs on cuSPARSELt only"
     return None
 
 

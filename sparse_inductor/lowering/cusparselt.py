@@ -13,9 +13,16 @@ B is x[M, K] row-major read with op TRANSPOSE; the bias (length N) is fused by t
 The descriptors mirror the ones torch uses for `_cslt_sparse_mm(W_c, x.t(), bias,
 transpose_result=True)`, so the compressed buffer `torch._cslt_compress(W)` fits them.
 
-cuSPARSELt requires every dense dimension to be a multiple of 8 (16-bit types): an M that is not
-is padded (x copied into a zero-padded buffer, y sliced), N and K must be multiples of 16, checked
-by the dispatcher.
+cuSPARSELt requires every dense dimension to be a multiple of 8 (16-bit types) or 16 (8-bit types:
+int8, fp8 e4m3): an M that is not is padded (x copied into a zero-padded buffer, y sliced); N and K
+must be multiples of 16 (16-bit) or 32 (8-bit: the structured operand's minimum, as torch's
+SparseSemiStructuredTensorCUSPARSELT requires), checked by the dispatcher.
+
+8-bit inputs (as torch._cslt_sparse_mm takes them): int8 x int8 with int32 compute and an int8 /
+int32 / fp16 / bf16 output; fp8 e4m3 x e4m3 with fp32 compute and a bf16 / fp16 / fp32 output (the
+types torch 2.11 accepts for fp8; an fp8 output would need a separate fp16 C matrix, not done here;
+cuSPARSELt's E4M3 kernels need sm90 and cuSPARSELt 0.6.2+). An alpha vector (one fp32 per output
+feature) scales the fp32/int32 accumulator before the bias is added and the result rounded once.
 """
 from __future__ import annotations
 
@@ -42,8 +49,12 @@ _ALPHA_VECTOR_SCALING, _BIAS_POINTER = 5, 8  # cusparseLtMatmulDescAttribute_t
 _ALG_DEFAULT = 0
 _ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID, _SPLIT_K = 0, 1, 3  # cusparseLtMatmulAlgAttribute_t
 _CUDA_TYPE = {torch.float16: 2, torch.bfloat16: 14}
-_OUT_TYPE = {torch.float16: 2, torch.bfloat16: 14, torch.int32: 10, torch.int8: 3}
-_INT8 = 3  # CUDA_R_8I
+_OUT_TYPE = {torch.float16: 2, torch.bfloat16: 14, torch.int32: 10, torch.int8: 3, torch.float32: 0}
+_INT8, _FP8 = 3, 28  # CUDA_R_8I, CUDA_R_8F_E4M3 (library_types.h)
+_EIGHT_BIT = {torch.int8: _INT8, torch.float8_e4m3fn: _FP8}
+_FP8_OUT = (torch.bfloat16, torch.float16, torch.float32)  # what torch 2.11's _cslt_sparse_mm accepts for fp8
+_FP8_MIN_VERSION = 602  # cuSPARSELt 0.6.2 (torch builds fp8 support from it)
+_FP8_MIN_CAPABILITY = (9, 0)  # cuSPARSELt's E4M3 kernels: Hopper and newer
 _OPAQUE = 512  # bytes of each opaque cuSPARSELt struct (alignas 16)
 _PAD_M = 8
 
@@ -122,14 +133,36 @@ def version() -> Optional[int]:
         return None
 
 
-def why_not_runnable(n: int, k: int, dtype: torch.dtype) -> Optional[str]:
+def why_not_runnable(n: int, k: int, dtype: torch.dtype, out_dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Why cuSPARSELt cannot run y[M, N] = x[M, K] @ W[N, K]^T in `dtype` (-> out_dtype), or None."""
     if not available():
         return "cuSPARSELt is not available (no CUDA device or torch built without it)"
-    if dtype not in _CUDA_TYPE and dtype != torch.int8:
-        return f"dtype {dtype} not supported by the cuSPARSELt path (fp16/bf16, or int8 x int8)"
-    align = 32 if dtype == torch.int8 else 16
+    if dtype not in _CUDA_TYPE and dtype not in _EIGHT_BIT:
+        return f"dtype {dtype} not supported by the cuSPARSELt path (fp16/bf16, int8 x int8, or fp8 e4m3 x e4m3)"
+    if dtype == torch.float8_e4m3fn:
+        why = _fp8_why_not()
+        if why:
+            return why
+        if out_dtype not in _FP8_OUT:
+            return (f"fp8 x fp8 on cuSPARSELt gives bf16, fp16 or fp32 here, not {out_dtype} "
+                    "(an fp8 output needs an fp16 C matrix, not supported by this path)")
+    align = 32 if dtype in _EIGHT_BIT else 16
     if n % align or k % align:
         return f"N and K must be multiples of {align} for cuSPARSELt in {dtype} (got N={n}, K={k})"
+    return None
+
+
+def _fp8_why_not() -> Optional[str]:
+    """Why this GPU / library cannot run cuSPARSELt's E4M3 kernels, or None."""
+    v = version()
+    if v is not None and v < _FP8_MIN_VERSION:
+        return f"fp8 needs cuSPARSELt 0.6.2 or newer (this torch has {v})"
+    try:
+        cap = torch.cuda.get_device_capability()
+    except Exception as e:  # no device to ask
+        return f"cannot read the GPU's compute capability ({type(e).__name__}: {e})"
+    if tuple(cap) < _FP8_MIN_CAPABILITY:
+        return f"fp8 on cuSPARSELt needs compute capability 9.0 or newer (this GPU has {cap[0]}.{cap[1]})"
     return None
 
 
@@ -148,8 +181,9 @@ class _Plan:
         self.handle = lib.handle(device)
         h = self.handle.ptr
         # 16-bit: in = out, fp32 compute. int8 x int8 (as torch._cslt_sparse_mm): int32 compute,
-        # the output int8 or out_dtype (fp16 / bf16 / int32)
-        ty = _INT8 if dtype == torch.int8 else _CUDA_TYPE[dtype]
+        # the output int8 or out_dtype (fp16 / bf16 / int32). fp8 e4m3 x e4m3: fp32 compute, the
+        # output out_dtype (bf16 / fp16 / fp32); C is D (torch's C type equals D's for these outputs)
+        ty = _EIGHT_BIT.get(dtype) or _CUDA_TYPE[dtype]
         out_ty = _OUT_TYPE[out_dtype or dtype]
         compute = _COMPUTE_32I if dtype == torch.int8 else _COMPUTE_32F
         self.vector_alpha = vector_alpha
@@ -276,7 +310,7 @@ def _plan(key: tuple) -> Optional[_Plan]:
 
 def max_alg_id(wc: Tensor, x: Tensor, n: int, k: int, out_dtype: Optional[torch.dtype] = None) -> int:
     """The largest algorithm id cuSPARSELt offers for this matmul (0 where it cannot tell)."""
-    m = _padded(x.shape[0], 16 if x.dtype == torch.int8 else _PAD_M)
+    m = _padded(x.shape[0], _pad_multiple(x.dtype))
     p = _plan((x.device.index, m, n, k, x.dtype, 0, 0, 1, out_dtype, False))
     return p.max_alg_id if p is not None else 0
 
@@ -285,24 +319,36 @@ def _padded(m: int, multiple: int = _PAD_M) -> int:
     return max(multiple, -(-m // multiple) * multiple)
 
 
+def _pad_multiple(dtype: torch.dtype) -> int:
+    """M is padded to a multiple of 8 (16-bit types) or 16 (8-bit types)."""
+    return 16 if dtype in _EIGHT_BIT else _PAD_M
+
+
 def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id: int = 0, split_k: int = 1,
            out_dtype: Optional[torch.dtype] = None, alpha: Optional[Tensor] = None) -> Tensor:
     """y = alpha * (x @ W^T) + bias, W given as `compress(W)`; y [M, N] contiguous.
 
-    x [M, K] fp16/bf16, or int8 with W int8 (then out_dtype fp16/bf16/int32 or int8 by default);
-    alpha: None, or a float32 [N] per-row scale of W (e.g. int8 dequantization scales).
+    x [M, K] fp16/bf16, or int8 with W int8 (then out_dtype fp16/bf16/int32 or int8 by default), or
+    fp8 e4m3 with W e4m3 (then out_dtype bf16/fp16/fp32 is required; bias in out_dtype);
+    alpha: None, or a float32 [N] per-row scale of W (e.g. int8 dequantization scales, or fp8's
+    scale_a * scale_b): the fp32/int32 accumulator is multiplied by it before the bias is added,
+    and the sum is rounded once to the output dtype.
     The hot path (a plan already made): a dict lookup, the output allocation and one foreign call.
     Like the sparse tensor cores, it never multiplies the pruned zeros: a NaN/Inf in x meets only
     the kept weights (the compiled graph adds the row check, see passes/linear_rewrite._guard_rows).
     """
     if x.device.type != "cuda":
         raise RuntimeError("cuSPARSELt runs on CUDA only")
+    if x.dtype == torch.float8_e4m3fn and (out_dtype not in _FP8_OUT or (bias is not None and bias.dtype != out_dtype)):
+        raise ValueError(f"fp8 x fp8 on cuSPARSELt: out_dtype must be one of {_FP8_OUT} and the bias in it "
+                         f"(got out_dtype={out_dtype}, bias {None if bias is None else bias.dtype})")
     m = x.shape[0]
-    mp = _padded(m, 16 if x.dtype == torch.int8 else _PAD_M)
+    mp = _padded(m, _pad_multiple(x.dtype))
     if not x.is_contiguous():
         x = x.contiguous()
-    if mp != m:
-        x = F.pad(x, (0, 0, 0, mp - m))
+    if mp != m:  # fp8 padded as bytes (0x00 is +0.0 in e4m3): no fp8 fill kernel needed
+        x = (F.pad(x.view(torch.uint8), (0, 0, 0, mp - m)).view(x.dtype) if x.dtype == torch.float8_e4m3fn
+             else F.pad(x, (0, 0, 0, mp - m)))
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     if alpha is not None:
@@ -329,7 +375,9 @@ def _raw_stream(index: Optional[int]) -> int:
 def _check(layer) -> Optional[str]:
     if layer.weight_dtype not in (None, layer.dtype):
         return "weight-only quantized weights run on the Triton kernels (cuSPARSELt needs x and W in one dtype)"
-    return why_not_runnable(layer.n, layer.k, layer.dtype)
+    if layer.dtype == torch.float8_e4m3fn and layer.scaled is None:
+        return "an fp8 linear is read from torch._scaled_mm only (its scales and output dtype)"
+    return why_not_runnable(layer.n, layer.k, layer.dtype, _out_dtype(layer) if layer.scaled else None)
 
 
 # Calibration from the H100 (torch 2.11, cuSPARSELt 0.8, bf16, docs/benchmarks.md): with the best
@@ -337,6 +385,8 @@ def _check(layer) -> Optional[str]:
 def _estimate_us(layer, model) -> Optional[float]:
     from ..dispatch import dense_us
 
+    if layer.dtype == torch.float8_e4m3fn:
+        return None  # no calibration against torch._scaled_mm (0.75x of it at M=8192 with alg 0): measured only
     d = dense_us(layer, model)
     if d is None:
         return None
@@ -353,6 +403,8 @@ def _runner(t, bias, layer, params):
     wc, n, k = t["wc"], layer.n, layer.k
     alg, sk = params.get("alg_id", 0), params.get("split_k", 1)
     out = _out_dtype(layer)
+    if layer.dtype == torch.float8_e4m3fn:
+        return _fp8_runner(wc, bias, layer, alg, sk)
 
     def run(x):
         if out is None:
@@ -362,9 +414,37 @@ def _runner(t, bias, layer, params):
     return run
 
 
+def _fp8_runner(wc, bias, layer, alg, sk):
+    """fp8 (torch._scaled_mm rewritten, passes/linear_rewrite._replace_scaled_mm), kernels per call:
+    the row check's reduction over x (read here as bytes: same traffic, fp8 has no eager sum);
+    form "tensor": the alpha vector (scale_a * scale_b, one small kernel) and the call, bias and
+    rounding in the library; form "row": the call with an fp32 output and the epilogue kernel,
+    timed as a cast of y to out_dtype (the same bytes as Inductor's fused scale/bias/cast kernel:
+    read 4, write 2 per output). The timing bias (out_dtype) goes where the graph puts it."""
+    sc, n, k = layer.scaled, layer.n, layer.k
+    dev = wc.device
+    sa = torch.ones((), device=dev, dtype=torch.float32)
+    sb = torch.ones(n if sc.scale_b_vector else 1, device=dev, dtype=torch.float32)
+    alpha = torch.empty(n, device=dev, dtype=torch.float32)
+
+    def run(x):
+        torch.sum(x.view(torch.uint8), dim=-1, dtype=torch.int32)
+        if sc.form == "tensor":
+            torch.mul(sb.expand(n), sa, out=alpha)
+            return linear(x, wc, bias, n, k, alg, sk, sc.out_dtype, alpha)
+        return linear(x, wc, None, n, k, alg, sk, torch.float32).to(sc.out_dtype)
+
+    return run
+
+
 def _out_dtype(layer) -> Optional[torch.dtype]:
-    """int8 x int8 keeps torch._int_mm's int32 result (exact; the scales stay graph ops after it)."""
-    return torch.int32 if layer.dtype == torch.int8 else None
+    """int8 x int8 keeps torch._int_mm's int32 result (exact; the scales stay graph ops after it);
+    fp8 x fp8 writes what its form says (dispatch.Scaled.lib_out_dtype)."""
+    if layer.dtype == torch.int8:
+        return torch.int32
+    if layer.scaled is not None:
+        return layer.scaled.lib_out_dtype
+    return None
 
 
 def _variants(layer, t) -> list:
