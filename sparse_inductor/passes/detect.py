@@ -6,6 +6,9 @@ when at most half of its blocks are nonzero (it then moves fewer bytes than 2:4)
 
 Block size: the largest size whose block density is within 25% of the smallest density seen
 across sizes, so a weight pruned in 64x64 blocks is read as 64x64 and not 16x16.
+
+fp8 (e4m3) weights, read from torch._scaled_mm: 2:4 only (cuSPARSELt's fp8 kernels; there is no
+block-sparse fp8 kernel), with the same exact-zero rule (-0.0 is a zero, NaN a nonzero).
 """
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ from ..options import SparseOptions
 
 __all__ = ["Detection", "detect", "SUPPORTED_DTYPES"]
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int8)  # int8: weight-only quantized
+# int8: weight-only quantized, or torch._int_mm's; fp8 e4m3: torch._scaled_mm's (2:4 only)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int8, torch.float8_e4m3fn)
+_NO_BLOCK = {torch.float8_e4m3fn: "fp8 weights are read as 2:4 only: there is no block-sparse fp8 kernel"}
 _BLOCK_TOLERANCE = 1.25
 _PREFER_BLOCK_BELOW = 0.5
 
@@ -35,7 +40,8 @@ class Detection:
 
 def _dtype_guard(w: torch.Tensor) -> Optional[str]:
     if w.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {str(w.dtype).replace('torch.', '')} is not supported (float16, bfloat16, float32, int8)"
+        return (f"dtype {str(w.dtype).replace('torch.', '')} is not supported "
+                "(float16, bfloat16, float32, int8, float8_e4m3fn)")
     if w.dim() != 2:
         return f"weight is {w.dim()}-D, not 2-D"
     if w.numel() == 0:
@@ -74,13 +80,14 @@ def detect(w: torch.Tensor, opts: SparseOptions) -> Detection:
         density = float((w != 0).float().mean())
         why24 = _why_not_24(w) if "2:4" in opts.patterns else "2:4 not requested"
         b, bd = (None, None)
-        if "block" in opts.patterns and opts.block_sizes:
+        no_block = _NO_BLOCK.get(w.dtype)
+        if "block" in opts.patterns and opts.block_sizes and not no_block:
             b, bd = _best_block(w, opts.block_sizes)
         is_block = bd is not None and bd <= opts.max_block_density
         if is_block and (why24 is not None or bd <= _PREFER_BLOCK_BELOW):
             return Detection("block", density, f"{b}x{b} blocks, {bd:.1%} of blocks nonzero", b, bd)
         if why24 is None:
             return Detection("2:4", density, "every group of four along K has at most two nonzeros", b, bd)
-        why_block = ("block sparsity not requested" if bd is None else
+        why_block = ((no_block or "block sparsity not requested") if bd is None else
                      f"{bd:.1%} of {b}x{b} blocks nonzero (max_block_density={opts.max_block_density})")
         return Detection("dense", density, f"not 2:4 ({why24}); not block-sparse ({why_block})", b, bd)

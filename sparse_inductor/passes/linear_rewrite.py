@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from .. import _compat, ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
-from ..dispatch import KernelSpec, Layer, choose, kernels
+from ..dispatch import KernelSpec, Layer, Scaled, choose, kernels
 from ..formats import compress_24, compress_block
 from ..options import SparseOptions
 from ..report import LayerDecision, record
@@ -54,6 +54,7 @@ class LinearSite:
     why_not: Optional[str] = None  # set when the site cannot be considered at all
     chain: list = dataclasses.field(default_factory=list)  # nodes between the mm and the get_attr
     dequant: Optional[torch.dtype] = None  # int8 weight-only: the float dtype W is converted to
+    scaled: Optional[Scaled] = None  # fp8: how the torch._scaled_mm it replaces is computed
 
 
 _TRANSPOSES = {aten.permute.default, aten.t.default, aten.transpose.int}
@@ -157,6 +158,9 @@ def find_linears(gm: fx.GraphModule) -> list[LinearSite]:
         elif node.target is aten._int_mm.default:  # int8 x int8 -> int32 (dynamic int8 activations)
             x, wt = node.args[:2]
             bias = None
+        elif node.target is aten._scaled_mm.default:  # fp8 x fp8 with scales (docs/formats.md, "fp8")
+            x, wt = node.args[:2]
+            bias = _scaled_mm_arg(node, "bias")
         else:
             continue
         if not isinstance(wt, fx.Node) or not isinstance(x, fx.Node):
@@ -171,8 +175,58 @@ def find_linears(gm: fx.GraphModule) -> list[LinearSite]:
                 site.why_not = "addmm with alpha/beta != 1"
             elif not _bias_is_row(bias, w.shape[0]):
                 site.why_not = "bias is not a vector of out_features"
+        if site.why_not is None and node.target is aten._scaled_mm.default:
+            site.scaled, site.why_not = _read_scaled_mm(node, w.shape[0])
         sites.append(site)
     return sites
+
+
+_SCALED_MM_ARGS = ("self", "mat2", "scale_a", "scale_b", "bias", "scale_result", "out_dtype", "use_fast_accum")
+_SCALED_OUT = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _scaled_mm_arg(node: fx.Node, name: str) -> Any:
+    """An argument of aten._scaled_mm.default, positional or keyword (None where defaulted)."""
+    i = _SCALED_MM_ARGS.index(name)
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name)
+
+
+def _read_scaled_mm(node: fx.Node, n: int) -> tuple[Optional[Scaled], Optional[str]]:
+    """How `_scaled_mm(x8, W8_t, scale_a, scale_b, bias, scale_result, out_dtype)` is rewritten, or
+    why it is not. Read: fp32 scales per-tensor (one number) or row-wise (scale_a [M, 1],
+    scale_b [1, N]), a bias vector of N, out_dtype bf16 / fp16 / fp32 (no scale_result).
+
+    Form "tensor" (scale_a per-tensor, and the bias, if any, in out_dtype bf16/fp16): cuSPARSELt
+    scales its fp32 accumulator by alpha = scale_a * scale_b, adds the bias, rounds once. Else form
+    "row": an fp32 output, the scales, bias and cast after it in one Inductor kernel (dispatch.Scaled).
+    """
+    val = {a: (_scaled_mm_arg(node, a).meta.get("val") if isinstance(_scaled_mm_arg(node, a), fx.Node) else None)
+           for a in ("scale_a", "scale_b", "bias")}
+    if _scaled_mm_arg(node, "scale_result") is not None:
+        return None, "torch._scaled_mm with scale_result (an fp8 output) is not rewritten"
+    out = _scaled_mm_arg(node, "out_dtype")
+    if out not in _SCALED_OUT:
+        return None, f"torch._scaled_mm to {out or 'its input dtype (fp8)'} is not rewritten (bf16, fp16 or fp32 only)"
+    sa, sb, bias = val["scale_a"], val["scale_b"], val["bias"]
+    if not isinstance(sa, torch.Tensor) or not isinstance(sb, torch.Tensor):
+        return None, "torch._scaled_mm scales have no metadata"
+    if sa.dtype != torch.float32 or sb.dtype != torch.float32:
+        return None, f"torch._scaled_mm scales are {sa.dtype} / {sb.dtype}, not float32"
+    a_tensor, b_tensor = _is_one(sa), _is_one(sb)
+    a_row = sa.dim() == 2 and isinstance(sa.shape[1], int) and sa.shape[1] == 1
+    b_col = sb.dim() == 2 and tuple(sb.shape) == (1, n)
+    if not (a_tensor or a_row) or not (b_tensor or b_col):
+        return None, (f"torch._scaled_mm scales of shapes {list(sa.shape)} / {list(sb.shape)}: only per-tensor "
+                      f"or row-wise ([M, 1] / [1, {n}]) scales are rewritten")
+    if bias is not None and not _bias_is_row(_scaled_mm_arg(node, "bias"), n):
+        return None, "bias is not a vector of out_features"
+    in_library = a_tensor and (bias is None or (bias.dtype == out and out != torch.float32))
+    return Scaled("tensor" if in_library else "row", out, b_col and not b_tensor), None
+
+
+def _is_one(t: torch.Tensor) -> bool:
+    """A tensor of one element whatever its shape ((), [1], [1, 1]), by static sizes only."""
+    return all(isinstance(s, int) and s == 1 for s in t.shape)
 
 
 def _bias_is_row(bias: Any, n: int) -> bool:
@@ -300,7 +354,7 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             continue
         layer = Layer(det.pattern, m, n, k, compute, w.device.type, det.block, det.block_density,
                       _compat.device_name(w.device), m_static=isinstance(x_val.shape[0], int),
-                      weight_dtype=w.dtype if w.dtype != compute else None)
+                      weight_dtype=w.dtype if w.dtype != compute else None, scaled=site.scaled)
         specs = {spec.name: spec for spec in kernels(det.pattern)}
         made: dict[str, dict] = compressed.setdefault(key, {})
 
@@ -361,6 +415,8 @@ def _erase_dead_weights(sites: list[LinearSite]) -> None:
 def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[fx.Node, ...], kernel: str,
              params: dict, n: int, k: int) -> fx.Node:
     node, graph = site.node, site.node.graph
+    if node.target is aten._scaled_mm.default:
+        return _replace_scaled_mm(site, spec, cnodes, params, n, k)
     # read x and bias from the node now: rewrites of earlier layers may have replaced them
     bias, x = (node.args[0], node.args[1]) if node.target is aten.addmm.default else (None, node.args[0])
     if node.target is aten._int_mm.default and spec.node_args is None:
@@ -374,6 +430,64 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
     new.meta.update(node.meta)
     floating = x.meta["val"].dtype.is_floating_point  # int8 x cannot hold a NaN/Inf
     out = _guard_rows(new, x) if spec.row_guard and floating else new
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return out
+
+
+def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node, ...], params: dict, n: int,
+                       k: int) -> fx.Node:
+    """torch._scaled_mm(x8, W8_t, scale_a, scale_b, bias, None, out_dtype) -> linear_cslt and its
+    scales (docs/formats.md, "fp8"; the form comes from _read_scaled_mm). Form "tensor":
+
+        alpha = expand(reshape(scale_b, [-1]), [N]) * reshape(scale_a, [1])         # f32 [N]
+        y = linear_cslt(x8g, wc, bias, N, K, alg, split_k, out_dtype, alpha)       # rounded once
+
+    form "row":
+
+        y32 = linear_cslt(x8, wc, None, N, K, alg, split_k, torch.float32) + g       # the fp32 accumulator
+        y = convert(y32 * scale_a * scale_b + bias, out_dtype)                       # one Inductor kernel
+
+    The non-finite row guard (e4m3 holds NaN, no Inf): g[m] = sum_k 0 * x[m, k], 0 or NaN. Form
+    "row" adds it to y32 (in the epilogue kernel). Form "tensor" has no epilogue, so the guard goes on
+    the input: x8g = fp8(f32(x8) + g), the same values for a finite row and a whole row of NaN for a
+    row holding one (every output of it NaN, as dense has); Inductor computes the reduction and the
+    add with x8's producer (the quantization) where it can, instead of a pass over y.
+    """
+    node, graph, sc = site.node, site.node.graph, site.scaled
+    if sc is None or spec.node_args is None:
+        raise RuntimeError(f"kernel {spec.name!r} cannot compute torch._scaled_mm")
+    # read the operands from the node now: rewrites of earlier layers may have replaced them
+    x, sa, sb = node.args[0], _scaled_mm_arg(node, "scale_a"), _scaled_mm_arg(node, "scale_b")
+    bias = _scaled_mm_arg(node, "bias")
+    target, args = spec.node_args(x, cnodes, None, n, k, params)  # (x, wc, None, n, k, alg_id, split_k)
+    cvt = torch.ops.prims.convert_element_type.default
+
+    def call(op, *a, **kw) -> fx.Node:
+        new = graph.call_function(op, a, kw)
+        if op is target:
+            new.meta.update(node.meta)
+        else:
+            for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+                if key in node.meta:
+                    new.meta[key] = node.meta[key]
+        new.meta["val"] = _compat.fake_eval(new)
+        return new
+
+    with graph.inserting_before(node):
+        xf = call(cvt, x, torch.float32)
+        g = call(aten.sum.dim_IntList, call(aten.mul.Tensor, xf, 0), [1], True)
+        if sc.form == "tensor":
+            alpha = call(aten.mul.Tensor, call(aten.expand.default, call(aten.reshape.default, sb, [-1]), [n]),
+                         call(aten.reshape.default, sa, [1]))
+            xg = call(cvt, call(aten.add.Tensor, xf, g), x.meta["val"].dtype)
+            out = call(target, xg, args[1], bias, *args[3:7], sc.out_dtype, alpha)
+        else:
+            y = call(aten.add.Tensor, call(target, *args[:7], torch.float32), g)
+            y = call(aten.mul.Tensor, call(aten.mul.Tensor, y, sa), sb)
+            if bias is not None:
+                y = call(aten.add.Tensor, y, bias)
+            out = call(cvt, y, sc.out_dtype)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     return out
