@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m sparse_inductor.bench [--sections linear24,block,cusparselt,e2e] [--json out.json]`.
+"""Benchmarks: `python -m sparse_inductor.bench [--sections linear24,block,cusparselt,e2e,quant,int8_act,fp8] [--json out.json]`.
 
 Needs a CUDA GPU. Every time is the median of triton.testing.do_bench (L2 flushed between reps),
 in microseconds. Compiled modules and our kernels are timed as CUDA-graph replays, so that Python
@@ -105,6 +105,45 @@ def _int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
 
 
+def fp8_per_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-tensor e4m3: (t_fp8, fp32 scale of shape ()) with t ~ t_fp8 * scale (zeros stay zeros)."""
+    scale = t.float().abs().amax().clamp_min(1e-12) / 448
+    return (t.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+
+def fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel e4m3: (w_fp8, fp32 scale [1, N]), torch._scaled_mm's row-wise scale_b."""
+    scale = w.float().abs().amax(1).clamp_min(1e-12) / 448
+    return (w.float() / scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn), scale[None, :]
+
+
+class Fp8Linear(nn.Module):
+    """An fp8 linear as users write it: e4m3 weight W8 [N, K] with its fp32 scale (per-tensor, or
+    per-channel [1, N]), the input quantized per tensor (or per row: rowwise=True) on the fly, then
+    torch._scaled_mm(x8, W8^T, scale_a, scale_b, bias, out_dtype=out_dtype).
+    forward(x) quantizes x; forward(x8, x_scale) takes it already quantized."""
+
+    def __init__(self, wq: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 rowwise: bool = False, out_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.register_buffer("wq", wq)
+        self.register_buffer("w_scale", w_scale.float())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.rowwise, self.out_dtype = rowwise, out_dtype
+
+    def forward(self, x, x_scale=None):
+        if x_scale is None:
+            amax = x.abs().amax(dim=-1, keepdim=True) if self.rowwise else x.abs().amax()
+            x_scale = amax.float().clamp(min=1e-12) / 448
+            x = (x.float() / x_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return torch._scaled_mm(x, self.wq.t(), x_scale, self.w_scale, self.bias, out_dtype=self.out_dtype)
+
+    def fp64(self, xq: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """The dequantized matmul in float64: (x8 @ W8^T) * scale_a * scale_b + bias."""
+        y = (xq.double() @ self.wq.double().T) * x_scale.double() * self.w_scale.double()
+        return y if self.bias is None else y + self.bias.double()
+
+
 def bench_linear24(rows: list, shapes=None):
     from .formats import compress_24
     from .lowering.triton_24 import sp24_linear
@@ -172,13 +211,25 @@ def _host_us(fn: Callable, n: int = 20) -> float:
     return t
 
 
+def _cslt_best_alg(layer, w: torch.Tensor, wc: torch.Tensor) -> int:
+    """The cuSPARSELt algorithm id the dispatcher's timer finds fastest for `layer` (CUDA-graph
+    replays, what it does under mode="reduce-overhead"), its compressed weight given."""
+    from .dispatch import kernels
+    from .measure import LayerTimer
+    from .options import SparseOptions
+
+    spec = next(s for s in kernels("2:4") if s.name == "cusparselt")
+    timer = LayerTimer(layer, w, False, SparseOptions(mode="reduce-overhead"), {"cusparselt": spec},
+                       lambda s: {"wc": wc})
+    best = timer("cusparselt", layer.m)
+    return best[1].get("alg_id", 0) if best else 0
+
+
 def bench_cusparselt(rows: list, shapes=None):
     """Compute-bound 2:4 linears: cuBLAS, PyTorch's cuSPARSELt paths, and ours (plan made once,
     algorithm searched at compile time), each inside a CUDA graph, plus the host cost per call."""
-    from .dispatch import kernels
+    from .dispatch import Layer
     from .lowering import cusparselt
-    from .measure import LayerTimer
-    from .options import SparseOptions
 
     dt = torch.bfloat16
     shapes = shapes or [(8192, 14336, 4096), (8192, 4096, 14336), (4096, 28672, 4096), (12608, 3072, 768),
@@ -188,17 +239,10 @@ def bench_cusparselt(rows: list, shapes=None):
           "ours: compiled | kernel vs dense | compiled vs dense compile | chosen by dispatcher | "
           "host us/call: torch cslt / ours |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    spec = next(k for k in kernels("2:4") if k.name == "cusparselt")
     for (m, n, k) in shapes:
         w, x = _case24(m, n, k)
         wc = cusparselt.compress(w)
-        from .dispatch import Layer
-
-        layer = Layer("2:4", m, n, k, dt, "cuda", device_name=torch.cuda.get_device_name())
-        timer = LayerTimer(layer, w, False, SparseOptions(mode="reduce-overhead"), {"cusparselt": spec},
-                           lambda s: {"wc": wc})
-        best = timer("cusparselt", m)
-        alg = best[1].get("alg_id", 0) if best else 0
+        alg = _cslt_best_alg(Layer("2:4", m, n, k, dt, "cuda", device_name=torch.cuda.get_device_name()), w, wc)
         t = _layer_times(w, x)
         with torch.no_grad():
             torch_cslt = _bench(_graphed(lambda: torch._cslt_sparse_mm(wc, x.t(), transpose_result=True)))
@@ -436,8 +480,63 @@ def bench_quant(rows: list, shapes=None, models=True):
               f"ours {t_ours:.1f} us, {t_dense / t_ours:.2f}x", flush=True)
 
 
+def _fp8_chosen(model: nn.Module, x: torch.Tensor, mode: Optional[str]) -> str:
+    """What the dispatcher picks for the model's one fp8 layer (measured), with its timed ratio."""
+    from .report import LayerDecision, collect
+
+    torch._dynamo.reset()
+    with torch.no_grad(), collect() as sink:
+        torch.compile(model, backend="sparse", mode=mode)(x)
+    d = next((d for d in sink if isinstance(d, LayerDecision)), None)
+    if d is None:
+        return "?"
+    sparse = d.candidates.get("cusparselt")
+    return f"{d.kernel} ({_ratio(d.candidates.get('dense'), sparse)})" if sparse else f"{d.kernel} ({d.reason[-80:]})"
+
+
+def bench_fp8(rows: list, shapes=None):
+    """fp8 e4m3 x e4m3 2:4 (issue 6): cuSPARSELt (ours, through the plan cache) against dense fp8
+    torch._scaled_mm with the same per-tensor scales, bf16 F.linear, and torch._cslt_sparse_mm; each
+    a CUDA-graph replay of the kernel alone (ours: the call with its alpha vector = scale_a * scale_b;
+    no quantization, no row guard). Then what the dispatcher picks for Fp8Linear (quantization in
+    the graph) in the default mode and under mode="reduce-overhead", with its measured ratio."""
+    from .dispatch import Layer, Scaled
+    from .lowering import cusparselt
+
+    out = torch.bfloat16
+    shapes = shapes or [(8192, 14336, 4096), (8192, 4096, 14336), (16, 14336, 4096)]
+    print("\n## fp8 e4m3 2:4 linears through cuSPARSELt vs dense fp8 torch._scaled_mm (per-tensor scales, bf16 out)\n")
+    print("| M | N | K | bf16 dense F.linear | fp8 dense _scaled_mm | torch._cslt_sparse_mm fp8 (alg 0) | ours: alg 0 | "
+          "ours: best alg | best vs fp8 dense | best vs bf16 dense | dispatcher picks (default mode) | "
+          "dispatcher picks (reduce-overhead) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (m, n, k) in shapes:
+        w, x = _case24(m, n, k)
+        wq, ws = fp8_per_tensor(w)
+        xq, xs = fp8_per_tensor(x)
+        wc = cusparselt.compress(wq)
+        layer = Layer("2:4", m, n, k, torch.float8_e4m3fn, "cuda", device_name=torch.cuda.get_device_name(),
+                      scaled=Scaled("tensor", out))
+        alg = _cslt_best_alg(layer, wq, wc)
+        alpha = (xs * ws).expand(n).contiguous()
+        wqt = wq.t()
+        with torch.no_grad():
+            bf16 = _bench(_graphed(lambda: F.linear(x, w)))
+            dense = _try(lambda: _bench(_graphed(lambda: torch._scaled_mm(xq, wqt, xs, ws, out_dtype=out))))
+            tcslt = _try(lambda: _bench(_graphed(lambda: torch._cslt_sparse_mm(wc, xq.t(), None, None, out,
+                                                                                transpose_result=True))))
+            alg0 = _try(lambda: _bench(_graphed(lambda: cusparselt.linear(xq, wc, None, n, k, 0, 1, out, alpha))))
+            best = _try(lambda: _bench(_graphed(lambda: cusparselt.linear(xq, wc, None, n, k, alg, 1, out, alpha))))
+        model = Fp8Linear(wq, ws).eval()
+        picks = [_try(lambda mode=mode: _fp8_chosen(model, x, mode)) for mode in (None, "reduce-overhead")]
+        rows.append(dict(section="fp8", M=m, N=n, K=k, bf16_dense=bf16, fp8_dense=dense, torch_cslt=tcslt,
+                         kernel_alg0=alg0, kernel=best, alg_id=alg, chosen=picks[0], chosen_graphs=picks[1]))
+        print(f"| {m} | {n} | {k} | {_fmt(bf16)} | {_fmt(dense)} | {_fmt(tcslt)} | {_fmt(alg0)} | {_fmt(best)} (alg {alg}) | "
+              f"{_ratio(dense, best)} | {_ratio(bf16, best)} | {picks[0]} | {picks[1]} |", flush=True)
+
+
 SECTIONS = {"linear24": bench_linear24, "block": bench_block, "cusparselt": bench_cusparselt, "e2e": bench_e2e,
-            "quant": bench_quant, "int8_act": bench_int8_act}
+            "quant": bench_quant, "int8_act": bench_int8_act, "fp8": bench_fp8}
 
 
 def main(argv=None):
@@ -454,7 +553,8 @@ def main(argv=None):
     rows: list = []
     quick = {"linear24": dict(shapes=[(1, 4096, 4096)]), "block": dict(cases=[(16, 4096, 4096, 64, 0.9)]),
              "cusparselt": dict(shapes=[(2048, 4096, 4096)]), "e2e": dict(which=()),
-             "quant": dict(shapes=[(1, 4096, 4096)], models=False), "int8_act": dict(shapes=[(2048, 4096, 4096)])}
+             "quant": dict(shapes=[(1, 4096, 4096)], models=False), "int8_act": dict(shapes=[(2048, 4096, 4096)]),
+             "fp8": dict(shapes=[(2048, 4096, 4096)])}
     for name in args.sections.split(","):
         name = name.strip()
         if name not in SECTIONS:

@@ -37,12 +37,13 @@ class Scaled:
     form "row" (scale_a per-row [M, 1], or a bias the library cannot take): the library's fp32
     accumulator as an fp32 output, then scale_a, scale_b, bias and the cast to out_dtype in one
     Inductor pointwise kernel (one rounding; costs an fp32 write and read of y).
-    scale_b_vector: scale_b is [1, N] (row-wise) rather than one number (the dense timing calls
-    torch._scaled_mm with the same scale shapes).
+    scale_a_vector / scale_b_vector: scale_a is [M, 1] / scale_b is [1, N] (row-wise) rather than one
+    number (the dense timing calls torch._scaled_mm with the same scale shapes).
     """
 
     form: str  # "tensor" | "row"
     out_dtype: torch.dtype
+    scale_a_vector: bool = False
     scale_b_vector: bool = False
 
     @property

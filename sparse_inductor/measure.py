@@ -1,7 +1,8 @@
 """Timing a layer's candidates on its device at compile time, with an on-disk cache.
 
 The dispatcher (dispatch.choose) asks a LayerTimer for the time of "dense" (F.linear on the real
-weight: what Inductor runs for a dense linear, a cuBLAS call with the bias fused) and of each
+weight: what Inductor runs for a dense linear, a cuBLAS call with the bias fused; torch._int_mm for
+int8 x int8; torch._scaled_mm with the layer's scale shapes, bias and out_dtype for fp8) and of each
 sparse kernel family (its eager launcher on the real compressed weight) at the layer's M. A
 family with several parameter sets (cuSPARSELt's algorithm ids) is timed for each, and the
 fastest set is returned with its time.
@@ -176,8 +177,9 @@ class LayerTimer:
         if self._env is None:
             self._env = _versions(self.w.device)
         ly = self.layer
+        scaled = "" if ly.scaled is None else f"|scaled={ly.scaled}"
         return (f"{self._env}|{'graph' if self.graphs else 'eager'}|{name}|{ly.pattern}|M={m} N={ly.n} K={ly.k}|"
-                f"{ly.dtype}|w={ly.weight_dtype}|bias={self.has_bias}|block={ly.block}|{self.structure}")
+                f"{ly.dtype}|w={ly.weight_dtype}|bias={self.has_bias}|block={ly.block}|{self.structure}{scaled}")
 
     def __call__(self, name: str, m: int) -> Optional[tuple]:
         try:
@@ -198,7 +200,11 @@ class LayerTimer:
     def _measure(self, name: str, m: int) -> Optional[tuple]:
         ly, w = self.layer, self.w
         gen = torch.Generator(device=w.device).manual_seed(0)
-        if ly.dtype == torch.int8:  # int8 x int8 -> int32: dense is torch._int_mm, as in the graph
+        if ly.dtype == torch.float8_e4m3fn:
+            x, bias, dense = self._fp8_inputs(m, gen)
+            if name == "dense":
+                return time_us(dense, False), {}
+        elif ly.dtype == torch.int8:  # int8 x int8 -> int32: dense is torch._int_mm, as in the graph
             x = torch.randint(-127, 128, (m, ly.k), device=w.device, dtype=torch.int8, generator=gen)
             if name == "dense":
                 wt = w.t()
@@ -207,7 +213,7 @@ class LayerTimer:
         else:
             x = torch.randn(m, ly.k, device=w.device, dtype=ly.dtype, generator=gen)
             bias = torch.randn(ly.n, device=w.device, dtype=ly.dtype, generator=gen) if self.has_bias else None
-        if name == "dense":
+        if name == "dense":  # (16-bit x)
             # a weight-only quantized W against its dequantized copy, converted once: dense's best case
             wd = w if w.dtype == x.dtype else w.to(x.dtype)
             return time_us(lambda: F.linear(x, wd, bias), False), {}
@@ -225,3 +231,15 @@ class LayerTimer:
             if best is None or t < best[0]:
                 best = (t, dict(params))
         return best
+
+    def _fp8_inputs(self, m: int, gen: torch.Generator) -> tuple:
+        """fp8 x [m, K], the bias (out_dtype) and dense: torch._scaled_mm as the graph calls it, with
+        the layer's scale shapes (per-tensor, or scale_a [M, 1] / scale_b [1, N]) and out_dtype."""
+        ly, w, sc = self.layer, self.w, self.layer.scaled
+        dev = w.device
+        x = torch.randn(m, ly.k, device=dev, generator=gen).to(torch.float8_e4m3fn)
+        bias = torch.randn(ly.n, device=dev, generator=gen).to(sc.out_dtype) if self.has_bias else None
+        sa = torch.full((m, 1) if sc.scale_a_vector else (), 0.5, device=dev)
+        sb = torch.full((1, ly.n) if sc.scale_b_vector else (), 0.5, device=dev)
+        wt = w.t()
+        return x, bias, lambda: torch._scaled_mm(x, wt, sa, sb, bias, out_dtype=sc.out_dtype)

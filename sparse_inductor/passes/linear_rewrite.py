@@ -221,7 +221,7 @@ def _read_scaled_mm(node: fx.Node, n: int) -> tuple[Optional[Scaled], Optional[s
     if bias is not None and not _bias_is_row(_scaled_mm_arg(node, "bias"), n):
         return None, "bias is not a vector of out_features"
     in_library = a_tensor and (bias is None or (bias.dtype == out and out != torch.float32))
-    return Scaled("tensor" if in_library else "row", out, b_col and not b_tensor), None
+    return Scaled("tensor" if in_library else "row", out, not a_tensor, not b_tensor), None
 
 
 def _is_one(t: torch.Tensor) -> bool:
@@ -465,8 +465,8 @@ def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node
 
     def call(op, *a, **kw) -> fx.Node:
         new = graph.call_function(op, a, kw)
-        if op is target:
-            new.meta.update(node.meta)
+        if op is target:  # (not the inputs torch._scaled_mm saw: Inductor would constrain ours to them)
+            new.meta.update({key: v for key, v in node.meta.items() if key != "eager_input_vals"})
         else:
             for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
                 if key in node.meta:

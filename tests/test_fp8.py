@@ -1,0 +1,438 @@
+"""fp8 (e4m3) x fp8 2:4 linears read from torch._scaled_mm (issue 6): the rewrite into
+sparse_inductor::linear_cslt and its scale/bias/cast epilogue (golden graphs, cuSPARSELt emulated on
+CPU as in test_cusparselt_rewrite.py), numerics against fp64, what stays dense and why, the
+dispatcher's "no" (CPU default; measured slower than torch._scaled_mm); then the real library on
+the GPU (marked gpu).
+
+The emulation computes the fp32 accumulator over the kept (nonzero) weights only, as the sparse
+tensor cores do, multiplies it by alpha, adds the bias and rounds once to out_dtype: the numerics
+cuSPARSELt documents for fp32 compute (an assumption the GPU tests check against fp64).
+"""
+import dataclasses
+
+import expecttest
+import pytest
+import torch
+
+from sparse_inductor import dispatch, measure
+from sparse_inductor.bench import Fp8Linear, fp8_per_channel, fp8_per_tensor
+from sparse_inductor.dispatch import Layer, Scaled, choose
+from sparse_inductor.lowering import cusparselt
+from sparse_inductor.options import SparseOptions
+from sparse_inductor.prune import prune_24_
+
+from test_backend import run_sparse
+
+FP8 = torch.float8_e4m3fn
+OPTS = {"force": True, "kernel": "cusparselt"}
+
+# Tolerances, as data with their reasons (per element, |out - ref| <= atol + rtol * |ref|):
+TOLERANCES = {
+    # vs the dequantized matmul in fp64, (x8 @ W8^T) * scale_a * scale_b + bias, from the same fp8
+    # values: the products of two e4m3 numbers are exact in fp32 and the accumulation over K adds
+    # at most K * 2^-24 of sum |terms| (K = 64 here: 4e-6 of the output's scale, the atol); the
+    # scales and bias are applied in fp32 (a few 2^-24); then ONE rounding to bf16, at most half an
+    # ulp: 2^-9 of |ref|. rtol = 2^-8 leaves a factor 2 for the fp32 steps.
+    "fp64": dict(rtol=2 ** -8, atol=1e-5),
+    # vs the same model compiled by plain Inductor (torch._scaled_mm on CPU: fp32 accumulation in
+    # another order, one rounding): the two fp32 values differ by a few 2^-24 and can round to
+    # neighbouring bf16 values: one ulp, at most 2^-7 of |ref|.
+    "plain": dict(rtol=2 ** -7, atol=1e-5),
+}
+
+
+def assert_close(out, ref, kind):
+    tol = TOLERANCES[kind]
+    scale = max(1.0, float(ref.double().abs().max()))
+    torch.testing.assert_close(out.double(), ref.double(), rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+def calls(code: str, what: str) -> int:
+    """How many lines of generated code (not its comments, which name the source nodes) hold `what`."""
+    return sum(what in line for line in code.splitlines() if not line.lstrip().startswith("#"))
+
+
+def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None):
+    assert x.dtype == FP8 and wc.dtype == FP8 and out_dtype in (torch.bfloat16, torch.float16, torch.float32)
+    xf, wf = x.float(), wc.float()
+    kept = (wc.float() != 0).unsqueeze(0)
+    y = torch.where(kept, xf.unsqueeze(1) * wf.unsqueeze(0), torch.zeros(())).sum(-1)  # fp32, zeros skipped
+    if alpha is not None:
+        assert alpha.dtype == torch.float32 and alpha.shape == (n,)
+        y = y * alpha
+    if bias is not None:
+        assert bias.dtype == out_dtype  # the library reads the bias in the output's dtype
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    spec = dispatch._KERNELS["2:4/cusparselt"]
+    monkeypatch.setitem(dispatch._KERNELS, "2:4/cusparselt", dataclasses.replace(spec, devices=("cpu", "cuda")))
+    monkeypatch.setattr(cusparselt, "available", lambda: True)
+    monkeypatch.setattr(cusparselt, "_fp8_why_not", lambda: None)
+    monkeypatch.setattr(cusparselt, "compress", lambda w: w.contiguous().clone())  # "compressed" = W itself
+    monkeypatch.setattr(cusparselt, "linear", _emulated_linear)
+
+
+def fp8_model(k=64, n=32, bias=True, rowwise=False, dense_weight=False, seed=0, out_dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    if not dense_weight:
+        w = prune_24_(w)
+    wq, ws = fp8_per_channel(w) if rowwise else fp8_per_tensor(w)
+    b = torch.randn(n, generator=g).to(out_dtype) if bias else None
+    return Fp8Linear(wq, ws, b, rowwise=rowwise, out_dtype=out_dtype).eval()
+
+
+def fp8_input(m=16, k=64, rowwise=False, seed=1):
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    if rowwise:
+        s = x.abs().amax(-1, keepdim=True) / 448
+        return (x / s).to(FP8), s
+    return fp8_per_tensor(x)
+
+
+class TestFp8Graph(expecttest.TestCase):
+    """The graph right after the pass. Regenerate with EXPECTTEST_ACCEPT=1, then read the diff."""
+
+    @pytest.fixture(autouse=True)
+    def _emulated(self, emulated):
+        pass
+
+    def test_golden_per_tensor_scales(self):
+        """scale_a per-tensor: alpha = scale_b * scale_a (f32 [N]) and the bias go to the library
+        (one rounding to bf16); the row guard goes on the fp8 input (no pass over y)."""
+        model = fp8_model()
+        x = torch.randn(16, 64, dtype=torch.bfloat16)
+        torch._dynamo.reset()
+        r = run_sparse(model, (x,), options=OPTS)
+        (d,) = r.decisions
+        assert (d.kernel, d.pattern, d.dtype) == ("cusparselt", "2:4", "float8_e4m3fn"), d.line()
+        assert not r.notes, r.notes  # (a note here would say the compile fell back to plain Inductor)
+        self.assertExpectedInline(r.graphs[0], """\
+def forward(self, arg3_1: "bf16[16, 64]"):
+_sparse_0_wc: "f8e4m3fn[32, 64]" = self._sparse_0_wc
+arg0_1: "bf16[32]" = self._frozen_param0
+arg2_1: "f32[]" = self._frozen_param2
+convert_element_type_1: "f32[16, 64]" = torch.ops.prims.convert_element_type.default(arg3_1, torch.float32)
+abs_1: "bf16[16, 64]" = torch.ops.aten.abs.default(arg3_1)
+amax: "bf16[]" = torch.ops.aten.amax.default(abs_1)
+convert_element_type: "f32[]" = torch.ops.prims.convert_element_type.default(amax, torch.float32)
+clamp_min: "f32[]" = torch.ops.aten.clamp_min.default(convert_element_type, 1e-12)
+div: "f32[]" = torch.ops.aten.div.Tensor(clamp_min, 448)
+div_1: "f32[16, 64]" = torch.ops.aten.div.Tensor(convert_element_type_1, div)
+clamp_min_1: "f32[16, 64]" = torch.ops.aten.clamp_min.default(div_1, -448)
+clamp_max: "f32[16, 64]" = torch.ops.aten.clamp_max.default(clamp_min_1, 448)
+convert_element_type_2: "f8e4m3fn[16, 64]" = torch.ops.prims.convert_element_type.default(clamp_max, torch.float8_e4m3fn)
+convert_element_type_default: "f32[16, 64]" = torch.ops.prims.convert_element_type.default(convert_element_type_2, torch.float32)
+mul_tensor: "f32[16, 64]" = torch.ops.aten.mul.Tensor(convert_element_type_default, 0)
+sum_dim_int_list: "f32[16, 1]" = torch.ops.aten.sum.dim_IntList(mul_tensor, [1], True)
+reshape_default: "f32[1]" = torch.ops.aten.reshape.default(arg2_1, [-1])
+expand_default: "f32[32]" = torch.ops.aten.expand.default(reshape_default, [32])
+reshape_default_1: "f32[1]" = torch.ops.aten.reshape.default(div, [1])
+mul_tensor_1: "f32[32]" = torch.ops.aten.mul.Tensor(expand_default, reshape_default_1)
+add_tensor: "f32[16, 64]" = torch.ops.aten.add.Tensor(convert_element_type_default, sum_dim_int_list)
+convert_element_type_default_1: "f8e4m3fn[16, 64]" = torch.ops.prims.convert_element_type.default(add_tensor, torch.float8_e4m3fn)
+linear_cslt_default: "bf16[16, 32]" = torch.ops.sparse_inductor.linear_cslt.default(convert_element_type_default_1, _sparse_0_wc, arg0_1, 32, 64, 0, 1, torch.bfloat16, mul_tensor_1)
+return (linear_cslt_default,)""")
+
+    def test_golden_rowwise_scales(self):
+        """scale_a [M, 1]: an fp32 output, then guard, scales, bias and cast (one Inductor kernel)."""
+        model = fp8_model(rowwise=True)
+        xq, s = fp8_input(rowwise=True)
+        torch._dynamo.reset()
+        r = run_sparse(model, (xq, s), options=OPTS)
+        (d,) = r.decisions
+        assert d.kernel == "cusparselt", d.line()
+        assert not r.notes, r.notes
+        self.assertExpectedInline(r.graphs[0], """\
+def forward(self, arg3_1: "f32[16, 1]", arg4_1: "f8e4m3fn[16, 64]"):
+_sparse_0_wc: "f8e4m3fn[32, 64]" = self._sparse_0_wc
+arg0_1: "bf16[32]" = self._frozen_param0
+arg2_1: "f32[1, 32]" = self._frozen_param2
+convert_element_type_default: "f32[16, 64]" = torch.ops.prims.convert_element_type.default(arg4_1, torch.float32)
+mul_tensor: "f32[16, 64]" = torch.ops.aten.mul.Tensor(convert_element_type_default, 0)
+sum_dim_int_list: "f32[16, 1]" = torch.ops.aten.sum.dim_IntList(mul_tensor, [1], True)
+linear_cslt_default: "f32[16, 32]" = torch.ops.sparse_inductor.linear_cslt.default(arg4_1, _sparse_0_wc, None, 32, 64, 0, 1, torch.float32)
+add_tensor: "f32[16, 32]" = torch.ops.aten.add.Tensor(linear_cslt_default, sum_dim_int_list)
+mul_tensor_1: "f32[16, 32]" = torch.ops.aten.mul.Tensor(add_tensor, arg3_1)
+mul_tensor_2: "f32[16, 32]" = torch.ops.aten.mul.Tensor(mul_tensor_1, arg2_1)
+add_tensor_1: "f32[16, 32]" = torch.ops.aten.add.Tensor(mul_tensor_2, arg0_1)
+convert_element_type_default_1: "bf16[16, 32]" = torch.ops.prims.convert_element_type.default(add_tensor_1, torch.bfloat16)
+return (convert_element_type_default_1,)""")
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_numerics_vs_fp64_and_plain_inductor(emulated, monkeypatch, rowwise, bias):
+    model = fp8_model(bias=bias, rowwise=rowwise)
+    xq, s = fp8_input(rowwise=rowwise)
+    torch._dynamo.reset()
+    r = run_sparse(model, (xq, s), options=OPTS)
+    assert [d.kernel for d in r.decisions] == ["cusparselt"], [d.line() for d in r.decisions]
+    assert not r.notes and calls(r.code, "linear_cslt.default(") == 1 and not calls(r.code, "_scaled_mm("), r.notes
+    out = r.outputs[0]
+    assert out.dtype == torch.bfloat16 and out.shape == (16, 32)
+    assert_close(out, model.fp64(xq, s), "fp64")
+    monkeypatch.setenv("SPARSE_INDUCTOR_DISABLE", "1")
+    torch._dynamo.reset()
+    plain = run_sparse(model, (xq, s), options=OPTS)
+    assert not plain.decisions
+    assert_close(out, plain.outputs[0], "plain")
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_nan_input_row_is_nan_like_dense(emulated, rowwise):
+    """The sparse tensor cores skip the pruned zeros; the guard (on x for per-tensor scales, on the
+    fp32 output for row-wise ones) makes a row holding a NaN wholly NaN, as torch._scaled_mm does
+    (e4m3 has no Inf)."""
+    model = fp8_model(rowwise=rowwise)
+    xq, s = fp8_input(rowwise=rowwise)
+    xq = xq.clone()
+    xq.view(torch.uint8)[3, 5] = 0x7F  # NaN in e4m3fn
+    torch._dynamo.reset()
+    r = run_sparse(model, (xq, s), options=OPTS)
+    assert r.decisions[0].kernel == "cusparselt" and not r.notes, r.notes
+    out = r.outputs[0]
+    with torch.no_grad():
+        ref = model(xq, s)
+    assert ref[3].isnan().all() and torch.equal(out.isnan(), ref.isnan())
+    # without the guard the emulated kernel leaves that row finite where x meets a pruned zero
+    assert not _emulated_linear(xq, model.wq, None, 32, 64, out_dtype=torch.float32)[3].isnan().all()
+
+
+def test_cpu_default_dispatch_stays_dense():
+    """No cuSPARSELt on the CPU and no other kernel for fp8: dense, and it says why."""
+    model = fp8_model()
+    torch._dynamo.reset()
+    r = run_sparse(model, (torch.randn(16, 64, dtype=torch.bfloat16),), options={})
+    (d,) = r.decisions
+    assert (d.pattern, d.kernel) == ("2:4", "dense"), d.line()
+    assert "fp8 x fp8 (torch._scaled_mm) runs on cuSPARSELt only" in d.reason, d.line()
+    assert calls(r.code, "_scaled_mm(") == 1 and not calls(r.code, "linear_cslt")
+
+
+def test_non_24_fp8_weight_stays_dense(emulated):
+    model = fp8_model(dense_weight=True)
+    torch._dynamo.reset()
+    r = run_sparse(model, (torch.randn(16, 64, dtype=torch.bfloat16),), options=OPTS)
+    (d,) = r.decisions
+    assert d.kernel == "dense" and "not 2:4" in d.reason and "fp8 weights are read as 2:4 only" in d.reason, d.line()
+
+
+def test_exact_zeros_only_negative_zero_counts_as_zero(emulated):
+    """-0.0 is a zero (IEEE), so a 2:4 weight with -0.0 in its pruned slots is still 2:4; a weight
+    with one extra nonzero in a group of four is not."""
+    model = fp8_model()
+    w = model.wq.view(torch.uint8)
+    w[model.wq.float() == 0] = 0x80  # every zero -0.0 in e4m3fn (pruning negatives gives some already)
+    torch._dynamo.reset()
+    r = run_sparse(model, (torch.randn(16, 64, dtype=torch.bfloat16),), options=OPTS)
+    assert r.decisions[0].kernel == "cusparselt", r.decisions[0].line()
+    model = fp8_model()
+    z = (model.wq[0, :4].float() == 0).nonzero()[0, 0]
+    model.wq.view(torch.uint8)[0, z] = 0x38  # 1.0
+    torch._dynamo.reset()
+    r = run_sparse(model, (torch.randn(16, 64, dtype=torch.bfloat16),), options=OPTS)
+    (d,) = r.decisions
+    assert d.kernel == "dense" and "1 of 512 groups of four have more than two nonzeros" in d.reason, d.line()
+
+
+class _ScaledMM(torch.nn.Module):
+    """torch._scaled_mm with a free choice of scales and output (for what the pass does not read)."""
+
+    def __init__(self, model, sb=None, out_dtype=torch.bfloat16, scale_result=None):
+        super().__init__()
+        self.register_buffer("wq", model.wq)
+        self.register_buffer("sb", model.w_scale if sb is None else sb)
+        self.out_dtype, self.scale_result = out_dtype, scale_result
+
+    def forward(self, xq, sa):
+        return torch._scaled_mm(xq, self.wq.t(), sa, self.sb, None, self.scale_result, self.out_dtype)
+
+
+def test_fp8_output_stays_dense_with_a_reason(emulated):
+    model = fp8_model(bias=False)
+    xq, s = fp8_input()
+    torch._dynamo.reset()
+    r = run_sparse(_ScaledMM(model, out_dtype=None), (xq, s), options=OPTS)
+    (d,) = r.decisions
+    assert d.kernel == "dense" and "torch._scaled_mm to its input dtype (fp8) is not rewritten" in d.reason, d.line()
+
+
+def _scaled_mm_node(sa, sb, bias=None, out=torch.bfloat16, scale_result=None, m=16, n=32, k=64):
+    """An aten._scaled_mm node with these operands' metadata (torch on CPU runs only per-tensor and
+    row-wise scales, so the other forms are read from a hand-made graph)."""
+    g = torch.fx.Graph()
+    vals = {"x": torch.empty(m, k, dtype=FP8), "w": torch.empty(k, n, dtype=FP8), "sa": sa, "sb": sb, "bias": bias,
+            "sr": scale_result}
+    nodes = {}
+    for name, v in vals.items():
+        if v is not None:
+            nodes[name] = g.placeholder(name)
+            nodes[name].meta["val"] = v
+    return g.call_function(torch.ops.aten._scaled_mm.default,
+                           (nodes["x"], nodes["w"], nodes["sa"], nodes["sb"], nodes.get("bias"), nodes.get("sr"), out))
+
+
+@pytest.mark.parametrize("sa,sb,bias,out,expect", [
+    # read, and in which form
+    (torch.ones(()), torch.ones(()), None, torch.bfloat16, Scaled("tensor", torch.bfloat16)),
+    (torch.ones(1), torch.ones(1, 1), torch.ones(32, dtype=torch.bfloat16), torch.bfloat16,
+     Scaled("tensor", torch.bfloat16)),
+    (torch.ones(()), torch.ones(1, 32), None, torch.float16, Scaled("tensor", torch.float16, False, True)),
+    (torch.ones(16, 1), torch.ones(1, 32), None, torch.bfloat16, Scaled("row", torch.bfloat16, True, True)),
+    # a bias the library cannot take in the output's dtype: the fp32 output and the epilogue
+    (torch.ones(()), torch.ones(()), torch.ones(32, dtype=torch.float32), torch.bfloat16,
+     Scaled("row", torch.bfloat16)),
+    (torch.ones(()), torch.ones(()), torch.ones(32, dtype=torch.float32), torch.float32,
+     Scaled("row", torch.float32)),
+    # not read
+    (torch.ones(16, 2), torch.ones(2, 32), None, torch.bfloat16, "only per-tensor or row-wise"),
+    (torch.ones(()), torch.ones(32, 1), None, torch.bfloat16, "only per-tensor or row-wise"),
+    (torch.ones((), dtype=torch.bfloat16), torch.ones(()), None, torch.bfloat16, "not float32"),
+    (torch.ones(()), torch.ones(()), None, torch.int32, "is not rewritten (bf16, fp16 or fp32 only)"),
+    (torch.ones(()), torch.ones(()), torch.ones(16, dtype=torch.bfloat16), torch.bfloat16,
+     "bias is not a vector of out_features"),
+])
+def test_scale_forms(sa, sb, bias, out, expect):
+    from sparse_inductor.passes.linear_rewrite import _read_scaled_mm
+
+    scaled, why = _read_scaled_mm(_scaled_mm_node(sa, sb, bias, out), 32)
+    if isinstance(expect, Scaled):
+        assert (scaled, why) == (expect, None)
+    else:
+        assert scaled is None and expect in why, why
+
+
+def test_scale_result_is_not_read():
+    from sparse_inductor.passes.linear_rewrite import _read_scaled_mm
+
+    scaled, why = _read_scaled_mm(_scaled_mm_node(torch.ones(()), torch.ones(()), scale_result=torch.ones(())), 32)
+    assert scaled is None and "scale_result" in why
+
+
+def test_measured_slower_than_scaled_mm_stays_dense(monkeypatch):
+    """The dispatcher can say no: cuSPARSELt measured at 0.75x of torch._scaled_mm keeps dense,
+    forced it takes cuSPARSELt; the model path has no fp8 estimate (dense unless forced)."""
+    monkeypatch.setattr(cusparselt, "available", lambda: True)
+    monkeypatch.setattr(cusparselt, "_fp8_why_not", lambda: None)
+    ly = Layer("2:4", 8192, 14336, 4096, FP8, "cuda", device_name="NVIDIA H100 80GB HBM3",
+               scaled=Scaled("tensor", torch.bfloat16))
+
+    def timer(name, m):
+        return {"dense": (750.0, {}), "cusparselt": (1000.0, {"alg_id": 0})}.get(name)
+
+    c = choose(ly, SparseOptions(), timer)
+    assert c.kernel == "dense" and c.measured and "not measured faster" in c.reason, c
+    assert c.candidates == {"dense": 750.0, "cusparselt": 1000.0}
+    assert choose(ly, SparseOptions(force=True), timer).kernel == "cusparselt"
+    c = choose(ly, SparseOptions(dispatch="model"))
+    assert c.kernel == "dense" and "unless forced" in c.reason, c
+    # and a win by the margin is taken
+    c = choose(ly, SparseOptions(), lambda name, m: {"dense": (1000.0, {}), "cusparselt": (700.0, {"alg_id": 20})}[name])
+    assert c.kernel == "cusparselt" and c.params == {"alg_id": 20}
+
+
+def test_kernel_guards_say_why(monkeypatch):
+    monkeypatch.setattr(cusparselt, "available", lambda: True)
+    monkeypatch.setattr(cusparselt, "_fp8_why_not", lambda: None)
+    assert "multiples of 32" in cusparselt.why_not_runnable(48, 64, FP8, torch.bfloat16)
+    assert "bf16, fp16 or fp32" in cusparselt.why_not_runnable(64, 64, FP8, FP8)
+    assert cusparselt.why_not_runnable(64, 64, FP8, torch.bfloat16) is None
+    assert "only" in cusparselt._check(Layer("2:4", 16, 64, 64, FP8, "cuda"))  # no scales: not from _scaled_mm
+    monkeypatch.setattr(cusparselt, "_fp8_why_not", lambda: "fp8 on cuSPARSELt needs compute capability 9.0 or newer")
+    assert "9.0" in cusparselt.why_not_runnable(64, 64, FP8, torch.bfloat16)
+    monkeypatch.setattr(cusparselt, "available", lambda: False)
+    assert "not available" in cusparselt.why_not_runnable(64, 64, FP8, torch.bfloat16)
+    ref = dispatch._KERNELS["2:4/reference"]
+    assert "cuSPARSELt only" in ref.check(Layer("2:4", 16, 64, 64, FP8, "cpu", scaled=Scaled("tensor", torch.bfloat16)))
+
+
+def test_timing_cache_key_tells_scale_forms_apart():
+    ly = Layer("2:4", 64, 64, 64, FP8, "cuda", scaled=Scaled("tensor", torch.bfloat16))
+    t1 = measure.LayerTimer(ly, torch.zeros(64, 64), False, SparseOptions(), {}, lambda s: {})
+    t2 = measure.LayerTimer(dataclasses.replace(ly, scaled=Scaled("row", torch.bfloat16, True)), torch.zeros(64, 64),
+                            False, SparseOptions(), {}, lambda s: {})
+    t1._env = t2._env = "env"
+    assert t1.key("dense", 64) != t2.key("dense", 64)
+
+
+# ---------------------------------------------------------------- on the GPU (H100: sm90)
+
+TOL_GPU = 2 ** -8  # relative error in the norm vs fp64: one rounding to bf16 (<= 2^-9 each), fp32 accumulation
+
+
+def _rel_err(y, ref):
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _gpu_model(k=512, n=256, bias=True, rowwise=False):
+    return fp8_model(k=k, n=n, bias=bias, rowwise=rowwise).cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m", [16, 37])
+def test_gpu_plan_path_fp8(out_dtype, m):
+    """Ours (ctypes plan) vs torch._cslt_sparse_mm: the same bits without alpha; with an alpha vector
+    and a bias in out_dtype, y = alpha * acc + bias against fp64."""
+    model = _gpu_model()
+    n, k = model.wq.shape
+    wc = cusparselt.compress(model.wq)
+    xq, s = (t.cuda() for t in fp8_input(m=m, k=k))
+    ours = cusparselt.linear(xq, wc, None, n, k, out_dtype=out_dtype)
+    theirs = torch._cslt_sparse_mm(wc, xq.t(), None, None, out_dtype, transpose_result=True)
+    assert ours.dtype == out_dtype and ours.shape == (m, n) and torch.equal(ours, theirs)
+    alpha = (s * model.w_scale).expand(n).contiguous()
+    bias = None if out_dtype == torch.float32 else torch.randn(n, device="cuda").to(out_dtype)
+    y = cusparselt.linear(xq, wc, bias, n, k, out_dtype=out_dtype, alpha=alpha)
+    ref = (xq.double() @ model.wq.double().T) * alpha.double() + (0 if bias is None else bias.double())
+    assert _rel_err(y, ref) < TOL_GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_gpu_compiled_fp8_forced(rowwise):
+    """Forced: cuSPARSELt replaces torch._scaled_mm; the output matches the fp64 dequantized matmul
+    and dense torch._scaled_mm."""
+    from torch._inductor.utils import run_and_get_code
+
+    from sparse_inductor.report import LayerDecision, collect
+
+    model = _gpu_model(rowwise=rowwise)
+    xq, s = (t.cuda() for t in fp8_input(m=64, k=512, rowwise=rowwise))
+    torch._dynamo.reset()
+    with torch.no_grad(), collect() as sink:
+        out, code = run_and_get_code(torch.compile(model, backend="sparse", options=OPTS), xq, s)
+    (d,) = [d for d in sink if isinstance(d, LayerDecision)]
+    assert d.kernel == "cusparselt" and "alg_id" in d.params, d.line()
+    code = "\n".join(code)
+    assert calls(code, "torch.ops.sparse_inductor.linear_cslt.default(") == 1 and not calls(code, "_scaled_mm(")
+    ref = model.fp64(xq, s)
+    assert _rel_err(out, ref) < TOL_GPU
+    with torch.no_grad():
+        dense = model(xq, s)
+    assert _rel_err(dense, ref) < TOL_GPU
+
+
+@pytest.mark.gpu
+def test_gpu_measured_dispatch_fp8(tmp_path, monkeypatch):
+    """Not forced: dense (torch._scaled_mm) and cuSPARSELt are timed; cuSPARSELt only if 5% faster."""
+    from sparse_inductor.report import LayerDecision, collect
+
+    monkeypatch.setenv(measure.ENV_CACHE_DIR, str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    wq, ws = fp8_per_tensor(prune_24_(torch.randn(4096, 4096, generator=g)))
+    model = Fp8Linear(wq.cuda(), ws.cuda()).eval()
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad(), collect() as sink:
+        torch.compile(model, backend="sparse", mode="reduce-overhead")(x)
+    (d,) = [d for d in sink if isinstance(d, LayerDecision)]
+    assert d.measured and set(d.candidates) >= {"dense", "cusparselt"}, d.line()
+    dense, sparse = d.candidates["dense"], d.candidates["cusparselt"]
+    assert (d.kernel == "cusparselt") == (sparse is not None and sparse * 1.05 <= dense), d.line()
+    print(d.line())
