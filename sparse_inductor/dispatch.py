@@ -116,7 +116,7 @@ class KernelSpec:
     node_args(x, constants, bias, n, k, params) -> (op, args): the graph node the rewrite makes
     (None: the pattern's op, sparse_inductor::linear_24 / linear_block, with `kernel` = name).
     host_heavy: its host time per call is counted when timing outside CUDA graphs.
-    row_guard: the rewrite adds the non-finite row check after it (linear_rewrite._guard_rows).
+    row_check: the rewrite passes its op the non-finite row check (linear_rewrite._row_check).
     split_outputs: a concatenated layer whose output the graph splits (Inductor's fusion of
     linears sharing an input) becomes one op per piece (passes/split_outputs.py): for template
     kernels, so that what reads several pieces (a gated product) fuses into a template's store.
@@ -134,7 +134,7 @@ class KernelSpec:
     variants: Optional[Callable[..., list]] = None
     node_args: Optional[Callable[..., tuple]] = None
     host_heavy: bool = False  # its launch costs host time that matters outside CUDA graphs (measure.py)
-    row_guard: bool = False  # it skips the zeros without restoring dense's non-finite rows: guard them
+    row_check: bool = False  # it skips the zeros without restoring dense's non-finite rows: pass it g
     split_outputs: bool = False  # split a concatenated layer back at its output's split
 
 

@@ -10,11 +10,14 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
         scales stay in the graph after the op), meta [ceil(N/2), K/4] uint8 (formats/sparse24.py)
     sparse_inductor::linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel) -> y [M, N]
         blocks [nnzb, b, b], row_ptr [Nb+1], col_idx [nnzb], row_order [Nb] int32 (formats/block.py)
-    sparse_inductor::linear_cslt(x, wc, bias, n, k, alg_id, split_k, out_dtype=None, alpha=None) -> y [M, N]
+    sparse_inductor::linear_cslt(x, wc, bias, n, k, alg_id, split_k, out_dtype=None, alpha=None,
+                                 row_check=None) -> y [M, N]
         wc = torch._cslt_compress(W), cuSPARSELt's own layout (CUDA only; lowering/cusparselt.py);
         x and W int8 with out_dtype=torch.int32 is torch._int_mm(x, W^T) (dynamic int8 activations);
         x and W fp8 e4m3 (torch._scaled_mm rewritten): out_dtype bf16/fp16/fp32, alpha an fp32 [N]
-        vector scaling the fp32 accumulator before the bias (y = alpha * (x @ W^T) + bias, one rounding)
+        vector scaling the fp32 accumulator before the bias (y = alpha * (x @ W^T) + bias, one rounding);
+        row_check: g [M] fp32, g[m] = sum_k 0 * x[m, k] (NaN for an input row holding a NaN/Inf): those
+        rows of y become NaN, as dense makes them (the library skips the zeros a NaN would meet)
 """
 from __future__ import annotations
 
@@ -60,14 +63,16 @@ def _(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel):
 
 @torch.library.custom_op("sparse_inductor::linear_cslt", mutates_args=())
 def linear_cslt(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id: int, split_k: int,
-                out_dtype: Optional[torch.dtype] = None, alpha: Optional[Tensor] = None) -> Tensor:
+                out_dtype: Optional[torch.dtype] = None, alpha: Optional[Tensor] = None,
+                row_check: Optional[Tensor] = None) -> Tensor:
     from .lowering import cusparselt
 
-    return cusparselt.linear(x, wc, bias, n, k, alg_id, split_k, out_dtype, alpha)
+    y = cusparselt.linear(x, wc, bias, n, k, alg_id, split_k, out_dtype, alpha)
+    return y if row_check is None else cusparselt.nan_rows_(y, row_check)
 
 
 @linear_cslt.register_fake
-def _(x, wc, bias, n, k, alg_id, split_k, out_dtype=None, alpha=None):
+def _(x, wc, bias, n, k, alg_id, split_k, out_dtype=None, alpha=None, row_check=None):
     torch._check(x.dim() == 2, lambda: f"linear_cslt expects a 2-D input, got {x.dim()}-D")
     torch._check(x.shape[1] == k, lambda: "linear_cslt: K mismatch between x and the weight")
     torch._check(alpha is None or (alpha.dim() == 1 and alpha.shape[0] == n),

@@ -1,9 +1,9 @@
 """The cuSPARSELt rewrite on CPU, with the library emulated: the graph the pass makes (golden), the
-non-finite row guard, and the kernel's parameters in the node. The real library runs in
+non-finite row check passed to the op, and the kernel's parameters in the node. The real library runs in
 test_gpu_cusparselt.py on the H100.
 
 The emulation computes y = x @ W^T over the kept (nonzero) weights only, as sparse tensor cores do:
-a NaN/Inf input meeting a pruned zero is never multiplied. The guard must restore dense's
+a NaN/Inf input meeting a pruned zero is never multiplied. The row check must restore dense's
 "a non-finite input row gives a non-finite output row".
 """
 import dataclasses
@@ -55,14 +55,12 @@ def forward(self, arg2_1: "f32[4, 16]"):
 _sparse_0_wc: "f32[32, 16]" = self._sparse_0_wc
 arg1_1: "f32[32]" = self._frozen_param1
 mul_tensor: "f32[4, 16]" = torch.ops.aten.mul.Tensor(arg2_1, 0)
-sum_dim_int_list: "f32[4, 1]" = torch.ops.aten.sum.dim_IntList(mul_tensor, [1], True, dtype = torch.float32)
-convert_element_type_default: "f32[4, 1]" = torch.ops.prims.convert_element_type.default(sum_dim_int_list, torch.float32)
-linear_cslt_default: "f32[4, 32]" = torch.ops.sparse_inductor.linear_cslt.default(arg2_1, _sparse_0_wc, arg1_1, 32, 16, 0, 1)
-add_tensor: "f32[4, 32]" = torch.ops.aten.add.Tensor(linear_cslt_default, convert_element_type_default)
-relu: "f32[4, 32]" = torch.ops.aten.relu.default(add_tensor)
+sum_dim_int_list: "f32[4]" = torch.ops.aten.sum.dim_IntList(mul_tensor, [1], dtype = torch.float32)
+linear_cslt_default: "f32[4, 32]" = torch.ops.sparse_inductor.linear_cslt.default(arg2_1, _sparse_0_wc, arg1_1, 32, 16, 0, 1, row_check = sum_dim_int_list)
+relu: "f32[4, 32]" = torch.ops.aten.relu.default(linear_cslt_default)
 return (relu,)""")
 
-    def test_golden_3d_input_views_sink_below_the_guard(self):
+    def test_golden_3d_input_views_sink_below_the_relu(self):
         model = seeded(Fc, act=True)
         x = torch.randn(2, 3, 16)
         torch._dynamo.reset()
@@ -89,8 +87,8 @@ def test_nonfinite_rows_stay_nonfinite(dtype):
                                atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
-def test_without_guard_the_emulation_would_differ():
-    """The emulation really skips zeros (so the test above tests the guard, not the emulation)."""
+def test_without_row_check_the_emulation_would_differ():
+    """The emulation really skips zeros (so the test above tests the row check, not the emulation)."""
     w = torch.tensor([[1.0, 0.0, 2.0, 0.0]])
     x = torch.tensor([[1.0, float("nan"), 1.0, 1.0]])
     assert torch.isfinite(_emulated_linear(x, w, None, 1, 4)).all()

@@ -76,8 +76,8 @@ def test_plan_path_inside_cuda_graph():
 
 @pytest.mark.parametrize("m", [64, (4, 16)])
 def test_compiled_linear_bias_relu(m):
-    """The op runs once with the bias fused by cuSPARSELt; the ReLU (with the non-finite row guard's
-    add) is one Inductor kernel after it; the guard's reduction over x is one kernel before it."""
+    """The op runs once with the bias fused by cuSPARSELt; the ReLU is one Inductor kernel after it;
+    the non-finite row check's reduction over x is one kernel before it (the op applies it)."""
     model = prepared(LinearBiasReLU(), "2:4")
     x = torch.randn(*(m if isinstance(m, tuple) else (m,)), 256, device="cuda", dtype=torch.bfloat16)
     out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt"})
@@ -99,14 +99,14 @@ def test_compiled_gated_mlp_one_epilogue_kernel_per_linear():
     assert decisions and all(d.kernel == "cusparselt" for d in decisions)
     assert rel_err(out, fp64(model, x)) < TOL_BF16
     # w1|w3 (concatenated by freezing) and w2: two calls; SiLU*gate one kernel, residual add one
-    # kernel; plus one guard reduction per call (the one over w2's input may fuse with SiLU*gate)
+    # kernel; plus one row-check reduction per call (the one over w2's input may fuse with SiLU*gate)
     torch.testing.FileCheck().check_count("torch.ops.sparse_inductor.linear_cslt.default(", 2, exactly=True).run(code)
     defs = kernel_defs(code)
     assert len([d for d in defs if d.startswith("triton_poi_")]) <= 2 and 3 <= len(defs) <= 4, defs
 
 
 def test_nonfinite_input_rows():
-    """Sparse tensor cores skip the pruned zeros; the graph's row guard makes a row with a NaN/Inf
+    """Sparse tensor cores skip the pruned zeros; the op's row check makes a row with a NaN/Inf
     input wholly non-finite, as dense is (NaN where dense may have +-Inf)."""
     lin = prepared(LinearBiasReLU(), "2:4").fc
     x = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
@@ -117,6 +117,20 @@ def test_nonfinite_input_rows():
         ref = lin(x)
     assert torch.equal(out.isfinite(), ref.isfinite())
     assert torch.equal(out.isnan() | ref.isnan(), out.isnan())
+
+
+@pytest.mark.parametrize("m,n", [(1, 256), (130, 300), (64, 128)])
+def test_nan_rows_kernel(m, n):
+    """nan_rows_ writes NaN into exactly the rows whose check is NaN, and nothing else."""
+    y = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    g = torch.zeros(m, device="cuda")
+    bad = sorted({0, m // 2, m - 1})
+    g[bad] = float("nan")
+    want = y.clone()
+    want[bad] = float("nan")
+    out = cusparselt.nan_rows_(y, g)
+    assert out.data_ptr() == y.data_ptr()
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out[~want.isnan()], want[~want.isnan()])
 
 
 def test_dynamic_batch_pads_m():

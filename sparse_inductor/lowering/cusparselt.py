@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch import Tensor
 
 log = logging.getLogger("sparse_inductor")
@@ -335,7 +337,7 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
     and the sum is rounded once to the output dtype.
     The hot path (a plan already made): a dict lookup, the output allocation and one foreign call.
     Like the sparse tensor cores, it never multiplies the pruned zeros: a NaN/Inf in x meets only
-    the kept weights (the compiled graph adds the row check, see passes/linear_rewrite._guard_rows).
+    the kept weights (the compiled graph passes the op a row check, see nan_rows_).
     """
     if x.device.type != "cuda":
         raise RuntimeError("cuSPARSELt runs on CUDA only")
@@ -364,6 +366,38 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
         y = torch.empty((mp, n), dtype=out_dtype or x.dtype, device=dev)
         plan(wc, x, y, _raw_stream(dev.index), alpha.data_ptr() if vec else 0)
     return y[:m] if mp != m else y
+
+
+# ---- the non-finite row check, applied to the library's output (the compiled graph passes g)
+
+@triton.jit
+def _nan_rows_kernel(y_ptr, g_ptr, M, N, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[m, :] = NaN for the rows whose g[m] is NaN; nothing is written for the other rows."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = tl.load(g_ptr + rm, mask=rm < M, other=0.0)
+    bad = g != g
+    if tl.sum(bad.to(tl.int32), axis=0) > 0:  # rare; uniform over the program
+        nan = tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.float32).to(y_ptr.dtype.element_ty)
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], nan,
+                     mask=bad[:, None] & (rn[None, :] < N))
+
+
+def nan_rows_(y: Tensor, g: Tensor) -> Tensor:
+    """In place: every output of a row m with g[m] NaN becomes NaN (g = sum_k 0 * x[m, k], fp32:
+    0 for a finite input row, NaN for one holding a NaN or Inf). Dense computes 0 * x for the pruned
+    zeros that the sparse tensor cores skip, so such a row is non-finite there; this restores it.
+    One tiny kernel that reads g and writes only the rows concerned."""
+    g = g.reshape(-1)
+    m, n = y.shape
+    if m == 0 or n == 0:
+        return y
+    if y.device.type != "cuda":
+        y[torch.isnan(g)] = float("nan")
+        return y
+    _nan_rows_kernel[(triton.cdiv(m, 64),)](y, g, m, n, y.stride(0), BLOCK_M=64, BLOCK_N=128, num_warps=4)
+    return y
 
 
 def _raw_stream(index: Optional[int]) -> int:
@@ -399,7 +433,7 @@ def _compress_spec(w, layer) -> dict:
 
 def _runner(t, bias, layer, params):
     """The call plus what the compiled graph adds around it, for timing: the non-finite row check
-    (one reduction over x; its add rides in the epilogue kernel that follows; none for int8 x)."""
+    (one reduction over x, and nan_rows_ after the call; none for int8 x)."""
     wc, n, k = t["wc"], layer.n, layer.k
     alg, sk = params.get("alg_id", 0), params.get("split_k", 1)
     out = _out_dtype(layer)
@@ -407,9 +441,10 @@ def _runner(t, bias, layer, params):
         return _fp8_runner(wc, bias, layer, alg, sk)
 
     def run(x):
-        if out is None:
-            torch.sum(x, dim=-1, dtype=torch.float32)
-        return linear(x, wc, bias, n, k, alg, sk, out)
+        if out is not None:
+            return linear(x, wc, bias, n, k, alg, sk, out)
+        g = torch.sum(x, dim=-1, dtype=torch.float32)
+        return nan_rows_(linear(x, wc, bias, n, k, alg, sk, out), g)
 
     return run
 
@@ -468,7 +503,7 @@ def _register_kernel():
 
     register_kernel(KernelSpec("cusparselt", "2:4", ("cuda",), _check, _estimate_us, compress=_compress_spec,
                                fmt="cslt", runner=_runner, variants=_variants, node_args=_node_args,
-                               host_heavy=True, row_guard=True))
+                               host_heavy=True, row_check=True))
 
 
 _register_kernel()

@@ -425,14 +425,14 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
         target, args = spec.node_args(x, cnodes, bias, n, k, params)
     else:
         target, args = _pattern_op(det, x, cnodes, bias, n, k, kernel)
-    with graph.inserting_before(node):
-        new = graph.call_function(target, args)
-    new.meta.update(node.meta)
     floating = x.meta["val"].dtype.is_floating_point  # int8 x cannot hold a NaN/Inf
-    out = _guard_rows(new, x) if spec.row_guard and floating else new
-    node.replace_all_uses_with(out)
+    kwargs = {"row_check": _row_check(x, node)} if spec.row_check and floating else {}
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args, kwargs)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
     graph.erase_node(node)
-    return out
+    return new
 
 
 def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node, ...], params: dict, n: int,
@@ -504,7 +504,7 @@ def _split(out: fx.Node, site: LinearSite, det: Detection, spec: KernelSpec, ker
            layer: Layer, consts: _Constants, key: int) -> Optional[list[fx.Node]]:
     """The op `out` (the pattern's own op) split into one op per piece of its output, where the
     graph splits that output (passes/split_outputs.py); None where it does not, or cannot be."""
-    if spec.node_args is not None or spec.row_guard or out.target not in _OPS[:2]:
+    if spec.node_args is not None or spec.row_check or out.target not in _OPS[:2]:
         return None
     n, k = w.shape
     pieces = output_pieces(out, n, det.block if det.pattern == "block" else None)
@@ -522,27 +522,25 @@ def _split(out: fx.Node, site: LinearSite, det: Detection, spec: KernelSpec, ker
     return split_op(out, pieces, bias, make)
 
 
-def _guard_rows(y: fx.Node, x: fx.Node) -> fx.Node:
-    """y + g, g[m] = sum_k 0 * x[m, k] in fp32 (0 for a finite row, NaN for a row holding a NaN or
-    Inf), for kernels that never multiply the pruned zeros (cuSPARSELt's sparse tensor cores).
+def _row_check(x: fx.Node, near: fx.Node) -> fx.Node:
+    """g [M] fp32, g[m] = sum_k 0 * x[m, k]: 0 for a finite row, NaN for a row holding a NaN or Inf;
+    the op (linear_cslt, sparse tensor cores) then makes those rows of its output NaN (nan_rows_).
 
     Dense computes 0 * x for every zero weight, so a non-finite input makes its whole output row
-    non-finite; a kernel that skips the zeros leaves the outputs finite where the input meets a
-    zero. With the guard every output of such a row is NaN (dense has +-Inf at some of them: the
-    non-finite positions of the linear's output match dense, the NaN-vs-Inf split does not, so an
-    activation after it can differ: ReLU(-Inf) = 0 where ReLU(NaN) = NaN). Inductor makes the
-    mul+sum one reduction over x (fusable with x's producer) and the add part of the epilogue.
+    non-finite; a kernel that skips the zeros would leave the outputs finite where the input meets
+    only zeros. With the check every output of such a row is NaN (dense has +-Inf at some of them:
+    the non-finite positions match dense, the NaN-vs-Inf split does not, so an activation after it
+    can differ: ReLU(-Inf) = 0 where ReLU(NaN) = NaN). The reduction is an Inductor kernel (it can
+    fuse with x's producer); the op writes only the rows concerned, so a finite input costs one
+    small kernel after the library call and no pass over y.
     """
-    graph = y.graph
-    with graph.inserting_before(y):
+    graph = x.graph
+    with graph.inserting_before(near):
         zero = graph.call_function(aten.mul.Tensor, (x, 0))
-        g = graph.call_function(aten.sum.dim_IntList, (zero, [1], True), {"dtype": torch.float32})
-        gy = graph.call_function(torch.ops.prims.convert_element_type.default, (g, y.meta["val"].dtype))
-    with graph.inserting_after(y):
-        out = graph.call_function(aten.add.Tensor, (y, gy))
-    for n in (zero, g, gy, out):
+        g = graph.call_function(aten.sum.dim_IntList, (zero, [1]), {"dtype": torch.float32})
+    for n in (zero, g):
         n.meta["val"] = _compat.fake_eval(n)
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-            if key in y.meta:
-                n.meta[key] = y.meta[key]
-    return out
+            if key in near.meta:
+                n.meta[key] = near.meta[key]
+    return g
