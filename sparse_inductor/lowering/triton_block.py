@@ -124,17 +124,19 @@ def block_sparse_acc(
     col = tl.load(c_ptr, mask=start < end, other=0)
     acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
     if CH > 1:
-        offs_j = tl.arange(0, CH * B)  # position in the step's flattened K: block j // B, column j % B
-        kk = offs_j % B
+        # 3-D tiles (chunk block c, k, n): each block's k run stays contiguous (vector loads)
+        offs_c = tl.arange(0, CH)
         for i0 in range(start, end, CH):
-            blk = i0 + offs_j // B
+            blk = i0 + offs_c
             ok = blk < end
             cols = tl.load(col_idx_ptr + blk, mask=ok, other=0)
-            offs_k = cols * B + kk
-            a = tl.load(x_rows + offs_k[None, :] * stride_xk,
-                        mask=mask_m[:, None] & ok[None, :] & (offs_k[None, :] < K), other=0.0)
-            w = tl.load(blocks_ptr + blk[:, None].to(tl.int64) * (B * B) + offs_n[None, :] * B + kk[:, None],
-                        mask=ok[:, None], other=0).to(a.dtype)
+            offs_k = cols[:, None] * B + offs_b[None, :]  # [CH, B]
+            a = tl.load(x_rows[:, :, None] + offs_k[None, :, :] * stride_xk,
+                        mask=mask_m[:, None, None] & (ok[:, None] & (offs_k < K))[None, :, :], other=0.0)
+            w = tl.load(blocks_ptr + blk[:, None, None].to(tl.int64) * (B * B) + offs_n[None, None, :] * B
+                        + offs_b[None, :, None], mask=ok[:, None, None], other=0).to(a.dtype)
+            a = tl.reshape(a, (BLOCK_M, CH * B))
+            w = tl.reshape(w, (CH * B, BN))
             if DOT_FP32:
                 acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             elif ALLOW_TF32:
