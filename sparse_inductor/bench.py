@@ -497,8 +497,8 @@ def _fp8_chosen(model: nn.Module, x: torch.Tensor, mode: Optional[str]) -> str:
 def bench_fp8(rows: list, shapes=None):
     """fp8 e4m3 x e4m3 2:4 (issue 6): cuSPARSELt (ours, through the plan cache) against dense fp8
     torch._scaled_mm with the same per-tensor scales, bf16 F.linear, and torch._cslt_sparse_mm; each
-    a CUDA-graph replay of the kernel alone (ours: the call with its alpha vector = scale_a * scale_b;
-    no quantization, no row guard). Then what the dispatcher picks for Fp8Linear (quantization in
+    a CUDA-graph replay of the kernel alone (ours: the call with scale_a and scale_b in the library's
+    scale modes, their two copies into the plan included; no quantization, no row guard). Then what the dispatcher picks for Fp8Linear (quantization in
     the graph) in the default mode and under mode="reduce-overhead", with its measured ratio."""
     from .dispatch import Layer, Scaled
     from .lowering import cusparselt
@@ -518,15 +518,16 @@ def bench_fp8(rows: list, shapes=None):
         layer = Layer("2:4", m, n, k, torch.float8_e4m3fn, "cuda", device_name=torch.cuda.get_device_name(),
                       scaled=Scaled("tensor", out))
         alg = _cslt_best_alg(layer, wq, wc)
-        alpha = (xs * ws).expand(n).contiguous()
         wqt = wq.t()
         with torch.no_grad():
             bf16 = _bench(_graphed(lambda: F.linear(x, w)))
             dense = _try(lambda: _bench(_graphed(lambda: torch._scaled_mm(xq, wqt, xs, ws, out_dtype=out))))
             tcslt = _try(lambda: _bench(_graphed(lambda: torch._cslt_sparse_mm(wc, xq.t(), None, None, out,
                                                                                 transpose_result=True))))
-            alg0 = _try(lambda: _bench(_graphed(lambda: cusparselt.linear(xq, wc, None, n, k, 0, 1, out, alpha))))
-            best = _try(lambda: _bench(_graphed(lambda: cusparselt.linear(xq, wc, None, n, k, alg, 1, out, alpha))))
+            alg0 = _try(lambda: _bench(_graphed(lambda: cusparselt.linear(xq, wc, None, n, k, 0, 1, out,
+                                                                          scale_a=xs, scale_b=ws))))
+            best = _try(lambda: _bench(_graphed(lambda: cusparselt.linear(xq, wc, None, n, k, alg, 1, out,
+                                                                          scale_a=xs, scale_b=ws))))
         model = Fp8Linear(wq, ws).eval()
         picks = [_try(lambda mode=mode: _fp8_chosen(model, x, mode)) for mode in (None, "reduce-overhead")]
         rows.append(dict(section="fp8", M=m, N=n, K=k, bf16_dense=bf16, fp8_dense=dense, torch_cslt=tcslt,

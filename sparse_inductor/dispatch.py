@@ -31,12 +31,13 @@ class Scaled:
     """How an fp8 linear read from `torch._scaled_mm(x8, W8^T, scale_a, scale_b, bias, out_dtype=...)`
     is computed once rewritten (docs/formats.md, "fp8"):
 
-    form "tensor" (scale_a per-tensor): cuSPARSELt's fp32 accumulator times an alpha vector
-    alpha[n] = scale_a * scale_b[n] (scale_b per-tensor or per-column), plus the bias, rounded once
-    to out_dtype inside the library;
-    form "row" (scale_a per-row [M, 1], or a bias the library cannot take): the library's fp32
-    accumulator as an fp32 output, then scale_a, scale_b, bias and the cast to out_dtype in one
-    Inductor pointwise kernel (one rounding; costs an fp32 write and read of y).
+    form "tensor" (scale_a and scale_b per-tensor): cuSPARSELt's fp32 accumulator times
+    scale_a * scale_b (its matrix scale modes, one fp32 number per operand), plus the bias, rounded
+    once to out_dtype inside the library;
+    form "row" (scale_a per-row [M, 1] or scale_b per-column [1, N], or a bias the library cannot
+    take): the library's fp32 accumulator as an fp32 output, then scale_a, scale_b, bias and the
+    cast to out_dtype in one Inductor pointwise kernel (one rounding; costs an fp32 write and read
+    of y).
     scale_a_vector / scale_b_vector: scale_a is [M, 1] / scale_b is [1, N] (row-wise) rather than one
     number (the dense timing calls torch._scaled_mm with the same scale shapes).
     """
@@ -233,7 +234,10 @@ def _choose_measured(layer: Layer, opts: SparseOptions, cands: list[KernelSpec],
             best = (k, ts[0][0], ts[0][1], worst)
     where = f"M={layer.m}" + ("" if layer.m_static else f" (dynamic; buckets {ms})")
     if best is None:
-        return Choice("dense", f"no sparse kernel could be timed at {where}", dense_t[0], None, {}, table, True)
+        failures = getattr(timer, "failures", None) or {}  # (measure.LayerTimer says why)
+        why = "; ".join(f"{k.name}: {failures[k.name]}" for k in cands if failures.get(k.name))
+        return Choice("dense", f"no sparse kernel could be timed at {where}" + (f" ({why})" if why else ""),
+                      dense_t[0], None, {}, table, True)
     k, t, params, worst = best
     speedup = dense_t[0] / t
     if opts.force:

@@ -172,6 +172,7 @@ class LayerTimer:
         self.graphs = opts.mode == "reduce-overhead"
         self.structure = structure
         self._env: Optional[str] = None
+        self.failures: dict[str, str] = {}  # kernel name -> why it could not be timed (the first error)
 
     def key(self, name: str, m: int) -> str:
         if self._env is None:
@@ -186,15 +187,21 @@ class LayerTimer:
             key = self.key(name, m)
             hit = CACHE.get(key)
             if hit is not None:
+                if hit.get("us") is None and hit.get("why"):
+                    self.failures.setdefault(name, hit["why"])
                 return (hit["us"], hit.get("params", {})) if hit.get("us") is not None else None
             result = self._measure(name, m)
-            CACHE.put(key, {"us": result[0] if result else None, "params": result[1] if result else {}})
+            entry = {"us": result[0] if result else None, "params": result[1] if result else {}}
+            if result is None and name in self.failures:
+                entry["why"] = self.failures[name]
+            CACHE.put(key, entry)
             if result is not None:
                 log.info("sparse_inductor: timed %s at M=%d N=%d K=%d: %.1f us %s", name, m, self.layer.n,
                          self.layer.k, result[0], result[1] or "")
             return result
         except Exception as e:  # a kernel that cannot be timed is not a candidate
             log.warning("sparse_inductor: timing %s failed at M=%d: %s: %s", name, m, type(e).__name__, e)
+            self.failures.setdefault(name, f"{type(e).__name__}: {e}")
             return None
 
     def _measure(self, name: str, m: int) -> Optional[tuple]:
@@ -219,7 +226,7 @@ class LayerTimer:
             return time_us(lambda: F.linear(x, wd, bias), False), {}
         spec = self.specs[name]
         tensors = self.tensors(spec)
-        best = None
+        best, first_error = None, None
         for params in (spec.variants(ly, tensors) if spec.variants else [{}]):
             try:
                 fn = spec.runner(tensors, bias, ly, params)
@@ -227,9 +234,12 @@ class LayerTimer:
                 t = time_us(lambda: fn(x), spec.host_heavy and not self.graphs)
             except Exception as e:
                 log.debug("sparse_inductor: %s %s failed at M=%d: %s", name, params, m, e)
+                first_error = first_error or str(e)
                 continue
             if best is None or t < best[0]:
                 best = (t, dict(params))
+        if best is None and first_error:  # no variant ran: the dispatcher reports why
+            self.failures.setdefault(name, first_error)
         return best
 
     def _fp8_inputs(self, m: int, gen: torch.Generator) -> tuple:

@@ -5,10 +5,14 @@ dispatcher's "no" (CPU default; measured slower than torch._scaled_mm); then the
 the GPU (marked gpu).
 
 The emulation computes the fp32 accumulator over the kept (nonzero) weights only, as the sparse
-tensor cores do, multiplies it by alpha, adds the bias and rounds once to out_dtype: the numerics
-cuSPARSELt documents for fp32 compute (an assumption the GPU tests check against fp64).
+tensor cores do, multiplies it by scale_a * scale_b (or alpha), adds the bias and rounds once to
+out_dtype: the numerics cuSPARSELt documents for fp32 compute (an assumption the GPU tests check
+against fp64 and torch._cslt_sparse_mm). The ctypes plan itself (which attributes it sets, in which
+order, and what a refusal says) is checked on the CPU against a stand-in for the library.
 """
+import ctypes
 import dataclasses
+import threading
 
 import expecttest
 import pytest
@@ -52,7 +56,8 @@ def calls(code: str, what: str) -> int:
     return sum(what in line for line in code.splitlines() if not line.lstrip().startswith("#"))
 
 
-def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None):
+def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None, scale_a=None,
+                     scale_b=None):
     assert x.dtype == FP8 and wc.dtype == FP8 and out_dtype in (torch.bfloat16, torch.float16, torch.float32)
     xf, wf = x.float(), wc.float()
     kept = (wc.float() != 0).unsqueeze(0)
@@ -60,6 +65,10 @@ def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alp
     if alpha is not None:
         assert alpha.dtype == torch.float32 and alpha.shape == (n,)
         y = y * alpha
+    if scale_a is not None or scale_b is not None:  # the library's scale modes: one fp32 number per operand
+        assert alpha is None and scale_a.numel() == 1 and scale_b.numel() == 1
+        assert scale_a.dtype == scale_b.dtype == torch.float32
+        y = y * (scale_a.reshape(()) * scale_b.reshape(()))
     if bias is not None:
         assert bias.dtype == out_dtype  # the library reads the bias in the output's dtype
         y = y + bias.float()
@@ -72,6 +81,7 @@ def emulated(monkeypatch):
     monkeypatch.setitem(dispatch._KERNELS, "2:4/cusparselt", dataclasses.replace(spec, devices=("cpu", "cuda")))
     monkeypatch.setattr(cusparselt, "available", lambda: True)
     monkeypatch.setattr(cusparselt, "_fp8_why_not", lambda: None)
+    monkeypatch.setattr(cusparselt, "fp8_scales_why_not", lambda *a, **kw: None)  # (no library to ask)
     monkeypatch.setattr(cusparselt, "compress", lambda w: w.contiguous().clone())  # "compressed" = W itself
     monkeypatch.setattr(cusparselt, "linear", _emulated_linear)
 
@@ -102,8 +112,9 @@ class TestFp8Graph(expecttest.TestCase):
         pass
 
     def test_golden_per_tensor_scales(self):
-        """scale_a per-tensor: alpha = scale_b * scale_a (f32 [N]) and the bias go to the library
-        (one rounding to bf16); the row guard goes on the fp8 input (no pass over y)."""
+        """Both scales per-tensor: scale_a, scale_b (one number each, as they are) and the bias go to
+        the library (its scale modes; one rounding to bf16); the row guard goes on the fp8 input (no
+        pass over y)."""
         model = fp8_model()
         x = torch.randn(16, 64, dtype=torch.bfloat16)
         torch._dynamo.reset()
@@ -129,13 +140,9 @@ convert_element_type_2: "f8e4m3fn[16, 64]" = torch.ops.prims.convert_element_typ
 convert_element_type_default: "f32[16, 64]" = torch.ops.prims.convert_element_type.default(convert_element_type_2, torch.float32)
 mul_tensor: "f32[16, 64]" = torch.ops.aten.mul.Tensor(convert_element_type_default, 0)
 sum_dim_int_list: "f32[16, 1]" = torch.ops.aten.sum.dim_IntList(mul_tensor, [1], True)
-reshape_default: "f32[1]" = torch.ops.aten.reshape.default(arg2_1, [-1])
-expand_default: "f32[32]" = torch.ops.aten.expand.default(reshape_default, [32])
-reshape_default_1: "f32[1]" = torch.ops.aten.reshape.default(div, [1])
-mul_tensor_1: "f32[32]" = torch.ops.aten.mul.Tensor(expand_default, reshape_default_1)
 add_tensor: "f32[16, 64]" = torch.ops.aten.add.Tensor(convert_element_type_default, sum_dim_int_list)
 convert_element_type_default_1: "f8e4m3fn[16, 64]" = torch.ops.prims.convert_element_type.default(add_tensor, torch.float8_e4m3fn)
-linear_cslt_default: "bf16[16, 32]" = torch.ops.sparse_inductor.linear_cslt.default(convert_element_type_default_1, _sparse_0_wc, arg0_1, 32, 64, 0, 1, torch.bfloat16, mul_tensor_1)
+linear_cslt_default: "bf16[16, 32]" = torch.ops.sparse_inductor.linear_cslt.default(convert_element_type_default_1, _sparse_0_wc, arg0_1, 32, 64, 0, 1, torch.bfloat16, scale_a = div, scale_b = arg2_1)
 return (linear_cslt_default,)""")
 
     def test_golden_rowwise_scales(self):
@@ -294,7 +301,9 @@ def _scaled_mm_node(sa, sb, bias=None, out=torch.bfloat16, scale_result=None, m=
     (torch.ones(()), torch.ones(()), None, torch.bfloat16, Scaled("tensor", torch.bfloat16)),
     (torch.ones(1), torch.ones(1, 1), torch.ones(32, dtype=torch.bfloat16), torch.bfloat16,
      Scaled("tensor", torch.bfloat16)),
-    (torch.ones(()), torch.ones(1, 32), None, torch.float16, Scaled("tensor", torch.float16, False, True)),
+    # a per-column scale_b is not one number: the scale modes cannot take it (nor can the alpha vector
+    # for fp8 on cuSPARSELt 0.8), so the fp32 output and the epilogue
+    (torch.ones(()), torch.ones(1, 32), None, torch.float16, Scaled("row", torch.float16, False, True)),
     (torch.ones(16, 1), torch.ones(1, 32), None, torch.bfloat16, Scaled("row", torch.bfloat16, True, True)),
     # a bias the library cannot take in the output's dtype: the fp32 output and the epilogue
     (torch.ones(()), torch.ones(()), torch.ones(32, dtype=torch.float32), torch.bfloat16,
@@ -372,6 +381,147 @@ def test_timing_cache_key_tells_scale_forms_apart():
     assert t1.key("dense", 64) != t2.key("dense", 64)
 
 
+# ------------------------------------------- the ctypes plan against a stand-in for libcusparseLt
+
+# cusparseLtMatmulDescAttribute_t (cuSPARSELt 0.7 / 0.8 cusparseLt.h, counted from ACTIVATION_RELU = 0)
+# and cusparseLtMatmulMatrixScale_t: the values the plan must pass
+A_SCALE_MODE, B_SCALE_MODE, A_SCALE_POINTER, B_SCALE_POINTER, SCALAR_32F = 10, 11, 15, 16, 1
+
+
+class _FakeDll:
+    """Stands for libcusparseLt: records every call (name, arguments) and returns status 0, or the
+    status `refuse` gives a function name or a matmul descriptor attribute (10 = not supported)."""
+
+    def __init__(self, refuse=None):
+        self.calls, self.refuse = [], refuse or {}
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        fn = _FakeFn(self, name)
+        setattr(self, name, fn)
+        return fn
+
+    def attributes(self):
+        """(attribute, value) of each cusparseLtMatmulDescSetAttribute, in order (byref'd values read back)."""
+        return [(a[2], a[3]._obj.value) for name, a in self.calls if name == "cusparseLtMatmulDescSetAttribute"]
+
+    def index(self, name):
+        return next(i for i, (n, _) in enumerate(self.calls) if n == name)
+
+
+class _FakeFn:
+    def __init__(self, dll, name):
+        self.dll, self.name = dll, name
+
+    def __call__(self, *args):
+        self.dll.calls.append((self.name, args))
+        if self.name == "cusparseLtGetErrorString":
+            return b"operation not supported"
+        if self.name == "cusparseLtMatmulAlgGetAttribute":
+            args[3]._obj.value = 21  # configurations
+        if self.name == "cusparseLtMatmulDescSetAttribute" and args[2] in self.dll.refuse:
+            return self.dll.refuse[args[2]]
+        return self.dll.refuse.get(self.name, 0)
+
+
+def _fake_lib(monkeypatch, refuse=None):
+    lib = cusparselt._Lib.__new__(cusparselt._Lib)
+    lib.dll, lib.handles, lib.lock = _FakeDll(refuse), {}, threading.Lock()
+    lib.handle = lambda device: cusparselt._Opaque()
+    monkeypatch.setattr(cusparselt, "_persistent_empty", lambda nbytes, device: torch.zeros(nbytes, dtype=torch.uint8))
+    monkeypatch.setattr(cusparselt, "_lib", lambda: lib)
+    monkeypatch.setattr(cusparselt, "_PLANS", {})
+    monkeypatch.setattr(cusparselt, "_PROBES", {})
+    return lib
+
+
+def test_plan_sets_scalar_scale_modes_before_the_plan(monkeypatch):
+    """fp8 with per-tensor scales: A_SCALE_MODE and B_SCALE_MODE = MATRIX_SCALE_SCALAR_32F, the two
+    pointers at the plan's own device scalars (16 bytes apart), all set on the matmul descriptor
+    before the algorithm selection and the plan are made; no alpha vector. A call copies scale_b
+    (the weight's: cuSPARSELt's A) and scale_a (x's: B) there, and passes the host alpha 1.0."""
+    lib = _fake_lib(monkeypatch)
+    plan = cusparselt._Plan(lib, 0, 16, 64, 64, FP8, 0, 0, 1, torch.bfloat16, cusparselt._AB_SCALARS)
+    base = plan.scales.data_ptr()
+    assert lib.dll.attributes() == [(A_SCALE_MODE, SCALAR_32F), (B_SCALE_MODE, SCALAR_32F),
+                                    (A_SCALE_POINTER, base), (B_SCALE_POINTER, base + 16)]
+    last_attribute = max(i for i, (n, _) in enumerate(lib.dll.calls) if n == "cusparseLtMatmulDescSetAttribute")
+    assert last_attribute < lib.dll.index("cusparseLtMatmulAlgSelectionInit") < lib.dll.index("cusparseLtMatmulPlanInit")
+    assert plan.max_alg_id == 20
+    plan.set_scales(torch.tensor(0.5), torch.tensor([[3.0]]))  # scale_a (), scale_b [1, 1]
+    assert plan.scales[0].item() == 3.0 and plan.scales[4].item() == 0.5
+    x, wc, y = (torch.zeros(16, 64, dtype=FP8), torch.zeros(64, 64, dtype=FP8), torch.empty(16, 64))
+    plan(wc, x, y, 0)
+    (_, args), = [c for c in lib.dll.calls if c[0] == "cusparseLtMatmul"]
+    assert args[2] == ctypes.addressof(plan.alpha) and plan.alpha.value == 1.0  # alpha on the host, 1.0
+    # the int8 / bf16 paths set no scale modes; the alpha-vector plan sets attribute 5 only
+    lib2 = _fake_lib(monkeypatch)
+    cusparselt._Plan(lib2, 0, 16, 64, 64, torch.int8, 0, 0, 1, torch.int32, cusparselt._ALPHA_VECTOR)
+    assert lib2.dll.attributes() == [(5, 1)]
+    lib3 = _fake_lib(monkeypatch)
+    cusparselt._Plan(lib3, 0, 16, 64, 64, torch.bfloat16, 0, 0, 1)
+    assert lib3.dll.attributes() == []
+
+
+@pytest.mark.parametrize("refuse", [{A_SCALE_MODE: 10}, {"cusparseLtMatmulPlanInit": 10}])
+def test_refused_scale_modes_keep_dense_with_the_reason(monkeypatch, refuse):
+    """The library refusing a scale mode or the plan made with them (status 10) says so in words:
+    cusparselt.Unsupported, the probe's answer, and the reason the dispatcher keeps the layer dense
+    (forced too: it never reaches the library at run time). The row form needs no scale modes."""
+    lib = _fake_lib(monkeypatch, refuse)
+    with pytest.raises(cusparselt.Unsupported, match=r"does not support per-tensor fp32 scales .*MATRIX_SCALE_SCALAR_32F"
+                       r"\) for fp8 e4m3 -> bfloat16 .*status 10 \(operation not supported\)"):
+        cusparselt._Plan(lib, 0, 16, 64, 64, FP8, 0, 0, 1, torch.bfloat16, cusparselt._AB_SCALARS)
+    why = cusparselt.fp8_scales_why_not(64, 64, torch.bfloat16, device=0)
+    assert why.startswith("cuSPARSELt ") and "does not support per-tensor fp32 scales" in why
+    assert "for fp8 e4m3 -> bfloat16" in why, why
+    monkeypatch.setattr(cusparselt, "available", lambda: True)
+    monkeypatch.setattr(cusparselt, "_fp8_why_not", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # (the probe's device; none here)
+    ly = Layer("2:4", 16, 64, 64, FP8, "cuda", scaled=Scaled("tensor", torch.bfloat16))
+    for opts in (SparseOptions(force=True), SparseOptions(dispatch="model")):
+        c = choose(ly, opts)
+        assert c.kernel == "dense" and "cusparselt: cuSPARSELt" in c.reason and "does not support" in c.reason, c
+    # (the probe asks once per shape: no second plan)
+    n_plans = sum(n == "cusparseLtMatmulDescriptorInit" for n, _ in lib.dll.calls)
+    choose(ly, SparseOptions(force=True))
+    assert sum(n == "cusparseLtMatmulDescriptorInit" for n, _ in lib.dll.calls) == n_plans
+    row = dataclasses.replace(ly, scaled=Scaled("row", torch.bfloat16, True))
+    assert choose(row, SparseOptions(force=True)).kernel == "cusparselt"
+
+
+def test_untimeable_kernel_reason_reaches_the_decision(tmp_path, monkeypatch):
+    """Where every algorithm fails at timing (e.g. the library refuses at its first call), the
+    dispatcher keeps dense and says why, also from the timing cache on the next compile."""
+    monkeypatch.setenv(measure.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setattr(cusparselt, "available", lambda: True)
+    monkeypatch.setattr(cusparselt, "_fp8_why_not", lambda: None)
+    monkeypatch.setattr(cusparselt, "fp8_scales_why_not", lambda *a, **kw: None)
+    msg = "cuSPARSELt 0.8.0 does not support per-tensor fp32 scales (...) for fp8 e4m3 -> bfloat16 on sm90 (matmul)"
+
+    def runner(t, bias, layer, params):
+        raise cusparselt.Unsupported(msg)
+
+    spec = dataclasses.replace(dispatch._KERNELS["2:4/cusparselt"], runner=runner,
+                               variants=lambda ly, t: [{"alg_id": 0}, {"alg_id": 1}])
+    ly = Layer("2:4", 16, 64, 64, FP8, "cuda", scaled=Scaled("tensor", torch.bfloat16))
+    for _ in range(2):  # measured, then read from the cache
+        t = measure.LayerTimer(ly, torch.zeros(64, 64), False, SparseOptions(), {"cusparselt": spec}, lambda s: {})
+        t._env = "env"
+        assert t("cusparselt", 16) is None and t.failures == {"cusparselt": msg}
+
+    class Timer:  # dense as if timed (no GPU here), the rest from the LayerTimer (with its failures)
+        failures = t.failures
+
+        def __call__(self, name, m):
+            return (750.0, {}) if name == "dense" else t(name, m)
+
+    c = choose(ly, SparseOptions(), Timer())
+    assert c.kernel == "dense" and c.reason.startswith("no sparse kernel could be timed at M=16"), c
+    assert "cusparselt: " + msg in c.reason, c.reason
+
+
 # ---------------------------------------------------------------- on the GPU (H100: sm90)
 
 # Relative error in the norm vs the fp64 dequantized matmul: one rounding to bf16 (at most 2^-9 of
@@ -393,9 +543,11 @@ def _gpu_model(k=512, n=256, bias=True, rowwise=False):
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("m", [16, 37])
 def test_gpu_plan_path_fp8(out_dtype, m):
-    """Ours (ctypes plan) vs torch._cslt_sparse_mm: the same bits without alpha (torch on x padded to
-    16 rows as ours pads it); with an alpha vector and a bias in out_dtype, y = alpha * acc + bias
-    against fp64."""
+    """Ours (ctypes plan) vs torch._cslt_sparse_mm: the same bits without scales (torch on x padded
+    to 16 rows as ours pads it). With per-tensor scales through the scale modes (A_SCALE_MODE /
+    B_SCALE_MODE = MATRIX_SCALE_SCALAR_32F) and a bias in out_dtype, y = scale_a * scale_b * acc +
+    bias rounded once: against torch._cslt_sparse_mm's fp32 accumulator with the same scales and
+    bias folded in (in fp32, then one rounding), and against fp64."""
     model = _gpu_model()
     n, k = model.wq.shape
     wc = cusparselt.compress(model.wq)
@@ -404,11 +556,53 @@ def test_gpu_plan_path_fp8(out_dtype, m):
     xp = torch.nn.functional.pad(xq.view(torch.uint8), (0, 0, 0, -m % 16)).view(FP8)
     theirs = torch._cslt_sparse_mm(wc, xp.t(), None, None, out_dtype, transpose_result=True)[:m]
     assert ours.dtype == out_dtype and ours.shape == (m, n) and torch.equal(ours, theirs)
-    alpha = (s * model.w_scale).expand(n).contiguous()
+    sa, sb = s, model.w_scale  # f32 [] each: x's, W's
     bias = None if out_dtype == torch.float32 else torch.randn(n, device="cuda").to(out_dtype)
-    y = cusparselt.linear(xq, wc, bias, n, k, out_dtype=out_dtype, alpha=alpha)
-    ref = (xq.double() @ model.wq.double().T) * alpha.double() + (0 if bias is None else bias.double())
+    y = cusparselt.linear(xq, wc, bias, n, k, out_dtype=out_dtype, scale_a=sa, scale_b=sb)
+    assert y.dtype == out_dtype and y.shape == (m, n)
+    acc = torch._cslt_sparse_mm(wc, xp.t(), None, None, torch.float32, transpose_result=True)[:m]
+    folded = (acc * (sa * sb) + (0 if bias is None else bias.float())).to(out_dtype)
+    # Same fp8 products, same fp32 accumulator type; what may differ: the kernel (so the order of the
+    # fp32 additions: at most K * 2^-24 of the largest output, the atol) and the fp32 steps of
+    # scale_a * scale_b * acc + bias (an ulp or two), which can move the one rounding to out_dtype
+    # by one ulp of the output (rtol: 2^-7 bf16, 2^-10 fp16; fp32 a few 2^-24); for the 16-bit
+    # outputs that happens at a handful of the m * n outputs at most, every other one is equal.
+    big = folded.float().abs().max().item()
+    rtol = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float32: 2 ** -22}[out_dtype]
+    torch.testing.assert_close(y.float(), folded.float(), rtol=rtol, atol=k * 2 ** -24 * big)
+    if out_dtype != torch.float32:
+        assert (y != folded).float().mean().item() < 0.01
+    ref = (xq.double() @ model.wq.double().T) * (sa.double() * sb.double()) + (0 if bias is None else bias.double())
     assert _rel_err(y, ref) < TOL_GPU
+    assert cusparselt.fp8_scales_why_not(n, k, out_dtype) is None  # the probe agrees
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_scales_per_call_and_in_a_cuda_graph():
+    """The scales are copied into the plan's scalars at each call (stream-ordered): two layers of one
+    shape (one plan) with different scales each get theirs, and a CUDA graph replays the copies,
+    so new values written into the scale tensors are used by the replay."""
+    model = _gpu_model(bias=False)
+    n, k = model.wq.shape
+    wc = cusparselt.compress(model.wq)
+    xq, s = (t.cuda() for t in fp8_input(m=64, k=k))
+    sa, sb = s.clone(), model.w_scale.clone()
+    acc = (xq.double() @ model.wq.double().T)
+    tol = 2 ** -16  # fp32 output: fp32 accumulation of exact products over K = 512 (~sqrt(K) * 2^-24), no rounding to 16 bits
+    y1 = cusparselt.linear(xq, wc, None, n, k, out_dtype=torch.float32, scale_a=sa, scale_b=sb)
+    y2 = cusparselt.linear(xq, wc, None, n, k, out_dtype=torch.float32, scale_a=sa * 2, scale_b=sb * 4)
+    assert _rel_err(y1, acc * float(sa * sb)) < tol and _rel_err(y2, acc * float(sa * sb * 8)) < tol
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = cusparselt.linear(xq, wc, None, n, k, out_dtype=torch.float32, scale_a=sa, scale_b=sb)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y1)
+    sa.mul_(0.5)
+    sb.mul_(3)
+    g.replay()
+    torch.cuda.synchronize()
+    assert _rel_err(y, acc * float(sa * sb)) < tol
 
 
 @pytest.mark.gpu

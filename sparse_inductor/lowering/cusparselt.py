@@ -22,7 +22,13 @@ SparseSemiStructuredTensorCUSPARSELT requires), checked by the dispatcher.
 int32 / fp16 / bf16 output; fp8 e4m3 x e4m3 with fp32 compute and a bf16 / fp16 / fp32 output (the
 types torch 2.11 accepts for fp8; an fp8 output would need a separate fp16 C matrix, not done here;
 cuSPARSELt's E4M3 kernels need sm90 and cuSPARSELt 0.6.2+). An alpha vector (one fp32 per output
-feature) scales the fp32/int32 accumulator before the bias is added and the result rounded once.
+feature) scales the fp32/int32 accumulator before the bias is added and the result rounded once
+(int8; cuSPARSELt 0.8 refuses it for E4M3 with status 10, "operation not supported", on the H100).
+fp8's per-tensor scales go instead through the matrix scale modes: A_SCALE_MODE and B_SCALE_MODE
+set to MATRIX_SCALE_SCALAR_32F, with A_SCALE_POINTER / B_SCALE_POINTER at two fp32 scalars on the
+device that the plan owns (the pointers are fixed in the matmul descriptor when the plan is made,
+so each call first copies its scales there: two stream-ordered device-to-device copies, which a
+CUDA graph captures). D = scale_A * scale_B * (A @ B) + bias, rounded once.
 """
 from __future__ import annotations
 
@@ -47,7 +53,14 @@ _ORDER_COL, _ORDER_ROW = 1, 2
 _OP_N, _OP_T = 0, 1
 _SPARSITY_50 = 0
 _COMPUTE_32I, _COMPUTE_32F = 0, 2
-_ALPHA_VECTOR_SCALING, _BIAS_POINTER = 5, 8  # cusparseLtMatmulDescAttribute_t
+# cusparseLtMatmulDescAttribute_t, counted from ACTIVATION_RELU = 0 (cuSPARSELt 0.7 / 0.8 header)
+_ALPHA_VECTOR_SCALING, _BIAS_POINTER = 5, 8
+_A_SCALE_MODE, _B_SCALE_MODE = 10, 11
+_A_SCALE_POINTER, _B_SCALE_POINTER = 15, 16
+_MATRIX_SCALE_SCALAR_32F = 1  # cusparseLtMatmulMatrixScale_t (SCALE_NONE = 0)
+# how a plan scales the product: not at all, by an alpha vector of N (passed per call), or by one
+# fp32 scale for each of A (the weight) and B (x) through the scale modes (copied in per call)
+_NO_SCALING, _ALPHA_VECTOR, _AB_SCALARS = "none", "alpha_vector", "ab_scalars"
 _ALG_DEFAULT = 0
 _ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID, _SPLIT_K = 0, 1, 3  # cusparseLtMatmulAlgAttribute_t
 _CUDA_TYPE = {torch.float16: 2, torch.bfloat16: 14}
@@ -79,8 +92,11 @@ class _Lib:
 
     def check(self, status: int, what: str) -> None:
         if status != 0:
-            msg = self.dll.cusparseLtGetErrorString(status)
-            raise RuntimeError(f"cuSPARSELt {what} failed: status {status} ({(msg or b'?').decode()})")
+            raise RuntimeError(f"cuSPARSELt {what} failed: {self.status(status)}")
+
+    def status(self, status: int) -> str:
+        msg = self.dll.cusparseLtGetErrorString(status)
+        return f"status {status} ({(msg or b'?').decode()})"
 
     def handle(self, device: int) -> _Opaque:
         with self.lock:
@@ -91,6 +107,11 @@ class _Lib:
                     self.check(self.dll.cusparseLtInit(h.ptr), "cusparseLtInit")
                 self.handles[device] = h
             return h
+
+
+class Unsupported(RuntimeError):
+    """The library refused a configuration this path needs (e.g. the scale modes for fp8): the
+    message says what, in words the dispatcher reports as the reason a layer stays dense."""
 
 
 def _library_path() -> str:
@@ -133,6 +154,11 @@ def version() -> Optional[int]:
         return torch.backends.cusparselt.version()
     except Exception:
         return None
+
+
+def _version_str() -> str:
+    v = version()
+    return "(version unknown)" if v is None else f"{v // 1000}.{v // 100 % 10}.{v % 100}"
 
 
 def why_not_runnable(n: int, k: int, dtype: torch.dtype, out_dtype: Optional[torch.dtype] = None) -> Optional[str]:
@@ -178,7 +204,7 @@ class _Plan:
 
     def __init__(self, lib: _Lib, device: int, m: int, n: int, k: int, dtype: torch.dtype,
                  bias_ptr: int, alg_id: int, split_k: int, out_dtype: Optional[torch.dtype] = None,
-                 vector_alpha: bool = False):
+                 scaling: str = _NO_SCALING):
         self.lib, dll = lib, lib.dll
         self.handle = lib.handle(device)
         h = self.handle.ptr
@@ -188,7 +214,10 @@ class _Plan:
         ty = _EIGHT_BIT.get(dtype) or _CUDA_TYPE[dtype]
         out_ty = _OUT_TYPE[out_dtype or dtype]
         compute = _COMPUTE_32I if dtype == torch.int8 else _COMPUTE_32F
-        self.vector_alpha = vector_alpha
+        if scaling == _AB_SCALARS and dtype != torch.float8_e4m3fn:
+            raise ValueError(f"per-tensor A/B scales are an fp8 path here, not {dtype}")
+        self.scaling = scaling
+        self.scales: Optional[Tensor] = None
         self.a, self.b, self.d = _Opaque(), _Opaque(), _Opaque()
         self.mm, self.sel, self.plan = _Opaque(), _Opaque(), _Opaque()
         i64 = ctypes.c_int64
@@ -200,15 +229,18 @@ class _Plan:
                                                      out_ty, _ORDER_COL), "dense descriptor (y)")
         lib.check(dll.cusparseLtMatmulDescriptorInit(h, self.mm.ptr, _OP_N, _OP_T, self.a.ptr, self.b.ptr,
                                                       self.d.ptr, self.d.ptr, compute), "matmul descriptor")
-        if vector_alpha:  # alpha is then a device vector of N floats (a per-row scale), passed per call
+        if scaling == _ALPHA_VECTOR:  # alpha is then a device vector of N floats (a per-row scale), passed per call
             one = ctypes.c_int(1)
             lib.check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, _ALPHA_VECTOR_SCALING, ctypes.byref(one),
                                                            ctypes.c_size_t(4)), "alpha vector scaling")
+        elif scaling == _AB_SCALARS:
+            self._set_scale_modes(device, out_dtype)
         if bias_ptr:
             self._bias = ctypes.c_void_p(bias_ptr)
             lib.check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, _BIAS_POINTER, ctypes.byref(self._bias),
                                                            ctypes.c_size_t(8)), "bias pointer")
-        lib.check(dll.cusparseLtMatmulAlgSelectionInit(h, self.sel.ptr, self.mm.ptr, _ALG_DEFAULT), "alg selection")
+        self._scaled_check(dll.cusparseLtMatmulAlgSelectionInit(h, self.sel.ptr, self.mm.ptr, _ALG_DEFAULT),
+                           "alg selection", out_dtype)
         mx = ctypes.c_int(0)
         lib.check(dll.cusparseLtMatmulAlgGetAttribute(h, self.sel.ptr, _ALG_CONFIG_MAX_ID, ctypes.byref(mx),
                                                       ctypes.c_size_t(4)), "max alg id")
@@ -223,7 +255,8 @@ class _Plan:
             v = ctypes.c_int(split_k)
             lib.check(dll.cusparseLtMatmulAlgSetAttribute(h, self.sel.ptr, _SPLIT_K, ctypes.byref(v),
                                                           ctypes.c_size_t(4)), "split_k")
-        lib.check(dll.cusparseLtMatmulPlanInit(h, self.plan.ptr, self.mm.ptr, self.sel.ptr), "plan")
+        self._scaled_check(dll.cusparseLtMatmulPlanInit(h, self.plan.ptr, self.mm.ptr, self.sel.ptr), "plan",
+                           out_dtype)
         self._live = True
         ws = ctypes.c_size_t(0)
         lib.check(dll.cusparseLtMatmulGetWorkspace(h, self.plan.ptr, ctypes.byref(ws)), "workspace size")
@@ -231,6 +264,41 @@ class _Plan:
         self.workspace = _persistent_empty(self.workspace_bytes, device) if self.workspace_bytes else None
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
         self._prepare_call()
+
+    def _set_scale_modes(self, device: int, out_dtype: Optional[torch.dtype]) -> None:
+        """A and B scaled by one fp32 number each (MATRIX_SCALE_SCALAR_32F), read at the two device
+        scalars this plan owns: self.scales[0] for A (the weight), self.scales[4] for B (x), 16 bytes
+        apart. Set on the matmul descriptor before the algorithm selection and the plan are made
+        (the plan reads the descriptor when it is initialized)."""
+        dll, h = self.lib.dll, self.handle.ptr
+        # outside any CUDA-graph pool, like the workspace: it lives as long as the plan
+        self.scales = _persistent_empty(32, device).view(torch.float32)
+        base = self.scales.data_ptr()
+        self._scale_ptrs = (ctypes.c_void_p(base), ctypes.c_void_p(base + 16))
+        mode = ctypes.c_int(_MATRIX_SCALE_SCALAR_32F)
+        for attr, what in ((_A_SCALE_MODE, "A_SCALE_MODE = MATRIX_SCALE_SCALAR_32F"),
+                           (_B_SCALE_MODE, "B_SCALE_MODE = MATRIX_SCALE_SCALAR_32F")):
+            self._scaled_check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, attr, ctypes.byref(mode),
+                                                                    ctypes.c_size_t(4)), what, out_dtype)
+        for attr, ptr, what in ((_A_SCALE_POINTER, self._scale_ptrs[0], "A_SCALE_POINTER"),
+                                (_B_SCALE_POINTER, self._scale_ptrs[1], "B_SCALE_POINTER")):
+            self._scaled_check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, attr, ctypes.byref(ptr),
+                                                                    ctypes.c_size_t(8)), what, out_dtype)
+
+    def _scaled_check(self, status: int, what: str, out_dtype: Optional[torch.dtype]) -> None:
+        """lib.check, but a refusal on a plan with the fp8 scale modes says so in words (Unsupported)."""
+        if status == 0:
+            return
+        if self.scaling != _AB_SCALARS:
+            self.lib.check(status, what)
+        raise Unsupported(_scales_unsupported(f"{what}: {self.lib.status(status)}", out_dtype))
+
+    def set_scales(self, scale_a: Tensor, scale_b: Tensor) -> None:
+        """Copy this call's scales (one fp32 number each, on the device) to where the plan reads them:
+        scale_b (the weight's, torch._scaled_mm's second scale) is A's, scale_a (x's) is B's.
+        Stream-ordered device-to-device copies, so a CUDA graph captures them."""
+        self.scales[0:1].copy_(scale_b.reshape(1))
+        self.scales[4:5].copy_(scale_a.reshape(1))
 
     def _prepare_call(self) -> None:
         """Everything of cusparseLtMatmul's arguments that stays fixed, converted once: a call then
@@ -246,13 +314,13 @@ class _Plan:
 
     def __call__(self, wc: Tensor, x: Tensor, y: Tensor, stream: int, alpha_ptr: int = 0) -> None:
         h, plan, alpha, beta, streams, ws = self._fixed
-        if self.vector_alpha:
+        if self.scaling == _ALPHA_VECTOR:
             alpha = alpha_ptr
         self._stream.value = stream
         yp = y.data_ptr()
         status = self._mm(h, plan, alpha, wc.data_ptr(), x.data_ptr(), beta, yp, yp, ws, streams, 1)
         if status:
-            self.lib.check(status, "matmul")
+            self._scaled_check(status, "matmul", y.dtype)
 
     def __del__(self):
         if getattr(self, "_live", False):
@@ -264,6 +332,16 @@ class _Plan:
                     dll.cusparseLtMatDescriptorDestroy(d.ptr)
             except Exception:
                 pass
+
+
+def _scales_unsupported(what: str, out_dtype: Optional[torch.dtype]) -> str:
+    try:
+        cap = "sm{}{}".format(*torch.cuda.get_device_capability())
+    except Exception:
+        cap = "this GPU"
+    out = str(out_dtype).replace("torch.", "")
+    return (f"cuSPARSELt {_version_str()} does not support per-tensor fp32 scales (A/B_SCALE_MODE = "
+            f"MATRIX_SCALE_SCALAR_32F) for fp8 e4m3 -> {out} on {cap} ({what})")
 
 
 def _persistent_empty(nbytes: int, device: int) -> Tensor:
@@ -296,7 +374,7 @@ _PLANS_LOCK = threading.Lock()
 
 def _plan(key: tuple) -> Optional[_Plan]:
     """The plan for key = (device index, M, N, K, x dtype, bias pointer, alg_id, split_k, out_dtype,
-    vector alpha), made on first use; None where the library cannot be loaded."""
+    scaling), made on first use; None where the library cannot be loaded."""
     p = _PLANS.get(key)
     if p is None:
         lib = _lib()
@@ -305,16 +383,39 @@ def _plan(key: tuple) -> Optional[_Plan]:
         with _PLANS_LOCK:
             p = _PLANS.get(key)
             if p is None:
-                device, m, n, k, dtype, bias_ptr, alg_id, split_k, out_dtype, vec = key
-                p = _PLANS[key] = _Plan(lib, device or 0, m, n, k, dtype, bias_ptr, alg_id, split_k, out_dtype, vec)
+                device, m, n, k, dtype, bias_ptr, alg_id, split_k, out_dtype, scaling = key
+                p = _PLANS[key] = _Plan(lib, device or 0, m, n, k, dtype, bias_ptr, alg_id, split_k, out_dtype,
+                                        scaling)
     return p
 
 
-def max_alg_id(wc: Tensor, x: Tensor, n: int, k: int, out_dtype: Optional[torch.dtype] = None) -> int:
+def max_alg_id(wc: Tensor, x: Tensor, n: int, k: int, out_dtype: Optional[torch.dtype] = None,
+               scaling: str = _NO_SCALING) -> int:
     """The largest algorithm id cuSPARSELt offers for this matmul (0 where it cannot tell)."""
     m = _padded(x.shape[0], _pad_multiple(x.dtype))
-    p = _plan((x.device.index, m, n, k, x.dtype, 0, 0, 1, out_dtype, False))
+    p = _plan((x.device.index, m, n, k, x.dtype, 0, 0, 1, out_dtype, scaling))
     return p.max_alg_id if p is not None else 0
+
+
+_PROBES: dict[tuple, Optional[str]] = {}
+
+
+def fp8_scales_why_not(n: int, k: int, out_dtype: torch.dtype, device: Optional[int] = None) -> Optional[str]:
+    """Why this library / GPU cannot run fp8 with per-tensor scales through the scale modes
+    (cuSPARSELt refuses a mode or the plan: the Unsupported message), or None. Asked once per
+    (device, N, K, out_dtype) by making the plan at M=16; None where the library cannot be loaded
+    (torch._cslt_sparse_mm then computes the product and torch applies the scales)."""
+    if _lib() is None:
+        return None
+    dev = torch.cuda.current_device() if device is None else device
+    key = (dev, n, k, out_dtype)
+    if key not in _PROBES:
+        try:
+            _plan((dev, 16, n, k, torch.float8_e4m3fn, 0, 0, 1, out_dtype, _AB_SCALARS))
+            _PROBES[key] = None
+        except RuntimeError as e:  # Unsupported, or another failure of the library: said as it is
+            _PROBES[key] = str(e)
+    return _PROBES[key]
 
 
 def _padded(m: int, multiple: int = _PAD_M) -> int:
@@ -327,15 +428,22 @@ def _pad_multiple(dtype: torch.dtype) -> int:
 
 
 def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id: int = 0, split_k: int = 1,
-           out_dtype: Optional[torch.dtype] = None, alpha: Optional[Tensor] = None) -> Tensor:
-    """y = alpha * (x @ W^T) + bias, W given as `compress(W)`; y [M, N] contiguous.
+           out_dtype: Optional[torch.dtype] = None, alpha: Optional[Tensor] = None,
+           scale_a: Optional[Tensor] = None, scale_b: Optional[Tensor] = None) -> Tensor:
+    """y = alpha * (x @ W^T) + bias, or y = scale_a * scale_b * (x @ W^T) + bias; W given as
+    `compress(W)`; y [M, N] contiguous.
 
     x [M, K] fp16/bf16, or int8 with W int8 (then out_dtype fp16/bf16/int32 or int8 by default), or
     fp8 e4m3 with W e4m3 (then out_dtype bf16/fp16/fp32 is required; bias in out_dtype);
-    alpha: None, or a float32 [N] per-row scale of W (e.g. int8 dequantization scales, or fp8's
-    scale_a * scale_b): the fp32/int32 accumulator is multiplied by it before the bias is added,
-    and the sum is rounded once to the output dtype.
-    The hot path (a plan already made): a dict lookup, the output allocation and one foreign call.
+    alpha: None, or a float32 [N] per-row scale of W (e.g. int8 dequantization scales): the
+    fp32/int32 accumulator is multiplied by it before the bias is added, and the sum is rounded
+    once to the output dtype (cuSPARSELt 0.8 refuses it for fp8: use the scales);
+    scale_a, scale_b (fp8 only, both or neither, not with alpha): torch._scaled_mm's per-tensor
+    scales of x and of W, one float32 number each on x's device, applied by the library to its
+    fp32 accumulator through the matrix scale modes (A = W scaled by scale_b, B = x by scale_a)
+    before the bias, one rounding; copied into the plan's two device scalars before the call.
+    The hot path (a plan already made): a dict lookup, the output allocation and one foreign call
+    (with scales: and two 4-byte device copies).
     Like the sparse tensor cores, it never multiplies the pruned zeros: a NaN/Inf in x meets only
     the kept weights (the compiled graph passes the op a row check, see nan_rows_).
     """
@@ -344,6 +452,10 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
     if x.dtype == torch.float8_e4m3fn and (out_dtype not in _FP8_OUT or (bias is not None and bias.dtype != out_dtype)):
         raise ValueError(f"fp8 x fp8 on cuSPARSELt: out_dtype must be one of {_FP8_OUT} and the bias in it "
                          f"(got out_dtype={out_dtype}, bias {None if bias is None else bias.dtype})")
+    scaled = scale_a is not None or scale_b is not None
+    if scaled and (scale_a is None or scale_b is None or alpha is not None or x.dtype != torch.float8_e4m3fn
+                   or scale_a.numel() != 1 or scale_b.numel() != 1):
+        raise ValueError("scale_a and scale_b: both, one number each, for fp8 x only, and not with alpha")
     m = x.shape[0]
     mp = _padded(m, _pad_multiple(x.dtype))
     if not x.is_contiguous():
@@ -356,15 +468,23 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
     if alpha is not None:
         alpha = alpha.to(torch.float32).contiguous()
     dev = x.device
-    vec = alpha is not None
+    scaling = _AB_SCALARS if scaled else _ALPHA_VECTOR if alpha is not None else _NO_SCALING
     plan = _plan((dev.index, mp, n, k, x.dtype, bias.data_ptr() if bias is not None else 0, alg_id, split_k,
-                  out_dtype, vec))
+                  out_dtype, scaling))
     if plan is None:
-        y = torch._cslt_sparse_mm(wc, x.t(), bias, alpha, out_dtype, transpose_result=True, alg_id=alg_id,
-                                  split_k=split_k)
+        if scaled:  # torch's call has no scale modes: its fp32 accumulator, then the scales, bias, one rounding
+            y = torch._cslt_sparse_mm(wc, x.t(), None, None, torch.float32, transpose_result=True, alg_id=alg_id,
+                                      split_k=split_k)
+            y = y * (scale_a.float().reshape(()) * scale_b.float().reshape(()))
+            y = (y if bias is None else y + bias.float()).to(out_dtype)
+        else:
+            y = torch._cslt_sparse_mm(wc, x.t(), bias, alpha, out_dtype, transpose_result=True, alg_id=alg_id,
+                                      split_k=split_k)
     else:
+        if scaled:
+            plan.set_scales(scale_a, scale_b)
         y = torch.empty((mp, n), dtype=out_dtype or x.dtype, device=dev)
-        plan(wc, x, y, _raw_stream(dev.index), alpha.data_ptr() if vec else 0)
+        plan(wc, x, y, _raw_stream(dev.index), alpha.data_ptr() if alpha is not None else 0)
     return y[:m] if mp != m else y
 
 
@@ -411,7 +531,10 @@ def _check(layer) -> Optional[str]:
         return "weight-only quantized weights run on the Triton kernels (cuSPARSELt needs x and W in one dtype)"
     if layer.dtype == torch.float8_e4m3fn and layer.scaled is None:
         return "an fp8 linear is read from torch._scaled_mm only (its scales and output dtype)"
-    return why_not_runnable(layer.n, layer.k, layer.dtype, _out_dtype(layer) if layer.scaled else None)
+    why = why_not_runnable(layer.n, layer.k, layer.dtype, _out_dtype(layer) if layer.scaled else None)
+    if why is None and layer.scaled is not None and layer.scaled.form == "tensor":
+        why = fp8_scales_why_not(layer.n, layer.k, layer.scaled.out_dtype)  # the library says no at plan time
+    return why
 
 
 # Calibration from the H100 (torch 2.11, cuSPARSELt 0.8, bf16, docs/benchmarks.md): with the best
@@ -452,21 +575,19 @@ def _runner(t, bias, layer, params):
 def _fp8_runner(wc, bias, layer, alg, sk):
     """fp8 (torch._scaled_mm rewritten, passes/linear_rewrite._replace_scaled_mm), kernels per call:
     the row check's reduction over x (read here as bytes: same traffic, fp8 has no eager sum);
-    form "tensor": the alpha vector (scale_a * scale_b, one small kernel) and the call, bias and
+    form "tensor": the two scale copies into the plan's scalars and the call, scales, bias and
     rounding in the library; form "row": the call with an fp32 output and the epilogue kernel,
     timed as a cast of y to out_dtype (the same bytes as Inductor's fused scale/bias/cast kernel:
     read 4, write 2 per output). The timing bias (out_dtype) goes where the graph puts it."""
     sc, n, k = layer.scaled, layer.n, layer.k
     dev = wc.device
     sa = torch.ones((), device=dev, dtype=torch.float32)
-    sb = torch.ones(n if sc.scale_b_vector else 1, device=dev, dtype=torch.float32)
-    alpha = torch.empty(n, device=dev, dtype=torch.float32)
+    sb = torch.ones((), device=dev, dtype=torch.float32)
 
     def run(x):
         torch.sum(x.view(torch.uint8), dim=-1, dtype=torch.int32)
         if sc.form == "tensor":
-            torch.mul(sb.expand(n), sa, out=alpha)
-            return linear(x, wc, bias, n, k, alg, sk, sc.out_dtype, alpha)
+            return linear(x, wc, bias, n, k, alg, sk, sc.out_dtype, scale_a=sa, scale_b=sb)
         return linear(x, wc, None, n, k, alg, sk, torch.float32).to(sc.out_dtype)
 
     return run
@@ -484,7 +605,9 @@ def _out_dtype(layer) -> Optional[torch.dtype]:
 
 def _variants(layer, t) -> list:
     x = torch.empty(layer.m or 8, layer.k, dtype=layer.dtype, device=t["wc"].device)
-    top = max_alg_id(t["wc"], x, layer.n, layer.k, _out_dtype(layer)) if _lib() is not None else 0
+    tensor_form = layer.scaled is not None and layer.scaled.form == "tensor"
+    top = (max_alg_id(t["wc"], x, layer.n, layer.k, _out_dtype(layer), _AB_SCALARS if tensor_form else _NO_SCALING)
+           if _lib() is not None else 0)
     if not top:
         top = torch.backends.cusparselt.get_max_alg_id() or 20
     return [{"alg_id": a, "split_k": 1} for a in range(top + 1)]

@@ -196,9 +196,11 @@ def _read_scaled_mm(node: fx.Node, n: int) -> tuple[Optional[Scaled], Optional[s
     why it is not. Read: fp32 scales per-tensor (one number) or row-wise (scale_a [M, 1],
     scale_b [1, N]), a bias vector of N, out_dtype bf16 / fp16 / fp32 (no scale_result).
 
-    Form "tensor" (scale_a per-tensor, and the bias, if any, in out_dtype bf16/fp16): cuSPARSELt
-    scales its fp32 accumulator by alpha = scale_a * scale_b, adds the bias, rounds once. Else form
-    "row": an fp32 output, the scales, bias and cast after it in one Inductor kernel (dispatch.Scaled).
+    Form "tensor" (scale_a and scale_b per-tensor, and the bias, if any, in out_dtype bf16/fp16):
+    cuSPARSELt scales its fp32 accumulator by scale_a * scale_b (its scale modes: one fp32 number
+    per operand), adds the bias, rounds once. Else form "row" (a row-wise scale_a or scale_b, or
+    another bias): an fp32 output, the scales, bias and cast after it in one Inductor kernel
+    (dispatch.Scaled).
     """
     val = {a: (_scaled_mm_arg(node, a).meta.get("val") if isinstance(_scaled_mm_arg(node, a), fx.Node) else None)
            for a in ("scale_a", "scale_b", "bias")}
@@ -220,7 +222,7 @@ def _read_scaled_mm(node: fx.Node, n: int) -> tuple[Optional[Scaled], Optional[s
                       f"or row-wise ([M, 1] / [1, {n}]) scales are rewritten")
     if bias is not None and not _bias_is_row(_scaled_mm_arg(node, "bias"), n):
         return None, "bias is not a vector of out_features"
-    in_library = a_tensor and (bias is None or (bias.dtype == out and out != torch.float32))
+    in_library = a_tensor and b_tensor and (bias is None or (bias.dtype == out and out != torch.float32))
     return Scaled("tensor" if in_library else "row", out, not a_tensor, not b_tensor), None
 
 
@@ -438,10 +440,11 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
 def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node, ...], params: dict, n: int,
                        k: int) -> fx.Node:
     """torch._scaled_mm(x8, W8_t, scale_a, scale_b, bias, None, out_dtype) -> linear_cslt and its
-    scales (docs/formats.md, "fp8"; the form comes from _read_scaled_mm). Form "tensor":
+    scales (docs/formats.md, "fp8"; the form comes from _read_scaled_mm). Form "tensor" (both
+    scales one number):
 
-        alpha = expand(reshape(scale_b, [-1]), [N]) * reshape(scale_a, [1])         # f32 [N]
-        y = linear_cslt(x8g, wc, bias, N, K, alg, split_k, out_dtype, alpha)       # rounded once
+        y = linear_cslt(x8g, wc, bias, N, K, alg, split_k, out_dtype,
+                        scale_a=scale_a, scale_b=scale_b)                          # rounded once
 
     form "row":
 
@@ -477,11 +480,9 @@ def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node
     with graph.inserting_before(node):
         xf = call(cvt, x, torch.float32)
         g = call(aten.sum.dim_IntList, call(aten.mul.Tensor, xf, 0), [1], True)
-        if sc.form == "tensor":
-            alpha = call(aten.mul.Tensor, call(aten.expand.default, call(aten.reshape.default, sb, [-1]), [n]),
-                         call(aten.reshape.default, sa, [1]))
+        if sc.form == "tensor":  # the scales go to the library as they are (one number each)
             xg = call(cvt, call(aten.add.Tensor, xf, g), x.meta["val"].dtype)
-            out = call(target, xg, args[1], bias, *args[3:7], sc.out_dtype, alpha)
+            out = call(target, xg, args[1], bias, *args[3:7], sc.out_dtype, scale_a=sa, scale_b=sb)
         else:
             y = call(aten.add.Tensor, call(target, *args[:7], torch.float32), g)
             y = call(aten.mul.Tensor, call(aten.mul.Tensor, y, sa), sb)
