@@ -180,7 +180,8 @@ class LayerTimer:
         ly = self.layer
         scaled = "" if ly.scaled is None else f"|scaled={ly.scaled}"
         return (f"{self._env}|{'graph' if self.graphs else 'eager'}|{name}|{ly.pattern}|M={m} N={ly.n} K={ly.k}|"
-                f"{ly.dtype}|w={ly.weight_dtype}|bias={self.has_bias}|block={ly.block}|{self.structure}{scaled}")
+                f"{ly.dtype}|w={ly.weight_dtype}|bias={self.has_bias}|block={ly.block}|{self.structure}{scaled}"
+                f"|rc={ly.row_check}")
 
     def __call__(self, name: str, m: int) -> Optional[tuple]:
         try:

@@ -26,6 +26,7 @@ ENV_FORCE = "SPARSE_INDUCTOR_FORCE"
 
 PATTERNS = ("2:4", "block")
 _DISPATCH = ("auto", "measure", "model")
+_NONFINITE = ("exact", "fast")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -50,6 +51,11 @@ class SparseOptions:
                        digest of the weights' contents; the compressed weights go into the
                        artifact). False bypasses the cache for such graphs.
     mode:              torch.compile's mode, for callers that also pass options.
+    nonfinite:         "exact" (default): a NaN/Inf input row gives a non-finite output row, as dense
+                       does, also after cuSPARSELt (which never multiplies the pruned zeros): the
+                       graph computes a row check (a reduction over x) that the op applies. "fast":
+                       no row check after cuSPARSELt; an input NaN/Inf that meets only pruned zeros
+                       then leaves those outputs finite (the Triton kernels stay exact either way).
     """
 
     force: bool = False
@@ -61,6 +67,7 @@ class SparseOptions:
     dispatch: str = "auto"
     fx_cache: bool = True
     mode: Optional[str] = None
+    nonfinite: str = "exact"
 
     def __post_init__(self):
         object.__setattr__(self, "patterns", tuple(self.patterns))
@@ -77,6 +84,8 @@ class SparseOptions:
             raise ValueError(f"min_speedup must be positive, got {self.min_speedup}")
         if self.dispatch not in _DISPATCH:
             raise ValueError(f"unknown dispatch {self.dispatch!r}; choose from {_DISPATCH}")
+        if self.nonfinite not in _NONFINITE:
+            raise ValueError(f"unknown nonfinite {self.nonfinite!r}; choose from {_NONFINITE}")
         if self.mode not in _MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {_MODES[1:]}")
 

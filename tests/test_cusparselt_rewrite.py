@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import sparse_inductor
 from sparse_inductor import dispatch
 from sparse_inductor.lowering import cusparselt
 
@@ -158,3 +159,40 @@ def test_int8_activations_without_cusparselt_stay_dense(monkeypatch):
     r = run_sparse(model, (x,), options={"force": True})
     (d,) = r.decisions
     assert d.kernel == "dense" and "int8 x int8 runs on cuSPARSELt only" in d.reason, d.line()
+
+
+def test_nonfinite_fast_has_no_row_check():
+    """options nonfinite="fast": no reduction over x, no row_check argument (documented: a NaN/Inf
+    input meeting only pruned zeros then leaves those outputs finite)."""
+    model = seeded(Fc, act=True)
+    x = torch.randn(4, 16)
+    torch._dynamo.reset()
+    r = run_sparse(model, (x,), options={**OPTS, "nonfinite": "fast"})
+    torch.testing.assert_close(r.outputs[0], model(x).detach(), **TOL32)
+    assert "row_check" not in r.graphs[0] and "aten.sum" not in r.graphs[0], r.graphs[0]
+
+
+def test_bad_nonfinite_option():
+    with pytest.raises(ValueError, match="nonfinite"):
+        sparse_inductor.SparseOptions(nonfinite="approximate")
+
+
+@pytest.mark.parametrize("make,want", [
+    (lambda x: x.reshape(4, 16), "separate"),  # a graph input: one more read of x
+    (lambda x: torch.relu(x).reshape(4, 16), "fused"),  # a pointwise producer
+    # a norm, as post-grad graphs hold it (decomposed: var_mean, then pointwise ops)
+    (lambda x: ((x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, keepdim=True) + 1e-5)).reshape(4, 16),
+     "fused"),
+    (lambda x: (x @ x.transpose(-1, -2)).reshape(4, 2), "separate"),  # an extern kernel (bmm)
+])
+def test_row_check_mode(make, want):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from sparse_inductor.passes.linear_rewrite import _row_check_mode
+
+    gm = make_fx(make)(torch.randn(2, 2, 16))
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert _row_check_mode(out, torch.float32, sparse_inductor.SparseOptions()) == want
+    assert _row_check_mode(out, torch.float32, sparse_inductor.SparseOptions(nonfinite="fast")) == "none"
+    assert _row_check_mode(out, torch.int8, sparse_inductor.SparseOptions()) == "none"

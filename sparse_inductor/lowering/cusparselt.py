@@ -556,17 +556,19 @@ def _compress_spec(w, layer) -> dict:
 
 def _runner(t, bias, layer, params):
     """The call plus what the compiled graph adds around it, for timing: the non-finite row check
-    (one reduction over x, and nan_rows_ after the call; none for int8 x)."""
+    (layer.row_check: nan_rows_ after the call, and a reduction over x where it is "separate", i.e.
+    cannot fuse with x's producer; nothing for "none": int8 x, or options nonfinite="fast")."""
     wc, n, k = t["wc"], layer.n, layer.k
     alg, sk = params.get("alg_id", 0), params.get("split_k", 1)
     out = _out_dtype(layer)
     if layer.dtype == torch.float8_e4m3fn:
         return _fp8_runner(wc, bias, layer, alg, sk)
+    g0 = torch.zeros(layer.m or 1, device=wc.device, dtype=torch.float32)
 
     def run(x):
-        if out is not None:
+        if out is not None or layer.row_check == "none":
             return linear(x, wc, bias, n, k, alg, sk, out)
-        g = torch.sum(x, dim=-1, dtype=torch.float32)
+        g = torch.sum(x, dim=-1, dtype=torch.float32) if layer.row_check == "separate" else g0[:x.shape[0]]
         return nan_rows_(linear(x, wc, bias, n, k, alg, sk, out), g)
 
     return run

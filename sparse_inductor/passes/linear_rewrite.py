@@ -356,7 +356,8 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             continue
         layer = Layer(det.pattern, m, n, k, compute, w.device.type, det.block, det.block_density,
                       _compat.device_name(w.device), m_static=isinstance(x_val.shape[0], int),
-                      weight_dtype=w.dtype if w.dtype != compute else None, scaled=site.scaled)
+                      weight_dtype=w.dtype if w.dtype != compute else None, scaled=site.scaled,
+                      row_check=_row_check_mode(site.x, compute, opts))
         specs = {spec.name: spec for spec in kernels(det.pattern)}
         made: dict[str, dict] = compressed.setdefault(key, {})
 
@@ -388,7 +389,8 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             spec = specs[choice.kernel]
             fmt = _fmt(spec, det)
             cnodes = consts.nodes((key, fmt), tensors(spec), node)
-            out = _replace(site, det, spec, cnodes, choice.kernel, choice.params, n, k)
+            out = _replace(site, det, spec, cnodes, choice.kernel, choice.params, n, k,
+                           check=layer.row_check != "none")
             pieces = _split(out, site, det, spec, choice.kernel, w, layer, consts, key) if spec.split_outputs else None
             if pieces:
                 consts.drop_unused((key, fmt))
@@ -415,7 +417,7 @@ def _erase_dead_weights(sites: list[LinearSite]) -> None:
 
 
 def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[fx.Node, ...], kernel: str,
-             params: dict, n: int, k: int) -> fx.Node:
+             params: dict, n: int, k: int, check: bool = True) -> fx.Node:
     node, graph = site.node, site.node.graph
     if node.target is aten._scaled_mm.default:
         return _replace_scaled_mm(site, spec, cnodes, params, n, k)
@@ -428,7 +430,7 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
     else:
         target, args = _pattern_op(det, x, cnodes, bias, n, k, kernel)
     floating = x.meta["val"].dtype.is_floating_point  # int8 x cannot hold a NaN/Inf
-    kwargs = {"row_check": _row_check(x, node)} if spec.row_check and floating else {}
+    kwargs = {"row_check": _row_check(x, node)} if spec.row_check and floating and check else {}
     with graph.inserting_before(node):
         new = graph.call_function(target, args, kwargs)
     new.meta.update(node.meta)
@@ -521,6 +523,31 @@ def _split(out: fx.Node, site: LinearSite, det: Detection, spec: KernelSpec, ker
         return _pattern_op(det, x, cnodes, piece_bias, b - a, k, kernel)
 
     return split_op(out, pieces, bias, make)
+
+
+_VIEWS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.squeeze.dim,
+          aten.unsqueeze.default}
+
+
+def _row_check_mode(x: fx.Node, compute: torch.dtype, opts: SparseOptions) -> str:
+    """How the non-finite row check of a zero-skipping kernel (cuSPARSELt) costs, for its timing:
+    "none" (int8 / fp8 inputs, which have their own handling, or options nonfinite="fast"),
+    "fused" where x comes from an Inductor pointwise or reduction kernel (a GELU, a norm, the
+    gated product), which the reduction over x joins (Inductor fuses a reduction with its
+    pointwise producer), "separate" otherwise (a graph input, an extern kernel's output, e.g.
+    attention), where it is one more read of x."""
+    if opts.nonfinite != "exact" or not compute.is_floating_point or compute.itemsize == 1:
+        return "none"
+    node = x
+    while node.op == "call_function" and node.target in _VIEWS:
+        node = node.args[0]
+    target = node.target if node.op == "call_function" else None
+    if not isinstance(target, torch._ops.OpOverload) or target in _OPS:
+        return "separate"
+    return "fused" if torch.Tag.pointwise in target.tags or target in _FUSABLE_REDUCTIONS else "separate"
+
+
+_FUSABLE_REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.var_mean.correction}
 
 
 def _row_check(x: fx.Node, near: fx.Node) -> fx.Node:
