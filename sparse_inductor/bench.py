@@ -275,6 +275,10 @@ class LlamaMLP(nn.Module):
         return x + self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+# backend options for every sparse compile of the e2e section (--options k=v,...)
+E2E_OPTIONS: dict = {}
+
+
 def _e2e_row(rows, name, model, x, options=None):
     """Three ways to run the same model, dense vs sparse: CUDA-graph replays of the default-mode
     compile, plain calls of it (default mode, host overhead included), and plain calls of both
@@ -282,6 +286,9 @@ def _e2e_row(rows, name, model, x, options=None):
     candidates without their host cost)."""
     from .report import LayerDecision, collect
 
+    options = {**E2E_OPTIONS, **(options or {})} or None
+    if E2E_OPTIONS:
+        name += " (" + ", ".join(f"{k}={v}" for k, v in E2E_OPTIONS.items()) + ")"
     with torch.no_grad():
         torch._dynamo.reset()
         dense_c = torch.compile(model)
@@ -547,7 +554,9 @@ def main(argv=None):
     p.add_argument("--e2e", default="llama,vit,llama_prefill,vit24",
                    help="models of the e2e section: llama (decode), vit (block), llama_prefill, vit24 (2:4 ViT-B, ViT-H)")
     p.add_argument("--quick", action="store_true", help="one small case per section (a smoke test)")
+    p.add_argument("--options", default="", help="backend options for the e2e compiles, e.g. nonfinite=fast")
     args = p.parse_args(argv)
+    E2E_OPTIONS.update(kv.split("=", 1) for kv in args.options.split(",") if kv)
     if not torch.cuda.is_available():
         sys.exit("sparse_inductor.bench needs a CUDA GPU")
     print(header())
