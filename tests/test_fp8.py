@@ -111,6 +111,12 @@ class TestFp8Graph(expecttest.TestCase):
     def _emulated(self, emulated):
         pass
 
+    @pytest.fixture(autouse=True)
+    def _library_scales(self, monkeypatch):  # the form "tensor" path, kept for its fix
+        from sparse_inductor.passes import linear_rewrite
+
+        monkeypatch.setattr(linear_rewrite, "LIBRARY_SCALES", True)
+
     def test_golden_per_tensor_scales(self):
         """Both scales per-tensor: scale_a, scale_b (one number each, as they are) and the bias go to
         the library (its scale modes; one rounding to bf16); the row guard goes on the fp8 input (no
@@ -318,14 +324,25 @@ def _scaled_mm_node(sa, sb, bias=None, out=torch.bfloat16, scale_result=None, m=
     (torch.ones(()), torch.ones(()), torch.ones(16, dtype=torch.bfloat16), torch.bfloat16,
      "bias is not a vector of out_features"),
 ])
-def test_scale_forms(sa, sb, bias, out, expect):
+def test_scale_forms(sa, sb, bias, out, expect, monkeypatch):
+    from sparse_inductor.passes import linear_rewrite
     from sparse_inductor.passes.linear_rewrite import _read_scaled_mm
 
+    monkeypatch.setattr(linear_rewrite, "LIBRARY_SCALES", True)  # the form "tensor" path, kept for its fix
     scaled, why = _read_scaled_mm(_scaled_mm_node(sa, sb, bias, out), 32)
     if isinstance(expect, Scaled):
         assert (scaled, why) == (expect, None)
     else:
         assert scaled is None and expect in why, why
+
+
+def test_per_tensor_takes_the_row_form_while_library_scales_are_off():
+    """linear_rewrite.LIBRARY_SCALES is off (the scale modes gave unscaled products on the H100)."""
+    from sparse_inductor.passes.linear_rewrite import LIBRARY_SCALES, _read_scaled_mm
+
+    assert not LIBRARY_SCALES
+    scaled, why = _read_scaled_mm(_scaled_mm_node(torch.ones(()), torch.ones(()), None, torch.bfloat16), 32)
+    assert (scaled, why) == (Scaled("row", torch.bfloat16), None)
 
 
 def test_scale_result_is_not_read():
@@ -542,6 +559,8 @@ def _gpu_model(k=512, n=256, bias=True, rowwise=False):
 @pytest.mark.gpu
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("m", [16, 37])
+@pytest.mark.xfail(strict=True, reason="H100, cuSPARSELt 0.8.0: the scale modes are accepted but the scales are "
+                   "not applied (relative error ~1e4); linear_rewrite.LIBRARY_SCALES is off until this passes")
 def test_gpu_plan_path_fp8(out_dtype, m):
     """Ours (ctypes plan) vs torch._cslt_sparse_mm: the same bits without scales (torch on x padded
     to 16 rows as ours pads it). With per-tensor scales through the scale modes (A_SCALE_MODE /
@@ -578,6 +597,8 @@ def test_gpu_plan_path_fp8(out_dtype, m):
 
 
 @pytest.mark.gpu
+@pytest.mark.xfail(strict=True, reason="H100, cuSPARSELt 0.8.0: the scale modes are accepted but the scales are "
+                   "not applied (relative error ~1e4); linear_rewrite.LIBRARY_SCALES is off until this passes")
 def test_gpu_fp8_scales_per_call_and_in_a_cuda_graph():
     """The scales are copied into the plan's scalars at each call (stream-ordered): two layers of one
     shape (one plan) with different scales each get theirs, and a CUDA graph replays the copies,

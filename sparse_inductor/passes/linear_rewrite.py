@@ -191,6 +191,14 @@ def _scaled_mm_arg(node: fx.Node, name: str) -> Any:
     return node.args[i] if len(node.args) > i else node.kwargs.get(name)
 
 
+# Form "tensor" (the scales through cuSPARSELt's scale modes) is OFF: on the H100 (torch 2.11,
+# cuSPARSELt 0.8.0) the library accepted the modes but returned products the scales had not been
+# applied to (tests/test_fp8.py::test_gpu_plan_path_fp8, relative error ~1e4), while the
+# dispatcher already preferred it (1.47x vs torch._scaled_mm at M=8192 N=14336 K=4096). Every fp8
+# layer takes form "row" until that is understood and the GPU test passes.
+LIBRARY_SCALES = False
+
+
 def _read_scaled_mm(node: fx.Node, n: int) -> tuple[Optional[Scaled], Optional[str]]:
     """How `_scaled_mm(x8, W8_t, scale_a, scale_b, bias, scale_result, out_dtype)` is rewritten, or
     why it is not. Read: fp32 scales per-tensor (one number) or row-wise (scale_a [M, 1],
@@ -222,7 +230,8 @@ def _read_scaled_mm(node: fx.Node, n: int) -> tuple[Optional[Scaled], Optional[s
                       f"or row-wise ([M, 1] / [1, {n}]) scales are rewritten")
     if bias is not None and not _bias_is_row(_scaled_mm_arg(node, "bias"), n):
         return None, "bias is not a vector of out_features"
-    in_library = a_tensor and b_tensor and (bias is None or (bias.dtype == out and out != torch.float32))
+    in_library = (LIBRARY_SCALES and a_tensor and b_tensor
+                  and (bias is None or (bias.dtype == out and out != torch.float32)))
     return Scaled("tensor" if in_library else "row", out, not a_tensor, not b_tensor), None
 
 
