@@ -24,13 +24,13 @@ from sparse_inductor.prune import prune_blocks_
 
 def grid(m: int, b: int, quick: bool):
     if m <= 16:
-        for ch, bn, w, s in itertools.product((1, 2, 4, 8), (16, 32, 64), (2, 4), (2, 3, 4) if not quick else (3,)):
-            yield tb.BlockLinearConfig(16, w, s, bn, ch)
+        for bn, w, s in itertools.product((16, 32, 64), (2, 4), (2, 3, 4, 5) if not quick else (3, 5)):
+            yield tb.BlockLinearConfig(16, w, s, bn)
     else:
-        for bm, ch, w, s in itertools.product((64, 128, 256), (1, 2), (4, 8), (2, 3, 4) if not quick else (3,)):
+        for bm, w, s in itertools.product((64, 128, 256), (4, 8), (2, 3, 4) if not quick else (3, 4)):
             if bm == 256 and w == 4:
                 continue
-            yield tb.BlockLinearConfig(bm, w, s, 64, ch)
+            yield tb.BlockLinearConfig(bm, w, s, 64)
 
 
 def main(argv=None):
@@ -60,7 +60,7 @@ def main(argv=None):
                 results.append((t, cfg))
             t_table = results[0][0] if results and results[0][1] == table else float("nan")
             best = sorted(results, key=lambda r: r[0])[:5]
-            txt = "; ".join(f"bm{c.block_m} bn{c.block_n or b} ch{c.chunk} w{c.num_warps} s{c.num_stages}: {t:.1f}"
+            txt = "; ".join(f"bm{c.block_m} bn{c.block_n or b} w{c.num_warps} s{c.num_stages}: {t:.1f}"
                            for t, c in best)
             print(f"| {m} | {sparsity:.0%} | {dense:.1f} | {tuple(table)} | {t_table:.1f} | {txt} | "
                   f"{dense / best[0][0]:.2f}x |", flush=True)

@@ -89,7 +89,6 @@ def block_sparse_acc(
     stride_xm, stride_xk,
     # meta-parameters
     BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr,
-    CH: tl.constexpr,  # blocks per step: 1, or a chunk of CH blocks multiplied as one K = CH*B dot
     ALLOW_TF32: tl.constexpr,  # fp32 inputs: tf32 tensor cores (True) or full fp32 (False)
     DOT_FP32: tl.constexpr,  # upcast both dot operands to fp32 first (bf16 under the interpreter)
 ):
@@ -98,9 +97,6 @@ def block_sparse_acc(
 
     BN <= B (a power of two dividing B): a program computes BN of the block row's B columns, so that
     small M has B / BN times more programs streaming the weight (each reads the same x tiles).
-    CH > 1: each step takes CH consecutive blocks of the row at once, their block columns read as a
-    tensor (so the x gather of a step waits for one index load, not a chain of CH scalar loads);
-    the step's x tile is [BLOCK_M, CH*B] and its weight tile [CH*B, BN], the tail masked.
 
     Rows of x at or beyond M and columns at or beyond K load as 0; the padded block entries are 0.
     Rows of acc beyond M and columns beyond N hold padding; the caller masks them at the store.
@@ -123,27 +119,6 @@ def block_sparse_acc(
     c_ptr = col_idx_ptr + start
     col = tl.load(c_ptr, mask=start < end, other=0)
     acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-    if CH > 1:
-        # 3-D tiles (chunk block c, k, n): each block's k run stays contiguous (vector loads)
-        offs_c = tl.arange(0, CH)
-        for i0 in range(start, end, CH):
-            blk = i0 + offs_c
-            ok = blk < end
-            cols = tl.load(col_idx_ptr + blk, mask=ok, other=0)
-            offs_k = cols[:, None] * B + offs_b[None, :]  # [CH, B]
-            a = tl.load(x_rows[:, :, None] + offs_k[None, :, :] * stride_xk,
-                        mask=mask_m[:, None, None] & (ok[:, None] & (offs_k < K))[None, :, :], other=0.0)
-            w = tl.load(blocks_ptr + blk[:, None, None].to(tl.int64) * (B * B) + offs_n[None, None, :] * B
-                        + offs_b[None, :, None], mask=ok[:, None, None], other=0).to(a.dtype)
-            a = tl.reshape(a, (BLOCK_M, CH * B))
-            w = tl.reshape(w, (CH * B, BN))
-            if DOT_FP32:
-                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            elif ALLOW_TF32:
-                acc = tl.dot(a, w, acc, input_precision="tf32")
-            else:
-                acc = tl.dot(a, w, acc, input_precision="ieee")
-        return acc
     for i in range(start, end):
         offs_k = col * B + offs_b
         a = tl.load(x_rows + offs_k[None, :] * stride_xk,
@@ -215,7 +190,7 @@ def _block_linear_kernel(
     # strides
     stride_xm, stride_xk, stride_ym, stride_yn,
     # meta-parameters
-    BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr,
+    BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GUARD: tl.constexpr,
     ALLOW_TF32: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
@@ -225,7 +200,7 @@ def _block_linear_kernel(
     sub = tl.program_id(0) % (B // BN)
     pid_m = tl.program_id(1)
     acc = block_sparse_acc(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, rb, sub, pid_m, M, N, K,
-                           stride_xm, stride_xk, BLOCK_M, B, BN, CH, ALLOW_TF32, DOT_FP32)
+                           stride_xm, stride_xk, BLOCK_M, B, BN, ALLOW_TF32, DOT_FP32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = rb * B + sub * BN + tl.arange(0, BN)
     mask_m = offs_m < M
@@ -244,7 +219,6 @@ class BlockLinearConfig(NamedTuple):
     num_warps: int
     num_stages: int
     block_n: Optional[int] = None  # output columns a program computes (<= B); None: the block size B
-    chunk: int = 1  # blocks a step of the reduction loop multiplies at once (block_sparse_acc's CH)
 
 
 # M buckets: an M falls in the smallest bucket >= M; 256 stands for every M > 128.
@@ -302,7 +276,7 @@ def m_bucket(m: int) -> int:
 
 def _fit_stages(cfg: BlockLinearConfig, b: int, elem_size: int) -> BlockLinearConfig:
     """Fewer stages when x tile + block per stage would overflow _SMEM_BUDGET (fp32 inputs)."""
-    per_stage = (cfg.block_m * b + b * (cfg.block_n or b)) * cfg.chunk * elem_size
+    per_stage = (cfg.block_m * b + b * (cfg.block_n or b)) * elem_size
     stages = max(1, min(cfg.num_stages, _SMEM_BUDGET // per_stage))
     return cfg._replace(num_stages=stages)
 
@@ -386,8 +360,6 @@ def block_linear(
     bn = config.block_n or b
     _check(16 <= bn <= b and b % bn == 0 and bn & (bn - 1) == 0,
            f"config.block_n must be a power of two in 16..{b} (the block size), got {bn}")
-    _check(config.chunk >= 1 and config.chunk & (config.chunk - 1) == 0,
-           f"config.chunk must be a power of two >= 1, got {config.chunk}")
     grid = (nb * (b // bn), triton.cdiv(m, config.block_m))
     _check(grid[1] <= 65535, f"M={m} needs {grid[1]} M tiles, over the grid's 65535 (raise block_m)")
     g = nonfinite_rows(x) if guard else None
@@ -398,7 +370,7 @@ def block_linear(
         bias if bias is not None else y, g if g is not None else y, y,
         m, n, k,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        BLOCK_M=config.block_m, B=b, BN=bn, CH=config.chunk,
+        BLOCK_M=config.block_m, B=b, BN=bn,
         HAS_BIAS=bias is not None, HAS_GUARD=guard,
         ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
         DOT_FP32=x.dtype == torch.bfloat16 and INTERPRETING,  # bf16 tl.dot is wrong there
@@ -423,7 +395,7 @@ _TEMPLATE_BODY = r'''
     sub = tl.program_id(0) % (B // BN)
     pid_m = tl.program_id(1)
     acc = block_sparse_acc(X, BLOCKS, ROW_PTR, COL_IDX, rb, sub, pid_m, M, N, K, stride_xm, stride_xk,
-                           BLOCK_M, B, BN, CH, ALLOW_TF32, False)
+                           BLOCK_M, B, BN, ALLOW_TF32, False)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = rb * B + sub * BN + tl.arange(0, BN)
     acc += nan_where_skipped(X, ROW_PTR, COL_IDX, G, rb, pid_m, M, K, stride_xm, stride_xk, BLOCK_M, B)[:, None]
@@ -476,7 +448,7 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int):
     choices: list = []
     err = template().maybe_append_choice(
         choices, input_nodes=inputs, layout=layout, num_stages=cfg.num_stages, num_warps=cfg.num_warps,
-        BLOCK_M=cfg.block_m, B=b, BN=cfg.block_n or b, CH=cfg.chunk, ALLOW_TF32=_default_allow_tf32() and x.get_dtype() == torch.float32)
+        BLOCK_M=cfg.block_m, B=b, BN=cfg.block_n or b, ALLOW_TF32=_default_allow_tf32() and x.get_dtype() == torch.float32)
     if err is not None or not choices:
         raise RuntimeError(f"block template rejected the layer: {err}")
     return autotune_select_algorithm("sparse_inductor_block", choices, list(inputs), layout)
