@@ -5,7 +5,7 @@
 # Installs the carried wheels (expecttest) and the package, runs the GPU tests, then the bench;
 # logs and JSON go to $OUT (at most 8 files come back, so the tests' code dumps are off).
 set -o pipefail
-SECTIONS=${1:-cusparselt,quant,int8_act,linear24,block}
+SECTIONS=${1:-cusparselt,quant,int8_act,fp8,linear24,block}
 E2E=${2:-}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site
