@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import sparse_inductor
+from sparse_inductor.bench import LlamaMLP
 from sparse_inductor.report import LayerDecision, collect
 
 pytestmark = pytest.mark.gpu
@@ -39,15 +39,9 @@ class LinearBiasReLU(nn.Module):
         return torch.relu(self.fc(x))
 
 
-class GatedMLP(nn.Module):
-    def __init__(self, d=256, h=512):
-        super().__init__()
-        self.w1 = nn.Linear(d, h, bias=False)
-        self.w3 = nn.Linear(d, h, bias=False)
-        self.w2 = nn.Linear(h, d, bias=False)
-
-    def forward(self, x):
-        return x + self.w2(F.silu(self.w1(x)) * self.w3(x))
+def GatedMLP():
+    """A small Llama MLP block (SiLU-gated, residual), the bench's module at test sizes."""
+    return LlamaMLP(256, 512)
 
 
 def compile_and_code(model, x, options=None):
@@ -125,11 +119,12 @@ def test_gated_product_fused(pattern, m):
     assert all(d.startswith("triton_tem") for d in defs), kernel_defs(code)
 
 
-@pytest.mark.parametrize("pattern", ["2:4", "block"])
-def test_dynamic_batch(pattern):
+@pytest.mark.parametrize("pattern,kernel", [("2:4", "triton"), ("block", "triton"), ("2:4", "cusparselt")])
+def test_dynamic_batch(pattern, kernel):
+    """One compile for every M (cuSPARSELt pads M to a multiple of 8)."""
     model = prepared(LinearBiasReLU(), pattern)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="sparse", options={"force": True, "kernel": "triton"}, dynamic=True)
+    compiled = torch.compile(model, backend="sparse", options={"force": True, "kernel": kernel}, dynamic=True)
     with torch.no_grad():
         for m in (1, 7, 33, 130):
             x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)

@@ -133,16 +133,6 @@ def test_nan_rows_kernel(m, n):
     assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out[~want.isnan()], want[~want.isnan()])
 
 
-def test_dynamic_batch_pads_m():
-    model = prepared(LinearBiasReLU(), "2:4")
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="sparse", options={"force": True, "kernel": "cusparselt"}, dynamic=True)
-    with torch.no_grad():
-        for m in (1, 7, 33, 130):
-            x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
-            assert rel_err(compiled(x), fp64(model, x)) < TOL_BF16
-
-
 def test_reduce_overhead_mode():
     model = prepared(LinearBiasReLU(), "2:4")
     torch._dynamo.reset()
