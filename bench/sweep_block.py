@@ -5,7 +5,10 @@
 Times `block_linear(..., guard=False, config=cfg)` as CUDA-graph replays (do_bench medians, L2
 flushed) for the decode and prefill shapes of the bench (N=14336, K=4096, 64x64 blocks, 90% and
 80% zero), every config in the grid below, and prints per case: dense F.linear, the table's
-config, and the five fastest configs. Weights pruned like the bench (lowest-norm blocks zeroed).
+config, and the five fastest configs. Weights pruned like the bench (lowest-norm blocks zeroed:
+block rows hold binomially many blocks), or with --pattern uniform every block row the same number
+(the balance experiment: how much do the longest rows cost?). "dense floor" is F.linear on a dense
+weight of the same bytes (N * density rows): what streaming that much weight costs.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from sparse_inductor.bench import _bench, _graphed, header
 from sparse_inductor.formats import compress_block
@@ -33,22 +38,133 @@ def grid(m: int, b: int, quick: bool):
             yield tb.BlockLinearConfig(bm, w, s, 64)
 
 
+def _uniform_rows(n, k, b, sparsity, dev, dt):
+    """A random weight whose every block row keeps the same number of blocks (random columns)."""
+    nb, kb = n // b, k // b
+    keep = max(1, round(kb * (1 - sparsity)))
+    cols = torch.rand(nb, kb, device=dev).argsort(dim=1)[:, :keep]
+    mask = torch.zeros(nb, kb, device=dev, dtype=torch.bool).scatter_(1, cols, True)
+    w = torch.randn(n, k, device=dev, dtype=dt)
+    return w * mask[:, None, :, None].expand(nb, b, kb, b).reshape(n, k).to(dt)
+
+
+@triton.jit
+def _segment_kernel(x_ptr, blocks_ptr, col_idx_ptr, seg_row_ptr, seg_start_ptr, seg_end_ptr, y32_ptr,
+                    M, N, K, stride_xm, stride_xk,
+                    BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr):
+    """Experiment (--split): one program per segment of at most L blocks of a block row, fp32
+    partials atomically added into y32 (zeroed before): how fast is a balanced stream?"""
+    seg = tl.program_id(0) // (B // BN)
+    sub = tl.program_id(0) % (B // BN)
+    pid_m = tl.program_id(1)
+    rb = tl.load(seg_row_ptr + seg)
+    start = tl.load(seg_start_ptr + seg)
+    end = tl.load(seg_end_ptr + seg)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = tl.arange(0, B)
+    offs_n = sub * BN + tl.arange(0, BN)
+    mask_m = offs_m < M
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_ptrs = blocks_ptr + start.to(tl.int64) * (B * B) + (offs_b[:, None] + offs_n[None, :] * B)
+    c_ptr = col_idx_ptr + start
+    col = tl.load(c_ptr, mask=start < end, other=0)
+    acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    for i in range(start, end):
+        offs_k = col * B + offs_b
+        a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        w = tl.load(w_ptrs)
+        acc = tl.dot(a, w, acc)
+        w_ptrs += B * B
+        c_ptr += 1
+        col = tl.load(c_ptr, mask=i + 1 < end, other=0)
+    cols = rb * B + offs_n
+    tl.atomic_add(y32_ptr + offs_m[:, None] * N + cols[None, :], acc,
+                  mask=mask_m[:, None] & (cols[None, :] < N), sem="relaxed")
+
+
+def _segments(row_ptr, seg_len):
+    """Split every block row into segments of at most seg_len blocks; longest first."""
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()
+    nseg = torch.clamp((counts + seg_len - 1) // seg_len, min=1)
+    seg_row = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), nseg)
+    first = torch.cumsum(nseg, 0) - nseg
+    j = torch.arange(seg_row.numel(), device=counts.device) - first[seg_row]
+    start = row_ptr[:-1].long()[seg_row] + j * seg_len
+    end = torch.minimum(start + seg_len, row_ptr[1:].long()[seg_row])
+    order = torch.sort(-(end - start), stable=True).indices
+    return [t[order].to(torch.int32).contiguous() for t in (seg_row, start, end)]
+
+
+def split_experiment(ms, sparsities, pattern):
+    dev, dt, n, k, b = "cuda", torch.bfloat16, 14336, 4096, 64
+    print(f"\nsplit rows into segments (atomic fp32 adds, y32 zeroed each call; pattern {pattern}):")
+    print("\n| M | zero blocks | dense F.linear | table kernel | L=1 | L=2 | L=4 | L=8 | best vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for sparsity in sparsities:
+        torch.manual_seed(0)
+        w = (prune_blocks_(torch.randn(n, k, device=dev, dtype=dt), b, sparsity) if pattern == "norm"
+             else _uniform_rows(n, k, b, sparsity, dev, dt))
+        bs = compress_block(w, b)
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=dt)
+            ref = F.linear(x.float(), w.float())
+            dense = _bench(_graphed(lambda: F.linear(x, w)))
+            table = _bench(_graphed(lambda: tb.block_linear(x, *bs, None, n, k, guard=False)), rep=50)
+            times = []
+            for seg_len in (1, 2, 4, 8):
+                seg = _segments(bs.row_ptr, seg_len)
+                best = float("inf")
+                for bn, warps, stages in ((64, 4, 3), (32, 4, 3), (64, 4, 2), (32, 2, 2)):
+                    y32 = torch.empty(m, n, device=dev, dtype=torch.float32)
+
+                    def run():
+                        y32.zero_()
+                        _segment_kernel[(seg[0].numel() * (b // bn), triton.cdiv(m, 16))](
+                            x, bs.blocks, bs.col_idx, *seg, y32, m, n, k, x.stride(0), x.stride(1),
+                            BLOCK_M=16, B=b, BN=bn, num_warps=warps, num_stages=stages)
+                    run()
+                    err = ((y32 - ref).abs().max() / ref.abs().max()).item()
+                    if err > 1e-2:
+                        print(f"  L={seg_len} bn={bn}: wrong result, rel err {err:.2e}", file=sys.stderr)
+                        continue
+                    best = min(best, _bench(_graphed(run), rep=50))
+                times.append(best)
+            print(f"| {m} | {sparsity:.0%} | {dense:.1f} | {table:.1f} | "
+                  + " | ".join(f"{t:.1f}" for t in times) + f" | {dense / min(times):.2f}x |", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ms", default="1,16,8192")
+    p.add_argument("--sparsities", default="0.9,0.8")
+    p.add_argument("--pattern", choices=("norm", "uniform"), default="norm")
+    p.add_argument("--split", action="store_true", help="the split-rows experiment instead of the sweep")
     args = p.parse_args(argv)
+    if args.split:
+        print(header())
+        return split_experiment([int(s) for s in args.ms.split(",")],
+                                [float(s) for s in args.sparsities.split(",")], args.pattern)
     print(header())
     dev, dt, n, k, b = "cuda", torch.bfloat16, 14336, 4096, 64
-    print("\n| M | zero blocks | dense F.linear | table config | table us | best configs (us) | best vs dense |")
-    print("|---|---|---|---|---|---|---|")
-    for sparsity in (0.9, 0.8):
+    print(f"\npattern: {args.pattern}")
+    print("\n| M | zero blocks | blocks per row (mean/max) | dense F.linear | dense floor | table config | table us "
+          "| best configs (us) | best vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for sparsity in (float(s) for s in args.sparsities.split(",")):
         torch.manual_seed(0)
-        w = prune_blocks_(torch.randn(n, k, device=dev, dtype=dt), b, sparsity)
+        if args.pattern == "norm":
+            w = prune_blocks_(torch.randn(n, k, device=dev, dtype=dt), b, sparsity)
+        else:
+            w = _uniform_rows(n, k, b, sparsity, dev, dt)
         bs = compress_block(w, b)
+        per_row = (bs.row_ptr[1:] - bs.row_ptr[:-1]).float()
+        rows = f"{per_row.mean().item():.1f}/{int(per_row.max().item())}"
+        floor_w = torch.randn(max(16, round(n * (1 - sparsity) / 16) * 16), k, device=dev, dtype=dt)
         for m in (int(s) for s in args.ms.split(",")):
             x = torch.randn(m, k, device=dev, dtype=dt)
             dense = _bench(_graphed(lambda: F.linear(x, w)))
+            floor = _bench(_graphed(lambda: F.linear(x, floor_w)))
             table = tb.pick_config(b, m, dt)
             results = []
             for cfg in [table, *grid(m, b, args.quick)]:
@@ -62,7 +178,7 @@ def main(argv=None):
             best = sorted(results, key=lambda r: r[0])[:5]
             txt = "; ".join(f"bm{c.block_m} bn{c.block_n or b} w{c.num_warps} s{c.num_stages}: {t:.1f}"
                            for t, c in best)
-            print(f"| {m} | {sparsity:.0%} | {dense:.1f} | {tuple(table)} | {t_table:.1f} | {txt} | "
+            print(f"| {m} | {sparsity:.0%} | {rows} | {dense:.1f} | {floor:.1f} | {tuple(table)} | {t_table:.1f} | {txt} | "
                   f"{dense / best[0][0]:.2f}x |", flush=True)
 
 
