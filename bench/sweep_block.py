@@ -138,6 +138,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ms", default="1,16,8192")
     p.add_argument("--sparsities", default="0.9,0.8")
+    p.add_argument("--nk", default="14336x4096", help="weight shapes NxK, comma-separated (ViT-B MLP: 3072x768,768x3072)")
     p.add_argument("--pattern", choices=("norm", "uniform"), default="norm")
     p.add_argument("--split", action="store_true", help="the split-rows experiment instead of the sweep")
     args = p.parse_args(argv)
@@ -146,12 +147,13 @@ def main(argv=None):
         return split_experiment([int(s) for s in args.ms.split(",")],
                                 [float(s) for s in args.sparsities.split(",")], args.pattern)
     print(header())
-    dev, dt, n, k, b = "cuda", torch.bfloat16, 14336, 4096, 64
+    dev, dt, b = "cuda", torch.bfloat16, 64
     print(f"\npattern: {args.pattern}")
-    print("\n| M | zero blocks | blocks per row (mean/max) | dense F.linear | dense floor | table config | table us "
+    print("\n| N x K | M | zero blocks | blocks per row (mean/max) | dense F.linear | dense floor | table config | table us "
           "| best configs (us) | best vs dense |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for sparsity in (float(s) for s in args.sparsities.split(",")):
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (n, k), sparsity in itertools.product([tuple(map(int, s.split("x"))) for s in args.nk.split(",")],
+                                              [float(s) for s in args.sparsities.split(",")]):
         torch.manual_seed(0)
         if args.pattern == "norm":
             w = prune_blocks_(torch.randn(n, k, device=dev, dtype=dt), b, sparsity)
@@ -178,7 +180,7 @@ def main(argv=None):
             best = sorted(results, key=lambda r: r[0])[:5]
             txt = "; ".join(f"bm{c.block_m} bn{c.block_n or b} w{c.num_warps} s{c.num_stages}: {t:.1f}"
                            for t, c in best)
-            print(f"| {m} | {sparsity:.0%} | {rows} | {dense:.1f} | {floor:.1f} | {tuple(table)} | {t_table:.1f} | {txt} | "
+            print(f"| {n}x{k} | {m} | {sparsity:.0%} | {rows} | {dense:.1f} | {floor:.1f} | {tuple(table)} | {t_table:.1f} | {txt} | "
                   f"{dense / best[0][0]:.2f}x |", flush=True)
 
 
