@@ -8,8 +8,10 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
     sparse_inductor::linear_24(x, values, meta, bias, kernel) -> y [M, N]
         values [2, N, K/4] (x's dtype, or int8 for a weight-only quantized W: y = x @ W_int^T, the
         scales stay in the graph after the op), meta [ceil(N/2), K/4] uint8 (formats/sparse24.py)
-    sparse_inductor::linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel) -> y [M, N]
-        blocks [nnzb, b, b], row_ptr [Nb+1], col_idx [nnzb], row_order [Nb] int32 (formats/block.py)
+    sparse_inductor::linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True) -> y [M, N]
+        blocks [nnzb, b, b], row_ptr [Nb+1], col_idx [nnzb], row_order [Nb] int32 (formats/block.py);
+        guard=False (options nonfinite="fast") lets a fast kernel skip its non-finite row check: an
+        input NaN/Inf that meets only skipped (all-zero) blocks may then leave those outputs finite
     sparse_inductor::linear_cslt(x, wc, bias, n, k, alg_id, split_k, out_dtype=None, alpha=None,
                                  row_check=None, scale_a=None, scale_b=None) -> y [M, N]
         wc = torch._cslt_compress(W), cuSPARSELt's own layout (CUDA only; lowering/cusparselt.py);
@@ -51,14 +53,14 @@ def _(x, values, meta, bias, kernel):
 @torch.library.custom_op("sparse_inductor::linear_block", mutates_args=())
 def linear_block(
     x: Tensor, blocks: Tensor, row_ptr: Tensor, col_idx: Tensor, row_order: Tensor,
-    bias: Optional[Tensor], n: int, k: int, kernel: str,
+    bias: Optional[Tensor], n: int, k: int, kernel: str, guard: bool = True,
 ) -> Tensor:
     w = decompress_block(blocks, row_ptr, col_idx, n, k).to(x.dtype)  # int8 blocks: their integers
     return F.linear(x, w, bias)
 
 
 @linear_block.register_fake
-def _(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel):
+def _(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True):
     torch._check(x.dim() == 2, lambda: f"linear_block expects a 2-D input, got {x.dim()}-D")
     torch._check(x.shape[1] == k, lambda: "linear_block: K mismatch between x and the weight")
     return x.new_empty(x.shape[0], n)

@@ -255,9 +255,9 @@ def seeded(cls, *args, seed=0, **kw):
 class TestGoldenGraphs(expecttest.TestCase):
     """The graph right after the sparse pass. Regenerate with EXPECTTEST_ACCEPT=1, then read the diff."""
 
-    def graph(self, model, *x, n_sparse):
+    def graph(self, model, *x, n_sparse, options=FORCE):
         torch._dynamo.reset()
-        r = run_sparse(model, x)
+        r = run_sparse(model, x, options=options)
         self.assertEqual(len(r.graphs), 1)
         assert_like_eager(r.outputs[0], model(*x).detach())
         self.assertEqual(sum(d.sparse for d in r.decisions), n_sparse, [d.line() for d in r.decisions])
@@ -335,6 +335,29 @@ linear_block_default: "f32[4, 64]" = torch.ops.sparse_inductor.linear_block.defa
 return (linear_block_default,)""")
 
 
+    def test_nonfinite_fast_block_without_guard(self):
+        # options nonfinite="fast": the block op is told it may skip its non-finite row check
+        self.assertExpectedInline(self.graph(seeded(Mixed), torch.randn(4, 16), n_sparse=2,
+                                             options={**FORCE, "nonfinite": "fast"}), """\
+def forward(self, arg6_1: "f32[4, 16]"):
+_sparse_1_blocks: "f32[2, 16, 16]" = self._sparse_1_blocks
+_sparse_1_row_ptr: "i32[5]" = self._sparse_1_row_ptr
+_sparse_1_col_idx: "i32[2]" = self._sparse_1_col_idx
+_sparse_1_row_order: "i32[4]" = self._sparse_1_row_order
+_sparse_0_values: "f32[2, 32, 8]" = self._sparse_0_values
+_sparse_0_meta: "u8[16, 8]" = self._sparse_0_meta
+arg1_1: "f32[32]" = self._frozen_param1
+arg3_1: "f32[32]" = self._frozen_param3
+arg5_1: "f32[64]" = self._frozen_param5
+permute: "f32[16, 32]" = self._frozen_param6
+addmm: "f32[4, 32]" = torch.ops.aten.addmm.default(arg1_1, arg6_1, permute)
+relu: "f32[4, 32]" = torch.ops.aten.relu.default(addmm)
+linear_24_default: "f32[4, 32]" = torch.ops.sparse_inductor.linear_24.default(relu, _sparse_0_values, _sparse_0_meta, arg3_1, 'reference')
+relu_1: "f32[4, 32]" = torch.ops.aten.relu.default(linear_24_default)
+linear_block_default: "f32[4, 64]" = torch.ops.sparse_inductor.linear_block.default(relu_1, _sparse_1_blocks, _sparse_1_row_ptr, _sparse_1_col_idx, _sparse_1_row_order, arg5_1, 64, 32, 'reference', guard = False)
+return (linear_block_default,)""")
+
+
 class Gated(nn.Module):
     """A Llama MLP (SiLU-gated): Inductor concatenates w1 and w3 (same input) into one linear."""
 
@@ -404,6 +427,16 @@ return (mm_2,)""")
         r = self.run_gated(seeded(Gated, prune=pruned_blocks), torch.randn(4, 32))
         self.assertEqual(r.graphs[0].count("linear_block.default("), 2)
         self.assertNotIn("split_with_sizes", r.graphs[0])
+
+    def test_block_split_fast_keeps_guard_off(self):
+        # options nonfinite="fast": both pieces take linear_block(..., guard=False)
+        model, x = seeded(Gated, prune=pruned_blocks), torch.randn(4, 32)
+        torch._dynamo.reset()
+        with torch._inductor.config.patch({"cpp.enable_concat_linear": True}):
+            r = run_sparse(model, (x,), options={**FORCE, "nonfinite": "fast"})
+        assert_like_eager(r.outputs[0], model(x).detach())
+        self.assertEqual(r.graphs[0].count("linear_block.default("), 2)
+        self.assertEqual(r.graphs[0].count("guard = False"), 2)
 
     def test_block_not_split_inside_a_block(self):
         # pieces of 24 rows: the second would start inside a 16x16 block, so the op stays whole

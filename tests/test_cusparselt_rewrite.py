@@ -196,3 +196,26 @@ def test_row_check_mode(make, want):
     assert _row_check_mode(out, torch.float32, sparse_inductor.SparseOptions()) == want
     assert _row_check_mode(out, torch.float32, sparse_inductor.SparseOptions(nonfinite="fast")) == "none"
     assert _row_check_mode(out, torch.int8, sparse_inductor.SparseOptions()) == "none"
+
+
+@pytest.mark.parametrize("kernel,want", [("triton", "separate"), ("reference", "fused")])
+def test_row_check_mode_after_template(kernel, want):
+    """A GELU of a Triton template's output is that template's epilogue (no kernel the reduction
+    could join): "separate"; after the reference kernel (an extern call) it is its own kernel."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from sparse_inductor.formats import compress_block
+    from sparse_inductor.passes.linear_rewrite import _row_check_mode
+
+    w = torch.zeros(32, 16)
+    w[:16, :16] = torch.randn(16, 16)
+    t = compress_block(w, 16)
+
+    def f(x):
+        y = torch.ops.sparse_inductor.linear_block(x, *t, None, 32, 16, kernel)
+        return torch.nn.functional.gelu(y) * 2
+
+    gm = make_fx(f)(torch.randn(4, 16))
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert _row_check_mode(out, torch.float32, sparse_inductor.SparseOptions()) == want

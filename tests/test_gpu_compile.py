@@ -93,6 +93,20 @@ def test_linear_bias_relu_is_one_kernel(pattern, m):
     torch.testing.FileCheck().check("def triton_tem_fused_").check("maximum").check("tl.store").run(code)
 
 
+@pytest.mark.parametrize("m", [1, 32])
+def test_block_fast_has_no_row_check(m):
+    """options nonfinite="fast": the block template without its row check (linear_block(...,
+    guard=False)): one kernel for the linear, no reduction over x, and no nan_where_skipped."""
+    model = prepared(LinearBiasReLU(), "block")
+    x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton", "nonfinite": "fast"})
+    assert [d.kernel for d in decisions] == ["triton"]
+    assert rel_err(out, fp64(model, x)) < TOL_BF16
+    defs = kernel_defs(code)
+    assert len(defs) == 1 and defs[0].startswith("triton_tem_fused_"), defs
+    assert "nan_where_skipped(" not in code.split("def block_sparse_acc")[0] + code.split("def triton_tem")[-1]
+
+
 @pytest.mark.parametrize("pattern", ["2:4", "block"])
 def test_gated_mlp_residual_fused(pattern):
     model = prepared(GatedMLP(), pattern)

@@ -39,26 +39,29 @@ def register() -> None:
     aten = torch.ops.aten
     table = _template_lowerings()
 
-    def make(op, n_weight_args, out_features):
+    def make(op, n_weight_args, out_features, n_rest):
         fallback = fallback_handler(op, add_to_fallback_set=False)
 
-        def lowering(x, *args):
+        def lowering(x, *args, **kwargs):
             weights, rest = args[:n_weight_args], args[n_weight_args:]
-            bias, kernel = rest[0], rest[-1]
+            bias, kernel, extra = rest[0], rest[n_rest - 1], rest[n_rest:]  # extra: linear_block's guard
+            guard = kwargs.get("guard", extra[0] if extra else True)
             fn = table.get((op, kernel))
             if fn is not None and x.get_device() is not None and x.get_device().type == "cuda":
                 try:
-                    out = fn(x, *weights, n=out_features(weights, rest))
+                    more = {} if guard is True else {"guard": bool(guard)}
+                    out = fn(x, *weights, n=out_features(weights, rest), **more)
                     return out if bias is None else lowerings[aten.add.Tensor](out, bias)
                 except Exception as e:  # this layer falls back to the reference kernel
                     log.exception("sparse_inductor: %s lowering failed", kernel)
                     record(f"sparse_inductor: {kernel} kernel failed to lower ({type(e).__name__}: {e}); "
                            "that layer runs the reference kernel")
-            return fallback(x, *args)
+            return fallback(x, *args, **kwargs)
 
         register_lowering(op, type_promotion_kind=None)(lowering)
 
-    # linear_24(x, values, meta, bias, kernel); linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel)
-    make(torch.ops.sparse_inductor.linear_24.default, 2, lambda w, rest: int(w[0].get_size()[1]))
-    make(torch.ops.sparse_inductor.linear_block.default, 4, lambda w, rest: int(rest[1]))
+    # linear_24(x, values, meta, bias, kernel)
+    # linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True)
+    make(torch.ops.sparse_inductor.linear_24.default, 2, lambda w, rest: int(w[0].get_size()[1]), 2)
+    make(torch.ops.sparse_inductor.linear_block.default, 4, lambda w, rest: int(rest[1]), 4)
     _registered = True

@@ -385,7 +385,7 @@ def block_linear(
 # ----------------------------------------------------------------------------------------------
 
 _TEMPLATE_BODY = r'''
-{{def_kernel("X", "BLOCKS", "ROW_PTR", "COL_IDX", "ROW_ORDER", "G")}}
+{{def_kernel(@INPUTS@)}}
     M = {{size("X", 0)}}
     K = {{size("X", 1)}}
     N = {{size(None, 1)}}
@@ -398,12 +398,22 @@ _TEMPLATE_BODY = r'''
                            BLOCK_M, B, BN, ALLOW_TF32, False)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = rb * B + sub * BN + tl.arange(0, BN)
-    acc += nan_where_skipped(X, ROW_PTR, COL_IDX, G, rb, pid_m, M, K, stride_xm, stride_xk, BLOCK_M, B)[:, None]
+@GUARD@
     idx_m = offs_m[:, None]
     idx_n = offs_n[None, :]
     mask = (idx_m < M) & (idx_n < N)
     {{store_output(("idx_m", "idx_n"), "acc", "mask", val_shape=("BLOCK_M", "BN"))}}
 '''
+_GUARD_LINE = ("    acc += nan_where_skipped(X, ROW_PTR, COL_IDX, G, rb, pid_m, M, K, stride_xm, stride_xk, "
+               "BLOCK_M, B)[:, None]")
+
+
+def _template_body(guard: bool) -> str:
+    """The template body with the non-finite row check (input G, see nonfinite_rows) or without it
+    (the op's guard=False: options nonfinite="fast")."""
+    inputs = '"X", "BLOCKS", "ROW_PTR", "COL_IDX", "ROW_ORDER"' + (', "G"' if guard else "")
+    return _TEMPLATE_BODY.replace("@INPUTS@", inputs).replace("@GUARD@\n", _GUARD_LINE + "\n" if guard else "")
+
 
 TEMPLATE_NAME = "sparse_inductor_block"
 
@@ -418,18 +428,21 @@ def _grid():
     return grid
 
 
-def template():
+def template(guard: bool = True):
     from .template import get_template, template_source
 
-    return get_template(TEMPLATE_NAME, lambda: template_source(DEVICE_FUNCTIONS, _TEMPLATE_BODY), _grid())
+    name = TEMPLATE_NAME if guard else TEMPLATE_NAME + "_noguard"
+    return get_template(name, lambda: template_source(DEVICE_FUNCTIONS, _template_body(guard)), _grid())
 
 
-def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int):
+def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True):
     """Inductor lowering of sparse_inductor::linear_block (without bias) to the template; one
     choice, so that Inductor fuses what follows into the store.
 
     The non-finite row check g (see nonfinite_rows) is built from Inductor ops here, so the
-    reduction over x may fuse with whatever produces x."""
+    reduction over x may fuse with whatever produces x (a norm, a pointwise kernel; not a template's
+    epilogue: after another template it is one more read of x). guard=False (the op's, under
+    options nonfinite="fast") leaves it out."""
     import sympy
     from torch._inductor.ir import FixedLayout
     from torch._inductor.lowering import lowerings
@@ -439,14 +452,15 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int):
     aten = torch.ops.aten
     m = x.get_size()[0]
     b = int(blocks.get_size()[-1])
-    g = lowerings[aten.sum.dim_IntList](lowerings[aten.mul.Tensor](x, 0.0), [1], False, dtype=torch.float32)
-    inputs = tuple(realize_inputs(x, blocks, row_ptr, col_idx, row_order, g))
+    g = (lowerings[aten.sum.dim_IntList](lowerings[aten.mul.Tensor](x, 0.0), [1], False, dtype=torch.float32),) \
+        if guard else ()
+    inputs = tuple(realize_inputs(x, blocks, row_ptr, col_idx, row_order, *g))
     x = inputs[0]
     m_hint = int(m) if isinstance(m, (int, sympy.Integer)) else V.graph.sizevars.size_hint(m, fallback=64)
     cfg = pick_config(b, m_hint, x.get_dtype())
     layout = FixedLayout(x.get_device(), x.get_dtype(), [m, n])
     choices: list = []
-    err = template().maybe_append_choice(
+    err = template(guard).maybe_append_choice(
         choices, input_nodes=inputs, layout=layout, num_stages=cfg.num_stages, num_warps=cfg.num_warps,
         BLOCK_M=cfg.block_m, B=b, BN=cfg.block_n or b, ALLOW_TF32=_default_allow_tf32() and x.get_dtype() == torch.float32)
     if err is not None or not choices:
@@ -485,11 +499,16 @@ def _estimate_us(layer, model) -> Optional[float]:
 
 
 def _runner(t, bias, layer, params):
-    """What the template costs, for timing: the kernel plus one reduction that reads x once (the
-    template's non-finite row check, which Inductor emits as one fused reduction kernel; the eager
-    guard, three unfused kernels, would make the family look slower than it runs compiled)."""
+    """What the template costs, for timing: the kernel, plus one reduction that reads x once where
+    the template's non-finite row check cannot join x's producer (layer.row_check "separate"; the
+    eager guard, three unfused kernels, would make the family look slower than it runs compiled).
+    "fused": the reduction rides in the kernel that makes x (a norm, a GELU); "none": no check
+    (options nonfinite="fast")."""
+    separate = layer.row_check == "separate"
+
     def run(x):
-        torch.sum(x, dim=-1, dtype=torch.float32)
+        if separate:
+            torch.sum(x, dim=-1, dtype=torch.float32)
         return block_linear(x, t["blocks"], t["row_ptr"], t["col_idx"], t["row_order"], bias,
                             layer.n, layer.k, guard=False)
 

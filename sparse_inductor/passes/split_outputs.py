@@ -71,7 +71,7 @@ def output_pieces(node: fx.Node, n: int, block: Optional[int]) -> Optional[list[
 def split_op(node: fx.Node, pieces: list[tuple[fx.Node, int, int]], bias: Optional[fx.Node],
              make: Callable[[int, int, Optional[fx.Node]], tuple]) -> list[fx.Node]:
     """Replace `node` and its split by one op per piece. make(start, end, bias_piece) -> (target,
-    args) of the piece's op (its constants already in the graph). Returns the new op nodes."""
+    args[, kwargs]) of the piece's op (its constants already in the graph). Returns the new op nodes."""
     graph = node.graph
     split = next(iter(node.users))
     new_nodes = []
@@ -81,8 +81,8 @@ def split_op(node: fx.Node, pieces: list[tuple[fx.Node, int, int]], bias: Option
             if bias is not None:
                 piece_bias = graph.call_function(aten.slice.Tensor, (bias, 0, a, b))
                 piece_bias.meta["val"] = _compat.fake_eval(piece_bias)
-            target, args = make(a, b, piece_bias)
-            new = graph.call_function(target, args)
+            target, args, *kwargs = make(a, b, piece_bias)
+            new = graph.call_function(target, args, kwargs[0] if kwargs else None)
         new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
         new.meta["val"] = _compat.fake_eval(new)
         item.replace_all_uses_with(new)
