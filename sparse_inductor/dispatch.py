@@ -33,24 +33,38 @@ class Scaled:
 
     form "tensor" (scale_a and scale_b per-tensor): cuSPARSELt's fp32 accumulator times
     scale_a * scale_b (its matrix scale modes, one fp32 number per operand), plus the bias, rounded
-    once to out_dtype inside the library;
-    form "row" (scale_a per-row [M, 1] or scale_b per-column [1, N], or a bias the library cannot
-    take): the library's fp32 accumulator as an fp32 output, then scale_a, scale_b, bias and the
-    cast to out_dtype in one Inductor pointwise kernel (one rounding; costs an fp32 write and read
-    of y).
+    once to out_dtype inside the library (switched off: linear_rewrite.LIBRARY_SCALES);
+    form "lib16" (out_dtype bf16, options fp8_product="bf16", the default): the library writes the
+    UNSCALED product rounded to bf16 (bf16 has fp32's exponent range: no overflow whatever the
+    scales), then scale_a, scale_b, bias and the cast to bf16 in one Inductor pointwise kernel. Two
+    roundings: the product's (at most 2^-8 of |product|, bf16's unit roundoff) and the output's
+    (2^-8 of |output|): within one bf16 ulp of the exact result where "row" is within half of one.
+    Costs a bf16 write and read of y (half the bytes of "row");
+    form "row" (fp16 / fp32 outputs, or options fp8_product="fp32"): the library's fp32 accumulator as
+    an fp32 output, then scale_a, scale_b, bias and the cast to out_dtype in one Inductor pointwise
+    kernel (one rounding, as torch._scaled_mm; costs an fp32 write and read of y).
     scale_a_vector / scale_b_vector: scale_a is [M, 1] / scale_b is [1, N] (row-wise) rather than one
     number (the dense timing calls torch._scaled_mm with the same scale shapes).
     """
 
-    form: str  # "tensor" | "row"
+    form: str  # "tensor" | "lib16" | "row"
     out_dtype: torch.dtype
     scale_a_vector: bool = False
     scale_b_vector: bool = False
 
     @property
     def lib_out_dtype(self) -> torch.dtype:
-        """What the library writes: out_dtype itself, or fp32 for the epilogue to finish."""
-        return self.out_dtype if self.form == "tensor" else torch.float32
+        """What the library writes: out_dtype itself ("tensor"), or the unscaled product for the
+        epilogue to finish: bf16 ("lib16") or fp32 ("row")."""
+        return {"tensor": self.out_dtype, "lib16": torch.bfloat16}.get(self.form, torch.float32)
+
+    def describe(self) -> str:
+        """The form in words (the decision's reason says which one a layer was timed and rewritten in)."""
+        if self.form == "tensor":
+            return "fp8 form tensor (scales and bias applied by cuSPARSELt, one rounding)"
+        what = "unscaled product in bf16" if self.form == "lib16" else "fp32 accumulator"
+        return (f"fp8 form {self.form} (cuSPARSELt's {what}, then scales, bias, row guard and cast to "
+                f"{str(self.out_dtype).replace('torch.', '')} in one Inductor kernel)")
 
 
 @dataclasses.dataclass(frozen=True)

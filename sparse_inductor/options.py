@@ -27,6 +27,7 @@ ENV_FORCE = "SPARSE_INDUCTOR_FORCE"
 PATTERNS = ("2:4", "block")
 _DISPATCH = ("auto", "measure", "model")
 _NONFINITE = ("exact", "fast")
+_FP8_PRODUCT = ("bf16", "fp32")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -56,6 +57,14 @@ class SparseOptions:
                        graph computes a row check (a reduction over x) that the op applies. "fast":
                        no row check after cuSPARSELt; an input NaN/Inf that meets only pruned zeros
                        then leaves those outputs finite (the Triton kernels stay exact either way).
+    fp8_product:       how an fp8 torch._scaled_mm rewritten to cuSPARSELt hands its product to the
+                       epilogue (the Inductor kernel that applies the scales, bias, row guard and
+                       cast; docs/formats.md, "fp8"): "bf16" (default): where out_dtype is bf16, the
+                       library writes the unscaled product in bf16 (form "lib16": half the bytes of
+                       fp32, one more rounding: at most 2^-8 of the product, so at most one bf16 ulp
+                       of the output in all instead of half of one); "fp32": the library writes its
+                       fp32 accumulator (form "row": one rounding, as torch._scaled_mm). fp16 and fp32
+                       outputs always take "fp32" (an unscaled fp16 product can overflow 65504).
     """
 
     force: bool = False
@@ -68,6 +77,7 @@ class SparseOptions:
     fx_cache: bool = True
     mode: Optional[str] = None
     nonfinite: str = "exact"
+    fp8_product: str = "bf16"
 
     def __post_init__(self):
         object.__setattr__(self, "patterns", tuple(self.patterns))
@@ -86,6 +96,8 @@ class SparseOptions:
             raise ValueError(f"unknown dispatch {self.dispatch!r}; choose from {_DISPATCH}")
         if self.nonfinite not in _NONFINITE:
             raise ValueError(f"unknown nonfinite {self.nonfinite!r}; choose from {_NONFINITE}")
+        if self.fp8_product not in _FP8_PRODUCT:
+            raise ValueError(f"unknown fp8_product {self.fp8_product!r}; choose from {_FP8_PRODUCT}")
         if self.mode not in _MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {_MODES[1:]}")
 

@@ -12,7 +12,9 @@ order, and what a refusal says) is checked on the CPU against a stand-in for the
 """
 import ctypes
 import dataclasses
+import re
 import threading
+from unittest import mock
 
 import expecttest
 import pytest
@@ -30,25 +32,55 @@ from test_backend import run_sparse
 FP8 = torch.float8_e4m3fn
 OPTS = {"force": True, "kernel": "cusparselt"}
 
-# Tolerances, as data with their reasons (per element, |out - ref| <= atol + rtol * |ref|):
+# Tolerances, as data with their reasons (per element, |out - ref| <= atol * scale + rtol * |ref|
+# + ptol * |product|, scale = max(1, max |ref|), product = (x8 @ W8^T) * scale_a * scale_b in fp64,
+# the output before the bias). bf16 keeps 8 significant bits: rounding to nearest moves a value by
+# at most half an ulp, 2^-8 of its magnitude (bf16's unit roundoff; eps = one ulp at 1.0 = 2^-7).
 TOLERANCES = {
-    # vs the dequantized matmul in fp64, (x8 @ W8^T) * scale_a * scale_b + bias, from the same fp8
-    # values: the products of two e4m3 numbers are exact in fp32 and the accumulation over K adds
-    # at most K * 2^-24 of sum |terms| (K = 64 here: 4e-6 of the output's scale, the atol); the
-    # scales and bias are applied in fp32 (a few 2^-24); then ONE rounding to bf16, at most half an
-    # ulp: 2^-9 of |ref|. rtol = 2^-8 leaves a factor 2 for the fp32 steps.
+    # forms "row" / "tensor" vs the dequantized matmul in fp64, (x8 @ W8^T) * scale_a * scale_b + bias,
+    # from the same fp8 values: the products of two e4m3 numbers are exact in fp32 and the
+    # accumulation over K adds at most K * 2^-24 of sum |terms| (K = 64 here: 4e-6 of the output's
+    # scale, the atol); the scales and bias are applied in fp32 (a few 2^-24 of |ref|, under the
+    # atol); then ONE rounding to bf16: at most 2^-8 of |ref|.
     "fp64": dict(rtol=2 ** -8, atol=1e-5),
-    # vs the same model compiled by plain Inductor (torch._scaled_mm on CPU: fp32 accumulation in
-    # another order, one rounding): the two fp32 values differ by a few 2^-24 and can round to
-    # neighbouring bf16 values: one ulp, at most 2^-7 of |ref|.
+    # forms "row" / "tensor" vs the same model compiled by plain Inductor (torch._scaled_mm on CPU:
+    # fp32 accumulation in another order, one rounding): the two fp32 values differ by a few 2^-24
+    # and can round to neighbouring bf16 values: one ulp, at most 2^-7 of |ref|.
     "plain": dict(rtol=2 ** -7, atol=1e-5),
+    # form "lib16" vs fp64: as "fp64" plus the rounding of the UNSCALED product to bf16 before the
+    # epilogue: at most 2^-8 of |product| (scaling in fp32 keeps a relative error; the bias is added
+    # after it, so this term is relative to the product, not to the output: where the bias cancels
+    # the product it can exceed 2^-8 of |ref|). The output's rounding sees that error too:
+    # 2^-8 * 2^-8 * |product| more, hence 2^-8 + 2^-16. With no bias: within 2^-7 of |ref|, one ulp,
+    # where the single-rounding forms are within half of one.
+    "fp64_lib16": dict(rtol=2 ** -8, ptol=2 ** -8 + 2 ** -16, atol=1e-5),
+    # form "lib16" vs plain Inductor: the sum of ours vs fp64 ("fp64_lib16") and plain's vs fp64
+    # ("fp64", 2^-8 of |ref64|, where |ref64| <= |plain| / (1 - 2^-8)): rtol 2^-8 + 2^-8 / (1 - 2^-8)
+    # < 2^-7 + 2^-14 of |plain|, the product term as above, the two atols added.
+    "plain_lib16": dict(rtol=2 ** -7 + 2 ** -14, ptol=2 ** -8 + 2 ** -16, atol=2e-5),
 }
 
 
-def assert_close(out, ref, kind):
+def assert_close(out, ref, kind, product=None):
+    """out within TOLERANCES[kind] of ref; the "lib16" kinds also take the fp64 product."""
     tol = TOLERANCES[kind]
-    scale = max(1.0, float(ref.double().abs().max()))
-    torch.testing.assert_close(out.double(), ref.double(), rtol=tol["rtol"], atol=tol["atol"] * scale)
+    out, ref = out.double(), ref.double()
+    scale = max(1.0, float(ref.abs().max()))
+    if "ptol" not in tol:
+        torch.testing.assert_close(out, ref, rtol=tol["rtol"], atol=tol["atol"] * scale)
+        return
+    bound = tol["atol"] * scale + tol["rtol"] * ref.abs() + tol["ptol"] * product.double().abs()
+    err = (out - ref).abs()
+    assert out.shape == ref.shape and not err.isnan().any(), (out.shape, ref.shape)
+    i = int((err / bound).argmax())
+    assert (err <= bound).all(), (f"{int((err > bound).sum())} of {err.numel()} outside {kind}: worst at flat "
+                                  f"index {i}: |{out.flatten()[i]} - {ref.flatten()[i]}| = {err.flatten()[i]:.3g} > "
+                                  f"{bound.flatten()[i]:.3g}")
+
+
+def fp64_product(model, xq, s):
+    """The dequantized product before the bias, (x8 @ W8^T) * scale_a * scale_b, in fp64."""
+    return (xq.double() @ model.wq.double().T) * s.double() * model.w_scale.double()
 
 
 def calls(code: str, what: str) -> int:
@@ -151,14 +183,73 @@ convert_element_type_default_1: "f8e4m3fn[16, 64]" = torch.ops.prims.convert_ele
 linear_cslt_default: "bf16[16, 32]" = torch.ops.sparse_inductor.linear_cslt.default(convert_element_type_default_1, _sparse_0_wc, arg0_1, 32, 64, 0, 1, torch.bfloat16, scale_a = div, scale_b = arg2_1)
 return (linear_cslt_default,)""")
 
+    def test_golden_per_tensor_scales_lib16(self):
+        """Both scales per-tensor with LIBRARY_SCALES off (the default): form "lib16": the library's
+        unscaled product in bf16, upcast, then guard, scales, bias and cast (one Inductor kernel)."""
+        from sparse_inductor.passes import linear_rewrite
+
+        model = fp8_model()
+        xq, s = fp8_input()
+        torch._dynamo.reset()
+        with mock.patch.object(linear_rewrite, "LIBRARY_SCALES", False):
+            r = run_sparse(model, (xq, s), options=OPTS)
+        (d,) = r.decisions
+        assert d.kernel == "cusparselt" and "fp8 form lib16" in d.reason, d.line()
+        assert not r.notes, r.notes
+        self.assertExpectedInline(r.graphs[0], """\
+def forward(self, arg3_1: "f32[]", arg4_1: "f8e4m3fn[16, 64]"):
+_sparse_0_wc: "f8e4m3fn[32, 64]" = self._sparse_0_wc
+arg0_1: "bf16[32]" = self._frozen_param0
+arg2_1: "f32[]" = self._frozen_param2
+convert_element_type_default: "f32[16, 64]" = torch.ops.prims.convert_element_type.default(arg4_1, torch.float32)
+mul_tensor: "f32[16, 64]" = torch.ops.aten.mul.Tensor(convert_element_type_default, 0)
+sum_dim_int_list: "f32[16, 1]" = torch.ops.aten.sum.dim_IntList(mul_tensor, [1], True)
+linear_cslt_default: "bf16[16, 32]" = torch.ops.sparse_inductor.linear_cslt.default(arg4_1, _sparse_0_wc, None, 32, 64, 0, 1, torch.bfloat16)
+convert_element_type_default_1: "f32[16, 32]" = torch.ops.prims.convert_element_type.default(linear_cslt_default, torch.float32)
+add_tensor: "f32[16, 32]" = torch.ops.aten.add.Tensor(convert_element_type_default_1, sum_dim_int_list)
+mul_tensor_1: "f32[16, 32]" = torch.ops.aten.mul.Tensor(add_tensor, arg3_1)
+mul_tensor_2: "f32[16, 32]" = torch.ops.aten.mul.Tensor(mul_tensor_1, arg2_1)
+add_tensor_1: "f32[16, 32]" = torch.ops.aten.add.Tensor(mul_tensor_2, arg0_1)
+convert_element_type_default_2: "bf16[16, 32]" = torch.ops.prims.convert_element_type.default(add_tensor_1, torch.bfloat16)
+return (convert_element_type_default_2,)""")
+
     def test_golden_rowwise_scales(self):
-        """scale_a [M, 1]: an fp32 output, then guard, scales, bias and cast (one Inductor kernel)."""
+        """scale_a [M, 1], bf16 out, options fp8_product="bf16" (the default): form "lib16": a bf16
+        output from the library (the unscaled product), then upcast, guard, scales, bias and cast
+        (one Inductor kernel)."""
         model = fp8_model(rowwise=True)
         xq, s = fp8_input(rowwise=True)
         torch._dynamo.reset()
         r = run_sparse(model, (xq, s), options=OPTS)
         (d,) = r.decisions
-        assert d.kernel == "cusparselt", d.line()
+        assert d.kernel == "cusparselt" and "fp8 form lib16" in d.reason, d.line()
+        assert not r.notes, r.notes
+        self.assertExpectedInline(r.graphs[0], """\
+def forward(self, arg3_1: "f32[16, 1]", arg4_1: "f8e4m3fn[16, 64]"):
+_sparse_0_wc: "f8e4m3fn[32, 64]" = self._sparse_0_wc
+arg0_1: "bf16[32]" = self._frozen_param0
+arg2_1: "f32[1, 32]" = self._frozen_param2
+convert_element_type_default: "f32[16, 64]" = torch.ops.prims.convert_element_type.default(arg4_1, torch.float32)
+mul_tensor: "f32[16, 64]" = torch.ops.aten.mul.Tensor(convert_element_type_default, 0)
+sum_dim_int_list: "f32[16, 1]" = torch.ops.aten.sum.dim_IntList(mul_tensor, [1], True)
+linear_cslt_default: "bf16[16, 32]" = torch.ops.sparse_inductor.linear_cslt.default(arg4_1, _sparse_0_wc, None, 32, 64, 0, 1, torch.bfloat16)
+convert_element_type_default_1: "f32[16, 32]" = torch.ops.prims.convert_element_type.default(linear_cslt_default, torch.float32)
+add_tensor: "f32[16, 32]" = torch.ops.aten.add.Tensor(convert_element_type_default_1, sum_dim_int_list)
+mul_tensor_1: "f32[16, 32]" = torch.ops.aten.mul.Tensor(add_tensor, arg3_1)
+mul_tensor_2: "f32[16, 32]" = torch.ops.aten.mul.Tensor(mul_tensor_1, arg2_1)
+add_tensor_1: "f32[16, 32]" = torch.ops.aten.add.Tensor(mul_tensor_2, arg0_1)
+convert_element_type_default_2: "bf16[16, 32]" = torch.ops.prims.convert_element_type.default(add_tensor_1, torch.bfloat16)
+return (convert_element_type_default_2,)""")
+
+    def test_golden_rowwise_scales_fp32_product(self):
+        """scale_a [M, 1], options fp8_product="fp32": form "row": an fp32 output, then guard, scales,
+        bias and cast (one Inductor kernel)."""
+        model = fp8_model(rowwise=True)
+        xq, s = fp8_input(rowwise=True)
+        torch._dynamo.reset()
+        r = run_sparse(model, (xq, s), options={**OPTS, "fp8_product": "fp32"})
+        (d,) = r.decisions
+        assert d.kernel == "cusparselt" and "fp8 form row" in d.reason, d.line()
         assert not r.notes, r.notes
         self.assertExpectedInline(r.graphs[0], """\
 def forward(self, arg3_1: "f32[16, 1]", arg4_1: "f8e4m3fn[16, 64]"):
@@ -177,55 +268,169 @@ convert_element_type_default_1: "bf16[16, 32]" = torch.ops.prims.convert_element
 return (convert_element_type_default_1,)""")
 
 
+def cslt_line(graph: str) -> str:
+    """The linear_cslt line of a graph after the pass (there is one)."""
+    (line,) = [ln for ln in graph.splitlines() if "sparse_inductor.linear_cslt.default(" in ln]
+    return line
+
+
+# options fp8_product -> (the form a bf16 output takes, the library's output dtype in the graph)
+PRODUCT_FORM = {"bf16": ("lib16", "torch.bfloat16"), "fp32": ("row", "torch.float32")}
+
+
+@pytest.mark.parametrize("product", ["bf16", "fp32"])
 @pytest.mark.parametrize("rowwise", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_numerics_vs_fp64_and_plain_inductor(emulated, monkeypatch, rowwise, bias):
+def test_numerics_vs_fp64_and_plain_inductor(emulated, monkeypatch, rowwise, bias, product):
+    """Both epilogue forms (per-tensor scales take them too while LIBRARY_SCALES is off) against
+    the fp64 dequantized matmul and plain Inductor; "lib16" within its two roundings."""
     model = fp8_model(bias=bias, rowwise=rowwise)
     xq, s = fp8_input(rowwise=rowwise)
     torch._dynamo.reset()
-    r = run_sparse(model, (xq, s), options=OPTS)
+    r = run_sparse(model, (xq, s), options={**OPTS, "fp8_product": product})
     assert [d.kernel for d in r.decisions] == ["cusparselt"], [d.line() for d in r.decisions]
     assert not r.notes and calls(r.code, "linear_cslt.default(") == 1 and not calls(r.code, "_scaled_mm("), r.notes
+    form, lib_dtype = PRODUCT_FORM[product]
+    assert f"fp8 form {form} " in r.decisions[0].reason, r.decisions[0].line()
+    assert cslt_line(r.graphs[0]).endswith(f", {lib_dtype})"), r.graphs[0]
     out = r.outputs[0]
     assert out.dtype == torch.bfloat16 and out.shape == (16, 32)
-    assert_close(out, model.fp64(xq, s), "fp64")
+    lib16 = "_lib16" if form == "lib16" else ""
+    p = fp64_product(model, xq, s)
+    assert_close(out, model.fp64(xq, s), "fp64" + lib16, p)
     monkeypatch.setenv("SPARSE_INDUCTOR_DISABLE", "1")
     torch._dynamo.reset()
     plain = run_sparse(model, (xq, s), options=OPTS)
     assert not plain.decisions
-    assert_close(out, plain.outputs[0], "plain")
+    assert_close(out, plain.outputs[0], "plain" + lib16, p)
+
+
+def test_lib16_is_the_row_form_with_the_product_rounded_to_bf16(emulated):
+    """What "lib16" gives up against "row", on the same emulated accumulator: the product is rounded
+    to bf16 before the scales. Its output is within "fp64_lib16" of the exact value and within
+    one bf16 rounding of the product of the row form's; an input whose products are bf16 numbers
+    already (small integers times powers of two) gives the same bits in both."""
+    model = fp8_model(rowwise=True)
+    xq, s = fp8_input(rowwise=True)
+    outs = {}
+    for product in ("bf16", "fp32"):
+        torch._dynamo.reset()
+        outs[product] = run_sparse(model, (xq, s), options={**OPTS, "fp8_product": product}).outputs[0]
+    p = fp64_product(model, xq, s)
+    assert_close(outs["bf16"], outs["fp32"], "plain_lib16", p)
+    # exact products: W in [-2, 2], x in [-3, 3], integers (32 kept terms per output: |sum| <= 192 <
+    # 2^8, an integer, exact in bf16's 8 significant bits): the bf16 product is the fp32 one
+    g = torch.Generator().manual_seed(3)
+    w = prune_24_(torch.randint(-2, 3, (32, 64), generator=g).float())
+    exact = Fp8Linear(w.to(FP8), torch.tensor(0.5), torch.randn(32, generator=g).to(torch.bfloat16)).eval()
+    xi = torch.randint(-3, 4, (16, 64), generator=g).float().to(FP8)
+    si = torch.tensor(0.25)
+    got = {}
+    for product in ("bf16", "fp32"):
+        torch._dynamo.reset()
+        got[product] = run_sparse(exact, (xi, si), options={**OPTS, "fp8_product": product}).outputs[0]
+    assert torch.equal(got["bf16"], got["fp32"])
+
+
+def test_fp16_and_fp32_outputs_keep_the_fp32_product(emulated):
+    """An unscaled product in fp16 could overflow 65504 (K * 448^2 / scales), and fp32 has nothing to
+    gain: those outputs take form "row" whatever fp8_product says."""
+    for out_dtype in (torch.float16, torch.float32):
+        model = fp8_model(out_dtype=out_dtype, bias=out_dtype != torch.float32)
+        xq, s = fp8_input()
+        torch._dynamo.reset()
+        r = run_sparse(model, (xq, s), options={**OPTS, "fp8_product": "bf16"})
+        (d,) = r.decisions
+        assert d.kernel == "cusparselt" and "fp8 form row " in d.reason and not r.notes, (d.line(), r.notes)
+        assert cslt_line(r.graphs[0]).endswith(", torch.float32)"), r.graphs[0]
+        assert r.outputs[0].dtype == out_dtype
+        assert_close(r.outputs[0], model.fp64(xq, s), "fp64")
+
+
+class Fp8Silu(torch.nn.Module):
+    """An fp8 linear and the pointwise op that consumes it."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, xq, s):
+        return torch.nn.functional.silu(self.lin(xq, s))
+
+
+def readers_of_cslt(code: str) -> list[str]:
+    """The lines of the generated code that read linear_cslt's output (its buffer and the aliases
+    Inductor gives it), other than size asserts and dels: the kernels its epilogue runs in."""
+    lines = [ln.strip() for ln in code.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    names: set = set()
+    for ln in lines:
+        m = re.match(r"(buf\d+) = torch\.ops\.sparse_inductor\.linear_cslt\.default\(", ln)
+        if m:
+            names.add(m.group(1))
+        m = re.match(r"(buf\d+) = (buf\d+)$", ln)
+        if m and m.group(2) in names:
+            names.add(m.group(1))
+    assert names, "no linear_cslt call in the code"
+    return [ln for ln in lines
+            if not ln.startswith(("assert_size_stride(", "del ")) and not re.match(r"buf\d+ = buf\d+$", ln)
+            and "linear_cslt.default(" not in ln and any(re.search(rf"\b{n}\b", ln) for n in names)]
+
+
+@pytest.mark.parametrize("product", ["bf16", "fp32"])
+def test_epilogue_fuses_with_its_consumer(emulated, product):
+    """The epilogue (upcast for "lib16", guard, scales, bias, cast) and the SiLU that consumes the
+    linear are one Inductor kernel: exactly one kernel reads the library's output."""
+    model = Fp8Silu(fp8_model(rowwise=True))
+    xq, s = fp8_input(rowwise=True)
+    torch._dynamo.reset()
+    r = run_sparse(model, (xq, s), options={**OPTS, "fp8_product": product})
+    assert r.decisions[0].kernel == "cusparselt" and not r.notes, r.notes
+    (reader,) = readers_of_cslt(r.code)
+    assert "cpp_fused" in reader and "silu" in reader, reader
+    # numerics: SiLU's slope is within [-0.1, 1.1], so the linear's error ("fp64_lib16" / "fp64", and
+    # a rounding to bf16 between the two where Inductor keeps it) grows at most 1.1x, then SiLU's
+    # own rounding to bf16
+    lin, p = model.lin.fp64(xq, s), fp64_product(model.lin, xq, s)
+    tol = TOLERANCES["fp64_lib16" if product == "bf16" else "fp64"]
+    lin_err = (tol["atol"] * max(1.0, float(lin.abs().max())) + (tol["rtol"] + 2 ** -8) * lin.abs()
+               + tol.get("ptol", 0) * p.abs())
+    ref = torch.nn.functional.silu(lin)
+    assert ((r.outputs[0].double() - ref).abs() <= 1.1 * lin_err + 2 ** -8 * ref.abs()).all()
 
 
 @pytest.mark.parametrize("rowwise", [False, True])
 def test_dynamic_batch(emulated, rowwise):
-    """A dynamic M (per-row scale_a then has a symbolic size): one compile, right at every M."""
+    """A dynamic M (per-row scale_a then has a symbolic size): one compile, right at every M (form
+    "lib16", the default for a bf16 output)."""
     model = fp8_model(rowwise=rowwise)
     inputs = [fp8_input(m=m, rowwise=rowwise, seed=m) for m in (5, 17, 33)]
     torch._dynamo.reset()
     r = run_sparse(model, *inputs, options=OPTS, dynamic=True)
     assert {d.kernel for d in r.decisions} == {"cusparselt"} and not r.notes, r.notes
     for out, (xq, s) in zip(r.outputs, inputs):
-        assert_close(out, model.fp64(xq, s), "fp64")
+        assert_close(out, model.fp64(xq, s), "fp64_lib16", fp64_product(model, xq, s))
 
 
+@pytest.mark.parametrize("product", ["bf16", "fp32"])
 @pytest.mark.parametrize("rowwise", [False, True])
-def test_nan_input_row_is_nan_like_dense(emulated, rowwise):
-    """The sparse tensor cores skip the pruned zeros; the guard (on x for per-tensor scales, on the
-    fp32 output for row-wise ones) makes a row holding a NaN wholly NaN, as torch._scaled_mm does
-    (e4m3 has no Inf)."""
+def test_nan_input_row_is_nan_like_dense(emulated, rowwise, product):
+    """The sparse tensor cores skip the pruned zeros; the guard (in the epilogue, added to the
+    product of either form) makes a row holding a NaN wholly NaN, as torch._scaled_mm does (e4m3
+    has no Inf)."""
     model = fp8_model(rowwise=rowwise)
     xq, s = fp8_input(rowwise=rowwise)
     xq = xq.clone()
     xq.view(torch.uint8)[3, 5] = 0x7F  # NaN in e4m3fn
     torch._dynamo.reset()
-    r = run_sparse(model, (xq, s), options=OPTS)
+    r = run_sparse(model, (xq, s), options={**OPTS, "fp8_product": product})
     assert r.decisions[0].kernel == "cusparselt" and not r.notes, r.notes
     out = r.outputs[0]
     with torch.no_grad():
         ref = model(xq, s)
     assert ref[3].isnan().all() and torch.equal(out.isnan(), ref.isnan())
     # without the guard the emulated kernel leaves that row finite where x meets a pruned zero
-    assert not _emulated_linear(xq, model.wq, None, 32, 64, out_dtype=torch.float32)[3].isnan().all()
+    for lib_dtype in (torch.float32, torch.bfloat16):
+        assert not _emulated_linear(xq, model.wq, None, 32, 64, out_dtype=lib_dtype)[3].isnan().all()
 
 
 def test_cpu_default_dispatch_stays_dense():
@@ -308,12 +513,15 @@ def _scaled_mm_node(sa, sb, bias=None, out=torch.bfloat16, scale_result=None, m=
     (torch.ones(1), torch.ones(1, 1), torch.ones(32, dtype=torch.bfloat16), torch.bfloat16,
      Scaled("tensor", torch.bfloat16)),
     # a per-column scale_b is not one number: the scale modes cannot take it (nor can the alpha vector
-    # for fp8 on cuSPARSELt 0.8), so the fp32 output and the epilogue
+    # for fp8 on cuSPARSELt 0.8), so the unscaled product and the epilogue: in bf16 for a bf16
+    # output ("lib16"), in fp32 for an fp16 one (an unscaled fp16 product can overflow)
     (torch.ones(()), torch.ones(1, 32), None, torch.float16, Scaled("row", torch.float16, False, True)),
-    (torch.ones(16, 1), torch.ones(1, 32), None, torch.bfloat16, Scaled("row", torch.bfloat16, True, True)),
-    # a bias the library cannot take in the output's dtype: the fp32 output and the epilogue
+    (torch.ones(16, 1), torch.ones(1, 32), None, torch.bfloat16, Scaled("lib16", torch.bfloat16, True, True)),
+    (torch.ones(16, 1), torch.ones(()), torch.ones(32, dtype=torch.float16), torch.float16,
+     Scaled("row", torch.float16, True)),
+    # a bias the library cannot take in the output's dtype: the unscaled product and the epilogue
     (torch.ones(()), torch.ones(()), torch.ones(32, dtype=torch.float32), torch.bfloat16,
-     Scaled("row", torch.bfloat16)),
+     Scaled("lib16", torch.bfloat16)),
     (torch.ones(()), torch.ones(()), torch.ones(32, dtype=torch.float32), torch.float32,
      Scaled("row", torch.float32)),
     # not read
@@ -332,17 +540,76 @@ def test_scale_forms(sa, sb, bias, out, expect, monkeypatch):
     scaled, why = _read_scaled_mm(_scaled_mm_node(sa, sb, bias, out), 32)
     if isinstance(expect, Scaled):
         assert (scaled, why) == (expect, None)
+        # options fp8_product="fp32": every epilogue form is "row" (the library's fp32 accumulator)
+        fp32, _ = _read_scaled_mm(_scaled_mm_node(sa, sb, bias, out), 32, "fp32")
+        assert fp32 == (expect if expect.form == "tensor" else dataclasses.replace(expect, form="row"))
     else:
         assert scaled is None and expect in why, why
 
 
-def test_per_tensor_takes_the_row_form_while_library_scales_are_off():
-    """linear_rewrite.LIBRARY_SCALES is off (the scale modes gave unscaled products on the H100)."""
+@pytest.mark.parametrize("out,product,form", [
+    (torch.bfloat16, "bf16", "lib16"), (torch.bfloat16, "fp32", "row"),
+    (torch.float16, "bf16", "row"), (torch.float32, "bf16", "row"),
+])
+def test_per_tensor_takes_an_epilogue_form_while_library_scales_are_off(out, product, form):
+    """linear_rewrite.LIBRARY_SCALES is off (the scale modes gave unscaled products on the H100):
+    per-tensor scales take the unscaled product and the epilogue, in bf16 ("lib16") only for a bf16
+    output with fp8_product="bf16"."""
     from sparse_inductor.passes.linear_rewrite import LIBRARY_SCALES, _read_scaled_mm
 
     assert not LIBRARY_SCALES
-    scaled, why = _read_scaled_mm(_scaled_mm_node(torch.ones(()), torch.ones(()), None, torch.bfloat16), 32)
-    assert (scaled, why) == (Scaled("row", torch.bfloat16), None)
+    scaled, why = _read_scaled_mm(_scaled_mm_node(torch.ones(()), torch.ones(()), None, out), 32, product)
+    assert (scaled, why) == (Scaled(form, out), None)
+
+
+def test_scaled_forms_library_output_dtype():
+    """What the library writes in each form (the graph's linear_cslt out_dtype, the timed call's)."""
+    for out in (torch.bfloat16, torch.float16, torch.float32):
+        assert Scaled("tensor", out).lib_out_dtype == out
+        assert Scaled("row", out).lib_out_dtype == torch.float32
+    assert Scaled("lib16", torch.bfloat16).lib_out_dtype == torch.bfloat16
+    assert "unscaled product in bf16" in Scaled("lib16", torch.bfloat16).describe()
+    assert "fp32 accumulator" in Scaled("row", torch.float16).describe()
+
+
+def test_fp8_product_option():
+    from sparse_inductor.options import resolve_options
+
+    assert SparseOptions().fp8_product == "bf16"
+    with pytest.raises(ValueError, match="unknown fp8_product 'fp16'"):
+        SparseOptions(fp8_product="fp16")
+    opts, inductor = resolve_options(options={"fp8_product": "fp32", "force": True})
+    assert opts.fp8_product == "fp32" and inductor == {}
+    assert opts.digest() != SparseOptions(force=True).digest()  # (the pass's cache key sees it)
+
+
+def _recording_linear(calls):
+    def linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None, scale_a=None, scale_b=None):
+        calls.append(dict(out_dtype=out_dtype, bias=bias is not None, scales=scale_a is not None))
+        y = torch.zeros(x.shape[0], n, dtype=out_dtype)
+        calls[-1]["y"] = y
+        return y
+    return linear
+
+
+@pytest.mark.parametrize("form,out,lib_out", [
+    ("lib16", torch.bfloat16, torch.bfloat16), ("row", torch.bfloat16, torch.float32),
+    ("row", torch.float16, torch.float32), ("tensor", torch.bfloat16, torch.bfloat16),
+])
+def test_fp8_timing_runner_runs_the_form(monkeypatch, form, out, lib_out):
+    """The dispatcher times what the graph will run: the library call with the form's output dtype
+    (bias in the library only in form "tensor"), then, for the epilogue forms, one more pass over y
+    giving out_dtype ("lib16": read and write bf16; "row": read fp32, write out_dtype)."""
+    calls = []
+    monkeypatch.setattr(cusparselt, "linear", _recording_linear(calls))
+    ly = Layer("2:4", 16, 64, 64, FP8, "cuda", scaled=Scaled(form, out), row_check="none")
+    bias = torch.zeros(64, dtype=out)
+    run = cusparselt._runner({"wc": torch.zeros(64, 64, dtype=FP8)}, bias, ly, {"alg_id": 3})
+    y = run(torch.zeros(16, 64, dtype=FP8))
+    (c,) = calls
+    assert (c["out_dtype"], c["bias"], c["scales"]) == (lib_out, form == "tensor", form == "tensor")
+    assert y.dtype == out and y.shape == (16, 64)
+    assert (y is c["y"]) == (form == "tensor")  # the epilogue forms: a pass that writes a new y
 
 
 def test_scale_result_is_not_read():
@@ -394,8 +661,10 @@ def test_timing_cache_key_tells_scale_forms_apart():
     t1 = measure.LayerTimer(ly, torch.zeros(64, 64), False, SparseOptions(), {}, lambda s: {})
     t2 = measure.LayerTimer(dataclasses.replace(ly, scaled=Scaled("row", torch.bfloat16, True)), torch.zeros(64, 64),
                             False, SparseOptions(), {}, lambda s: {})
-    t1._env = t2._env = "env"
-    assert t1.key("dense", 64) != t2.key("dense", 64)
+    t3 = measure.LayerTimer(dataclasses.replace(ly, scaled=Scaled("lib16", torch.bfloat16, True)), torch.zeros(64, 64),
+                            False, SparseOptions(), {}, lambda s: {})
+    t1._env = t2._env = t3._env = "env"
+    assert len({t.key("cusparselt", 64) for t in (t1, t2, t3)}) == 3
 
 
 # ------------------------------------------- the ctypes plan against a stand-in for libcusparseLt
@@ -481,6 +750,19 @@ def test_plan_sets_scalar_scale_modes_before_the_plan(monkeypatch):
     assert lib3.dll.attributes() == []
 
 
+@pytest.mark.parametrize("form,lib_type", [("lib16", 14), ("row", 0)])  # CUDA_R_16BF, CUDA_R_32F
+def test_epilogue_forms_plan_the_unscaled_product(monkeypatch, form, lib_type):
+    """The algorithms the dispatcher tries for an epilogue form come from a plan with the form's
+    output type on D (bf16 for "lib16", fp32 for "row") and no scale modes, no alpha vector."""
+    lib = _fake_lib(monkeypatch)
+    ly = Layer("2:4", 16, 64, 64, FP8, "cuda", scaled=Scaled(form, torch.bfloat16, True))
+    algs = cusparselt._variants(ly, {"wc": torch.zeros(64, 64, dtype=FP8)})
+    assert [a["alg_id"] for a in algs] == list(range(21))  # (the stand-in offers 21 configurations)
+    dense = [a for name, a in lib.dll.calls if name == "cusparseLtDenseDescriptorInit"]
+    assert [a[6] for a in dense] == [28, lib_type]  # x: CUDA_R_8F_E4M3; y: the product's type
+    assert lib.dll.attributes() == []
+
+
 @pytest.mark.parametrize("refuse", [{A_SCALE_MODE: 10}, {"cusparseLtMatmulPlanInit": 10}])
 def test_refused_scale_modes_keep_dense_with_the_reason(monkeypatch, refuse):
     """The library refusing a scale mode or the plan made with them (status 10) says so in words:
@@ -541,11 +823,41 @@ def test_untimeable_kernel_reason_reaches_the_decision(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- on the GPU (H100: sm90)
 
-# Relative error in the norm vs the fp64 dequantized matmul: one rounding to bf16 (at most 2^-9 of
-# each output), fp32 accumulation of exact e4m3 products over K = 512 (about 512 * 2^-24: negligible),
-# the scales and bias in fp32; fp16 and fp32 outputs are tighter still. The dense torch._scaled_mm
-# meets the same bound.
+# Relative error in the norm vs the fp64 dequantized matmul: one rounding to bf16 (at most 2^-8 of
+# each output, half an ulp), fp32 accumulation of exact e4m3 products over K = 512 (about 512 * 2^-24:
+# negligible), the scales and bias in fp32; fp16 and fp32 outputs are tighter still. The dense
+# torch._scaled_mm meets the same bound.
 TOL_GPU = 2 ** -8
+
+# Form "lib16" on the GPU, per element vs the fp64 dequantized matmul ref = product + bias,
+# product = (x8 @ W8^T) * scale_a * scale_b:
+#     |out - ref| <= rtol * |ref| + ptol * |product| + acc * (|x8| @ |W8|^T) * |scale_a * scale_b|
+TOL_GPU_LIB16 = dict(
+    # the output's rounding to bf16 in the epilogue: half an ulp, 2^-8 of |ref|
+    rtol=2 ** -8,
+    # the library's rounding of the unscaled product to bf16 (2^-8 of it; the fp32 scaling keeps the
+    # relative error), plus that error's share in the output's rounding (2^-16)
+    ptol=2 ** -8 + 2 ** -16,
+    # the library's accumulation of K = 512 exact e4m3 products: fp32 additions in any order stay
+    # within K * 2^-24 = 2^-15 of sum |terms|; the fp8 tensor cores' accumulation is coarser and
+    # undocumented (cuBLAS offers a "fast accumulation" mode for it; DeepSeek-V3 measured about 14
+    # bits kept on Hopper), so 8x that. Not a property of the form: the form's terms are the two above,
+    # and test_gpu_fp8_bf16_product_is_the_fp32_product_rounded checks the product's rounding alone.
+    acc=2 ** -12,
+)
+
+
+def _assert_within_lib16(out, ref, product, abs_product):
+    tol = TOL_GPU_LIB16
+    out, ref, product, abs_product = (t.double() for t in (out, ref, product, abs_product))
+    terms = {"rtol": tol["rtol"] * ref.abs(), "ptol": tol["ptol"] * product.abs(), "acc": tol["acc"] * abs_product}
+    bound = sum(terms.values())
+    err = (out - ref).abs()
+    i = int((err / bound).flatten().argmax())
+    assert (err <= bound).all(), (
+        f"{int((err > bound).sum())} of {err.numel()} outside TOL_GPU_LIB16; worst at flat index {i}: "
+        f"|{out.flatten()[i]:.6g} - {ref.flatten()[i]:.6g}| = {err.flatten()[i]:.3g} > "
+        + " + ".join(f"{k} {v.flatten()[i]:.3g}" for k, v in terms.items()))
 
 
 def _rel_err(y, ref):
@@ -629,8 +941,9 @@ def test_gpu_fp8_scales_per_call_and_in_a_cuda_graph():
 @pytest.mark.gpu
 @pytest.mark.parametrize("rowwise", [False, True])
 def test_gpu_compiled_fp8_forced(rowwise):
-    """Forced: cuSPARSELt replaces torch._scaled_mm; the output matches the fp64 dequantized matmul
-    and dense torch._scaled_mm."""
+    """Forced, options fp8_product="fp32" (form "row": the library's fp32 accumulator, one rounding):
+    cuSPARSELt replaces torch._scaled_mm; the output matches the fp64 dequantized matmul and dense
+    torch._scaled_mm. (Form "lib16", the default for bf16: test_gpu_compiled_fp8_lib16.)"""
     from torch._inductor.utils import run_and_get_code
 
     from sparse_inductor.report import LayerDecision, collect
@@ -639,9 +952,10 @@ def test_gpu_compiled_fp8_forced(rowwise):
     xq, s = (t.cuda() for t in fp8_input(m=64, k=512, rowwise=rowwise))
     torch._dynamo.reset()
     with torch.no_grad(), collect() as sink:
-        out, code = run_and_get_code(torch.compile(model, backend="sparse", options=OPTS), xq, s)
+        out, code = run_and_get_code(torch.compile(model, backend="sparse", options={**OPTS, "fp8_product": "fp32"}),
+                                     xq, s)
     (d,) = [d for d in sink if isinstance(d, LayerDecision)]
-    assert d.kernel == "cusparselt" and "alg_id" in d.params, d.line()
+    assert d.kernel == "cusparselt" and "alg_id" in d.params and "fp8 form row " in d.reason, d.line()
     code = "\n".join(code)
     assert calls(code, "torch.ops.sparse_inductor.linear_cslt.default(") == 1 and not calls(code, "_scaled_mm(")
     ref = model.fp64(xq, s)
@@ -652,16 +966,18 @@ def test_gpu_compiled_fp8_forced(rowwise):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("product", ["bf16", "fp32"])
 @pytest.mark.parametrize("rowwise", [False, True])
-def test_gpu_nan_input_row(rowwise):
+def test_gpu_nan_input_row(rowwise, product):
     """A NaN in an fp8 input row makes that whole output row NaN, as dense torch._scaled_mm does (the
-    per-tensor form guards the input: Triton's fp32 -> e4m3 conversion must keep the NaN)."""
+    guard is added to the product in the epilogue of forms "lib16" and "row"; the per-tensor form
+    "tensor", off, guards the input: Triton's fp32 -> e4m3 conversion must keep the NaN)."""
     model = _gpu_model(rowwise=rowwise)
     xq, s = (t.cuda() for t in fp8_input(m=32, k=512, rowwise=rowwise))
     xq.view(torch.uint8)[5, 7] = 0x7F  # NaN
     torch._dynamo.reset()
     with torch.no_grad():
-        out = torch.compile(model, backend="sparse", options=OPTS)(xq, s)
+        out = torch.compile(model, backend="sparse", options={**OPTS, "fp8_product": product})(xq, s)
         ref = model(xq, s)
     assert ref[5].isnan().all() and torch.equal(out.isnan(), ref.isnan())
 
@@ -681,6 +997,80 @@ def test_gpu_measured_dispatch_fp8(tmp_path, monkeypatch):
         torch.compile(model, backend="sparse", mode="reduce-overhead")(x)
     (d,) = [d for d in sink if isinstance(d, LayerDecision)]
     assert d.measured and set(d.candidates) >= {"dense", "cusparselt"}, d.line()
+    assert "fp8 form lib16 " in d.reason, d.line()  # (bf16 out: timed as the library's bf16 product + epilogue)
     dense, sparse = d.candidates["dense"], d.candidates["cusparselt"]
     assert (d.kernel == "cusparselt") == (sparse is not None and sparse * 1.05 <= dense), d.line()
     print(d.line())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [64, 37])
+@pytest.mark.parametrize("rowwise", [False, True], ids=["per_tensor", "rowwise"])
+def test_gpu_compiled_fp8_lib16(rowwise, m):
+    """Form "lib16" (the default for a bf16 output), forced: torch._scaled_mm with per-tensor scales
+    and a bias, or row-wise scales (scale_a [M, 1], scale_b [1, N]) and a bias, becomes one
+    linear_cslt whose library output is bf16 (the unscaled product), then one Inductor kernel; the
+    output is within TOL_GPU_LIB16 of the fp64 dequantized matmul, and dense torch._scaled_mm within
+    TOL_GPU of it."""
+    model = _gpu_model(rowwise=rowwise)
+    xq, s = (t.cuda() for t in fp8_input(m=m, k=512, rowwise=rowwise))
+    torch._dynamo.reset()
+    r = run_sparse(model, (xq, s), options=OPTS)  # (options fp8_product: the default, "bf16")
+    (d,) = r.decisions
+    assert d.kernel == "cusparselt" and "alg_id" in d.params and "fp8 form lib16 " in d.reason, d.line()
+    assert not r.notes, r.notes
+    line = cslt_line(r.graphs[0])  # the graph after the pass: the library writes bf16
+    assert re.search(r'linear_cslt_default: "bf16\[\d+, 256\]"', line) and line.endswith(", torch.bfloat16)"), line
+    code = [ln.strip() for ln in r.code.splitlines() if "linear_cslt.default(" in ln and not ln.lstrip().startswith("#")]
+    assert len(code) == 1 and code[0].endswith(", torch.bfloat16)") and not calls(r.code, "_scaled_mm("), code
+    out = r.outputs[0]
+    assert out.dtype == torch.bfloat16 and out.shape == (m, 256)
+    product = fp64_product(model, xq, s)
+    abs_product = (xq.double().abs() @ model.wq.double().abs().T) * (s.double() * model.w_scale.double()).abs()
+    _assert_within_lib16(out, model.fp64(xq, s), product, abs_product)
+    with torch.no_grad():
+        dense = model(xq, s)
+    assert _rel_err(dense, model.fp64(xq, s)) < TOL_GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [16, 37, 256])
+def test_gpu_fp8_bf16_product_is_the_fp32_product_rounded(m):
+    """What form "lib16" relies on: cuSPARSELt's fp8 kernel with a bf16 output writes its fp32
+    accumulator rounded once, to nearest, to bf16: the same algorithm with an fp32 output, rounded by
+    torch, gives the same bits (where the two kernels happen to add in different orders, an output
+    near a rounding midpoint can round the other way: allowed at under 1% of the outputs, and then
+    by at most 2^-8 of |y| plus the fp32 order difference, K * 2^-24 of sum |terms| each way)."""
+    model = _gpu_model(bias=False)
+    n, k = model.wq.shape
+    wc = cusparselt.compress(model.wq)
+    xq, _ = (t.cuda() for t in fp8_input(m=m, k=k))
+    top = min(cusparselt.max_alg_id(wc, xq, n, k, out) for out in (torch.bfloat16, torch.float32))
+    abs_acc = xq.float().abs() @ model.wq.float().abs().T
+    for alg in sorted({0, top}):
+        y16 = cusparselt.linear(xq, wc, None, n, k, alg, 1, torch.bfloat16)
+        y32 = cusparselt.linear(xq, wc, None, n, k, alg, 1, torch.float32)
+        assert y16.dtype == torch.bfloat16 and y16.shape == y32.shape == (m, n)
+        rounded = y32.to(torch.bfloat16)
+        unequal = (y16 != rounded).float().mean().item()
+        assert unequal < 0.01, f"alg {alg}: {unequal:.1%} of the bf16 outputs are not the fp32 outputs rounded"
+        err = (y16.double() - y32.double()).abs()
+        bound = 2 ** -8 * y32.double().abs() + 2 * k * 2 ** -24 * abs_acc.double()
+        assert (err <= bound).all(), f"alg {alg}: {int((err > bound).sum())} outputs beyond one rounding"
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_lib16_epilogue_fuses_with_its_consumer():
+    """The epilogue of form "lib16" (upcast, guard, scales, bias, cast) and the SiLU after the linear
+    are one Triton kernel: exactly one kernel reads the library's bf16 output."""
+    model = Fp8Silu(_gpu_model(rowwise=True))
+    xq, s = (t.cuda() for t in fp8_input(m=64, k=512, rowwise=True))
+    torch._dynamo.reset()
+    r = run_sparse(model, (xq, s), options=OPTS)
+    assert r.decisions[0].kernel == "cusparselt" and "fp8 form lib16 " in r.decisions[0].reason, r.decisions[0].line()
+    (reader,) = readers_of_cslt(r.code)
+    assert ".run(" in reader and "silu" in reader, reader
+    with torch.no_grad():
+        ref = model(xq, s)
+    # (loose: this test is about the kernel count; test_gpu_compiled_fp8_lib16 checks the numerics)
+    assert _rel_err(r.outputs[0], ref) < 2 ** -6

@@ -28,7 +28,10 @@ fp8's per-tensor scales go instead through the matrix scale modes: A_SCALE_MODE 
 set to MATRIX_SCALE_SCALAR_32F, with A_SCALE_POINTER / B_SCALE_POINTER at two fp32 scalars on the
 device that the plan owns (the pointers are fixed in the matmul descriptor when the plan is made,
 so each call first copies its scales there: two stream-ordered device-to-device copies, which a
-CUDA graph captures). D = scale_A * scale_B * (A @ B) + bias, rounded once.
+CUDA graph captures). D = scale_A * scale_B * (A @ B) + bias, rounded once. (That form is off:
+on the H100 the library did not apply the scales. The compiled graph asks this module for the
+unscaled product instead, in bf16 or fp32, and applies the scales in an Inductor kernel after it:
+dispatch.Scaled, docs/formats.md "fp8".)
 """
 from __future__ import annotations
 
@@ -585,7 +588,11 @@ def _fp8_runner(wc, bias, layer, alg, sk):
     form "tensor": the two scale copies into the plan's scalars and the call, scales, bias and
     rounding in the library; form "row": the call with an fp32 output and the epilogue kernel,
     timed as a cast of y to out_dtype (the same bytes as Inductor's fused scale/bias/cast kernel:
-    read 4, write 2 per output). The timing bias (out_dtype) goes where the graph puts it."""
+    read 4, write 2 per output); form "lib16": the call with a bf16 output (the unscaled product)
+    and the epilogue kernel, timed as one multiplication of y by a scalar in bf16 (read 2, write 2
+    per output, as Inductor's kernel that upcasts, scales, adds the bias and rounds to bf16). The
+    timing bias (out_dtype) goes where the graph puts it: into the library only in form "tensor"
+    (the epilogue's bias and row-wise scales are N + M numbers, not counted)."""
     sc, n, k = layer.scaled, layer.n, layer.k
     dev = wc.device
     sa = torch.ones((), device=dev, dtype=torch.float32)
@@ -595,7 +602,10 @@ def _fp8_runner(wc, bias, layer, alg, sk):
         torch.sum(x.view(torch.uint8), dim=-1, dtype=torch.int32)
         if sc.form == "tensor":
             return linear(x, wc, bias, n, k, alg, sk, sc.out_dtype, scale_a=sa, scale_b=sb)
-        return linear(x, wc, None, n, k, alg, sk, torch.float32).to(sc.out_dtype)
+        y = linear(x, wc, None, n, k, alg, sk, sc.lib_out_dtype)
+        if y.dtype == sc.out_dtype:  # "lib16": one pass in the product's dtype (a 0-dim fp32 factor keeps bf16)
+            return torch.mul(y, sa)
+        return y.to(sc.out_dtype)
 
     return run
 

@@ -145,7 +145,8 @@ def _from_int8_constant(gm: fx.GraphModule, node: fx.Node, depth: int = 8) -> bo
     return False
 
 
-def find_linears(gm: fx.GraphModule) -> list[LinearSite]:
+def find_linears(gm: fx.GraphModule, opts: Optional[SparseOptions] = None) -> list[LinearSite]:
+    product = (opts or SparseOptions()).fp8_product
     sites = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -176,7 +177,7 @@ def find_linears(gm: fx.GraphModule) -> list[LinearSite]:
             elif not _bias_is_row(bias, w.shape[0]):
                 site.why_not = "bias is not a vector of out_features"
         if site.why_not is None and node.target is aten._scaled_mm.default:
-            site.scaled, site.why_not = _read_scaled_mm(node, w.shape[0])
+            site.scaled, site.why_not = _read_scaled_mm(node, w.shape[0], product)
         sites.append(site)
     return sites
 
@@ -195,20 +196,23 @@ def _scaled_mm_arg(node: fx.Node, name: str) -> Any:
 # cuSPARSELt 0.8.0) the library accepted the modes but returned products the scales had not been
 # applied to (tests/test_fp8.py::test_gpu_plan_path_fp8, relative error ~1e4), while the
 # dispatcher already preferred it (1.47x vs torch._scaled_mm at M=8192 N=14336 K=4096). Every fp8
-# layer takes form "row" until that is understood and the GPU test passes.
+# layer takes form "lib16" (bf16 outputs) or "row" until that is understood and the GPU test passes.
 LIBRARY_SCALES = False
 
 
-def _read_scaled_mm(node: fx.Node, n: int) -> tuple[Optional[Scaled], Optional[str]]:
+def _read_scaled_mm(node: fx.Node, n: int, product: str = "bf16") -> tuple[Optional[Scaled], Optional[str]]:
     """How `_scaled_mm(x8, W8_t, scale_a, scale_b, bias, scale_result, out_dtype)` is rewritten, or
     why it is not. Read: fp32 scales per-tensor (one number) or row-wise (scale_a [M, 1],
     scale_b [1, N]), a bias vector of N, out_dtype bf16 / fp16 / fp32 (no scale_result).
 
-    Form "tensor" (scale_a and scale_b per-tensor, and the bias, if any, in out_dtype bf16/fp16):
-    cuSPARSELt scales its fp32 accumulator by scale_a * scale_b (its scale modes: one fp32 number
-    per operand), adds the bias, rounds once. Else form "row" (a row-wise scale_a or scale_b, or
-    another bias): an fp32 output, the scales, bias and cast after it in one Inductor kernel
-    (dispatch.Scaled).
+    Form "tensor" (LIBRARY_SCALES on, scale_a and scale_b per-tensor, and the bias, if any, in
+    out_dtype bf16/fp16): cuSPARSELt scales its fp32 accumulator by scale_a * scale_b (its scale
+    modes: one fp32 number per operand), adds the bias, rounds once. Else the library writes the
+    unscaled product and one Inductor kernel applies the scales, bias, row guard and cast after it
+    (dispatch.Scaled): form "lib16" where out_dtype is bf16 and `product` (options fp8_product) is
+    "bf16": the product in bf16 (one more rounding, at most 2^-8 of |product|; no overflow, bf16
+    has fp32's exponent range); else form "row": the product in fp32 (fp16: an unscaled fp16
+    product could overflow 65504; fp32: nothing to gain; or fp8_product="fp32").
     """
     val = {a: (_scaled_mm_arg(node, a).meta.get("val") if isinstance(_scaled_mm_arg(node, a), fx.Node) else None)
            for a in ("scale_a", "scale_b", "bias")}
@@ -232,7 +236,13 @@ def _read_scaled_mm(node: fx.Node, n: int) -> tuple[Optional[Scaled], Optional[s
         return None, "bias is not a vector of out_features"
     in_library = (LIBRARY_SCALES and a_tensor and b_tensor
                   and (bias is None or (bias.dtype == out and out != torch.float32)))
-    return Scaled("tensor" if in_library else "row", out, not a_tensor, not b_tensor), None
+    if in_library:
+        form = "tensor"
+    elif out == torch.bfloat16 and product == "bf16":
+        form = "lib16"
+    else:
+        form = "row"
+    return Scaled(form, out, not a_tensor, not b_tensor), None
 
 
 def _is_one(t: torch.Tensor) -> bool:
@@ -321,7 +331,7 @@ def _compress(det: Detection, w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]:
     """The pass body: detect, decide, rewrite. Returns the sites it looked at."""
-    sites = find_linears(gm)
+    sites = find_linears(gm, opts)
     detections: dict[int, Detection] = {}
     consts = _Constants(gm)
     compressed: dict[int, dict[str, dict]] = {}  # weight -> format -> constants, made once
@@ -390,7 +400,10 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             continue
         decision.kernel, decision.dense_us, decision.sparse_us = choice.kernel, choice.dense_us, choice.sparse_us
         decision.candidates, decision.params, decision.measured = choice.candidates, choice.params, choice.measured
-        decision.reason = f"{det.reason}; {choice.reason}"
+        # an fp8 layer rewritten or timed: in which form (dispatch.Scaled), before the dispatcher's words
+        timed = choice.kernel != "dense" or any(v is not None for n_, v in choice.candidates.items() if n_ != "dense")
+        form = f"{site.scaled.describe()}; " if site.scaled is not None and timed else ""
+        decision.reason = f"{det.reason}; {form}{choice.reason}"
         if choice.kernel == "dense":
             record(decision)
             continue
@@ -462,8 +475,20 @@ def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node
         y32 = linear_cslt(x8, wc, None, N, K, alg, split_k, torch.float32) + g       # the fp32 accumulator
         y = convert(y32 * scale_a * scale_b + bias, out_dtype)                       # one Inductor kernel
 
-    The non-finite row guard (e4m3 holds NaN, no Inf): g[m] = sum_k 0 * x[m, k], 0 or NaN. Form
-    "row" adds it to y32 (in the epilogue kernel). Form "tensor" has no epilogue, so the guard goes on
+    form "lib16" (out_dtype bf16): the same with the product written in bf16, upcast in the epilogue:
+
+        y16 = linear_cslt(x8, wc, None, N, K, alg, split_k, torch.bfloat16)          # unscaled, rounded
+        y = convert((convert(y16, fp32) + g) * scale_a * scale_b + bias, bf16)       # one Inductor kernel
+
+    y16 is the fp32 accumulator rounded to bf16 (relative error at most 2^-8, bf16's unit roundoff;
+    bf16 has fp32's exponent range, so the unscaled product cannot overflow as it could in fp16).
+    Scaling in fp32 keeps that relative error, so the output is within 2^-8 * |product| + 2^-8 *
+    |output| (+ fp32 steps) of the exact value: one bf16 ulp where "row" is within half of one.
+    The epilogue reads and writes 2 bytes per output instead of "row"'s 4 + 2, and Inductor fuses
+    it with the pointwise op that consumes the linear.
+
+    The non-finite row guard (e4m3 holds NaN, no Inf): g[m] = sum_k 0 * x[m, k], 0 or NaN. Forms
+    "row" and "lib16" add it to the product (in the epilogue kernel). Form "tensor" has no epilogue, so the guard goes on
     the input: x8g = fp8(f32(x8) + g), the same values for a finite row and a whole row of NaN for a
     row holding one (every output of it NaN, as dense has); Inductor computes the reduction and the
     add with x8's producer (the quantization) where it can, instead of a pass over y.
@@ -494,8 +519,11 @@ def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node
         if sc.form == "tensor":  # the scales go to the library as they are (one number each)
             xg = call(cvt, call(aten.add.Tensor, xf, g), x.meta["val"].dtype)
             out = call(target, xg, args[1], bias, *args[3:7], sc.out_dtype, scale_a=sa, scale_b=sb)
-        else:
-            y = call(aten.add.Tensor, call(target, *args[:7], torch.float32), g)
+        else:  # the unscaled product (fp32 or bf16: sc.lib_out_dtype), then the epilogue in fp32
+            y = call(target, *args[:7], sc.lib_out_dtype)
+            if sc.lib_out_dtype != torch.float32:
+                y = call(cvt, y, torch.float32)
+            y = call(aten.add.Tensor, y, g)
             y = call(aten.mul.Tensor, call(aten.mul.Tensor, y, sa), sb)
             if bias is not None:
                 y = call(aten.add.Tensor, y, bias)
