@@ -10,6 +10,7 @@ user calls them (eager), which is what the anchors report. Ratios are dense time
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -211,9 +212,11 @@ def _host_us(fn: Callable, n: int = 20) -> float:
     return t
 
 
-def _cslt_best_alg(layer, w: torch.Tensor, wc: torch.Tensor) -> int:
-    """The cuSPARSELt algorithm id the dispatcher's timer finds fastest for `layer` (CUDA-graph
-    replays, what it does under mode="reduce-overhead"), its compressed weight given."""
+def _cslt_timed(layer, w: torch.Tensor, wc: torch.Tensor) -> Optional[tuple[float, int]]:
+    """(us, algorithm id) of cuSPARSELt as the dispatcher's timer measures `layer` (its runner: for
+    fp8 the form's library call and epilogue pass, the row guard's reduction; the fastest algorithm;
+    CUDA-graph replays, what it does under mode="reduce-overhead"), its compressed weight given;
+    None where it could not be timed."""
     from .dispatch import kernels
     from .measure import LayerTimer
     from .options import SparseOptions
@@ -222,7 +225,13 @@ def _cslt_best_alg(layer, w: torch.Tensor, wc: torch.Tensor) -> int:
     timer = LayerTimer(layer, w, False, SparseOptions(mode="reduce-overhead"), {"cusparselt": spec},
                        lambda s: {"wc": wc})
     best = timer("cusparselt", layer.m)
-    return best[1].get("alg_id", 0) if best else 0
+    return (best[0], best[1].get("alg_id", 0)) if best else None
+
+
+def _cslt_best_alg(layer, w: torch.Tensor, wc: torch.Tensor) -> int:
+    """The cuSPARSELt algorithm id the dispatcher's timer finds fastest for `layer` (_cslt_timed)."""
+    best = _cslt_timed(layer, w, wc)
+    return best[1] if best else 0
 
 
 def bench_cusparselt(rows: list, shapes=None):
@@ -564,8 +573,12 @@ def bench_fp8(rows: list, shapes=None):
     """fp8 e4m3 x e4m3 2:4 (issue 6): cuSPARSELt (ours, through the plan cache) against dense fp8
     torch._scaled_mm with the same per-tensor scales, bf16 F.linear, and torch._cslt_sparse_mm; each
     a CUDA-graph replay of the kernel alone (ours: the call with scale_a and scale_b in the library's
-    scale modes, their two copies into the plan included; no quantization, no row guard). Then what the dispatcher picks for Fp8Linear (quantization in
-    the graph) in the default mode and under mode="reduce-overhead", with its measured ratio."""
+    scale modes, their two copies into the plan included; no quantization, no row guard). Then the
+    two correct forms as the dispatcher times them (CUDA graphs, best algorithm of each; the row
+    guard's reduction, the library call, the epilogue's pass over y): "row" (fp32 product, options
+    fp8_product="fp32") and "lib16" (bf16 product, the default for bf16 outputs). Then what the
+    dispatcher picks for Fp8Linear (quantization in the graph, default options: form "lib16") in the
+    default mode and under mode="reduce-overhead", with its measured ratio."""
     from .dispatch import Layer, Scaled
     from .lowering import cusparselt
 
@@ -573,9 +586,10 @@ def bench_fp8(rows: list, shapes=None):
     shapes = shapes or [(8192, 14336, 4096), (8192, 4096, 14336), (16, 14336, 4096)]
     print("\n## fp8 e4m3 2:4 linears through cuSPARSELt vs dense fp8 torch._scaled_mm (per-tensor scales, bf16 out)\n")
     print("| M | N | K | bf16 dense F.linear | fp8 dense _scaled_mm | torch._cslt_sparse_mm fp8 (alg 0) | ours: alg 0 | "
-          "ours: best alg | best vs fp8 dense | best vs bf16 dense | dispatcher picks (default mode) | "
+          "ours: best alg | best vs fp8 dense | best vs bf16 dense | form row as timed (fp32 product) | "
+          "form lib16 as timed (bf16 product) | lib16 vs fp8 dense | dispatcher picks (default mode) | "
           "dispatcher picks (reduce-overhead) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (m, n, k) in shapes:
         w, x = _case24(m, n, k)
         wq, ws = fp8_per_tensor(w)
@@ -584,6 +598,10 @@ def bench_fp8(rows: list, shapes=None):
         layer = Layer("2:4", m, n, k, torch.float8_e4m3fn, "cuda", device_name=torch.cuda.get_device_name(),
                       scaled=Scaled("tensor", out))
         alg = _cslt_best_alg(layer, wq, wc)
+        forms = {f: _try(lambda f=f: _cslt_timed(dataclasses.replace(layer, scaled=Scaled(f, out)), wq, wc))
+                 for f in ("row", "lib16")}
+        ft = {f: (v[0] if v else None) for f, v in forms.items()}
+        fcell = {f: f"{_fmt(v[0])} (alg {v[1]})" if v else "-" for f, v in forms.items()}
         wqt = wq.t()
         with torch.no_grad():
             bf16 = _bench(_graphed(lambda: F.linear(x, w)))
@@ -597,9 +615,12 @@ def bench_fp8(rows: list, shapes=None):
         model = Fp8Linear(wq, ws).eval()
         picks = [_try(lambda mode=mode: _fp8_chosen(model, x, mode)) for mode in (None, "reduce-overhead")]
         rows.append(dict(section="fp8", M=m, N=n, K=k, bf16_dense=bf16, fp8_dense=dense, torch_cslt=tcslt,
-                         kernel_alg0=alg0, kernel=best, alg_id=alg, chosen=picks[0], chosen_graphs=picks[1]))
+                         kernel_alg0=alg0, kernel=best, alg_id=alg, form_row=ft["row"], form_lib16=ft["lib16"],
+                         alg_row=forms["row"] and forms["row"][1], alg_lib16=forms["lib16"] and forms["lib16"][1],
+                         chosen=picks[0], chosen_graphs=picks[1]))
         print(f"| {m} | {n} | {k} | {_fmt(bf16)} | {_fmt(dense)} | {_fmt(tcslt)} | {_fmt(alg0)} | {_fmt(best)} (alg {alg}) | "
-              f"{_ratio(dense, best)} | {_ratio(bf16, best)} | {picks[0]} | {picks[1]} |", flush=True)
+              f"{_ratio(dense, best)} | {_ratio(bf16, best)} | {fcell['row']} | {fcell['lib16']} | "
+              f"{_ratio(dense, ft['lib16'])} | {picks[0]} | {picks[1]} |", flush=True)
 
 
 SECTIONS = {"linear24": bench_linear24, "block": bench_block, "cusparselt": bench_cusparselt, "e2e": bench_e2e,
