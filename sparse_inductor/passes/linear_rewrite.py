@@ -447,12 +447,12 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
     bias, x = (node.args[0], node.args[1]) if node.target is aten.addmm.default else (None, node.args[0])
     if node.target is aten._int_mm.default and spec.node_args is None:
         raise RuntimeError(f"kernel {kernel!r} cannot compute torch._int_mm")
+    floating = x.meta["val"].dtype.is_floating_point  # int8 x cannot hold a NaN/Inf
     if spec.node_args is not None:
         target, args = spec.node_args(x, cnodes, bias, n, k, params)
+        kwargs = {"row_check": _row_check(x, node)} if spec.row_check and floating and check else {}
     else:
-        target, args = _pattern_op(det, x, cnodes, bias, n, k, kernel)
-    floating = x.meta["val"].dtype.is_floating_point  # int8 x cannot hold a NaN/Inf
-    kwargs = {"row_check": _row_check(x, node)} if spec.row_check and floating and check else {}
+        target, args, kwargs = _pattern_op(det, x, cnodes, bias, n, k, kernel, check)
     with graph.inserting_before(node):
         new = graph.call_function(target, args, kwargs)
     new.meta.update(node.meta)
@@ -533,11 +533,15 @@ def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node
     return out
 
 
-def _pattern_op(det: Detection, x: fx.Node, cnodes: tuple, bias: Any, n: int, k: int, kernel: str) -> tuple:
-    """(target, args) of the pattern's own op: sparse_inductor::linear_24 / linear_block."""
+def _pattern_op(det: Detection, x: fx.Node, cnodes: tuple, bias: Any, n: int, k: int, kernel: str,
+                check: bool = True) -> tuple:
+    """(target, args, kwargs) of the pattern's own op: sparse_inductor::linear_24 / linear_block.
+    check=False (options nonfinite="fast"): linear_block(..., guard=False), its kernel without the
+    non-finite row check (the 2:4 kernels multiply the zeros, or check inside: nothing to drop)."""
     if det.pattern == "2:4":
-        return torch.ops.sparse_inductor.linear_24.default, (x, *cnodes, bias, kernel)
-    return torch.ops.sparse_inductor.linear_block.default, (x, *cnodes, bias, n, k, kernel)
+        return torch.ops.sparse_inductor.linear_24.default, (x, *cnodes, bias, kernel), {}
+    return (torch.ops.sparse_inductor.linear_block.default, (x, *cnodes, bias, n, k, kernel),
+            {} if check else {"guard": False})
 
 
 def _split(out: fx.Node, site: LinearSite, det: Detection, spec: KernelSpec, kernel: str, w: torch.Tensor,
@@ -557,7 +561,7 @@ def _split(out: fx.Node, site: LinearSite, det: Detection, spec: KernelSpec, ker
         piece = w[a:b]
         t = spec.compress(piece.detach(), dataclasses.replace(layer, n=b - a)) if spec.compress else _compress(det, piece)
         cnodes = consts.nodes((key, _fmt(spec, det), a, b), t, out)
-        return _pattern_op(det, x, cnodes, piece_bias, b - a, k, kernel)
+        return _pattern_op(det, x, cnodes, piece_bias, b - a, k, kernel, out.kwargs.get("guard", True))
 
     return split_op(out, pieces, bias, make)
 
@@ -581,10 +585,34 @@ def _row_check_mode(x: fx.Node, compute: torch.dtype, opts: SparseOptions) -> st
     target = node.target if node.op == "call_function" else None
     if not isinstance(target, torch._ops.OpOverload) or target in _OPS:
         return "separate"
-    return "fused" if torch.Tag.pointwise in target.tags or target in _FUSABLE_REDUCTIONS else "separate"
+    if torch.Tag.pointwise in target.tags:
+        # a pointwise x that only our Triton templates feed becomes their epilogue (a GELU after
+        # fc1, the gated product): no kernel of its own that the reduction could join
+        return "separate" if _template_epilogue(node) else "fused"
+    return "fused" if target in _FUSABLE_REDUCTIONS else "separate"
 
 
 _FUSABLE_REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.var_mean.correction}
+_TEMPLATE_OPS = _OPS[:2]  # linear_24 / linear_block: Triton templates when their kernel is "triton"
+
+
+def _template_epilogue(node: fx.Node, depth: int = 16) -> bool:
+    """Whether the pointwise `node` reads, through pointwise ops only, the output of one of our Triton
+    templates (so Inductor fuses it into that template's store)."""
+    seen, todo = set(), [node]
+    while todo and depth > 0:
+        depth -= 1
+        cur = todo.pop()
+        for a in cur.all_input_nodes:
+            if a in seen or a.op != "call_function":
+                continue
+            seen.add(a)
+            if a.target in _TEMPLATE_OPS and "triton" in a.args:
+                return True
+            t = a.target
+            if isinstance(t, torch._ops.OpOverload) and (torch.Tag.pointwise in t.tags or t in _VIEWS):
+                todo.append(a)
+    return False
 
 
 def _row_check(x: fx.Node, near: fx.Node) -> fx.Node:
