@@ -165,3 +165,50 @@ def test_dispatch_gemv_only_for_static_m1():
 
     assert choose(layer(True), SparseOptions()).kernel == "triton"
     assert choose(layer(False), SparseOptions()).kernel == "dense"
+
+
+# The gemv with four groups a lane (BLOCK_G 128 over 32 lanes): meta read as 32-bit words when
+# G % BLOCK_G == 0 (K = 512), bytes otherwise; two row pairs a warp (BLOCK_N 16, 4 warps).
+GEMV_WIDE = dict(GEMV=True, BLOCK_M=1, BLOCK_N=16, BLOCK_G=128, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(16, 512), (33, 1024), (7, 4 * 37), (48, 4 * 200)])
+def test_gemv_wide_matches_fp64(dtype, n, k):
+    w, x, b = make(n, k, 1, dtype)
+    values, meta = compress_24(w)
+    y = sp24_linear(x, values, meta, b, config=dict(GEMV_WIDE))
+    assert rel_err(y, x.double() @ w.double().T + b.double()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("k", [512, 4 * 37])
+def test_gemv_int8_values_exact_over_all_256(k):
+    """int8 values become fp32 by the 2^23 magic (no I2F): exact for every byte. Integer x and
+    sums below 2^24 make fp32 exact, so y must equal the integer reference exactly."""
+    n = 64
+    g = torch.Generator().manual_seed(3)
+    w = torch.zeros(n, k)
+    vals = (torch.arange(n * k // 2) % 256 - 128).float()  # every int8 value, many times
+    pos = torch.rand(n, k // 4, 4, generator=g).argsort(-1)[..., :2].sort(-1).values
+    wg = w.view(n, k // 4, 4)
+    wg.scatter_(-1, pos, vals.view(n, k // 4, 2))
+    values, meta = compress_24(w.to(torch.int8))
+    assert values.dtype == torch.int8 and set(values.unique().tolist()) == set(range(-128, 128))
+    x = torch.randint(-3, 4, (1, k), generator=g).float()
+    ref = (x.double() @ w.double().T)
+    for cfg in (GEMV_WIDE, SMALL["gemv"]):
+        y = sp24_linear(x, values, meta, config=dict(cfg))
+        assert torch.equal(y.double(), ref)
+
+
+@pytest.mark.parametrize("k", [512, 4 * 37])
+def test_gemv_wide_nonfinite_inputs_like_dense(k):
+    w, x, _ = make(33, k, 3, torch.float32)
+    x[1, 3] = math.nan
+    x[2, 5] = math.inf
+    values, meta = compress_24(w)
+    ref = torch.nn.functional.linear(x, w)
+    for i in range(3):  # M = 1 each: the gemv
+        y = sp24_linear(x[i:i + 1], values, meta, config=dict(GEMV_WIDE))
+        assert torch.equal(y.isnan(), ref[i:i + 1].isnan()) and torch.equal(y.isinf(), ref[i:i + 1].isinf())
+        assert torch.equal(y[y.isinf()], ref[i:i + 1][ref[i:i + 1].isinf()])

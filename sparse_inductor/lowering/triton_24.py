@@ -17,12 +17,15 @@ transposed copy of x, W or y is made):
   of four elements. The rebuilt W is the left operand, so on Hopper it stays in registers; no
   reshape or join of register tiles is needed. Zeros are real zeros in W_p, so NaN/Inf in x
   propagate exactly as in a dense matmul.
-* gemv (M == 1): CUDA cores instead of tensor cores. x is loaded as its four planes (small, kept
-  in cache), and for each kept value the matching x is picked with nested selects
-  (i0 in 0..2, i1 in 1..3); acc[BLOCK_N, BLOCK_G] += v0 * x[i0] + v1 * x[i1], summed at the end.
+* gemv (M == 1): CUDA cores instead of tensor cores. Even and odd rows are separate tiles, laid
+  out so that each thread holds P consecutive groups of four rows and loads x for exactly those
+  groups itself (no shared-memory exchange); for each kept value the matching x is picked with
+  two selects on bits of the meta byte (i0 in 0..2, i1 in 1..3);
+  acc += v0 * x[i0] + v1 * x[i1], summed at the end. int8 values become fp32 by the 2^23 magic
+  number (exact, no I2F).
   Dense would also compute 0 * x for the skipped zeros, turning a NaN/Inf in x into NaN there;
-  the kernel tracks sum(0 * x) over the row and, only when it is NaN (a non-finite input, rare),
-  runs a second pass that marks exactly the outputs where such an x meets a zero of W.
+  the kernel sums x after the main loop and, only when the sum is not finite (a non-finite input,
+  rare; or an overflow, harmless), runs a second pass that marks exactly the outputs where such an x meets a zero of W.
 
 The @triton.jit device functions below are self-contained: their source is pasted into the
 Inductor template (lowering/template.py) and they are also called by the eager kernel that the
@@ -101,58 +104,139 @@ def sp24_dot_acc(X, V, META, M, N, K, stride_xm, stride_xk, pid_m, pid_n,
 
 @triton.jit
 def sp24_gemv_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
-                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_G: tl.constexpr):
-    """fp32 [BLOCK_N] slice of y[m, :] for rows pid_n * BLOCK_N.. of W (CUDA cores)."""
+                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_G: tl.constexpr,
+                  NUM_WARPS: tl.constexpr, PTX: tl.constexpr):
+    """fp32 [BLOCK_N] slice of y[m, :] for rows pid_n * BLOCK_N.. of W (CUDA cores).
+
+    Even and odd rows are two tiles (the meta nibble of each is then a constant bit position), laid
+    out as [lanes, warps, row pairs per warp, groups per lane] so that the loads give every thread
+    P consecutive groups of its rows and x for exactly those groups: each warp loads all of x's
+    step, with no shared-memory exchange (NUM_WARPS must be the launch's num_warps for that; any
+    value is correct). PTX: inline PTX allowed (False under the interpreter)."""
     G = K // 4
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = tl.where(rn < N, rn, 0)
-    shift = ((rn & 1) * 4)[:, None]
-    v_ptr = V + rn[:, None] * G
-    meta_ptr = META + (rn // 2)[:, None] * G
-    x_ptr = X + m * stride_xm
-    acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
-    poison = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    if EVEN_G:
+        G = tl.multiple_of(G, BLOCK_G)
+    RH: tl.constexpr = BLOCK_N // 2                       # row pairs (2r, 2r + 1 share meta[r])
+    W: tl.constexpr = min(NUM_WARPS, RH)
+    RR: tl.constexpr = RH // W                            # row pairs per warp
+    L: tl.constexpr = min(32, BLOCK_G)                    # lanes along the groups
+    P: tl.constexpr = BLOCK_G // L                        # consecutive groups per lane
+    XB: tl.constexpr = 16 // (X.dtype.element_ty.primitive_bitwidth // 8)  # x elements per 16-byte load
+    H: tl.constexpr = max(4 * P // XB, 1)
+    XE: tl.constexpr = 4 * P // H
+    WORDS: tl.constexpr = EVEN_G and P % 4 == 0           # meta as 32-bit words (4 groups, aligned)
+    lane = tl.arange(0, L)[:, None, None, None]
+    pair = pid_n * RH + tl.arange(0, RR)[None, None, :, None] * W + tl.arange(0, W)[None, :, None, None]
+    row_e = 2 * pair
+    row_o = row_e + 1
+    row_e = tl.where(row_e < N, row_e, 0)  # clamp: rows past N compute garbage that the store masks out
+    row_o = tl.where(row_o < N, row_o, 0)
+    pair = tl.where(2 * pair < N, pair, 0)
+    gl = lane * P + tl.arange(0, P)[None, None, None, :]  # [L, 1, 1, P]: group within the step
+    ve_ptr = V + row_e * G + gl
+    vo_ptr = V + row_o * G + gl
+    meta_ptr = META + pair * G + gl
+    if WORDS:
+        mw_ptr = META.to(tl.pointer_type(tl.int32)) + pair * (G // 4) + lane * (P // 4) + tl.arange(0, P // 4)[None, None, None, :]
+    # x of the lane's groups, [L, W, H, XE]: the same addresses for every warp
+    xl = (4 * P * lane + XE * tl.arange(0, H)[None, None, :, None] + tl.arange(0, XE)[None, None, None, :]
+          + 0 * tl.arange(0, W)[None, :, None, None])
+    x_ptr = X + m * stride_xm + xl * stride_xk
+    acc_e = tl.zeros((L, W, RR, P), dtype=tl.float32)
+    acc_o = tl.zeros((L, W, RR, P), dtype=tl.float32)
     for g0 in range(0, G, BLOCK_G):
-        rg = g0 + tl.arange(0, BLOCK_G)
-        g_ok = rg < G
         if EVEN_G:
-            v0 = tl.load(v_ptr + rg[None, :], eviction_policy="evict_first").to(tl.float32)
-            v1 = tl.load(v_ptr + N * G + rg[None, :], eviction_policy="evict_first").to(tl.float32)
-            mb = tl.load(meta_ptr + rg[None, :], eviction_policy="evict_first")
+            ve0 = tl.load(ve_ptr + g0, eviction_policy="evict_first")
+            ve1 = tl.load(ve_ptr + N * G + g0, eviction_policy="evict_first")
+            vo0 = tl.load(vo_ptr + g0, eviction_policy="evict_first")
+            vo1 = tl.load(vo_ptr + N * G + g0, eviction_policy="evict_first")
+            xt = tl.load(x_ptr + 4 * g0 * stride_xk, eviction_policy="evict_last")
         else:
-            v0 = tl.load(v_ptr + rg[None, :], mask=g_ok[None, :], other=0.0,
-                         eviction_policy="evict_first").to(tl.float32)
-            v1 = tl.load(v_ptr + N * G + rg[None, :], mask=g_ok[None, :], other=0.0,
-                         eviction_policy="evict_first").to(tl.float32)
-            mb = tl.load(meta_ptr + rg[None, :], mask=g_ok[None, :], other=0, eviction_policy="evict_first")
-        code = (mb.to(tl.int32) >> shift) & 15
-        i0 = code & 3
-        i1 = code >> 2
-        xp = x_ptr + 4 * rg * stride_xk
-        x0 = tl.load(xp, mask=g_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        x1 = tl.load(xp + stride_xk, mask=g_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        x2 = tl.load(xp + 2 * stride_xk, mask=g_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        x3 = tl.load(xp + 3 * stride_xk, mask=g_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        poison += x0 * 0.0 + x1 * 0.0 + x2 * 0.0 + x3 * 0.0
-        x0b, x1b, x2b, x3b = x0[None, :], x1[None, :], x2[None, :], x3[None, :]
-        xs0 = tl.where(i0 == 0, x0b, tl.where(i0 == 1, x1b, x2b))
-        xs1 = tl.where(i1 == 3, x3b, tl.where(i1 == 2, x2b, x1b))
-        acc += v0 * xs0 + v1 * xs1
-    out = tl.sum(acc, axis=1)
-    p = tl.sum(poison, axis=0)
-    if p != p:
+            g_ok = g0 + gl < G
+            ve0 = tl.load(ve_ptr + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
+            ve1 = tl.load(ve_ptr + N * G + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
+            vo0 = tl.load(vo_ptr + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
+            vo1 = tl.load(vo_ptr + N * G + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
+            xt = tl.load(x_ptr + 4 * g0 * stride_xk, mask=4 * g0 + xl < K, other=0.0, eviction_policy="evict_last")
+        if WORDS:  # bit tests on the loaded words need no byte extraction
+            mw = tl.load(mw_ptr + g0 // 4, eviction_policy="evict_first")
+            mb = tl.reshape(mw[:, :, :, :, None] >> (8 * tl.arange(0, 4))[None, None, None, None, :], (L, W, RR, P))
+        elif EVEN_G:
+            mb = tl.load(meta_ptr + g0, eviction_policy="evict_first").to(tl.int32)
+        else:
+            mb = tl.load(meta_ptr + g0, mask=g_ok, other=0, eviction_policy="evict_first").to(tl.int32)
+        if V.dtype.element_ty == tl.int8:
+            # int8 -> fp32 exactly and without I2F (a 1/8-rate instruction): the bits
+            # 0x4B000000 | (u ^ 0x80), u the byte, are the float 2^23 + v + 128
+            if PTX:  # per 4 values: one xor and a byte permute each
+                asm: tl.constexpr = ("{.reg .b32 t; xor.b32 t, $4, 0x80808080; "
+                                     "prmt.b32 $0, t, 0x4B000000, 0x7440; prmt.b32 $1, t, 0x4B000000, 0x7441; "
+                                     "prmt.b32 $2, t, 0x4B000000, 0x7442; prmt.b32 $3, t, 0x4B000000, 0x7443;}")
+                ve0 = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [ve0], dtype=tl.int32, is_pure=True, pack=4)
+                ve1 = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [ve1], dtype=tl.int32, is_pure=True, pack=4)
+                vo0 = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [vo0], dtype=tl.int32, is_pure=True, pack=4)
+                vo1 = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [vo1], dtype=tl.int32, is_pure=True, pack=4)
+            else:
+                ve0 = ve0.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+                ve1 = ve1.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+                vo0 = vo0.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+                vo1 = vo1.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+            ve0 = ve0.to(tl.float32, bitcast=True) - 8388736.0
+            ve1 = ve1.to(tl.float32, bitcast=True) - 8388736.0
+            vo0 = vo0.to(tl.float32, bitcast=True) - 8388736.0
+            vo1 = vo1.to(tl.float32, bitcast=True) - 8388736.0
+        elif V.dtype.element_ty == tl.bfloat16:  # bf16 -> fp32 is a shift of the bits (one op, not two)
+            ve0 = (ve0.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+            ve1 = (ve1.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+            vo0 = (vo0.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+            vo1 = (vo1.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        else:
+            ve0, ve1, vo0, vo1 = ve0.to(tl.float32), ve1.to(tl.float32), vo0.to(tl.float32), vo1.to(tl.float32)
+        if X.dtype.element_ty == tl.bfloat16:
+            xt = (xt.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        # [L, W, H, XE] -> the four planes x_p[g] = x[4g + p] as [L, W, 1, P]
+        a, b = tl.split(tl.reshape(xt.to(tl.float32), (L, W, 1, P, 2, 2)))  # a: p = 0, 2; b: p = 1, 3
+        x0, x2 = tl.split(a)
+        x1, x3 = tl.split(b)
+        # i0 = bits 0-1 (0..2), i1 = bits 2-3 (1..3) of the row's nibble; two selects each
+        xs0 = tl.where((mb & 2) != 0, x2, tl.where((mb & 1) != 0, x1, x0))
+        xs1 = tl.where((mb & 8) != 0, tl.where((mb & 4) != 0, x3, x2), x1)
+        acc_e += ve0 * xs0
+        acc_e += ve1 * xs1
+        xs0 = tl.where((mb & 32) != 0, x2, tl.where((mb & 16) != 0, x1, x0))
+        xs1 = tl.where((mb & 128) != 0, tl.where((mb & 64) != 0, x3, x2), x1)
+        acc_o += vo0 * xs0
+        acc_o += vo1 * xs1
+    out_e = tl.reshape(tl.trans(tl.sum(tl.sum(acc_e, axis=3), axis=0)), (RH,))  # [W, RR] -> pair r * W + w
+    out_o = tl.reshape(tl.trans(tl.sum(tl.sum(acc_o, axis=3), axis=0)), (RH,))
+    out = tl.reshape(tl.join(out_e, out_o), (BLOCK_N,))
+    # Non-finite x? The sum of x is non-finite iff some x is NaN/Inf (or, harmlessly, on overflow).
+    # One pass over x after the main loop (x is in cache), each x once per program rather than once
+    # per warp in the loop: packed bf16 adds where x is bf16 (the range of fp32), else fp32.
+    PT: tl.constexpr = tl.bfloat16 if X.dtype.element_ty == tl.bfloat16 else tl.float32
+    poison = tl.zeros((32 * NUM_WARPS * XB,), dtype=PT)
+    for kx in range(0, K, 32 * NUM_WARPS * XB):
+        rk = kx + tl.arange(0, 32 * NUM_WARPS * XB)
+        poison += tl.load(X + m * stride_xm + rk * stride_xk, mask=rk < K, other=0.0).to(PT)
+    p = tl.sum(poison.to(tl.float32), axis=0)
+    if p * 0.0 != 0.0:
         # Some x[m, k] is NaN/Inf (rare; the branch is uniform over the program). Dense computes
         # 0 * x for the zeros this kernel skips, so y[m, n] is NaN wherever such an x meets a zero
         # of row n: count the non-finite x of each group and those at the kept positions.
         bad = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = tl.where(rn < N, rn, 0)
+        shift = ((rn & 1) * 4)[:, None]
+        meta_rows = META + (rn // 2)[:, None] * G
+        x_row = X + m * stride_xm
         for g0 in range(0, G, BLOCK_G):
             rg = g0 + tl.arange(0, BLOCK_G)
             g_ok = rg < G
-            mb = tl.load(meta_ptr + rg[None, :], mask=g_ok[None, :], other=0)
+            mb = tl.load(meta_rows + rg[None, :], mask=g_ok[None, :], other=0)
             code = (mb.to(tl.int32) >> shift) & 15
             i0 = code & 3
             i1 = code >> 2
-            xp = x_ptr + 4 * rg * stride_xk
+            xp = x_row + 4 * rg * stride_xk
             z0 = tl.load(xp, mask=g_ok, other=0.0).to(tl.float32) * 0.0
             z1 = tl.load(xp + stride_xk, mask=g_ok, other=0.0).to(tl.float32) * 0.0
             z2 = tl.load(xp + 2 * stride_xk, mask=g_ok, other=0.0).to(tl.float32) * 0.0
@@ -175,14 +259,15 @@ DEVICE_FUNCTIONS = (sp24_dot_acc, sp24_gemv_acc)
 def _sp24_linear_kernel(X, V, META, B, Y, M, N, K, stride_xm, stride_xk, stride_ym, stride_yn,
                         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GEMV: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                        EVEN_G: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr):
+                        EVEN_G: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
+                        NUM_WARPS: tl.constexpr, PTX: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if GEMV:
         rm = pid_m + tl.arange(0, 1)
         acc = sp24_gemv_acc(X, V, META, pid_m, N, K, stride_xm, stride_xk, pid_n,
-                            BLOCK_N, BLOCK_G, EVEN_G)[:, None]
+                            BLOCK_N, BLOCK_G, EVEN_G, NUM_WARPS, PTX)[:, None]
     else:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         acc = sp24_dot_acc(X, V, META, M, N, K, stride_xm, stride_xk, pid_m, pid_n,
@@ -198,11 +283,13 @@ def _sp24_linear_kernel(X, V, META, B, Y, M, N, K, stride_xm, stride_xk, stride_
 # ---- launch parameters: one table (bucket of M -> config), H100 guesses until measured
 
 CONFIGS = {
-    # M == 1: CUDA-core gemv, many programs (N / BLOCK_N) and long K steps
-    # (best of a sweep on the H100, bf16: 31 us at N=14336 K=4096 with BLOCK_G 128 / 2 stages,
-    # 14 us at 4096x4096 and 32 us at N=4096 K=14336 with BLOCK_G 256 / 1 stage)
-    "gemv": dict(GEMV=True, BLOCK_M=1, BLOCK_N=8, BLOCK_G=128, num_warps=4, num_stages=2),
-    "gemv_narrow": dict(GEMV=True, BLOCK_M=1, BLOCK_N=8, BLOCK_G=256, num_warps=4, num_stages=1),
+    # M == 1: CUDA-core gemv, many programs (N / BLOCK_N) and long K steps. Before the even/odd-row
+    # layout (BLOCK_N 8, BLOCK_G 128 / 2 stages and BLOCK_G 256 / 1 stage) the H100 sweep gave, bf16:
+    # 31 us at N=14336 K=4096, 14 us at 4096x4096, 32 us at N=4096 K=14336. The configs below
+    # (four rows and eight groups a thread; num_warps = BLOCK_N / 4 so every warp has two row pairs)
+    # are chosen from the SASS count only: UNMEASURED on the GPU.
+    "gemv": dict(GEMV=True, BLOCK_M=1, BLOCK_N=16, BLOCK_G=256, num_warps=4, num_stages=2),
+    "gemv_narrow": dict(GEMV=True, BLOCK_M=1, BLOCK_N=8, BLOCK_G=256, num_warps=2, num_stages=2),
     # M > 1: tensor cores. Best found on the H100 (bf16), still slower than dense: M=16 at
     # 0.79-0.94x, M=64 at 0.61-0.80x (docs/benchmarks.md); the dispatcher keeps those layers dense.
     "m16": dict(GEMV=False, BLOCK_M=16, BLOCK_N=32, BLOCK_G=64, num_warps=4, num_stages=3),
@@ -257,7 +344,8 @@ def sp24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, ACT=activation or "none",
         EVEN_G=g % cfg["BLOCK_G"] == 0, ALLOW_TF32=allow_tf32(x.dtype),
-        UPCAST=INTERPRETING, num_warps=num_warps, num_stages=num_stages, **cfg)
+        UPCAST=INTERPRETING, NUM_WARPS=num_warps, PTX=not INTERPRETING,
+        num_warps=num_warps, num_stages=num_stages, **cfg)
     return y
 
 
@@ -276,7 +364,7 @@ _TEMPLATE_BODY = r'''
 {%- if GEMV %}
     rm = pid_m + tl.arange(0, 1)
     acc = sp24_gemv_acc(X, V, META, pid_m, N, K, stride_xm, stride_xk, pid_n,
-                        BLOCK_N, BLOCK_G, EVEN_G)[:, None]
+                        BLOCK_N, BLOCK_G, EVEN_G, NUM_WARPS, True)[:, None]
 {%- else %}
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = sp24_dot_acc(X, V, META, M, N, K, stride_xm, stride_xk, pid_m, pid_n,
@@ -317,7 +405,8 @@ def lower(x, values, meta, *, n: int):
     choices: list = []
     err = template().maybe_append_choice(
         choices, input_nodes=(x, values, meta), layout=layout, num_stages=num_stages, num_warps=num_warps,
-        EVEN_G=g % cfg["BLOCK_G"] == 0, ALLOW_TF32=allow_tf32(x.get_dtype()), UPCAST=False, **cfg)
+        EVEN_G=g % cfg["BLOCK_G"] == 0, ALLOW_TF32=allow_tf32(x.get_dtype()), UPCAST=False,
+        NUM_WARPS=num_warps, **cfg)
     if err is not None or not choices:
         raise RuntimeError(f"2:4 template rejected the layer: {err}")
     return autotune_select_algorithm("sparse_inductor_sp24", choices, [x, values, meta], layout)
