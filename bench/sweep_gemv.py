@@ -19,9 +19,8 @@ from sparse_inductor.lowering import triton_24 as t24
 
 
 def grid():
-    for bn, bg, w, s in itertools.product((4, 8, 16), (128, 256, 512), (4, 8), (1, 2, 3)):
-        if bn * bg > 4096:
-            continue
+    # the gemv's register layout fits when num_warps == BLOCK_N / 4 (triton_24.sp24_gemv_acc)
+    for (bn, w), bg, s in itertools.product(((8, 2), (16, 4), (32, 8)), (256, 512), (1, 2, 3)):
         yield dict(GEMV=True, BLOCK_M=1, BLOCK_N=bn, BLOCK_G=bg, num_warps=w, num_stages=s)
 
 
