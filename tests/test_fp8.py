@@ -719,7 +719,6 @@ def _fake_lib(monkeypatch, refuse=None):
     monkeypatch.setattr(cusparselt, "_lib", lambda: lib)
     monkeypatch.setattr(cusparselt, "_PLANS", {})
     monkeypatch.setattr(cusparselt, "_PROBES", {})
-    monkeypatch.setattr(cusparselt, "_NO_UNIT_PLAN", set())
     return lib
 
 
@@ -754,30 +753,14 @@ def test_plan_sets_scalar_scale_modes_before_the_plan(monkeypatch):
 @pytest.mark.parametrize("form,lib_type", [("lib16", 14), ("row", 0)])  # CUDA_R_16BF, CUDA_R_32F
 def test_epilogue_forms_plan_the_unscaled_product(monkeypatch, form, lib_type):
     """The algorithms the dispatcher tries for an epilogue form come from a plan with the form's
-    output type on D (bf16 for "lib16", fp32 for "row"), no alpha vector, and the scale modes on
-    with both scalars fixed at 1.0 (cusparselt.FP8_UNIT_SCALE_PLANS: the library's fast fp8 kernels
-    come only with the modes; unit scales leave the product unscaled whether it applies them or not)."""
+    output type on D (bf16 for "lib16", fp32 for "row") and no scale modes, no alpha vector."""
     lib = _fake_lib(monkeypatch)
     ly = Layer("2:4", 16, 64, 64, FP8, "cuda", scaled=Scaled(form, torch.bfloat16, True))
     algs = cusparselt._variants(ly, {"wc": torch.zeros(64, 64, dtype=FP8)})
     assert [a["alg_id"] for a in algs] == list(range(21))  # (the stand-in offers 21 configurations)
     dense = [a for name, a in lib.dll.calls if name == "cusparseLtDenseDescriptorInit"]
     assert [a[6] for a in dense] == [28, lib_type]  # x: CUDA_R_8F_E4M3; y: the product's type
-    assert [a for a in lib.dll.attributes() if a[0] in (A_SCALE_MODE, A_SCALE_MODE + 1)] == [(A_SCALE_MODE, 1),
-                                                                                          (A_SCALE_MODE + 1, 1)]
-    (plan,) = cusparselt._PLANS.values()
-    assert plan.scaling == cusparselt._UNIT_SCALARS and plan.scales[0].item() == plan.scales[4].item() == 1.0
-
-
-def test_refused_unit_scale_plan_falls_back_to_plain(monkeypatch):
-    """Where the library refuses the scale modes, the unscaled product comes from a plan without them
-    (once per key), so forms "lib16" and "row" keep working."""
-    lib = _fake_lib(monkeypatch, {A_SCALE_MODE: 10})
-    ly = Layer("2:4", 16, 64, 64, FP8, "cuda", scaled=Scaled("lib16", torch.bfloat16, True))
-    algs = cusparselt._variants(ly, {"wc": torch.zeros(64, 64, dtype=FP8)})
-    assert [a["alg_id"] for a in algs] == list(range(21))
-    (plan,) = cusparselt._PLANS.values()
-    assert plan.scaling == cusparselt._NO_SCALING and len(cusparselt._NO_UNIT_PLAN) == 1
+    assert lib.dll.attributes() == []
 
 
 @pytest.mark.parametrize("refuse", [{A_SCALE_MODE: 10}, {"cusparseLtMatmulPlanInit": 10}])
@@ -1092,30 +1075,3 @@ def test_gpu_fp8_lib16_epilogue_fuses_with_its_consumer():
         ref = model(xq, s)
     # (loose: this test is about the kernel count; test_gpu_compiled_fp8_lib16 checks the numerics)
     assert _rel_err(r.outputs[0], ref) < 2 ** -6
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_gpu_fp8_unscaled_product_from_a_unit_scale_plan(out_dtype):
-    """The unscaled fp8 product (forms "lib16" and "row") comes from a plan with the scale modes on
-    and both scalars 1.0 (cusparselt.FP8_UNIT_SCALE_PLANS: the library picks its fast fp8 kernels
-    only with the modes set), or, where the library refuses that plan, from one without them. Either
-    way it is the product: fp64 reference of the fp8 values, fp32 accumulation order (K * 2^-24 of
-    sum |terms|) plus the output's one rounding."""
-    model = _gpu_model(bias=False)
-    n, k = model.wq.shape
-    wc = cusparselt.compress(model.wq)
-    xq, _ = (t.cuda() for t in fp8_input(m=48, k=k))
-    top = cusparselt.max_alg_id(wc, xq, n, k, out_dtype)
-    ref = xq.double() @ model.wq.double().T
-    abs_acc = xq.double().abs() @ model.wq.double().abs().T
-    unit_ulp = 2 ** -8 if out_dtype == torch.bfloat16 else 2 ** -24
-    for alg in sorted({0, top}):
-        y = cusparselt.linear(xq, wc, None, n, k, alg, 1, out_dtype)
-        key = next(key for key in cusparselt._PLANS if key[6] == alg and key[8] == out_dtype and key[2] == n)
-        assert key[-1] in (cusparselt._UNIT_SCALARS, cusparselt._NO_SCALING), key
-        if key[-1] == cusparselt._UNIT_SCALARS:
-            assert cusparselt._PLANS[key].scales[0].item() == cusparselt._PLANS[key].scales[4].item() == 1.0
-        err = (y.double() - ref).abs()
-        bound = unit_ulp * ref.abs() + k * 2 ** -24 * abs_acc
-        assert (err <= bound).all(), f"alg {alg}: {int((err > bound).sum())} outputs off, max err {err.max():.3g}"

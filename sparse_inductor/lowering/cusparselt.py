@@ -31,11 +31,10 @@ so each call first copies its scales there: two stream-ordered device-to-device 
 CUDA graph captures). D = scale_A * scale_B * (A @ B) + bias, rounded once. (That form is off:
 on the H100 the library did not apply the scales. The compiled graph asks this module for the
 unscaled product instead, in bf16 or fp32, and applies the scales in an Inductor kernel after it:
-dispatch.Scaled, docs/formats.md "fp8".) The unscaled product is asked of a plan with the same
-scale modes and both scalars fixed at 1.0 (scaling "unit_scalars"): on the H100 the library's
-fastest fp8 kernels (1.42-1.49x of torch._scaled_mm at M=8192, alg 8) are selected only with the
-scale modes set; without them the fp8 -> bf16 product ran at about _scaled_mm's speed. With unit
-scales the result is the unscaled product whether the library applies its scales or not.
+dispatch.Scaled, docs/formats.md "fp8".) The unscaled product is asked of a plan without the scale
+modes: a plan with them and both scalars fixed at 1.0 was tried on the H100 (session 4) and gave
+wrong outputs (2 of 48x256 off by up to 2.2e3 with a bf16 output, 634 with fp32, alg 0), so the
+library's fast fp8 kernels that come with the modes (1.48x of _scaled_mm at M=8192) are not used.
 """
 from __future__ import annotations
 
@@ -68,10 +67,6 @@ _MATRIX_SCALE_SCALAR_32F = 1  # cusparseLtMatmulMatrixScale_t (SCALE_NONE = 0)
 # how a plan scales the product: not at all, by an alpha vector of N (passed per call), or by one
 # fp32 scale for each of A (the weight) and B (x) through the scale modes (copied in per call)
 _NO_SCALING, _ALPHA_VECTOR, _AB_SCALARS = "none", "alpha_vector", "ab_scalars"
-# fp8 without per-call scales: the scale modes on, both scalars 1.0 (set once when the plan is made)
-_UNIT_SCALARS = "unit_scalars"
-# Ask fp8 products of unit-scale plans (see the module docstring); False: plans without scale modes.
-FP8_UNIT_SCALE_PLANS = True
 _ALG_DEFAULT = 0
 _ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID, _SPLIT_K = 0, 1, 3  # cusparseLtMatmulAlgAttribute_t
 _CUDA_TYPE = {torch.float16: 2, torch.bfloat16: 14}
@@ -225,7 +220,7 @@ class _Plan:
         ty = _EIGHT_BIT.get(dtype) or _CUDA_TYPE[dtype]
         out_ty = _OUT_TYPE[out_dtype or dtype]
         compute = _COMPUTE_32I if dtype == torch.int8 else _COMPUTE_32F
-        if scaling in (_AB_SCALARS, _UNIT_SCALARS) and dtype != torch.float8_e4m3fn:
+        if scaling == _AB_SCALARS and dtype != torch.float8_e4m3fn:
             raise ValueError(f"per-tensor A/B scales are an fp8 path here, not {dtype}")
         self.scaling = scaling
         self.scales: Optional[Tensor] = None
@@ -244,10 +239,8 @@ class _Plan:
             one = ctypes.c_int(1)
             lib.check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, _ALPHA_VECTOR_SCALING, ctypes.byref(one),
                                                            ctypes.c_size_t(4)), "alpha vector scaling")
-        elif scaling in (_AB_SCALARS, _UNIT_SCALARS):
+        elif scaling == _AB_SCALARS:
             self._set_scale_modes(device, out_dtype)
-            if scaling == _UNIT_SCALARS:
-                self.scales.fill_(1.0)
         if bias_ptr:
             self._bias = ctypes.c_void_p(bias_ptr)
             lib.check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, _BIAS_POINTER, ctypes.byref(self._bias),
@@ -302,7 +295,7 @@ class _Plan:
         """lib.check, but a refusal on a plan with the fp8 scale modes says so in words (Unsupported)."""
         if status == 0:
             return
-        if self.scaling not in (_AB_SCALARS, _UNIT_SCALARS):
+        if self.scaling != _AB_SCALARS:
             self.lib.check(status, what)
         raise Unsupported(_scales_unsupported(f"{what}: {self.lib.status(status)}", out_dtype))
 
@@ -387,25 +380,7 @@ _PLANS_LOCK = threading.Lock()
 
 def _plan(key: tuple) -> Optional[_Plan]:
     """The plan for key = (device index, M, N, K, x dtype, bias pointer, alg_id, split_k, out_dtype,
-    scaling), made on first use; None where the library cannot be loaded. A unit-scale plan the
-    library refuses (Unsupported) is replaced by the plan without scale modes, once per key."""
-    if key[-1] == _UNIT_SCALARS:
-        plain = key[:-1] + (_NO_SCALING,)
-        if key in _NO_UNIT_PLAN:
-            return _plan(plain)
-        try:
-            return _plan_made(key)
-        except Unsupported:
-            log.info("cuSPARSELt refused a unit-scale fp8 plan %s; using the plan without scale modes", key)
-            _NO_UNIT_PLAN.add(key)
-            return _plan(plain)
-    return _plan_made(key)
-
-
-_NO_UNIT_PLAN: set = set()
-
-
-def _plan_made(key: tuple) -> Optional[_Plan]:
+    scaling), made on first use; None where the library cannot be loaded."""
     p = _PLANS.get(key)
     if p is None:
         lib = _lib()
@@ -421,11 +396,9 @@ def _plan_made(key: tuple) -> Optional[_Plan]:
 
 
 def max_alg_id(wc: Tensor, x: Tensor, n: int, k: int, out_dtype: Optional[torch.dtype] = None,
-               scaling: Optional[str] = None) -> int:
-    """The largest algorithm id cuSPARSELt offers for this matmul (0 where it cannot tell); scaling
-    None: the plan `linear` makes without alpha or scales."""
+               scaling: str = _NO_SCALING) -> int:
+    """The largest algorithm id cuSPARSELt offers for this matmul (0 where it cannot tell)."""
     m = _padded(x.shape[0], _pad_multiple(x.dtype))
-    scaling = _plain_scaling(x.dtype) if scaling is None else scaling
     p = _plan((x.device.index, m, n, k, x.dtype, 0, 0, 1, out_dtype, scaling))
     return p.max_alg_id if p is not None else 0
 
@@ -449,11 +422,6 @@ def fp8_scales_why_not(n: int, k: int, out_dtype: torch.dtype, device: Optional[
         except RuntimeError as e:  # Unsupported, or another failure of the library: said as it is
             _PROBES[key] = str(e)
     return _PROBES[key]
-
-
-def _plain_scaling(dtype: torch.dtype) -> str:
-    """The plan's scaling for a call without alpha or scales (fp8: unit scales, module docstring)."""
-    return _UNIT_SCALARS if dtype == torch.float8_e4m3fn and FP8_UNIT_SCALE_PLANS else _NO_SCALING
 
 
 def _padded(m: int, multiple: int = _PAD_M) -> int:
@@ -506,7 +474,7 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
     if alpha is not None:
         alpha = alpha.to(torch.float32).contiguous()
     dev = x.device
-    scaling = _AB_SCALARS if scaled else _ALPHA_VECTOR if alpha is not None else _plain_scaling(x.dtype)
+    scaling = _AB_SCALARS if scaled else _ALPHA_VECTOR if alpha is not None else _NO_SCALING
     plan = _plan((dev.index, mp, n, k, x.dtype, bias.data_ptr() if bias is not None else 0, alg_id, split_k,
                   out_dtype, scaling))
     if plan is None:
@@ -658,7 +626,7 @@ def _out_dtype(layer) -> Optional[torch.dtype]:
 def _variants(layer, t) -> list:
     x = torch.empty(layer.m or 8, layer.k, dtype=layer.dtype, device=t["wc"].device)
     tensor_form = layer.scaled is not None and layer.scaled.form == "tensor"
-    top = (max_alg_id(t["wc"], x, layer.n, layer.k, _out_dtype(layer), _AB_SCALARS if tensor_form else None)
+    top = (max_alg_id(t["wc"], x, layer.n, layer.k, _out_dtype(layer), _AB_SCALARS if tensor_form else _NO_SCALING)
            if _lib() is not None else 0)
     if not top:
         top = torch.backends.cusparselt.get_max_alg_id() or 20
