@@ -287,9 +287,11 @@ CONFIGS = {
     # layout (BLOCK_N 8, BLOCK_G 128 / 2 stages and BLOCK_G 256 / 1 stage) the H100 sweep gave, bf16:
     # 31 us at N=14336 K=4096, 14 us at 4096x4096, 32 us at N=4096 K=14336. The configs below
     # (four rows and eight groups a thread; num_warps = BLOCK_N / 4 so every warp has two row pairs)
-    # are chosen from the SASS count only: UNMEASURED on the GPU.
+    # were chosen from the SASS count, then swept on the H100 (bench/sweep_gemv.py, session 4):
+    # N=14336 K=4096 int8 24.1 us (best 23.9), bf16 31.1 (best); the narrow shapes are fastest with
+    # BLOCK_G 512: int8 12.1 / 24.7 us at 4096x4096 / 4096x14336 (256: 12.8 / 27.4), bf16 14.5-14.6 / 33.2.
     "gemv": dict(GEMV=True, BLOCK_M=1, BLOCK_N=16, BLOCK_G=256, num_warps=4, num_stages=2),
-    "gemv_narrow": dict(GEMV=True, BLOCK_M=1, BLOCK_N=8, BLOCK_G=256, num_warps=2, num_stages=2),
+    "gemv_narrow": dict(GEMV=True, BLOCK_M=1, BLOCK_N=16, BLOCK_G=512, num_warps=4, num_stages=2),
     # M > 1: tensor cores. Best found on the H100 (bf16), still slower than dense: M=16 at
     # 0.79-0.94x, M=64 at 0.61-0.80x (docs/benchmarks.md); the dispatcher keeps those layers dense.
     "m16": dict(GEMV=False, BLOCK_M=16, BLOCK_N=32, BLOCK_G=64, num_warps=4, num_stages=3),
