@@ -60,23 +60,11 @@ def _segment_kernel(x_ptr, blocks_ptr, col_idx_ptr, seg_row_ptr, seg_start_ptr, 
     rb = tl.load(seg_row_ptr + seg)
     start = tl.load(seg_start_ptr + seg)
     end = tl.load(seg_end_ptr + seg)
+    acc = tb.block_range_acc(x_ptr, blocks_ptr, col_idx_ptr, start, end, sub, pid_m, M, K, stride_xm, stride_xk,
+                             BLOCK_M, B, BN, False, False)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_b = tl.arange(0, B)
     offs_n = sub * BN + tl.arange(0, BN)
     mask_m = offs_m < M
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    w_ptrs = blocks_ptr + start.to(tl.int64) * (B * B) + (offs_b[:, None] + offs_n[None, :] * B)
-    c_ptr = col_idx_ptr + start
-    col = tl.load(c_ptr, mask=start < end, other=0)
-    acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-    for i in range(start, end):
-        offs_k = col * B + offs_b
-        a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        w = tl.load(w_ptrs)
-        acc = tl.dot(a, w, acc)
-        w_ptrs += B * B
-        c_ptr += 1
-        col = tl.load(c_ptr, mask=i + 1 < end, other=0)
     cols = rb * B + offs_n
     tl.atomic_add(y32_ptr + offs_m[:, None] * N + cols[None, :], acc,
                   mask=mask_m[:, None] & (cols[None, :] < N), sem="relaxed")

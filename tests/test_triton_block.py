@@ -300,10 +300,12 @@ def test_input_errors(case):
 
 
 def test_device_source_is_self_contained(tmp_path):
-    """The device function refers only to tl/triton and its arguments, has no jinja markers, and
-    works when pasted alone into a fresh module (as the Inductor template will do)."""
-    for f in tb.DEVICE_FUNCTIONS:
-        assert set(inspect.getclosurevars(f.fn).globals) <= {"tl", "triton"}
+    """The device functions refer only to tl/triton, their arguments and the device functions
+    before them, have no jinja markers, and work when pasted alone into a fresh module (as the
+    Inductor template will do)."""
+    for i, f in enumerate(tb.DEVICE_FUNCTIONS):
+        earlier = {g.fn.__name__ for g in tb.DEVICE_FUNCTIONS[:i]}
+        assert set(inspect.getclosurevars(f.fn).globals) <= {"tl", "triton"} | earlier
     src = tb.device_source()
     for marker in ("{{", "{%", "{#"):
         assert marker not in src

@@ -44,13 +44,12 @@ def register() -> None:
 
         def lowering(x, *args, **kwargs):
             weights, rest = args[:n_weight_args], args[n_weight_args:]
-            bias, kernel, extra = rest[0], rest[n_rest - 1], rest[n_rest:]  # extra: linear_block's guard
-            guard = kwargs.get("guard", extra[0] if extra else True)
+            bias, kernel = rest[0], rest[n_rest - 1]
+            options = dict(zip(("guard",), rest[n_rest:]), **kwargs)  # linear_block's guard, if given
             fn = table.get((op, kernel))
             if fn is not None and x.get_device() is not None and x.get_device().type == "cuda":
                 try:
-                    more = {} if guard is True else {"guard": bool(guard)}
-                    out = fn(x, *weights, n=out_features(weights, rest), **more)
+                    out = fn(x, *weights, n=out_features(weights, rest), **options)
                     return out if bias is None else lowerings[aten.add.Tensor](out, bias)
                 except Exception as e:  # this layer falls back to the reference kernel
                     log.exception("sparse_inductor: %s lowering failed", kernel)

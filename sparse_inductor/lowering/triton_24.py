@@ -103,6 +103,38 @@ def sp24_dot_acc(X, V, META, M, N, K, stride_xm, stride_xk, pid_m, pid_n,
 
 
 @triton.jit
+def sp24_to_f32(v, PTX: tl.constexpr):
+    """v (int8, bf16, fp16 or fp32) as fp32, exactly, in few instructions: int8 without I2F (a
+    1/8-rate instruction): the bits 0x4B000000 | (u ^ 0x80), u the byte, are the float 2^23 + v + 128;
+    bf16 by a shift of its bits (one op, not two). PTX: inline PTX allowed (False under the
+    interpreter): per 4 int8 values one xor and a byte permute each."""
+    if v.dtype == tl.int8:
+        if PTX:
+            asm: tl.constexpr = ("{.reg .b32 t; xor.b32 t, $4, 0x80808080; "
+                                 "prmt.b32 $0, t, 0x4B000000, 0x7440; prmt.b32 $1, t, 0x4B000000, 0x7441; "
+                                 "prmt.b32 $2, t, 0x4B000000, 0x7442; prmt.b32 $3, t, 0x4B000000, 0x7443;}")
+            bits = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [v], dtype=tl.int32, is_pure=True, pack=4)
+        else:
+            bits = v.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+        return bits.to(tl.float32, bitcast=True) - 8388736.0
+    elif v.dtype == tl.bfloat16:
+        return (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def sp24_gemv_step(acc, v0, v1, mb, x0, x1, x2, x3, SHIFT: tl.constexpr):
+    """acc + v0 * x[i0] + v1 * x[i1], with i0 = bits SHIFT..SHIFT+1 (0..2) and i1 = bits SHIFT+2..+3
+    (1..3) of the meta byte mb: two selects each, on single bits."""
+    xs0 = tl.where((mb & (2 << SHIFT)) != 0, x2, tl.where((mb & (1 << SHIFT)) != 0, x1, x0))
+    xs1 = tl.where((mb & (8 << SHIFT)) != 0, tl.where((mb & (4 << SHIFT)) != 0, x3, x2), x1)
+    acc += v0 * xs0
+    acc += v1 * xs1
+    return acc
+
+
+@triton.jit
 def sp24_gemv_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_G: tl.constexpr,
                   NUM_WARPS: tl.constexpr, PTX: tl.constexpr):
@@ -165,48 +197,14 @@ def sp24_gemv_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
             mb = tl.load(meta_ptr + g0, eviction_policy="evict_first").to(tl.int32)
         else:
             mb = tl.load(meta_ptr + g0, mask=g_ok, other=0, eviction_policy="evict_first").to(tl.int32)
-        if V.dtype.element_ty == tl.int8:
-            # int8 -> fp32 exactly and without I2F (a 1/8-rate instruction): the bits
-            # 0x4B000000 | (u ^ 0x80), u the byte, are the float 2^23 + v + 128
-            if PTX:  # per 4 values: one xor and a byte permute each
-                asm: tl.constexpr = ("{.reg .b32 t; xor.b32 t, $4, 0x80808080; "
-                                     "prmt.b32 $0, t, 0x4B000000, 0x7440; prmt.b32 $1, t, 0x4B000000, 0x7441; "
-                                     "prmt.b32 $2, t, 0x4B000000, 0x7442; prmt.b32 $3, t, 0x4B000000, 0x7443;}")
-                ve0 = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [ve0], dtype=tl.int32, is_pure=True, pack=4)
-                ve1 = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [ve1], dtype=tl.int32, is_pure=True, pack=4)
-                vo0 = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [vo0], dtype=tl.int32, is_pure=True, pack=4)
-                vo1 = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [vo1], dtype=tl.int32, is_pure=True, pack=4)
-            else:
-                ve0 = ve0.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
-                ve1 = ve1.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
-                vo0 = vo0.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
-                vo1 = vo1.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
-            ve0 = ve0.to(tl.float32, bitcast=True) - 8388736.0
-            ve1 = ve1.to(tl.float32, bitcast=True) - 8388736.0
-            vo0 = vo0.to(tl.float32, bitcast=True) - 8388736.0
-            vo1 = vo1.to(tl.float32, bitcast=True) - 8388736.0
-        elif V.dtype.element_ty == tl.bfloat16:  # bf16 -> fp32 is a shift of the bits (one op, not two)
-            ve0 = (ve0.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-            ve1 = (ve1.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-            vo0 = (vo0.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-            vo1 = (vo1.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-        else:
-            ve0, ve1, vo0, vo1 = ve0.to(tl.float32), ve1.to(tl.float32), vo0.to(tl.float32), vo1.to(tl.float32)
-        if X.dtype.element_ty == tl.bfloat16:
-            xt = (xt.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
         # [L, W, H, XE] -> the four planes x_p[g] = x[4g + p] as [L, W, 1, P]
-        a, b = tl.split(tl.reshape(xt.to(tl.float32), (L, W, 1, P, 2, 2)))  # a: p = 0, 2; b: p = 1, 3
+        xt = sp24_to_f32(xt, PTX)
+        a, b = tl.split(tl.reshape(xt, (L, W, 1, P, 2, 2)))  # a: p = 0, 2; b: p = 1, 3
         x0, x2 = tl.split(a)
         x1, x3 = tl.split(b)
-        # i0 = bits 0-1 (0..2), i1 = bits 2-3 (1..3) of the row's nibble; two selects each
-        xs0 = tl.where((mb & 2) != 0, x2, tl.where((mb & 1) != 0, x1, x0))
-        xs1 = tl.where((mb & 8) != 0, tl.where((mb & 4) != 0, x3, x2), x1)
-        acc_e += ve0 * xs0
-        acc_e += ve1 * xs1
-        xs0 = tl.where((mb & 32) != 0, x2, tl.where((mb & 16) != 0, x1, x0))
-        xs1 = tl.where((mb & 128) != 0, tl.where((mb & 64) != 0, x3, x2), x1)
-        acc_o += vo0 * xs0
-        acc_o += vo1 * xs1
+        # even rows: the low nibble of the meta byte, odd rows: the high one
+        acc_e = sp24_gemv_step(acc_e, sp24_to_f32(ve0, PTX), sp24_to_f32(ve1, PTX), mb, x0, x1, x2, x3, 0)
+        acc_o = sp24_gemv_step(acc_o, sp24_to_f32(vo0, PTX), sp24_to_f32(vo1, PTX), mb, x0, x1, x2, x3, 4)
     out_e = tl.reshape(tl.trans(tl.sum(tl.sum(acc_e, axis=3), axis=0)), (RH,))  # [W, RR] -> pair r * W + w
     out_o = tl.reshape(tl.trans(tl.sum(tl.sum(acc_o, axis=3), axis=0)), (RH,))
     out = tl.reshape(tl.join(out_e, out_o), (BLOCK_N,))
@@ -252,7 +250,7 @@ def sp24_gemv_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
 
 
 # Sources pasted into the Inductor template, in dependency order.
-DEVICE_FUNCTIONS = (sp24_dot_acc, sp24_gemv_acc)
+DEVICE_FUNCTIONS = (sp24_dot_acc, sp24_to_f32, sp24_gemv_step, sp24_gemv_acc)
 
 
 @triton.jit

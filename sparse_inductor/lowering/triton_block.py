@@ -65,7 +65,7 @@ from ..formats.block import BLOCK_SIZES
 
 __all__ = [
     "BlockLinearConfig", "CONFIGS", "DEVICE_FUNCTIONS", "M_BUCKETS", "block_linear",
-    "block_sparse_acc", "device_source", "m_bucket", "pick_config",
+    "block_range_acc", "block_sparse_acc", "device_source", "m_bucket", "pick_config",
 ]
 
 
@@ -77,14 +77,13 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def block_sparse_acc(
+def block_range_acc(
     # pointers
-    x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr,
-    # which output tile: block row (already permuted through row_order), column slice of it
-    # (columns rb*B + sub*BN .. + BN), M tile
-    rb, sub, pid_m,
-    # sizes (N is unused: rows of W beyond N are zero padding inside the blocks)
-    M, N, K,
+    x_ptr, blocks_ptr, col_idx_ptr,
+    # the blocks start .. end-1 (of one block row), the column slice sub*BN .. + BN of it, M tile
+    start, end, sub, pid_m,
+    # sizes
+    M, K,
     # strides of x
     stride_xm, stride_xk,
     # meta-parameters
@@ -92,21 +91,15 @@ def block_sparse_acc(
     ALLOW_TF32: tl.constexpr,  # fp32 inputs: tf32 tensor cores (True) or full fp32 (False)
     DOT_FP32: tl.constexpr,  # upcast both dot operands to fp32 first (bf16 under the interpreter)
 ):
-    """fp32 acc[BLOCK_M, BN] = sum over blocks i of block row rb of
+    """fp32 acc[BLOCK_M, BN] = sum over blocks i in start .. end-1 of
     x[pid_m*BLOCK_M : +BLOCK_M, col_idx[i]*B : +B] @ blocks[i][sub*BN : +BN, :]^T.
 
-    BN <= B (a power of two dividing B): a program computes BN of the block row's B columns, so that
-    small M has B / BN times more programs streaming the weight (each reads the same x tiles).
-
     Rows of x at or beyond M and columns at or beyond K load as 0; the padded block entries are 0.
-    Rows of acc beyond M and columns beyond N hold padding; the caller masks them at the store.
     """
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_b = tl.arange(0, B)
     offs_n = sub * BN + tl.arange(0, BN)
     mask_m = offs_m < M
-    start = tl.load(row_ptr_ptr + rb)
-    end = tl.load(row_ptr_ptr + rb + 1)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     # blocks[i]^T as a [k, n] tile: element (k, n) is blocks[i][n, k] at offset n*B + k, so k is
     # the contiguous axis of the loaded tile (the nn.Linear transpose, done by indexing).
@@ -134,6 +127,37 @@ def block_sparse_acc(
         c_ptr += 1
         col = tl.load(c_ptr, mask=i + 1 < end, other=0)
     return acc
+
+
+@triton.jit
+def block_sparse_acc(
+    # pointers
+    x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr,
+    # which output tile: block row (already permuted through row_order), column slice of it
+    # (columns rb*B + sub*BN .. + BN), M tile
+    rb, sub, pid_m,
+    # sizes (N is unused: rows of W beyond N are zero padding inside the blocks)
+    M, N, K,
+    # strides of x
+    stride_xm, stride_xk,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,  # fp32 inputs: tf32 tensor cores (True) or full fp32 (False)
+    DOT_FP32: tl.constexpr,  # upcast both dot operands to fp32 first (bf16 under the interpreter)
+):
+    """fp32 acc[BLOCK_M, BN] = sum over blocks i of block row rb of
+    x[pid_m*BLOCK_M : +BLOCK_M, col_idx[i]*B : +B] @ blocks[i][sub*BN : +BN, :]^T.
+
+    BN <= B (a power of two dividing B): a program computes BN of the block row's B columns, so that
+    small M has B / BN times more programs streaming the weight (each reads the same x tiles).
+
+    Rows of x at or beyond M and columns at or beyond K load as 0; the padded block entries are 0.
+    Rows of acc beyond M and columns beyond N hold padding; the caller masks them at the store.
+    """
+    start = tl.load(row_ptr_ptr + rb)
+    end = tl.load(row_ptr_ptr + rb + 1)
+    return block_range_acc(x_ptr, blocks_ptr, col_idx_ptr, start, end, sub, pid_m, M, K, stride_xm, stride_xk,
+                           BLOCK_M, B, BN, ALLOW_TF32, DOT_FP32)
 
 
 @triton.jit
@@ -167,7 +191,7 @@ def nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g_ptr, rb, pid_m, M, K, s
 
 
 # Every @triton.jit function the template must embed, in definition order.
-DEVICE_FUNCTIONS = (block_sparse_acc, nan_where_skipped)
+DEVICE_FUNCTIONS = (block_range_acc, block_sparse_acc, nan_where_skipped)
 
 
 def device_source() -> str:
