@@ -1,0 +1,139 @@
+"""Where a compiled model's GPU time goes: per-kernel CUDA times (torch.profiler) of one forward,
+for the variants of issue 6's composition case (ViT with MLP weights 2:4: bf16 dense, 2:4 bf16,
+int8 dense W8A8, int8 + 2:4 with the int32 / bf16 product), and cuSPARSELt's int8 kernel alone
+with an int32 vs a bf16 output (every alg id).
+
+    python bench/profile_models.py [--model vit_huge_patch14_224] [--batch 32] [--top 12]
+                                   [--variants ...] [--int8-kernels]
+
+Compiles in default mode (the profiler sees each kernel; reduce-overhead's graph replays the same
+kernels). Prints device, versions and date first, then per variant: total CUDA time of one
+forward, kernel launches, and the top kernels by time (name, calls, total us).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+
+import torch
+
+from sparse_inductor.bench import _bench, _int8_per_channel, _w8a8_linears_, header
+
+VARIANTS = ("bf16 dense", "2:4 bf16", "int8 dense", "int8+2:4 int32", "int8+2:4 bf16")
+
+
+def _profile(fn, iters: int = 3) -> tuple[float, int, list]:
+    """(CUDA us per call, kernels per call, [(name, calls per call, us per call)]) of fn()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    per = collections.defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            p = per[ev.name]
+            p[0] += 1
+            p[1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+    rows = sorted(((n, c / iters, t / iters) for n, (c, t) in per.items()), key=lambda r: -r[2])
+    return sum(r[2] for r in rows), int(sum(r[1] for r in rows)), rows
+
+
+def profile_vit(name: str, batch: int, variants, top: int) -> None:
+    import timm
+
+    from sparse_inductor.prune import prune
+
+    dev, dt = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).to(dev, dt).eval()
+    mlp = lambda q: ".mlp." in f".{q}."  # noqa: E731
+    prune(model, "2:4", filter_fn=lambda m, n: mlp(n))
+    x = torch.randn(batch, 3, 224, 224, device=dev, dtype=dt)
+    quantized = False
+    summary = []
+    for v in VARIANTS:
+        if v not in variants:
+            continue
+        if v.startswith("int8") and not quantized:
+            _w8a8_linears_(model, mlp)
+            quantized = True
+        kw = {} if "dense" in v else {"backend": "sparse"}
+        if v.startswith("int8+"):
+            kw["options"] = {"int8_product": v.split()[-1]}
+        with torch.no_grad():
+            torch._dynamo.reset()
+            c = torch.compile(model, **kw)
+            c(x)
+            total, launches, rows = _profile(lambda: c(x))
+            wall = _bench(lambda: c(x), rep=50)
+        summary.append((v, total, launches, wall))
+        print(f"\n### {name} b{batch}: {v}: {total:.0f} us of kernels per forward, {launches} launches, "
+              f"{wall:.0f} us per call (default mode, do_bench)\n", flush=True)
+        print("| kernel | calls | us per forward |\n|---|---|---|")
+        for n, c_, t in rows[:top]:
+            print(f"| {n[:90]} | {c_:.0f} | {t:.1f} |")
+    print(f"\n## {name} b{batch}, MLP 2:4: summary (kernel time per forward, us)\n")
+    print("| variant | kernel us | launches | do_bench us (default mode) |\n|---|---|---|---|")
+    for v, total, launches, wall in summary:
+        print(f"| {v} | {total:.0f} | {launches} | {wall:.0f} |", flush=True)
+
+
+def int8_kernels(shapes) -> None:
+    """cuSPARSELt int8 x int8 2:4 with an int32 and a bf16 output: the best alg's time of each."""
+    from sparse_inductor.bench import _case24
+    from sparse_inductor.lowering import cusparselt
+
+    print("\n## cuSPARSELt int8 2:4 kernel alone: int32 vs bf16 output (best alg, us)\n")
+    print("| M | N | K | torch._int_mm (dense int8) | int32 out | bf16 out | per-alg bf16 (first 6 by time) |")
+    print("|---|---|---|---|---|---|---|")
+    for m, n, k in shapes:
+        w, _ = _case24(m, n, k)
+        wq, _s = _int8_per_channel(w)
+        xq = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+        wc = cusparselt.compress(wq)
+        dense = _bench(lambda: torch._int_mm(xq, wq.t()))
+        best, per_bf16 = {}, []
+        for out in (torch.int32, torch.bfloat16):
+            top = cusparselt.max_alg_id(wc, xq, n, k, out) or 0
+            for a in range(top + 1):
+                try:
+                    cusparselt.linear(xq, wc, None, n, k, a, 1, out)
+                    t = _bench(lambda: cusparselt.linear(xq, wc, None, n, k, a, 1, out), rep=30)
+                except Exception as e:  # an alg the library refuses
+                    print(f"    alg {a} {out}: {type(e).__name__}: {str(e)[:80]}", file=sys.stderr)
+                    continue
+                if out == torch.bfloat16:
+                    per_bf16.append((t, a))
+                if out not in best or t < best[out][0]:
+                    best[out] = (t, a)
+        fmt = lambda b: f"{b[0]:.1f} (alg {b[1]})" if b else "-"  # noqa: E731
+        algs = ", ".join(f"{a}:{t:.0f}" for t, a in sorted(per_bf16)[:6])
+        print(f"| {m} | {n} | {k} | {dense:.1f} | {fmt(best.get(torch.int32))} | {fmt(best.get(torch.bfloat16))} | "
+              f"{algs} |", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vit_huge_patch14_224")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {VARIANTS}")
+    ap.add_argument("--int8-kernels", action="store_true", help="also time cuSPARSELt's int8 kernel by output dtype")
+    ap.add_argument("--no-models", action="store_true")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("profile_models: needs a CUDA GPU")
+    print(header(), flush=True)
+    if a.int8_kernels:
+        int8_kernels([(8192, 14336, 4096), (8192, 4096, 14336), (8224, 5120, 1280), (8224, 1280, 5120)])
+    if not a.no_models:
+        profile_vit(a.model, a.batch, [v.strip() for v in a.variants.split(",")], a.top)
+
+
+if __name__ == "__main__":
+    main()
