@@ -455,11 +455,10 @@ def bench_compose(rows: list, name: str = "vit_huge_patch14_224", batch: int = 3
     x = torch.randn(batch, 3, 224, 224, device=dev, dtype=dt)
     times = {}
 
-    def run(label, mod, backend, **options):
+    def run(label, mod, backend):
         with torch.no_grad():
             torch._dynamo.reset()
-            kw = ({"backend": "sparse", "options": {"mode": "reduce-overhead", **options}} if backend
-                  else {"mode": "reduce-overhead"})
+            kw = {"backend": "sparse", "options": {"mode": "reduce-overhead"}} if backend else {"mode": "reduce-overhead"}
             c = torch.compile(mod, **kw)
             c(x)
             times[label] = _bench(lambda: c(x), rep=100)
@@ -469,15 +468,12 @@ def bench_compose(rows: list, name: str = "vit_huge_patch14_224", batch: int = 3
     run("2:4 bf16", model, True)
     _w8a8_linears_(model, mlp)
     run("int8 dense", model, False)
-    run("int8 + 2:4, int32 product", model, True, int8_product="int32")
     run("int8 + 2:4", model, True)
     print(f"\n## Composition: {name} batch {batch}, MLP weights 2:4, mode=\"reduce-overhead\" (us)\n")
-    print("| bf16 dense | 2:4 bf16 | int8 dense (W8A8) | int8 + 2:4, int32 product | int8 + 2:4 (bf16 product, default) | "
-          "int8+2:4 vs 2:4 | int8+2:4 vs int8 | int8+2:4 vs bf16 dense |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| bf16 dense | 2:4 bf16 | int8 dense (W8A8) | int8 + 2:4 | int8+2:4 vs 2:4 | int8+2:4 vs int8 | int8+2:4 vs bf16 dense |")
+    print("|---|---|---|---|---|---|---|")
     t = times
-    print(f"| {_fmt(t['bf16 dense'])} | {_fmt(t['2:4 bf16'])} | {_fmt(t['int8 dense'])} | "
-          f"{_fmt(t['int8 + 2:4, int32 product'])} | {_fmt(t['int8 + 2:4'])} | "
+    print(f"| {_fmt(t['bf16 dense'])} | {_fmt(t['2:4 bf16'])} | {_fmt(t['int8 dense'])} | {_fmt(t['int8 + 2:4'])} | "
           f"{_ratio(t['2:4 bf16'], t['int8 + 2:4'])} | {_ratio(t['int8 dense'], t['int8 + 2:4'])} | "
           f"{_ratio(t['bf16 dense'], t['int8 + 2:4'])} |", flush=True)
     rows.append(dict(section="compose", model=name, batch=batch, **{k.replace(' ', '_'): v for k, v in t.items()}))
@@ -490,9 +486,8 @@ def bench_int8_act(rows: list, shapes=None):
 
     shapes = shapes or [(8192, 14336, 4096), (8192, 4096, 14336)]
     print("\n## int8 dynamic activations x int8 2:4 weights\n")
-    print("| M | N | K | bf16 dense F.linear | int8 dense compile (_int_mm + scales) | ours compiled, int32 product | "
-          "ours compiled (bf16 product, default) | vs bf16 dense | vs int8 dense |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| M | N | K | bf16 dense F.linear | int8 dense compile (_int_mm + scales) | ours compiled | vs bf16 dense | vs int8 dense |")
+    print("|---|---|---|---|---|---|---|---|")
     for (m, n, k) in shapes:
         w, x = _case24(m, n, k)
         model = W8A8Linear(*_int8_per_channel(w)).eval()
@@ -501,17 +496,13 @@ def bench_int8_act(rows: list, shapes=None):
             torch._dynamo.reset()
             dense_c = torch.compile(model)
             t_int8 = _bench(_graphed(lambda: dense_c(x)))
-            t = {}
-            for product in ("int32", "bf16"):
-                torch._dynamo.reset()
-                ours = torch.compile(model, backend="sparse", options={"int8_product": product})
-                ours(x)
-                t[product] = _bench(_graphed(lambda: ours(x)))
-        t_ours = t["bf16"]
-        rows.append(dict(section="int8_act", M=m, N=n, K=k, bf16_dense=bf16, int8_dense_compile=t_int8,
-                         sparse_int32_product=t["int32"], sparse=t_ours))
-        print(f"| {m} | {n} | {k} | {_fmt(bf16)} | {_fmt(t_int8)} | {_fmt(t['int32'])} | {_fmt(t_ours)} | "
-              f"{_ratio(bf16, t_ours)} | {_ratio(t_int8, t_ours)} |", flush=True)
+            torch._dynamo.reset()
+            ours = torch.compile(model, backend="sparse")
+            ours(x)
+            t_ours = _bench(_graphed(lambda: ours(x)))
+        rows.append(dict(section="int8_act", M=m, N=n, K=k, bf16_dense=bf16, int8_dense_compile=t_int8, sparse=t_ours))
+        print(f"| {m} | {n} | {k} | {_fmt(bf16)} | {_fmt(t_int8)} | {_fmt(t_ours)} | {_ratio(bf16, t_ours)} | "
+              f"{_ratio(t_int8, t_ours)} |", flush=True)
 
 
 def bench_quant(rows: list, shapes=None, models=True):

@@ -28,7 +28,6 @@ PATTERNS = ("2:4", "block")
 _DISPATCH = ("auto", "measure", "model")
 _NONFINITE = ("exact", "fast")
 _FP8_PRODUCT = ("bf16", "fp32")
-_INT8_PRODUCT = ("bf16", "int32")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -69,13 +68,6 @@ class SparseOptions:
                        of the output in all instead of half of one); "fp32": the library writes its
                        fp32 accumulator (form "row": one rounding, as torch._scaled_mm). fp16 and fp32
                        outputs always take "fp32" (an unscaled fp16 product can overflow 65504).
-    int8_product:      what cuSPARSELt writes for a torch._int_mm (int8 x int8) it computes
-                       (docs/formats.md, "int8 activations"): "bf16" (default): the int32 product
-                       rounded to bf16 (half the bytes of int32; at most 2^-8 of the product, about
-                       the rounding the bf16 output gets anyway), and only where every use of the
-                       product converts it to a floating dtype first (the dequantization); an
-                       integer use (e.g. a zero-point correction) keeps "int32"; "int32": exact, as
-                       torch._int_mm.
     """
 
     force: bool = False
@@ -89,7 +81,6 @@ class SparseOptions:
     mode: Optional[str] = None
     nonfinite: str = "exact"
     fp8_product: str = "bf16"
-    int8_product: str = "bf16"
 
     def __post_init__(self):
         object.__setattr__(self, "patterns", tuple(self.patterns))
@@ -110,8 +101,6 @@ class SparseOptions:
             raise ValueError(f"unknown nonfinite {self.nonfinite!r}; choose from {_NONFINITE}")
         if self.fp8_product not in _FP8_PRODUCT:
             raise ValueError(f"unknown fp8_product {self.fp8_product!r}; choose from {_FP8_PRODUCT}")
-        if self.int8_product not in _INT8_PRODUCT:
-            raise ValueError(f"unknown int8_product {self.int8_product!r}; choose from {_INT8_PRODUCT}")
         if self.mode not in _MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {_MODES[1:]}")
 
