@@ -1,7 +1,8 @@
 """Where a compiled model's GPU time goes: per-kernel CUDA times (torch.profiler) of one forward,
 for the variants of issue 6's composition case (ViT with MLP weights 2:4: bf16 dense, 2:4 bf16,
-int8 dense W8A8, int8 + 2:4 with the int32 / bf16 product), and cuSPARSELt's int8 kernel alone
-with an int32 vs a bf16 output (every alg id).
+int8 dense W8A8 (plain, and under lowering/reductions.py's quantize-kernel choices), int8 + 2:4
+with and without those choices), and cuSPARSELt's int8 kernel alone with an int32 vs a bf16
+output (every alg id).
 
     python bench/profile_models.py [--model vit_huge_patch14_224] [--batch 32] [--top 12]
                                    [--variants ...] [--int8-kernels]
@@ -19,8 +20,17 @@ import sys
 import torch
 
 from sparse_inductor.bench import _bench, _int8_per_channel, _w8a8_linears_, header
+from sparse_inductor.lowering.reductions import quantize_reductions
 
-VARIANTS = ("bf16 dense", "2:4 bf16", "int8 dense", "int8+2:4 int32", "int8+2:4 bf16")
+# name -> (int8 W8A8 MLPs, compile kwargs, compile plain Inductor under our quantize-kernel choices)
+VARIANTS = {
+    "bf16 dense": (False, {}, False),
+    "2:4 bf16": (False, {"backend": "sparse"}, False),
+    "int8 dense": (True, {}, False),
+    "int8 dense, persistent quantize": (True, {}, True),
+    "int8+2:4, inductor reductions": (True, {"backend": "sparse", "options": {"quant_reductions": "inductor"}}, False),
+    "int8+2:4": (True, {"backend": "sparse"}, False),
+}
 
 
 def _profile(fn, iters: int = 3) -> tuple[float, int, list]:
@@ -56,19 +66,17 @@ def profile_vit(name: str, batch: int, variants, top: int) -> None:
     x = torch.randn(batch, 3, 224, 224, device=dev, dtype=dt)
     quantized = False
     summary = []
-    for v in VARIANTS:
+    for v, (int8, kw, ours_choices) in VARIANTS.items():
         if v not in variants:
             continue
-        if v.startswith("int8") and not quantized:
+        if int8 and not quantized:
             _w8a8_linears_(model, mlp)
             quantized = True
-        kw = {} if "dense" in v else {"backend": "sparse"}
-        if v.startswith("int8+"):
-            kw["options"] = {"int8_product": v.split()[-1]}
         with torch.no_grad():
             torch._dynamo.reset()
             c = torch.compile(model, **kw)
-            c(x)
+            with quantize_reductions(ours_choices):
+                c(x)  # compiles here
             total, launches, rows = _profile(lambda: c(x))
             wall = _bench(lambda: c(x), rep=50)
         summary.append((v, total, launches, wall))
@@ -122,7 +130,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="vit_huge_patch14_224")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--top", type=int, default=12)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {VARIANTS}")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {list(VARIANTS)}")
     ap.add_argument("--int8-kernels", action="store_true", help="also time cuSPARSELt's int8 kernel by output dtype")
     ap.add_argument("--no-models", action="store_true")
     a = ap.parse_args(argv)

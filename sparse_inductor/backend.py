@@ -43,6 +43,7 @@ def sparse_backend(gm: fx.GraphModule, example_inputs: list, *, mode: Optional[s
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     from . import lowering, ops  # noqa: F401  (registers the ops and their lowerings)
+    from .lowering.reductions import quantize_reductions
     from .passes.manager import SparseGraphPass, weights_digest
 
     user_pass = patches.pop("post_grad_custom_pre_pass", None) or torch._inductor.config.post_grad_custom_pre_pass
@@ -73,7 +74,8 @@ def sparse_backend(gm: fx.GraphModule, example_inputs: list, *, mode: Optional[s
         # (seen on the H100 as two extra kernels for a small block-sparse layer's index arrays)
         ours.update({"freezing": True, "cpp.weight_prepack": False, "always_keep_tensor_constants": True})
     try:
-        compiled = compile_fx(work, inputs, config_patches=ours)
+        with quantize_reductions(opts.quant_reductions == "persistent"):
+            compiled = compile_fx(work, inputs, config_patches=ours)
     except Exception as e:
         log.exception("sparse_inductor: compile with the sparse pass failed; retrying with plain Inductor")
         record(f"sparse_inductor: compile failed ({type(e).__name__}: {str(e)[:300]}); "

@@ -28,6 +28,7 @@ PATTERNS = ("2:4", "block")
 _DISPATCH = ("auto", "measure", "model")
 _NONFINITE = ("exact", "fast")
 _FP8_PRODUCT = ("bf16", "fp32")
+_QUANT_REDUCTIONS = ("persistent", "inductor")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -68,6 +69,18 @@ class SparseOptions:
                        of the output in all instead of half of one); "fp32": the library writes its
                        fp32 accumulator (form "row": one rounding, as torch._scaled_mm). fp16 and fp32
                        outputs always take "fp32" (an unscaled fp16 product can overflow 65504).
+                       (docs/formats.md, "int8 activations"): "bf16" (default): the int32 product
+                       rounded to bf16 (half the bytes of int32; at most 2^-8 of the product, about
+                       the rounding the bf16 output gets anyway), and only where every use of the
+                       product converts it to a floating dtype first (the dequantization); an
+                       integer use (e.g. a zero-point correction) keeps "int32"; "int32": exact, as
+                       torch._int_mm.
+    quant_reductions:  how Inductor compiles the activation-quantize kernels (amax over a row,
+                       then scale, round, clamp and cast to 8 bits, fused with x's producer):
+                       "persistent" (default): one pass over each row of up to 8192 elements (the
+                       row held in registers), where Inductor would loop over it twice and compute
+                       the producer (e.g. a dequantization and GELU) twice; "inductor": Inductor's
+                       own choice. Other kernels are untouched (lowering/reductions.py).
     """
 
     force: bool = False
@@ -81,6 +94,7 @@ class SparseOptions:
     mode: Optional[str] = None
     nonfinite: str = "exact"
     fp8_product: str = "bf16"
+    quant_reductions: str = "persistent"
 
     def __post_init__(self):
         object.__setattr__(self, "patterns", tuple(self.patterns))
@@ -101,6 +115,8 @@ class SparseOptions:
             raise ValueError(f"unknown nonfinite {self.nonfinite!r}; choose from {_NONFINITE}")
         if self.fp8_product not in _FP8_PRODUCT:
             raise ValueError(f"unknown fp8_product {self.fp8_product!r}; choose from {_FP8_PRODUCT}")
+        if self.quant_reductions not in _QUANT_REDUCTIONS:
+            raise ValueError(f"unknown quant_reductions {self.quant_reductions!r}; choose from {_QUANT_REDUCTIONS}")
         if self.mode not in _MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {_MODES[1:]}")
 

@@ -198,3 +198,37 @@ def test_int8_activation_model_matches_plain_inductor(monkeypatch):
     monkeypatch.setenv("SPARSE_INDUCTOR_DISABLE", "1")
     plain, _, _ = compile_and_code(model, x)
     assert torch.equal(out, plain)
+
+
+class W8A8Mlp(torch.nn.Module):
+    """Two dynamic-int8 linears with a GELU between: the second one's quantize step (amax over a
+    2048-element row of GELU(dequantized product)) is one Inductor reduction kernel."""
+
+    def __init__(self, d=512, h=2048):
+        super().__init__()
+        from test_cusparselt_rewrite import W8A8Linear
+
+        self.fc1, self.fc2 = W8A8Linear(k=d, n=h, seed=1), W8A8Linear(k=h, n=d, seed=2)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("mode", ["persistent", "inductor"])
+def test_quantize_kernel_is_one_pass(mode):
+    """options quant_reductions="persistent" (default): the quantize step of fc2's input is a
+    persistent reduction (`triton_per_`: one read of the row, one GELU), where Inductor alone
+    loops over the 2048-element row twice (`triton_red_`); the same numbers either way."""
+    model = W8A8Mlp().cuda().eval()
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt",
+                                                       "quant_reductions": mode})
+    assert [d.kernel for d in decisions] == ["cusparselt", "cusparselt"], [d.line() for d in decisions]
+    quant = [k for k in kernel_defs(code) if "gelu" in k and "amax" in k and "round" in k]
+    assert len(quant) == 1, kernel_defs(code)
+    assert quant[0].startswith("triton_per_" if mode == "persistent" else "triton_red_"), quant
+    other, _, _ = compile_and_code(model, x, {"force": True, "kernel": "cusparselt",
+                                              "quant_reductions": "inductor" if mode == "persistent" else "persistent"})
+    # the same arithmetic; a different FMA contraction may move a value across a rounding step of
+    # the int8 quantization (one step of one input: far below a bf16 output's rounding)
+    assert rel_err(out, other) < TOL_BF16

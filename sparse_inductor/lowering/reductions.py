@@ -1,0 +1,85 @@
+"""One pass over the row for the activation-quantize kernels Inductor makes around the 8-bit
+linears (docs/decisions.md, "Quantize kernels").
+
+Dynamic int8 activations (per-token scale: amax over the row, divide, round, clamp, cast) fuse
+into one Inductor reduction kernel with whatever produces x: a norm, or the previous linear's
+dequantization, bias and GELU. Inductor makes a reduction over more than 1024 elements a looped
+one: a first loop computes the amax, a second loop computes the same inputs again to quantize
+them. For ViT-H's fc2 input (8224 x 5120: the int32 product, its scales, bias and an erf GELU)
+that is two reads and two GELUs per element, 217 us on the H100 where one pass would move the
+bytes in about 70 (bench/profile_models.py, docs/benchmarks.md run F). A persistent reduction keeps
+the row in registers: one read, one GELU.
+
+`quantize_reductions()` is the context the backend compiles in (options quant_reductions=
+"persistent", the default): Inductor's own choice, except that an inner reduction whose kernel
+stores an 8-bit tensor (the quantize step) and whose row is at most MAX_ROW elements is made
+persistent. Every other kernel is left to Inductor. Only where Inductor's choices handler is its
+default one (a user's own handler is left alone).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+import torch
+
+log = logging.getLogger("sparse_inductor")
+
+MAX_ROW = 8192  # 5120 fp32 values per row: 20 per thread at 8 warps; 8192 would be 32
+_EIGHT_BIT = (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _stores_8bit(features) -> bool:
+    for node in features.scheduler_nodes():
+        buf = getattr(node, "node", None)
+        try:
+            if buf is not None and buf.get_dtype() in _EIGHT_BIT:
+                return True
+        except (AttributeError, NotImplementedError):
+            continue
+    return False
+
+
+def _choices_class():
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class QuantizeChoices(InductorChoices):
+        """InductorChoices with persistent reductions for the quantize kernels (see the module)."""
+
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
+            if InductorChoices.should_use_persistent_reduction(features, cooperative_reduction):
+                return True
+            if cooperative_reduction or not torch._inductor.config.triton.persistent_reductions:
+                return False
+            if features.get_reduction_hint() != ReductionHint.INNER or not _stores_8bit(features):
+                return False
+            return V.graph.sizevars.statically_known_leq(features.reduction_numel, MAX_ROW)
+
+    return QuantizeChoices
+
+
+@contextlib.contextmanager
+def quantize_reductions(enabled: bool = True) -> Iterator[None]:
+    """Compile inside this to make Inductor's quantize kernels one pass (see the module)."""
+    if not enabled:
+        yield
+        return
+    try:
+        from torch._inductor.choices import InductorChoices
+        from torch._inductor.virtualized import V
+
+        prior = V.choices
+        if type(prior) is not InductorChoices:  # a user's (or a later torch's) own handler: theirs
+            log.debug("sparse_inductor: Inductor choices handler %s kept", type(prior).__name__)
+            ctx = contextlib.nullcontext()
+        else:
+            ctx = V.set_choices_handler(_choices_class()())
+    except Exception as e:  # an Inductor without this hook: its own choices
+        log.debug("sparse_inductor: no choices handler (%s)", e)
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
