@@ -130,7 +130,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="vit_huge_patch14_224")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--top", type=int, default=12)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {list(VARIANTS)}")
+    ap.add_argument("--variants", default=";".join(VARIANTS), help=f"semicolon-separated of {list(VARIANTS)}")
     ap.add_argument("--int8-kernels", action="store_true", help="also time cuSPARSELt's int8 kernel by output dtype")
     ap.add_argument("--no-models", action="store_true")
     a = ap.parse_args(argv)
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     if a.int8_kernels:
         int8_kernels([(8192, 14336, 4096), (8192, 4096, 14336), (8224, 5120, 1280), (8224, 1280, 5120)])
     if not a.no_models:
-        profile_vit(a.model, a.batch, [v.strip() for v in a.variants.split(",")], a.top)
+        profile_vit(a.model, a.batch, [v.strip() for v in a.variants.split(";")], a.top)
 
 
 if __name__ == "__main__":
