@@ -30,6 +30,9 @@ VARIANTS = {
     "int8 dense, persistent quantize": (True, {}, True),
     "int8+2:4, inductor reductions": (True, {"backend": "sparse", "options": {"quant_reductions": "inductor"}}, False),
     "int8+2:4": (True, {"backend": "sparse"}, False),
+    "2:4 cusparselt forced": (False, {"backend": "sparse", "options": {"force": True, "kernel": "cusparselt"}}, False),
+    "2:4 cusparselt forced, nonfinite fast": (False, {"backend": "sparse", "options": {
+        "force": True, "kernel": "cusparselt", "nonfinite": "fast"}}, False),
 }
 
 
@@ -53,7 +56,7 @@ def _profile(fn, iters: int = 3) -> tuple[float, int, list]:
     return sum(r[2] for r in rows), int(sum(r[1] for r in rows)), rows
 
 
-def profile_vit(name: str, batch: int, variants, top: int) -> None:
+def profile_vit(name: str, batch: int, variants, top: int, prune_all: bool = False) -> None:
     import timm
 
     from sparse_inductor.prune import prune
@@ -62,7 +65,7 @@ def profile_vit(name: str, batch: int, variants, top: int) -> None:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).to(dev, dt).eval()
     mlp = lambda q: ".mlp." in f".{q}."  # noqa: E731
-    prune(model, "2:4", filter_fn=lambda m, n: mlp(n))
+    prune(model, "2:4", filter_fn=(lambda m, n: n != "head") if prune_all else (lambda m, n: mlp(n)))
     x = torch.randn(batch, 3, 224, 224, device=dev, dtype=dt)
     quantized = False
     summary = []
@@ -75,7 +78,8 @@ def profile_vit(name: str, batch: int, variants, top: int) -> None:
         with torch.no_grad():
             torch._dynamo.reset()
             c = torch.compile(model, **kw)
-            with quantize_reductions(ours_choices):
+            # plain Inductor under our choices: its FX graph cache would hand back the plain compile
+            with quantize_reductions(ours_choices), torch._inductor.config.patch(fx_graph_cache=not ours_choices):
                 c(x)  # compiles here
             total, launches, rows = _profile(lambda: c(x))
             wall = _bench(lambda: c(x), rep=50)
@@ -85,7 +89,7 @@ def profile_vit(name: str, batch: int, variants, top: int) -> None:
         print("| kernel | calls | us per forward |\n|---|---|---|")
         for n, c_, t in rows[:top]:
             print(f"| {n[:90]} | {c_:.0f} | {t:.1f} |")
-    print(f"\n## {name} b{batch}, MLP 2:4: summary (kernel time per forward, us)\n")
+    print(f"\n## {name} b{batch}, {'every linear' if prune_all else 'MLP'} 2:4: summary (kernel time per forward, us)\n")
     print("| variant | kernel us | launches | do_bench us (default mode) |\n|---|---|---|---|")
     for v, total, launches, wall in summary:
         print(f"| {v} | {total:.0f} | {launches} | {wall:.0f} |", flush=True)
@@ -133,6 +137,7 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default=";".join(VARIANTS), help=f"semicolon-separated of {list(VARIANTS)}")
     ap.add_argument("--int8-kernels", action="store_true", help="also time cuSPARSELt's int8 kernel by output dtype")
     ap.add_argument("--no-models", action="store_true")
+    ap.add_argument("--prune-all", action="store_true", help="every linear but the head 2:4 (default: the MLPs)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("profile_models: needs a CUDA GPU")
@@ -140,7 +145,7 @@ def main(argv=None) -> None:
     if a.int8_kernels:
         int8_kernels([(8192, 14336, 4096), (8192, 4096, 14336), (8224, 5120, 1280), (8224, 1280, 5120)])
     if not a.no_models:
-        profile_vit(a.model, a.batch, [v.strip() for v in a.variants.split(";")], a.top)
+        profile_vit(a.model, a.batch, [v.strip() for v in a.variants.split(";")], a.top, a.prune_all)
 
 
 if __name__ == "__main__":
