@@ -74,7 +74,7 @@ def sparse_backend(gm: fx.GraphModule, example_inputs: list, *, mode: Optional[s
         # (seen on the H100 as two extra kernels for a small block-sparse layer's index arrays)
         ours.update({"freezing": True, "cpp.weight_prepack": False, "always_keep_tensor_constants": True})
     try:
-        with quantize_reductions(opts.quant_reductions == "persistent"):
+        with quantize_reductions(opts.reductions == "one-pass"):
             compiled = compile_fx(work, inputs, config_patches=ours)
     except Exception as e:
         log.exception("sparse_inductor: compile with the sparse pass failed; retrying with plain Inductor")

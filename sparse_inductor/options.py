@@ -28,7 +28,7 @@ PATTERNS = ("2:4", "block")
 _DISPATCH = ("auto", "measure", "model")
 _NONFINITE = ("exact", "fast")
 _FP8_PRODUCT = ("bf16", "fp32")
-_QUANT_REDUCTIONS = ("persistent", "inductor")
+_REDUCTIONS = ("one-pass", "inductor")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -75,12 +75,13 @@ class SparseOptions:
                        product converts it to a floating dtype first (the dequantization); an
                        integer use (e.g. a zero-point correction) keeps "int32"; "int32": exact, as
                        torch._int_mm.
-    quant_reductions:  how Inductor compiles the activation-quantize kernels (amax over a row,
-                       then scale, round, clamp and cast to 8 bits, fused with x's producer):
-                       "persistent" (default): one pass over each row of up to 8192 elements (the
-                       row held in registers), where Inductor would loop over it twice and compute
-                       the producer (e.g. a dequantization and GELU) twice; "inductor": Inductor's
-                       own choice. Other kernels are untouched (lowering/reductions.py).
+    reductions:        how Inductor compiles the reductions the sparse paths bring: the activation-
+                       quantize kernels (amax over a row, then scale, round, clamp and cast to 8
+                       bits) and the non-finite row checks, both fused with x's producer:
+                       "one-pass" (default): a persistent reduction for rows of up to 8192 elements
+                       (the row held in registers), where Inductor would loop over it twice and
+                       compute the producer (e.g. a dequantization and GELU) twice; "inductor":
+                       Inductor's own choice. Other kernels are untouched (lowering/reductions.py).
     """
 
     force: bool = False
@@ -94,7 +95,7 @@ class SparseOptions:
     mode: Optional[str] = None
     nonfinite: str = "exact"
     fp8_product: str = "bf16"
-    quant_reductions: str = "persistent"
+    reductions: str = "one-pass"
 
     def __post_init__(self):
         object.__setattr__(self, "patterns", tuple(self.patterns))
@@ -115,8 +116,8 @@ class SparseOptions:
             raise ValueError(f"unknown nonfinite {self.nonfinite!r}; choose from {_NONFINITE}")
         if self.fp8_product not in _FP8_PRODUCT:
             raise ValueError(f"unknown fp8_product {self.fp8_product!r}; choose from {_FP8_PRODUCT}")
-        if self.quant_reductions not in _QUANT_REDUCTIONS:
-            raise ValueError(f"unknown quant_reductions {self.quant_reductions!r}; choose from {_QUANT_REDUCTIONS}")
+        if self.reductions not in _REDUCTIONS:
+            raise ValueError(f"unknown reductions {self.reductions!r}; choose from {_REDUCTIONS}")
         if self.mode not in _MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {_MODES[1:]}")
 

@@ -214,20 +214,36 @@ class W8A8Mlp(torch.nn.Module):
         return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
 
-@pytest.mark.parametrize("mode", ["persistent", "inductor"])
+@pytest.mark.parametrize("mode", ["one-pass", "inductor"])
 def test_quantize_kernel_is_one_pass(mode):
-    """options quant_reductions="persistent" (default): the quantize step of fc2's input is a
+    """options reductions="one-pass" (default): the quantize step of fc2's input is a
     persistent reduction (`triton_per_`: one read of the row, one GELU), where Inductor alone
     loops over the 2048-element row twice (`triton_red_`); the same numbers either way."""
     model = W8A8Mlp().cuda().eval()
     x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
     opts = {"force": True, "kernel": "cusparselt", "fx_cache": False}  # (both tests compile both modes)
-    out, code, decisions = compile_and_code(model, x, {**opts, "quant_reductions": mode})
+    out, code, decisions = compile_and_code(model, x, {**opts, "reductions": mode})
     assert [d.kernel for d in decisions] == ["cusparselt", "cusparselt"], [d.line() for d in decisions]
     quant = [k for k in kernel_defs(code) if "gelu" in k and "amax" in k and "round" in k]
     assert len(quant) == 1, kernel_defs(code)
-    assert quant[0].startswith("triton_per_" if mode == "persistent" else "triton_red_"), quant
-    other, _, _ = compile_and_code(model, x, {**opts, "quant_reductions": "inductor" if mode == "persistent" else "persistent"})
+    assert quant[0].startswith("triton_per_" if mode == "one-pass" else "triton_red_"), quant
+    other, _, _ = compile_and_code(model, x, {**opts, "reductions": "inductor" if mode == "one-pass" else "one-pass"})
     # the same arithmetic; a different FMA contraction may move a value across a rounding step of
     # the int8 quantization (one step of one input: far below a bf16 output's rounding)
     assert rel_err(out, other) < TOL_BF16
+
+
+@pytest.mark.parametrize("mode", ["one-pass", "inductor"])
+def test_row_check_kernel_is_one_pass(mode):
+    """The row check of fc2's input (sum_k 0 * GELU(fc1(x))) fuses into the GELU kernel; with
+    reductions="one-pass" (default) that kernel is persistent over the 2048-element row."""
+    model = prepared(torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 512)),
+                     "2:4")
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt", "fx_cache": False,
+                                                       "reductions": mode})
+    assert [d.kernel for d in decisions] == ["cusparselt", "cusparselt"], [d.line() for d in decisions]
+    gelu = [k for k in kernel_defs(code) if "gelu" in k]
+    assert len(gelu) == 1 and gelu[0].startswith("triton_per_" if mode == "one-pass" else "triton_red_"), \
+        kernel_defs(code)
+    assert rel_err(out, fp64(model, x)) < TOL_BF16

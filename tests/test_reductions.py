@@ -32,10 +32,10 @@ def test_backend_compiles_with_both_settings():
     model = W8A8Linear().eval()
     x = torch.randn(8, 64, dtype=torch.bfloat16)
     ref = model(x)
-    for mode in ("persistent", "inductor"):
+    for mode in ("one-pass", "inductor"):
         torch._dynamo.reset()
         with torch.no_grad():
-            out = torch.compile(model, backend="sparse", options={"quant_reductions": mode})(x)
+            out = torch.compile(model, backend="sparse", options={"reductions": mode})(x)
         # Inductor's fused kernels keep fp32 where eager rounds to bf16 between ops: a bf16 ulp
         torch.testing.assert_close(out, ref, rtol=2 ** -7, atol=2 ** -7)
 
@@ -45,6 +45,6 @@ def test_option_is_checked():
 
     from sparse_inductor.options import SparseOptions
 
-    assert SparseOptions().quant_reductions == "persistent"
-    with pytest.raises(ValueError, match="unknown quant_reductions 'looped'"):
-        SparseOptions(quant_reductions="looped")
+    assert SparseOptions().reductions == "one-pass"
+    with pytest.raises(ValueError, match="unknown reductions 'looped'"):
+        SparseOptions(reductions="looped")
