@@ -75,9 +75,9 @@ class SparseOptions:
                        product converts it to a floating dtype first (the dequantization); an
                        integer use (e.g. a zero-point correction) keeps "int32"; "int32": exact, as
                        torch._int_mm.
-    reductions:        how Inductor compiles the reductions the sparse paths bring: the activation-
-                       quantize kernels (amax over a row, then scale, round, clamp and cast to 8
-                       bits) and the non-finite row checks, both fused with x's producer:
+    reductions:        how Inductor compiles the activation-quantize kernels around the 8-bit
+                       linears (amax over a row, then scale, round, clamp and cast to 8 bits,
+                       fused with x's producer):
                        "one-pass" (default): a persistent reduction for rows of up to 8192 elements
                        (the row held in registers), where Inductor would loop over it twice and
                        compute the producer (e.g. a dequantization and GELU) twice; "inductor":

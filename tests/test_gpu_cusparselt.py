@@ -232,18 +232,3 @@ def test_quantize_kernel_is_one_pass(mode):
     # the int8 quantization (one step of one input: far below a bf16 output's rounding)
     assert rel_err(out, other) < TOL_BF16
 
-
-@pytest.mark.parametrize("mode", ["one-pass", "inductor"])
-def test_row_check_kernel_is_one_pass(mode):
-    """The row check of fc2's input (sum_k 0 * GELU(fc1(x))) fuses into the GELU kernel; with
-    reductions="one-pass" (default) that kernel is persistent over the 2048-element row."""
-    model = prepared(torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 512)),
-                     "2:4")
-    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
-    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt", "fx_cache": False,
-                                                       "reductions": mode})
-    assert [d.kernel for d in decisions] == ["cusparselt", "cusparselt"], [d.line() for d in decisions]
-    gelu = [k for k in kernel_defs(code) if "gelu" in k]
-    assert len(gelu) == 1 and gelu[0].startswith("triton_per_" if mode == "one-pass" else "triton_red_"), \
-        kernel_defs(code)
-    assert rel_err(out, fp64(model, x)) < TOL_BF16

@@ -10,15 +10,17 @@ that is two reads and two GELUs per element, 217 us on the H100 where one pass w
 bytes in about 70 (bench/profile_models.py, docs/benchmarks.md run F). A persistent reduction keeps
 the row in registers: one read, one GELU.
 
-The same holds for the non-finite row check of the sparse ops (passes/linear_rewrite._row_check:
-sum_k 0 * x[m, k]), which Inductor fuses with x's producer: between ViT-H's fc1 and fc2 it turns
-the GELU kernel into a looped reduction over 5120-element rows.
-
 `quantize_reductions()` is the context the backend compiles in (options reductions="one-pass",
 the default): Inductor's own choice, except that an inner reduction whose kernel stores an 8-bit
-tensor (the quantize step) or computes a row check, and whose row is at most MAX_ROW elements, is
-made persistent. Every other kernel is left to Inductor. Only where Inductor's choices handler is
-its default one (a user's own handler is left alone).
+tensor (the quantize step) and whose row is at most MAX_ROW elements is made persistent. Every
+other kernel is left to Inductor. Only where Inductor's choices handler is its default one (a
+user's own handler is left alone).
+
+Tried and left out (docs/benchmarks.md run F): the same for the sparse ops' non-finite row checks
+(sum_k 0 * x[m, k], fused with x's producer). On ViT-H with every linear on cuSPARSELt it saved
+0.56 ms of 23.1 ms of kernel time, but mostly by making the LayerNorm kernels the checks fuse
+into persistent, a gain dense compile would get from the same heuristic and not one of sparsity;
+and that call's default-mode timing (69 ms per forward against 27 ms) was not understood.
 """
 from __future__ import annotations
 
@@ -45,16 +47,6 @@ def _stores_8bit(features) -> bool:
     return False
 
 
-def _is_row_check(features) -> bool:
-    """A kernel computing the non-finite row check of a sparse op (passes/linear_rewrite._row_check:
-    sum_k 0 * x[m, k], fused with x's producer, e.g. the GELU between fc1 and fc2)."""
-    for node in features.reduction_nodes():
-        for origin in getattr(getattr(node, "node", None), "origins", None) or ():
-            if getattr(origin, "meta", {}).get("sparse_inductor") == "row_check":
-                return True
-    return False
-
-
 def _choices_class():
     from torch._inductor.choices import InductorChoices
     from torch._inductor.runtime.hints import ReductionHint
@@ -69,9 +61,7 @@ def _choices_class():
                 return True
             if cooperative_reduction or not torch._inductor.config.triton.persistent_reductions:
                 return False
-            if features.get_reduction_hint() != ReductionHint.INNER:
-                return False
-            if not (_stores_8bit(features) or _is_row_check(features)):
+            if features.get_reduction_hint() != ReductionHint.INNER or not _stores_8bit(features):
                 return False
             return V.graph.sizevars.statically_known_leq(features.reduction_numel, MAX_ROW)
 

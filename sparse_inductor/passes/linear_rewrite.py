@@ -631,7 +631,6 @@ def _row_check(x: fx.Node, near: fx.Node) -> fx.Node:
     with graph.inserting_before(near):
         zero = graph.call_function(aten.mul.Tensor, (x, 0))
         g = graph.call_function(aten.sum.dim_IntList, (zero, [1]), {"dtype": torch.float32})
-    g.meta["sparse_inductor"] = "row_check"  # (lowering/reductions.py finds its kernel by it)
     for n in (zero, g):
         n.meta["val"] = _compat.fake_eval(n)
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
