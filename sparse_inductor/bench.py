@@ -438,11 +438,11 @@ def _w8a8_linears_(model: nn.Module, keep: Callable[[str], bool], prefix: str = 
             _w8a8_linears_(mod, keep, qual)
 
 
-def bench_compose(rows: list, name: str = "vit_huge_patch14_224", batch: int = 32):
+def bench_compose(rows: list, name: str = "vit_huge_patch14_224", batch: int = 32, core: bool = False):
     """Sparsity and int8 composed (issue 6): one ViT with its MLP weights 2:4, as 2:4 bf16
     (backend="sparse"), int8 dynamic activations on dense Inductor (the same 2:4 int8 weights, not
     exploited), and int8 + 2:4 (backend="sparse"), against bf16 dense; all mode="reduce-overhead",
-    plain calls."""
+    plain calls. core=True: only the three the target compares (no bf16 dense, no int32 product)."""
     import timm
 
     from .prune import prune
@@ -455,10 +455,14 @@ def bench_compose(rows: list, name: str = "vit_huge_patch14_224", batch: int = 3
     x = torch.randn(batch, 3, 224, 224, device=dev, dtype=dt)
     times = {}
 
-    def run(label, mod, backend):
+    def run(label, mod, backend, **options):
+        if core and label in ("bf16 dense", "int8 + 2:4, int32 product"):
+            times[label] = None
+            return
         with torch.no_grad():
             torch._dynamo.reset()
-            kw = {"backend": "sparse", "options": {"mode": "reduce-overhead"}} if backend else {"mode": "reduce-overhead"}
+            kw = ({"backend": "sparse", "options": {"mode": "reduce-overhead", **options}} if backend
+                  else {"mode": "reduce-overhead"})
             c = torch.compile(mod, **kw)
             c(x)
             times[label] = _bench(lambda: c(x), rep=100)
@@ -468,12 +472,15 @@ def bench_compose(rows: list, name: str = "vit_huge_patch14_224", batch: int = 3
     run("2:4 bf16", model, True)
     _w8a8_linears_(model, mlp)
     run("int8 dense", model, False)
+    run("int8 + 2:4, int32 product", model, True, int8_product="int32")
     run("int8 + 2:4", model, True)
     print(f"\n## Composition: {name} batch {batch}, MLP weights 2:4, mode=\"reduce-overhead\" (us)\n")
-    print("| bf16 dense | 2:4 bf16 | int8 dense (W8A8) | int8 + 2:4 | int8+2:4 vs 2:4 | int8+2:4 vs int8 | int8+2:4 vs bf16 dense |")
-    print("|---|---|---|---|---|---|---|")
+    print("| bf16 dense | 2:4 bf16 | int8 dense (W8A8) | int8 + 2:4, int32 product | int8 + 2:4 (bf16 product, default) | "
+          "int8+2:4 vs 2:4 | int8+2:4 vs int8 | int8+2:4 vs bf16 dense |")
+    print("|---|---|---|---|---|---|---|---|")
     t = times
-    print(f"| {_fmt(t['bf16 dense'])} | {_fmt(t['2:4 bf16'])} | {_fmt(t['int8 dense'])} | {_fmt(t['int8 + 2:4'])} | "
+    print(f"| {_fmt(t['bf16 dense'])} | {_fmt(t['2:4 bf16'])} | {_fmt(t['int8 dense'])} | "
+          f"{_fmt(t['int8 + 2:4, int32 product'])} | {_fmt(t['int8 + 2:4'])} | "
           f"{_ratio(t['2:4 bf16'], t['int8 + 2:4'])} | {_ratio(t['int8 dense'], t['int8 + 2:4'])} | "
           f"{_ratio(t['bf16 dense'], t['int8 + 2:4'])} |", flush=True)
     rows.append(dict(section="compose", model=name, batch=batch, **{k.replace(' ', '_'): v for k, v in t.items()}))
@@ -486,8 +493,9 @@ def bench_int8_act(rows: list, shapes=None):
 
     shapes = shapes or [(8192, 14336, 4096), (8192, 4096, 14336)]
     print("\n## int8 dynamic activations x int8 2:4 weights\n")
-    print("| M | N | K | bf16 dense F.linear | int8 dense compile (_int_mm + scales) | ours compiled | vs bf16 dense | vs int8 dense |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| M | N | K | bf16 dense F.linear | int8 dense compile (_int_mm + scales) | ours compiled, int32 product | "
+          "ours compiled (bf16 product, default) | vs bf16 dense | vs int8 dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (m, n, k) in shapes:
         w, x = _case24(m, n, k)
         model = W8A8Linear(*_int8_per_channel(w)).eval()
@@ -496,13 +504,17 @@ def bench_int8_act(rows: list, shapes=None):
             torch._dynamo.reset()
             dense_c = torch.compile(model)
             t_int8 = _bench(_graphed(lambda: dense_c(x)))
-            torch._dynamo.reset()
-            ours = torch.compile(model, backend="sparse")
-            ours(x)
-            t_ours = _bench(_graphed(lambda: ours(x)))
-        rows.append(dict(section="int8_act", M=m, N=n, K=k, bf16_dense=bf16, int8_dense_compile=t_int8, sparse=t_ours))
-        print(f"| {m} | {n} | {k} | {_fmt(bf16)} | {_fmt(t_int8)} | {_fmt(t_ours)} | {_ratio(bf16, t_ours)} | "
-              f"{_ratio(t_int8, t_ours)} |", flush=True)
+            t = {}
+            for product in ("int32", "bf16"):
+                torch._dynamo.reset()
+                ours = torch.compile(model, backend="sparse", options={"int8_product": product})
+                ours(x)
+                t[product] = _bench(_graphed(lambda: ours(x)))
+        t_ours = t["bf16"]
+        rows.append(dict(section="int8_act", M=m, N=n, K=k, bf16_dense=bf16, int8_dense_compile=t_int8,
+                         sparse_int32_product=t["int32"], sparse=t_ours))
+        print(f"| {m} | {n} | {k} | {_fmt(bf16)} | {_fmt(t_int8)} | {_fmt(t['int32'])} | {_fmt(t_ours)} | "
+              f"{_ratio(bf16, t_ours)} | {_ratio(t_int8, t_ours)} |", flush=True)
 
 
 def bench_quant(rows: list, shapes=None, models=True):
@@ -635,6 +647,8 @@ def main(argv=None):
                    help="models of the e2e section: llama (decode), vit (block), llama_prefill, vit24 (2:4 ViT-B, ViT-H)")
     p.add_argument("--quick", action="store_true", help="one small case per section (a smoke test)")
     p.add_argument("--options", default="", help="backend options for the e2e compiles, e.g. nonfinite=fast")
+    p.add_argument("--compose-core", action="store_true",
+                   help="compose: only 2:4 bf16, int8 dense and int8 + 2:4 (the comparison of the target)")
     args = p.parse_args(argv)
     E2E_OPTIONS.update(kv.split("=", 1) for kv in args.options.split(",") if kv)
     if not torch.cuda.is_available():
@@ -650,6 +664,8 @@ def main(argv=None):
         if name not in SECTIONS:
             sys.exit(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
         kw = quick[name] if args.quick else ({"which": tuple(args.e2e.split(","))} if name == "e2e" else {})
+        if name == "compose" and args.compose_core:
+            kw = {**kw, "core": True}
         SECTIONS[name](rows, **kw)
     if args.json:
         with open(args.json, "w") as f:

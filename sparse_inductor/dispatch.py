@@ -83,6 +83,8 @@ class Layer:
     m_static: bool = True  # False: M is dynamic and `m` only Inductor's hint for it
     weight_dtype: Optional[torch.dtype] = None  # the stored weight's dtype where it differs (int8 weight-only)
     scaled: Optional[Scaled] = None  # fp8 x fp8 read from torch._scaled_mm (dtype is then float8_e4m3fn)
+    # int8 x int8 (torch._int_mm): what the library writes, int32 (exact) or bf16 (options int8_product)
+    product: Optional[torch.dtype] = None
     # the non-finite row check of kernels that skip zeros (KernelSpec.row_check): "none", "fused"
     # (its reduction over x can fuse with x's producer: not timed) or "separate" (timed)
     row_check: str = "none"

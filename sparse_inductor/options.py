@@ -28,6 +28,7 @@ PATTERNS = ("2:4", "block")
 _DISPATCH = ("auto", "measure", "model")
 _NONFINITE = ("exact", "fast")
 _FP8_PRODUCT = ("bf16", "fp32")
+_INT8_PRODUCT = ("bf16", "int32")
 _REDUCTIONS = ("one-pass", "inductor")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -69,6 +70,7 @@ class SparseOptions:
                        of the output in all instead of half of one); "fp32": the library writes its
                        fp32 accumulator (form "row": one rounding, as torch._scaled_mm). fp16 and fp32
                        outputs always take "fp32" (an unscaled fp16 product can overflow 65504).
+    int8_product:      what cuSPARSELt writes for a torch._int_mm (int8 x int8) it computes
                        (docs/formats.md, "int8 activations"): "bf16" (default): the int32 product
                        rounded to bf16 (half the bytes of int32; at most 2^-8 of the product, about
                        the rounding the bf16 output gets anyway), and only where every use of the
@@ -95,6 +97,7 @@ class SparseOptions:
     mode: Optional[str] = None
     nonfinite: str = "exact"
     fp8_product: str = "bf16"
+    int8_product: str = "bf16"
     reductions: str = "one-pass"
 
     def __post_init__(self):
@@ -116,6 +119,8 @@ class SparseOptions:
             raise ValueError(f"unknown nonfinite {self.nonfinite!r}; choose from {_NONFINITE}")
         if self.fp8_product not in _FP8_PRODUCT:
             raise ValueError(f"unknown fp8_product {self.fp8_product!r}; choose from {_FP8_PRODUCT}")
+        if self.int8_product not in _INT8_PRODUCT:
+            raise ValueError(f"unknown int8_product {self.int8_product!r}; choose from {_INT8_PRODUCT}")
         if self.reductions not in _REDUCTIONS:
             raise ValueError(f"unknown reductions {self.reductions!r}; choose from {_REDUCTIONS}")
         if self.mode not in _MODES:

@@ -27,8 +27,8 @@ TOL32 = dict(rtol=1e-5, atol=1e-6)
 def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None, scale_a=None,
                      scale_b=None):
     assert scale_a is None and scale_b is None  # (fp8's per-tensor scales: emulated in test_fp8.py)
-    if x.dtype == torch.int8:  # int32 accumulation, exact
-        return (x.long() @ wc.long().T).to(out_dtype or torch.int8)
+    if x.dtype == torch.int8:  # int32 accumulation, exact; one rounding to a float out_dtype
+        return (x.long() @ wc.long().T).double().to(out_dtype or torch.int8)
     kept = (wc != 0).to(x.dtype)
     terms = torch.where(kept.bool().unsqueeze(0), x.unsqueeze(1) * wc.unsqueeze(0), torch.zeros((), dtype=x.dtype))
     y = terms.sum(-1)
@@ -118,24 +118,111 @@ class W8A8Linear(nn.Module):
         return (y.float() * s * self.w_scale).to(x.dtype) + self.bias
 
 
+def _plain(model, x, monkeypatch):
+    """The same model compiled by plain Inductor (torch._int_mm)."""
+    with monkeypatch.context() as mp:
+        mp.setenv("SPARSE_INDUCTOR_DISABLE", "1")
+        torch._dynamo.reset()
+        plain = run_sparse(model, (x,), options=OPTS)
+    assert not plain.decisions
+    return plain.outputs[0]
+
+
 def test_int8_activations_rewrite_is_exact(monkeypatch):
-    """torch._int_mm(xq, Wq^T) with a 2:4 Wq becomes one linear_cslt with an int32 output (no row
-    guard: int8 holds no NaN); the quantize and dequantize steps stay Inductor's to fuse."""
+    """With int8_product="int32": torch._int_mm(xq, Wq^T) with a 2:4 Wq becomes one linear_cslt
+    with an int32 output (no row guard: int8 holds no NaN); the quantize and dequantize steps stay
+    Inductor's to fuse."""
     model = W8A8Linear().eval()
     x = torch.randn(32, 64, dtype=torch.bfloat16)
     torch._dynamo.reset()
-    r = run_sparse(model, (x,), options=OPTS)
+    r = run_sparse(model, (x,), options={**OPTS, "int8_product": "int32"})
     (d,) = r.decisions
     assert (d.kernel, d.pattern, d.dtype) == ("cusparselt", "2:4", "int8"), d.line()
     graph = r.graphs[0]
     assert "torch.ops.sparse_inductor.linear_cslt.default(" in graph and "torch.int32)" in graph, graph
     assert "_int_mm" not in graph and "aten.sum" not in graph, graph
     # against the same model compiled by plain Inductor: the same integers, the same fused epilogue
-    monkeypatch.setenv("SPARSE_INDUCTOR_DISABLE", "1")
+    torch.testing.assert_close(r.outputs[0], _plain(model, x, monkeypatch), rtol=0, atol=0)
+
+
+def bf16_product_bound(plain: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """How far int8_product="bf16" may move W8A8Linear's output from plain Inductor's, per element.
+    The product p is rounded to bf16 (|d| <= u |p|, u = 2^-8, bf16's unit roundoff) before the
+    same dequantization t = bf16(p * s * w_scale); t then moves by at most u |t| + the two
+    roundings of t (2 u |t|), and the bias add's rounding adds 2 u |out| (ours and plain's). So
+    |ours - plain| <= 3 u |t| + 2 u |out|, with t = plain - bias: relative to the scaled product,
+    not to the output, which the bias can make small (seen on the H100: 0.0156 at an output of 0.8)."""
+    u = 2.0 ** -8
+    plain = plain.double()
+    return 3 * u * (plain - bias.double()).abs() + 2 * u * plain.abs() + 1e-6
+
+
+class TestInt8Product(expecttest.TestCase):
+    def test_golden_bf16_product(self):
+        """Default int8_product="bf16": linear_cslt writes bf16, read back as int32 by the
+        dequantization's kernel (every use of torch._int_mm's product converts it to float)."""
+        model = W8A8Linear(k=32, n=32).eval()
+        x = torch.randn(4, 32, dtype=torch.bfloat16)
+        torch._dynamo.reset()
+        r = run_sparse(model, (x,), options=OPTS)
+        (d,) = r.decisions
+        assert d.kernel == "cusparselt" and "int8 product in bfloat16" in d.reason, d.line()
+        self.assertExpectedInline(r.graphs[0], """\
+def forward(self, arg3_1: "bf16[4, 32]"):
+_sparse_0_wc: "i8[32, 32]" = self._sparse_0_wc
+arg0_1: "bf16[32]" = self._frozen_param0
+arg2_1: "f32[32]" = self._frozen_param2
+convert_element_type_1: "f32[4, 32]" = torch.ops.prims.convert_element_type.default(arg3_1, torch.float32)
+abs_1: "bf16[4, 32]" = torch.ops.aten.abs.default(arg3_1)
+amax: "bf16[4, 1]" = torch.ops.aten.amax.default(abs_1, [-1], True)
+convert_element_type: "f32[4, 1]" = torch.ops.prims.convert_element_type.default(amax, torch.float32)
+clamp_min: "f32[4, 1]" = torch.ops.aten.clamp_min.default(convert_element_type, 1e-05)
+div: "f32[4, 1]" = torch.ops.aten.div.Tensor(clamp_min, 127)
+div_1: "f32[4, 32]" = torch.ops.aten.div.Tensor(convert_element_type_1, div)
+round_1: "f32[4, 32]" = torch.ops.aten.round.default(div_1)
+clamp_min_1: "f32[4, 32]" = torch.ops.aten.clamp_min.default(round_1, -128)
+clamp_max: "f32[4, 32]" = torch.ops.aten.clamp_max.default(clamp_min_1, 127)
+convert_element_type_2: "i8[4, 32]" = torch.ops.prims.convert_element_type.default(clamp_max, torch.int8)
+linear_cslt_default: "bf16[4, 32]" = torch.ops.sparse_inductor.linear_cslt.default(convert_element_type_2, _sparse_0_wc, None, 32, 32, 0, 1, torch.bfloat16)
+convert_element_type_default: "i32[4, 32]" = torch.ops.prims.convert_element_type.default(linear_cslt_default, torch.int32)
+convert_element_type_3: "f32[4, 32]" = torch.ops.prims.convert_element_type.default(convert_element_type_default, torch.float32)
+mul: "f32[4, 32]" = torch.ops.aten.mul.Tensor(convert_element_type_3, div)
+mul_1: "f32[4, 32]" = torch.ops.aten.mul.Tensor(mul, arg2_1)
+convert_element_type_4: "bf16[4, 32]" = torch.ops.prims.convert_element_type.default(mul_1, torch.bfloat16)
+add: "bf16[4, 32]" = torch.ops.aten.add.Tensor(convert_element_type_4, arg0_1)
+return (add,)""")
+
+
+@pytest.mark.parametrize("m", [1, 7, 64])
+def test_int8_bf16_product_close_to_plain_inductor(m, monkeypatch):
+    model = W8A8Linear(k=128, n=64).eval()
+    x = torch.randn(m, 128, dtype=torch.bfloat16) * 3
     torch._dynamo.reset()
-    plain = run_sparse(model, (x,), options=OPTS)
-    assert not plain.decisions
-    torch.testing.assert_close(r.outputs[0], plain.outputs[0], rtol=0, atol=0)
+    r = run_sparse(model, (x,), options=OPTS)
+    assert "torch.bfloat16)" in r.graphs[0] and "convert_element_type" in r.graphs[0], r.graphs[0]
+    plain = _plain(model, x, monkeypatch)
+    assert ((r.outputs[0].double() - plain.double()).abs() <= bf16_product_bound(plain, model.bias)).all()
+
+
+class W8A8ZeroPoint(W8A8Linear):
+    """Asymmetric activations: an integer correction of the int32 product before the dequantization."""
+
+    def forward(self, x):
+        s = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-5) / 127
+        xq = (x.float() / s).round().clamp(-127, 126).to(torch.int8) + 1  # zero point 1
+        y = torch._int_mm(xq, self.wq.t()) - self.wq.sum(1, dtype=torch.int32)  # exact integers needed
+        return (y.float() * s * self.w_scale).to(x.dtype) + self.bias
+
+
+def test_int8_product_stays_int32_for_an_integer_use(monkeypatch):
+    model = W8A8ZeroPoint(k=64, n=32).eval()
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    r = run_sparse(model, (x,), options=OPTS)
+    (d,) = r.decisions
+    assert d.kernel == "cusparselt" and "int8 product in int32" in d.reason, d.line()
+    assert "torch.bfloat16)" not in r.graphs[0].split("linear_cslt")[1].split("\n")[0], r.graphs[0]
+    torch.testing.assert_close(r.outputs[0], _plain(model, x, monkeypatch), rtol=0, atol=0)
 
 
 def test_int8_activations_dense_weight_stays_dense():
@@ -219,3 +306,12 @@ def test_row_check_mode_after_template(kernel, want):
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     out = out[0] if isinstance(out, (tuple, list)) else out
     assert _row_check_mode(out, torch.float32, sparse_inductor.SparseOptions()) == want
+
+
+def test_int8_product_option_is_checked():
+    from sparse_inductor.options import resolve_options
+
+    with pytest.raises(ValueError, match="unknown int8_product 'fp32'"):
+        resolve_options(options={"int8_product": "fp32"})
+    opts, inductor = resolve_options(options={"int8_product": "int32", "force": True})
+    assert opts.int8_product == "int32" and "int8_product" not in inductor

@@ -614,10 +614,11 @@ def _fp8_runner(wc, bias, layer, alg, sk):
 
 
 def _out_dtype(layer) -> Optional[torch.dtype]:
-    """int8 x int8 keeps torch._int_mm's int32 result (exact; the scales stay graph ops after it);
-    fp8 x fp8 writes what its form says (dispatch.Scaled.lib_out_dtype)."""
+    """int8 x int8 writes torch._int_mm's int32 result (exact), or that product rounded to bf16
+    (layer.product: options int8_product; the scales stay graph ops after it); fp8 x fp8 writes
+    what its form says (dispatch.Scaled.lib_out_dtype)."""
     if layer.dtype == torch.int8:
-        return torch.int32
+        return layer.product or torch.int32
     if layer.scaled is not None:
         return layer.scaled.lib_out_dtype
     return None

@@ -376,7 +376,8 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
         layer = Layer(det.pattern, m, n, k, compute, w.device.type, det.block, det.block_density,
                       _compat.device_name(w.device), m_static=isinstance(x_val.shape[0], int),
                       weight_dtype=w.dtype if w.dtype != compute else None, scaled=site.scaled,
-                      row_check=_row_check_mode(site.x, compute, opts))
+                      row_check=_row_check_mode(site.x, compute, opts),
+                      product=_int8_product(node, opts) if node.target is aten._int_mm.default else None)
         specs = {spec.name: spec for spec in kernels(det.pattern)}
         made: dict[str, dict] = compressed.setdefault(key, {})
 
@@ -403,6 +404,8 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
         # an fp8 layer rewritten or timed: in which form (dispatch.Scaled), before the dispatcher's words
         timed = choice.kernel != "dense" or any(v is not None for n_, v in choice.candidates.items() if n_ != "dense")
         form = f"{site.scaled.describe()}; " if site.scaled is not None and timed else ""
+        if layer.product is not None and timed:
+            form = f"int8 product in {_dtype_name(layer.product)}; "
         decision.reason = f"{det.reason}; {form}{choice.reason}"
         if choice.kernel == "dense":
             record(decision)
@@ -412,7 +415,7 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             fmt = _fmt(spec, det)
             cnodes = consts.nodes((key, fmt), tensors(spec), node)
             out = _replace(site, det, spec, cnodes, choice.kernel, choice.params, n, k,
-                           check=layer.row_check != "none")
+                           check=layer.row_check != "none", product=layer.product)
             pieces = _split(out, site, det, spec, choice.kernel, w, layer, consts, key) if spec.split_outputs else None
             if pieces:
                 consts.drop_unused((key, fmt))
@@ -438,8 +441,27 @@ def _erase_dead_weights(sites: list[LinearSite]) -> None:
                 node.graph.erase_node(node)
 
 
+def _int8_product(node: fx.Node, opts: SparseOptions) -> torch.dtype:
+    """What cuSPARSELt writes for this torch._int_mm: bf16 where options int8_product says so and
+    every use of the int32 product converts it to a floating dtype first (the dequantization,
+    which then reads 2 bytes per output instead of 4), else int32 (exact: an integer use such as
+    a zero-point correction must see torch._int_mm's integers)."""
+    def to_float(user: fx.Node) -> bool:
+        if user.target is torch.ops.prims.convert_element_type.default:
+            dt = user.args[1] if len(user.args) > 1 else None
+        elif user.target is aten._to_copy.default:
+            dt = user.kwargs.get("dtype")
+        else:
+            return False
+        return isinstance(dt, torch.dtype) and dt.is_floating_point
+
+    if opts.int8_product == "bf16" and node.users and all(to_float(u) for u in node.users):
+        return torch.bfloat16
+    return torch.int32
+
+
 def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[fx.Node, ...], kernel: str,
-             params: dict, n: int, k: int, check: bool = True) -> fx.Node:
+             params: dict, n: int, k: int, check: bool = True, product: Optional[torch.dtype] = None) -> fx.Node:
     node, graph = site.node, site.node.graph
     if node.target is aten._scaled_mm.default:
         return _replace_scaled_mm(site, spec, cnodes, params, n, k)
@@ -455,7 +477,14 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
         target, args, kwargs = _pattern_op(det, x, cnodes, bias, n, k, kernel, check)
     with graph.inserting_before(node):
         new = graph.call_function(target, args, kwargs)
-    new.meta.update(node.meta)
+        if product not in (None, torch.int32):  # torch._int_mm's product, rounded: read back as int32
+            new.args = (*args[:-1], product)    # (its uses convert it to float: _int8_product)
+            new.meta.update({key: v for key, v in node.meta.items() if key not in ("val", "eager_input_vals")})
+            new.meta["val"] = _compat.fake_eval(new)
+            new = graph.call_function(torch.ops.prims.convert_element_type.default, (new, torch.int32))
+            new.meta.update({key: v for key, v in node.meta.items() if key != "eager_input_vals"})
+    if not new.meta:
+        new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     return new
