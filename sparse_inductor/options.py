@@ -72,8 +72,8 @@ class SparseOptions:
                        outputs always take "fp32" (an unscaled fp16 product can overflow 65504).
     int8_product:      what cuSPARSELt writes for a torch._int_mm (int8 x int8) it computes
                        (docs/formats.md, "int8 activations"): "bf16" (default): the int32 product
-                       rounded to bf16 (half the bytes of int32; at most 2^-8 of the product, about
-                       the rounding the bf16 output gets anyway), and only where every use of the
+                       rounded to bf16 (half the bytes of int32; at most 2^-8 of the product, the
+                       size of the bf16 output's own rounding), and only where every use of the
                        product converts it to a floating dtype first (the dequantization); an
                        integer use (e.g. a zero-point correction) keeps "int32"; "int32": exact, as
                        torch._int_mm.
