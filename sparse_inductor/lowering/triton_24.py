@@ -124,36 +124,6 @@ def sp24_to_f32(v, PTX: tl.constexpr):
 
 
 @triton.jit
-def sp24_words_to_f32(w, VPW: tl.constexpr, PTX: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-                      D2: tl.constexpr, D3: tl.constexpr):
-    """int32 words [D0, D1, D2, D3 / VPW] holding VPW values each (4 int8 or 2 bf16, little-endian)
-    as fp32 [D0, D1, D2, D3], value j of word q at q * VPW + j: the same arithmetic as sp24_to_f32
-    on words that were loaded (and carried across a loop iteration) as 32-bit registers."""
-    if VPW == 4:
-        if PTX:
-            asm: tl.constexpr = ("{.reg .b32 t; xor.b32 t, $4, 0x80808080; "
-                                 "prmt.b32 $0, t, 0x4B000000, 0x7440; prmt.b32 $1, t, 0x4B000000, 0x7441; "
-                                 "prmt.b32 $2, t, 0x4B000000, 0x7442; prmt.b32 $3, t, 0x4B000000, 0x7443;}")
-            b0, b1, b2, b3 = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [w], dtype=(tl.int32,) * 4,
-                                                       is_pure=True, pack=1)
-        else:
-            b0 = (w & 0xFF) ^ 0x4B000080
-            b1 = ((w >> 8) & 0xFF) ^ 0x4B000080
-            b2 = ((w >> 16) & 0xFF) ^ 0x4B000080
-            b3 = ((w >> 24) & 0xFF) ^ 0x4B000080
-        f0 = b0.to(tl.float32, bitcast=True) - 8388736.0
-        f1 = b1.to(tl.float32, bitcast=True) - 8388736.0
-        f2 = b2.to(tl.float32, bitcast=True) - 8388736.0
-        f3 = b3.to(tl.float32, bitcast=True) - 8388736.0
-        f = tl.join(tl.join(f0, f2), tl.join(f1, f3))  # [..., Q, 2, 2]: [q, i, c] is value 2 * i + c
-        return tl.reshape(f, (D0, D1, D2, D3))
-    else:  # bf16: the low half is the first value
-        lo = (w << 16).to(tl.float32, bitcast=True)
-        hi = (w & -65536).to(tl.float32, bitcast=True)
-        return tl.reshape(tl.join(lo, hi), (D0, D1, D2, D3))
-
-
-@triton.jit
 def sp24_gemv_step(acc, v0, v1, mb, x0, x1, x2, x3, SHIFT: tl.constexpr):
     """acc + v0 * x[i0] + v1 * x[i1], with i0 = bits SHIFT..SHIFT+1 (0..2) and i1 = bits SHIFT+2..+3
     (1..3) of the meta byte mb: two selects each, on single bits."""
@@ -206,73 +176,35 @@ def sp24_gemv_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
     x_ptr = X + m * stride_xm + xl * stride_xk
     acc_e = tl.zeros((L, W, RR, P), dtype=tl.float32)
     acc_o = tl.zeros((L, W, RR, P), dtype=tl.float32)
-    VB: tl.constexpr = V.dtype.element_ty.primitive_bitwidth // 8
-    PF: tl.constexpr = WORDS and (VB == 1 or V.dtype.element_ty == tl.bfloat16)
-    if PF:
-        # Register prefetch of the weight stream: step g0 + BLOCK_G's values and meta (from DRAM)
-        # are loaded, as 32-bit words, before step g0's arithmetic (Triton does not pipeline loads
-        # into registers: without this each step is load, wait, compute, in every program at once).
-        # The last step reloads its own words (clamped address), which nothing uses. x stays a
-        # per-step load (it is read by every program: L2).
-        VPW: tl.constexpr = 4 // VB                   # values per word
-        Q: tl.constexpr = P // VPW                    # words per lane and row per step
-        VW = V.to(tl.pointer_type(tl.int32))
-        qv = lane * Q + tl.arange(0, Q)[None, None, None, :]
-        we_ptr = VW + row_e * (G // VPW) + qv
-        wo_ptr = VW + row_o * (G // VPW) + qv
-        NGW = N * (G // VPW)
-        ve0 = tl.load(we_ptr, eviction_policy="evict_first")
-        ve1 = tl.load(we_ptr + NGW, eviction_policy="evict_first")
-        vo0 = tl.load(wo_ptr, eviction_policy="evict_first")
-        vo1 = tl.load(wo_ptr + NGW, eviction_policy="evict_first")
-        mw = tl.load(mw_ptr, eviction_policy="evict_first")
-        for g0 in range(0, G, BLOCK_G):
-            gn = tl.minimum(g0 + BLOCK_G, G - BLOCK_G)
-            nve0 = tl.load(we_ptr + gn // VPW, eviction_policy="evict_first")
-            nve1 = tl.load(we_ptr + NGW + gn // VPW, eviction_policy="evict_first")
-            nvo0 = tl.load(wo_ptr + gn // VPW, eviction_policy="evict_first")
-            nvo1 = tl.load(wo_ptr + NGW + gn // VPW, eviction_policy="evict_first")
-            nmw = tl.load(mw_ptr + gn // 4, eviction_policy="evict_first")
-            xt = sp24_to_f32(tl.load(x_ptr + 4 * g0 * stride_xk, eviction_policy="evict_last"), PTX)
-            a, b = tl.split(tl.reshape(xt, (L, W, 1, P, 2, 2)))  # a: p = 0, 2; b: p = 1, 3
-            x0, x2 = tl.split(a)
-            x1, x3 = tl.split(b)
+    for g0 in range(0, G, BLOCK_G):
+        if EVEN_G:
+            ve0 = tl.load(ve_ptr + g0, eviction_policy="evict_first")
+            ve1 = tl.load(ve_ptr + N * G + g0, eviction_policy="evict_first")
+            vo0 = tl.load(vo_ptr + g0, eviction_policy="evict_first")
+            vo1 = tl.load(vo_ptr + N * G + g0, eviction_policy="evict_first")
+            xt = tl.load(x_ptr + 4 * g0 * stride_xk, eviction_policy="evict_last")
+        else:
+            g_ok = g0 + gl < G
+            ve0 = tl.load(ve_ptr + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
+            ve1 = tl.load(ve_ptr + N * G + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
+            vo0 = tl.load(vo_ptr + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
+            vo1 = tl.load(vo_ptr + N * G + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
+            xt = tl.load(x_ptr + 4 * g0 * stride_xk, mask=4 * g0 + xl < K, other=0.0, eviction_policy="evict_last")
+        if WORDS:  # bit tests on the loaded words need no byte extraction
+            mw = tl.load(mw_ptr + g0 // 4, eviction_policy="evict_first")
             mb = tl.reshape(mw[:, :, :, :, None] >> (8 * tl.arange(0, 4))[None, None, None, None, :], (L, W, RR, P))
-            acc_e = sp24_gemv_step(acc_e, sp24_words_to_f32(ve0, VPW, PTX, L, W, RR, P),
-                                   sp24_words_to_f32(ve1, VPW, PTX, L, W, RR, P), mb, x0, x1, x2, x3, 0)
-            acc_o = sp24_gemv_step(acc_o, sp24_words_to_f32(vo0, VPW, PTX, L, W, RR, P),
-                                   sp24_words_to_f32(vo1, VPW, PTX, L, W, RR, P), mb, x0, x1, x2, x3, 4)
-            ve0, ve1, vo0, vo1, mw = nve0, nve1, nvo0, nvo1, nmw
-    else:
-        for g0 in range(0, G, BLOCK_G):
-            if EVEN_G:
-                ve0 = tl.load(ve_ptr + g0, eviction_policy="evict_first")
-                ve1 = tl.load(ve_ptr + N * G + g0, eviction_policy="evict_first")
-                vo0 = tl.load(vo_ptr + g0, eviction_policy="evict_first")
-                vo1 = tl.load(vo_ptr + N * G + g0, eviction_policy="evict_first")
-                xt = tl.load(x_ptr + 4 * g0 * stride_xk, eviction_policy="evict_last")
-            else:
-                g_ok = g0 + gl < G
-                ve0 = tl.load(ve_ptr + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
-                ve1 = tl.load(ve_ptr + N * G + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
-                vo0 = tl.load(vo_ptr + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
-                vo1 = tl.load(vo_ptr + N * G + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
-                xt = tl.load(x_ptr + 4 * g0 * stride_xk, mask=4 * g0 + xl < K, other=0.0, eviction_policy="evict_last")
-            if WORDS:  # bit tests on the loaded words need no byte extraction
-                mw = tl.load(mw_ptr + g0 // 4, eviction_policy="evict_first")
-                mb = tl.reshape(mw[:, :, :, :, None] >> (8 * tl.arange(0, 4))[None, None, None, None, :], (L, W, RR, P))
-            elif EVEN_G:
-                mb = tl.load(meta_ptr + g0, eviction_policy="evict_first").to(tl.int32)
-            else:
-                mb = tl.load(meta_ptr + g0, mask=g_ok, other=0, eviction_policy="evict_first").to(tl.int32)
-            # [L, W, H, XE] -> the four planes x_p[g] = x[4g + p] as [L, W, 1, P]
-            xt = sp24_to_f32(xt, PTX)
-            a, b = tl.split(tl.reshape(xt, (L, W, 1, P, 2, 2)))  # a: p = 0, 2; b: p = 1, 3
-            x0, x2 = tl.split(a)
-            x1, x3 = tl.split(b)
-            # even rows: the low nibble of the meta byte, odd rows: the high one
-            acc_e = sp24_gemv_step(acc_e, sp24_to_f32(ve0, PTX), sp24_to_f32(ve1, PTX), mb, x0, x1, x2, x3, 0)
-            acc_o = sp24_gemv_step(acc_o, sp24_to_f32(vo0, PTX), sp24_to_f32(vo1, PTX), mb, x0, x1, x2, x3, 4)
+        elif EVEN_G:
+            mb = tl.load(meta_ptr + g0, eviction_policy="evict_first").to(tl.int32)
+        else:
+            mb = tl.load(meta_ptr + g0, mask=g_ok, other=0, eviction_policy="evict_first").to(tl.int32)
+        # [L, W, H, XE] -> the four planes x_p[g] = x[4g + p] as [L, W, 1, P]
+        xt = sp24_to_f32(xt, PTX)
+        a, b = tl.split(tl.reshape(xt, (L, W, 1, P, 2, 2)))  # a: p = 0, 2; b: p = 1, 3
+        x0, x2 = tl.split(a)
+        x1, x3 = tl.split(b)
+        # even rows: the low nibble of the meta byte, odd rows: the high one
+        acc_e = sp24_gemv_step(acc_e, sp24_to_f32(ve0, PTX), sp24_to_f32(ve1, PTX), mb, x0, x1, x2, x3, 0)
+        acc_o = sp24_gemv_step(acc_o, sp24_to_f32(vo0, PTX), sp24_to_f32(vo1, PTX), mb, x0, x1, x2, x3, 4)
     out_e = tl.reshape(tl.trans(tl.sum(tl.sum(acc_e, axis=3), axis=0)), (RH,))  # [W, RR] -> pair r * W + w
     out_o = tl.reshape(tl.trans(tl.sum(tl.sum(acc_o, axis=3), axis=0)), (RH,))
     out = tl.reshape(tl.join(out_e, out_o), (BLOCK_N,))
