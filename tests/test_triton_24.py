@@ -212,3 +212,20 @@ def test_gemv_wide_nonfinite_inputs_like_dense(k):
         y = sp24_linear(x[i:i + 1], values, meta, config=dict(GEMV_WIDE))
         assert torch.equal(y.isnan(), ref[i:i + 1].isnan()) and torch.equal(y.isinf(), ref[i:i + 1].isinf())
         assert torch.equal(y[y.isinf()], ref[i:i + 1][ref[i:i + 1].isinf()])
+
+
+@pytest.mark.parametrize("module", ["triton_24", "triton_block"])
+def test_template_source_has_every_device_function_it_calls(module):
+    """The Inductor templates paste DEVICE_FUNCTIONS' sources ahead of their kernel: a jit function
+    called from them (or from the template body) but missing from the tuple fails only when the
+    template compiles, on the GPU, and the backend then falls back to plain Inductor (run F8)."""
+    import importlib
+    import inspect
+    import re
+
+    mod = importlib.import_module(f"sparse_inductor.lowering.{module}")
+    jit = {name for name, f in vars(mod).items() if inspect.isfunction(getattr(f, "fn", None))}
+    listed = {f.fn.__name__ for f in mod.DEVICE_FUNCTIONS}
+    sources = [inspect.getsource(f.fn) for f in mod.DEVICE_FUNCTIONS] + [mod._TEMPLATE_BODY]
+    called = {name for name in jit for src in sources if re.search(rf"\b{name}\(", src)}
+    assert called <= listed, f"called from the template but not in DEVICE_FUNCTIONS: {called - listed}"
