@@ -6,9 +6,9 @@ into one Inductor reduction kernel with whatever produces x: a norm, or the prev
 dequantization, bias and GELU. Inductor makes a reduction over more than 1024 elements a looped
 one: a first loop computes the amax, a second loop computes the same inputs again to quantize
 them. For ViT-H's fc2 input (8224 x 5120: the int32 product, its scales, bias and an erf GELU)
-that is two reads and two GELUs per element, 217 us on the H100 where one pass would move the
-bytes in about 70 (bench/profile_models.py, docs/benchmarks.md run F). A persistent reduction keeps
-the row in registers: one read, one GELU.
+that is two reads and two GELUs per element, 215 us per call on the H100 where one pass would
+move the bytes in about 70. A persistent reduction keeps the row in registers: one read, one
+GELU: 148 us (bench/profile_models.py, docs/benchmarks.md F3; still compute-bound).
 
 `quantize_reductions()` is the context the backend compiles in (options reductions="one-pass",
 the default): Inductor's own choice, except that an inner reduction whose kernel stores an 8-bit
