@@ -36,6 +36,7 @@ from sparse_inductor.lowering import cusparselt as cs
 from sparse_inductor.lowering.cusparselt import (_ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID, _ALG_DEFAULT, _COMPUTE_32F,
                                                   _CUDA_TYPE, _OP_N, _OP_T, _ORDER_COL, _ORDER_ROW, _SPARSITY_50,
                                                   _Opaque)
+from sparse_inductor.measure import graphed
 from sparse_inductor.prune import prune_24_
 
 SHAPES = "8192x14336x4096,8192x4096x14336,12608x3072x768,12608x768x3072"
@@ -191,19 +192,6 @@ class ProjectPlan:
 
     def close(self):
         pass  # _Plan.__del__ frees it
-
-
-def graphed(fn):
-    """fn captured in a CUDA graph (after a side-stream warm-up); returns the replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def time_us(fn, rep: int, warmup: int, use_graph: bool):

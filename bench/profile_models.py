@@ -31,8 +31,6 @@ VARIANTS = {
     "int8+2:4, inductor reductions": (True, {"backend": "sparse", "options": {"reductions": "inductor"}}, False),
     "int8+2:4": (True, {"backend": "sparse"}, False),
     "2:4 cusparselt forced": (False, {"backend": "sparse", "options": {"force": True, "kernel": "cusparselt"}}, False),
-    "2:4 cusparselt forced, inductor reductions": (False, {"backend": "sparse", "options": {
-        "force": True, "kernel": "cusparselt", "reductions": "inductor"}}, False),
     "2:4 cusparselt forced, nonfinite fast": (False, {"backend": "sparse", "options": {
         "force": True, "kernel": "cusparselt", "nonfinite": "fast"}}, False),
 }

@@ -476,15 +476,16 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
     else:
         target, args, kwargs = _pattern_op(det, x, cnodes, bias, n, k, kernel, check)
     with graph.inserting_before(node):
-        new = graph.call_function(target, args, kwargs)
-        if product not in (None, torch.int32):  # torch._int_mm's product, rounded: read back as int32
-            new.args = (*args[:-1], product)    # (its uses convert it to float: _int8_product)
-            new.meta.update({key: v for key, v in node.meta.items() if key not in ("val", "eager_input_vals")})
-            new.meta["val"] = _compat.fake_eval(new)
-            new = graph.call_function(torch.ops.prims.convert_element_type.default, (new, torch.int32))
-            new.meta.update({key: v for key, v in node.meta.items() if key != "eager_input_vals"})
-    if not new.meta:
-        new.meta.update(node.meta)
+        if product in (None, torch.int32):
+            new = graph.call_function(target, args, kwargs)
+            new.meta.update(node.meta)
+        else:  # torch._int_mm's product rounded, read back as int32 (its uses convert it to float: _int8_product)
+            meta = {key: v for key, v in node.meta.items() if key != "eager_input_vals"}
+            lib = graph.call_function(target, (*args[:-1], product), kwargs)
+            lib.meta.update({key: v for key, v in meta.items() if key != "val"})
+            lib.meta["val"] = _compat.fake_eval(lib)
+            new = graph.call_function(torch.ops.prims.convert_element_type.default, (lib, torch.int32))
+            new.meta.update(meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     return new
