@@ -13,12 +13,23 @@ Compressed form, built once at compile time:
 Groups with fewer than two nonzeros keep zeros in the free slots (positions taken in ascending
 order), so every group has exactly two (position, value) pairs. Per group of four bf16 weights:
 two values (4 bytes) and one 4-bit code (0.5 byte), 4.5 bytes against 8 dense (0.5625x).
+
+The gemv layout (to_gemv_layout; what the M = 1 kernel reads, same bytes, K % 16 == 0):
+
+    values: as above, except int8 values are stored offset-binary, as uint8 v + 128 (v ^ 0x80).
+    meta:   [ceil(N/2), K/16] int32 words. Word w of row pair r holds groups 4w..4w+3 of rows 2r and
+            2r+1; for group 4w + j, bit fields of two bits at 2j, 8 + 2j, 16 + 2j, 24 + 2j hold i0
+            and i1 of the even row, then i0 and i1 of the odd row. So (word >> 2j) & 0x03030303 has
+            the four positions as bytes, and one multiply-add turns them into byte-permute selectors.
+
+decompress_24 reads either layout (by meta's dtype).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["is_24", "violations_24", "compress_24", "decompress_24", "mask_24"]
+__all__ = ["is_24", "violations_24", "compress_24", "decompress_24", "mask_24", "to_gemv_layout",
+           "from_gemv_layout", "gemv_layout_ok"]
 
 
 def _groups(w: torch.Tensor) -> torch.Tensor:
@@ -74,8 +85,44 @@ def compress_24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, meta
 
 
+def gemv_layout_ok(k: int) -> bool:
+    """Whether a weight with K inputs has a gemv layout (whole 32-bit meta words: K % 16 == 0)."""
+    return k % 16 == 0 and k > 0
+
+
+def to_gemv_layout(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """compress_24's (values, meta) -> the gemv layout (module docstring): int8 values as uint8
+    v + 128, meta as int32 words with the positions regrouped. Exact; from_gemv_layout inverts it."""
+    r, g = meta.shape
+    if meta.dtype != torch.uint8 or g % 4:
+        raise ValueError(f"gemv layout: needs uint8 meta with K/4 % 4 == 0, got {meta.dtype} {tuple(meta.shape)}")
+    m = meta.to(torch.int64).reshape(r, g // 4, 4)
+    j = 2 * torch.arange(4, device=meta.device)
+    w = (((m & 3) << j) | (((m >> 2) & 3) << (8 + j)) | (((m >> 4) & 3) << (16 + j))
+         | (((m >> 6) & 3) << (24 + j))).sum(-1)
+    words = torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32).contiguous()
+    if values.dtype == torch.int8:
+        values = (values.view(torch.uint8) ^ 0x80).contiguous()
+    return values, words
+
+
+def from_gemv_layout(values: torch.Tensor, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gemv layout -> compress_24's (values, meta)."""
+    r, gw = words.shape
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    j = 2 * torch.arange(4, device=words.device)
+    f = lambda base: (w.unsqueeze(-1) >> (base + j)) & 3  # noqa: E731  [r, gw, 4]
+    meta = (f(0) | (f(8) << 2) | (f(16) << 4) | (f(24) << 6)).reshape(r, 4 * gw).to(torch.uint8).contiguous()
+    if values.dtype == torch.uint8:
+        values = (values ^ 0x80).view(torch.int8).contiguous()
+    return values, meta
+
+
 def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """Inverse of compress_24: the dense [N, K] weight, zeros where nothing is kept."""
+    """Inverse of compress_24 (or of to_gemv_layout after it): the dense [N, K] weight, zeros where
+    nothing is kept."""
+    if meta.dtype == torch.int32:
+        values, meta = from_gemv_layout(values, meta)
     _, n, kg = values.shape
     m = meta.to(torch.int64)
     code = torch.stack([m & 0xF, m >> 4], dim=1).reshape(-1, kg)[:n]  # [N, K/4]
