@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -129,7 +129,8 @@ class KernelSpec:
     """One kernel family.
 
     compress(w, layer) -> the constants its op reads, when not the pattern's own format
-    (None: formats/, via passes/linear_rewrite._compress); fmt names that own format.
+    (None: formats/, via passes/linear_rewrite._compress); fmt names that own format (a string, or
+    a function of the layer where the format depends on it).
     runner(tensors, bias, layer, params) -> fn(x) -> y: an eager call of the kernel, for timing.
     variants(layer, tensors) -> the parameter sets to time (e.g. cuSPARSELt algorithm ids); the
     fastest one's parameters go into the graph with the kernel.
@@ -149,7 +150,7 @@ class KernelSpec:
     estimate_us: Callable[[Layer, Optional[DeviceModel]], Optional[float]]
     reference: bool = False  # a correctness reference, never chosen over a real kernel
     compress: Optional[Callable[..., dict]] = None
-    fmt: Optional[str] = None
+    fmt: Optional[Union[str, Callable[[Layer], Optional[str]]]] = None
     runner: Optional[Callable[..., Callable]] = None
     variants: Optional[Callable[..., list]] = None
     node_args: Optional[Callable[..., tuple]] = None

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .._compat import INTERPRETING
+from ..formats.sparse24 import from_gemv_layout
 
 __all__ = ["sp24_dot_acc", "sp24_gemv_acc", "sp24_linear", "pick_config", "DEVICE_FUNCTIONS"]
 
@@ -107,7 +108,8 @@ def sp24_to_f32(v, PTX: tl.constexpr):
     """v (int8, bf16, fp16 or fp32) as fp32, exactly, in few instructions: int8 without I2F (a
     1/8-rate instruction): the bits 0x4B000000 | (u ^ 0x80), u the byte, are the float 2^23 + v + 128;
     bf16 by a shift of its bits (one op, not two). PTX: inline PTX allowed (False under the
-    interpreter): per 4 int8 values one xor and a byte permute each."""
+    interpreter): per 4 int8 values one xor and a byte permute each; uint8 is int8 stored
+    offset-binary (v + 128, the gemv layout): the byte permutes only."""
     if v.dtype == tl.int8:
         if PTX:
             asm: tl.constexpr = ("{.reg .b32 t; xor.b32 t, $4, 0x80808080; "
@@ -116,6 +118,14 @@ def sp24_to_f32(v, PTX: tl.constexpr):
             bits = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [v], dtype=tl.int32, is_pure=True, pack=4)
         else:
             bits = v.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+        return bits.to(tl.float32, bitcast=True) - 8388736.0
+    elif v.dtype == tl.uint8:  # int8 stored offset-binary (v + 128, the gemv layout): no xor needed
+        if PTX:
+            asm_u: tl.constexpr = ("prmt.b32 $0, $4, 0x4B000000, 0x7440; prmt.b32 $1, $4, 0x4B000000, 0x7441; "
+                                   "prmt.b32 $2, $4, 0x4B000000, 0x7442; prmt.b32 $3, $4, 0x4B000000, 0x7443;")
+            bits = tl.inline_asm_elementwise(asm_u, "=r,=r,=r,=r,r", [v], dtype=tl.int32, is_pure=True, pack=4)
+        else:
+            bits = v.to(tl.int32) | 0x4B000000
         return bits.to(tl.float32, bitcast=True) - 8388736.0
     elif v.dtype == tl.bfloat16:
         return (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
@@ -135,7 +145,7 @@ def sp24_gemv_step(acc, v0, v1, mb, x0, x1, x2, x3, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def sp24_gemv_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
+def sp24_gemv_bytes_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_G: tl.constexpr,
                   NUM_WARPS: tl.constexpr, PTX: tl.constexpr):
     """fp32 [BLOCK_N] slice of y[m, :] for rows pid_n * BLOCK_N.. of W (CUDA cores).
@@ -217,6 +227,17 @@ def sp24_gemv_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
         rk = kx + tl.arange(0, 32 * NUM_WARPS * XB)
         poison += tl.load(X + m * stride_xm + rk * stride_xk, mask=rk < K, other=0.0).to(PT)
     p = tl.sum(poison.to(tl.float32), axis=0)
+    return sp24_gemv_fixup(out, p, X, META, m, N, K, stride_xm, stride_xk, pid_n, BLOCK_N, BLOCK_G)
+
+
+@triton.jit
+def sp24_gemv_fixup(out, p, X, META, m, N, K, stride_xm, stride_xk, pid_n,
+                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """out [BLOCK_N], with NaN where dense would have one that the zero-skipping gemv lost: p is a sum
+    of every x[m, k], non-finite iff some x is NaN/Inf (or, harmlessly, on overflow). Its tiles are
+    at most 32 groups wide: the rare path should not set the kernel's register count."""
+    G = K // 4
+    FG: tl.constexpr = min(BLOCK_G, 32)
     if p * 0.0 != 0.0:
         # Some x[m, k] is NaN/Inf (rare; the branch is uniform over the program). Dense computes
         # 0 * x for the zeros this kernel skips, so y[m, n] is NaN wherever such an x meets a zero
@@ -224,16 +245,20 @@ def sp24_gemv_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
         bad = tl.zeros((BLOCK_N,), dtype=tl.int32)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rn = tl.where(rn < N, rn, 0)
-        shift = ((rn & 1) * 4)[:, None]
-        meta_rows = META + (rn // 2)[:, None] * G
         x_row = X + m * stride_xm
-        for g0 in range(0, G, BLOCK_G):
-            rg = g0 + tl.arange(0, BLOCK_G)
+        for g0 in range(0, G, FG):
+            rg = g0 + tl.arange(0, FG)
             g_ok = rg < G
-            mb = tl.load(meta_rows + rg[None, :], mask=g_ok[None, :], other=0)
-            code = (mb.to(tl.int32) >> shift) & 15
-            i0 = code & 3
-            i1 = code >> 2
+            if META.dtype.element_ty == tl.int32:  # the gemv layout's words
+                wd = tl.load(META + (rn // 2)[:, None] * (G // 4) + (rg // 4)[None, :], mask=g_ok[None, :], other=0)
+                base = 2 * (rg % 4)[None, :] + 16 * (rn & 1)[:, None]
+                i0 = (wd >> base) & 3
+                i1 = (wd >> (base + 8)) & 3
+            else:
+                mb = tl.load(META + (rn // 2)[:, None] * G + rg[None, :], mask=g_ok[None, :], other=0)
+                code = (mb.to(tl.int32) >> ((rn & 1) * 4)[:, None]) & 15
+                i0 = code & 3
+                i1 = code >> 2
             xp = x_row + 4 * rg * stride_xk
             z0 = tl.load(xp, mask=g_ok, other=0.0).to(tl.float32) * 0.0
             z1 = tl.load(xp + stride_xk, mask=g_ok, other=0.0).to(tl.float32) * 0.0
@@ -249,8 +274,155 @@ def sp24_gemv_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
     return out
 
 
+@triton.jit
+def sp24_prmt(a, b, s, PTX: tl.constexpr):
+    """PTX prmt.b32 (default mode): byte j of the result is byte (s >> 4j) & 7 of the eight bytes
+    {b, a} (a holds bytes 0..3); only the low 16 bits of s are read. PTX False: the same in
+    integer ops (the interpreter)."""
+    if PTX:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, s],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        t = (b.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | a.to(tl.uint32, bitcast=True).to(tl.uint64)
+        out = tl.zeros_like(s)
+        for j in tl.static_range(4):
+            sh = ((s >> (4 * j)) & 7).to(tl.uint64) * 8
+            out |= ((t >> sh) & 0xFF).to(tl.int32) << (8 * j)
+        return out
+
+
+@triton.jit
+def sp24_quarters(t):
+    """[..., 4n] -> the four [..., n] tensors of its elements 4i + j, j = 0..3."""
+    a, b = tl.split(tl.reshape(t, t.shape[:-1] + (t.shape[-1] // 4, 2, 2)))  # a: j = 0, 2; b: j = 1, 3
+    t0, t2 = tl.split(a)
+    t1, t3 = tl.split(b)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def sp24_words_step(acc_e, acc_o, ve0, ve1, vo0, vo1, s, xa, xb, PTX: tl.constexpr):
+    """One group of a row pair: acc + v0 * x[i0] + v1 * x[i1] for the even and the odd row. xa, xb:
+    x[4g..4g+1], x[4g+2..4g+3] as words of two bf16; s: (word >> 2j) & 0x03030303 of the meta word,
+    the positions i0, i1 (even row), i0, i1 (odd row) as bytes. One multiply-add makes both rows'
+    byte-permute selectors (0x10 + 0x22 * i per byte: the two bytes of x[i]); one permute puts x[i0]
+    in the low and x[i1] in the high half of a word, which are then fp32 by a shift and a mask."""
+    sel = s * 0x22 + 0x10101010  # uint32
+    r = sp24_prmt(xa, xb, sel.to(tl.int32, bitcast=True), PTX)
+    acc_e += ve0 * (r << 16).to(tl.float32, bitcast=True)
+    acc_e += ve1 * (r & -65536).to(tl.float32, bitcast=True)
+    r = sp24_prmt(xa, xb, (sel >> 16).to(tl.int32, bitcast=True), PTX)
+    acc_o += vo0 * (r << 16).to(tl.float32, bitcast=True)
+    acc_o += vo1 * (r & -65536).to(tl.float32, bitcast=True)
+    return acc_e, acc_o
+
+
+@triton.jit
+def sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n,
+                        BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_G: tl.constexpr,
+                        NUM_WARPS: tl.constexpr, PTX: tl.constexpr):
+    """sp24_gemv_bytes_acc for the gemv layout (formats/sparse24.py: int32 meta words; int8 values as
+    uint8 v + 128) and bf16 x with unit stride along K. Same tiles; x is loaded as 32-bit words
+    (x[4g..4g+1], x[4g+2..4g+3]), and per group and row pair a mask, a multiply-add and two byte
+    permutes pick the x of both rows' kept values, with no selects and no bit tests (13 SASS
+    instructions per group and thread for int8, 10.6 for bf16, against 16.9 and 14.5). The sum of x
+    for the non-finite check is taken from the same words in the loop (packed bf16 adds), not by
+    a second pass over x."""
+    G = K // 4
+    if EVEN_G:
+        G = tl.multiple_of(G, BLOCK_G)
+    RH: tl.constexpr = BLOCK_N // 2
+    W: tl.constexpr = min(NUM_WARPS, RH)
+    RR: tl.constexpr = RH // W
+    L: tl.constexpr = min(32, BLOCK_G)
+    P: tl.constexpr = BLOCK_G // L
+    tl.static_assert(P % 4 == 0, "the gemv layout needs BLOCK_G >= 128 (whole meta words per lane)")
+    PW: tl.constexpr = P // 4                             # meta words per lane and step
+    lane = tl.arange(0, L)[:, None, None, None]
+    pair = pid_n * RH + tl.arange(0, RR)[None, None, :, None] * W + tl.arange(0, W)[None, :, None, None]
+    row_e = 2 * pair
+    row_o = row_e + 1
+    row_e = tl.where(row_e < N, row_e, 0)  # clamp: rows past N compute garbage that the store masks out
+    row_o = tl.where(row_o < N, row_o, 0)
+    pair = tl.where(2 * pair < N, pair, 0)
+    gl = lane * P + tl.arange(0, P)[None, None, None, :]  # [L, 1, 1, P]: group within the step
+    ve_ptr = V + row_e * G + gl
+    vo_ptr = V + row_o * G + gl
+    wl = lane * PW + tl.arange(0, PW)[None, None, None, :]  # [L, 1, 1, PW]: meta word within the step
+    mw_ptr = META + pair * (G // 4) + wl
+    # x as words, [L, W, H, 4]: 16-byte pieces (a [L, W, 1, 2P] tile would not get the lane's words
+    # into one thread, and a layout conversion through shared memory would follow); the same
+    # addresses for every warp (each warp reads all of x)
+    H: tl.constexpr = P // 2
+    xl = (2 * P * lane + 4 * tl.arange(0, H)[None, None, :, None] + tl.arange(0, 4)[None, None, None, :]
+          + 0 * tl.arange(0, W)[None, :, None, None])
+    x_ptr = X.to(tl.pointer_type(tl.int32)) + (m * stride_xm) // 2 + xl
+    acc_e = tl.zeros((L, W, RR, PW), dtype=tl.float32)
+    acc_o = tl.zeros((L, W, RR, PW), dtype=tl.float32)
+    if PTX:
+        poison = tl.zeros((L, W, H, 4), dtype=tl.int32)  # bf16x2 sums
+    else:
+        poison = tl.zeros((L, W, H, 4), dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        if EVEN_G:
+            ve0 = tl.load(ve_ptr + g0, eviction_policy="evict_first")
+            ve1 = tl.load(ve_ptr + N * G + g0, eviction_policy="evict_first")
+            vo0 = tl.load(vo_ptr + g0, eviction_policy="evict_first")
+            vo1 = tl.load(vo_ptr + N * G + g0, eviction_policy="evict_first")
+            mw = tl.load(mw_ptr + g0 // 4, eviction_policy="evict_first")
+            xw = tl.load(x_ptr + 2 * g0, eviction_policy="evict_last")
+        else:
+            g_ok = g0 + gl < G
+            ve0 = tl.load(ve_ptr + g0, mask=g_ok, other=0, eviction_policy="evict_first")
+            ve1 = tl.load(ve_ptr + N * G + g0, mask=g_ok, other=0, eviction_policy="evict_first")
+            vo0 = tl.load(vo_ptr + g0, mask=g_ok, other=0, eviction_policy="evict_first")
+            vo1 = tl.load(vo_ptr + N * G + g0, mask=g_ok, other=0, eviction_policy="evict_first")
+            mw = tl.load(mw_ptr + g0 // 4, mask=g0 // 4 + wl < G // 4, other=0, eviction_policy="evict_first")
+            xw = tl.load(x_ptr + 2 * g0, mask=2 * g0 + xl < 2 * G, other=0, eviction_policy="evict_last")
+        if PTX:
+            poison = tl.inline_asm_elementwise(
+                "{.reg .b32 one; mov.b32 one, 0x3F803F80; fma.rn.bf16x2 $0, $1, one, $2;}", "=r,r,r",
+                [xw, poison], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            poison += (xw << 16).to(tl.float32, bitcast=True) + (xw & -65536).to(tl.float32, bitcast=True)
+        xa, xb = tl.split(tl.reshape(xw, (L, W, 1, P, 2)))
+        xa0, xa1, xa2, xa3 = sp24_quarters(xa)
+        xb0, xb1, xb2, xb3 = sp24_quarters(xb)
+        e00, e01, e02, e03 = sp24_quarters(sp24_to_f32(ve0, PTX))
+        e10, e11, e12, e13 = sp24_quarters(sp24_to_f32(ve1, PTX))
+        o00, o01, o02, o03 = sp24_quarters(sp24_to_f32(vo0, PTX))
+        o10, o11, o12, o13 = sp24_quarters(sp24_to_f32(vo1, PTX))
+        mwu = mw.to(tl.uint32, bitcast=True)
+        acc_e, acc_o = sp24_words_step(acc_e, acc_o, e00, e10, o00, o10, mwu & 0x03030303, xa0, xb0, PTX)
+        acc_e, acc_o = sp24_words_step(acc_e, acc_o, e01, e11, o01, o11, (mwu >> 2) & 0x03030303, xa1, xb1, PTX)
+        acc_e, acc_o = sp24_words_step(acc_e, acc_o, e02, e12, o02, o12, (mwu >> 4) & 0x03030303, xa2, xb2, PTX)
+        acc_e, acc_o = sp24_words_step(acc_e, acc_o, e03, e13, o03, o13, (mwu >> 6) & 0x03030303, xa3, xb3, PTX)
+    out_e = tl.reshape(tl.trans(tl.sum(tl.sum(acc_e, axis=3), axis=0)), (RH,))  # [W, RR] -> pair r * W + w
+    out_o = tl.reshape(tl.trans(tl.sum(tl.sum(acc_o, axis=3), axis=0)), (RH,))
+    out = tl.reshape(tl.join(out_e, out_o), (BLOCK_N,))
+    if PTX:
+        poison = (poison << 16).to(tl.float32, bitcast=True) + (poison & -65536).to(tl.float32, bitcast=True)
+    p = tl.sum(tl.reshape(poison, (L * W * H * 4,)), axis=0)
+    return sp24_gemv_fixup(out, p, X, META, m, N, K, stride_xm, 1, pid_n, BLOCK_N, BLOCK_G)
+
+
+@triton.jit
+def sp24_gemv_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
+                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_G: tl.constexpr,
+                  NUM_WARPS: tl.constexpr, PTX: tl.constexpr):
+    """fp32 [BLOCK_N] slice of y[m, :] for rows pid_n * BLOCK_N.. of W (CUDA cores), for either
+    meta layout: int32 words (the gemv layout; x bf16 with stride_xk 1) or the uint8 bytes."""
+    if META.dtype.element_ty == tl.int32:
+        out = sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n, BLOCK_N, BLOCK_G, EVEN_G, NUM_WARPS, PTX)
+    else:
+        out = sp24_gemv_bytes_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n, BLOCK_N, BLOCK_G, EVEN_G,
+                                  NUM_WARPS, PTX)
+    return out
+
+
 # Sources pasted into the Inductor template, in dependency order.
-DEVICE_FUNCTIONS = (sp24_dot_acc, sp24_to_f32, sp24_gemv_step, sp24_gemv_acc)
+DEVICE_FUNCTIONS = (sp24_dot_acc, sp24_to_f32, sp24_gemv_step, sp24_gemv_fixup, sp24_gemv_bytes_acc, sp24_prmt,
+                    sp24_quarters, sp24_words_step, sp24_gemv_words_acc, sp24_gemv_acc)
 
 
 @triton.jit
@@ -290,6 +462,17 @@ CONFIGS = {
     # BLOCK_G 512: int8 12.1 / 24.7 us at 4096x4096 / 4096x14336 (256: 12.8 / 27.4), bf16 14.5-14.6 / 33.2.
     "gemv": dict(GEMV=True, BLOCK_M=1, BLOCK_N=16, BLOCK_G=256, num_warps=4, num_stages=2),
     "gemv_narrow": dict(GEMV=True, BLOCK_M=1, BLOCK_N=16, BLOCK_G=512, num_warps=4, num_stages=2),
+    # The gemv layout (int32 meta words, bf16 x), H100 session 6, us (eager launch / compiled
+    # template; they differ: the template's literal N and K change ptxas's register count, e.g. 80
+    # instead of 128 for 8 rows, 2 warps, BLOCK_G 256, and with it the number of waves):
+    # int8 values, N >= 8192: 4 rows, 1 warp, BLOCK_G 512: 22.3 / 22.4 at 14336x4096 (8 rows, 2 warps,
+    # BLOCK_G 256: 21.7 / 24.5); the byte layout's table 24.2-24.4 / 24.0-24.6. int8, N < 8192: 16
+    # rows, 4 warps, BLOCK_G 512: 11.7 / - at 4096x4096, 22.4 / 22.5 at 4096x14336 (bytes 25.0-27.1 /
+    # 24.0-25.1). bf16 values: 8 rows, 2 warps, BLOCK_G 256: 30.8 / 31.6 and 13.8 / 14.6 (bytes
+    # 31.1-31.5 / 31.1, 14.6 / 14.7).
+    "gemv_words": dict(GEMV=True, BLOCK_M=1, BLOCK_N=8, BLOCK_G=256, num_warps=2, num_stages=2),
+    "gemv_words_int8": dict(GEMV=True, BLOCK_M=1, BLOCK_N=4, BLOCK_G=512, num_warps=1, num_stages=2),
+    "gemv_words_narrow_int8": dict(GEMV=True, BLOCK_M=1, BLOCK_N=16, BLOCK_G=512, num_warps=4, num_stages=2),
     # M > 1: tensor cores. Best found on the H100 (bf16), still slower than dense: M=16 at
     # 0.79-0.94x, M=64 at 0.61-0.80x (docs/benchmarks.md); the dispatcher keeps those layers dense.
     "m16": dict(GEMV=False, BLOCK_M=16, BLOCK_N=32, BLOCK_G=64, num_warps=4, num_stages=3),
@@ -298,8 +481,11 @@ CONFIGS = {
 }
 
 
-def pick_config(m: Optional[int], n: int, k: int) -> dict:
-    """The launch configuration for an M (None: unknown / dynamic)."""
+def pick_config(m: Optional[int], n: int, k: int, words: bool = False, int8: bool = False) -> dict:
+    """The launch configuration for an M (None: unknown / dynamic); words: the gemv layout (M = 1),
+    int8: its values are int8 (stored as uint8)."""
+    if m == 1 and words:
+        return dict(CONFIGS[("gemv_words_narrow_int8" if n < 8192 else "gemv_words_int8") if int8 else "gemv_words"])
     if m == 1:
         return dict(CONFIGS["gemv"] if n >= 8192 else CONFIGS["gemv_narrow"])
     if m is not None and m <= 16:
@@ -319,21 +505,33 @@ def sp24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
     """Eager launcher: y = act(x @ W^T + bias) for a 2-D x [M, K] and W in the 2:4 layout.
 
     values may be int8 (a weight-only quantized W): W is then used as its integer values in x's
-    dtype, and the caller applies the scales (in a compiled graph, a mul fused into the store)."""
+    dtype, and the caller applies the scales (in a compiled graph, a mul fused into the store).
+    (values, meta) may also be in the gemv layout (formats/sparse24.to_gemv_layout: int32 meta words,
+    int8 values as uint8): the M = 1 kernel reads it as is when x is bf16, else it is converted back."""
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
     _, n, g = values.shape
     m, k = x.shape
     if k != 4 * g:
         raise ValueError(f"x has K={k} but the weight has K={4 * g}")
-    if meta.shape != (math.ceil(n / 2), g) or meta.dtype != torch.uint8:
+    words = meta.dtype == torch.int32
+    if words:
+        if meta.shape != (math.ceil(n / 2), g // 4) or g % 4:
+            raise ValueError(f"gemv-layout meta must be int32 [{math.ceil(n / 2)}, {g // 4}], got {tuple(meta.shape)}")
+        if m != 1 or x.dtype != torch.bfloat16 or (config is not None and not config.get("GEMV")):
+            values, meta = from_gemv_layout(values, meta)
+            words = False
+        elif x.stride(1) != 1:
+            x = x.contiguous()
+    elif meta.shape != (math.ceil(n / 2), g) or meta.dtype != torch.uint8:
         raise ValueError(f"meta must be uint8 [{math.ceil(n / 2)}, {g}], got {meta.dtype} {tuple(meta.shape)}")
-    if values.dtype not in (x.dtype, torch.int8):
+    int8 = values.dtype in (torch.int8, torch.uint8)
+    if values.dtype not in (x.dtype, torch.int8) and not (words and values.dtype == torch.uint8):
         raise ValueError(f"x is {x.dtype} but the weight is {values.dtype} (int8 values: weight-only quantized)")
     if activation not in (None, "relu"):
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     values, meta = values.contiguous(), meta.contiguous()
-    cfg = dict(config or pick_config(m, n, k))
+    cfg = dict(config or pick_config(m, n, k, words, int8))
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
@@ -396,7 +594,15 @@ def lower(x, values, meta, *, n: int):
     x, values, meta = realize_inputs(x, values, meta)
     m, k = x.get_size()
     n, g = (int(s) for s in values.get_size()[1:])
-    if isinstance(m, (int, sympy.Integer)):
+    words = meta.get_dtype() == torch.int32  # the gemv layout: made only for a static M of 1 and bf16 x
+    if words:
+        from torch._inductor.ir import ExternKernel
+
+        if not (isinstance(m, (int, sympy.Integer)) and int(m) == 1 and x.get_dtype() == torch.bfloat16):
+            raise RuntimeError(f"2:4 gemv layout needs a static M of 1 and bf16 x, got M={m}, {x.get_dtype()}")
+        x = ExternKernel.require_contiguous(x)  # the kernel reads x as 32-bit words
+        cfg = pick_config(1, n, 4 * g, True, values.get_dtype() == torch.uint8)
+    elif isinstance(m, (int, sympy.Integer)):
         cfg = pick_config(int(m), n, 4 * g)
     else:  # dynamic M: a tensor-core config that is right for any M, sized by the hint
         cfg = pick_config(max(2, V.graph.sizevars.size_hint(m, fallback=64)), n, 4 * g)
@@ -449,10 +655,31 @@ def _runner(t, bias, layer, params):
     return lambda x: sp24_linear(x, t["values"], t["meta"], bias, config=cfg)
 
 
+def _gemv_layout(layer) -> bool:
+    """Whether the layer's constants are made in the gemv layout (formats/sparse24.py): the gemv
+    runs it (a static M of 1), x is bf16 and K a multiple of 16."""
+    from ..formats import gemv_layout_ok
+
+    return layer.m_static and layer.m == 1 and layer.dtype == torch.bfloat16 and gemv_layout_ok(layer.k)
+
+
+def _fmt(layer) -> str:
+    return "sp24-gemv" if _gemv_layout(layer) else "sp24"
+
+
+def _compress(w, layer) -> dict:
+    from ..formats import compress_24, to_gemv_layout
+
+    values, meta = compress_24(w)
+    if _gemv_layout(layer):
+        values, meta = to_gemv_layout(values, meta)
+    return {"values": values, "meta": meta}
+
+
 def _register_kernel():
     from ..dispatch import KernelSpec, register_kernel
 
-    register_kernel(KernelSpec("triton", "2:4", ("cuda",), _check, _estimate_us,
+    register_kernel(KernelSpec("triton", "2:4", ("cuda",), _check, _estimate_us, compress=_compress, fmt=_fmt,
                                runner=_runner, split_outputs=True))
 
 

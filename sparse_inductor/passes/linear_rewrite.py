@@ -308,9 +308,11 @@ def _unique_attr(gm: fx.GraphModule, base: str) -> str:
     return name
 
 
-def _fmt(spec: KernelSpec, det: Detection) -> str:
-    """The constant format a kernel reads: its own, else its pattern's (blocks of one size)."""
-    return spec.fmt or (f"block{det.block}" if det.pattern == "block" else "sp24")
+def _fmt(spec: KernelSpec, det: Detection, layer: Layer) -> str:
+    """The constant format a kernel reads: its own (which may depend on the layer), else its
+    pattern's (blocks of one size)."""
+    own = spec.fmt(layer) if callable(spec.fmt) else spec.fmt
+    return own or (f"block{det.block}" if det.pattern == "block" else "sp24")
 
 
 def _structure(det: Detection) -> str:
@@ -382,7 +384,7 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
         made: dict[str, dict] = compressed.setdefault(key, {})
 
         def tensors(spec: KernelSpec, det=det, w=w, layer=layer, made=made) -> dict:
-            fmt = _fmt(spec, det)
+            fmt = _fmt(spec, det, layer)
             if fmt not in made:
                 made[fmt] = spec.compress(w.detach(), layer) if spec.compress else _compress(det, w)
             return made[fmt]
@@ -412,7 +414,7 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             continue
         try:
             spec = specs[choice.kernel]
-            fmt = _fmt(spec, det)
+            fmt = _fmt(spec, det, layer)
             cnodes = consts.nodes((key, fmt), tensors(spec), node)
             out = _replace(site, det, spec, cnodes, choice.kernel, choice.params, n, k,
                            check=layer.row_check != "none", product=layer.product)
@@ -588,9 +590,9 @@ def _split(out: fx.Node, site: LinearSite, det: Detection, spec: KernelSpec, ker
     bias = out.args[3] if det.pattern == "2:4" else out.args[5]
 
     def make(a: int, b: int, piece_bias: Optional[fx.Node]) -> tuple:
-        piece = w[a:b]
-        t = spec.compress(piece.detach(), dataclasses.replace(layer, n=b - a)) if spec.compress else _compress(det, piece)
-        cnodes = consts.nodes((key, _fmt(spec, det), a, b), t, out)
+        piece, piece_layer = w[a:b], dataclasses.replace(layer, n=b - a)
+        t = spec.compress(piece.detach(), piece_layer) if spec.compress else _compress(det, piece)
+        cnodes = consts.nodes((key, _fmt(spec, det, piece_layer), a, b), t, out)
         return _pattern_op(det, x, cnodes, piece_bias, b - a, k, kernel, out.kwargs.get("guard", True))
 
     return split_op(out, pieces, bias, make)
