@@ -136,7 +136,10 @@ def test_config_table():
         cfg = pick_config(m, 4096, 4096)
         assert not cfg["GEMV"] and cfg["BLOCK_M"] >= 16 and cfg["BLOCK_G"] >= 16
     for cfg in CONFIGS.values():
-        assert cfg["BLOCK_N"] >= 8 and cfg["BLOCK_G"] >= 16
+        assert cfg["BLOCK_N"] >= (4 if cfg["GEMV"] else 8) and cfg["BLOCK_G"] >= 16
+    for n, int8 in itertools.product((14336, 4096), (False, True)):  # the gemv layout: whole meta words a lane
+        cfg = pick_config(1, n, 4096, True, int8)
+        assert cfg["GEMV"] and cfg["BLOCK_G"] >= 128 and cfg["BLOCK_N"] // 2 % cfg["num_warps"] == 0
 
 
 # ---- GPU (bf16, sizes of the targets)
@@ -229,3 +232,132 @@ def test_template_source_has_every_device_function_it_calls(module):
     sources = [inspect.getsource(f.fn) for f in mod.DEVICE_FUNCTIONS] + [mod._TEMPLATE_BODY]
     called = {name for name in jit for src in sources if re.search(rf"\b{name}\(", src)}
     assert called <= listed, f"called from the template but not in DEVICE_FUNCTIONS: {called - listed}"
+
+
+# ---- the gemv layout (formats/sparse24.to_gemv_layout): int32 meta words, int8 values as uint8,
+# read by the M = 1 kernel for bf16 x. The interpreter's bf16 is fine here (no tl.dot).
+
+GEMV_WORDS = dict(GEMV=True, BLOCK_M=1, BLOCK_N=8, BLOCK_G=128, num_warps=2, num_stages=1)
+
+
+def _words(w):
+    from sparse_inductor.formats import to_gemv_layout
+
+    values, meta = compress_24(w)
+    vw, mw = to_gemv_layout(values, meta)
+    assert mw.dtype == torch.int32 and mw.shape == (math.ceil(w.shape[0] / 2), w.shape[1] // 16)
+    return (values, meta), (vw, mw)
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("n,k,cfg", [(16, 512, GEMV_WORDS), (33, 1040, GEMV_WORDS), (7, 256, GEMV_WORDS),
+                                     (48, 1024, dict(GEMV_WORDS, BLOCK_N=16, BLOCK_G=256, num_warps=4)),
+                                     (14, 1536, dict(GEMV_WORDS, BLOCK_N=4, BLOCK_G=512, num_warps=1))])
+def test_gemv_layout_matches_byte_layout_and_fp64(wdtype, n, k, cfg):
+    """Same outputs as the byte layout (the same products in the same order), within bf16 of fp64;
+    K = 1040 leaves a partial step (masked loads), N = 33 and 7 a half row pair."""
+    w, x, b = make(n, k, 1, torch.float32)
+    w = (w * 20).round().clamp(-128, 127).to(torch.int8) if wdtype == torch.int8 else w.bfloat16()
+    x, b = x.bfloat16(), b.bfloat16()
+    (values, meta), (vw, mw) = _words(w)
+    assert vw.dtype == (torch.uint8 if wdtype == torch.int8 else torch.bfloat16)
+    y = sp24_linear(x, vw, mw, b, config=dict(cfg))
+    y_bytes = sp24_linear(x, values, meta, b, config=dict(GEMV_WIDE))
+    assert torch.equal(y, y_bytes)
+    assert rel_err(y, x.double() @ w.double().T + b.double()) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("where", ["nan", "inf", "-inf", "huge"])
+def test_gemv_layout_nonfinite_inputs_like_dense(where):
+    """A NaN/Inf x meets the skipped zeros: the sum of x taken in the loop (packed bf16 adds under
+    PTX, fp32 here) must catch it; a huge finite x only makes that sum overflow (harmless: the
+    exact second pass then finds nothing)."""
+    w, x, _ = make(40, 512, 1, torch.float32)
+    if where == "huge":  # x's sum overflows (4e38), no product or output does (|w| small there)
+        w[:, 36:40] *= 0.05
+        x[0, 37] = x[0, 38] = 2e38
+    else:
+        x[0, 37] = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}[where]
+    w, x = w.bfloat16(), x.bfloat16()
+    _, (vw, mw) = _words(w)
+    ref = torch.nn.functional.linear(x.double(), w.double())
+    y = sp24_linear(x, vw, mw, config=dict(GEMV_WORDS))
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+    if where == "huge":
+        assert ref.isfinite().all() and rel_err(y, ref) < TOL[torch.bfloat16]
+
+
+def test_gemv_layout_int8_exact_over_all_256():
+    """Offset-binary uint8 values (v + 128) become fp32 exactly for every byte: the same outputs as
+    the byte layout, whose conversion test_gemv_int8_values_exact_over_all_256 proves exact (bf16 x
+    here, so the outputs are rounded to bf16; the interpreter's rounding is not the GPU's, hence no
+    comparison with a rounded reference)."""
+    n, k = 64, 512
+    g = torch.Generator().manual_seed(3)
+    w = torch.zeros(n, k)
+    vals = (torch.arange(n * k // 2) % 256 - 128).float()
+    pos = torch.rand(n, k // 4, 4, generator=g).argsort(-1)[..., :2].sort(-1).values
+    w.view(n, k // 4, 4).scatter_(-1, pos, vals.view(n, k // 4, 2))
+    (values, meta), (vw, mw) = _words(w.to(torch.int8))
+    assert set(vw.unique().tolist()) == set(range(256))
+    x = torch.randint(-3, 4, (1, k), generator=g).bfloat16()
+    y = sp24_linear(x, vw, mw, config=dict(GEMV_WORDS))
+    assert torch.equal(y, sp24_linear(x, values, meta, config=dict(GEMV_WIDE)))
+    assert rel_err(y, x.double() @ w.double().T) < TOL[torch.bfloat16]
+
+
+def test_gemv_layout_other_uses_convert_back():
+    """The launcher reads a gemv-layout weight for M > 1 or fp16 x too (converted back)."""
+    w, x, b = make(24, 256, 5, torch.float16)
+    (values, meta), (vw, mw) = _words(w)
+    for xx in (x, x[:1]):
+        assert torch.equal(sp24_linear(xx, vw, mw, b, config=dict(SMALL["dot16"] if len(xx) > 1 else SMALL["gemv"])),
+                           sp24_linear(xx, values, meta, b, config=dict(SMALL["dot16"] if len(xx) > 1 else SMALL["gemv"])))
+
+
+def test_gemv_layout_chosen_for_static_m1_bf16_only():
+    from sparse_inductor.dispatch import Layer
+    from sparse_inductor.lowering.triton_24 import _compress, _fmt
+
+    def layer(m=1, static=True, dtype=torch.bfloat16, k=4096):
+        return Layer("2:4", m, 64, k, dtype, "cuda", m_static=static)
+
+    assert _fmt(layer()) == "sp24-gemv"
+    for other in (layer(m=2), layer(static=False), layer(dtype=torch.float16), layer(k=4 * 37)):
+        assert _fmt(other) == "sp24"
+    w = prune_24_(torch.randn(64, 4096)).bfloat16()
+    assert _compress(w, layer())["meta"].dtype == torch.int32
+    assert _compress(w, layer(m=16))["meta"].dtype == torch.uint8
+
+
+def test_gemv_layout_round_trip():
+    from sparse_inductor.formats import decompress_24, from_gemv_layout
+
+    for dt in (torch.bfloat16, torch.int8, torch.float32):
+        w = prune_24_(torch.randn(9, 64) * 40).clamp(-128, 127).to(dt)
+        (values, meta), (vw, mw) = _words(w)
+        v2, m2 = from_gemv_layout(vw, mw)
+        assert torch.equal(v2, values) and torch.equal(m2, meta)
+        assert torch.equal(decompress_24(vw, mw), w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336), (1000, 528)])
+def test_gpu_gemv_layout(wdtype, n, k):
+    """The gemv layout on the GPU (inline PTX: byte permutes, packed bf16 sums of x): the byte
+    layout's outputs within bf16 of fp64, and NaN/Inf inputs like dense."""
+    torch.manual_seed(0)
+    w = prune_24_(torch.randn(n, k, device="cuda"))
+    w = (w * 20).round().clamp(-128, 127).to(torch.int8) if wdtype == torch.int8 else w.bfloat16()
+    x = torch.randn(1, k, device="cuda").bfloat16()
+    (values, meta), (vw, mw) = _words(w)
+    ref = x.double() @ w.double().T
+    y = sp24_linear(x, vw, mw)
+    assert rel_err(y, ref) < TOL[torch.bfloat16]
+    assert rel_err(y, sp24_linear(x, values, meta).double()) < 1e-3
+    x[0, 7] = math.inf
+    x[0, k - 3] = math.nan if k > 1000 else -math.inf
+    ref = torch.nn.functional.linear(x.double(), w.double())
+    y = sp24_linear(x, vw, mw)
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
