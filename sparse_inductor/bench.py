@@ -145,6 +145,16 @@ class Fp8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.double()
 
 
+def _as_compiled(compressed: tuple, x: torch.Tensor) -> tuple:
+    """The 2:4 constants in the layout the compiled graph gives the Triton kernel: the gemv layout
+    for M = 1 and bf16 x (lowering/triton_24._gemv_layout), else compress_24's."""
+    from .formats import gemv_layout_ok, to_gemv_layout
+
+    if x.shape[0] == 1 and x.dtype == torch.bfloat16 and gemv_layout_ok(x.shape[1]):
+        return to_gemv_layout(*compressed)
+    return compressed
+
+
 def bench_linear24(rows: list, shapes=None):
     from .formats import compress_24
     from .lowering.triton_24 import sp24_linear
@@ -155,7 +165,7 @@ def bench_linear24(rows: list, shapes=None):
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (m, n, k) in shapes:
         w, x = _case24(m, n, k)
-        values, meta = compress_24(w)
+        values, meta = _as_compiled(compress_24(w), x)
         t = _layer_times(w, x)
         with torch.no_grad():
             cslt = _try(lambda: _bench(_cslt_fn(w, x)))
@@ -534,7 +544,7 @@ def bench_quant(rows: list, shapes=None, models=True):
         with torch.no_grad():
             mod[0].weight.copy_(w)
         _quantize_linears_(mod)
-        values, meta = compress_24(mod[0].wq)
+        values, meta = _as_compiled(compress_24(mod[0].wq), x)
         with torch.no_grad():
             dense = _bench(_graphed(lambda: F.linear(x, w)))
             torch._dynamo.reset()
