@@ -26,6 +26,10 @@ transposed copy of x, W or y is made):
   Dense would also compute 0 * x for the skipped zeros, turning a NaN/Inf in x into NaN there;
   the kernel sums x after the main loop and, only when the sum is not finite (a non-finite input,
   rare; or an overflow, harmless), runs a second pass that marks exactly the outputs where such an x meets a zero of W.
+  The same gemv reads the gemv layout (formats/sparse24.to_gemv_layout: int32 meta words, int8
+  values offset-binary), which the dispatcher makes for a static M of 1 with bf16 x: there one
+  mask, one multiply-add and two byte permutes pick x for both rows of a group (no selects, no bit
+  tests), and the sum of x is taken from the words the loop loads (sp24_gemv_words_acc).
 
 The @triton.jit device functions below are self-contained: their source is pasted into the
 Inductor template (lowering/template.py) and they are also called by the eager kernel that the
