@@ -306,6 +306,18 @@ def test_gemv_layout_int8_exact_over_all_256():
     assert rel_err(y, x.double() @ w.double().T) < TOL[torch.bfloat16]
 
 
+def test_gemv_layout_unaligned_or_strided_x():
+    """x is read as 32-bit words: a view at an odd element offset or with a K stride is copied first."""
+    w, x, b = make(24, 256, 1, torch.float32)
+    w, b = w.bfloat16(), b.bfloat16()
+    (values, meta), (vw, mw) = _words(w)
+    big = torch.randn(3, 2 * 256 + 1).bfloat16()
+    for xx in (big[0:1, 1:257], big[1:2, 1:513:2]):
+        assert xx.data_ptr() % 4 or xx.stride(1) != 1
+        ref = sp24_linear(xx.contiguous().clone(), values, meta, b, config=dict(GEMV_WIDE))
+        assert torch.equal(sp24_linear(xx, vw, mw, b, config=dict(GEMV_WORDS)), ref)
+
+
 def test_gemv_layout_other_uses_convert_back():
     """The launcher reads a gemv-layout weight for M > 1 or fp16 x too (converted back)."""
     w, x, b = make(24, 256, 5, torch.float16)

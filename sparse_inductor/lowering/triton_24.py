@@ -525,8 +525,8 @@ def sp24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
         if m != 1 or x.dtype != torch.bfloat16 or (config is not None and not config.get("GEMV")):
             values, meta = from_gemv_layout(values, meta)
             words = False
-        elif x.stride(1) != 1:
-            x = x.contiguous()
+        elif x.stride(1) != 1 or x.data_ptr() % 16:  # read as 32-bit words: unit stride, aligned
+            x = x.clone(memory_format=torch.contiguous_format)
     elif meta.shape != (math.ceil(n / 2), g) or meta.dtype != torch.uint8:
         raise ValueError(f"meta must be uint8 [{math.ceil(n / 2)}, {g}], got {meta.dtype} {tuple(meta.shape)}")
     int8 = values.dtype in (torch.int8, torch.uint8)
@@ -604,7 +604,15 @@ def lower(x, values, meta, *, n: int):
 
         if not (isinstance(m, (int, sympy.Integer)) and int(m) == 1 and x.get_dtype() == torch.bfloat16):
             raise RuntimeError(f"2:4 gemv layout needs a static M of 1 and bf16 x, got M={m}, {x.get_dtype()}")
-        x = ExternKernel.require_contiguous(x)  # the kernel reads x as 32-bit words
+        # the kernel reads x as 32-bit words: unit stride, and aligned (a view at an odd element
+        # offset is not even 4-byte aligned; 16 bytes keep the loads vectorized): else a copy
+        x = ExternKernel.require_contiguous(x)
+        try:
+            offset = x.get_layout().offset
+        except Exception:  # an IR node without a layout here: copy rather than guess
+            offset = None
+        if not (isinstance(offset, (int, sympy.Integer)) and int(offset) % 8 == 0):
+            x = ExternKernel.copy_input(x)
         cfg = pick_config(1, n, 4 * g, True, values.get_dtype() == torch.uint8)
     elif isinstance(m, (int, sympy.Integer)):
         cfg = pick_config(int(m), n, 4 * g)
