@@ -328,8 +328,8 @@ def sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n,
     """sp24_gemv_bytes_acc for the gemv layout (formats/sparse24.py: int32 meta words; int8 values as
     uint8 v + 128) and bf16 x with unit stride along K. Same tiles; x is loaded as 32-bit words
     (x[4g..4g+1], x[4g+2..4g+3]), and per group and row pair a mask, a multiply-add and two byte
-    permutes pick the x of both rows' kept values, with no selects and no bit tests (13 SASS
-    instructions per group and thread for int8, 10.6 for bf16, against 16.9 and 14.5). The sum of x
+    permutes pick the x of both rows' kept values, with no selects and no bit tests (13.1 SASS
+    instructions per group and thread for int8, 11.1 for bf16, against 16.9 and 14.5). The sum of x
     for the non-finite check is taken from the same words in the loop (packed bf16 adds), not by
     a second pass over x."""
     G = K // 4
