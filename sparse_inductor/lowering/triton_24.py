@@ -149,6 +149,31 @@ def sp24_gemv_step(acc, v0, v1, mb, x0, x1, x2, x3, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def sp24_gemv_rows(V, N, G, pid_n, RH: tl.constexpr, RR: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
+                   P: tl.constexpr):
+    """The gemv's tile of rows, laid out [lanes L, warps W, row pairs per warp RR, groups per lane P]:
+    lane [L, 1, 1, 1], the row pair [1, W, RR, 1] (clamped to row pairs < N), the group within the
+    step gl [L, 1, 1, P], and the pointers to the even and the odd rows' first-slot values."""
+    lane = tl.arange(0, L)[:, None, None, None]
+    pair = pid_n * RH + tl.arange(0, RR)[None, None, :, None] * W + tl.arange(0, W)[None, :, None, None]
+    row_e = 2 * pair
+    row_o = row_e + 1
+    row_e = tl.where(row_e < N, row_e, 0)  # clamp: rows past N compute garbage that the store masks out
+    row_o = tl.where(row_o < N, row_o, 0)
+    pair = tl.where(2 * pair < N, pair, 0)
+    gl = lane * P + tl.arange(0, P)[None, None, None, :]
+    return lane, pair, gl, V + row_e * G + gl, V + row_o * G + gl
+
+
+@triton.jit
+def sp24_gemv_out(acc_e, acc_o, RH: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The [L, W, RR, *] accumulators of the even and the odd rows summed to the [BLOCK_N] slice."""
+    out_e = tl.reshape(tl.trans(tl.sum(tl.sum(acc_e, axis=3), axis=0)), (RH,))  # [W, RR] -> pair r * W + w
+    out_o = tl.reshape(tl.trans(tl.sum(tl.sum(acc_o, axis=3), axis=0)), (RH,))
+    return tl.reshape(tl.join(out_e, out_o), (BLOCK_N,))
+
+
+@triton.jit
 def sp24_gemv_bytes_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_G: tl.constexpr,
                   NUM_WARPS: tl.constexpr, PTX: tl.constexpr):
@@ -171,16 +196,7 @@ def sp24_gemv_bytes_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
     H: tl.constexpr = max(4 * P // XB, 1)
     XE: tl.constexpr = 4 * P // H
     WORDS: tl.constexpr = EVEN_G and P % 4 == 0           # meta as 32-bit words (4 groups, aligned)
-    lane = tl.arange(0, L)[:, None, None, None]
-    pair = pid_n * RH + tl.arange(0, RR)[None, None, :, None] * W + tl.arange(0, W)[None, :, None, None]
-    row_e = 2 * pair
-    row_o = row_e + 1
-    row_e = tl.where(row_e < N, row_e, 0)  # clamp: rows past N compute garbage that the store masks out
-    row_o = tl.where(row_o < N, row_o, 0)
-    pair = tl.where(2 * pair < N, pair, 0)
-    gl = lane * P + tl.arange(0, P)[None, None, None, :]  # [L, 1, 1, P]: group within the step
-    ve_ptr = V + row_e * G + gl
-    vo_ptr = V + row_o * G + gl
+    lane, pair, gl, ve_ptr, vo_ptr = sp24_gemv_rows(V, N, G, pid_n, RH, RR, W, L, P)
     meta_ptr = META + pair * G + gl
     if WORDS:
         mw_ptr = META.to(tl.pointer_type(tl.int32)) + pair * (G // 4) + lane * (P // 4) + tl.arange(0, P // 4)[None, None, None, :]
@@ -219,9 +235,7 @@ def sp24_gemv_bytes_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
         # even rows: the low nibble of the meta byte, odd rows: the high one
         acc_e = sp24_gemv_step(acc_e, sp24_to_f32(ve0, PTX), sp24_to_f32(ve1, PTX), mb, x0, x1, x2, x3, 0)
         acc_o = sp24_gemv_step(acc_o, sp24_to_f32(vo0, PTX), sp24_to_f32(vo1, PTX), mb, x0, x1, x2, x3, 4)
-    out_e = tl.reshape(tl.trans(tl.sum(tl.sum(acc_e, axis=3), axis=0)), (RH,))  # [W, RR] -> pair r * W + w
-    out_o = tl.reshape(tl.trans(tl.sum(tl.sum(acc_o, axis=3), axis=0)), (RH,))
-    out = tl.reshape(tl.join(out_e, out_o), (BLOCK_N,))
+    out = sp24_gemv_out(acc_e, acc_o, RH, BLOCK_N)
     # Non-finite x? The sum of x is non-finite iff some x is NaN/Inf (or, harmlessly, on overflow).
     # One pass over x after the main loop (x is in cache), each x once per program rather than once
     # per warp in the loop: packed bf16 adds where x is bf16 (the range of fp32), else fp32.
@@ -342,16 +356,7 @@ def sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n,
     P: tl.constexpr = BLOCK_G // L
     tl.static_assert(P % 4 == 0, "the gemv layout needs BLOCK_G >= 128 (whole meta words per lane)")
     PW: tl.constexpr = P // 4                             # meta words per lane and step
-    lane = tl.arange(0, L)[:, None, None, None]
-    pair = pid_n * RH + tl.arange(0, RR)[None, None, :, None] * W + tl.arange(0, W)[None, :, None, None]
-    row_e = 2 * pair
-    row_o = row_e + 1
-    row_e = tl.where(row_e < N, row_e, 0)  # clamp: rows past N compute garbage that the store masks out
-    row_o = tl.where(row_o < N, row_o, 0)
-    pair = tl.where(2 * pair < N, pair, 0)
-    gl = lane * P + tl.arange(0, P)[None, None, None, :]  # [L, 1, 1, P]: group within the step
-    ve_ptr = V + row_e * G + gl
-    vo_ptr = V + row_o * G + gl
+    lane, pair, gl, ve_ptr, vo_ptr = sp24_gemv_rows(V, N, G, pid_n, RH, RR, W, L, P)
     wl = lane * PW + tl.arange(0, PW)[None, None, None, :]  # [L, 1, 1, PW]: meta word within the step
     mw_ptr = META + pair * (G // 4) + wl
     # x as words, [L, W, H, 4]: 16-byte pieces (a [L, W, 1, 2P] tile would not get the lane's words
@@ -401,9 +406,7 @@ def sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n,
         acc_e, acc_o = sp24_words_step(acc_e, acc_o, e01, e11, o01, o11, (mwu >> 2) & 0x03030303, xa1, xb1, PTX)
         acc_e, acc_o = sp24_words_step(acc_e, acc_o, e02, e12, o02, o12, (mwu >> 4) & 0x03030303, xa2, xb2, PTX)
         acc_e, acc_o = sp24_words_step(acc_e, acc_o, e03, e13, o03, o13, (mwu >> 6) & 0x03030303, xa3, xb3, PTX)
-    out_e = tl.reshape(tl.trans(tl.sum(tl.sum(acc_e, axis=3), axis=0)), (RH,))  # [W, RR] -> pair r * W + w
-    out_o = tl.reshape(tl.trans(tl.sum(tl.sum(acc_o, axis=3), axis=0)), (RH,))
-    out = tl.reshape(tl.join(out_e, out_o), (BLOCK_N,))
+    out = sp24_gemv_out(acc_e, acc_o, RH, BLOCK_N)
     if PTX:
         poison = (poison << 16).to(tl.float32, bitcast=True) + (poison & -65536).to(tl.float32, bitcast=True)
     p = tl.sum(tl.reshape(poison, (L * W * H * 4,)), axis=0)
@@ -425,7 +428,8 @@ def sp24_gemv_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
 
 
 # Sources pasted into the Inductor template, in dependency order.
-DEVICE_FUNCTIONS = (sp24_dot_acc, sp24_to_f32, sp24_gemv_step, sp24_gemv_fixup, sp24_gemv_bytes_acc, sp24_prmt,
+DEVICE_FUNCTIONS = (sp24_dot_acc, sp24_to_f32, sp24_gemv_step, sp24_gemv_fixup, sp24_gemv_rows, sp24_gemv_out,
+                    sp24_gemv_bytes_acc, sp24_prmt,
                     sp24_quarters, sp24_words_step, sp24_gemv_words_acc, sp24_gemv_acc)
 
 
