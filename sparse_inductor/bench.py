@@ -296,6 +296,9 @@ class LlamaMLP(nn.Module):
 
 # backend options for every sparse compile of the e2e section (--options k=v,...)
 E2E_OPTIONS: dict = {}
+# which compiles the e2e section makes (--e2e-modes): "default" (timed as graph replays and as plain
+# calls) and "ro" (mode="reduce-overhead")
+E2E_MODES: set = {"default", "ro"}
 
 
 def _e2e_row(rows, name, model, x, options=None):
@@ -308,29 +311,37 @@ def _e2e_row(rows, name, model, x, options=None):
     options = {**E2E_OPTIONS, **(options or {})} or None
     if E2E_OPTIONS:
         name += " (" + ", ".join(f"{k}={v}" for k, v in E2E_OPTIONS.items()) + ")"
+    t_dense = t_ours = t_dense_eager = t_ours_eager = t_dense_ro = t_ours_ro = None
+    sink, sink_ro, ref, out = [], [], None, None
     with torch.no_grad():
-        torch._dynamo.reset()
-        dense_c = torch.compile(model)
-        t_dense = _bench(_graphed(lambda: dense_c(x)), rep=200)
-        ref = dense_c(x).float()
-        torch._dynamo.reset()
-        with collect() as sink:
-            ours = torch.compile(model, backend="sparse", options=options)
-            out = ours(x).float()
-        t_ours = _bench(_graphed(lambda: ours(x)), rep=200)
-        # default mode, as a user calls the compiled module (host overhead included)
-        t_dense_eager, t_ours_eager = _bench(lambda: dense_c(x), rep=200), _bench(lambda: ours(x), rep=200)
-        dense_c = ours = None  # free the graphs before the next compiles
-        torch._dynamo.reset()
-        dense_ro = torch.compile(model, mode="reduce-overhead")
-        t_dense_ro = _bench(lambda: dense_ro(x), rep=200)
-        dense_ro = None
-        torch._dynamo.reset()
-        with collect() as sink_ro:
-            ours_ro = torch.compile(model, backend="sparse", options={**(options or {}), "mode": "reduce-overhead"})
-            ours_ro(x)
-        t_ours_ro = _bench(lambda: ours_ro(x), rep=200)
-        ours_ro = None
+        if "default" in E2E_MODES:
+            torch._dynamo.reset()
+            dense_c = torch.compile(model)
+            t_dense = _bench(_graphed(lambda: dense_c(x)), rep=200)
+            ref = dense_c(x).float()
+            torch._dynamo.reset()
+            with collect() as sink:
+                ours = torch.compile(model, backend="sparse", options=options)
+                out = ours(x).float()
+            t_ours = _bench(_graphed(lambda: ours(x)), rep=200)
+            # default mode, as a user calls the compiled module (host overhead included)
+            t_dense_eager, t_ours_eager = _bench(lambda: dense_c(x), rep=200), _bench(lambda: ours(x), rep=200)
+            dense_c = ours = None  # free the graphs before the next compiles
+        if "ro" in E2E_MODES:
+            torch._dynamo.reset()
+            dense_ro = torch.compile(model, mode="reduce-overhead")
+            t_dense_ro = _bench(lambda: dense_ro(x), rep=200)
+            if ref is None:
+                ref = dense_ro(x).float()
+            dense_ro = None
+            torch._dynamo.reset()
+            with collect() as sink_ro:
+                ours_ro = torch.compile(model, backend="sparse", options={**(options or {}), "mode": "reduce-overhead"})
+                ours_ro(x)
+            t_ours_ro = _bench(lambda: ours_ro(x), rep=200)
+            if out is None:
+                out = ours_ro(x).float()
+            ours_ro = None
         torch._dynamo.reset()
 
     def used(records):
@@ -342,9 +353,9 @@ def _e2e_row(rows, name, model, x, options=None):
     rows.append(dict(section="e2e", model=name, dense_compile=t_dense, sparse=t_ours, dense_compile_nograph=t_dense_eager,
                      sparse_nograph=t_ours_eager, dense_ro=t_dense_ro, sparse_ro=t_ours_ro, kernels=kernels,
                      kernels_ro=kernels_ro, relerr=relerr))
-    print(f"| {name} | {t_dense:.1f} | {t_ours:.1f} | {t_dense / t_ours:.2f}x | {t_dense_eager:.1f} | {t_ours_eager:.1f} | "
-          f"{t_dense_eager / t_ours_eager:.2f}x | {kernels} | {t_dense_ro:.1f} | {t_ours_ro:.1f} | "
-          f"{t_dense_ro / t_ours_ro:.2f}x | {kernels_ro} | {relerr:.1e} |", flush=True)
+    print(f"| {name} | {_fmt(t_dense)} | {_fmt(t_ours)} | {_ratio(t_dense, t_ours)} | {_fmt(t_dense_eager)} | "
+          f"{_fmt(t_ours_eager)} | {_ratio(t_dense_eager, t_ours_eager)} | {kernels} | {_fmt(t_dense_ro)} | "
+          f"{_fmt(t_ours_ro)} | {_ratio(t_dense_ro, t_ours_ro)} | {kernels_ro} | {relerr:.1e} |", flush=True)
 
 
 def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24")):
@@ -657,10 +668,17 @@ def main(argv=None):
                    help="models of the e2e section: llama (decode), vit (block), llama_prefill, vit24 (2:4 ViT-B, ViT-H)")
     p.add_argument("--quick", action="store_true", help="one small case per section (a smoke test)")
     p.add_argument("--options", default="", help="backend options for the e2e compiles, e.g. nonfinite=fast")
+    p.add_argument("--e2e-modes", default="default,ro",
+                   help="e2e compiles: default (graph replays and plain calls), ro (reduce-overhead)")
+    p.add_argument("--targets", action="store_true",
+                   help="only the cases the issues set targets for (quant 14336x4096 + Llama, cusparselt and "
+                        "int8_act at M=8192, compose core)")
     p.add_argument("--compose-core", action="store_true",
                    help="compose: only 2:4 bf16, int8 dense and int8 + 2:4 (the comparison of the target)")
     args = p.parse_args(argv)
     E2E_OPTIONS.update(kv.split("=", 1) for kv in args.options.split(",") if kv)
+    E2E_MODES.clear()
+    E2E_MODES.update(m.strip() for m in args.e2e_modes.split(",") if m.strip())
     if not torch.cuda.is_available():
         sys.exit("sparse_inductor.bench needs a CUDA GPU")
     print(header())
@@ -669,11 +687,15 @@ def main(argv=None):
              "cusparselt": dict(shapes=[(2048, 4096, 4096)]), "e2e": dict(which=()),
              "quant": dict(shapes=[(1, 4096, 4096)], models=False), "int8_act": dict(shapes=[(2048, 4096, 4096)]),
              "fp8": dict(shapes=[(2048, 4096, 4096)]), "compose": dict(name="vit_base_patch16_224", batch=8)}
+    targets = {"quant": dict(shapes=[(1, 14336, 4096)]), "cusparselt": dict(shapes=[(8192, 14336, 4096), (8192, 4096, 14336)]),
+               "int8_act": dict(shapes=[(8192, 14336, 4096)]), "compose": dict(core=True)}
     for name in args.sections.split(","):
         name = name.strip()
         if name not in SECTIONS:
             sys.exit(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
         kw = quick[name] if args.quick else ({"which": tuple(args.e2e.split(","))} if name == "e2e" else {})
+        if args.targets and not args.quick:
+            kw = {**kw, **targets.get(name, {})}
         if name == "compose" and args.compose_core:
             kw = {**kw, "core": True}
         SECTIONS[name](rows, **kw)
