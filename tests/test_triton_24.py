@@ -267,37 +267,6 @@ def test_gemv_layout_matches_byte_layout_and_fp64(wdtype, n, k, cfg):
     assert rel_err(y, x.double() @ w.double().T + b.double()) < TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("n,int8", [(14336, True), (4096, True), (14336, False), (4096, False)])
-def test_gemv_choices_table_first_and_valid(n, int8):
-    """The configs the lowering offers Inductor's autotuner for the gemv layout: the table's first
-    (kept under config.deterministic), no duplicates, and each one the words kernel can run (whole
-    meta words a lane, two row pairs or more per warp)."""
-    from sparse_inductor.lowering.triton_24 import gemv_choices
-
-    cfgs = gemv_choices(n, int8)
-    assert cfgs[0] == dict(pick_config(1, n, 4096, True, int8), OPAQUE_NK=False)
-    assert len(cfgs) >= 2 and all(cfgs.count(c) == 1 for c in cfgs)
-    for cfg in cfgs:
-        assert cfg["GEMV"] and cfg["BLOCK_G"] >= 128 and cfg["BLOCK_N"] // 2 % cfg["num_warps"] == 0
-    assert any(c["OPAQUE_NK"] for c in cfgs)
-
-
-@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8])
-def test_every_gemv_choice_matches_fp64(wdtype):
-    """Every config the autotuner may keep computes the same function (the launcher drops the
-    template-only OPAQUE_NK): ragged K (a partial step for every BLOCK_G) and a half row pair."""
-    from sparse_inductor.lowering.triton_24 import gemv_choices
-
-    n, k = 37, 2064
-    w, x, b = make(n, k, 1, torch.float32)
-    w = (w * 20).round().clamp(-128, 127).to(torch.int8) if wdtype == torch.int8 else w.bfloat16()
-    x, b = x.bfloat16(), b.bfloat16()
-    _, (vw, mw) = _words(w)
-    ref = x.double() @ w.double().T + b.double()
-    for cfg in gemv_choices(14336, wdtype == torch.int8):
-        assert rel_err(sp24_linear(x, vw, mw, b, config=dict(cfg)), ref) < TOL[torch.bfloat16], cfg
-
-
 @pytest.mark.parametrize("where", ["nan", "inf", "-inf", "huge"])
 def test_gemv_layout_nonfinite_inputs_like_dense(where):
     """A NaN/Inf x meets the skipped zeros: the sum of x taken in the loop (packed bf16 adds under

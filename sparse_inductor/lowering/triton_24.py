@@ -47,7 +47,7 @@ import triton.language as tl
 from .._compat import INTERPRETING
 from ..formats.sparse24 import from_gemv_layout
 
-__all__ = ["sp24_dot_acc", "sp24_gemv_acc", "sp24_linear", "pick_config", "gemv_choices", "GEMV_CHOICES", "DEVICE_FUNCTIONS"]
+__all__ = ["sp24_dot_acc", "sp24_gemv_acc", "sp24_linear", "pick_config", "DEVICE_FUNCTIONS"]
 
 
 @triton.jit
@@ -489,34 +489,6 @@ CONFIGS = {
 }
 
 
-# M = 1 in the gemv layout: the configs the lowering offers Inductor's autotuner besides the table's,
-# each timed as the compiled template on the card at hand. The launcher and the template differ
-# (the template's literal N and K change ptxas's register budget and with it the waves, G4), and
-# the best config differs by card: H200 session 7 (bench/gemv_template.py, us, compiled literal /
-# compiled opaque, launcher): int8 14336x4096 4 rows 1 warp BLOCK_G 512 20.8 / 21.5 (launcher 20.0),
-# 8 rows 2 warps BLOCK_G 256 21.2 / 19.3 (18.6); int8 4096x14336 20.1 / 21.7 and 27.5 / 23.2; bf16
-# 14336x4096 8 rows 2 warps 25.3 / 24.6 (24.2), 4 rows 1 warp 26.8 / 32.9. On the H100 (G4) the
-# table's literal configs were the best compiled ones. OPAQUE_NK: see the template body.
-GEMV_CHOICES = (
-    dict(BLOCK_N=4, BLOCK_G=512, num_warps=1, OPAQUE_NK=False),
-    dict(BLOCK_N=8, BLOCK_G=256, num_warps=2, OPAQUE_NK=False),
-    dict(BLOCK_N=8, BLOCK_G=256, num_warps=2, OPAQUE_NK=True),
-    dict(BLOCK_N=16, BLOCK_G=512, num_warps=4, OPAQUE_NK=False),
-)
-
-
-def gemv_choices(n: int, int8: bool) -> list[dict]:
-    """The table's gemv-layout config first (what Inductor keeps under config.deterministic, which
-    times nothing), then the other GEMV_CHOICES."""
-    table = dict(pick_config(1, n, 4, True, int8), OPAQUE_NK=False)
-    out = [table]
-    for c in GEMV_CHOICES:
-        cfg = dict(table, **c)
-        if cfg not in out:
-            out.append(cfg)
-    return out
-
-
 def pick_config(m: Optional[int], n: int, k: int, words: bool = False, int8: bool = False) -> dict:
     """The launch configuration for an M (None: unknown / dynamic); words: the gemv layout (M = 1),
     int8: its values are int8 (stored as uint8)."""
@@ -569,7 +541,6 @@ def sp24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
     values, meta = values.contiguous(), meta.contiguous()
     cfg = dict(config or pick_config(m, n, k, words, int8))
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    cfg.pop("OPAQUE_NK", None)  # the template's: the launcher's N and K are runtime ints already
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
@@ -593,14 +564,6 @@ _TEMPLATE_BODY = r'''
     N = {{size("V", 1)}}
     stride_xm = {{stride("X", 0)}}
     stride_xk = {{stride("X", 1)}}
-{%- if OPAQUE_NK %}
-    # N, K and x's row stride or-ed with program_id(2), which is 0: values the compiler cannot see,
-    # as in the eager launcher (runtime ints). With them as literals ptxas budgets the gemv fewer
-    # registers and the grid runs in other waves (docs/platform-notes.md, run G4).
-    N = N | tl.program_id(2)
-    K = K | tl.program_id(2)
-    stride_xm = stride_xm | tl.program_id(2)
-{%- endif %}
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -654,28 +617,20 @@ def lower(x, values, meta, *, n: int):
             offset = None
         if not (isinstance(offset, (int, sympy.Integer)) and int(offset) % 8 == 0):
             x = ExternKernel.copy_input(x)
-        # several configs, timed by Inductor as compiled (random example inputs are safe here:
-        # every metadata field the gemv reads is masked to a position 0..3)
-        cfgs = gemv_choices(n, values.get_dtype() == torch.uint8)
+        cfg = pick_config(1, n, 4 * g, True, values.get_dtype() == torch.uint8)
     elif isinstance(m, (int, sympy.Integer)):
-        cfgs = [pick_config(int(m), n, 4 * g)]
+        cfg = pick_config(int(m), n, 4 * g)
     else:  # dynamic M: a tensor-core config that is right for any M, sized by the hint
-        cfgs = [pick_config(max(2, V.graph.sizevars.size_hint(m, fallback=64)), n, 4 * g)]
+        cfg = pick_config(max(2, V.graph.sizevars.size_hint(m, fallback=64)), n, 4 * g)
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     layout = FixedLayout(x.get_device(), x.get_dtype(), [m, n])
     choices: list = []
-    errors = []
-    for cfg in cfgs:
-        cfg = dict(cfg)
-        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        cfg.setdefault("OPAQUE_NK", False)
-        err = template().maybe_append_choice(
-            choices, input_nodes=(x, values, meta), layout=layout, num_stages=num_stages, num_warps=num_warps,
-            EVEN_G=g % cfg["BLOCK_G"] == 0, ALLOW_TF32=allow_tf32(x.get_dtype()), UPCAST=False,
-            NUM_WARPS=num_warps, **cfg)
-        if err is not None:
-            errors.append(err)
-    if not choices:
-        raise RuntimeError(f"2:4 template rejected the layer: {errors}")
+    err = template().maybe_append_choice(
+        choices, input_nodes=(x, values, meta), layout=layout, num_stages=num_stages, num_warps=num_warps,
+        EVEN_G=g % cfg["BLOCK_G"] == 0, ALLOW_TF32=allow_tf32(x.get_dtype()), UPCAST=False,
+        NUM_WARPS=num_warps, **cfg)
+    if err is not None or not choices:
+        raise RuntimeError(f"2:4 template rejected the layer: {err}")
     return autotune_select_algorithm("sparse_inductor_sp24", choices, [x, values, meta], layout)
 
 
