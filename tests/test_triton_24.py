@@ -252,7 +252,11 @@ def _words(w):
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("n,k,cfg", [(16, 512, GEMV_WORDS), (33, 1040, GEMV_WORDS), (7, 256, GEMV_WORDS),
                                      (48, 1024, dict(GEMV_WORDS, BLOCK_N=16, BLOCK_G=256, num_warps=4)),
-                                     (14, 1536, dict(GEMV_WORDS, BLOCK_N=4, BLOCK_G=512, num_warps=1))])
+                                     (14, 1536, dict(GEMV_WORDS, BLOCK_N=4, BLOCK_G=512, num_warps=1)),
+                                     # warps splitting K (KSPLIT): even and ragged K, one row pair a program
+                                     (20, 1024, dict(GEMV_WORDS, BLOCK_N=4, BLOCK_G=128, num_warps=2, KSPLIT=2)),
+                                     (13, 2064, dict(GEMV_WORDS, BLOCK_N=8, BLOCK_G=128, num_warps=4, KSPLIT=2)),
+                                     (5, 2560, dict(GEMV_WORDS, BLOCK_N=2, BLOCK_G=128, num_warps=4, KSPLIT=4))])
 def test_gemv_layout_matches_byte_layout_and_fp64(wdtype, n, k, cfg):
     """Same outputs as the byte layout (the same products in the same order), within bf16 of fp64;
     K = 1040 leaves a partial step (masked loads), N = 33 and 7 a half row pair."""
@@ -267,8 +271,30 @@ def test_gemv_layout_matches_byte_layout_and_fp64(wdtype, n, k, cfg):
     assert rel_err(y, x.double() @ w.double().T + b.double()) < TOL[torch.bfloat16]
 
 
+def test_ksplit_only_for_the_gemv_layout():
+    w, x, _ = make(16, 512, 2, torch.float32)
+    values, meta = compress_24(w.bfloat16())
+    with pytest.raises(ValueError, match="KSPLIT"):
+        sp24_linear(x.bfloat16(), values, meta, config=dict(GEMV_WIDE, KSPLIT=2))
+
+
+def test_device_configs_replace_the_table(monkeypatch):
+    """DEVICE_CONFIGS entries replace the table's for a GPU whose name holds the key; other GPUs,
+    CPU tensors and an unknown device get the table."""
+    from sparse_inductor.lowering import triton_24 as t24
+
+    special = dict(CONFIGS["gemv_words_int8"], BLOCK_G=128)
+    monkeypatch.setitem(t24.DEVICE_CONFIGS, "FAKE GPU", {"gemv_words_int8": special})
+    monkeypatch.setattr(t24, "_device_name", lambda d: {"a": "NVIDIA FAKE GPU X", "b": "NVIDIA H100"}.get(d, ""))
+    assert pick_config(1, 14336, 4096, True, True, device="a") == special
+    assert pick_config(1, 14336, 4096, True, True, device="b") == CONFIGS["gemv_words_int8"]
+    assert pick_config(1, 14336, 4096, True, True) == CONFIGS["gemv_words_int8"]
+    assert pick_config(1, 4096, 4096, True, True, device="a") == CONFIGS["gemv_words_narrow_int8"]
+
+
+@pytest.mark.parametrize("cfg", [dict(GEMV_WORDS), dict(GEMV_WORDS, BLOCK_N=4, num_warps=2, KSPLIT=2)])
 @pytest.mark.parametrize("where", ["nan", "inf", "-inf", "huge"])
-def test_gemv_layout_nonfinite_inputs_like_dense(where):
+def test_gemv_layout_nonfinite_inputs_like_dense(where, cfg):
     """A NaN/Inf x meets the skipped zeros: the sum of x taken in the loop (packed bf16 adds under
     PTX, fp32 here) must catch it; a huge finite x only makes that sum overflow (harmless: the
     exact second pass then finds nothing)."""
@@ -281,7 +307,7 @@ def test_gemv_layout_nonfinite_inputs_like_dense(where):
     w, x = w.bfloat16(), x.bfloat16()
     _, (vw, mw) = _words(w)
     ref = torch.nn.functional.linear(x.double(), w.double())
-    y = sp24_linear(x, vw, mw, config=dict(GEMV_WORDS))
+    y = sp24_linear(x, vw, mw, config=dict(cfg))
     assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
     if where == "huge":
         assert ref.isfinite().all() and rel_err(y, ref) < TOL[torch.bfloat16]
@@ -356,20 +382,24 @@ def test_gemv_layout_round_trip():
 @pytest.mark.gpu
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336), (1000, 528)])
-def test_gpu_gemv_layout(wdtype, n, k):
+@pytest.mark.parametrize("ksplit", [1, 2])
+def test_gpu_gemv_layout(wdtype, n, k, ksplit):
     """The gemv layout on the GPU (inline PTX: byte permutes, packed bf16 sums of x): the byte
-    layout's outputs within bf16 of fp64, and NaN/Inf inputs like dense."""
+    layout's outputs within bf16 of fp64, and NaN/Inf inputs like dense; ksplit 2: the warps
+    splitting K (the H200 table's narrow config), else the table's config."""
     torch.manual_seed(0)
     w = prune_24_(torch.randn(n, k, device="cuda"))
     w = (w * 20).round().clamp(-128, 127).to(torch.int8) if wdtype == torch.int8 else w.bfloat16()
     x = torch.randn(1, k, device="cuda").bfloat16()
     (values, meta), (vw, mw) = _words(w)
+    cfg = None if ksplit == 1 else dict(GEMV=True, BLOCK_M=1, BLOCK_N=8, BLOCK_G=256, num_warps=4, num_stages=2,
+                                        KSPLIT=2)
     ref = x.double() @ w.double().T
-    y = sp24_linear(x, vw, mw)
+    y = sp24_linear(x, vw, mw, config=cfg)
     assert rel_err(y, ref) < TOL[torch.bfloat16]
     assert rel_err(y, sp24_linear(x, values, meta).double()) < 1e-3
     x[0, 7] = math.inf
     x[0, k - 3] = math.nan if k > 1000 else -math.inf
     ref = torch.nn.functional.linear(x.double(), w.double())
-    y = sp24_linear(x, vw, mw)
+    y = sp24_linear(x, vw, mw, config=cfg)
     assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())

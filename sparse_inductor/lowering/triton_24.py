@@ -150,26 +150,40 @@ def sp24_gemv_step(acc, v0, v1, mb, x0, x1, x2, x3, SHIFT: tl.constexpr):
 
 @triton.jit
 def sp24_gemv_rows(V, N, G, pid_n, RH: tl.constexpr, RR: tl.constexpr, W: tl.constexpr, L: tl.constexpr,
-                   P: tl.constexpr):
+                   P: tl.constexpr, KS: tl.constexpr = 1):
     """The gemv's tile of rows, laid out [lanes L, warps W, row pairs per warp RR, groups per lane P]:
     lane [L, 1, 1, 1], the row pair [1, W, RR, 1] (clamped to row pairs < N), the group within the
-    step gl [L, 1, 1, P], and the pointers to the even and the odd rows' first-slot values."""
+    step gl ([L, 1, 1, P]; [L, W, 1, P] for KS > 1), and the pointers to the even and the odd rows'
+    first-slot values. KS > 1 splits K over the warps: W / KS warps along the rows, and warp w takes
+    the (w // (W / KS))-th slice of L * P groups of a step of KS * L * P."""
     lane = tl.arange(0, L)[:, None, None, None]
-    pair = pid_n * RH + tl.arange(0, RR)[None, None, :, None] * W + tl.arange(0, W)[None, :, None, None]
+    if KS == 1:
+        pair = pid_n * RH + tl.arange(0, RR)[None, None, :, None] * W + tl.arange(0, W)[None, :, None, None]
+        gl = lane * P + tl.arange(0, P)[None, None, None, :]
+    else:
+        WR: tl.constexpr = W // KS
+        w = tl.arange(0, W)[None, :, None, None]
+        pair = pid_n * RH + tl.arange(0, RR)[None, None, :, None] * WR + w % WR
+        gl = (w // WR) * (L * P) + lane * P + tl.arange(0, P)[None, None, None, :]
     row_e = 2 * pair
     row_o = row_e + 1
     row_e = tl.where(row_e < N, row_e, 0)  # clamp: rows past N compute garbage that the store masks out
     row_o = tl.where(row_o < N, row_o, 0)
     pair = tl.where(2 * pair < N, pair, 0)
-    gl = lane * P + tl.arange(0, P)[None, None, None, :]
     return lane, pair, gl, V + row_e * G + gl, V + row_o * G + gl
 
 
 @triton.jit
-def sp24_gemv_out(acc_e, acc_o, RH: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The [L, W, RR, *] accumulators of the even and the odd rows summed to the [BLOCK_N] slice."""
-    out_e = tl.reshape(tl.trans(tl.sum(tl.sum(acc_e, axis=3), axis=0)), (RH,))  # [W, RR] -> pair r * W + w
-    out_o = tl.reshape(tl.trans(tl.sum(tl.sum(acc_o, axis=3), axis=0)), (RH,))
+def sp24_gemv_out(acc_e, acc_o, RH: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr = 1):
+    """The [L, W, RR, *] accumulators of the even and the odd rows summed to the [BLOCK_N] slice
+    (with KS > 1, also over the KS warps that split K: warp w = k slice * W / KS + row slot)."""
+    se = tl.sum(tl.sum(acc_e, axis=3), axis=0)  # [W, RR]
+    so = tl.sum(tl.sum(acc_o, axis=3), axis=0)
+    if KS > 1:
+        se = tl.sum(tl.reshape(se, (KS, se.shape[0] // KS, se.shape[1])), axis=0)
+        so = tl.sum(tl.reshape(so, (KS, so.shape[0] // KS, so.shape[1])), axis=0)
+    out_e = tl.reshape(tl.trans(se), (RH,))  # [W / KS, RR] -> pair r * W / KS + w
+    out_o = tl.reshape(tl.trans(so), (RH,))
     return tl.reshape(tl.join(out_e, out_o), (BLOCK_N,))
 
 
@@ -338,26 +352,35 @@ def sp24_words_step(acc_e, acc_o, ve0, ve1, vo0, vo1, s, xa, xb, PTX: tl.constex
 @triton.jit
 def sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n,
                         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_G: tl.constexpr,
-                        NUM_WARPS: tl.constexpr, PTX: tl.constexpr):
+                        NUM_WARPS: tl.constexpr, PTX: tl.constexpr, KSPLIT: tl.constexpr = 1):
     """sp24_gemv_bytes_acc for the gemv layout (formats/sparse24.py: int32 meta words; int8 values as
     uint8 v + 128) and bf16 x with unit stride along K. Same tiles; x is loaded as 32-bit words
     (x[4g..4g+1], x[4g+2..4g+3]), and per group and row pair a mask, a multiply-add and two byte
     permutes pick the x of both rows' kept values, with no selects and no bit tests (13.1 SASS
     instructions per group and thread for int8, 11.1 for bf16, against 16.9 and 14.5). The sum of x
     for the non-finite check is taken from the same words in the loop (packed bf16 adds), not by
-    a second pass over x."""
+    a second pass over x.
+
+    KSPLIT > 1: the warps split K as well as the rows (NUM_WARPS / KSPLIT along the rows; a step is
+    KSPLIT * BLOCK_G groups, warp slices of BLOCK_G): fewer rows a program for the same warps,
+    so a grid with more, shorter programs (a smaller last wave)."""
     G = K // 4
+    STEP: tl.constexpr = KSPLIT * BLOCK_G
     if EVEN_G:
-        G = tl.multiple_of(G, BLOCK_G)
+        G = tl.multiple_of(G, STEP)
     RH: tl.constexpr = BLOCK_N // 2
-    W: tl.constexpr = min(NUM_WARPS, RH)
-    RR: tl.constexpr = RH // W
+    W: tl.constexpr = min(NUM_WARPS, RH) if KSPLIT == 1 else NUM_WARPS
+    RR: tl.constexpr = RH // (W // KSPLIT)
+    tl.static_assert(RR * (W // KSPLIT) == RH, "NUM_WARPS / KSPLIT must divide the row pairs")
     L: tl.constexpr = min(32, BLOCK_G)
     P: tl.constexpr = BLOCK_G // L
     tl.static_assert(P % 4 == 0, "the gemv layout needs BLOCK_G >= 128 (whole meta words per lane)")
     PW: tl.constexpr = P // 4                             # meta words per lane and step
-    lane, pair, gl, ve_ptr, vo_ptr = sp24_gemv_rows(V, N, G, pid_n, RH, RR, W, L, P)
+    lane, pair, gl, ve_ptr, vo_ptr = sp24_gemv_rows(V, N, G, pid_n, RH, RR, W, L, P, KSPLIT)
     wl = lane * PW + tl.arange(0, PW)[None, None, None, :]  # [L, 1, 1, PW]: meta word within the step
+    if KSPLIT > 1:  # the warp's slice of the step, in groups
+        kofs = (tl.arange(0, W)[None, :, None, None] // (W // KSPLIT)) * BLOCK_G
+        wl = wl + kofs // 4
     mw_ptr = META + pair * (G // 4) + wl
     # x as words, [L, W, H, 4]: 16-byte pieces (a [L, W, 1, 2P] tile would not get the lane's words
     # into one thread, and a layout conversion through shared memory would follow); the same
@@ -365,6 +388,8 @@ def sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n,
     H: tl.constexpr = P // 2
     xl = (2 * P * lane + 4 * tl.arange(0, H)[None, None, :, None] + tl.arange(0, 4)[None, None, None, :]
           + 0 * tl.arange(0, W)[None, :, None, None])
+    if KSPLIT > 1:
+        xl = xl + 2 * kofs
     x_ptr = X.to(tl.pointer_type(tl.int32)) + (m * stride_xm) // 2 + xl
     acc_e = tl.zeros((L, W, RR, PW), dtype=tl.float32)
     acc_o = tl.zeros((L, W, RR, PW), dtype=tl.float32)
@@ -372,7 +397,7 @@ def sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n,
         poison = tl.zeros((L, W, H, 4), dtype=tl.int32)  # bf16x2 sums
     else:
         poison = tl.zeros((L, W, H, 4), dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):
+    for g0 in range(0, G, STEP):
         if EVEN_G:
             ve0 = tl.load(ve_ptr + g0, eviction_policy="evict_first")
             ve1 = tl.load(ve_ptr + N * G + g0, eviction_policy="evict_first")
@@ -406,7 +431,7 @@ def sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n,
         acc_e, acc_o = sp24_words_step(acc_e, acc_o, e01, e11, o01, o11, (mwu >> 2) & 0x03030303, xa1, xb1, PTX)
         acc_e, acc_o = sp24_words_step(acc_e, acc_o, e02, e12, o02, o12, (mwu >> 4) & 0x03030303, xa2, xb2, PTX)
         acc_e, acc_o = sp24_words_step(acc_e, acc_o, e03, e13, o03, o13, (mwu >> 6) & 0x03030303, xa3, xb3, PTX)
-    out = sp24_gemv_out(acc_e, acc_o, RH, BLOCK_N)
+    out = sp24_gemv_out(acc_e, acc_o, RH, BLOCK_N, KSPLIT)
     if PTX:
         poison = (poison << 16).to(tl.float32, bitcast=True) + (poison & -65536).to(tl.float32, bitcast=True)
     p = tl.sum(tl.reshape(poison, (L * W * H * 4,)), axis=0)
@@ -416,11 +441,12 @@ def sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n,
 @triton.jit
 def sp24_gemv_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_G: tl.constexpr,
-                  NUM_WARPS: tl.constexpr, PTX: tl.constexpr):
+                  NUM_WARPS: tl.constexpr, PTX: tl.constexpr, KSPLIT: tl.constexpr = 1):
     """fp32 [BLOCK_N] slice of y[m, :] for rows pid_n * BLOCK_N.. of W (CUDA cores), for either
     meta layout: int32 words (the gemv layout; x bf16 with stride_xk 1) or the uint8 bytes."""
     if META.dtype.element_ty == tl.int32:
-        out = sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n, BLOCK_N, BLOCK_G, EVEN_G, NUM_WARPS, PTX)
+        out = sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n, BLOCK_N, BLOCK_G, EVEN_G, NUM_WARPS, PTX,
+                                  KSPLIT)
     else:
         out = sp24_gemv_bytes_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n, BLOCK_N, BLOCK_G, EVEN_G,
                                   NUM_WARPS, PTX)
@@ -438,14 +464,14 @@ def _sp24_linear_kernel(X, V, META, B, Y, M, N, K, stride_xm, stride_xk, stride_
                         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GEMV: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                         EVEN_G: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
-                        NUM_WARPS: tl.constexpr, PTX: tl.constexpr):
+                        NUM_WARPS: tl.constexpr, PTX: tl.constexpr, KSPLIT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if GEMV:
         rm = pid_m + tl.arange(0, 1)
         acc = sp24_gemv_acc(X, V, META, pid_m, N, K, stride_xm, stride_xk, pid_n,
-                            BLOCK_N, BLOCK_G, EVEN_G, NUM_WARPS, PTX)[:, None]
+                            BLOCK_N, BLOCK_G, EVEN_G, NUM_WARPS, PTX, KSPLIT)[:, None]
     else:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         acc = sp24_dot_acc(X, V, META, M, N, K, stride_xm, stride_xk, pid_m, pid_n,
@@ -489,11 +515,44 @@ CONFIGS = {
 }
 
 
-def pick_config(m: Optional[int], n: int, k: int, words: bool = False, int8: bool = False) -> dict:
+# Per-GPU replacements of CONFIGS entries, by a substring of the device name (the first match wins).
+# H200 (session 7, bench/sweep_gemv.py --compiled-top, docs/benchmarks.md run H), weight-only int8,
+# us launcher / compiled: N < 8192 with the warps splitting K (KSPLIT 2: 8 rows, 4 warps, two along
+# the rows and two along K) 17.6 / 17.7 at 4096x14336 and 10.0 / 10.1 at 4096x4096, against the
+# table's 20.9 / 20.0 and 10.9 / 11.2 (a grid of 256 programs of 16 rows ran a short last wave).
+# At 14336x4096 the table's config stays (compiled 20.5; BLOCK_G 256 18.1 as launcher, 20.7
+# compiled). KSPLIT is untried on the H100.
+DEVICE_CONFIGS: dict[str, dict[str, dict]] = {
+    "H200": {
+        "gemv_words_narrow_int8": dict(GEMV=True, BLOCK_M=1, BLOCK_N=8, BLOCK_G=256, num_warps=4, num_stages=2,
+                                       KSPLIT=2),
+    },
+}
+
+
+def _device_name(device) -> str:
+    if device is None or getattr(device, "type", "cuda") != "cuda" or not torch.cuda.is_available():
+        return ""
+    try:
+        return torch.cuda.get_device_name(device)
+    except Exception:  # a device this process cannot query: the default table
+        return ""
+
+
+def _config(key: str, device) -> dict:
+    name = _device_name(device)
+    for sub, table in DEVICE_CONFIGS.items():
+        if sub in name and key in table:
+            return dict(table[key])
+    return dict(CONFIGS[key])
+
+
+def pick_config(m: Optional[int], n: int, k: int, words: bool = False, int8: bool = False, device=None) -> dict:
     """The launch configuration for an M (None: unknown / dynamic); words: the gemv layout (M = 1),
-    int8: its values are int8 (stored as uint8)."""
+    int8: its values are int8 (stored as uint8); device (a torch.device, or None for the default
+    table): the GPU, whose DEVICE_CONFIGS entries replace the table's."""
     if m == 1 and words:
-        return dict(CONFIGS[("gemv_words_narrow_int8" if n < 8192 else "gemv_words_int8") if int8 else "gemv_words"])
+        return _config(("gemv_words_narrow_int8" if n < 8192 else "gemv_words_int8") if int8 else "gemv_words", device)
     if m == 1:
         return dict(CONFIGS["gemv"] if n >= 8192 else CONFIGS["gemv_narrow"])
     if m is not None and m <= 16:
@@ -539,8 +598,11 @@ def sp24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
     if activation not in (None, "relu"):
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     values, meta = values.contiguous(), meta.contiguous()
-    cfg = dict(config or pick_config(m, n, k, words, int8))
+    cfg = dict(config or pick_config(m, n, k, words, int8, device=x.device))
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    cfg.setdefault("KSPLIT", 1)
+    if cfg["KSPLIT"] != 1 and not (words and cfg["GEMV"]):
+        raise ValueError("config KSPLIT > 1 is for the gemv layout's kernel (M = 1, bf16 x) only")
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
@@ -549,7 +611,7 @@ def sp24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
         x, values, meta, bias if bias is not None else x, y, m, n, k,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, ACT=activation or "none",
-        EVEN_G=g % cfg["BLOCK_G"] == 0, ALLOW_TF32=allow_tf32(x.dtype),
+        EVEN_G=g % (cfg["BLOCK_G"] * cfg["KSPLIT"]) == 0, ALLOW_TF32=allow_tf32(x.dtype),
         UPCAST=INTERPRETING, NUM_WARPS=num_warps, PTX=not INTERPRETING,
         num_warps=num_warps, num_stages=num_stages, **cfg)
     return y
@@ -570,7 +632,7 @@ _TEMPLATE_BODY = r'''
 {%- if GEMV %}
     rm = pid_m + tl.arange(0, 1)
     acc = sp24_gemv_acc(X, V, META, pid_m, N, K, stride_xm, stride_xk, pid_n,
-                        BLOCK_N, BLOCK_G, EVEN_G, NUM_WARPS, True)[:, None]
+                        BLOCK_N, BLOCK_G, EVEN_G, NUM_WARPS, True, KSPLIT)[:, None]
 {%- else %}
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = sp24_dot_acc(X, V, META, M, N, K, stride_xm, stride_xk, pid_m, pid_n,
@@ -617,17 +679,18 @@ def lower(x, values, meta, *, n: int):
             offset = None
         if not (isinstance(offset, (int, sympy.Integer)) and int(offset) % 8 == 0):
             x = ExternKernel.copy_input(x)
-        cfg = pick_config(1, n, 4 * g, True, values.get_dtype() == torch.uint8)
+        cfg = pick_config(1, n, 4 * g, True, values.get_dtype() == torch.uint8, device=x.get_device())
     elif isinstance(m, (int, sympy.Integer)):
         cfg = pick_config(int(m), n, 4 * g)
     else:  # dynamic M: a tensor-core config that is right for any M, sized by the hint
         cfg = pick_config(max(2, V.graph.sizevars.size_hint(m, fallback=64)), n, 4 * g)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    cfg.setdefault("KSPLIT", 1)
     layout = FixedLayout(x.get_device(), x.get_dtype(), [m, n])
     choices: list = []
     err = template().maybe_append_choice(
         choices, input_nodes=(x, values, meta), layout=layout, num_stages=num_stages, num_warps=num_warps,
-        EVEN_G=g % cfg["BLOCK_G"] == 0, ALLOW_TF32=allow_tf32(x.get_dtype()), UPCAST=False,
+        EVEN_G=g % (cfg["BLOCK_G"] * cfg["KSPLIT"]) == 0, ALLOW_TF32=allow_tf32(x.get_dtype()), UPCAST=False,
         NUM_WARPS=num_warps, **cfg)
     if err is not None or not choices:
         raise RuntimeError(f"2:4 template rejected the layer: {err}")
