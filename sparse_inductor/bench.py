@@ -656,6 +656,64 @@ def bench_fp8(rows: list, shapes=None):
               f"{_ratio(dense, ft['lib16'])} | {picks[0]} | {picks[1]} |", flush=True)
 
 
+# The open issues' targets, as ratios of this bench's rows (the issues state them for the H100; the
+# summary says what the run's GPU measured against them). (issue, case, section, match, ratio, at least):
+# match: the row's keys and values (an e2e model by its exact name: a run with --options does not count);
+# ratio: (numerator key, denominator key), or "e2e" (the best of the modes measured: graph replays,
+# default-mode calls, reduce-overhead).
+TARGETS = [
+    (4, "block 90% 64x64, 14336x4096, M=1 vs F.linear", "block", dict(M=1, N=14336, K=4096, sparsity=0.9), ("dense", "compiled"), 6.0),
+    (4, "block 90%, M=16", "block", dict(M=16, N=14336, K=4096, sparsity=0.9), ("dense", "compiled"), 6.0),
+    (4, "block 90%, M=8192", "block", dict(M=8192, N=14336, K=4096, sparsity=0.9), ("dense", "compiled"), 3.5),
+    (4, "block 80%, M=16", "block", dict(M=16, N=14336, K=4096, sparsity=0.8), ("dense", "compiled"), 3.0),
+    (4, "block 80%, M=8192", "block", dict(M=8192, N=14336, K=4096, sparsity=0.8), ("dense", "compiled"), 2.5),
+    (4, "ViT-B/16 b64, MLPs 90% blocks, vs dense compile", "e2e",
+     dict(model="ViT-B/16 batch 64, MLP weights 90% zero 64x64 blocks"), "e2e", 1.5),
+    (5, "2:4 cuSPARSELt 8192x14336x4096 vs F.linear", "cusparselt", dict(M=8192, N=14336, K=4096), ("dense", "compiled"), 1.5),
+    (5, "2:4 cuSPARSELt 8192x4096x14336", "cusparselt", dict(M=8192, N=4096, K=14336), ("dense", "compiled"), 1.3),
+    (5, "8 Llama MLP blocks 2:4, prefill 4096", "e2e", dict(model="8 Llama MLP blocks 2:4, prefill 4096 tokens"), "e2e", 1.35),
+    (5, "ViT-B/16 b64, every linear 2:4", "e2e", dict(model="vit_base_patch16_224 batch 64, every linear 2:4"), "e2e", 1.1),
+    (5, "ViT-H/14 b32, every linear 2:4", "e2e", dict(model="vit_huge_patch14_224 batch 32, every linear 2:4"), "e2e", 1.1),
+    (6, "weight-only int8 2:4, 14336x4096, M=1 vs bf16 F.linear", "quant", dict(M=1, N=14336, K=4096), ("dense", "compiled"), 2.5),
+    (6, "8 Llama MLP blocks, int8 weight-only 2:4, decode b1", "quant", dict(model="llama8 int8 woq 2:4 decode b1"),
+     ("dense_compile", "sparse"), 2.2),
+    (6, "int8 activations 2:4, 8192x14336x4096 vs bf16 F.linear", "int8_act", dict(M=8192, N=14336, K=4096),
+     ("bf16_dense", "sparse"), 1.6),
+    (6, "same, vs int8 dense compile", "int8_act", dict(M=8192, N=14336, K=4096), ("int8_dense_compile", "sparse"), 1.5),
+    (6, "ViT-H/14 int8 + 2:4 MLPs vs 2:4 bf16", "compose", dict(model="vit_huge_patch14_224"), ("2:4_bf16", "int8_+_2:4"), 1.0),
+    (6, "ViT-H/14 int8 + 2:4 MLPs vs int8 dense", "compose", dict(model="vit_huge_patch14_224"), ("int8_dense", "int8_+_2:4"), 1.0),
+]
+
+_E2E_MODES = (("graph", "dense_compile", "sparse"), ("default", "dense_compile_nograph", "sparse_nograph"),
+              ("RO", "dense_ro", "sparse_ro"))
+
+
+def target_summary(rows: list) -> str:
+    """A markdown table of the TARGETS this run's rows measured: the ratio, the target, met or not.
+    A compose target ("faster than") needs a ratio above 1."""
+    lines = ["| issue | case | measured | target | met |", "|---|---|---|---|---|"]
+    for issue, name, section, match, ratio, least in TARGETS:
+        row = next((r for r in rows if r.get("section") == section
+                    and all(r.get(k) == v for k, v in match.items())), None)
+        if row is None:
+            continue
+        if ratio == "e2e":
+            got = [(row[d] / row[o], mode) for mode, d, o in _E2E_MODES if row.get(d) and row.get(o)]
+            if not got:
+                continue
+            value, how = max(got)
+            how = f" ({how})"
+        else:
+            num, den = row.get(ratio[0]), row.get(ratio[1])
+            if not num or not den:
+                continue
+            value, how = num / den, ""
+        met = value > least if least == 1.0 else value >= least
+        lines.append(f"| {issue} | {name} | {value:.2f}x{how} | {'>' if least == 1.0 else '>='} {least:.2f}x | "
+                     f"{'yes' if met else 'no'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 SECTIONS = {"linear24": bench_linear24, "block": bench_block, "cusparselt": bench_cusparselt, "e2e": bench_e2e,
             "quant": bench_quant, "int8_act": bench_int8_act, "fp8": bench_fp8, "compose": bench_compose}
 
@@ -699,6 +757,12 @@ def main(argv=None):
         if name == "compose" and args.compose_core:
             kw = {**kw, "core": True}
         SECTIONS[name](rows, **kw)
+    summary = target_summary(rows)
+    if summary:
+        print("\n## The issues' targets (stated for the H100) against this run\n")
+        print(header())
+        print()
+        print(summary, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(header=header(), rows=rows), f, indent=1)
