@@ -2,6 +2,9 @@
 # One device-tool call (under its 10-minute limit) that runs the GPU tests and the per-layer bench
 # sections; whole models go in a second call: bash bench/gpu_session.sh - llama,vit,llama_prefill,vit24
 # Usage (device tool, carry [".whl"]): bash bench/gpu_session.sh [sections|-] [e2e models]
+#        bash bench/gpu_session.sh targets   (no GPU tests: every case the open issues set a target for,
+#        whole models in reduce-overhead mode only, ending with the table of targets against the run;
+#        about 8 minutes on the H200 by the sum of run H's calls, not yet run as one call)
 # Installs the carried wheels (expecttest) and the package, runs the GPU tests, then the bench;
 # logs and JSON go to $OUT (at most 8 files come back, so the tests' code dumps are off).
 set -o pipefail
@@ -11,6 +14,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >/dev/null 2>&1
 OUT_DIR=${OUT:-/tmp}
+if [ "$SECTIONS" = "targets" ]; then
+  timeout 580 python3 -m sparse_inductor.bench --targets --sections block,quant,cusparselt,int8_act,e2e,compose \
+    --e2e llama_prefill,vit,vit24 --e2e-modes ro --json "$OUT_DIR/targets.json" 2>"$OUT_DIR/targets.err" \
+    | tee "$OUT_DIR/targets.md"
+  exit
+fi
 quiet() { grep -v "^DEBUG\|UserWarning\|warn\|^  " "$1" | tail -5; }
 if [ "$SECTIONS" != "-" ]; then
   OUT= timeout 200 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider --tb=short 2>&1 \
