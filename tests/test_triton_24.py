@@ -379,6 +379,97 @@ def test_gemv_layout_round_trip():
         assert torch.equal(decompress_24(vw, mw), w)
 
 
+def _gemv_table_configs():
+    """Every gemv-layout config a GPU may run: the table's and each DEVICE_CONFIGS entry's, with
+    the value dtype its key is for ("..._int8": int8 values, else bf16)."""
+    from sparse_inductor.lowering.triton_24 import DEVICE_CONFIGS
+
+    out = []
+    for where, table in [("table", CONFIGS), *DEVICE_CONFIGS.items()]:
+        for key, cfg in table.items():
+            if key.startswith("gemv_words"):
+                out.append(pytest.param(cfg, torch.int8 if key.endswith("int8") else torch.bfloat16,
+                                        id=f"{where}-{key}"))
+    return out
+
+
+# Compiles every gemv-layout table config for sm_90a without a GPU (Triton and its ptxas), in a
+# subprocess (this one defines kernels for the interpreter): a config that fails to compile on the
+# GPU would make the compiled graph fall back to plain Inductor (correct, slow; run F8).
+_SM90_GEMV = r"""
+import json, os, sys, types
+root = sys.argv[1]
+for name in ("sparse_inductor", "sparse_inductor.lowering"):  # skip the package __init__s
+    mod = types.ModuleType(name)
+    mod.__path__ = [os.path.join(root, *name.split("."))]
+    sys.modules[name] = mod
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sparse_inductor.lowering import triton_24 as t
+k = t._sp24_linear_kernel
+names = k.arg_names
+for where, table in [("table", t.CONFIGS), *t.DEVICE_CONFIGS.items()]:
+    for key, cfg in table.items():
+        if not key.startswith("gemv_words"):
+            continue
+        sig = {n: "constexpr" for n in names}
+        sig.update(X="*bf16", V="*u8" if key.endswith("int8") else "*bf16", META="*i32", B="*bf16", Y="*bf16",
+                   N="i32", K="i32", stride_xm="i32", stride_ym="i32")
+        consts = dict(M=1, stride_xk=1, stride_yn=1, HAS_BIAS=False, ACT="none", GEMV=True, BLOCK_M=1,
+                      BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"], EVEN_G=True, ALLOW_TF32=False, UPCAST=False,
+                      NUM_WARPS=cfg["num_warps"], PTX=True, KSPLIT=cfg.get("KSPLIT", 1))
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("X", "V", "META", "B", "Y", "N", "K",
+                                                                        "stride_xm", "stride_ym")}
+        c = triton.compile(ASTSource(k, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        print(json.dumps(dict(where=where, key=key, shared=c.metadata.shared)))
+"""
+
+
+def test_gemv_table_configs_compile_for_sm90(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sparse_inductor.lowering import triton_24 as t24
+
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("triton without its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    root = str(Path(t24.__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-c", _SM90_GEMV, root], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == len(_gemv_table_configs())
+    for r in rows:
+        assert r["shared"] <= 227 * 1024, r  # a Hopper block's shared memory (opt-in)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg,wdtype", _gemv_table_configs())
+@pytest.mark.parametrize("n,k", [(4096, 14336), (1000, 528)])
+def test_gpu_every_gemv_table_config(cfg, wdtype, n, k):
+    """Every table entry, the per-GPU ones included (whichever GPU runs the test), on the GPU
+    against fp64, NaN/Inf inputs like dense."""
+    torch.manual_seed(1)
+    w = prune_24_(torch.randn(n, k, device="cuda"))
+    w = (w * 20).round().clamp(-128, 127).to(torch.int8) if wdtype == torch.int8 else w.bfloat16()
+    x = torch.randn(1, k, device="cuda").bfloat16()
+    _, (vw, mw) = _words(w)
+    assert rel_err(sp24_linear(x, vw, mw, config=dict(cfg)), x.double() @ w.double().T) < TOL[torch.bfloat16]
+    x[0, 5] = math.nan
+    ref = torch.nn.functional.linear(x.double(), w.double())
+    y = sp24_linear(x, vw, mw, config=dict(cfg))
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336), (1000, 528)])
