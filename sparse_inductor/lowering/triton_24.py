@@ -29,7 +29,11 @@ transposed copy of x, W or y is made):
   The same gemv reads the gemv layout (formats/sparse24.to_gemv_layout: int32 meta words, int8
   values offset-binary), which the dispatcher makes for a static M of 1 with bf16 x: there one
   mask, one multiply-add and two byte permutes pick x for both rows of a group (no selects, no bit
-  tests), and the sum of x is taken from the words the loop loads (sp24_gemv_words_acc).
+  tests), and the sum of x is taken from the words the loop loads (sp24_gemv_words_acc). Its
+  warps may split K as well as the rows (config KSPLIT): more, shorter programs for narrow N.
+
+Launch configs: CONFIGS (by M bucket and shape), with per-GPU replacements in DEVICE_CONFIGS;
+pick_config reads both, for the launcher and the template alike.
 
 The @triton.jit device functions below are self-contained: their source is pasted into the
 Inductor template (lowering/template.py) and they are also called by the eager kernel that the
