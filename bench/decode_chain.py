@@ -21,7 +21,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from sparse_inductor.bench import _bench, _case24, _graphed, _int8_per_channel, header
+from sparse_inductor.bench import _bench, _graphed, _int8_per_channel, header
 from sparse_inductor.formats import compress_24, compress_block, to_gemv_layout
 from sparse_inductor.lowering.triton_24 import sp24_linear
 from sparse_inductor.lowering.triton_block import block_linear

@@ -32,11 +32,7 @@ def grid(words: bool):
         yield dict(GEMV=True, BLOCK_M=1, BLOCK_N=bn, BLOCK_G=bg, num_warps=w, num_stages=2, KSPLIT=ks)
 
 
-VALUES, LAYOUTS = ("bf16", "int8"), ("bytes", "words")
-
-
 def main():
-    global VALUES, LAYOUTS
     import argparse
 
     p = argparse.ArgumentParser()
@@ -46,14 +42,13 @@ def main():
                    help="also time the table's and the N fastest gemv-layout configs compiled (Inductor's template)")
     args = p.parse_args()
     compiled: list = []
-    VALUES, LAYOUTS = tuple(args.values.split(",")), tuple(args.layouts.split(","))
     print(header())
     print("\n| N | K | values | layout | dense F.linear | table us | best configs (us) | best vs dense |")
     print("|---|---|---|---|---|---|---|---|")
     for n, k in ((14336, 4096), (4096, 4096), (4096, 14336)):
         w, x = _case24(1, n, k)
         dense = _bench(_graphed(lambda: F.linear(x, w)))
-        for name, layout in itertools.product(VALUES, LAYOUTS):
+        for name, layout in itertools.product(args.values.split(","), args.layouts.split(",")):
             wv = w if name == "bf16" else _int8_per_channel(w)[0]
             values, meta = compress_24(wv)
             if layout == "words":
@@ -97,11 +92,10 @@ def _compiled_table(cases):
             mod[0].weight.copy_(w)
         if name == "int8":
             _quantize_linears_(mod)
-        key = ("gemv_words_narrow_int8" if n < 8192 else "gemv_words_int8") if name == "int8" else "gemv_words"
+        key = t24.gemv_words_key(n, name == "int8")
         for cfg in cfgs:
-            saved = dict(t24.DEVICE_CONFIGS)
-            t24.DEVICE_CONFIGS.clear()
-            t24.DEVICE_CONFIGS[name_dev] = {key: dict(cfg)}
+            saved = t24.DEVICE_CONFIGS
+            t24.DEVICE_CONFIGS = {name_dev: {key: dict(cfg)}}  # pick_config reads the module's table
             try:
                 with torch.no_grad():
                     torch._dynamo.reset()
@@ -110,8 +104,7 @@ def _compiled_table(cases):
                     ours(x)
                     t = _bench(_graphed(lambda: ours(x)))
             finally:
-                t24.DEVICE_CONFIGS.clear()
-                t24.DEVICE_CONFIGS.update(saved)
+                t24.DEVICE_CONFIGS = saved
             ks = cfg.get("KSPLIT", 1)
             print(f"| {n} | {k} | {name} | {dense:.1f} | n{cfg['BLOCK_N']} g{cfg['BLOCK_G']} w{cfg['num_warps']}"
                   f"{' k' + str(ks) if ks > 1 else ''} | {t:.1f} | {dense / t:.2f}x |", flush=True)

@@ -393,19 +393,8 @@ def _gemv_table_configs():
     return out
 
 
-# Compiles every gemv-layout table config for sm_90a without a GPU (Triton and its ptxas), in a
-# subprocess (this one defines kernels for the interpreter): a config that fails to compile on the
-# GPU would make the compiled graph fall back to plain Inductor (correct, slow; run F8).
+# Every gemv-layout table config, the per-GPU entries included, compiled for sm_90a (tests/sm90.py).
 _SM90_GEMV = r"""
-import json, os, sys, types
-root = sys.argv[1]
-for name in ("sparse_inductor", "sparse_inductor.lowering"):  # skip the package __init__s
-    mod = types.ModuleType(name)
-    mod.__path__ = [os.path.join(root, *name.split("."))]
-    sys.modules[name] = mod
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from sparse_inductor.lowering import triton_24 as t
 k = t._sp24_linear_kernel
 names = k.arg_names
@@ -428,25 +417,9 @@ for where, table in [("table", t.CONFIGS), *t.DEVICE_CONFIGS.items()]:
 
 
 def test_gemv_table_configs_compile_for_sm90(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from sm90 import compile_rows
 
-    from sparse_inductor.lowering import triton_24 as t24
-
-    try:
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError:
-        pytest.skip("triton without its NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    root = str(Path(t24.__file__).resolve().parents[2])
-    proc = subprocess.run([sys.executable, "-c", _SM90_GEMV, root], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    rows = compile_rows(_SM90_GEMV, tmp_path)
     assert len(rows) == len(_gemv_table_configs())
     for r in rows:
         assert r["shared"] <= 227 * 1024, r  # a Hopper block's shared memory (opt-in)

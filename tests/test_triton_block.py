@@ -5,12 +5,7 @@ shapes stay tiny; the `gpu` tests check realistic sizes and every table config o
 """
 import importlib.util
 import inspect
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +13,7 @@ import torch
 from sparse_inductor.formats.block import compress_block
 from sparse_inductor.lowering import triton_block as tb
 from sparse_inductor.lowering.triton_block import BlockLinearConfig, block_linear
+from sm90 import compile_rows
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -340,20 +336,9 @@ def probe_kernel(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, row_order_ptr, y_p
     assert_matches(y, reference(x, w, None), torch.float32)
 
 
-# Compiles every table config for sm_90a (H100) without a GPU: Triton's own compiler and ptxas,
-# in a subprocess because this one defines kernels for the interpreter. Catches what the
-# interpreter cannot: a config that fails to compile, overflows shared memory, or loses the
-# software pipelining of the block loop.
+# Every table config compiled for sm_90a (tests/sm90.py): also that the block loop keeps its
+# software pipelining.
 _SM90_COMPILE = r"""
-import json, os, re, sys, types
-root = sys.argv[1]
-for name in ("sparse_inductor", "sparse_inductor.lowering"):  # skip the package __init__s
-    mod = types.ModuleType(name)
-    mod.__path__ = [os.path.join(root, *name.split("."))]
-    sys.modules[name] = mod
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from sparse_inductor.lowering import triton_block as tb
 kernel = tb._block_linear_kernel
 names = kernel.arg_names
@@ -377,17 +362,7 @@ for tname, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
 
 
 def test_table_configs_compile_for_sm90(tmp_path):
-    try:
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError:
-        pytest.skip("triton without its NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # cold and hermetic
-    root = str(Path(tb.__file__).resolve().parents[2])
-    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE, root], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    rows = compile_rows(_SM90_COMPILE, tmp_path)
     assert len(rows) == 2 * len(tb.CONFIGS)
     for r in rows:
         assert r["shared"] <= 227 * 1024, r  # the H100's shared memory per block (opt-in)

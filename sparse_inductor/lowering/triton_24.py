@@ -551,12 +551,17 @@ def _config(key: str, device) -> dict:
     return dict(CONFIGS[key])
 
 
+def gemv_words_key(n: int, int8: bool) -> str:
+    """The CONFIGS / DEVICE_CONFIGS key of the gemv layout's kernel for N rows and int8 or bf16 values."""
+    return ("gemv_words_narrow_int8" if n < 8192 else "gemv_words_int8") if int8 else "gemv_words"
+
+
 def pick_config(m: Optional[int], n: int, k: int, words: bool = False, int8: bool = False, device=None) -> dict:
     """The launch configuration for an M (None: unknown / dynamic); words: the gemv layout (M = 1),
     int8: its values are int8 (stored as uint8); device (a torch.device, or None for the default
     table): the GPU, whose DEVICE_CONFIGS entries replace the table's."""
     if m == 1 and words:
-        return _config(("gemv_words_narrow_int8" if n < 8192 else "gemv_words_int8") if int8 else "gemv_words", device)
+        return _config(gemv_words_key(n, int8), device)
     if m == 1:
         return dict(CONFIGS["gemv"] if n >= 8192 else CONFIGS["gemv_narrow"])
     if m is not None and m <= 16:
