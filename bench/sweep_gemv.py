@@ -3,9 +3,18 @@
     python bench/sweep_gemv.py
 
 Times `sp24_linear(x, values, meta, config=cfg)` as CUDA-graph replays (do_bench medians, L2
-flushed) at the bench's three shapes and prints, per shape, value dtype and meta layout (bytes,
-or the gemv layout's words: formats/sparse24.to_gemv_layout), dense F.linear, the table's config
-and the five fastest configs (for triton_24.CONFIGS).
+flushed) at the bench's three shapes (--shapes) and prints, per shape, value dtype and meta layout
+(bytes, or the gemv layout's words: formats/sparse24.to_gemv_layout), dense F.linear, the table's
+config and the five fastest configs (for triton_24.CONFIGS).
+
+The launcher's ranking does not carry over to the compiled template: Inductor renders N and K as
+literals, ptxas then gives the same config other register counts, so other programs per SM and
+another number of waves (docs/benchmarks.md G4, I2). --compiled-top N and --compiled-configs time
+configs as the template runs them, and --llama times the fastest compiled int8 ones in 8 Llama
+MLP blocks (decode, batch 1) against the table's.
+
+    python bench/sweep_gemv.py --values int8 --layouts words --shapes 14336x4096,4096x14336 \
+        --compiled-top 1 --compiled-configs "n4 g128 w1; n2 g256 w2 k2" --llama
 """
 from __future__ import annotations
 
@@ -32,6 +41,20 @@ def grid(words: bool):
         yield dict(GEMV=True, BLOCK_M=1, BLOCK_N=bn, BLOCK_G=bg, num_warps=w, num_stages=2, KSPLIT=ks)
 
 
+def parse_label(text: str) -> dict:
+    """label()'s inverse: "n4 g256 w1 s2 k2" -> a gemv config (s2 and k1 by default)."""
+    cfg = dict(GEMV=True, BLOCK_M=1, num_stages=2)
+    keys = {"n": "BLOCK_N", "g": "BLOCK_G", "w": "num_warps", "s": "num_stages", "k": "KSPLIT"}
+    for tok in text.split():
+        cfg[keys[tok[0]]] = int(tok[1:])
+    return cfg
+
+
+def label(c: dict) -> str:
+    ks = c.get("KSPLIT", 1)
+    return f"n{c['BLOCK_N']} g{c['BLOCK_G']} w{c['num_warps']} s{c['num_stages']}{' k' + str(ks) if ks > 1 else ''}"
+
+
 def main():
     import argparse
 
@@ -40,12 +63,18 @@ def main():
     p.add_argument("--layouts", default="bytes,words")
     p.add_argument("--compiled-top", type=int, default=0,
                    help="also time the table's and the N fastest gemv-layout configs compiled (Inductor's template)")
+    p.add_argument("--shapes", default="14336x4096,4096x4096,4096x14336", help="N x K, comma-separated")
+    p.add_argument("--compiled-configs", default="",
+                   help="with --compiled-top: also these configs compiled, ';'-separated labels ('n4 g128 w1; n8 g256 w4 k2')")
+    p.add_argument("--llama", action="store_true",
+                   help="with --compiled-top: 8 Llama MLP blocks, int8 weight-only decode b1, with the table's "
+                        "configs and with the fastest compiled int8 ones, timed twice each, alternating")
     args = p.parse_args()
     compiled: list = []
     print(header())
     print("\n| N | K | values | layout | dense F.linear | table us | best configs (us) | best vs dense |")
     print("|---|---|---|---|---|---|---|---|")
-    for n, k in ((14336, 4096), (4096, 4096), (4096, 14336)):
+    for n, k in (tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")):
         w, x = _case24(1, n, k)
         dense = _bench(_graphed(lambda: F.linear(x, w)))
         for name, layout in itertools.product(args.values.split(","), args.layouts.split(",")):
@@ -63,14 +92,20 @@ def main():
                     continue
                 res.append((t, cfg))
             best = sorted(res, key=lambda r: r[0])[:5]
-            txt = "; ".join(f"n{c['BLOCK_N']} g{c['BLOCK_G']} w{c['num_warps']} s{c['num_stages']}"
-                            f"{' k' + str(c['KSPLIT']) if c.get('KSPLIT', 1) > 1 else ''}: {t:.1f}" for t, c in best)
+            txt = "; ".join(f"{label(c)}: {t:.1f}" for t, c in best)
             print(f"| {n} | {k} | {name} | {layout} | {dense:.1f} | {res[0][0]:.1f} | {txt} | {dense / best[0][0]:.2f}x |",
                   flush=True)
             if args.compiled_top and layout == "words":
-                compiled.append((n, k, name, dense, [table] + [c for _, c in best[:args.compiled_top] if c != table]))
+                extra = [parse_label(t) for t in args.compiled_configs.split(";") if t.strip()]
+                cfgs = [table]
+                for c in [c for _, c in best[:args.compiled_top]] + extra:
+                    if c not in cfgs:
+                        cfgs.append(c)
+                compiled.append((n, k, name, dense, cfgs))
     if compiled:
-        _compiled_table(compiled)
+        best = _compiled_table(compiled)
+        if args.llama:
+            _llama_table(best)
 
 
 def _compiled_table(cases):
@@ -85,6 +120,7 @@ def _compiled_table(cases):
     print("\n| N | K | values | dense F.linear | config | compiled us | vs dense |")
     print("|---|---|---|---|---|---|---|")
     name_dev = torch.cuda.get_device_name()
+    best: dict = {}  # gemv_words_key -> (us, config): the fastest compiled int8 config per table key
     for n, k, name, dense, cfgs in cases:
         w, x = _case24(1, n, k)
         mod = nn.Sequential(nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16))
@@ -105,9 +141,54 @@ def _compiled_table(cases):
                     t = _bench(_graphed(lambda: ours(x)))
             finally:
                 t24.DEVICE_CONFIGS = saved
-            ks = cfg.get("KSPLIT", 1)
-            print(f"| {n} | {k} | {name} | {dense:.1f} | n{cfg['BLOCK_N']} g{cfg['BLOCK_G']} w{cfg['num_warps']}"
-                  f"{' k' + str(ks) if ks > 1 else ''} | {t:.1f} | {dense / t:.2f}x |", flush=True)
+            print(f"| {n} | {k} | {name} | {dense:.1f} | {label(cfg)} | {t:.1f} | {dense / t:.2f}x |", flush=True)
+            if name == "int8" and (key not in best or t < best[key][0]):
+                best[key] = (t, dict(cfg))
+    return best
+
+
+def _llama_table(best: dict) -> None:
+    """8 Llama MLP blocks (bench.LlamaMLP), 2:4, int8 weight-only, decode batch 1: bf16 dense
+    compile vs ours with the table's gemv configs and with `best` ({gemv_words_key: (us, config)})
+    in DEVICE_CONFIGS for this GPU; each compiled and timed twice, alternating."""
+    import torch
+    import torch.nn as nn
+
+    from sparse_inductor.bench import LlamaMLP, _quantize_linears_
+    from sparse_inductor.prune import prune
+
+    dev, dt = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    model = nn.Sequential(*[LlamaMLP() for _ in range(8)]).to(dev, dt).eval()
+    prune(model, "2:4")
+    x = torch.randn(1, 4096, device=dev, dtype=dt)
+    name_dev = torch.cuda.get_device_name()
+    with torch.no_grad():
+        torch._dynamo.reset()
+        dense_c = torch.compile(model)
+        t_dense = _bench(_graphed(lambda: dense_c(x)), rep=200)
+        dense_c = None
+        _quantize_linears_(model)
+        times: dict = {"table": [], "best": []}
+        for _ in range(2):  # compiled and timed at once (a reset frees the previous graph's kernels)
+            for which in times:
+                saved = t24.DEVICE_CONFIGS
+                if which == "best":
+                    t24.DEVICE_CONFIGS = {name_dev: {key: dict(cfg) for key, (_, cfg) in best.items()}}
+                try:
+                    torch._dynamo.reset()
+                    ours = torch.compile(model, backend="sparse", options={"fx_cache": False})
+                    ours(x)
+                    times[which].append(_bench(_graphed(lambda: ours(x)), rep=200))
+                finally:
+                    t24.DEVICE_CONFIGS = saved
+                    ours = None
+    print(f"\n8 Llama MLP blocks, int8 weight-only 2:4, decode b1: bf16 dense compile {t_dense:.1f} us")
+    print("| gemv configs | us (two timings) | vs dense |")
+    print("|---|---|---|")
+    for w, ts in times.items():
+        cfgs = "table" if w == "table" else "; ".join(f"{k}: {label(c)}" for k, (_, c) in best.items())
+        print(f"| {cfgs} | {ts[0]:.1f} / {ts[1]:.1f} | {t_dense / min(ts):.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
