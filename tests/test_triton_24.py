@@ -256,7 +256,10 @@ def _words(w):
                                      # warps splitting K (KSPLIT): even and ragged K, one row pair a program
                                      (20, 1024, dict(GEMV_WORDS, BLOCK_N=4, BLOCK_G=128, num_warps=2, KSPLIT=2)),
                                      (13, 2064, dict(GEMV_WORDS, BLOCK_N=8, BLOCK_G=128, num_warps=4, KSPLIT=2)),
-                                     (5, 2560, dict(GEMV_WORDS, BLOCK_N=2, BLOCK_G=128, num_warps=4, KSPLIT=4))])
+                                     (5, 2560, dict(GEMV_WORDS, BLOCK_N=2, BLOCK_G=128, num_warps=4, KSPLIT=4)),
+                                     # the H200 table's int8 entries (DEVICE_CONFIGS)
+                                     (12, 1024, dict(GEMV_WORDS, BLOCK_N=4, BLOCK_G=128, num_warps=1)),
+                                     (9, 2064, dict(GEMV_WORDS, BLOCK_N=2, BLOCK_G=256, num_warps=2, KSPLIT=2))])
 def test_gemv_layout_matches_byte_layout_and_fp64(wdtype, n, k, cfg):
     """Same outputs as the byte layout (the same products in the same order), within bf16 of fp64;
     K = 1040 leaves a partial step (masked loads), N = 33 and 7 a half row pair."""

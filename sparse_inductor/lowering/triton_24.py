@@ -520,15 +520,23 @@ CONFIGS = {
 
 
 # Per-GPU replacements of CONFIGS entries, by a substring of the device name (the first match wins).
-# H200 (session 7, bench/sweep_gemv.py --compiled-top, docs/benchmarks.md run H), weight-only int8,
-# us launcher / compiled: N < 8192 with the warps splitting K (KSPLIT 2: 8 rows, 4 warps, two along
-# the rows and two along K) 17.6 / 17.7 at 4096x14336 and 10.0 / 10.1 at 4096x4096, against the
-# table's 20.9 / 20.0 and 10.9 / 11.2 (a grid of 256 programs of 16 rows ran a short last wave).
-# At 14336x4096 the table's config stays (compiled 20.5; BLOCK_G 256 18.1 as launcher, 20.7
-# compiled). KSPLIT is untried on the H100.
+# H200, weight-only int8 (docs/benchmarks.md runs H and I; bench/sweep_gemv.py --compiled-configs).
+# The compiled template's register count, not the launcher's, sets the programs per SM and with it
+# the waves: Inductor renders N and K as literals and ptxas then budgets a config differently (4 rows,
+# 1 warp, BLOCK_G 256: 128 registers as launcher, 79 as template: 25 programs per SM, 1.09 waves at
+# N = 14336, compiled 20.5 us where the launcher takes 18.0). Chosen by the template's waves:
+# * N >= 8192: 4 rows, 1 warp, BLOCK_G 128 (63 registers as template, 32 programs per SM: all 3584
+#   programs of N = 14336 in one wave): compiled 18.8 us at 14336x4096 against the table's 20.4.
+# * N < 8192: 2 rows, 2 warps splitting K (KSPLIT 2), BLOCK_G 256 (64 registers, 16 programs per
+#   SM: 0.97 waves at N = 4096): compiled 17.5 us at 4096x14336 (run H's 8 rows, 4 warps, KSPLIT 2:
+#   17.6-17.8; the table's 16 rows, 4 warps: 20.0, a short last wave).
+# Together: 8 Llama MLP blocks, decode b1, 352.2 / 352.6 us against 376.8 / 378.5 with the previous
+# entries (2.20x of dense compile against 2.06x). The H100 has as many SMs (132); these are
+# untried there.
 DEVICE_CONFIGS: dict[str, dict[str, dict]] = {
     "H200": {
-        "gemv_words_narrow_int8": dict(GEMV=True, BLOCK_M=1, BLOCK_N=8, BLOCK_G=256, num_warps=4, num_stages=2,
+        "gemv_words_int8": dict(GEMV=True, BLOCK_M=1, BLOCK_N=4, BLOCK_G=128, num_warps=1, num_stages=2),
+        "gemv_words_narrow_int8": dict(GEMV=True, BLOCK_M=1, BLOCK_N=2, BLOCK_G=256, num_warps=2, num_stages=2,
                                        KSPLIT=2),
     },
 }
