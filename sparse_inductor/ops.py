@@ -22,7 +22,8 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
         _scaled_mm's per-tensor fp32 scales of x and W (one number each, any shape of one element),
         y = scale_a * scale_b * (x @ W^T) + bias with one rounding (the library's scale modes);
         row_check: g [M] fp32, g[m] = sum_k 0 * x[m, k] (NaN for an input row holding a NaN/Inf): those
-        rows of y become NaN, as dense makes them (the library skips the zeros a NaN would meet)
+        rows of y become NaN, as dense makes them (the library skips the zeros a NaN would meet); the
+        rewrite passes it only where no pointwise op follows (else y * (1 + g) in the graph)
 """
 from __future__ import annotations
 

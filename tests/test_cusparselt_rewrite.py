@@ -59,8 +59,11 @@ _sparse_0_wc: "f32[32, 16]" = self._sparse_0_wc
 arg1_1: "f32[32]" = self._frozen_param1
 mul_tensor: "f32[4, 16]" = torch.ops.aten.mul.Tensor(arg2_1, 0)
 sum_dim_int_list: "f32[4]" = torch.ops.aten.sum.dim_IntList(mul_tensor, [1], dtype = torch.float32)
-linear_cslt_default: "f32[4, 32]" = torch.ops.sparse_inductor.linear_cslt.default(arg2_1, _sparse_0_wc, arg1_1, 32, 16, 0, 1, row_check = sum_dim_int_list)
-relu: "f32[4, 32]" = torch.ops.aten.relu.default(linear_cslt_default)
+linear_cslt_default: "f32[4, 32]" = torch.ops.sparse_inductor.linear_cslt.default(arg2_1, _sparse_0_wc, arg1_1, 32, 16, 0, 1)
+add_tensor: "f32[4]" = torch.ops.aten.add.Tensor(sum_dim_int_list, 1)
+unsqueeze_default: "f32[4, 1]" = torch.ops.aten.unsqueeze.default(add_tensor, 1)
+mul_tensor_1: "f32[4, 32]" = torch.ops.aten.mul.Tensor(linear_cslt_default, unsqueeze_default)
+relu: "f32[4, 32]" = torch.ops.aten.relu.default(mul_tensor_1)
 return (relu,)""")
 
     def test_golden_3d_input_views_sink_below_the_relu(self):
@@ -74,14 +77,26 @@ return (relu,)""")
         assert graph.count("aten.reshape") == 2 and graph.index("aten.relu") < graph.rindex("aten.reshape"), graph
 
 
+class FcTimesTwo(Fc):
+    """A pointwise op after the linear that keeps where the outputs are finite (a ReLU would not:
+    ReLU(-Inf) = 0 where ReLU(NaN) = NaN, the documented NaN-vs-Inf split)."""
+
+    def forward(self, x):
+        return self.fc(x) * 2
+
+
+@pytest.mark.parametrize("cls", [Fc, FcTimesTwo], ids=["in-op", "in-graph"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nonfinite_rows_stay_nonfinite(dtype):
-    model = seeded(Fc, k=16, n=32).to(dtype)
+def test_nonfinite_rows_stay_nonfinite(dtype, cls):
+    """Both forms of the row fixup: the op's row_check (the output is the graph's: no pointwise op
+    to fold it into) and y * (1 + g) folded into the pointwise op after it."""
+    model = seeded(cls, k=16, n=32).to(dtype)
     x = torch.randn(5, 16, dtype=dtype)
     x[1, 3] = float("nan")
     x[3, 7] = float("inf")
     torch._dynamo.reset()
     r = run_sparse(model, (x,), options=OPTS)
+    assert ("row_check = " in r.graphs[0]) == (cls is Fc), r.graphs[0]
     out, ref = r.outputs[0], model(x).detach()
     assert torch.equal(out.isfinite(), ref.isfinite())  # rows 1 and 3 wholly non-finite, like dense
     assert torch.equal(out.isnan() | ref.isnan(), out.isnan())  # every dense NaN is a NaN here too

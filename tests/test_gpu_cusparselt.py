@@ -76,8 +76,9 @@ def test_plan_path_inside_cuda_graph():
 
 @pytest.mark.parametrize("m", [64, (4, 16)])
 def test_compiled_linear_bias_relu(m):
-    """The op runs once with the bias fused by cuSPARSELt; the ReLU is one Inductor kernel after it;
-    the non-finite row check's reduction over x is one kernel before it (the op applies it)."""
+    """The op runs once with the bias fused by cuSPARSELt; the ReLU is one Inductor kernel after it,
+    which also applies the non-finite row check (y * (1 + g), no nan_rows_ launch); the check's
+    reduction over x is one kernel before it."""
     model = prepared(LinearBiasReLU(), "2:4")
     x = torch.randn(*(m if isinstance(m, tuple) else (m,)), 256, device="cuda", dtype=torch.bfloat16)
     out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt"})
@@ -90,6 +91,36 @@ def test_compiled_linear_bias_relu(m):
     poi = [d for d in defs if d.startswith("triton_poi_")]
     red = [d for d in defs if d.startswith(("triton_per_", "triton_red_"))]
     assert len(poi) == 1 and "relu" in poi[0] and len(red) == 1 and len(defs) == 2, defs
+    assert "row_check" not in code  # applied in the ReLU's kernel, not by the op
+
+
+class LinearTimesTwo(torch.nn.Module):
+    def __init__(self, k=256, n=512):
+        super().__init__()
+        self.fc = torch.nn.Linear(k, n)
+
+    def forward(self, x):
+        return self.fc(x) * 2
+
+
+@pytest.mark.parametrize("model_cls", [LinearTimesTwo, None], ids=["in-graph", "in-op"])
+def test_compiled_nonfinite_rows_both_forms(model_cls):
+    """A NaN/Inf input row gives a wholly non-finite output row, as dense does: applied in the
+    pointwise kernel after the call (a pointwise use) or by the op (the output is the graph's)."""
+    model = prepared(model_cls() if model_cls else LinearBiasReLU(), "2:4")
+    model = model if model_cls else model.fc
+    x = torch.randn(48, 256, device="cuda", dtype=torch.bfloat16)
+    x[1, 3] = float("nan")
+    x[20, 7] = float("inf")
+    x[47, 0] = -float("inf")
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt"})
+    assert [d.kernel for d in decisions] == ["cusparselt"]
+    assert ("row_check" in code) == (model_cls is None)
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.equal(out.isfinite(), ref.isfinite())
+    fin = ref.isfinite()
+    assert rel_err(out[fin], ref[fin]) < TOL_BF16
 
 
 def test_compiled_gated_mlp_one_epilogue_kernel_per_linear():

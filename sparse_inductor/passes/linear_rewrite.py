@@ -472,15 +472,22 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
     if node.target is aten._int_mm.default and spec.node_args is None:
         raise RuntimeError(f"kernel {kernel!r} cannot compute torch._int_mm")
     floating = x.meta["val"].dtype.is_floating_point  # int8 x cannot hold a NaN/Inf
+    g = None  # the row check, applied in the graph after the op (_nan_rows_in_graph)
     if spec.node_args is not None:
         target, args = spec.node_args(x, cnodes, bias, n, k, params)
-        kwargs = {"row_check": _row_check(x, node)} if spec.row_check and floating and check else {}
+        kwargs = {}
+        if spec.row_check and floating and check:
+            g = _row_check(x, node)
+            if not _pointwise_users(node):
+                kwargs, g = {"row_check": g}, None
     else:
         target, args, kwargs = _pattern_op(det, x, cnodes, bias, n, k, kernel, check)
     with graph.inserting_before(node):
         if product in (None, torch.int32):
             new = graph.call_function(target, args, kwargs)
             new.meta.update(node.meta)
+            if g is not None:
+                new = _nan_rows_in_graph(new, g)
         else:  # torch._int_mm's product rounded, read back as int32 (its uses convert it to float: _int8_product)
             meta = {key: v for key, v in node.meta.items() if key != "eager_input_vals"}
             lib = graph.call_function(target, (*args[:-1], product), kwargs)
@@ -647,9 +654,45 @@ def _template_epilogue(node: fx.Node, depth: int = 16) -> bool:
     return False
 
 
+def _pointwise_users(node: fx.Node, depth: int = 4) -> bool:
+    """Whether every use of `node` is a pointwise op, directly or through reshapes and views (into
+    which Inductor then inlines a pointwise op on `node`: no kernel of its own)."""
+    if not node.users or depth == 0:
+        return False
+    for user in node.users:
+        target = user.target if user.op == "call_function" else None
+        if target in _VIEWS:
+            if not _pointwise_users(user, depth - 1):
+                return False
+        elif not (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags):
+            return False
+    return True
+
+
+def _nan_rows_in_graph(y: fx.Node, g: fx.Node) -> fx.Node:
+    """y * (1 + g)[:, None] in y's dtype: y exactly where g[m] = 0 (a multiplication by one keeps
+    every value, a zero's sign and an Inf), NaN in the rows where g[m] is NaN. The same rows as
+    nan_rows_ (the op's row_check), as a pointwise op that Inductor inlines into the pointwise ops
+    after the library call (a bias, GELU, residual add): no kernel of its own, where nan_rows_ is
+    one more launch per layer. Used where every use of y is pointwise (_pointwise_users)."""
+    graph = y.graph
+    one = factor = graph.call_function(aten.add.Tensor, (g, 1))  # g is fp32
+    if y.meta["val"].dtype != torch.float32:  # 1 and NaN are exact in any float dtype
+        factor = graph.call_function(torch.ops.prims.convert_element_type.default, (one, y.meta["val"].dtype))
+    col = graph.call_function(aten.unsqueeze.default, (factor, 1))
+    out = graph.call_function(aten.mul.Tensor, (y, col))
+    for n in dict.fromkeys((one, factor, col, out)):
+        n.meta["val"] = _compat.fake_eval(n)
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in y.meta:
+                n.meta[key] = y.meta[key]
+    return out
+
+
 def _row_check(x: fx.Node, near: fx.Node) -> fx.Node:
     """g [M] fp32, g[m] = sum_k 0 * x[m, k]: 0 for a finite row, NaN for a row holding a NaN or Inf;
-    the op (linear_cslt, sparse tensor cores) then makes those rows of its output NaN (nan_rows_).
+    those rows of the op's output (linear_cslt, sparse tensor cores) become NaN: in the pointwise
+    ops after it where every use is one (_nan_rows_in_graph), else in the op (nan_rows_).
 
     Dense computes 0 * x for every zero weight, so a non-finite input makes its whole output row
     non-finite; a kernel that skips the zeros would leave the outputs finite where the input meets
