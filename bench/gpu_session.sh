@@ -15,7 +15,7 @@ export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >/dev/null 2>&1
 OUT_DIR=${OUT:-/tmp}
 if [ "$SECTIONS" = "targets" ]; then
-  timeout 580 python3 -m sparse_inductor.bench --targets --sections block,quant,cusparselt,int8_act,e2e,compose \
+  timeout 560 python3 -m sparse_inductor.bench --targets --sections block,quant,cusparselt,int8_act,e2e,compose \
     --e2e llama_prefill,vit,vit24 --e2e-modes ro --json "$OUT_DIR/targets.json" 2>"$OUT_DIR/targets.err" \
     | tee "$OUT_DIR/targets.md"
   exit

@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import json
 import platform
+import signal
 import sys
 from typing import Callable, Optional
 
@@ -747,16 +748,25 @@ def main(argv=None):
              "fp8": dict(shapes=[(2048, 4096, 4096)]), "compose": dict(name="vit_base_patch16_224", batch=8)}
     targets = {"quant": dict(shapes=[(1, 14336, 4096)]), "cusparselt": dict(shapes=[(8192, 14336, 4096), (8192, 4096, 14336)]),
                "int8_act": dict(shapes=[(8192, 14336, 4096)]), "compose": dict(core=True)}
-    for name in args.sections.split(","):
-        name = name.strip()
+    names = [name.strip() for name in args.sections.split(",")]
+    for name in names:
         if name not in SECTIONS:
             sys.exit(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
-        kw = quick[name] if args.quick else ({"which": tuple(args.e2e.split(","))} if name == "e2e" else {})
-        if args.targets and not args.quick:
-            kw = {**kw, **targets.get(name, {})}
-        if name == "compose" and args.compose_core:
-            kw = {**kw, "core": True}
-        SECTIONS[name](rows, **kw)
+
+    def stop(signum, frame):  # e.g. `timeout`: end the section, keep what was measured
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for name in names:
+            kw = quick[name] if args.quick else ({"which": tuple(args.e2e.split(","))} if name == "e2e" else {})
+            if args.targets and not args.quick:
+                kw = {**kw, **targets.get(name, {})}
+            if name == "compose" and args.compose_core:
+                kw = {**kw, "core": True}
+            SECTIONS[name](rows, **kw)
+    except KeyboardInterrupt as e:
+        print(f"\n(stopped by {e} in section {name!r}: the tables below hold what was measured before)", flush=True)
     summary = target_summary(rows)
     if summary:
         print("\n## The issues' targets (stated for the H100) against this run\n")
