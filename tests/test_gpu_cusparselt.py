@@ -251,6 +251,30 @@ class W8A8Mlp(torch.nn.Module):
         return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
 
+class GeluMlp(torch.nn.Module):
+    def __init__(self, d=256, h=2048):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(d, h), torch.nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("mode", ["one-pass", "inductor"])
+def test_row_check_kernel_is_one_pass(mode):
+    """fc2's non-finite row check fuses with the GELU after fc1 (and fc1's row fixup with it): under
+    reductions="one-pass" (default) that kernel is a persistent reduction (`triton_per_`), where
+    Inductor alone loops over the 2048-element row (`triton_red_`)."""
+    model = prepared(GeluMlp(), "2:4")
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt", "fx_cache": False,
+                                                       "reductions": mode})
+    assert [d.kernel for d in decisions] == ["cusparselt", "cusparselt"], [d.line() for d in decisions]
+    gelu = [k for k in kernel_defs(code) if "gelu" in k]
+    assert len(gelu) == 1 and gelu[0].startswith("triton_per_" if mode == "one-pass" else "triton_red_"), gelu
+    assert rel_err(out, fp64(model, x)) < TOL_BF16
+
+
 @pytest.mark.parametrize("mode", ["one-pass", "inductor"])
 def test_quantize_kernel_is_one_pass(mode):
     """options reductions="one-pass" (default): the quantize step of fc2's input is a

@@ -12,15 +12,18 @@ GELU: 148 us (bench/profile_models.py, docs/benchmarks.md F3; still compute-boun
 
 `quantize_reductions()` is the context the backend compiles in (options reductions="one-pass",
 the default): Inductor's own choice, except that an inner reduction whose kernel stores an 8-bit
-tensor (the quantize step) and whose row is at most MAX_ROW elements is made persistent. Every
-other kernel is left to Inductor. Only where Inductor's choices handler is its default one (a
-user's own handler is left alone).
+tensor (the quantize step) or computes a row check (below), and whose row is at most MAX_ROW
+elements, is made persistent. Every other kernel is left to Inductor. Only where Inductor's
+choices handler is its default one (a user's own handler is left alone).
 
-Tried and left out (docs/benchmarks.md run F): the same for the sparse ops' non-finite row checks
-(sum_k 0 * x[m, k], fused with x's producer). On ViT-H with every linear on cuSPARSELt it saved
-0.56 ms of 23.1 ms of kernel time, but mostly by making the LayerNorm kernels the checks fuse
-into persistent, a gain dense compile would get from the same heuristic and not one of sparsity;
-and that call's default-mode timing (69 ms per forward against 27 ms) was not understood.
+The same for the non-finite row checks of the zero-skipping linears (linear_rewrite._row_check:
+sum_k 0 * x[m, k], FX nodes marked meta["sparse_inductor"] = "row_check"). The check fuses with
+x's producer, and where that producer is a pointwise op (the GELU between a cuSPARSELt fc1 and
+fc2) the check turns its kernel into a reduction, which Inductor loops over a row longer than
+1024: on the H200, ViT-B/16 b64 with every linear on cuSPARSELt, the 12 GELU kernels took 1092 us
+against dense's 673 (pointwise) per forward (docs/benchmarks.md run I). Persistent, the kernel
+is a pointwise pass again plus a sum in registers. (Run F had tried this on ViT-H, where it mostly
+made the LayerNorm kernels persistent, and left it out; the GELU kernels are the check's own cost.)
 """
 from __future__ import annotations
 
@@ -47,13 +50,25 @@ def _stores_8bit(features) -> bool:
     return False
 
 
+def _computes_row_check(features) -> bool:
+    """Whether the kernel computes a sparse linear's non-finite row check (the FX nodes it lowers
+    from carry linear_rewrite._row_check's mark)."""
+    for node in features.scheduler_nodes():
+        buf = getattr(node, "node", None)
+        for origin in getattr(buf, "origins", None) or ():
+            meta = getattr(origin, "meta", None)
+            if isinstance(meta, dict) and meta.get("sparse_inductor") == "row_check":
+                return True
+    return False
+
+
 def _choices_class():
     from torch._inductor.choices import InductorChoices
     from torch._inductor.runtime.hints import ReductionHint
     from torch._inductor.virtualized import V
 
     class QuantizeChoices(InductorChoices):
-        """InductorChoices with persistent reductions for the quantize kernels (see the module)."""
+        """InductorChoices with persistent reductions for the quantize and row-check kernels (see the module)."""
 
         @staticmethod
         def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
@@ -61,7 +76,9 @@ def _choices_class():
                 return True
             if cooperative_reduction or not torch._inductor.config.triton.persistent_reductions:
                 return False
-            if features.get_reduction_hint() != ReductionHint.INNER or not _stores_8bit(features):
+            if features.get_reduction_hint() != ReductionHint.INNER:
+                return False
+            if not (_stores_8bit(features) or _computes_row_check(features)):
                 return False
             return V.graph.sizevars.statically_known_leq(features.reduction_numel, MAX_ROW)
 

@@ -708,6 +708,7 @@ def _row_check(x: fx.Node, near: fx.Node) -> fx.Node:
         g = graph.call_function(aten.sum.dim_IntList, (zero, [1]), {"dtype": torch.float32})
     for n in (zero, g):
         n.meta["val"] = _compat.fake_eval(n)
+        n.meta["sparse_inductor"] = "row_check"  # lowering/reductions.py: a one-pass kernel
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in near.meta:
                 n.meta[key] = near.meta[key]
