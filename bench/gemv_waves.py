@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sweep_gemv import grid, label  # noqa: E402
+from sweep_gemv import grid, label, parse_label  # noqa: E402
 
 from sparse_inductor.lowering.triton_24 import sp24_gemv_acc  # noqa: E402
 
@@ -91,11 +91,13 @@ def main(argv=None) -> None:
     p.add_argument("--values", default="int8", choices=("int8", "bf16"))
     p.add_argument("--shapes", default="14336x4096,4096x14336", help="N x K, comma-separated")
     p.add_argument("--sms", type=int, default=132, help="SMs of the GPU (H100 SXM and H200: 132)")
+    p.add_argument("--configs", default="", help="only these, ';'-separated labels ('n4 g128 w1; n2 g256 w2 k2')")
     args = p.parse_args(argv)
+    configs = [parse_label(t) for t in args.configs.split(";") if t.strip()] or list(grid(True))
     print(f"triton {triton.__version__}, sm_90a, {args.sms} SMs, {args.values} values (the GPU machine: triton 3.6.0)")
     for n, k in (tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")):
         rows = []
-        for cfg in grid(True):
+        for cfg in configs:
             regs, shared = resources(cfg, n, k, args.values == "int8")
             per_sm = occupancy(regs, shared, cfg["num_warps"])
             waves = math.ceil(n / cfg["BLOCK_N"]) / (args.sms * per_sm)
