@@ -48,3 +48,30 @@ def test_option_is_checked():
     assert SparseOptions().reductions == "one-pass"
     with pytest.raises(ValueError, match="unknown reductions 'looped'"):
         SparseOptions(reductions="looped")
+
+
+def test_row_check_recognition_never_raises():
+    """The choices handler asks during Inductor's codegen: odd IR must give False, not an error."""
+    import torch.fx as fx
+
+    from sparse_inductor.lowering.reductions import _computes_row_check
+
+    class Node:
+        def __init__(self, origins):
+            self.node = type("Buf", (), {"origins": origins})()
+
+    class Features:
+        def __init__(self, nodes):
+            self._nodes = nodes
+
+        def scheduler_nodes(self):
+            if self._nodes is None:
+                raise RuntimeError("no nodes here")
+            return self._nodes
+
+    g = fx.Graph()
+    marked, plain = g.placeholder("a"), g.placeholder("b")
+    marked.meta["sparse_inductor"] = "row_check"
+    assert _computes_row_check(Features([Node({plain}), Node({marked})]))
+    assert not _computes_row_check(Features([Node({plain}), Node(None), Node({object()})]))
+    assert not _computes_row_check(Features(None))
