@@ -545,11 +545,9 @@ def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node
         new = graph.call_function(op, a, kw)
         if op is target:  # (not the inputs torch._scaled_mm saw: Inductor would constrain ours to them)
             new.meta.update({key: v for key, v in node.meta.items() if key != "eager_input_vals"})
+            new.meta["val"] = _compat.fake_eval(new)
         else:
-            for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-                if key in node.meta:
-                    new.meta[key] = node.meta[key]
-        new.meta["val"] = _compat.fake_eval(new)
+            _derived(new, node)
         return new
 
     with graph.inserting_before(node):
@@ -624,7 +622,7 @@ def _row_check_mode(x: fx.Node, compute: torch.dtype, opts: SparseOptions) -> st
     target = node.target if node.op == "call_function" else None
     if not isinstance(target, torch._ops.OpOverload) or target in _OPS:
         return "separate"
-    if torch.Tag.pointwise in target.tags:
+    if _is_pointwise(target):
         # a pointwise x that only our Triton templates feed becomes their epilogue (a GELU after
         # fc1, the gated product): no kernel of its own that the reduction could join
         return "separate" if _template_epilogue(node) else "fused"
@@ -649,9 +647,21 @@ def _template_epilogue(node: fx.Node, depth: int = 16) -> bool:
             if a.target in _TEMPLATE_OPS and "triton" in a.args:
                 return True
             t = a.target
-            if isinstance(t, torch._ops.OpOverload) and (torch.Tag.pointwise in t.tags or t in _VIEWS):
+            if _is_pointwise(t) or t in _VIEWS:
                 todo.append(a)
     return False
+
+
+def _is_pointwise(target) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+
+
+def _derived(n: fx.Node, near: fx.Node) -> None:
+    """A node the rewrite made: its FakeTensor value, and `near`'s provenance (module stack, trace)."""
+    n.meta["val"] = _compat.fake_eval(n)
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in near.meta:
+            n.meta[key] = near.meta[key]
 
 
 def _pointwise_users(node: fx.Node, depth: int = 4) -> bool:
@@ -664,7 +674,7 @@ def _pointwise_users(node: fx.Node, depth: int = 4) -> bool:
         if target in _VIEWS:
             if not _pointwise_users(user, depth - 1):
                 return False
-        elif not (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags):
+        elif not _is_pointwise(target):
             return False
     return True
 
@@ -682,10 +692,7 @@ def _nan_rows_in_graph(y: fx.Node, g: fx.Node) -> fx.Node:
     col = graph.call_function(aten.unsqueeze.default, (factor, 1))
     out = graph.call_function(aten.mul.Tensor, (y, col))
     for n in dict.fromkeys((one, factor, col, out)):
-        n.meta["val"] = _compat.fake_eval(n)
-        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-            if key in y.meta:
-                n.meta[key] = y.meta[key]
+        _derived(n, y)
     return out
 
 
@@ -707,9 +714,6 @@ def _row_check(x: fx.Node, near: fx.Node) -> fx.Node:
         zero = graph.call_function(aten.mul.Tensor, (x, 0))
         g = graph.call_function(aten.sum.dim_IntList, (zero, [1]), {"dtype": torch.float32})
     for n in (zero, g):
-        n.meta["val"] = _compat.fake_eval(n)
+        _derived(n, near)
         n.meta["sparse_inductor"] = "row_check"  # lowering/reductions.py: a one-pass kernel
-        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-            if key in near.meta:
-                n.meta[key] = near.meta[key]
     return g
