@@ -33,6 +33,9 @@ VARIANTS = {
     "2:4 cusparselt forced": (False, {"backend": "sparse", "options": {"force": True, "kernel": "cusparselt"}}, False),
     "2:4 cusparselt forced, nonfinite fast": (False, {"backend": "sparse", "options": {
         "force": True, "kernel": "cusparselt", "nonfinite": "fast"}}, False),
+    # with --pattern block (the names say what the default pattern does; these are neutral)
+    "sparse": (False, {"backend": "sparse"}, False),
+    "sparse, nonfinite fast": (False, {"backend": "sparse", "options": {"nonfinite": "fast"}}, False),
 }
 
 
@@ -56,7 +59,7 @@ def _profile(fn, iters: int = 3) -> tuple[float, int, list]:
     return sum(r[2] for r in rows), int(sum(r[1] for r in rows)), rows
 
 
-def profile_vit(name: str, batch: int, variants, top: int, prune_all: bool = False) -> None:
+def profile_vit(name: str, batch: int, variants, top: int, prune_all: bool = False, pattern: str = "2:4") -> None:
     import timm
 
     from sparse_inductor.prune import prune
@@ -65,7 +68,8 @@ def profile_vit(name: str, batch: int, variants, top: int, prune_all: bool = Fal
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).to(dev, dt).eval()
     mlp = lambda q: ".mlp." in f".{q}."  # noqa: E731
-    prune(model, "2:4", filter_fn=(lambda m, n: n != "head") if prune_all else (lambda m, n: mlp(n)))
+    how = {"block": 64, "sparsity": 0.9} if pattern == "block" else {}  # the bench's ViT-B block case
+    prune(model, pattern, filter_fn=(lambda m, n: n != "head") if prune_all else (lambda m, n: mlp(n)), **how)
     x = torch.randn(batch, 3, 224, 224, device=dev, dtype=dt)
     quantized = False
     summary = []
@@ -89,7 +93,8 @@ def profile_vit(name: str, batch: int, variants, top: int, prune_all: bool = Fal
         print("| kernel | calls | us per forward |\n|---|---|---|")
         for n, c_, t in rows[:top]:
             print(f"| {n[:90]} | {c_:.0f} | {t:.1f} |")
-    print(f"\n## {name} b{batch}, {'every linear' if prune_all else 'MLP'} 2:4: summary (kernel time per forward, us)\n")
+    what = "2:4" if pattern == "2:4" else "90% zero 64x64 blocks"
+    print(f"\n## {name} b{batch}, {'every linear' if prune_all else 'MLP'} {what}: summary (kernel time per forward, us)\n")
     print("| variant | kernel us | launches | do_bench us (default mode) |\n|---|---|---|---|")
     for v, total, launches, wall in summary:
         print(f"| {v} | {total:.0f} | {launches} | {wall:.0f} |", flush=True)
@@ -137,7 +142,9 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default=";".join(VARIANTS), help=f"semicolon-separated of {list(VARIANTS)}")
     ap.add_argument("--int8-kernels", action="store_true", help="also time cuSPARSELt's int8 kernel by output dtype")
     ap.add_argument("--no-models", action="store_true")
-    ap.add_argument("--prune-all", action="store_true", help="every linear but the head 2:4 (default: the MLPs)")
+    ap.add_argument("--prune-all", action="store_true", help="every linear but the head (default: the MLPs)")
+    ap.add_argument("--pattern", default="2:4", choices=("2:4", "block"),
+                    help="2:4, or block: 90%% zero 64x64 blocks (variants: 'bf16 dense; sparse; sparse, nonfinite fast')")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("profile_models: needs a CUDA GPU")
@@ -145,7 +152,7 @@ def main(argv=None) -> None:
     if a.int8_kernels:
         int8_kernels([(8192, 14336, 4096), (8192, 4096, 14336), (8224, 5120, 1280), (8224, 1280, 5120)])
     if not a.no_models:
-        profile_vit(a.model, a.batch, [v.strip() for v in a.variants.split(";")], a.top, a.prune_all)
+        profile_vit(a.model, a.batch, [v.strip() for v in a.variants.split(";")], a.top, a.prune_all, a.pattern)
 
 
 if __name__ == "__main__":

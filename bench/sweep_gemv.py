@@ -10,8 +10,8 @@ config and the five fastest configs (for triton_24.CONFIGS).
 The launcher's ranking does not carry over to the compiled template: Inductor renders N and K as
 literals, ptxas then gives the same config other register counts, so other programs per SM and
 another number of waves (docs/benchmarks.md G4, I2). --compiled-top N and --compiled-configs time
-configs as the template runs them, and --llama times the fastest compiled int8 ones in 8 Llama
-MLP blocks (decode, batch 1) against the table's.
+configs as the template runs them, and --llama times the fastest compiled ones (per value type in
+--values) in 8 Llama MLP blocks (decode, batch 1) against the table's.
 
     python bench/sweep_gemv.py --values int8 --layouts words --shapes 14336x4096,4096x14336 \
         --compiled-top 1 --compiled-configs "n4 g128 w1; n2 g256 w2 k2" --llama
@@ -67,8 +67,8 @@ def main():
     p.add_argument("--compiled-configs", default="",
                    help="with --compiled-top: also these configs compiled, ';'-separated labels ('n4 g128 w1; n8 g256 w4 k2')")
     p.add_argument("--llama", action="store_true",
-                   help="with --compiled-top: 8 Llama MLP blocks, int8 weight-only decode b1, with the table's "
-                        "configs and with the fastest compiled int8 ones, timed twice each, alternating")
+                   help="with --compiled-top: 8 Llama MLP blocks 2:4, decode b1 (bf16; int8 weight-only), with "
+                        "the table's configs and with the fastest compiled ones, timed twice each, alternating")
     args = p.parse_args()
     compiled: list = []
     print(header())
@@ -120,7 +120,7 @@ def _compiled_table(cases):
     print("\n| N | K | values | dense F.linear | config | compiled us | vs dense |")
     print("|---|---|---|---|---|---|---|")
     name_dev = torch.cuda.get_device_name()
-    best: dict = {}  # gemv_words_key -> (us, config): the fastest compiled int8 config per table key
+    best: dict = {}  # gemv_words_key -> (us, config): the fastest compiled config per table key
     for n, k, name, dense, cfgs in cases:
         w, x = _case24(1, n, k)
         mod = nn.Sequential(nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16))
@@ -142,15 +142,16 @@ def _compiled_table(cases):
             finally:
                 t24.DEVICE_CONFIGS = saved
             print(f"| {n} | {k} | {name} | {dense:.1f} | {label(cfg)} | {t:.1f} | {dense / t:.2f}x |", flush=True)
-            if name == "int8" and (key not in best or t < best[key][0]):
+            if key not in best or t < best[key][0]:
                 best[key] = (t, dict(cfg))
     return best
 
 
 def _llama_table(best: dict) -> None:
-    """8 Llama MLP blocks (bench.LlamaMLP), 2:4, int8 weight-only, decode batch 1: bf16 dense
-    compile vs ours with the table's gemv configs and with `best` ({gemv_words_key: (us, config)})
-    in DEVICE_CONFIGS for this GPU; each compiled and timed twice, alternating."""
+    """8 Llama MLP blocks (bench.LlamaMLP), 2:4, decode batch 1, for each value type `best` has
+    keys for (bf16; int8 weight-only): bf16 dense compile vs ours with the table's gemv configs and
+    with `best` ({gemv_words_key: (us, config)}) in DEVICE_CONFIGS for this GPU; each compiled and
+    timed twice, alternating."""
     import torch
     import torch.nn as nn
 
@@ -158,37 +159,44 @@ def _llama_table(best: dict) -> None:
     from sparse_inductor.prune import prune
 
     dev, dt = "cuda", torch.bfloat16
-    torch.manual_seed(0)
-    model = nn.Sequential(*[LlamaMLP() for _ in range(8)]).to(dev, dt).eval()
-    prune(model, "2:4")
-    x = torch.randn(1, 4096, device=dev, dtype=dt)
     name_dev = torch.cuda.get_device_name()
-    with torch.no_grad():
-        torch._dynamo.reset()
-        dense_c = torch.compile(model)
-        t_dense = _bench(_graphed(lambda: dense_c(x)), rep=200)
-        dense_c = None
-        _quantize_linears_(model)
-        times: dict = {"table": [], "best": []}
-        for _ in range(2):  # compiled and timed at once (a reset frees the previous graph's kernels)
-            for which in times:
-                saved = t24.DEVICE_CONFIGS
-                if which == "best":
-                    t24.DEVICE_CONFIGS = {name_dev: {key: dict(cfg) for key, (_, cfg) in best.items()}}
-                try:
-                    torch._dynamo.reset()
-                    ours = torch.compile(model, backend="sparse", options={"fx_cache": False})
-                    ours(x)
-                    times[which].append(_bench(_graphed(lambda: ours(x)), rep=200))
-                finally:
-                    t24.DEVICE_CONFIGS = saved
-                    ours = None
-    print(f"\n8 Llama MLP blocks, int8 weight-only 2:4, decode b1: bf16 dense compile {t_dense:.1f} us")
-    print("| gemv configs | us (two timings) | vs dense |")
-    print("|---|---|---|")
-    for w, ts in times.items():
-        cfgs = "table" if w == "table" else "; ".join(f"{k}: {label(c)}" for k, (_, c) in best.items())
-        print(f"| {cfgs} | {ts[0]:.1f} / {ts[1]:.1f} | {t_dense / min(ts):.2f}x |", flush=True)
+    x = torch.randn(1, 4096, device=dev, dtype=dt)
+    for int8 in (False, True):
+        mine = {key: v for key, v in best.items() if key.endswith("_int8") == int8}
+        if not mine:
+            continue
+        torch.manual_seed(0)
+        model = nn.Sequential(*[LlamaMLP() for _ in range(8)]).to(dev, dt).eval()
+        prune(model, "2:4")
+        with torch.no_grad():
+            torch._dynamo.reset()
+            dense_c = torch.compile(model)
+            t_dense = _bench(_graphed(lambda: dense_c(x)), rep=200)
+            dense_c = None
+            if int8:
+                _quantize_linears_(model)
+            times: dict = {"table": [], "best": []}
+            for _ in range(2):  # compiled and timed at once (a reset frees the previous graph's kernels)
+                for which in times:
+                    saved = t24.DEVICE_CONFIGS
+                    if which == "best":
+                        t24.DEVICE_CONFIGS = {name_dev: {**saved.get(name_dev, {}),
+                                                         **{key: dict(cfg) for key, (_, cfg) in mine.items()}}}
+                    try:
+                        torch._dynamo.reset()
+                        ours = torch.compile(model, backend="sparse", options={"fx_cache": False})
+                        ours(x)
+                        times[which].append(_bench(_graphed(lambda: ours(x)), rep=200))
+                    finally:
+                        t24.DEVICE_CONFIGS = saved
+                        ours = None
+        what = "int8 weight-only" if int8 else "bf16"
+        print(f"\n8 Llama MLP blocks, {what} 2:4, decode b1: bf16 dense compile {t_dense:.1f} us")
+        print("| gemv configs | us (two timings) | vs dense |")
+        print("|---|---|---|")
+        for w, ts in times.items():
+            cfgs = "table" if w == "table" else "; ".join(f"{k}: {label(c)}" for k, (_, c) in mine.items())
+            print(f"| {cfgs} | {ts[0]:.1f} / {ts[1]:.1f} | {t_dense / min(ts):.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

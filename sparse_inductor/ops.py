@@ -24,6 +24,12 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
         row_check: g [M] fp32, g[m] = sum_k 0 * x[m, k] (NaN for an input row holding a NaN/Inf): those
         rows of y become NaN, as dense makes them (the library skips the zeros a NaN would meet); the
         rewrite passes it only where no pointwise op follows (else y * (1 + g) in the graph)
+    sparse_inductor::row_check(x) -> g [M] fp32
+        g[m] = sum_k 0 * x[m, k]: 0 for a finite row, NaN for a row holding a NaN/Inf; the check
+        above (and linear_block's row_check=) as a kernel of its own, which Inductor fuses nothing
+        into (lowering/row_check.py says when the rewrite uses it)
+    linear_block(..., guard=True, row_check=g): the block kernel takes g from the graph instead of
+        computing it in its lowering (which fuses with x's producer)
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ from torch import Tensor
 
 from .formats import decompress_24, decompress_block
 
-__all__ = ["linear_24", "linear_block", "linear_cslt"]
+__all__ = ["linear_24", "linear_block", "linear_cslt", "row_check"]
 
 
 @torch.library.custom_op("sparse_inductor::linear_24", mutates_args=())
@@ -54,14 +60,14 @@ def _(x, values, meta, bias, kernel):
 @torch.library.custom_op("sparse_inductor::linear_block", mutates_args=())
 def linear_block(
     x: Tensor, blocks: Tensor, row_ptr: Tensor, col_idx: Tensor, row_order: Tensor,
-    bias: Optional[Tensor], n: int, k: int, kernel: str, guard: bool = True,
+    bias: Optional[Tensor], n: int, k: int, kernel: str, guard: bool = True, row_check: Optional[Tensor] = None,
 ) -> Tensor:
     w = decompress_block(blocks, row_ptr, col_idx, n, k).to(x.dtype)  # int8 blocks: their integers
     return F.linear(x, w, bias)
 
 
 @linear_block.register_fake
-def _(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True):
+def _(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True, row_check=None):
     torch._check(x.dim() == 2, lambda: f"linear_block expects a 2-D input, got {x.dim()}-D")
     torch._check(x.shape[1] == k, lambda: "linear_block: K mismatch between x and the weight")
     return x.new_empty(x.shape[0], n)
@@ -92,3 +98,14 @@ def _(x, wc, bias, n, k, alg_id, split_k, out_dtype=None, alpha=None, row_check=
     torch._check(scale_a is None or (scale_a.numel() == 1 and scale_b.numel() == 1),
                  lambda: "linear_cslt: scale_a and scale_b are one number each (per-tensor)")
     return x.new_empty(x.shape[0], n, dtype=out_dtype or x.dtype)
+
+
+@torch.library.custom_op("sparse_inductor::row_check", mutates_args=())
+def row_check(x: Tensor) -> Tensor:
+    return (x * 0).to(torch.float32).sum(-1)
+
+
+@row_check.register_fake
+def _(x):
+    torch._check(x.dim() == 2, lambda: f"row_check expects a 2-D input, got {x.dim()}-D")
+    return x.new_empty(x.shape[0], dtype=torch.float32)

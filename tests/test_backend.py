@@ -331,7 +331,8 @@ addmm: "f32[4, 32]" = torch.ops.aten.addmm.default(arg1_1, arg6_1, permute)
 relu: "f32[4, 32]" = torch.ops.aten.relu.default(addmm)
 linear_24_default: "f32[4, 32]" = torch.ops.sparse_inductor.linear_24.default(relu, _sparse_0_values, _sparse_0_meta, arg3_1, 'reference')
 relu_1: "f32[4, 32]" = torch.ops.aten.relu.default(linear_24_default)
-linear_block_default: "f32[4, 64]" = torch.ops.sparse_inductor.linear_block.default(relu_1, _sparse_1_blocks, _sparse_1_row_ptr, _sparse_1_col_idx, _sparse_1_row_order, arg5_1, 64, 32, 'reference')
+row_check_default: "f32[4]" = torch.ops.sparse_inductor.row_check.default(relu_1)
+linear_block_default: "f32[4, 64]" = torch.ops.sparse_inductor.linear_block.default(relu_1, _sparse_1_blocks, _sparse_1_row_ptr, _sparse_1_col_idx, _sparse_1_row_order, arg5_1, 64, 32, 'reference', row_check = row_check_default)
 return (linear_block_default,)""")
 
 
@@ -342,7 +343,11 @@ return (linear_block_default,)""")
         exact = self.graph(seeded(Mixed), torch.randn(4, 16), n_sparse=2)
         self.assertIn("linear_block.default(relu_1, _sparse_1_blocks, _sparse_1_row_ptr, _sparse_1_col_idx, "
                       "_sparse_1_row_order, arg5_1, 64, 32, 'reference', guard = False)", fast)
-        self.assertEqual(fast.replace(", guard = False", ""), exact)
+        # exact: the check over relu_1 (a pointwise producer) as an op of its own, passed to the block op
+        check = 'row_check_default: "f32[4]" = torch.ops.sparse_inductor.row_check.default(relu_1)\n'
+        self.assertIn(check, exact)
+        self.assertEqual(fast.replace(", guard = False", ""),
+                         exact.replace(check, "").replace(", row_check = row_check_default", ""))
 
 
 class Gated(nn.Module):
@@ -735,7 +740,7 @@ def test_generated_code_calls_the_ops():
     # each op runs the reference kernel, and is an extern call, in the model's order
     calls = re.findall(r"torch\.ops\.sparse_inductor\.(linear_24|linear_block)\.default\((.*)\)\n", r.code)
     assert [c[0] for c in calls] == ["linear_24", "linear_block"] * 3
-    assert all(c[1].endswith("'reference'") for c in calls)
+    assert all(re.search(r"'reference'(, row_check=\w+)?$", c[1]) for c in calls), calls
     # the head stays a dense extern addmm
     FileCheck().check_count("extern_kernels.addmm(", 1, exactly=True).run(r.code)
     # no dense copy of a sparse weight is left among the compiled module's constants: the only

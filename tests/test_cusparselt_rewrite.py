@@ -57,13 +57,12 @@ class TestCusparseltGraph(expecttest.TestCase):
 def forward(self, arg2_1: "f32[4, 16]"):
 _sparse_0_wc: "f32[32, 16]" = self._sparse_0_wc
 arg1_1: "f32[32]" = self._frozen_param1
-mul_tensor: "f32[4, 16]" = torch.ops.aten.mul.Tensor(arg2_1, 0)
-sum_dim_int_list: "f32[4]" = torch.ops.aten.sum.dim_IntList(mul_tensor, [1], dtype = torch.float32)
+row_check_default: "f32[4]" = torch.ops.sparse_inductor.row_check.default(arg2_1)
 linear_cslt_default: "f32[4, 32]" = torch.ops.sparse_inductor.linear_cslt.default(arg2_1, _sparse_0_wc, arg1_1, 32, 16, 0, 1)
-add_tensor: "f32[4]" = torch.ops.aten.add.Tensor(sum_dim_int_list, 1)
+add_tensor: "f32[4]" = torch.ops.aten.add.Tensor(row_check_default, 1)
 unsqueeze_default: "f32[4, 1]" = torch.ops.aten.unsqueeze.default(add_tensor, 1)
-mul_tensor_1: "f32[4, 32]" = torch.ops.aten.mul.Tensor(linear_cslt_default, unsqueeze_default)
-relu: "f32[4, 32]" = torch.ops.aten.relu.default(mul_tensor_1)
+mul_tensor: "f32[4, 32]" = torch.ops.aten.mul.Tensor(linear_cslt_default, unsqueeze_default)
+relu: "f32[4, 32]" = torch.ops.aten.relu.default(mul_tensor)
 return (relu,)""")
 
     def test_golden_3d_input_views_sink_below_the_relu(self):
@@ -281,7 +280,8 @@ def test_bad_nonfinite_option():
 
 @pytest.mark.parametrize("make,want", [
     (lambda x: x.reshape(4, 16), "separate"),  # a graph input: one more read of x
-    (lambda x: torch.relu(x).reshape(4, 16), "fused"),  # a pointwise producer
+    # a pointwise producer: the check would make it a reduction kernel, timed as one more read of x
+    (lambda x: torch.relu(x).reshape(4, 16), "separate"),
     # a norm, as post-grad graphs hold it (decomposed: var_mean, then pointwise ops)
     (lambda x: ((x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, keepdim=True) + 1e-5)).reshape(4, 16),
      "fused"),
@@ -301,13 +301,17 @@ def test_row_check_mode(make, want):
 
 
 @pytest.mark.parametrize("kernel,want", [("triton", "separate"), ("reference", "fused")])
-def test_row_check_mode_after_template(kernel, want):
+def test_row_check_mode_after_template(kernel, want, monkeypatch):
     """A GELU of a Triton template's output is that template's epilogue (no kernel the reduction
-    could join): "separate"; after the reference kernel (an extern call) it is its own kernel."""
+    could join): "separate"; after the reference kernel (an extern call) it is its own pointwise
+    kernel, timed as POINTWISE_PRODUCER_CHECK (set to "fused" here to tell the two apart)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from sparse_inductor.formats import compress_block
+    from sparse_inductor.passes import linear_rewrite
     from sparse_inductor.passes.linear_rewrite import _row_check_mode
+
+    monkeypatch.setattr(linear_rewrite, "POINTWISE_PRODUCER_CHECK", "fused")
 
     w = torch.zeros(32, 16)
     w[:16, :16] = torch.randn(16, 16)

@@ -80,17 +80,53 @@ def test_linear_bias_relu_is_one_kernel(pattern, m):
             f.write(code)
     defs = kernel_defs(code)
     # one kernel for the linear: the template, with bias and ReLU in its store; no extern matmul,
-    # no transpose copy. The block kernel also reads one reduction over x (its non-finite input
-    # check, which Inductor fuses with x's producer when there is one; here x is a graph input).
+    # no transpose copy. The block kernel also reads its non-finite input check over x: here x is a
+    # graph input, so the check is the row-check template (lowering/row_check.py), one read of x.
     tem = [d for d in defs if d.startswith("triton_tem_fused_")]
     others = [d for d in defs if d not in tem]
-    assert len(tem) == 1, defs
-    if pattern == "2:4":
-        assert not others, defs
-    else:
-        assert len(others) == 1 and others[0].startswith(("triton_red_", "triton_per_")), defs
+    assert len(tem) == (1 if pattern == "2:4" else 2) and not others, defs
+    if pattern == "block":
+        assert len(_sources(code, "row_check_acc(X")) == 1
     assert "extern_kernels.mm" not in code and "extern_kernels.addmm" not in code
     torch.testing.FileCheck().check("def triton_tem_fused_").check("maximum").check("tl.store").run(code)
+
+
+def _sources(code, *needles):
+    """The generated Triton kernels' sources (the text between the triple quotes of each
+    async_compile.triton call, not the wrapper code after it) that contain every needle."""
+    kernels = [c.split("'''")[1] for c in code.split("async_compile.triton(")[1:] if c.count("'''") >= 2]
+    return [k for k in kernels if all(n in k for n in needles)]
+
+
+class NormMLP(nn.Module):
+    """A ViT MLP: LayerNorm, fc1, GELU, fc2."""
+
+    def __init__(self, d=256, h=512):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+
+
+def test_block_mlp_keeps_gelu_in_the_template():
+    """Block-sparse fc1 and fc2: fc2's non-finite check reads fc1's GELU output. As Inductor ops it
+    pulled the GELU out of fc1's template into a reduction kernel (run J); as the row-check template
+    the GELU stays fc1's epilogue and the check is one read of x. fc1's own check (its x comes from
+    the LayerNorm) stays an Inductor reduction, fused with the norm. Dense's NaN/Inf pattern holds."""
+    model = prepared(NormMLP(), "block")
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    x[3, 5], x[10, 2] = float("nan"), float("inf")
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton"})
+    assert [d.kernel for d in decisions] == ["triton", "triton"]
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = ref.isfinite().all(dim=1)
+    assert rel_err(out[finite], fp64(model, x)[finite]) < TOL_BF16
+    assert len(_sources(code, "def triton_tem_fused", "block_sparse_acc(X", "erf")) == 1, kernel_defs(code)
+    assert len(_sources(code, "row_check_acc(X")) == 1
+    assert not _sources(code, "def triton_red", "erf") and not _sources(code, "def triton_per", "erf")
 
 
 @pytest.mark.parametrize("m", [1, 32])

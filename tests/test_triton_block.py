@@ -213,6 +213,23 @@ def test_config_table():
     assert len(tb.CONFIGS) == 4 * len(tb.M_BUCKETS)
     # fp32 tiles are twice the bytes: stages trimmed to the shared-memory budget
     assert tb.pick_config(128, 8192, torch.float32).num_stages < tb.CONFIGS[(128, 256)].num_stages
+    # layers with short block rows (few blocks a row) take CONFIGS_SHORT_ROWS' entry where it has one
+    for (b, bucket), cfg in tb.CONFIGS_SHORT_ROWS.items():
+        assert cfg.block_m >= 16 and cfg.block_m & (cfg.block_m - 1) == 0
+        assert tb.pick_config(b, bucket, torch.bfloat16, blocks_per_row=1.2) == cfg
+        assert tb.pick_config(b, bucket, torch.bfloat16, blocks_per_row=tb.SHORT_ROWS) == tb.CONFIGS[(b, bucket)]
+    assert tb.pick_config(16, 8192, torch.bfloat16, blocks_per_row=1.0) == tb.CONFIGS[(16, 256)]  # no entry
+
+
+def test_short_rows_config_runs():
+    """The launcher picks the short-rows config by the weight's blocks a row, and computes right
+    with it (one block row in four holds one block: 0.25 blocks a row)."""
+    b, n, k, m = 64, 4 * 64, 2 * 64, 130
+    block_map = [[1, 0], [0, 0], [0, 0], [0, 0]]
+    w = make_weight(n, k, b, block_map, torch.float16)
+    x, bias = make_x(m, k, torch.float16), make_bias(n, torch.float16)
+    assert tb.pick_config(b, m, torch.float16, 0.25) == tb.CONFIGS_SHORT_ROWS[(b, 256)]
+    assert_matches(run(x, w, bias, b), reference(x, w, bias), torch.float16)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
@@ -343,8 +360,9 @@ from sparse_inductor.lowering import triton_block as tb
 kernel = tb._block_linear_kernel
 names = kernel.arg_names
 for tname, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-    for (b, bucket) in tb.CONFIGS:
-        cfg = tb._fit_stages(tb.CONFIGS[(b, bucket)], b, dtype.itemsize)
+  for table, configs in (("table", tb.CONFIGS), ("short", tb.CONFIGS_SHORT_ROWS)):
+    for (b, bucket) in configs:
+        cfg = tb._fit_stages(configs[(b, bucket)], b, dtype.itemsize)
         sig = {n: "constexpr" for n in names}
         sig.update({n: "*" + tname for n in ("x_ptr", "blocks_ptr", "bias_ptr", "y_ptr")})
         sig.update({n: "*i32" for n in ("row_ptr_ptr", "col_idx_ptr", "row_order_ptr")})
@@ -356,17 +374,17 @@ for tname, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         c = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         bufs = [int(n) for n in re.findall(r"memdesc<(\d+)x\d+x\d+x" + tname, c.asm["ttgir"])]
-        print(json.dumps(dict(dtype=tname, b=b, bucket=bucket, cfg=list(cfg), shared=c.metadata.shared,
+        print(json.dumps(dict(dtype=tname, table=table, b=b, bucket=bucket, cfg=list(cfg), shared=c.metadata.shared,
                               buffers=min(bufs, default=0))))
 """
 
 
 def test_table_configs_compile_for_sm90(tmp_path):
     rows = compile_rows(_SM90_COMPILE, tmp_path)
-    assert len(rows) == 2 * len(tb.CONFIGS)
+    assert len(rows) == 2 * (len(tb.CONFIGS) + len(tb.CONFIGS_SHORT_ROWS))
     for r in rows:
         assert r["shared"] <= 227 * 1024, r  # the H100's shared memory per block (opt-in)
-        if r["dtype"] == "bf16":
+        if r["dtype"] == "bf16" and r["table"] == "table":
             assert r["buffers"] >= 2, r  # the block loop is software-pipelined (prefetch >= 1)
 
 

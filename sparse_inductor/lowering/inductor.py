@@ -45,7 +45,7 @@ def register() -> None:
         def lowering(x, *args, **kwargs):
             weights, rest = args[:n_weight_args], args[n_weight_args:]
             bias, kernel = rest[0], rest[n_rest - 1]
-            options = dict(zip(("guard",), rest[n_rest:]), **kwargs)  # linear_block's guard, if given
+            options = dict(zip(("guard", "row_check"), rest[n_rest:]), **kwargs)  # linear_block's, if given
             fn = table.get((op, kernel))
             if fn is not None and x.get_device() is not None and x.get_device().type == "cuda":
                 try:
@@ -60,7 +60,26 @@ def register() -> None:
         register_lowering(op, type_promotion_kind=None)(lowering)
 
     # linear_24(x, values, meta, bias, kernel)
-    # linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True)
+    # linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True, row_check=None)
     make(torch.ops.sparse_inductor.linear_24.default, 2, lambda w, rest: int(w[0].get_size()[1]), 2)
     make(torch.ops.sparse_inductor.linear_block.default, 4, lambda w, rest: int(rest[1]), 4)
+    register_lowering(torch.ops.sparse_inductor.row_check.default, type_promotion_kind=None)(_row_check_lowering)
     _registered = True
+
+
+def _row_check_lowering(x):
+    """sparse_inductor::row_check: its template on CUDA (lowering/row_check.py); elsewhere, or where
+    the template fails, Inductor's own mul + sum (which may fuse with x's producer)."""
+    from torch._inductor.lowering import lowerings
+
+    from . import row_check
+
+    aten = torch.ops.aten
+    if x.get_device() is not None and x.get_device().type == "cuda":
+        try:
+            return row_check.lower(x)
+        except Exception as e:
+            log.exception("sparse_inductor: row-check template failed to lower")
+            record(f"sparse_inductor: row-check kernel failed to lower ({type(e).__name__}: {e}); "
+                   "Inductor's reduction computes it")
+    return lowerings[aten.sum.dim_IntList](lowerings[aten.mul.Tensor](x, 0.0), [1], False, dtype=torch.float32)

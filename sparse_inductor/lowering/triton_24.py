@@ -509,6 +509,7 @@ CONFIGS = {
     # 24.0-25.1). bf16 values: 8 rows, 2 warps, BLOCK_G 256: 30.8 / 31.6 and 13.8 / 14.6 (bytes
     # 31.1-31.5 / 31.1, 14.6 / 14.7).
     "gemv_words": dict(GEMV=True, BLOCK_M=1, BLOCK_N=8, BLOCK_G=256, num_warps=2, num_stages=2),
+    "gemv_words_narrow": dict(GEMV=True, BLOCK_M=1, BLOCK_N=8, BLOCK_G=256, num_warps=2, num_stages=2),  # N < 8192
     "gemv_words_int8": dict(GEMV=True, BLOCK_M=1, BLOCK_N=4, BLOCK_G=512, num_warps=1, num_stages=2),
     "gemv_words_narrow_int8": dict(GEMV=True, BLOCK_M=1, BLOCK_N=16, BLOCK_G=512, num_warps=4, num_stages=2),
     # M > 1: tensor cores. Best found on the H100 (bf16), still slower than dense: M=16 at
@@ -533,8 +534,15 @@ CONFIGS = {
 # Together: 8 Llama MLP blocks, decode b1, 352.2 / 352.6 us against 376.8 / 378.5 with the previous
 # entries (2.20x of dense compile against 2.06x). The H100 has as many SMs (132); these are
 # untried there.
+# bf16 values, the same two shapes of config (run J, J3; compiled): N >= 8192, 14336x4096: 23.3 us
+# against the table's 8 rows / 2 warps / BLOCK_G 256 at 25.1 (8 rows, 2 warps, BLOCK_G 128: 23.7);
+# N < 8192, 4096x14336: 24.2 against 27.9 (BLOCK_G 128: 24.3; 8 or 16 rows at BLOCK_G 128: 32-33).
+# 8 Llama MLP blocks, bf16 2:4, decode b1: 455.5 / 455.4 us against 522.8 / 522.4 (1.72x of dense
+# compile against 1.50x).
 DEVICE_CONFIGS: dict[str, dict[str, dict]] = {
     "H200": {
+        "gemv_words": dict(GEMV=True, BLOCK_M=1, BLOCK_N=4, BLOCK_G=128, num_warps=1, num_stages=2),
+        "gemv_words_narrow": dict(GEMV=True, BLOCK_M=1, BLOCK_N=2, BLOCK_G=256, num_warps=2, num_stages=2, KSPLIT=2),
         "gemv_words_int8": dict(GEMV=True, BLOCK_M=1, BLOCK_N=4, BLOCK_G=128, num_warps=1, num_stages=2),
         "gemv_words_narrow_int8": dict(GEMV=True, BLOCK_M=1, BLOCK_N=2, BLOCK_G=256, num_warps=2, num_stages=2,
                                        KSPLIT=2),
@@ -561,7 +569,7 @@ def _config(key: str, device) -> dict:
 
 def gemv_words_key(n: int, int8: bool) -> str:
     """The CONFIGS / DEVICE_CONFIGS key of the gemv layout's kernel for N rows and int8 or bf16 values."""
-    return ("gemv_words_narrow_int8" if n < 8192 else "gemv_words_int8") if int8 else "gemv_words"
+    return ("gemv_words_narrow" if n < 8192 else "gemv_words") + ("_int8" if int8 else "")
 
 
 def pick_config(m: Optional[int], n: int, k: int, words: bool = False, int8: bool = False, device=None) -> dict:

@@ -285,6 +285,20 @@ CONFIGS: dict[tuple[int, int], BlockLinearConfig] = {
     (128, 256): BlockLinearConfig(128, 8, 3),
 }
 
+# Layers whose block rows hold few blocks (mean < SHORT_ROWS blocks a row), by (block size, M
+# bucket): each program does one or two steps, so prefetch stages only cost shared memory and
+# occupancy, and the epilogue (a GELU: erf per output) is much of the work; smaller M tiles give
+# more programs a wave. H200, ViT-B's fc1 (3072x768, M = 12608, 90% zero: 1.2 blocks a row) with
+# its GELU, compiled (bench/sweep_block.py --compiled --act gelu, docs/benchmarks.md J2): the
+# table's BLOCK_M 128 / 4 warps / 3 stages 91.4 us, 2 stages 88.6, 1 stage 86.6; BLOCK_M 64 / 4
+# warps / 2 stages 82.8, 1 stage 79.5 (dense compile 143.2). fc2 (768x3072, 4.8 blocks a row) is
+# fastest with the table's (33.1 us; BLOCK_M 64 / 2 stages 35.0).
+SHORT_ROWS = 2.0
+CONFIGS_SHORT_ROWS: dict[tuple[int, int], BlockLinearConfig] = {
+    (64, 128): BlockLinearConfig(64, 4, 1),
+    (64, 256): BlockLinearConfig(64, 4, 1),
+}
+
 # Shared memory the pipelined loads may use (H100: 227 KiB a block), counted as num_stages whole
 # stages (conservative: mma.sync uses one fewer); the rest is left for layout conversions and the
 # epilogue. A guess until measured.
@@ -305,9 +319,13 @@ def _fit_stages(cfg: BlockLinearConfig, b: int, elem_size: int) -> BlockLinearCo
     return cfg._replace(num_stages=stages)
 
 
-def pick_config(b: int, m: int, dtype: torch.dtype) -> BlockLinearConfig:
-    """The table's config for block size b and M, with stages trimmed to fit dtype's tiles."""
-    return _fit_stages(CONFIGS[(b, m_bucket(m))], b, dtype.itemsize)
+def pick_config(b: int, m: int, dtype: torch.dtype, blocks_per_row: Optional[float] = None) -> BlockLinearConfig:
+    """The table's config for block size b and M, with stages trimmed to fit dtype's tiles;
+    blocks_per_row (nonzero blocks / block rows): below SHORT_ROWS, CONFIGS_SHORT_ROWS' entry where
+    it has one."""
+    key = (b, m_bucket(m))
+    short = blocks_per_row is not None and blocks_per_row < SHORT_ROWS and key in CONFIGS_SHORT_ROWS
+    return _fit_stages(CONFIGS_SHORT_ROWS[key] if short else CONFIGS[key], b, dtype.itemsize)
 
 
 def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
@@ -378,7 +396,7 @@ def block_linear(
     if m == 0 or n == 0:
         return y
     if config is None:
-        config = pick_config(b, m, x.dtype)
+        config = pick_config(b, m, x.dtype, blocks.shape[0] / max(row_order.numel(), 1))
     _check(config.block_m >= 16 and config.block_m & (config.block_m - 1) == 0,
            f"config.block_m must be a power of two >= 16, got {config.block_m}")
     bn = config.block_n or b
@@ -459,14 +477,15 @@ def template(guard: bool = True):
     return get_template(name, lambda: template_source(DEVICE_FUNCTIONS, _template_body(guard)), _grid())
 
 
-def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True):
+def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True, row_check=None):
     """Inductor lowering of sparse_inductor::linear_block (without bias) to the template; one
     choice, so that Inductor fuses what follows into the store.
 
-    The non-finite row check g (see nonfinite_rows) is built from Inductor ops here, so the
-    reduction over x may fuse with whatever produces x (a norm, a pointwise kernel; not a template's
-    epilogue: after another template it is one more read of x). guard=False (the op's, under
-    options nonfinite="fast") leaves it out."""
+    The non-finite row check g (see nonfinite_rows): the op's row_check where the graph computes it
+    (sparse_inductor::row_check, a kernel of its own: linear_rewrite passes it where x's producer is
+    not a reduction), else built from Inductor ops here, so that the reduction over x fuses with
+    whatever produces x (a norm). guard=False (the op's, under options nonfinite="fast") leaves it
+    out."""
     import sympy
     from torch._inductor.ir import FixedLayout
     from torch._inductor.lowering import lowerings
@@ -476,12 +495,14 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True)
     aten = torch.ops.aten
     m = x.get_size()[0]
     b = int(blocks.get_size()[-1])
-    g = (lowerings[aten.sum.dim_IntList](lowerings[aten.mul.Tensor](x, 0.0), [1], False, dtype=torch.float32),) \
-        if guard else ()
+    g = () if not guard else (row_check,) if row_check is not None else \
+        (lowerings[aten.sum.dim_IntList](lowerings[aten.mul.Tensor](x, 0.0), [1], False, dtype=torch.float32),)
     inputs = tuple(realize_inputs(x, blocks, row_ptr, col_idx, row_order, *g))
     x = inputs[0]
     m_hint = int(m) if isinstance(m, (int, sympy.Integer)) else V.graph.sizevars.size_hint(m, fallback=64)
-    cfg = pick_config(b, m_hint, x.get_dtype())
+    nnzb, n_rows = blocks.get_size()[0], row_order.get_size()[0]
+    per_row = int(nnzb) / max(int(n_rows), 1) if all(isinstance(v, (int, sympy.Integer)) for v in (nnzb, n_rows)) else None
+    cfg = pick_config(b, m_hint, x.get_dtype(), per_row)
     layout = FixedLayout(x.get_device(), x.get_dtype(), [m, n])
     choices: list = []
     err = template(guard).maybe_append_choice(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import re
 from typing import Any, Optional
 
@@ -417,7 +418,7 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             fmt = _fmt(spec, det, layer)
             cnodes = consts.nodes((key, fmt), tensors(spec), node)
             out = _replace(site, det, spec, cnodes, choice.kernel, choice.params, n, k,
-                           check=layer.row_check != "none", product=layer.product)
+                           check=layer.row_check, product=layer.product)
             pieces = _split(out, site, det, spec, choice.kernel, w, layer, consts, key) if spec.split_outputs else None
             if pieces:
                 consts.drop_unused((key, fmt))
@@ -463,7 +464,9 @@ def _int8_product(node: fx.Node, opts: SparseOptions) -> torch.dtype:
 
 
 def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[fx.Node, ...], kernel: str,
-             params: dict, n: int, k: int, check: bool = True, product: Optional[torch.dtype] = None) -> fx.Node:
+             params: dict, n: int, k: int, check: str = "fused", product: Optional[torch.dtype] = None) -> fx.Node:
+    """The matmul `site.node` replaced by the chosen kernel's op; check: the non-finite row check's
+    mode (_row_check_mode: "none", "fused", "separate"), for the kernels that need one."""
     node, graph = site.node, site.node.graph
     if node.target is aten._scaled_mm.default:
         return _replace_scaled_mm(site, spec, cnodes, params, n, k)
@@ -476,12 +479,13 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
     if spec.node_args is not None:
         target, args = spec.node_args(x, cnodes, bias, n, k, params)
         kwargs = {}
-        if spec.row_check and floating and check:
-            g = _row_check(x, node)
+        if spec.row_check and floating and check != "none":
+            g = _row_check(x, node, check)
             if not _pointwise_users(node):
                 kwargs, g = {"row_check": g}, None
     else:
-        target, args, kwargs = _pattern_op(det, x, cnodes, bias, n, k, kernel, check)
+        g_block = _row_check(x, node, check) if det.pattern == "block" and check == "separate" else None
+        target, args, kwargs = _pattern_op(det, x, cnodes, bias, n, k, kernel, check != "none", g_block)
     with graph.inserting_before(node):
         if product in (None, torch.int32):
             new = graph.call_function(target, args, kwargs)
@@ -571,14 +575,15 @@ def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node
 
 
 def _pattern_op(det: Detection, x: fx.Node, cnodes: tuple, bias: Any, n: int, k: int, kernel: str,
-                check: bool = True) -> tuple:
+                check: bool = True, g: Optional[fx.Node] = None) -> tuple:
     """(target, args, kwargs) of the pattern's own op: sparse_inductor::linear_24 / linear_block.
     check=False (options nonfinite="fast"): linear_block(..., guard=False), its kernel without the
-    non-finite row check (the 2:4 kernels multiply the zeros, or check inside: nothing to drop)."""
+    non-finite row check (the 2:4 kernels multiply the zeros, or check inside: nothing to drop);
+    g: the check computed in the graph (sparse_inductor::row_check), linear_block's row_check=."""
     if det.pattern == "2:4":
         return torch.ops.sparse_inductor.linear_24.default, (x, *cnodes, bias, kernel), {}
-    return (torch.ops.sparse_inductor.linear_block.default, (x, *cnodes, bias, n, k, kernel),
-            {} if check else {"guard": False})
+    kwargs = {"guard": False} if not check else {"row_check": g} if g is not None else {}
+    return torch.ops.sparse_inductor.linear_block.default, (x, *cnodes, bias, n, k, kernel), kwargs
 
 
 def _split(out: fx.Node, site: LinearSite, det: Detection, spec: KernelSpec, kernel: str, w: torch.Tensor,
@@ -598,7 +603,8 @@ def _split(out: fx.Node, site: LinearSite, det: Detection, spec: KernelSpec, ker
         piece, piece_layer = w[a:b], dataclasses.replace(layer, n=b - a)
         t = spec.compress(piece.detach(), piece_layer) if spec.compress else _compress(det, piece)
         cnodes = consts.nodes((key, _fmt(spec, det, piece_layer), a, b), t, out)
-        return _pattern_op(det, x, cnodes, piece_bias, b - a, k, kernel, out.kwargs.get("guard", True))
+        return _pattern_op(det, x, cnodes, piece_bias, b - a, k, kernel, out.kwargs.get("guard", True),
+                           out.kwargs.get("row_check"))
 
     return split_op(out, pieces, bias, make)
 
@@ -607,13 +613,22 @@ _VIEWS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, at
           aten.unsqueeze.default}
 
 
+# How a row check over x that Inductor fuses into x's *pointwise* producer (a GELU, the gated product)
+# is timed. It is not free: the producer becomes a reduction kernel, which on the H200 ran ViT-B's
+# GELU + check 27-35 us a layer slower than the GELU alone (docs/benchmarks.md I4), more than a
+# separate pass over x costs (~20 us). So it is timed as "separate"; "fused" (free, as before
+# run J) stays for bench/ab_rules.py to compare against.
+POINTWISE_PRODUCER_CHECK = "separate"
+
+
 def _row_check_mode(x: fx.Node, compute: torch.dtype, opts: SparseOptions) -> str:
-    """How the non-finite row check of a zero-skipping kernel (cuSPARSELt) costs, for its timing:
-    "none" (int8 / fp8 inputs, which have their own handling, or options nonfinite="fast"),
-    "fused" where x comes from an Inductor pointwise or reduction kernel (a GELU, a norm, the
-    gated product), which the reduction over x joins (Inductor fuses a reduction with its
-    pointwise producer), "separate" otherwise (a graph input, an extern kernel's output, e.g.
-    attention), where it is one more read of x."""
+    """How the non-finite row check of a zero-skipping kernel (cuSPARSELt, the block template)
+    costs, for its timing: "none" (int8 / fp8 inputs, which have their own handling, or options
+    nonfinite="fast"); "fused" where x comes from an Inductor reduction kernel (a norm), which the
+    reduction over x joins at little cost; POINTWISE_PRODUCER_CHECK where x comes from an Inductor
+    pointwise kernel (which the check turns into a reduction); "separate" otherwise (a graph input,
+    an extern kernel's output, e.g. attention, a pointwise epilogue of our templates), where it is
+    one more read of x."""
     if opts.nonfinite != "exact" or not compute.is_floating_point or compute.itemsize == 1:
         return "none"
     node = x
@@ -622,21 +637,29 @@ def _row_check_mode(x: fx.Node, compute: torch.dtype, opts: SparseOptions) -> st
     target = node.target if node.op == "call_function" else None
     if not isinstance(target, torch._ops.OpOverload) or target in _OPS:
         return "separate"
-    if _is_pointwise(target):
-        # a pointwise x that only our Triton templates feed becomes their epilogue (a GELU after
-        # fc1, the gated product): no kernel of its own that the reduction could join
-        return "separate" if _template_epilogue(node) else "fused"
-    return "fused" if target in _FUSABLE_REDUCTIONS else "separate"
+    if target in _FUSABLE_REDUCTIONS:
+        return "fused"
+    if not _is_pointwise(target):
+        return "separate"
+    sources = _pointwise_sources(node)
+    # a pointwise x that only our Triton templates feed becomes their epilogue (a GELU after
+    # fc1, the gated product): no kernel of its own that the reduction could join
+    if any(a.target in _TEMPLATE_OPS and "triton" in a.args for a in sources):
+        return "separate"
+    # a norm (a reduction, then pointwise ops in the same kernel): the check joins a reduction
+    if any(a.target in _FUSABLE_REDUCTIONS for a in sources):
+        return "fused"
+    return POINTWISE_PRODUCER_CHECK
 
 
 _FUSABLE_REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.var_mean.correction}
 _TEMPLATE_OPS = _OPS[:2]  # linear_24 / linear_block: Triton templates when their kernel is "triton"
 
 
-def _template_epilogue(node: fx.Node, depth: int = 16) -> bool:
-    """Whether the pointwise `node` reads, through pointwise ops only, the output of one of our Triton
-    templates (so Inductor fuses it into that template's store)."""
-    seen, todo = set(), [node]
+def _pointwise_sources(node: fx.Node, depth: int = 16) -> list[fx.Node]:
+    """The call_function nodes that the pointwise `node` reads through pointwise ops, views and
+    getitem only (the kernels that Inductor fuses it with, or that it is an epilogue of)."""
+    seen, todo, out = set(), [node], []
     while todo and depth > 0:
         depth -= 1
         cur = todo.pop()
@@ -644,12 +667,11 @@ def _template_epilogue(node: fx.Node, depth: int = 16) -> bool:
             if a in seen or a.op != "call_function":
                 continue
             seen.add(a)
-            if a.target in _TEMPLATE_OPS and "triton" in a.args:
-                return True
-            t = a.target
-            if _is_pointwise(t) or t in _VIEWS:
+            if _is_pointwise(a.target) or a.target in _VIEWS or a.target is operator.getitem:
                 todo.append(a)
-    return False
+            else:
+                out.append(a)
+    return out
 
 
 def _is_pointwise(target) -> bool:
@@ -696,24 +718,32 @@ def _nan_rows_in_graph(y: fx.Node, g: fx.Node) -> fx.Node:
     return out
 
 
-def _row_check(x: fx.Node, near: fx.Node) -> fx.Node:
+def _row_check(x: fx.Node, near: fx.Node, mode: str = "fused") -> fx.Node:
     """g [M] fp32, g[m] = sum_k 0 * x[m, k]: 0 for a finite row, NaN for a row holding a NaN or Inf;
     those rows of the op's output (linear_cslt, sparse tensor cores) become NaN: in the pointwise
-    ops after it where every use is one (_nan_rows_in_graph), else in the op (nan_rows_).
+    ops after it where every use is one (_nan_rows_in_graph), else in the op (nan_rows_). The block
+    kernel takes g as its row_check (where the check is "separate") and finds the exact positions.
 
     Dense computes 0 * x for every zero weight, so a non-finite input makes its whole output row
     non-finite; a kernel that skips the zeros would leave the outputs finite where the input meets
     only zeros. With the check every output of such a row is NaN (dense has +-Inf at some of them:
     the non-finite positions match dense, the NaN-vs-Inf split does not, so an activation after it
-    can differ: ReLU(-Inf) = 0 where ReLU(NaN) = NaN). The reduction is an Inductor kernel (it can
-    fuse with x's producer); the op writes only the rows concerned, so a finite input costs one
-    small kernel after the library call and no pass over y.
+    can differ: ReLU(-Inf) = 0 where ReLU(NaN) = NaN). The op writes only the rows concerned, so a
+    finite input costs one small kernel after the library call and no pass over y.
+
+    mode (_row_check_mode) "fused": Inductor ops (mul, sum), which fuse with x's producer, a norm;
+    "separate": sparse_inductor::row_check, a kernel of its own that fuses nothing in, so that a
+    pointwise producer keeps its kernel, or stays the epilogue of the template it is
+    (lowering/row_check.py).
     """
     graph = x.graph
     with graph.inserting_before(near):
-        zero = graph.call_function(aten.mul.Tensor, (x, 0))
-        g = graph.call_function(aten.sum.dim_IntList, (zero, [1]), {"dtype": torch.float32})
-    for n in (zero, g):
+        if mode == "separate":
+            made = (g := graph.call_function(torch.ops.sparse_inductor.row_check.default, (x,))),
+        else:
+            zero = graph.call_function(aten.mul.Tensor, (x, 0))
+            made = zero, (g := graph.call_function(aten.sum.dim_IntList, (zero, [1]), {"dtype": torch.float32}))
+    for n in made:
         _derived(n, near)
         n.meta["sparse_inductor"] = "row_check"  # lowering/reductions.py: a one-pass kernel
     return g

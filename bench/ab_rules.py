@@ -1,0 +1,93 @@
+"""A/B of one rewrite rule on whole timm ViTs: the same model compiled with backend="sparse" in
+reduce-overhead mode with the rule as shipped (A) and with it switched (B), each compiled and
+timed `--rounds` times, alternating, with dense reduce-overhead in the same run. Prints, per form,
+the times, the best against dense, and the kernels the dispatcher picked.
+
+    python bench/ab_rules.py --rule pointwise-check [--models vit_base_patch16_224:64,vit_huge_patch14_224:32]
+                             [--pattern 2:4|block] [--rounds 2]
+
+Rules (passes/linear_rewrite.py):
+- row-fixup: cuSPARSELt's non-finite row fixup folded into the pointwise op after the call
+  (_pointwise_users, A) vs the op's own nan_rows_ launch (B) (docs/benchmarks.md I3).
+- pointwise-check: a row check that joins x's pointwise producer timed as one more read of x
+  (POINTWISE_PRODUCER_CHECK "separate", A) vs as free ("fused", B; the rule before run J).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from sparse_inductor.bench import _bench, header
+from sparse_inductor.passes import linear_rewrite
+from sparse_inductor.prune import prune
+from sparse_inductor.report import LayerDecision, collect
+
+# rule -> (linear_rewrite attribute, its value in form B, names of forms A and B)
+RULES = {
+    "row-fixup": ("_pointwise_users", lambda node, depth=4: False, ("in the graph", "in the op")),
+    "pointwise-check": ("POINTWISE_PRODUCER_CHECK", "fused", ("check timed as a pass", "check timed as free")),
+}
+
+
+def _kernels(records) -> str:
+    ks = [d.kernel for d in records if isinstance(d, LayerDecision)]
+    return ", ".join(f"{k} {ks.count(k)}" for k in sorted(set(ks)))
+
+
+def ab(name: str, batch: int, rule: str, pattern: str, rounds: int) -> None:
+    import timm
+
+    attr, b_value, forms = RULES[rule]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).to("cuda", torch.bfloat16).eval()
+    if pattern == "block":  # the bench's ViT-B block case: MLP weights, 90% zero 64x64 blocks
+        prune(model, "block", block=64, sparsity=0.9, filter_fn=lambda m, n: ".mlp." in f".{n}.")
+    else:
+        prune(model, "2:4")
+    x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    a_value = getattr(linear_rewrite, attr)
+    res: dict = {}
+    picks: dict = {}
+    with torch.no_grad():
+        torch._dynamo.reset()
+        dense = torch.compile(model, mode="reduce-overhead")
+        dense(x)
+        t_dense = _bench(lambda: dense(x), rep=200)
+        dense = None
+        for _ in range(rounds):
+            for form, value in zip(forms, (a_value, b_value)):
+                setattr(linear_rewrite, attr, value)
+                try:
+                    torch._dynamo.reset()
+                    with collect() as sink:
+                        ours = torch.compile(model, backend="sparse", options={"mode": "reduce-overhead", "fx_cache": False})
+                        ours(x)
+                    res.setdefault(form, []).append(_bench(lambda: ours(x), rep=200))
+                    picks[form] = _kernels(sink)
+                finally:
+                    setattr(linear_rewrite, attr, a_value)
+                    ours = None
+    print(f"\n| {name} b{batch}, {pattern}, RO: rule {rule} | us | vs dense RO ({t_dense:.1f}) | kernels |")
+    print("|---|---|---|---|")
+    for form, ts in res.items():
+        print(f"| {form} | {' / '.join(f'{t:.1f}' for t in ts)} | {t_dense / min(ts):.3f}x | {picks[form]} |", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rule", choices=sorted(RULES), required=True)
+    ap.add_argument("--models", default="vit_base_patch16_224:64", help="name:batch, comma-separated")
+    ap.add_argument("--pattern", choices=("2:4", "block"), default="2:4",
+                    help="2:4: every linear; block: MLP weights 90%% zero 64x64 blocks")
+    ap.add_argument("--rounds", type=int, default=2)
+    a = ap.parse_args(argv)
+    print(header(), flush=True)
+    for spec in a.models.split(","):
+        name, _, batch = spec.partition(":")
+        ab(name, int(batch or 64), a.rule, a.pattern, a.rounds)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The non-finite row check as a kernel of its own (lowering/row_check.py, op sparse_inductor::row_check).
+
+On the CPU the kernel runs in the Triton interpreter (conftest sets TRITON_INTERPRET=1). The
+result is exact: 0 for a finite row, NaN for a row holding a NaN or an Inf, whatever the dtype.
+"""
+import pytest
+import torch
+
+import sparse_inductor  # noqa: F401  (defines the ops)
+from sparse_inductor.lowering.row_check import pick_config, row_check_eager
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+def reference(x: torch.Tensor) -> torch.Tensor:
+    """fp64: 0 where every entry of the row is finite, NaN elsewhere."""
+    finite = x.double().isfinite().all(dim=1)
+    return torch.where(finite, 0.0, float("nan")).double()
+
+
+def poisoned(m, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * 100).to(dtype)
+    specials = [float("nan"), float("inf"), float("-inf")]
+    for i, r in enumerate(range(1, m, 3)):  # every third row one special value, at varying columns
+        x[r, (7 * i) % k] = specials[i % 3]
+    return x.to(DEV)
+
+
+def check(g, x):
+    ref = reference(x.cpu())
+    assert g.dtype == torch.float32 and g.shape == (x.shape[0],)
+    assert torch.equal(g.cpu().isnan(), ref.isnan()), (g, ref)
+    assert torch.equal(g.cpu()[~ref.isnan()], torch.zeros(int((~ref.isnan()).sum())))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(1, 16), (5, 3), (33, 17), (9, 1030), (16, 4096)])
+def test_kernel_matches_reference(m, k, dtype):
+    """Ragged M and K (a K of 1030 takes two steps of 1024 with a masked tail)."""
+    x = poisoned(m, k, dtype)
+    check(row_check_eager(x), x)
+
+
+def test_kernel_strided_and_empty():
+    x = poisoned(24, 40, torch.float32).t().contiguous().t()  # column-major: stride (1, 24)
+    assert x.stride() == (1, 24)
+    check(row_check_eager(x), x)
+    check(row_check_eager(x[::2]), x[::2])  # every other row
+    assert row_check_eager(torch.empty(0, 8, device=DEV)).shape == (0,)
+    with pytest.raises(ValueError, match="2-D"):
+        row_check_eager(torch.empty(2, 3, 4, device=DEV))
+
+
+def test_huge_finite_values_stay_finite():
+    """0 * x is 0 for every finite x, the largest included: no false alarms."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = torch.full((3, 64), torch.finfo(dtype).max, dtype=dtype, device=DEV)
+        x[1] = torch.finfo(dtype).min
+        x[2] = torch.finfo(dtype).tiny
+        assert torch.equal(row_check_eager(x).cpu(), torch.zeros(3))
+
+
+def test_op_matches_kernel():
+    x = poisoned(10, 48, torch.float16)
+    check(torch.ops.sparse_inductor.row_check(x), x)
+
+
+def test_config_tiles():
+    """Tiles of at least 16 columns, the whole tile 4096 elements at most, a power of two each."""
+    for k in (1, 3, 16, 100, 768, 3072, 5120, 14336):
+        cfg = pick_config(k)
+        assert 16 <= cfg["BLOCK_K"] <= 1024 and cfg["BLOCK_M"] * cfg["BLOCK_K"] <= 4096 * 4
+        assert cfg["BLOCK_K"] & (cfg["BLOCK_K"] - 1) == 0 and cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1) == 0
+        assert cfg["BLOCK_K"] >= min(k, 1024)
