@@ -69,9 +69,18 @@ def test_op_matches_kernel():
 
 
 def test_config_tiles():
-    """Tiles of at least 16 columns, the whole tile 4096 elements at most, a power of two each."""
+    """Power-of-two tiles of at least 16 columns and at most 4096 elements; rows share a program
+    only while the grid keeps MIN_PROGRAMS programs; a row alone takes its K in one step up to 4096."""
+    from sparse_inductor.lowering.row_check import MIN_PROGRAMS
+
     for k in (1, 3, 16, 100, 768, 3072, 5120, 14336):
-        cfg = pick_config(k)
-        assert 16 <= cfg["BLOCK_K"] <= 1024 and cfg["BLOCK_M"] * cfg["BLOCK_K"] <= 4096 * 4
-        assert cfg["BLOCK_K"] & (cfg["BLOCK_K"] - 1) == 0 and cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1) == 0
-        assert cfg["BLOCK_K"] >= min(k, 1024)
+        for m in (None, 1, 16, 300, 1100, 12608):
+            cfg = pick_config(k, m)
+            bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
+            assert bk >= 16 and bm * bk <= 4096 and bk & (bk - 1) == 0 and bm & (bm - 1) == 0, (k, m, cfg)
+            if m is not None and bm > 1:
+                assert -(-m // bm) >= MIN_PROGRAMS, (k, m, cfg)
+            if bm == 1:
+                assert bk >= min(k, 4096), (k, m, cfg)
+    assert pick_config(4096, 16)["BLOCK_M"] == 1 and pick_config(4096, 16)["BLOCK_K"] == 4096
+    assert pick_config(3072, 12608)["BLOCK_M"] == 4

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._compat import INTERPRETING
+from .._compat import INTERPRETING, inductor_size_hint
 from ..formats.sparse24 import from_gemv_layout
 
 __all__ = ["sp24_dot_acc", "sp24_gemv_acc", "sp24_linear", "pick_config", "DEVICE_FUNCTIONS"]
@@ -684,7 +684,6 @@ def lower(x, values, meta, *, n: int):
     import sympy
     from torch._inductor.ir import FixedLayout
     from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs
-    from torch._inductor.virtualized import V
 
     x, values, meta = realize_inputs(x, values, meta)
     m, k = x.get_size()
@@ -708,7 +707,7 @@ def lower(x, values, meta, *, n: int):
     elif isinstance(m, (int, sympy.Integer)):
         cfg = pick_config(int(m), n, 4 * g)
     else:  # dynamic M: a tensor-core config that is right for any M, sized by the hint
-        cfg = pick_config(max(2, V.graph.sizevars.size_hint(m, fallback=64)), n, 4 * g)
+        cfg = pick_config(max(2, inductor_size_hint(m, 64)), n, 4 * g)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     cfg.setdefault("KSPLIT", 1)
     layout = FixedLayout(x.get_device(), x.get_dtype(), [m, n])

@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._compat import INTERPRETING
+from .._compat import INTERPRETING, inductor_size_hint
 from ..formats.block import BLOCK_SIZES
 
 __all__ = [
@@ -490,7 +490,6 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True,
     from torch._inductor.ir import FixedLayout
     from torch._inductor.lowering import lowerings
     from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs
-    from torch._inductor.virtualized import V
 
     aten = torch.ops.aten
     m = x.get_size()[0]
@@ -499,7 +498,7 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True,
         (lowerings[aten.sum.dim_IntList](lowerings[aten.mul.Tensor](x, 0.0), [1], False, dtype=torch.float32),)
     inputs = tuple(realize_inputs(x, blocks, row_ptr, col_idx, row_order, *g))
     x = inputs[0]
-    m_hint = int(m) if isinstance(m, (int, sympy.Integer)) else V.graph.sizevars.size_hint(m, fallback=64)
+    m_hint = inductor_size_hint(m, 64)
     nnzb, n_rows = blocks.get_size()[0], row_order.get_size()[0]
     per_row = int(nnzb) / max(int(n_rows), 1) if all(isinstance(v, (int, sympy.Integer)) for v in (nnzb, n_rows)) else None
     cfg = pick_config(b, m_hint, x.get_dtype(), per_row)
