@@ -57,9 +57,9 @@ class SparseOptions:
     nonfinite:         "exact" (default): a NaN/Inf input row gives a non-finite output row, as dense
                        does, also after cuSPARSELt and the block-sparse kernel (which never multiply
                        the pruned zeros): a row check (a reduction over x) that the op applies. It is
-                       nearly free where the reduction joins x's producer (a norm, a GELU kernel) and
-                       one more read of x where it cannot (x from a graph input, attention, or
-                       another template's epilogue). "fast": no row check; an input NaN/Inf that
+                       nearly free where the reduction joins x's producer (a norm) and one more
+                       read of x elsewhere (x from a graph input, attention, a GELU: a kernel of
+                       its own, lowering/row_check.py). "fast": no row check; an input NaN/Inf that
                        meets only pruned zeros then leaves those outputs finite (the 2:4 Triton
                        kernels stay exact either way: they multiply the zeros or check inside).
     fp8_product:       how an fp8 torch._scaled_mm rewritten to cuSPARSELt hands its product to the

@@ -17,13 +17,14 @@ elements, is made persistent. Every other kernel is left to Inductor. Only where
 choices handler is its default one (a user's own handler is left alone).
 
 The same for the non-finite row checks of the zero-skipping linears (linear_rewrite._row_check:
-sum_k 0 * x[m, k], FX nodes marked meta["sparse_inductor"] = "row_check"). The check fuses with
-x's producer, and where that producer is a pointwise op (the GELU between a cuSPARSELt fc1 and
-fc2) the check turns its kernel into a reduction, which Inductor loops over a row longer than
-1024: on the H200, ViT-B/16 b64 with every linear on cuSPARSELt, the 12 GELU kernels took 1092 us
-against dense's 673 (pointwise) per forward (docs/benchmarks.md run I). Persistent, the kernel
-is a pointwise pass again plus a sum in registers. (Run F had tried this on ViT-H, where it mostly
-made the LayerNorm kernels persistent, and left it out; the GELU kernels are the check's own cost.)
+sum_k 0 * x[m, k], FX nodes marked meta["sparse_inductor"] = "row_check"), where the check is
+Inductor ops fused with x's producer. Run I made them persistent when that producer was a GELU
+(between a cuSPARSELt fc1 and fc2: on the H200, ViT-B/16 b64, the 12 GELU + check kernels 1092 ->
+994 us per forward, dense's GELU 673). Since run J a check after a pointwise producer is a kernel
+of its own (lowering/row_check.py) and the GELU stays pointwise; the rule now applies to checks
+fused into a norm's kernel, and to sparse_inductor::row_check's own CPU lowering (Inductor ops).
+(Run F had tried the rule on ViT-H, where it mostly made the LayerNorm kernels persistent, and
+left it out.)
 """
 from __future__ import annotations
 

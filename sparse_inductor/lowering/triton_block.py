@@ -549,9 +549,9 @@ def _estimate_us(layer, model) -> Optional[float]:
 
 def _runner(t, bias, layer, params):
     """What the template costs, for timing: the kernel, plus one reduction that reads x once where
-    the template's non-finite row check cannot join x's producer (layer.row_check "separate"; the
-    eager guard, three unfused kernels, would make the family look slower than it runs compiled).
-    "fused": the reduction rides in the kernel that makes x (a norm, a GELU); "none": no check
+    the template's non-finite row check does not join x's producer (layer.row_check "separate": the
+    row-check kernel; the eager guard, three unfused kernels, would make the family look slower than
+    it runs compiled). "fused": the reduction rides in the kernel that makes x (a norm); "none": no check
     (options nonfinite="fast")."""
     separate = layer.row_check == "separate"
 
