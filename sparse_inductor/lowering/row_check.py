@@ -134,7 +134,9 @@ def lower(x):
     from .._compat import inductor_size_hint
 
     m, k = x.get_size()
-    cfg = pick_config(inductor_size_hint(k, 4096), inductor_size_hint(m, None))
+    # a dynamic M (symbolic) is sized for any M, not for the hint it was traced at
+    static_m = m if isinstance(m, int) or getattr(m, "is_number", False) else None
+    cfg = pick_config(inductor_size_hint(k, 4096), None if static_m is None else int(static_m))
     layout = FixedLayout(x.get_device(), torch.float32, [m])
     choices: list = []
     err = template().maybe_append_choice(choices, input_nodes=(x,), layout=layout, num_stages=cfg["num_stages"],
