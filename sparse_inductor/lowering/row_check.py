@@ -78,15 +78,16 @@ def pick_config(k: int, m: int | None = None) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=8 if block_m * block_k >= 2048 else 4, num_stages=2)
 
 
-def row_check_eager(x: torch.Tensor) -> torch.Tensor:
-    """g [M] fp32 of a 2-D x by the Triton kernel (the interpreter on the CPU)."""
+def row_check_eager(x: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """g [M] fp32 of a 2-D x by the Triton kernel (the interpreter on the CPU); config: pick_config's
+    keys, by default pick_config(K, M)."""
     if x.dim() != 2:
         raise ValueError(f"row_check expects a 2-D input, got {x.dim()}-D")
     m, k = x.shape
     g = torch.empty(m, device=x.device, dtype=torch.float32)
     if m == 0:
         return g
-    cfg = pick_config(k, m)
+    cfg = config or pick_config(k, m)
     _row_check_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
         x, g, m, k, x.stride(0), x.stride(1), BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"])
