@@ -327,6 +327,29 @@ def test_row_check_mode_after_template(kernel, want, monkeypatch):
     assert _row_check_mode(out, torch.float32, sparse_inductor.SparseOptions()) == want
 
 
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_row_check_mode_norm_after_template(kernel):
+    """A norm of (template output + residual), as a ViT's LayerNorm after fc2: the norm is a
+    reduction kernel of its own, which the check joins ("fused"), whatever made its input."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from sparse_inductor.formats import compress_block
+    from sparse_inductor.passes.linear_rewrite import _row_check_mode
+
+    w = torch.zeros(16, 16)
+    w[:16, :16] = torch.randn(16, 16)
+    t = compress_block(w, 16)
+
+    def f(x):
+        h = x + torch.ops.sparse_inductor.linear_block(x, *t, None, 16, 16, kernel)
+        return (h - h.mean(-1, keepdim=True)) * torch.rsqrt(h.var(-1, keepdim=True) + 1e-5)
+
+    gm = make_fx(f)(torch.randn(4, 16))
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert _row_check_mode(out, torch.float32, sparse_inductor.SparseOptions()) == "fused"
+
+
 def test_int8_product_option_is_checked():
     from sparse_inductor.options import resolve_options
 

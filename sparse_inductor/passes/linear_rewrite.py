@@ -642,13 +642,15 @@ def _row_check_mode(x: fx.Node, compute: torch.dtype, opts: SparseOptions) -> st
     if not _is_pointwise(target):
         return "separate"
     sources = _pointwise_sources(node)
+    # a norm (a reduction, then pointwise ops in the same kernel): the check joins a reduction.
+    # First, since a norm's input may itself come from a template (a ViT's LayerNorm after the
+    # residual add that is the previous fc2's epilogue): the norm is still a kernel of its own.
+    if any(a.target in _FUSABLE_REDUCTIONS for a in sources):
+        return "fused"
     # a pointwise x that only our Triton templates feed becomes their epilogue (a GELU after
     # fc1, the gated product): no kernel of its own that the reduction could join
     if any(a.target in _TEMPLATE_OPS and "triton" in a.args for a in sources):
         return "separate"
-    # a norm (a reduction, then pointwise ops in the same kernel): the check joins a reduction
-    if any(a.target in _FUSABLE_REDUCTIONS for a in sources):
-        return "fused"
     return POINTWISE_PRODUCER_CHECK
 
 
