@@ -331,8 +331,7 @@ addmm: "f32[4, 32]" = torch.ops.aten.addmm.default(arg1_1, arg6_1, permute)
 relu: "f32[4, 32]" = torch.ops.aten.relu.default(addmm)
 linear_24_default: "f32[4, 32]" = torch.ops.sparse_inductor.linear_24.default(relu, _sparse_0_values, _sparse_0_meta, arg3_1, 'reference')
 relu_1: "f32[4, 32]" = torch.ops.aten.relu.default(linear_24_default)
-row_check_default: "f32[4]" = torch.ops.sparse_inductor.row_check.default(relu_1)
-linear_block_default: "f32[4, 64]" = torch.ops.sparse_inductor.linear_block.default(relu_1, _sparse_1_blocks, _sparse_1_row_ptr, _sparse_1_col_idx, _sparse_1_row_order, arg5_1, 64, 32, 'reference', row_check = row_check_default)
+linear_block_default: "f32[4, 64]" = torch.ops.sparse_inductor.linear_block.default(relu_1, _sparse_1_blocks, _sparse_1_row_ptr, _sparse_1_col_idx, _sparse_1_row_order, arg5_1, 64, 32, 'reference')
 return (linear_block_default,)""")
 
 
@@ -343,11 +342,27 @@ return (linear_block_default,)""")
         exact = self.graph(seeded(Mixed), torch.randn(4, 16), n_sparse=2)
         self.assertIn("linear_block.default(relu_1, _sparse_1_blocks, _sparse_1_row_ptr, _sparse_1_col_idx, "
                       "_sparse_1_row_order, arg5_1, 64, 32, 'reference', guard = False)", fast)
-        # exact: the check over relu_1 (a pointwise producer) as an op of its own, passed to the block op
-        check = 'row_check_default: "f32[4]" = torch.ops.sparse_inductor.row_check.default(relu_1)\n'
-        self.assertIn(check, exact)
-        self.assertEqual(fast.replace(", guard = False", ""),
-                         exact.replace(check, "").replace(", row_check = row_check_default", ""))
+        self.assertEqual(fast.replace(", guard = False", ""), exact)
+
+    def test_block_template_takes_the_row_check_from_the_graph(self):
+        # kernel "triton" (the template; made available on the CPU here, where its lowering falls
+        # back to the reference): the check over relu_1 (a pointwise producer, not a norm) is an op
+        # of its own, passed to the block op; the reference kernel (dense F.linear, above) gets none
+        import dataclasses
+
+        from sparse_inductor import dispatch
+        from sparse_inductor.lowering import triton_block  # noqa: F401  (registers block/triton)
+
+        key = "block/triton"
+        spec = dispatch._KERNELS[key]
+        dispatch._KERNELS[key] = dataclasses.replace(spec, devices=(*spec.devices, "cpu"))
+        try:
+            gm = self.graph(seeded(Mixed), torch.randn(4, 16), n_sparse=1,  # (no 2:4 "triton" on the CPU)
+                            options={**FORCE, "kernel": "triton", "fx_cache": False})
+        finally:
+            dispatch._KERNELS[key] = spec
+        self.assertIn('row_check_default: "f32[4]" = torch.ops.sparse_inductor.row_check.default(relu_1)', gm, gm)
+        self.assertIn("64, 32, 'triton', row_check = row_check_default)", gm, gm)
 
 
 class Gated(nn.Module):

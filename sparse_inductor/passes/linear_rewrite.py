@@ -484,7 +484,10 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
             if not _pointwise_users(node):
                 kwargs, g = {"row_check": g}, None
     else:
-        g_block = _row_check(x, node, check) if det.pattern == "block" and check == "separate" else None
+        # the block template reads g from the graph where the check does not join x's producer
+        # (the reference kernel is dense's F.linear: no check to compute)
+        g_block = _row_check(x, node, check) if det.pattern == "block" and kernel == "triton" and check == "separate" \
+            else None
         target, args, kwargs = _pattern_op(det, x, cnodes, bias, n, k, kernel, check != "none", g_block)
     with graph.inserting_before(node):
         if product in (None, torch.int32):
