@@ -36,6 +36,10 @@ class LayerDecision:
     candidates: measured median times (us) at M of "dense" and of each sparse kernel tried (None:
               it could not run); empty where nothing was measured.
     params:   the chosen kernel's parameters (e.g. cuSPARSELt's {"alg_id": 20, "split_k": 1}).
+    row_check: how dense's non-finite rows come back where the kernel skips the zeros (cuSPARSELt,
+              the block template; options nonfinite): "in x's norm" (the check fused into the
+              norm that makes x), "own kernel" (one more read of x, lowering/row_check.py), "off"
+              (nonfinite="fast"), "" (not needed: dense, or a kernel that multiplies the zeros).
     """
 
     name: str
@@ -53,14 +57,19 @@ class LayerDecision:
     candidates: dict = dataclasses.field(default_factory=dict)
     params: dict = dataclasses.field(default_factory=dict)
     measured: bool = False
+    row_check: str = ""
 
     @property
     def sparse(self) -> bool:
         return self.kernel != "dense"
 
+    def fused_text(self) -> str:
+        """e.g. "transpose,bias; row check: own kernel"."""
+        return (",".join(self.fused) or "-") + (f"; row check: {self.row_check}" if self.row_check else "")
+
     def line(self) -> str:
         blk = f" {self.block}x{self.block}" if self.block else ""
-        fused = ",".join(self.fused) or "-"
+        fused = self.fused_text()
         return (f"{self.name}: {self.shape[0]}x{self.shape[1]} {self.dtype} {self.pattern}{blk} "
                 f"density={self.density:.3f} -> {self.kernel}{self.params_text()} (fused: {fused}): {self.reason}"
                 + (f" [timed: {self.times_text()}]" if self.candidates else ""))
@@ -98,7 +107,7 @@ class Report:
         for d in self.layers:
             pat = d.pattern + (f" {d.block}x{d.block}" if d.block else "")
             rows.append((d.name, f"{d.shape[0]}x{d.shape[1]}", d.dtype, pat, f"{d.density:.3f}",
-                         d.kernel + d.params_text(), ",".join(d.fused) or "-", d.times_text() or "-", d.reason))
+                         d.kernel + d.params_text(), d.fused_text(), d.times_text() or "-", d.reason))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
         lines = []
         for j, r in enumerate(rows):

@@ -357,12 +357,18 @@ return (linear_block_default,)""")
         spec = dispatch._KERNELS[key]
         dispatch._KERNELS[key] = dataclasses.replace(spec, devices=(*spec.devices, "cpu"))
         try:
-            gm = self.graph(seeded(Mixed), torch.randn(4, 16), n_sparse=1,  # (no 2:4 "triton" on the CPU)
-                            options={**FORCE, "kernel": "triton", "fx_cache": False})
+            torch._dynamo.reset()
+            model, x = seeded(Mixed), torch.randn(4, 16)
+            r = run_sparse(model, (x,), options={**FORCE, "kernel": "triton", "fx_cache": False})
         finally:
             dispatch._KERNELS[key] = spec
+        assert_like_eager(r.outputs[0], model(x).detach())
+        gm = r.graphs[0]
         self.assertIn('row_check_default: "f32[4]" = torch.ops.sparse_inductor.row_check.default(relu_1)', gm, gm)
         self.assertIn("64, 32, 'triton', row_check = row_check_default)", gm, gm)
+        blk = r.by_name("blk")  # (no 2:4 "triton" on the CPU: s24 stays dense)
+        self.assertEqual((blk.kernel, blk.row_check), ("triton", "own kernel"))
+        self.assertIn("(fused: transpose,bias; row check: own kernel)", blk.line())
 
 
 class Gated(nn.Module):

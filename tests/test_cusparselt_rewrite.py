@@ -51,7 +51,7 @@ class TestCusparseltGraph(expecttest.TestCase):
         x = torch.randn(4, 16)
         torch._dynamo.reset()
         r = run_sparse(model, (x,), options=OPTS)
-        assert [d.kernel for d in r.decisions] == ["cusparselt"]
+        assert [(d.kernel, d.row_check) for d in r.decisions] == [("cusparselt", "own kernel")]  # x: an input
         torch.testing.assert_close(r.outputs[0], model(x).detach(), **TOL32)
         self.assertExpectedInline(r.graphs[0], """\
 def forward(self, arg2_1: "f32[4, 16]"):
@@ -74,6 +74,33 @@ return (relu,)""")
         graph = r.graphs[0]
         # one reshape in, one out, after the ReLU: everything between is 2-D and fuses
         assert graph.count("aten.reshape") == 2 and graph.index("aten.relu") < graph.rindex("aten.reshape"), graph
+
+
+class NormFc(Fc):
+    """A LayerNorm before the linear: the row check fuses into the norm's kernel."""
+
+    def __init__(self, k=16, n=32):
+        super().__init__(k, n)
+        self.norm = nn.LayerNorm(k)
+
+    def forward(self, x):
+        return self.fc(self.norm(x))
+
+
+def test_row_check_in_the_norm():
+    """x from a norm: the check is Inductor ops (mul, sum) that join the norm's reduction, not the
+    row_check op; explain says so. A NaN in an input row still makes that output row non-finite."""
+    model = seeded(NormFc)
+    x = torch.randn(4, 16)
+    x[2, 5] = float("nan")
+    torch._dynamo.reset()
+    r = run_sparse(model, (x,), options=OPTS)
+    assert [(d.kernel, d.row_check) for d in r.decisions] == [("cusparselt", "in x's norm")]
+    assert "row_check.default" not in r.graphs[0] and "aten.sum.dim_IntList" in r.graphs[0], r.graphs[0]
+    ref = model(x).detach()
+    assert torch.equal(r.outputs[0].isfinite(), ref.isfinite())
+    fin = ref.isfinite()
+    torch.testing.assert_close(r.outputs[0][fin], ref[fin], **TOL32)
 
 
 class FcTimesTwo(Fc):
@@ -269,6 +296,7 @@ def test_nonfinite_fast_has_no_row_check():
     x = torch.randn(4, 16)
     torch._dynamo.reset()
     r = run_sparse(model, (x,), options={**OPTS, "nonfinite": "fast"})
+    assert [d.row_check for d in r.decisions] == ["off"]
     torch.testing.assert_close(r.outputs[0], model(x).detach(), **TOL32)
     assert "row_check" not in r.graphs[0] and "aten.sum" not in r.graphs[0], r.graphs[0]
 

@@ -425,6 +425,7 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             outputs.extend(pieces or [out])
             decision.fused = (("transpose",) + (("dequant",) if site.dequant else ())
                               + (("bias",) if site.bias is not None else ()) + (("split",) if pieces else ()))
+            decision.row_check = _row_check_text(spec, det, choice.kernel, layer, opts)
         except Exception as e:  # never break the user's compile
             log.exception("sparse_inductor: rewrite failed for %s", site.name)
             decision.kernel = "dense"
@@ -614,6 +615,16 @@ def _split(out: fx.Node, site: LinearSite, det: Detection, spec: KernelSpec, ker
 
 _VIEWS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.squeeze.dim,
           aten.unsqueeze.default}
+
+
+def _row_check_text(spec: KernelSpec, det: Detection, kernel: str, layer: Layer, opts: SparseOptions) -> str:
+    """LayerDecision.row_check: how the rewritten layer gets dense's non-finite rows back."""
+    skips_zeros = spec.row_check or (det.pattern == "block" and kernel == "triton")
+    if not skips_zeros or not layer.dtype.is_floating_point or layer.dtype.itemsize == 1:
+        return ""
+    if opts.nonfinite != "exact":
+        return "off"
+    return {"fused": "in x's norm", "separate": "own kernel"}.get(layer.row_check, "")
 
 
 # How a row check over x that Inductor fuses into x's *pointwise* producer (a GELU, the gated product)
