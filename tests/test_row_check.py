@@ -5,6 +5,8 @@ result is exact: 0 for a finite row, NaN for a row holding a NaN or an Inf, what
 """
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sparse_inductor  # noqa: F401  (defines the ops)
 from sparse_inductor.lowering.row_check import pick_config, row_check_eager
@@ -84,3 +86,19 @@ def test_config_tiles():
                 assert bk >= min(k, 4096), (k, m, cfg)
     assert pick_config(4096, 16)["BLOCK_M"] == 1 and pick_config(4096, 16)["BLOCK_K"] == 4096
     assert pick_config(3072, 12608)["BLOCK_M"] == 4
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 300), bad=st.lists(st.tuples(st.integers(0, 39), st.integers(0, 299),
+                                                                         st.sampled_from(["nan", "inf", "-inf"])),
+                                                               max_size=6),
+       dtype=st.sampled_from([torch.float32, torch.float16]), rows=st.sampled_from([1, 2, 4, 8]))
+def test_kernel_any_shape_any_config(m, k, bad, dtype, rows):
+    """Any shape, any placement of NaN/Inf, the table's config and others (rows a program, and a
+    BLOCK_K smaller than K so that the loop and its masked tail run)."""
+    x = torch.randn(m, k).to(dtype)
+    for r, c, v in bad:
+        x[r % m, c % k] = float(v)
+    x = x.to(DEV)
+    check(row_check_eager(x), x)
+    check(row_check_eager(x, dict(BLOCK_M=rows, BLOCK_K=16 if k > 16 else 64, num_warps=4, num_stages=2)), x)
