@@ -12,7 +12,7 @@ import torch.fx as fx
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
-__all__ = ["TORCH_VERSION", "get_attr", "size_hint", "inductor_size_hint", "fake_constant", "fake_eval", "device_name", "INTERPRETING"]
+__all__ = ["TORCH_VERSION", "get_attr", "size_hint", "static_int", "inductor_size_hint", "fake_constant", "fake_eval", "device_name", "INTERPRETING"]
 
 # Triton decides when a kernel is defined whether it runs in the interpreter (TRITON_INTERPRET=1);
 # the kernel modules read it here, the same way, once.
@@ -42,15 +42,21 @@ def size_hint(s: Any) -> Optional[int]:
     return None
 
 
+def static_int(expr: Any) -> Optional[int]:
+    """An Inductor size (int or sympy expression) as an int where it is a number, else None
+    (a symbolic, dynamic size)."""
+    if isinstance(expr, int):
+        return expr
+    return int(expr) if getattr(expr, "is_number", False) else None
+
+
 def inductor_size_hint(expr: Any, fallback: Optional[int]) -> Optional[int]:
     """An Inductor size (int or sympy expression) as an int, during lowering: its hint, else
     fallback. torch 2.11's SizeVarAllocator.size_hint is optimization_hint in 2.13."""
     from torch._inductor.virtualized import V
 
-    if isinstance(expr, int):
-        return expr
-    if getattr(expr, "is_number", False):
-        return int(expr)
+    if static_int(expr) is not None:
+        return static_int(expr)
     sizevars = V.graph.sizevars
     hint = getattr(sizevars, "optimization_hint", None) or sizevars.size_hint
     try:

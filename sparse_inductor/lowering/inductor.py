@@ -70,11 +70,8 @@ def register() -> None:
 def _row_check_lowering(x):
     """sparse_inductor::row_check: its template on CUDA (lowering/row_check.py); elsewhere, or where
     the template fails, Inductor's own mul + sum (which may fuse with x's producer)."""
-    from torch._inductor.lowering import lowerings
-
     from . import row_check
 
-    aten = torch.ops.aten
     if x.get_device() is not None and x.get_device().type == "cuda":
         try:
             return row_check.lower(x)
@@ -82,4 +79,4 @@ def _row_check_lowering(x):
             log.exception("sparse_inductor: row-check template failed to lower")
             record(f"sparse_inductor: row-check kernel failed to lower ({type(e).__name__}: {e}); "
                    "Inductor's reduction computes it")
-    return lowerings[aten.sum.dim_IntList](lowerings[aten.mul.Tensor](x, 0.0), [1], False, dtype=torch.float32)
+    return row_check.inductor_ops(x)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DEVICE_FUNCTIONS", "row_check_acc", "row_check_eager", "pick_config", "lower"]
+__all__ = ["DEVICE_FUNCTIONS", "row_check_acc", "row_check_eager", "pick_config", "inductor_ops", "lower"]
 
 
 @triton.jit
@@ -126,18 +126,26 @@ def template():
     return get_template(TEMPLATE_NAME, lambda: template_source(DEVICE_FUNCTIONS, _TEMPLATE_BODY), _grid())
 
 
+def inductor_ops(x):
+    """The check as Inductor ops (mul, sum), in a lowering: a reduction that fuses with x's producer
+    (a norm's kernel), on CUDA where the rewrite keeps the check there, and on the CPU."""
+    from torch._inductor.lowering import lowerings
+
+    aten = torch.ops.aten
+    return lowerings[aten.sum.dim_IntList](lowerings[aten.mul.Tensor](x, 0.0), [1], False, dtype=torch.float32)
+
+
 def lower(x):
     """Inductor lowering of sparse_inductor::row_check on CUDA: the template, one choice."""
     from torch._inductor.ir import FixedLayout
     from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs
 
-    x = realize_inputs(x)  # (one argument: one node back)
-    from .._compat import inductor_size_hint
+    from .._compat import inductor_size_hint, static_int
 
+    x = realize_inputs(x)  # (one argument: one node back)
     m, k = x.get_size()
     # a dynamic M (symbolic) is sized for any M, not for the hint it was traced at
-    static_m = m if isinstance(m, int) or getattr(m, "is_number", False) else None
-    cfg = pick_config(inductor_size_hint(k, 4096), None if static_m is None else int(static_m))
+    cfg = pick_config(inductor_size_hint(k, 4096), static_int(m))
     layout = FixedLayout(x.get_device(), torch.float32, [m])
     choices: list = []
     err = template().maybe_append_choice(choices, input_nodes=(x,), layout=layout, num_stages=cfg["num_stages"],

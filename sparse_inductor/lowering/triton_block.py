@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._compat import INTERPRETING, inductor_size_hint
+from .._compat import INTERPRETING, inductor_size_hint, static_int
 from ..formats.block import BLOCK_SIZES
 
 __all__ = [
@@ -491,21 +491,19 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True,
     not a reduction), else built from Inductor ops here, so that the reduction over x fuses with
     whatever produces x (a norm). guard=False (the op's, under options nonfinite="fast") leaves it
     out."""
-    import sympy
     from torch._inductor.ir import FixedLayout
-    from torch._inductor.lowering import lowerings
     from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs
 
-    aten = torch.ops.aten
+    from . import row_check as checks
+
     m = x.get_size()[0]
     b = int(blocks.get_size()[-1])
-    g = () if not guard else (row_check,) if row_check is not None else \
-        (lowerings[aten.sum.dim_IntList](lowerings[aten.mul.Tensor](x, 0.0), [1], False, dtype=torch.float32),)
+    g = () if not guard else (row_check if row_check is not None else checks.inductor_ops(x),)
     inputs = tuple(realize_inputs(x, blocks, row_ptr, col_idx, row_order, *g))
     x = inputs[0]
     m_hint = inductor_size_hint(m, 64)
-    nnzb, n_rows = blocks.get_size()[0], row_order.get_size()[0]
-    per_row = int(nnzb) / max(int(n_rows), 1) if all(isinstance(v, (int, sympy.Integer)) for v in (nnzb, n_rows)) else None
+    nnzb, n_rows = static_int(blocks.get_size()[0]), static_int(row_order.get_size()[0])
+    per_row = nnzb / max(n_rows, 1) if nnzb is not None and n_rows is not None else None
     cfg = pick_config(b, m_hint, x.get_dtype(), per_row)
     layout = FixedLayout(x.get_device(), x.get_dtype(), [m, n])
     choices: list = []
