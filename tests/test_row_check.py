@@ -102,3 +102,21 @@ def test_kernel_any_shape_any_config(m, k, bad, dtype, rows):
     x = x.to(DEV)
     check(row_check_eager(x), x)
     check(row_check_eager(x, dict(BLOCK_M=rows, BLOCK_K=16 if k > 16 else 64, num_warps=4, num_stages=2)), x)
+
+
+@pytest.mark.parametrize("zero", [0.0, pytest.param(0, marks=pytest.mark.xfail(strict=True, reason=(
+    "Inductor folds x * 0 with an integer zero to 0, so the check would lose its NaN rows: "
+    "passes/linear_rewrite.py writes a float zero")))])
+def test_inductor_keeps_the_check_with_a_float_zero(zero):
+    # the check as linear_rewrite builds it in the graph ("fused" mode: mul, sum), compiled by Inductor:
+    # the NaN / Inf rows must survive (a canary for the Inductor behaviour the rewrite relies on)
+    aten = torch.ops.aten
+
+    def check(x):
+        return aten.sum.dim_IntList(aten.mul.Tensor(x, zero), [1], dtype=torch.float32)
+
+    torch._dynamo.reset()
+    x = torch.randn(4, 64)
+    x[1, 3], x[2, 0] = float("nan"), float("inf")
+    g = torch.compile(check)(x)
+    assert g.isnan().tolist() == [False, True, True, False]

@@ -423,6 +423,8 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             if pieces:
                 consts.drop_unused((key, fmt))
             outputs.extend(pieces or [out])
+            if not pieces:  # for passes/fuse_mlp.py: the layer's record and how its check runs
+                out.meta["sparse_inductor_layer"] = (decision, layer)
             decision.fused = (("transpose",) + (("dequant",) if site.dequant else ())
                               + (("bias",) if site.bias is not None else ()) + (("split",) if pieces else ()))
             decision.row_check = _row_check_text(spec, det, choice.kernel, layer, opts)
@@ -560,7 +562,7 @@ def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node
 
     with graph.inserting_before(node):
         xf = call(cvt, x, torch.float32)
-        g = call(aten.sum.dim_IntList, call(aten.mul.Tensor, xf, 0), [1], True)
+        g = call(aten.sum.dim_IntList, call(aten.mul.Tensor, xf, 0.0), [1], True)
         if sc.form == "tensor":  # the scales go to the library as they are (one number each)
             xg = call(cvt, call(aten.add.Tensor, xf, g), x.meta["val"].dtype)
             out = call(target, xg, args[1], bias, *args[3:7], sc.out_dtype, scale_a=sa, scale_b=sb)
@@ -757,7 +759,7 @@ def _row_check(x: fx.Node, near: fx.Node, mode: str = "fused") -> fx.Node:
         if mode == "separate":
             made = (g := graph.call_function(torch.ops.sparse_inductor.row_check.default, (x,))),
         else:
-            zero = graph.call_function(aten.mul.Tensor, (x, 0))
+            zero = graph.call_function(aten.mul.Tensor, (x, 0.0))  # a float zero: Inductor folds x * 0 (int) to 0
             made = zero, (g := graph.call_function(aten.sum.dim_IntList, (zero, [1]), {"dtype": torch.float32}))
     for n in made:
         _derived(n, near)
