@@ -42,7 +42,7 @@ from .options import SparseOptions
 
 log = logging.getLogger("sparse_inductor")
 
-__all__ = ["LayerTimer", "cache_path", "time_us", "ENV_CACHE_DIR"]
+__all__ = ["LayerTimer", "cache_path", "time_cached", "time_us", "ENV_CACHE_DIR"]
 
 ENV_CACHE_DIR = "SPARSE_INDUCTOR_CACHE_DIR"
 
@@ -155,6 +155,24 @@ def _versions(device: torch.device) -> str:
 
     return (f"{device_name(device)}|torch {torch.__version__}|triton {tv}|"
             f"cusparselt {cusparselt.version()}|sparse_inductor {__version__} {source_hash()[:12]}")
+
+
+def time_cached(key: str, make: Callable[[], Callable[[], object]], device: Optional[torch.device] = None) -> Optional[float]:
+    """GPU time (us, as time_us without host time) of the function make() returns, cached on disk
+    under key (prefixed with the device and versions, as LayerTimer's keys); None where it fails."""
+    full = f"{_versions(device or torch.device('cuda'))}|{key}"
+    hit = CACHE.get(full)
+    if hit is not None:
+        return hit.get("us")
+    try:
+        fn = make()
+        fn()  # compile outside the timed region
+        us = time_us(fn, False)
+    except Exception as e:
+        log.warning("sparse_inductor: timing %s failed: %s: %s", key, type(e).__name__, e)
+        us = None
+    CACHE.put(full, {"us": us})
+    return us
 
 
 class LayerTimer:

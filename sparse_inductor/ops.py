@@ -30,6 +30,13 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
         into (lowering/row_check.py says when the rewrite uses it)
     linear_block(..., guard=True, row_check=g): the block kernel takes g from the graph instead of
         computing it in its lowering (which fuses with x's producer)
+    sparse_inductor::mlp_block(x, blocks1, row_ptr1, col_idx1, bias1, blocks2, row_ptr2, col_idx2,
+                               row_order2, bias2, h, n, act, kernel, safe=0.0, flag=None) -> y [M, n]
+        linear_block(act(linear_block(x, W1, bias1)), W2, bias2) for W1 [h, K] and W2 [n, h] in the
+        block layout, act one of "none", "relu", "gelu" (erf), "silu", fc1's output rounded to x's
+        dtype as the two layers compute it (passes/fuse_mlp.py makes it; lowering/block_mlp.py is
+        its kernel); flag [M] fp32 (block_mlp.row_flag(x)) with safe (block_mlp.safe_bound) picks
+        the kernel's exact path for the rows that need it; flag None: the fast path everywhere
 """
 from __future__ import annotations
 
@@ -41,7 +48,7 @@ from torch import Tensor
 
 from .formats import decompress_24, decompress_block
 
-__all__ = ["linear_24", "linear_block", "linear_cslt", "row_check"]
+__all__ = ["linear_24", "linear_block", "linear_cslt", "mlp_block", "row_check"]
 
 
 @torch.library.custom_op("sparse_inductor::linear_24", mutates_args=())
@@ -109,3 +116,25 @@ def row_check(x: Tensor) -> Tensor:
 def _(x):
     torch._check(x.dim() == 2, lambda: f"row_check expects a 2-D input, got {x.dim()}-D")
     return x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+ACTIVATIONS = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+@torch.library.custom_op("sparse_inductor::mlp_block", mutates_args=())
+def mlp_block(
+    x: Tensor, blocks1: Tensor, row_ptr1: Tensor, col_idx1: Tensor, bias1: Optional[Tensor],
+    blocks2: Tensor, row_ptr2: Tensor, col_idx2: Tensor, row_order2: Tensor, bias2: Optional[Tensor],
+    h: int, n: int, act: str, kernel: str, safe: float = 0.0, flag: Optional[Tensor] = None,
+) -> Tensor:
+    w1 = decompress_block(blocks1, row_ptr1, col_idx1, h, x.shape[1]).to(x.dtype)
+    w2 = decompress_block(blocks2, row_ptr2, col_idx2, n, h).to(x.dtype)
+    return F.linear(ACTIVATIONS[act](F.linear(x, w1, bias1)), w2, bias2)
+
+
+@mlp_block.register_fake
+def _(x, blocks1, row_ptr1, col_idx1, bias1, blocks2, row_ptr2, col_idx2, row_order2, bias2, h, n, act, kernel,
+      safe=0.0, flag=None):
+    torch._check(x.dim() == 2, lambda: f"mlp_block expects a 2-D input, got {x.dim()}-D")
+    torch._check(act in ACTIVATIONS, lambda: f"mlp_block: unknown activation {act!r}")
+    return x.new_empty(x.shape[0], n)

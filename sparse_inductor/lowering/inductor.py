@@ -64,7 +64,35 @@ def register() -> None:
     make(torch.ops.sparse_inductor.linear_24.default, 2, lambda w, rest: int(w[0].get_size()[1]), 2)
     make(torch.ops.sparse_inductor.linear_block.default, 4, lambda w, rest: int(rest[1]), 4)
     register_lowering(torch.ops.sparse_inductor.row_check.default, type_promotion_kind=None)(_row_check_lowering)
+    _register_mlp(fallback_handler, lowerings, register_lowering)
     _registered = True
+
+
+def _register_mlp(fallback_handler, lowerings, register_lowering) -> None:
+    """sparse_inductor::mlp_block(x, blocks1, row_ptr1, col_idx1, bias1, blocks2, row_ptr2, col_idx2,
+    row_order2, bias2, h, n, act, kernel, safe=0.0, flag=None): the fused template on CUDA with
+    kernel "triton" (lowering/block_mlp.py), bias2 as a pointwise add fused into its store; else,
+    or where the template fails, the op's reference implementation."""
+    from . import block_mlp
+
+    op = torch.ops.sparse_inductor.mlp_block.default
+    fallback = fallback_handler(op, add_to_fallback_set=False)
+
+    def lowering(x, blocks1, row_ptr1, col_idx1, bias1, blocks2, row_ptr2, col_idx2, row_order2, bias2, h, n, act,
+                 kernel, safe=0.0, flag=None):
+        if kernel == "triton" and x.get_device() is not None and x.get_device().type == "cuda":
+            try:
+                out = block_mlp.lower(x, blocks1, row_ptr1, col_idx1, bias1, blocks2, row_ptr2, col_idx2, row_order2,
+                                      flag, h=int(h), n=int(n), act=act, safe=float(safe))
+                return out if bias2 is None else lowerings[torch.ops.aten.add.Tensor](out, bias2)
+            except Exception as e:  # the pair falls back to the reference kernel
+                log.exception("sparse_inductor: block MLP lowering failed")
+                record(f"sparse_inductor: block MLP kernel failed to lower ({type(e).__name__}: {e}); "
+                       "those two layers run the reference kernel")
+        return fallback(x, blocks1, row_ptr1, col_idx1, bias1, blocks2, row_ptr2, col_idx2, row_order2, bias2, h, n,
+                        act, kernel, safe, flag)
+
+    register_lowering(op, type_promotion_kind=None)(lowering)
 
 
 def _row_check_lowering(x):

@@ -1,0 +1,108 @@
+"""The fused block-sparse MLP kernel (lowering/block_mlp.py) against the unfused layers, on the GPU.
+
+    python bench/sweep_block_mlp.py [--shapes 12608x768x3072] [--sparsity 0.9] [--quick]
+
+Per shape M x D x H (fc1: D -> H with a GELU, fc2: H -> D, 64x64 blocks, `sparsity` of the blocks
+zero, lowest-norm blocks pruned as the bench does), bf16, us (do_bench medians of CUDA-graph
+replays, L2 flushed):
+- dense: the MLP (nn.Linear, GELU, nn.Linear) compiled by Inductor;
+- unfused: the same MLP pruned, compiled with backend="sparse" (force, kernel "triton") in the
+  default exact mode and with nonfinite="fast" (x a graph input: the row checks are kernels of
+  their own);
+- fused: the eager launcher `block_mlp` with the exact path's flag (row_flag, its own reduction
+  here; in a model it rides in x's norm) and without (exact=False), for each config of a grid.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn as nn
+
+from sparse_inductor.bench import _bench, _graphed, header
+from sparse_inductor.formats import compress_block
+from sparse_inductor.lowering import block_mlp as bm
+from sparse_inductor.prune import prune_blocks_
+from sparse_inductor.report import LayerDecision, collect
+
+
+def grid(quick: bool):
+    for m, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2) if not quick else (1,)):
+        if m == 128 and w == 4 and quick:
+            continue
+        yield bm.MlpConfig(m, w, s)
+
+
+def mlp(d: int, h: int, sparsity: float) -> nn.Module:
+    net = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)).cuda().to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for lin in (net[0], net[2]):
+            prune_blocks_(lin.weight, 64, sparsity)
+    return net
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="12608x768x3072", help="M x D x H, comma-separated")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    print(header())
+    for shape in a.shapes.split(","):
+        m, d, h = (int(v) for v in shape.split("x"))
+        torch.manual_seed(0)
+        net = mlp(d, h, a.sparsity)
+        x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+        times, notes = {}, {}
+        with torch.no_grad():
+            ref = net(x)
+            for name, kw in (("dense compile", {}),
+                             ("unfused exact", {"backend": "sparse", "options": {"force": True, "kernel": "triton"}}),
+                             ("unfused fast", {"backend": "sparse", "options": {"force": True, "kernel": "triton",
+                                                                                 "nonfinite": "fast", "fuse_mlp": False}}),
+                             ("fused exact (forced)", {"backend": "sparse", "options": {"force": True, "kernel": "triton"}}),
+                             ("fused fast (forced)", {"backend": "sparse", "options": {"force": True, "kernel": "triton",
+                                                                                       "nonfinite": "fast"}}),
+                             ("default (dispatcher, timed fusion)", {"backend": "sparse"})):
+                if "unfused" in name:
+                    kw["options"]["fuse_mlp"] = False
+                torch._dynamo.reset()
+                f = torch.compile(net, **kw)
+                with collect() as sink:
+                    f(x)
+                times[name] = _bench(_graphed(lambda: f(x)))
+                notes[name] = [d.line() for d in sink if isinstance(d, LayerDecision)]
+            w1, w2 = compress_block(net[0].weight, 64), compress_block(net[2].weight, 64)
+            args1 = (w1.blocks, w1.row_ptr, w1.col_idx)
+            args2 = (w2.blocks, w2.row_ptr, w2.col_idx, w2.row_order)
+            b1 = net[0].bias
+            safe = bm.safe_bound(w1.blocks, w1.row_ptr, b1, x.dtype)
+            y = bm.block_mlp(x, args1, b1, args2, h, d, "gelu", safe=safe) + net[2].bias
+            err = (y.float() - ref.float()).abs().max().item()
+            times["row_flag alone"] = _bench(_graphed(lambda: bm.row_flag(x)))
+            res = []
+            for cfg in grid(a.quick):
+                try:
+                    t_exact = _bench(_graphed(lambda: bm.block_mlp(x, args1, b1, args2, h, d, "gelu", safe=safe,
+                                                                   config=cfg)), rep=50)
+                    t_fast = _bench(_graphed(lambda: bm.block_mlp(x, args1, b1, args2, h, d, "gelu", exact=False,
+                                                              safe=safe, config=cfg)), rep=50)
+                except Exception as e:
+                    print(f"    {cfg}: {type(e).__name__}: {str(e)[:100]}")
+                    continue
+                res.append((t_fast, t_exact, cfg))
+        print(f"\n{m}x{d}x{h}, {a.sparsity:.0%} zero 64x64 blocks, GELU; fused vs dense max |diff| {err:.3g}; "
+              f"safe bound {safe:.3g}")
+        print("\n| build | us |\n|---|---|")
+        for k, v in times.items():
+            print(f"| {k} | {v:.1f} |")
+        print("\n| fused config (BLOCK_M, warps, stages) | no flag | with flag (+ row_flag kernel) |\n|---|---|---|")
+        for t_fast, t_exact, cfg in sorted(res, key=lambda r: r[0]):
+            print(f"| {cfg.block_m}/{cfg.num_warps}/{cfg.num_stages} | {t_fast:.1f} | {t_exact:.1f} |", flush=True)
+        print("\ndecisions, default build:\n" + "\n".join(notes["default (dispatcher, timed fusion)"]))
+        print("decisions, fused exact (forced):\n" + "\n".join(notes["fused exact (forced)"]))
+
+
+if __name__ == "__main__":
+    main()
