@@ -11,6 +11,8 @@ Rules (passes/linear_rewrite.py):
   (_pointwise_users, A) vs the op's own nan_rows_ launch (B) (docs/benchmarks.md I3).
 - pointwise-check: a row check that joins x's pointwise producer timed as one more read of x
   (POINTWISE_PRODUCER_CHECK "separate", A) vs as free ("fused", B; the rule before run J).
+- derived-check (passes/fuse_mlp.py): a block fc2's row check read from fc1's input
+  (DERIVED_CHECK, A) vs its own check over the hidden activations (B; the rule before run K).
 """
 from __future__ import annotations
 
@@ -19,14 +21,16 @@ import argparse
 import torch
 
 from sparse_inductor.bench import _bench, header
-from sparse_inductor.passes import linear_rewrite
+from sparse_inductor.passes import fuse_mlp, linear_rewrite
 from sparse_inductor.prune import prune
 from sparse_inductor.report import LayerDecision, collect
 
-# rule -> (linear_rewrite attribute, its value in form B, names of forms A and B)
+# rule -> (module, attribute, its value in form B, names of forms A and B)
 RULES = {
-    "row-fixup": ("_pointwise_users", lambda node, depth=4: False, ("in the graph", "in the op")),
-    "pointwise-check": ("POINTWISE_PRODUCER_CHECK", "fused", ("check timed as a pass", "check timed as free")),
+    "row-fixup": (linear_rewrite, "_pointwise_users", lambda node, depth=4: False, ("in the graph", "in the op")),
+    "pointwise-check": (linear_rewrite, "POINTWISE_PRODUCER_CHECK", "fused",
+                        ("check timed as a pass", "check timed as free")),
+    "derived-check": (fuse_mlp, "DERIVED_CHECK", False, ("fc2's check from fc1's input", "fc2's check over h")),
 }
 
 
@@ -38,7 +42,7 @@ def _kernels(records) -> str:
 def ab(name: str, batch: int, rule: str, pattern: str, rounds: int) -> None:
     import timm
 
-    attr, b_value, forms = RULES[rule]
+    module, attr, b_value, forms = RULES[rule]
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).to("cuda", torch.bfloat16).eval()
     if pattern == "block":  # the bench's ViT-B block case: MLP weights, 90% zero 64x64 blocks
@@ -46,7 +50,7 @@ def ab(name: str, batch: int, rule: str, pattern: str, rounds: int) -> None:
     else:
         prune(model, "2:4")
     x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
-    a_value = getattr(linear_rewrite, attr)
+    a_value = getattr(module, attr)
     res: dict = {}
     picks: dict = {}
     with torch.no_grad():
@@ -57,7 +61,7 @@ def ab(name: str, batch: int, rule: str, pattern: str, rounds: int) -> None:
         dense = None
         for _ in range(rounds):
             for form, value in zip(forms, (a_value, b_value)):
-                setattr(linear_rewrite, attr, value)
+                setattr(module, attr, value)
                 try:
                     torch._dynamo.reset()
                     with collect() as sink:
@@ -66,7 +70,7 @@ def ab(name: str, batch: int, rule: str, pattern: str, rounds: int) -> None:
                     res.setdefault(form, []).append(_bench(lambda: ours(x), rep=200))
                     picks[form] = _kernels(sink)
                 finally:
-                    setattr(linear_rewrite, attr, a_value)
+                    setattr(module, attr, a_value)
                     ours = None
     print(f"\n| {name} b{batch}, {pattern}, RO: rule {rule} | us | vs dense RO ({t_dense:.1f}) | kernels |")
     print("|---|---|---|---|")

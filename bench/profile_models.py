@@ -36,6 +36,8 @@ VARIANTS = {
     # with --pattern block (the names say what the default pattern does; these are neutral)
     "sparse": (False, {"backend": "sparse"}, False),
     "sparse, nonfinite fast": (False, {"backend": "sparse", "options": {"nonfinite": "fast"}}, False),
+    "sparse, MLPs apart": (False, {"backend": "sparse", "options": {"fuse_mlp": False}}, False),
+    "sparse, MLPs fused (forced)": (False, {"backend": "sparse", "options": {"force": True, "kernel": "triton"}}, False),
 }
 
 

@@ -352,7 +352,7 @@ def block_linear(
     x: torch.Tensor, blocks: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     row_order: torch.Tensor, bias: Optional[torch.Tensor], n: int, k: int, *,
     guard: bool = True, config: Optional[BlockLinearConfig] = None,
-    allow_tf32: Optional[bool] = None,
+    allow_tf32: Optional[bool] = None, row_check: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y = F.linear(x, W, bias) for W [n, k] in the packed block layout (formats/block.py).
 
@@ -365,6 +365,8 @@ def block_linear(
     nonfinite_rows). It costs a pass over x before the kernel. guard=False skips it: outputs
     whose non-finite inputs only meet skipped blocks then stay finite.
 
+    row_check: with guard, g [M] fp32 to use instead of nonfinite_rows(x): NaN for every row that
+    may hold a NaN/Inf (more rows than that only cost the fixup's reads), 0 for the others.
     config: a BlockLinearConfig to use instead of the table (CONFIGS, by block size and M bucket).
     allow_tf32: fp32 inputs only; None follows torch.get_float32_matmul_precision() like F.linear.
     The format's invariants (col_idx < ceil(k/b), row_ptr monotone, row_order a permutation) are
@@ -409,7 +411,7 @@ def block_linear(
            f"config.block_n must be a power of two in 16..{b} (the block size), got {bn}")
     grid = (nb * (b // bn), triton.cdiv(m, config.block_m))
     _check(grid[1] <= 65535, f"M={m} needs {grid[1]} M tiles, over the grid's 65535 (raise block_m)")
-    g = nonfinite_rows(x) if guard else None
+    g = (row_check if row_check is not None else nonfinite_rows(x)) if guard else None
     if allow_tf32 is None:
         allow_tf32 = _default_allow_tf32()
     _block_linear_kernel[grid](

@@ -23,6 +23,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from ..options import SparseOptions
 from ..report import record
+from .fuse_mlp import fuse_mlps
 from .linear_rewrite import rewrite_linears
 
 log = logging.getLogger("sparse_inductor")
@@ -82,6 +83,7 @@ class SparseGraphPass(CustomGraphPass):
         gm = graph.owning_module
         try:
             rewrite_linears(gm, self.opts)
+            fuse_mlps(gm, self.opts)
         except Exception as e:  # never break the user's compile: the graph is valid layer by layer
             log.exception("sparse_inductor: the rewrite pass failed")
             record(f"sparse_inductor: rewrite pass failed ({type(e).__name__}: {e}); remaining layers stay dense")

@@ -1,0 +1,365 @@
+"""Block MLP pairs: fc1 -> activation -> fc2, both block-sparse on the block template.
+
+Runs after linear_rewrite, on what it made. Before (a ViT's MLP, post-grad; the views and the row
+checks as linear_rewrite leaves them):
+
+    g1  = <row check of x>                                      (exact mode; in x's norm)
+    y1  = sparse_inductor.linear_block(x, W1..., b1, H, K, "triton", row_check=g1)
+    a   = <pointwise ops of y1 alone: the activation, decomposed (GELU: mul, erf, add, mul)>
+    g2  = sparse_inductor.row_check(a)                          (exact mode: reads all of a)
+    y   = sparse_inductor.linear_block(a, W2..., b2, N, H, "triton", row_check=g2)
+
+After, by default (exact mode): fc2's check comes from fc1's input (_derive_check):
+
+    flag = amax(|x|, 1) + sum(0 * x, 1)                         (fuses into x's norm)
+    g2   = 0 * sqrt(safe - flag)                                (NaN where h may be non-finite)
+    y    = sparse_inductor.linear_block(a, W2..., b2, N, H, "triton", row_check=g2)
+
+or, with options fuse_mlp (where measured faster than the two apart):
+
+    y    = sparse_inductor.mlp_block(x, W1..., b1, W2..., b2, H, N, act, "triton", safe, flag)
+
+so h = act(y1) never reaches memory (lowering/block_mlp.py). Conditions: fp16 or bf16 (the
+activation is identified exhaustively, below), y1 used only by the activation's ops and those only
+by fc2 and fc2's row check, b1 a constant (`safe`, the threshold under which fc1 cannot overflow,
+needs max|b1|); fusion also needs the same block size in both.
+
+The activation is identified by running the ops between the layers on every value of the 16-bit
+dtype (all 65536 bit patterns, NaN and Inf included) and comparing with each activation the
+kernel has, computed as the kernel computes it (KERNEL_ACTIVATIONS: in fp32, rounded to the dtype):
+equal up to one unit in the last place (the ops may come in another order) with the same NaN and
+Inf positions. So the kernel applies the function the graph did, not a guess from op names, and
+|act(t)| <= |t| holds for what is accepted (the derived check relies on it).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .. import _compat, ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
+from ..options import SparseOptions
+
+log = logging.getLogger("sparse_inductor")
+aten = torch.ops.aten
+
+__all__ = ["fuse_mlps", "identify_activation"]
+
+_BLOCK = torch.ops.sparse_inductor.linear_block.default
+_VIEWS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
+_DTYPES = (torch.float16, torch.bfloat16)
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _is_pointwise(node: fx.Node) -> bool:
+    t = node.target
+    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags
+
+
+def _is_check(node: fx.Node) -> bool:
+    return node.meta.get("sparse_inductor") == "row_check"
+
+
+def _pair(b: fx.Node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
+    """For fc2's op node b: (fc1's op node, the pointwise / view nodes between them in graph order),
+    where fc2's input is computed from fc1's output alone by pointwise ops and views (a DAG: the GELU
+    decomposed reads its input twice) and nothing else reads fc1's output or those nodes (but the
+    row check over fc2's input, for fc2); else None."""
+    seen: dict[fx.Node, None] = {}
+    todo, a = [b.args[0]], None
+    while todo:
+        cur = todo.pop()
+        if cur in seen:
+            continue
+        if cur.op == "call_function" and cur.target is _BLOCK and cur.args[8] == "triton":
+            if a not in (None, cur):
+                return None
+            a = cur
+            continue
+        if cur.op != "call_function" or not (cur.target in _VIEWS or _is_pointwise(cur)) or len(seen) > 64:
+            return None  # another tensor enters (a residual, a scale, a graph input)
+        seen[cur] = None
+        todo.extend(cur.all_input_nodes)
+    if a is None:
+        return None
+    inside = set(seen) | {b}
+    for n in [a, *seen]:
+        for u in n.users:
+            if u not in inside and not (_is_check(u) and _feeds_only(u, b)):
+                return None
+    order = {n: i for i, n in enumerate(b.graph.nodes)}
+    return a, sorted(seen, key=order.__getitem__)
+
+
+def _feeds_only(node: fx.Node, target: fx.Node, depth: int = 4) -> bool:
+    """Whether every path from node ends at target within a few row-check nodes."""
+    if depth == 0:
+        return False
+    return all(u is target or (_is_check(u) and _feeds_only(u, target, depth - 1)) for u in node.users)
+
+
+def _probe(dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+def _run_chain(nodes: list[fx.Node], start: fx.Node, t: torch.Tensor) -> torch.Tensor:
+    env = {start: t}
+    for n in nodes:
+        if n.target in _VIEWS:
+            env[n] = env[n.args[0]]
+            continue
+        args = [env[a] if isinstance(a, fx.Node) else a for a in n.args]
+        kwargs = {k: (env[v] if isinstance(v, fx.Node) else v) for k, v in n.kwargs.items()}
+        env[n] = n.target(*args, **kwargs)
+    return env[nodes[-1]] if nodes else t
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to one unit in the last place, NaN where the other is NaN, Inf where it is Inf."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    na, nb = a.isnan(), b.isnan()
+    if not torch.equal(na, nb):
+        return False
+    a, b = a[~na], b[~nb]
+    if torch.equal(a.isinf(), b.isinf()) is False:
+        return False
+    eq = a == b
+    ia, ib = a.view(_BITS[a.dtype]).to(torch.int32), b.view(_BITS[b.dtype]).to(torch.int32)
+    near = ((ia - ib).abs() <= 1) & (a.signbit() == b.signbit()) & a.isfinite() & b.isfinite()
+    return bool((eq | near).all())
+
+
+def identify_activation(nodes: list[fx.Node], start: fx.Node, dtype: torch.dtype) -> Optional[str]:
+    """Which of KERNEL_ACTIVATIONS the chain computes on every value of the 16-bit dtype, or None."""
+    if dtype not in _DTYPES:
+        return None
+    p = _probe(dtype)
+    try:
+        with torch.no_grad():
+            out = _run_chain(nodes, start, p)
+    except Exception as e:  # an op that will not run on a 1-D CPU tensor: not an activation we know
+        log.debug("sparse_inductor: fuse_mlp: chain did not run on the probe: %s", e)
+        return None
+    if not isinstance(out, torch.Tensor) or out.dtype != dtype or out.shape != p.shape:
+        return None
+    h = p.float()
+    for name, fn in KERNEL_ACTIVATIONS.items():
+        if _same(out, fn(h).to(dtype)):
+            return name
+    return None
+
+
+# What block_mlp.mlp_act computes on an fp32 tile, in torch ops (the chain is compared with these,
+# not with F.gelu & co., whose CPU kernels treat subnormals and Inf their own way)
+KERNEL_ACTIVATIONS = {
+    "none": lambda h: h,
+    "relu": lambda h: torch.where(h < 0, 0.0, h),
+    "gelu": lambda h: 0.5 * h * (1.0 + torch.erf(h * 0.7071067811865476)),
+    "silu": lambda h: h * torch.sigmoid(h),
+}
+
+
+def _constant(gm: fx.GraphModule, n) -> Optional[torch.Tensor]:
+    if n is None:
+        return None
+    if isinstance(n, fx.Node) and n.op == "get_attr":
+        t = _compat.get_attr(gm, n.target)
+        return t if isinstance(t, torch.Tensor) else None
+    return None
+
+
+def _flag(x: fx.Node, near: fx.Node) -> fx.Node:
+    """flag [M] fp32 = max_k |x[m, k]| + sum_k 0 * x[m, k] (block_mlp.row_flag: NaN or Inf for a row
+    holding one), as Inductor ops: two reductions over x that fuse into x's norm."""
+    from .linear_rewrite import _derived
+
+    graph = x.graph
+    with graph.inserting_before(near):
+        xf = graph.call_function(torch.ops.prims.convert_element_type.default, (x, torch.float32))
+        amax = graph.call_function(aten.amax.default, (graph.call_function(aten.abs.default, (xf,)), [1]))
+        zero = graph.call_function(aten.sum.dim_IntList, (graph.call_function(aten.mul.Tensor, (xf, 0.0)), [1]))
+        f = graph.call_function(aten.add.Tensor, (amax, zero))
+    for n in (xf, amax.args[0], amax, zero.args[0], zero, f):
+        _derived(n, near)
+        n.meta["sparse_inductor"] = "row_check"
+    return f
+
+
+def _erase_dead(nodes) -> None:
+    """Erase the nodes among `nodes` (and, transitively, their inputs) that nothing reads any more."""
+    todo = dict.fromkeys(nodes)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(todo):
+            if n.op in ("placeholder", "output", "get_attr") or n.users:
+                continue
+            ins = n.all_input_nodes
+            n.graph.erase_node(n)
+            del todo[n]
+            todo.update(dict.fromkeys(i for i in ins if i not in todo))
+            changed = True
+
+
+def fuse_mlps(gm: fx.GraphModule, opts: SparseOptions) -> int:
+    """The pass body: returns how many pairs it fused (options fuse_mlp); in exact mode, the pairs it
+    leaves apart get fc2's row check from fc1's input (_derive_check)."""
+    if not opts.fuse_mlp and opts.nonfinite != "exact":
+        return 0
+    fused = 0
+    for b in list(gm.graph.nodes):
+        if b.op != "call_function" or b.target is not _BLOCK or b.args[8] != "triton":
+            continue
+        try:
+            fused += _try_fuse(gm, b, opts)
+        except Exception as e:  # never break the user's compile: the pair stays as it was
+            log.exception("sparse_inductor: fuse_mlp failed at %s", b.name)
+            note = b.meta.get("sparse_inductor_layer")
+            if note:
+                note[0].reason += f"; MLP fusion failed ({type(e).__name__}: {e})"
+    return fused
+
+
+def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
+    """One fc1 -> activation -> fc2 pair ending at fc2's op node b: fused (options fuse_mlp, where
+    measured faster), else, in exact mode, fc2's row check derived from fc1's input (_derive_check).
+    Returns 1 where it fused."""
+    from ..lowering import block_mlp
+
+    found = _pair(b)
+    if found is None:
+        return 0
+    a, nodes = found
+    (dec_a, layer_a), (dec_b, layer_b) = a.meta.get("sparse_inductor_layer", (None, None)), \
+        b.meta.get("sparse_inductor_layer", (None, None))
+    if dec_a is None or dec_b is None:
+        return 0
+    x, blocks1, row_ptr1, col_idx1, row_order1, bias1, h, k = a.args[:8]
+    hx, blocks2, row_ptr2, col_idx2, row_order2, bias2, n, h2 = b.args[:8]
+    val = a.meta.get("val")
+    why = None
+    t1, t2 = _constant(gm, blocks1), _constant(gm, blocks2)
+    if not isinstance(val, torch.Tensor) or val.dtype not in _DTYPES:
+        why = "fp16 / bf16 only"
+    elif t1 is None or t2 is None or h != h2:
+        why = "a weight is not a constant"
+    elif bias1 is not None and _constant(gm, bias1) is None:
+        why = "fc1's bias is not a constant"
+    act = identify_activation(nodes, a, val.dtype) if why is None else None
+    if why is None and act is None:
+        why = "the ops between the two layers are not an activation the fused kernel has"
+    if why is not None:
+        log.debug("sparse_inductor: %s + %s: neither fused nor checked through fc1: %s", dec_a.name, dec_b.name, why)
+        return 0
+    exact = opts.nonfinite == "exact"
+    b1 = _constant(gm, bias1)
+    safe = block_mlp.safe_bound(t1, _constant(gm, row_ptr1), b1, val.dtype)
+    if opts.fuse_mlp and t1.shape[-1] == t2.shape[-1]:
+        consts = tuple(_constant(gm, c) for c in (blocks1, row_ptr1, col_idx1, blocks2, row_ptr2, col_idx2, row_order2))
+        t_fused, t_apart = _time(dec_a, dec_b, layer_a, consts, b1, _constant(gm, bias2), h, n, act, exact, safe, opts)
+        if opts.force or t_fused is None or t_apart is None or t_fused * opts.min_speedup <= t_apart:
+            _fuse(gm, a, b, nodes, act, safe, exact, dec_a, dec_b, layer_a, t_fused, t_apart)
+            return 1
+        dec_a.reason += f"; not fused with {dec_b.name}: one kernel {t_fused:.1f} us vs {t_apart:.1f} us apart"
+    if exact and DERIVED_CHECK and isinstance(b.kwargs.get("row_check"), fx.Node) \
+            and (layer_a.row_check == "fused" or k <= h):
+        _derive_check(a, b, safe, dec_a, dec_b, layer_a, act)
+    return 0
+
+
+# fc2's row check derived from fc1's input (below) where the pair allows it; False: fc2 keeps its
+# own check over the hidden activations (bench/ab_rules.py compares the two)
+DERIVED_CHECK = True
+
+
+def _derive_check(a: fx.Node, b: fx.Node, safe: float, dec_a, dec_b, layer_a, act: str) -> None:
+    """fc2's non-finite row check, read from fc1's input instead of from the hidden activations.
+
+    fc2 (the block template) needs g[m] NaN for the rows whose input (h = act(fc1(x))) may hold a
+    NaN/Inf: only then does it read the columns it skips (nan_where_skipped) and put NaN where dense
+    has it. h's row is finite when x's row is and fc1 cannot overflow: flag[m] = max|x[m]| + sum 0 *
+    x[m] at most `safe` (block_mlp.safe_bound; |act(t)| <= |t|). So g[m] = 0 * sqrt(safe - flag[m]):
+    0 for such rows, NaN for the others (a NaN or Inf in x, or an x large enough that fc1 might
+    overflow), and for those the kernel looks at h itself: the same NaN/Inf positions as before.
+    The flag is two reductions over x that Inductor fuses into x's norm (ViT: LayerNorm), where the
+    check over h was a kernel of its own reading the hidden activations (ViT-B/16 b64: 77 MB, ~29 us
+    a layer on the H200, run K)."""
+    graph = b.graph
+    old = b.kwargs["row_check"]
+    flag = _flag(a.args[0], b)
+    from .linear_rewrite import _derived
+
+    with graph.inserting_before(b):
+        gap = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.sub.Tensor, (flag, float(safe))), -1.0))
+        g = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.sqrt.default, (gap,)), 0.0))
+    for n in (gap.args[0], gap, g.args[0], g):
+        _derived(n, b)
+        n.meta["sparse_inductor"] = "row_check"
+    b.kwargs = {**b.kwargs, "row_check": g}
+    _erase_dead([old])
+    dec_b.row_check = "from fc1's input, in its norm" if layer_a.row_check == "fused" else "from fc1's input"
+    dec_b.reason += f"; non-finite row check read from {dec_a.name}'s input (through the {act})"
+
+
+def _fuse(gm, a, b, nodes, act, safe, exact, dec_a, dec_b, layer_a, t_fused, t_apart) -> None:
+    graph = gm.graph
+    x, blocks1, row_ptr1, col_idx1, row_order1, bias1, h, k = a.args[:8]
+    hx, blocks2, row_ptr2, col_idx2, row_order2, bias2, n, h2 = b.args[:8]
+    flag = _flag(x, b) if exact else None
+    with graph.inserting_before(b):
+        new = graph.call_function(torch.ops.sparse_inductor.mlp_block.default,
+                                  (x, blocks1, row_ptr1, col_idx1, bias1, blocks2, row_ptr2, col_idx2, row_order2, bias2,
+                                   h, n, act, "triton", float(safe), flag))
+    new.meta.update({key: v for key, v in b.meta.items() if key not in ("val", "sparse_inductor_layer")})
+    new.meta["val"] = _compat.fake_eval(new)
+    b.replace_all_uses_with(new)
+    starts = [v for v in (b.kwargs.get("row_check"), *reversed(nodes), a, a.kwargs.get("row_check"))
+              if isinstance(v, fx.Node)]
+    graph.erase_node(b)
+    _erase_dead(starts)  # the chain, fc1's op and both row checks
+    if not row_order1.users:
+        graph.erase_node(row_order1)
+    timed = f": one kernel {t_fused:.1f} us vs {t_apart:.1f} us apart" if t_fused is not None and t_apart else ""
+    if t_fused is not None and t_apart is not None and t_fused > t_apart:
+        timed += "; slower, fused under options force"
+    for dec, other in ((dec_a, dec_b), (dec_b, dec_a)):
+        dec.fused = dec.fused + ("mlp",)
+        dec.reason += f"; fused with {other.name} and the {act} between them into one kernel (block MLP{timed})"
+        if exact:
+            dec.row_check = "MLP flag in x's norm" if dec is dec_a and layer_a.row_check == "fused" else \
+                "MLP flag" if dec is dec_a else "in the MLP kernel"
+    log.info("sparse_inductor: fused %s + %s (%s) into one block MLP kernel%s", dec_a.name, dec_b.name, act, timed)
+
+
+def _time(dec_a, dec_b, layer_a, consts, b1, b2, h, n, act, exact, safe, opts) -> tuple[Optional[float], Optional[float]]:
+    """(fused us, the two layers' us) where both can be known: the layers' times from their records
+    (the dispatcher's measurements), the fused kernel's measured now (cached on disk), on CUDA with
+    dispatch other than "model". (None, None) otherwise: fused without a comparison."""
+    apart = (dec_a.sparse_us + dec_b.sparse_us) if dec_a.measured and dec_b.measured and \
+        dec_a.sparse_us is not None and dec_b.sparse_us is not None else None
+    if apart is None or layer_a.device != "cuda" or opts.dispatch == "model" or layer_a.m is None:
+        return None, None
+    from ..measure import time_cached
+
+    blocks1, row_ptr1, col_idx1, blocks2, row_ptr2, col_idx2, row_order2 = consts
+    m, k = layer_a.m, layer_a.k
+    key = (f"mlp|M={m} K={k} H={h} N={n}|{layer_a.dtype}|block={blocks1.shape[-1]}|nnzb={blocks1.shape[0]},"
+           f"{blocks2.shape[0]}|bias={b1 is not None}|act={act}|exact={exact}|rc={layer_a.row_check}")
+
+    def make():
+        from ..lowering import block_mlp
+
+        gen = torch.Generator(device=blocks1.device).manual_seed(0)
+        x = torch.randn(m, k, device=blocks1.device, dtype=layer_a.dtype, generator=gen)
+        # the flag rides in x's norm where the row check would ("fused"); else its own kernels
+        flag = block_mlp.row_flag(x) if exact and layer_a.row_check == "fused" else None
+        w1, w2 = (blocks1, row_ptr1, col_idx1), (blocks2, row_ptr2, col_idx2, row_order2)
+        if flag is not None:
+            return lambda: block_mlp.block_mlp(x, w1, b1, w2, h, n, act, safe=safe, flag=flag)
+        return lambda: block_mlp.block_mlp(x, w1, b1, w2, h, n, act, exact=exact, safe=safe)
+
+    t = time_cached(key, make, blocks1.device)
+    return t, apart

@@ -1,0 +1,478 @@
+"""The fused block-sparse MLP: its kernel (lowering/block_mlp.py) under the Triton interpreter on the
+CPU against an fp64 reference, and the pass that makes it (passes/fuse_mlp.py): which chains it
+fuses, the activation it identifies, the golden graph, and dense's non-finite rows. GPU tests (the
+template, its epilogue, the fused kernel on the device) are at the end, marked gpu."""
+from __future__ import annotations
+
+import dataclasses
+
+import expecttest
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparse_inductor.formats import compress_block
+from sparse_inductor.lowering import block_mlp as bm
+from sparse_inductor.prune import prune_blocks_
+
+from test_backend import OP_BLOCK, assert_like_eager, run_sparse
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: the interpreter (conftest)
+
+ACTS = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+# Tolerances of the fused kernel against the fp64 reference, by dtype. The reference rounds fc1's
+# output to the dtype exactly as the two layers do; the kernel's fp32 sums may round a hidden value
+# to the neighbouring representable one, which fc2 then multiplies: one unit of the dtype's last
+# place of h (bf16 2^-8, fp16 2^-11, relative) times sum |W2| per output. atol is that bound for
+# the test's sizes (|h| < ~8, sum over <= 96 hidden of |W2| <= ~4 * 96 * 0.3 nonzero); fp32: the
+# kernel's ieee dot products against fp64, accumulation only.
+TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.float16: dict(rtol=4e-3, atol=4e-2),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-1),
+}
+
+
+def blocky(n: int, k: int, b: int, density: float, dtype, gen) -> torch.Tensor:
+    keep = torch.rand((n + b - 1) // b, (k + b - 1) // b, generator=gen) < density
+    mask = keep.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]
+    return (torch.randn(n, k, generator=gen) * mask).to(dtype)
+
+
+def reference(x, w1, b1, w2, act, dtype):
+    """fp64 products, fc1's output rounded to dtype (as the op writes it), the activation on it in
+    fp32 rounded to dtype (as PyTorch computes it on that dtype)."""
+    h = F.linear(x.double(), w1.double(), None if b1 is None else b1.double()).to(dtype)
+    h = ACTS[act](h.float()).to(dtype)
+    return F.linear(h.double(), w2.double())
+
+
+def run(x, w1, b1, w2, act, b, **kw):
+    """block_mlp on DEV; the result back on x's device."""
+    c1, c2 = compress_block(w1.to(DEV), b), compress_block(w2.to(DEV), b)
+    y = bm.block_mlp(x.to(DEV), (c1.blocks, c1.row_ptr, c1.col_idx), None if b1 is None else b1.to(DEV),
+                     (c2.blocks, c2.row_ptr, c2.col_idx, c2.row_order), w1.shape[0], w2.shape[0], act, **kw)
+    return y.to(x.device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("shape", [(37, 48, 80, 40, 16), (1, 32, 64, 32, 32), (20, 50, 70, 30, 16)])
+def test_kernel_matches_reference(dtype, act, shape):
+    m, k, h, n, b = shape  # ragged M, K, H, N (masked loads, padded blocks)
+    gen = torch.Generator().manual_seed(hash((act, shape)) % 1000)
+    w1, w2 = blocky(h, k, b, 0.4, dtype, gen), blocky(n, h, b, 0.4, dtype, gen)
+    b1 = torch.randn(h, generator=gen).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    ref = reference(x, w1, b1, w2, act, dtype)
+    for exact in (True, False):
+        y = run(x, w1, b1, w2, act, b, exact=exact)
+        assert y.dtype == dtype and y.shape == (m, n)
+        torch.testing.assert_close(y.double(), ref, **TOL[dtype])
+
+
+def test_empty_rows_and_columns():
+    # W2 block rows with no block (y = 0 there), W1 block rows with none (h = act(b1) there, read
+    # by W2), a single nonzero block in each, no bias
+    gen = torch.Generator().manual_seed(1)
+    dt, b = torch.float32, 16
+    w1 = torch.zeros(64, 32)
+    w1[16:32, 0:16] = torch.randn(16, 16, generator=gen)
+    w2 = torch.zeros(48, 64)
+    w2[0:16, 48:64] = torch.randn(16, 16, generator=gen)  # reads a hidden block W1 has no block in
+    w2[32:48, 16:32] = torch.randn(16, 16, generator=gen)
+    x = torch.randn(19, 32, generator=gen)
+    b1 = torch.randn(64, generator=gen)
+    for bias in (None, b1):
+        y = run(x, w1, bias, w2, "gelu", b)
+        torch.testing.assert_close(y.double(), reference(x, w1, bias, w2, "gelu", dt), **TOL[dt])
+        assert torch.equal(y[:, 16:32], torch.zeros(19, 16, device=y.device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu"])
+def test_nonfinite_rows_as_dense(dtype, act):
+    # NaN / Inf in x, and a finite x so large that fc1 overflows the dtype: the exact path gives
+    # dense's NaN / Inf pattern (the two layers computed densely); rows without any stay the same
+    gen = torch.Generator().manual_seed(2)
+    m, k, h, n, b = 40, 48, 96, 32, 16
+    w1, w2 = blocky(h, k, b, 0.3, dtype, gen), blocky(n, h, b, 0.3, dtype, gen)
+    b1 = torch.randn(h, generator=gen).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    x[3, 5] = float("nan")
+    x[7, 0] = float("inf")
+    x[21, 40] = float("-inf")
+    x[30, 1] = 6e4 if dtype == torch.float16 else 1e38  # overflows fc1 for some hidden units
+    y = run(x, w1, b1, w2, act, b)
+    # dense: the two layers in the dtype's arithmetic of the unfused ops (fp32 products), fp32 out
+    h_ = ACTS[act](F.linear(x.float(), w1.float(), b1.float()).to(dtype).float()).to(dtype)
+    ref = F.linear(h_.float(), w2.float())
+    fin = ref.isfinite().all(1)
+    assert not fin[[3, 7, 21]].any()
+    for r in range(m):
+        if fin[r]:
+            continue
+        assert torch.equal(y[r].float().isnan(), ref[r].isnan()), r
+        assert torch.equal(y[r].float().isposinf(), ref[r].isposinf()) or dtype == torch.float16, r
+    torch.testing.assert_close(y[fin].double(), reference(x[fin], w1, b1, w2, act, dtype), **TOL[dtype])
+    # nonfinite="fast": no flag, no exact path; finite rows unchanged
+    y_fast = run(x, w1, b1, w2, act, b, exact=False)
+    torch.testing.assert_close(y_fast[fin], y[fin], rtol=0, atol=0)
+
+
+def test_safe_bound():
+    w = torch.zeros(32, 16)
+    w[0:16, 0:16] = 2.0  # row sums 32
+    c = compress_block(w, 16)
+    s = bm.safe_bound(c.blocks, c.row_ptr, torch.full((32,), 3.0), torch.bfloat16)
+    assert s == pytest.approx((3.0e38 - 3.0) / (32 * 1.001))
+    zero = compress_block(torch.zeros(32, 16), 16)
+    assert bm.safe_bound(zero.blocks, zero.row_ptr, None, torch.float16) == 6.0e4  # Inf still flagged
+    assert bm.safe_bound(c.blocks, c.row_ptr, torch.full((32,), float("inf")), torch.float16) == 0.0
+    x = torch.tensor([[1.0, -5.0], [float("nan"), 0.0], [float("-inf"), 1.0]])
+    f = bm.row_flag(x)
+    assert f[0] == 5.0 and f[1].isnan() and f[2].isnan()
+
+
+# ---------------------------------------------------------------- the pass
+
+class Mlp(nn.Module):
+    def __init__(self, d=64, h=128, act="gelu", bias=True, norm=True):
+        super().__init__()
+        self.norm = nn.LayerNorm(d) if norm else nn.Identity()
+        self.fc1 = prune_lin(nn.Linear(d, h, bias=bias))
+        self.act = MODULES[act]() if act in MODULES else nn.Tanh()
+        self.fc2 = prune_lin(nn.Linear(h, d, bias=bias))
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+def prune_lin(lin: nn.Linear) -> nn.Linear:
+    prune_blocks_(lin.weight.data, 16, 0.75)
+    return lin
+
+
+@pytest.fixture
+def triton_on_cpu():
+    """The block template family made available on the CPU (its lowering falls back to the
+    reference there), as tests/test_backend.py does."""
+    from sparse_inductor import dispatch
+    from sparse_inductor.lowering import triton_block  # noqa: F401
+
+    key = "block/triton"
+    spec = dispatch._KERNELS[key]
+    dispatch._KERNELS[key] = dataclasses.replace(spec, devices=(*spec.devices, "cpu"))
+    yield {"force": True, "kernel": "triton", "fx_cache": False}
+    dispatch._KERNELS[key] = spec
+
+
+class TestDerivedCheck(expecttest.TestCase):
+    """Without fusion (the default), fc2's row check comes from fc1's input: no check over the
+    hidden activations, two reductions over x beside the LayerNorm."""
+
+    @pytest.fixture(autouse=True)
+    def _opts(self, triton_on_cpu):
+        self.opts = triton_on_cpu
+
+    def test_graph_and_decision(self):
+        model, x = seeded_mlp(), torch.randn(2, 5, 64, dtype=torch.bfloat16)
+        r = run_sparse(model, (x,), options=self.opts)
+        assert_like_eager(r.outputs[0], model(x).detach())
+        gm = r.graphs[0]
+        self.assertNotIn("sparse_inductor.row_check", gm)
+        self.assertIn("amax_default", gm)
+        self.assertIn("aten.sqrt.default", gm)
+        self.assertIn("'triton', row_check = mul_tensor_", gm)
+        assert r.by_name("fc2").row_check == "from fc1's input, in its norm", r.by_name("fc2").line()
+        assert "non-finite row check read from fc1's input (through the gelu)" in r.by_name("fc2").reason
+
+    def test_not_derived(self):
+        # nonfinite="fast": no check at all; K > H without a norm: the check over h is the cheaper read
+        for model, opts in ((seeded_mlp(), {"nonfinite": "fast"}), (seeded_mlp(d=128, h=64, norm=False), {})):
+            x = torch.randn(3, model.fc1.in_features, dtype=torch.bfloat16)
+            r = run_sparse(model, (x,), options={**self.opts, **opts})
+            self.assertNotIn("aten.sqrt.default", r.graphs[0])
+            self.assertNotIn("from fc1", r.by_name("fc2").row_check)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_derived_check_gives_dense_pattern(dtype):
+    """The fc2 kernel with the derived check: NaN / Inf / overflowing rows of x give dense's pattern
+    (the fixup reads h where the flag says it may be non-finite); a flagged row whose h stays
+    finite is computed as it is (not made NaN)."""
+    from sparse_inductor.lowering import triton_block as tb
+
+    gen = torch.Generator().manual_seed(4)
+    m, k, h, n, b = 24, 32, 64, 48, 16
+    w1, w2 = blocky(h, k, b, 0.5, dtype, gen), blocky(n, h, b, 0.3, dtype, gen)
+    b1 = torch.randn(h, generator=gen).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    x[2, 3], x[5, 0] = float("nan"), float("-inf")
+    big = 6e4 if dtype == torch.float16 else 1e38
+    x[9, 1] = big  # overflows fc1
+    c1 = compress_block(w1, b)
+    safe = bm.safe_bound(c1.blocks, c1.row_ptr, b1, dtype)
+    x[13, 2] = min(big, safe * 4)  # flagged, but |x| * the row sums of W1 in column 2 may stay in range
+    hid = F.gelu(F.linear(x.float(), w1.float(), b1.float()).to(dtype).float()).to(dtype)
+    flag = bm.row_flag(x)
+    g = ((flag - safe) * -1.0).sqrt() * 0.0
+    assert g[[2, 5, 9, 13]].isnan().all() and not g[[0, 1, 20]].isnan().any()
+    c2 = compress_block(w2.to(DEV), b)
+    y = tb.block_linear(hid.to(DEV), c2.blocks, c2.row_ptr, c2.col_idx, c2.row_order, None, n, h,
+                        row_check=g.to(DEV)).cpu()
+    ref = F.linear(hid.float(), w2.float())
+    assert torch.equal(y.float().isnan(), ref.isnan())
+    assert torch.equal(y.float().isinf(), ref.isinf())
+    fin = ref.isfinite().all(1)
+    torch.testing.assert_close(y[fin].double(), F.linear(hid[fin].double(), w2.double()), **TOL[dtype])
+
+
+def seeded_mlp(dtype=torch.bfloat16, **kw):
+    torch.manual_seed(0)
+    return Mlp(**kw).to(dtype).eval()
+
+
+class TestFusePass(expecttest.TestCase):
+    @pytest.fixture(autouse=True)
+    def _opts(self, triton_on_cpu):
+        self.opts = {**triton_on_cpu, "fuse_mlp": True}
+
+    def fused(self, model, x, **opts):
+        """Compile with the pass; the output equals eager's (the ops' reference kernels on the CPU
+        compute what the model does, the fused op included), up to the rounding of the ops Inductor
+        generates around them (fp32: the LayerNorm's and GELU's order of operations)."""
+        r = run_sparse(model, (x,), options={**self.opts, **opts})
+        ref = model(x).detach()
+        if x.dtype == torch.float32:
+            torch.testing.assert_close(r.outputs[0], ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+        else:
+            assert_like_eager(r.outputs[0], ref)
+        return r
+
+    def test_golden_graph(self):
+        x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+        r = self.fused(seeded_mlp(), x)
+        gm = r.graphs[0]
+        self.assertNotIn("linear_block", gm)
+        self.assertNotIn("erf", gm)
+        # the LayerNorm, then the flag (two reductions that fuse into the norm), one op for both
+        # layers and the GELU, the residual add after it
+        self.assertExpectedInline(gm, """\
+def forward(self, arg6_1: "bf16[2, 5, 64]"):
+_sparse_1_blocks: "bf16[8, 16, 16]" = self._sparse_1_blocks
+_sparse_1_row_ptr: "i32[5]" = self._sparse_1_row_ptr
+_sparse_1_col_idx: "i32[8]" = self._sparse_1_col_idx
+_sparse_1_row_order: "i32[4]" = self._sparse_1_row_order
+_sparse_0_blocks: "bf16[8, 16, 16]" = self._sparse_0_blocks
+_sparse_0_row_ptr: "i32[9]" = self._sparse_0_row_ptr
+_sparse_0_col_idx: "i32[8]" = self._sparse_0_col_idx
+arg0_1: "bf16[64]" = self._frozen_param0
+arg1_1: "bf16[64]" = self._frozen_param1
+arg3_1: "bf16[128]" = self._frozen_param3
+arg5_1: "bf16[64]" = self._frozen_param5
+convert_element_type: "f32[2, 5, 64]" = torch.ops.prims.convert_element_type.default(arg6_1, torch.float32)
+var_mean = torch.ops.aten.var_mean.correction(convert_element_type, [2], correction = 0, keepdim = True)
+getitem: "f32[2, 5, 1]" = var_mean[0]
+getitem_1: "f32[2, 5, 1]" = var_mean[1]
+sub: "f32[2, 5, 64]" = torch.ops.aten.sub.Tensor(convert_element_type, getitem_1)
+add: "f32[2, 5, 1]" = torch.ops.aten.add.Tensor(getitem, 1e-05)
+rsqrt: "f32[2, 5, 1]" = torch.ops.aten.rsqrt.default(add)
+mul: "f32[2, 5, 64]" = torch.ops.aten.mul.Tensor(sub, rsqrt)
+mul_1: "f32[2, 5, 64]" = torch.ops.aten.mul.Tensor(mul, arg0_1)
+add_1: "f32[2, 5, 64]" = torch.ops.aten.add.Tensor(mul_1, arg1_1)
+convert_element_type_1: "bf16[2, 5, 64]" = torch.ops.prims.convert_element_type.default(add_1, torch.bfloat16)
+view: "bf16[10, 64]" = torch.ops.aten.reshape.default(convert_element_type_1, [10, 64])
+convert_element_type_default_2: "f32[10, 64]" = torch.ops.prims.convert_element_type.default(view, torch.float32)
+abs_default: "f32[10, 64]" = torch.ops.aten.abs.default(convert_element_type_default_2)
+amax_default: "f32[10]" = torch.ops.aten.amax.default(abs_default, [1])
+mul_tensor_3: "f32[10, 64]" = torch.ops.aten.mul.Tensor(convert_element_type_default_2, 0.0)
+sum_dim_int_list: "f32[10]" = torch.ops.aten.sum.dim_IntList(mul_tensor_3, [1])
+add_tensor_2: "f32[10]" = torch.ops.aten.add.Tensor(amax_default, sum_dim_int_list)
+mlp_block_default: "bf16[10, 64]" = torch.ops.sparse_inductor.mlp_block.default(view, _sparse_0_blocks, _sparse_0_row_ptr, _sparse_0_col_idx, arg3_1, _sparse_1_blocks, _sparse_1_row_ptr, _sparse_1_col_idx, _sparse_1_row_order, arg5_1, 128, 64, 'gelu', 'triton', 1.2056299622593083e+38, add_tensor_2)
+reshape_default: "bf16[10, 64]" = torch.ops.aten.reshape.default(arg6_1, [10, 64])
+add_tensor: "bf16[10, 64]" = torch.ops.aten.add.Tensor(reshape_default, mlp_block_default)
+reshape_default_1: "bf16[2, 5, 64]" = torch.ops.aten.reshape.default(add_tensor, [2, 5, 64])
+return (reshape_default_1,)""")
+
+    def test_decisions_say_fused(self):
+        x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+        r = self.fused(seeded_mlp(), x)
+        for name, other, check in (("fc1", "fc2", "MLP flag in x's norm"), ("fc2", "fc1", "in the MLP kernel")):
+            d = r.by_name(name)
+            assert d.kernel == "triton" and d.fused[-1] == "mlp", d.line()
+            assert f"fused with {other} and the gelu between them" in d.reason, d.line()
+            assert d.row_check == check, d.line()
+
+    def test_other_activations(self):
+        for act in ("relu", "silu", "none"):
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            if act == "none":
+                model = nn.Sequential(prune_lin(nn.Linear(64, 128)), prune_lin(nn.Linear(128, 64))).to(torch.bfloat16)
+            else:
+                model = seeded_mlp(act=act)
+            r = self.fused(model.eval(), torch.randn(3, 64, dtype=torch.bfloat16))
+            assert "mlp_block" in r.graphs[0] and f"'{act}', 'triton'" in r.graphs[0], r.graphs[0]
+
+    def test_not_fused(self):
+        # tanh is not an activation the kernel has; fp32 is not probed exhaustively; fuse_mlp=False
+        for model, x, opts in ((seeded_mlp(act="tanh"), torch.randn(3, 64, dtype=torch.bfloat16), {}),
+                               (seeded_mlp(torch.float32), torch.randn(3, 64), {}),
+                               (seeded_mlp(), torch.randn(3, 64, dtype=torch.bfloat16), {"fuse_mlp": False})):
+            r = self.fused(model, x, **opts)
+            assert "mlp_block" not in r.graphs[0] and r.graphs[0].count(OP_BLOCK) == 2, r.graphs[0]
+            assert all("mlp" not in d.fused for d in r.decisions)
+
+    def test_hidden_used_twice_not_fused(self):
+        class Twice(Mlp):
+            def forward(self, x):
+                a = self.act(self.fc1(x))
+                return self.fc2(a) + a[..., :64]
+
+        torch.manual_seed(0)
+        r = self.fused(Twice(norm=False).to(torch.bfloat16).eval(), torch.randn(3, 64, dtype=torch.bfloat16))
+        assert "mlp_block" not in r.graphs[0] and r.graphs[0].count(OP_BLOCK) == 2, r.graphs[0]
+
+    def test_nonfinite_rows(self):
+        model = seeded_mlp()
+        x = torch.randn(4, 64, dtype=torch.bfloat16)
+        x[1, 3] = float("nan")
+        x[2, 0] = float("inf")
+        r = self.fused(model, x)
+        assert "mlp_block" in r.graphs[0]
+        assert r.outputs[0][1].isnan().all() and r.outputs[0][2].isnan().all()
+
+    def test_fast_mode_has_no_flag(self):
+        r = self.fused(seeded_mlp(), torch.randn(3, 64, dtype=torch.bfloat16), nonfinite="fast")
+        assert "mlp_block" in r.graphs[0] and "amax" not in r.graphs[0], r.graphs[0]
+
+
+def test_identify_activation_rejects_lookalikes():
+    import torch.fx as fx
+
+    from sparse_inductor.passes.fuse_mlp import identify_activation
+
+    def chain(fn):
+        g = fx.symbolic_trace(fn).graph
+        nodes = [n for n in g.nodes if n.op == "call_function"]
+        start = next(n for n in g.nodes if n.op == "placeholder")
+        return nodes, start
+
+    aten, prims = torch.ops.aten, torch.ops.prims
+
+    def f32(t):
+        return prims.convert_element_type.default(t, torch.float32)
+
+    def bf16(t):
+        return prims.convert_element_type.default(t, torch.bfloat16)
+
+    def gelu(t):  # as the post-grad graph has it (Inductor's decomposition)
+        u = f32(t)
+        return bf16(aten.mul.Tensor(aten.mul.Tensor(u, 0.5), aten.add.Tensor(aten.erf.default(
+            aten.mul.Tensor(u, 0.7071067811865476)), 1)))
+
+    ok = {
+        "gelu": gelu,
+        "relu": lambda t: aten.relu.default(t),
+        "silu": lambda t: bf16(aten.mul.Tensor(f32(t), aten.sigmoid.default(f32(t)))),
+        "none": lambda t: aten.clone.default(t),
+    }
+    for name, fn in ok.items():
+        nodes, start = chain(fn)
+        assert identify_activation(nodes, start, torch.bfloat16) == name
+    for fn in (lambda t: bf16(aten.gelu.default(f32(t), approximate="tanh")), lambda t: aten.mul.Tensor(t, 2),
+               lambda t: aten.clamp_min.default(t, 0.0001),
+               lambda t: bf16(aten.mul.Tensor(aten.mul.Tensor(f32(t), 0.5), aten.add.Tensor(aten.erf.default(
+                   aten.mul.Tensor(f32(t), 0.7)), 1)))):  # a GELU with the wrong constant
+        nodes, start = chain(fn)
+        assert identify_activation(nodes, start, torch.bfloat16) is None
+    nodes, start = chain(ok["gelu"])
+    assert identify_activation(nodes, start, torch.float32) is None  # not probed exhaustively
+
+
+# ---------------------------------------------------------------- GPU
+
+class ResidualMlp(nn.Module):
+    """A ViT block's MLP half: x + fc2(GELU(fc1(LayerNorm(x))))."""
+
+    def __init__(self, d=256, h=1024):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def _gpu_model(d=256, h=1024, sparsity=0.75):
+    import sparse_inductor
+
+    torch.manual_seed(0)
+    model = ResidualMlp(d, h).cuda().to(torch.bfloat16).eval()
+    sparse_inductor.prune(model, "block", block=64, sparsity=sparsity)
+    return model
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 200])
+def test_gpu_fused_template_with_residual(m):
+    """One template kernel computes both layers, the GELU between them and the residual add after;
+    no other kernel computes an erf; dense's NaN/Inf rows come back; finite rows match fp64."""
+    from test_gpu_compile import TOL_BF16, _sources, compile_and_code, fp64, kernel_defs, rel_err
+
+    model = _gpu_model()
+    x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+    if m > 1:  # (a huge finite x is the kernel test's: the LayerNorm's own overflow differs from eager's)
+        x[3, 5], x[10, 2] = float("nan"), float("inf")
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton", "fuse_mlp": True})
+    assert [d.kernel for d in decisions] == ["triton", "triton"] and all("mlp" in d.fused for d in decisions)
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = ref.isfinite().all(dim=1)
+    assert rel_err(out[finite], fp64(model, x)[finite]) < TOL_BF16
+    tem = _sources(code, "def triton_tem_fused", "block_mlp_acc(X")
+    assert len(tem) == 1, kernel_defs(code)
+    torch.testing.FileCheck().check("acc = block_mlp_acc(X").check("tl.store").run(tem[0])
+    assert "+ tmp" in tem[0].split("acc = block_mlp_acc(X")[1] or "tl.load(in_ptr" in tem[0].split("acc = block_mlp_acc(X")[1]
+    assert not [k for k in _sources(code, "erf") if "block_mlp_acc(X" not in k], kernel_defs(code)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_kernel_exact_path(dtype):
+    """The launcher on the device: finite rows against fp64, and a finite x large enough to overflow
+    fc1 takes the exact path (dense's NaN/Inf pattern)."""
+    gen = torch.Generator().manual_seed(3)
+    m, k, h, n, b = 300, 256, 512, 192, 64
+    w1, w2 = blocky(h, k, b, 0.25, dtype, gen), blocky(n, h, b, 0.25, dtype, gen)
+    b1 = torch.randn(h, generator=gen).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    x[17, 0] = 6e4 if dtype == torch.float16 else 1e38
+    x[200, 9] = float("nan")
+    w1, w2, b1, x = (t.cuda() for t in (w1, w2, b1, x))
+    y = run(x, w1, b1, w2, "gelu", b)
+    h_ = F.gelu(F.linear(x, w1, b1))
+    ref = F.linear(h_, w2)
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+    fin = ref.isfinite().all(1)
+    assert not fin[17] and not fin[200]
+    torch.testing.assert_close(y[fin].double(), reference(x[fin], w1, b1, w2, "gelu", dtype), **TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_gpu_fusion_is_timed():
+    """With fuse_mlp the pass times the fused kernel against the two layers' times and says so."""
+    from test_gpu_compile import compile_and_code
+
+    model = _gpu_model(768, 3072, 0.9)
+    x = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16)
+    out, code, decisions = compile_and_code(model, x, {"kernel": "triton", "fuse_mlp": True})
+    fc1 = next(d for d in decisions if d.name.endswith("fc1"))
+    if fc1.kernel == "triton" and next(d for d in decisions if d.name.endswith("fc2")).kernel == "triton":
+        assert "us apart" in fc1.reason, fc1.line()
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=2e-2, atol=2e-2)
