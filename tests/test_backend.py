@@ -136,6 +136,22 @@ def run_sparse(model: nn.Module, *inputs: tuple, options: Optional[dict] = FORCE
                cap.graphs, "\n".join(code))
 
 
+@contextlib.contextmanager
+def block_template_on_cpu():
+    """The block template's family ("triton") made available on the CPU, where its lowering falls
+    back to the op's reference: the rewrite's graphs for it can be tested here."""
+    from sparse_inductor import dispatch
+    from sparse_inductor.lowering import triton_block  # noqa: F401  (registers block/triton)
+
+    key = "block/triton"
+    spec = dispatch._KERNELS[key]
+    dispatch._KERNELS[key] = dataclasses.replace(spec, devices=(*spec.devices, "cpu"))
+    try:
+        yield
+    finally:
+        dispatch._KERNELS[key] = spec
+
+
 def pruned_24(lin: nn.Linear) -> nn.Linear:
     prune_24_(lin.weight.data)
     return lin
@@ -348,20 +364,10 @@ return (linear_block_default,)""")
         # kernel "triton" (the template; made available on the CPU here, where its lowering falls
         # back to the reference): the check over relu_1 (a pointwise producer, not a norm) is an op
         # of its own, passed to the block op; the reference kernel (dense F.linear, above) gets none
-        import dataclasses
-
-        from sparse_inductor import dispatch
-        from sparse_inductor.lowering import triton_block  # noqa: F401  (registers block/triton)
-
-        key = "block/triton"
-        spec = dispatch._KERNELS[key]
-        dispatch._KERNELS[key] = dataclasses.replace(spec, devices=(*spec.devices, "cpu"))
-        try:
+        with block_template_on_cpu():
             torch._dynamo.reset()
             model, x = seeded(Mixed), torch.randn(4, 16)
             r = run_sparse(model, (x,), options={**FORCE, "kernel": "triton", "fx_cache": False})
-        finally:
-            dispatch._KERNELS[key] = spec
         assert_like_eager(r.outputs[0], model(x).detach())
         gm = r.graphs[0]
         self.assertIn('row_check_default: "f32[4]" = torch.ops.sparse_inductor.row_check.default(relu_1)', gm, gm)

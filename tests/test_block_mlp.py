@@ -4,8 +4,6 @@ fuses, the activation it identifies, the golden graph, and dense's non-finite ro
 template, its epilogue, the fused kernel on the device) are at the end, marked gpu."""
 from __future__ import annotations
 
-import dataclasses
-
 import expecttest
 import pytest
 import torch
@@ -16,7 +14,7 @@ from sparse_inductor.formats import compress_block
 from sparse_inductor.lowering import block_mlp as bm
 from sparse_inductor.prune import prune_blocks_
 
-from test_backend import OP_BLOCK, assert_like_eager, run_sparse
+from test_backend import OP_BLOCK, assert_like_eager, block_template_on_cpu, run_sparse
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: the interpreter (conftest)
 
@@ -159,15 +157,9 @@ def prune_lin(lin: nn.Linear) -> nn.Linear:
 @pytest.fixture
 def triton_on_cpu():
     """The block template family made available on the CPU (its lowering falls back to the
-    reference there), as tests/test_backend.py does."""
-    from sparse_inductor import dispatch
-    from sparse_inductor.lowering import triton_block  # noqa: F401
-
-    key = "block/triton"
-    spec = dispatch._KERNELS[key]
-    dispatch._KERNELS[key] = dataclasses.replace(spec, devices=(*spec.devices, "cpu"))
-    yield {"force": True, "kernel": "triton", "fx_cache": False}
-    dispatch._KERNELS[key] = spec
+    reference there), and the options that pin it."""
+    with block_template_on_cpu():
+        yield {"force": True, "kernel": "triton", "fx_cache": False}
 
 
 class TestDerivedCheck(expecttest.TestCase):

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from .._compat import INTERPRETING, inductor_size_hint
+from .template import HEAD_X_MNK
 from .triton_block import _default_allow_tf32, block_range_acc
 
 __all__ = ["ACTS", "MlpConfig", "block_mlp", "pick_config", "row_flag", "safe_bound", "lower"]
@@ -301,14 +302,7 @@ def block_mlp(x: torch.Tensor, w1: tuple, bias1: Optional[torch.Tensor], w2: tup
 # Inductor template
 # ----------------------------------------------------------------------------------------------
 
-_TEMPLATE_BODY = r'''
-{{def_kernel(@INPUTS@)}}
-    M = {{size("X", 0)}}
-    K = {{size("X", 1)}}
-    N = {{size(None, 1)}}
-    stride_xm = {{stride("X", 0)}}
-    stride_xk = {{stride("X", 1)}}
-    rb = tl.load(ROW_ORDER2 + tl.program_id(0))
+_TEMPLATE_BODY = HEAD_X_MNK + r'''    rb = tl.load(ROW_ORDER2 + tl.program_id(0))
     pid_m = tl.program_id(1)
     acc = block_mlp_acc(X, BLOCKS1, ROW_PTR1, COL_IDX1, @BIAS1@, BLOCKS2, ROW_PTR2, COL_IDX2, @FLAG@,
                         rb, pid_m, M, K, H, stride_xm, stride_xk,

@@ -12,9 +12,20 @@ import inspect
 import textwrap
 from typing import Any, Callable, Sequence
 
-__all__ = ["template_source", "get_template", "grid_nm"]
+__all__ = ["template_source", "get_template", "grid_nm", "HEAD_X_MNK"]
 
 _PRELUDE = "import triton\nimport triton.language as tl\n\n"
+
+# The opening of a template body over an input X [M, K] and an output [M, N]: the kernel's
+# signature (@INPUTS@: the input names, quoted) and the sizes and X's strides as locals.
+HEAD_X_MNK = r'''
+{{def_kernel(@INPUTS@)}}
+    M = {{size("X", 0)}}
+    K = {{size("X", 1)}}
+    N = {{size(None, 1)}}
+    stride_xm = {{stride("X", 0)}}
+    stride_xk = {{stride("X", 1)}}
+'''
 
 
 def _source(fn: Any) -> str:

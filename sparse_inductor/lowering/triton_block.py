@@ -62,6 +62,7 @@ import triton.language as tl
 
 from .._compat import INTERPRETING, inductor_size_hint, static_int
 from ..formats.block import BLOCK_SIZES
+from .template import HEAD_X_MNK
 
 __all__ = [
     "BlockLinearConfig", "CONFIGS", "DEVICE_FUNCTIONS", "M_BUCKETS", "block_linear",
@@ -433,14 +434,7 @@ def block_linear(
 # follows the linear (bias, activation, residual, cast) is fused into the store.
 # ----------------------------------------------------------------------------------------------
 
-_TEMPLATE_BODY = r'''
-{{def_kernel(@INPUTS@)}}
-    M = {{size("X", 0)}}
-    K = {{size("X", 1)}}
-    N = {{size(None, 1)}}
-    stride_xm = {{stride("X", 0)}}
-    stride_xk = {{stride("X", 1)}}
-    rb = tl.load(ROW_ORDER + tl.program_id(0) // (B // BN))
+_TEMPLATE_BODY = HEAD_X_MNK + r'''    rb = tl.load(ROW_ORDER + tl.program_id(0) // (B // BN))
     sub = tl.program_id(0) % (B // BN)
     pid_m = tl.program_id(1)
     acc = block_sparse_acc(X, BLOCKS, ROW_PTR, COL_IDX, rb, sub, pid_m, M, N, K, stride_xm, stride_xk,
