@@ -177,17 +177,23 @@ class TestDerivedCheck(expecttest.TestCase):
         gm = r.graphs[0]
         self.assertNotIn("sparse_inductor.row_check", gm)
         self.assertIn("amax_default", gm)
-        self.assertIn("aten.sqrt.default", gm)
+        self.assertIn("aten.log.default", gm)
         self.assertIn("'triton', row_check = mul_tensor_", gm)
         assert r.by_name("fc2").row_check == "from fc1's input, in its norm", r.by_name("fc2").line()
         assert "non-finite row check read from fc1's input (through the gelu)" in r.by_name("fc2").reason
 
     def test_not_derived(self):
-        # nonfinite="fast": no check at all; K > H without a norm: the check over h is the cheaper read
-        for model, opts in ((seeded_mlp(), {"nonfinite": "fast"}), (seeded_mlp(d=128, h=64, norm=False), {})):
+        # nonfinite="fast": no check at all; K > H without a norm: the check over h is the cheaper read;
+        # an Inf in W1 (a nonzero block): even a zero row of x gives a non-finite h (safe_bound 0)
+        inf_w1 = seeded_mlp()
+        with torch.no_grad():
+            inf_w1.fc1.weight.view(-1)[inf_w1.fc1.weight.view(-1).nonzero()[0]] = float("inf")
+        for model, opts in ((seeded_mlp(), {"nonfinite": "fast"}), (seeded_mlp(d=128, h=64, norm=False), {}),
+                            (inf_w1, {})):
             x = torch.randn(3, model.fc1.in_features, dtype=torch.bfloat16)
             r = run_sparse(model, (x,), options={**self.opts, **opts})
-            self.assertNotIn("aten.sqrt.default", r.graphs[0])
+            assert r.by_name("fc2").kernel == "triton", r.by_name("fc2").line()
+            self.assertNotIn("aten.log.default", r.graphs[0])
             self.assertNotIn("from fc1", r.by_name("fc2").row_check)
 
 
@@ -211,7 +217,7 @@ def test_derived_check_gives_dense_pattern(dtype):
     x[13, 2] = min(big, safe * 4)  # flagged, but |x| * the row sums of W1 in column 2 may stay in range
     hid = F.gelu(F.linear(x.float(), w1.float(), b1.float()).to(dtype).float()).to(dtype)
     flag = bm.row_flag(x)
-    g = ((flag - safe) * -1.0).sqrt() * 0.0
+    g = ((flag - safe) * -1.0).log() * 0.0
     assert g[[2, 5, 9, 13]].isnan().all() and not g[[0, 1, 20]].isnan().any()
     c2 = compress_block(w2.to(DEV), b)
     y = tb.block_linear(hid.to(DEV), c2.blocks, c2.row_ptr, c2.col_idx, c2.row_order, None, n, h,

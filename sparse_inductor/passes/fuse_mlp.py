@@ -12,7 +12,7 @@ checks as linear_rewrite leaves them):
 After, by default (exact mode): fc2's check comes from fc1's input (_derive_check):
 
     flag = amax(|x|, 1) + sum(0 * x, 1)                         (fuses into x's norm)
-    g2   = 0 * sqrt(safe - flag)                                (NaN where h may be non-finite)
+    g2   = 0 * log(safe - flag)                                (NaN where h may be non-finite)
     y    = sparse_inductor.linear_block(a, W2..., b2, N, H, "triton", row_check=g2)
 
 or, with options fuse_mlp (where measured faster than the two apart):
@@ -264,7 +264,8 @@ def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
             _fuse(gm, a, b, nodes, act, safe, exact, dec_a, dec_b, layer_a, t_fused, t_apart)
             return 1
         dec_a.reason += f"; not fused with {dec_b.name}: one kernel {t_fused:.1f} us vs {t_apart:.1f} us apart"
-    if exact and DERIVED_CHECK and isinstance(b.kwargs.get("row_check"), fx.Node) \
+    # (safe 0: W1 or b1 holds a NaN/Inf, so even a zero row of x may give a non-finite h)
+    if exact and DERIVED_CHECK and safe > 0 and isinstance(b.kwargs.get("row_check"), fx.Node) \
             and (layer_a.row_check == "fused" or k <= h):
         _derive_check(a, b, safe, dec_a, dec_b, layer_a, act)
     return 0
@@ -281,8 +282,9 @@ def _derive_check(a: fx.Node, b: fx.Node, safe: float, dec_a, dec_b, layer_a, ac
     fc2 (the block template) needs g[m] NaN for the rows whose input (h = act(fc1(x))) may hold a
     NaN/Inf: only then does it read the columns it skips (nan_where_skipped) and put NaN where dense
     has it. h's row is finite when x's row is and fc1 cannot overflow: flag[m] = max|x[m]| + sum 0 *
-    x[m] at most `safe` (block_mlp.safe_bound; |act(t)| <= |t|). So g[m] = 0 * sqrt(safe - flag[m]):
-    0 for such rows, NaN for the others (a NaN or Inf in x, or an x large enough that fc1 might
+    x[m] under `safe` (block_mlp.safe_bound; |act(t)| <= |t|). So g[m] = 0 * log(safe - flag[m]):
+    0 for such rows (a finite log), NaN for the others (log of 0 is -Inf, of a negative or NaN NaN;
+    strictly under, as the fused kernel's `flag < SAFE`) (a NaN or Inf in x, or an x large enough that fc1 might
     overflow), and for those the kernel looks at h itself: the same NaN/Inf positions as before.
     The flag is two reductions over x that Inductor fuses into x's norm (ViT: LayerNorm), where the
     check over h was a kernel of its own reading the hidden activations (ViT-B/16 b64: 77 MB, ~29 us
@@ -294,7 +296,7 @@ def _derive_check(a: fx.Node, b: fx.Node, safe: float, dec_a, dec_b, layer_a, ac
 
     with graph.inserting_before(b):
         gap = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.sub.Tensor, (flag, float(safe))), -1.0))
-        g = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.sqrt.default, (gap,)), 0.0))
+        g = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.log.default, (gap,)), 0.0))
     for n in (gap.args[0], gap, g.args[0], g):
         _derived(n, b)
         n.meta["sparse_inductor"] = "row_check"
