@@ -41,6 +41,7 @@ import torch.fx as fx
 
 from .. import _compat, ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
 from ..options import SparseOptions
+from .linear_rewrite import _derived, _is_pointwise
 
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
@@ -50,12 +51,6 @@ __all__ = ["fuse_mlps", "identify_activation"]
 _BLOCK = torch.ops.sparse_inductor.linear_block.default
 _VIEWS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
 _DTYPES = (torch.float16, torch.bfloat16)
-_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def _is_pointwise(node: fx.Node) -> bool:
-    t = node.target
-    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags
 
 
 def _is_check(node: fx.Node) -> bool:
@@ -78,7 +73,7 @@ def _pair(b: fx.Node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
                 return None
             a = cur
             continue
-        if cur.op != "call_function" or not (cur.target in _VIEWS or _is_pointwise(cur)) or len(seen) > 64:
+        if cur.op != "call_function" or not (cur.target in _VIEWS or _is_pointwise(cur.target)) or len(seen) > 64:
             return None  # another tensor enters (a residual, a scale, a graph input)
         seen[cur] = None
         todo.extend(cur.all_input_nodes)
@@ -124,10 +119,10 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     if not torch.equal(na, nb):
         return False
     a, b = a[~na], b[~nb]
-    if torch.equal(a.isinf(), b.isinf()) is False:
+    if not torch.equal(a.isinf(), b.isinf()):
         return False
     eq = a == b
-    ia, ib = a.view(_BITS[a.dtype]).to(torch.int32), b.view(_BITS[b.dtype]).to(torch.int32)
+    ia, ib = a.view(torch.int16).to(torch.int32), b.view(torch.int16).to(torch.int32)  # (16-bit dtypes)
     near = ((ia - ib).abs() <= 1) & (a.signbit() == b.signbit()) & a.isfinite() & b.isfinite()
     return bool((eq | near).all())
 
@@ -174,8 +169,6 @@ def _constant(gm: fx.GraphModule, n) -> Optional[torch.Tensor]:
 def _flag(x: fx.Node, near: fx.Node) -> fx.Node:
     """flag [M] fp32 = max_k |x[m, k]| + sum_k 0 * x[m, k] (block_mlp.row_flag: NaN or Inf for a row
     holding one), as Inductor ops: two reductions over x that fuse into x's norm."""
-    from .linear_rewrite import _derived
-
     graph = x.graph
     with graph.inserting_before(near):
         xf = graph.call_function(torch.ops.prims.convert_element_type.default, (x, torch.float32))
@@ -233,7 +226,7 @@ def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
     if found is None:
         return 0
     a, nodes = found
-    (dec_a, layer_a), (dec_b, layer_b) = a.meta.get("sparse_inductor_layer", (None, None)), \
+    (dec_a, layer_a), (dec_b, _) = a.meta.get("sparse_inductor_layer", (None, None)), \
         b.meta.get("sparse_inductor_layer", (None, None))
     if dec_a is None or dec_b is None:
         return 0
@@ -259,7 +252,7 @@ def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
     safe = block_mlp.safe_bound(t1, _constant(gm, row_ptr1), b1, val.dtype)
     if opts.fuse_mlp and t1.shape[-1] == t2.shape[-1]:
         consts = tuple(_constant(gm, c) for c in (blocks1, row_ptr1, col_idx1, blocks2, row_ptr2, col_idx2, row_order2))
-        t_fused, t_apart = _time(dec_a, dec_b, layer_a, consts, b1, _constant(gm, bias2), h, n, act, exact, safe, opts)
+        t_fused, t_apart = _time(dec_a, dec_b, layer_a, consts, b1, h, n, act, exact, safe, opts)
         if opts.force or t_fused is None or t_apart is None or t_fused * opts.min_speedup <= t_apart:
             _fuse(gm, a, b, nodes, act, safe, exact, dec_a, dec_b, layer_a, t_fused, t_apart)
             return 1
@@ -282,18 +275,17 @@ def _derive_check(a: fx.Node, b: fx.Node, safe: float, dec_a, dec_b, layer_a, ac
     fc2 (the block template) needs g[m] NaN for the rows whose input (h = act(fc1(x))) may hold a
     NaN/Inf: only then does it read the columns it skips (nan_where_skipped) and put NaN where dense
     has it. h's row is finite when x's row is and fc1 cannot overflow: flag[m] = max|x[m]| + sum 0 *
-    x[m] under `safe` (block_mlp.safe_bound; |act(t)| <= |t|). So g[m] = 0 * log(safe - flag[m]):
-    0 for such rows (a finite log), NaN for the others (log of 0 is -Inf, of a negative or NaN NaN;
-    strictly under, as the fused kernel's `flag < SAFE`) (a NaN or Inf in x, or an x large enough that fc1 might
-    overflow), and for those the kernel looks at h itself: the same NaN/Inf positions as before.
+    x[m] under `safe` (block_mlp.safe_bound; |act(t)| <= |t|). So g[m] = 0 * log(safe - flag[m]) is 0
+    for such rows (a finite log) and NaN for the others (log of 0 is -Inf, of a negative number or
+    NaN is NaN: strictly under, as the fused kernel's `flag < SAFE`): a NaN or Inf in x, or an x large
+    enough that fc1 might overflow. For those the kernel looks at h itself: the same NaN/Inf
+    positions as before.
     The flag is two reductions over x that Inductor fuses into x's norm (ViT: LayerNorm), where the
     check over h was a kernel of its own reading the hidden activations (ViT-B/16 b64: 77 MB, ~29 us
     a layer on the H200, run K)."""
     graph = b.graph
     old = b.kwargs["row_check"]
     flag = _flag(a.args[0], b)
-    from .linear_rewrite import _derived
-
     with graph.inserting_before(b):
         gap = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.sub.Tensor, (flag, float(safe))), -1.0))
         g = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.log.default, (gap,)), 0.0))
@@ -336,7 +328,7 @@ def _fuse(gm, a, b, nodes, act, safe, exact, dec_a, dec_b, layer_a, t_fused, t_a
     log.info("sparse_inductor: fused %s + %s (%s) into one block MLP kernel%s", dec_a.name, dec_b.name, act, timed)
 
 
-def _time(dec_a, dec_b, layer_a, consts, b1, b2, h, n, act, exact, safe, opts) -> tuple[Optional[float], Optional[float]]:
+def _time(dec_a, dec_b, layer_a, consts, b1, h, n, act, exact, safe, opts) -> tuple[Optional[float], Optional[float]]:
     """(fused us, the two layers' us) where both can be known: the layers' times from their records
     (the dispatcher's measurements), the fused kernel's measured now (cached on disk), on CUDA with
     dispatch other than "model". (None, None) otherwise: fused without a comparison."""
