@@ -36,8 +36,9 @@ VARIANTS = {
     # with --pattern block (the names say what the default pattern does; these are neutral)
     "sparse": (False, {"backend": "sparse"}, False),
     "sparse, nonfinite fast": (False, {"backend": "sparse", "options": {"nonfinite": "fast"}}, False),
-    "sparse, MLPs apart": (False, {"backend": "sparse", "options": {"fuse_mlp": False}}, False),
-    "sparse, MLPs fused (forced)": (False, {"backend": "sparse", "options": {"force": True, "kernel": "triton"}}, False),
+    "sparse, MLPs fused": (False, {"backend": "sparse", "options": {"fuse_mlp": True}}, False),
+    "sparse, MLPs fused (forced)": (False, {"backend": "sparse", "options": {
+        "force": True, "kernel": "triton", "fuse_mlp": True}}, False),
 }
 
 
