@@ -16,6 +16,7 @@ from sparse_inductor.formats import compress_block
 from sparse_inductor.lowering import block_mlp as bm
 from sparse_inductor.prune import prune_blocks_
 
+from test_backend import _fresh_dynamo  # noqa: F401  (autouse: a fresh Dynamo per test, as there)
 from test_backend import OP_BLOCK, assert_like_eager, block_template_on_cpu, run_sparse
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: the interpreter (conftest)
