@@ -31,6 +31,7 @@ RULES = {
     "pointwise-check": (linear_rewrite, "POINTWISE_PRODUCER_CHECK", "fused",
                         ("check timed as a pass", "check timed as free")),
     "derived-check": (fuse_mlp, "DERIVED_CHECK", False, ("fc2's check from fc1's input", "fc2's check over h")),
+    "skip-hidden": (fuse_mlp, "SKIP_HIDDEN", False, ("fc1 skips unread/constant hidden units", "fc1 computes all")),
 }
 
 

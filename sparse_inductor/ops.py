@@ -30,6 +30,9 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
         into (lowering/row_check.py says when the rewrite uses it)
     linear_block(..., guard=True, row_check=g): the block kernel takes g from the graph instead of
         computing it in its lowering (which fuses with x's producer)
+    linear_block(..., live=L, skip_check=s): the block rows row_order[L:] of y are unspecified (the
+        template leaves them unwritten) except in the M tiles where s [M] fp32 (0 or NaN) holds a
+        NaN (s None: everywhere); passes/fuse_mlp.py sets it for hidden units nothing reads
     sparse_inductor::mlp_block(x, blocks1, row_ptr1, col_idx1, bias1, blocks2, row_ptr2, col_idx2,
                                row_order2, bias2, h, n, act, kernel, safe=0.0, flag=None) -> y [M, n]
         linear_block(act(linear_block(x, W1, bias1)), W2, bias2) for W1 [h, K] and W2 [n, h] in the
@@ -68,13 +71,16 @@ def _(x, values, meta, bias, kernel):
 def linear_block(
     x: Tensor, blocks: Tensor, row_ptr: Tensor, col_idx: Tensor, row_order: Tensor,
     bias: Optional[Tensor], n: int, k: int, kernel: str, guard: bool = True, row_check: Optional[Tensor] = None,
+    live: int = -1, skip_check: Optional[Tensor] = None,
 ) -> Tensor:
+    # (live / skip_check allow the template to leave tiles unwritten; computing them is always right)
     w = decompress_block(blocks, row_ptr, col_idx, n, k).to(x.dtype)  # int8 blocks: their integers
     return F.linear(x, w, bias)
 
 
 @linear_block.register_fake
-def _(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True, row_check=None):
+def _(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True, row_check=None, live=-1,
+      skip_check=None):
     torch._check(x.dim() == 2, lambda: f"linear_block expects a 2-D input, got {x.dim()}-D")
     torch._check(x.shape[1] == k, lambda: "linear_block: K mismatch between x and the weight")
     return x.new_empty(x.shape[0], n)

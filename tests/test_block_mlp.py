@@ -4,6 +4,8 @@ fuses, the activation it identifies, the golden graph, and dense's non-finite ro
 template, its epilogue, the fused kernel on the device) are at the end, marked gpu."""
 from __future__ import annotations
 
+import copy
+import unittest.mock
 import zlib
 
 import expecttest
@@ -17,7 +19,8 @@ from sparse_inductor.lowering import block_mlp as bm
 from sparse_inductor.prune import prune_blocks_
 
 from test_backend import _fresh_dynamo  # noqa: F401  (autouse: a fresh Dynamo per test, as there)
-from test_backend import OP_BLOCK, assert_like_eager, block_template_on_cpu, run_sparse
+from test_backend import (OP_BLOCK, TOLERANCES, assert_close_fp64, assert_like_eager, assert_same_nonfinite,
+                          block_template_on_cpu, run_sparse)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: the interpreter (conftest)
 
@@ -192,7 +195,8 @@ class TestDerivedCheck(expecttest.TestCase):
     def test_graph_and_decision(self):
         model, x = seeded_mlp(), torch.randn(2, 5, 64, dtype=torch.bfloat16)
         r = run_sparse(model, (x,), options=self.opts)
-        assert_like_eager(r.outputs[0], model(x).detach())
+        # (fc2's constant inputs folded into an fp32 bias: not eager's order of operations)
+        assert_close_fp64(r.outputs[0], copy.deepcopy(model).double()(x.double()).detach(), torch.bfloat16)
         gm = r.graphs[0]
         self.assertNotIn("sparse_inductor.row_check", gm)
         self.assertIn("amax_default", gm)
@@ -200,6 +204,31 @@ class TestDerivedCheck(expecttest.TestCase):
         self.assertIn("'triton', row_check = mul_tensor_", gm)
         assert r.by_name("fc2").row_check == "from fc1's input, in its norm", r.by_name("fc2").line()
         assert "non-finite row check read from fc1's input (through the gelu)" in r.by_name("fc2").reason
+
+    def test_hidden_units_skipped(self):
+        """fc1 computes only the block rows fc2 reads (live, skip_check = the derived check); fc2's
+        blocks on constant units go into an fp32 bias after it. With fuse_mlp's SKIP_HIDDEN off,
+        neither; under nonfinite="fast", fc1 skips with no check."""
+        model, x = seeded_mlp(), torch.randn(2, 5, 64, dtype=torch.bfloat16)
+        r = run_sparse(model, (x,), options=self.opts)
+        gm = r.graphs[0]
+        self.assertIn("128, 64, 'triton', live = 3, skip_check = mul_tensor_5)", gm)
+        self.assertIn("_sparse_hidden_row_order_1, None, 64, 128, 'triton', row_check = mul_tensor_5)", gm)
+        self.assertIn('add_tensor_3: "f32[10, 64]" = torch.ops.aten.add.Tensor(convert_element_type_default_3, '
+                      "_sparse_hidden_bias)", gm)
+        fc1, fc2 = r.by_name("fc1"), r.by_name("fc2")
+        assert "hidden-skip" in fc1.fused and "hidden-fold" in fc2.fused, (fc1.line(), fc2.line())
+        assert "computes 3 of its 8 block rows (3 that fc2 does not read, 2 constant" in fc1.reason
+        fast = run_sparse(model, (x,), options={**self.opts, "nonfinite": "fast"})
+        self.assertIn("'triton', guard = False, live = 3, skip_check = None)", fast.graphs[0])
+        assert_close_fp64(fast.outputs[0], copy.deepcopy(model).double()(x.double()).detach(), torch.bfloat16)
+        from sparse_inductor.passes import fuse_mlp
+
+        with unittest.mock.patch.object(fuse_mlp, "SKIP_HIDDEN", False):
+            off = run_sparse(model, (x,), options=self.opts)
+        self.assertNotIn("live =", off.graphs[0])
+        self.assertNotIn("hidden", off.by_name("fc1").fused_text() + off.by_name("fc2").fused_text())
+        assert_like_eager(off.outputs[0], model(x).detach())
 
     def test_not_derived(self):
         # nonfinite="fast": no check at all; K > H without a norm: the check over h is the cheaper read;
@@ -248,6 +277,86 @@ def test_derived_check_gives_dense_pattern(dtype):
     assert_near(y[fin], F.linear(hid[fin].double(), w2.double()), torch.zeros_like(hid[fin]), w2, dtype)
 
 
+def _hidden_case(dtype, gen):
+    """W1 [128, 32], W2 [48, 128] in 16x16 blocks with hidden block 1 unread (W2's column empty),
+    block 2 constant (W1's row empty, W2 reads it), block 3 both; biases."""
+    m, k, h, n, b = 40, 32, 128, 48, 16
+    w1, w2 = blocky(h, k, b, 0.5, dtype, gen), blocky(n, h, b, 0.4, dtype, gen)
+    w2[:, 16:32] = 0
+    w1[32:64] = 0
+    w2[:, 48:64] = 0
+    w2[:16, 32:48] = torch.randn(16, 16, generator=gen).to(dtype)
+    b1, b2 = torch.randn(h, generator=gen).to(dtype), torch.randn(n, generator=gen).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    return x, w1, b1, w2, b2, (m, k, h, n, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_skip_hidden_gives_dense(dtype):
+    """fc1 writing only the hidden units fc2 reads (hidden_plan; linear_block live / skip_check),
+    fc2 without its blocks on constant units and their product in an fp32 bias, with the derived
+    check: dense's values and NaN/Inf pattern. The tiles fc1 may skip start as NaN (out=), so a
+    read of one would show; fc2's M tile (32) spans a flagged and an unflagged tile of fc1 (16)."""
+    from sparse_inductor.formats import block_nonzero_map
+    from sparse_inductor.lowering import triton_block as tb
+    from sparse_inductor.passes.fuse_mlp import hidden_plan
+
+    gen = torch.Generator().manual_seed(11)
+    x, w1, b1, w2, b2, (m, k, h, n, b) = _hidden_case(dtype, gen)
+    x[2, 3], x[37, 0] = float("nan"), float("-inf")  # fc1 tiles 0 and 2 flagged; tile 1 (rows 16-31) not
+    c1, c2 = compress_block(w1, b), compress_block(w2, b)
+    plan = hidden_plan(c1.blocks, c1.row_ptr, c1.row_order, b1, c2.blocks, c2.row_ptr, c2.col_idx, b2, h, n, "gelu")
+    used, full1 = block_nonzero_map(w2, b).any(0), block_nonzero_map(w1, b).any(1)
+    assert (plan.unread, plan.constant) == (int((~used).sum()), int((used & ~full1).sum()))
+    assert plan.unread >= 2 and plan.constant >= 1 and plan.dropped >= 1
+    skipped = plan.row_order1[plan.live:].long()
+    assert set(skipped.tolist()) == set((~used | ~full1).nonzero().flatten().tolist())
+
+    safe = bm.safe_bound(c1.blocks, c1.row_ptr, b1, dtype)
+    g = ((bm.row_flag(x) - safe) * -1.0).log() * 0.0
+    assert g.isnan().tolist() == [i in (2, 37) for i in range(m)]
+    dev = lambda t: t.to(DEV)  # noqa: E731
+    y1 = torch.full((m, h), float("nan"), dtype=dtype, device=DEV)
+    tb.block_linear(dev(x), dev(c1.blocks), dev(c1.row_ptr), dev(c1.col_idx), dev(plan.row_order1), dev(b1), h, k,
+                    live=plan.live, skip_check=dev(g), out=y1, config=tb.BlockLinearConfig(16, 4, 1))
+    full = tb.block_linear(dev(x), dev(c1.blocks), dev(c1.row_ptr), dev(c1.col_idx), dev(c1.row_order), dev(b1), h, k,
+                           config=tb.BlockLinearConfig(16, 4, 1)).cpu()
+    y1 = y1.cpu()
+    cols = (skipped[:, None] * b + torch.arange(b)).flatten()
+    written = torch.ones(m, h, dtype=torch.bool)
+    written[16:32, cols] = False
+    assert y1[16:32][:, cols].isnan().all()  # left unwritten
+    assert torch.equal(y1[written].isnan(), full[written].isnan())
+    assert torch.equal(y1[written].nan_to_num(), full[written].nan_to_num())
+    hid, hid_full = (F.gelu(t.float()).to(dtype) for t in (y1, full))
+
+    y2 = tb.block_linear(dev(hid), *(dev(t) for t in plan.weight2), None, n, h, row_check=dev(g),
+                         config=tb.BlockLinearConfig(32, 4, 1)).cpu()
+    y = (y2.float() + plan.bias2).to(dtype)
+    ref = F.linear(hid_full.double(), w2.double(), b2.double())
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+    fin = ref.isfinite().all(1)
+    assert fin.sum() == m - 2
+    assert_near(y[fin], ref[fin], hid_full[fin], w2, dtype)
+
+
+def test_hidden_plan_leaves_what_it_cannot_fold():
+    """A NaN in a W2 block on a constant unit (or act(b1) not finite) is not folded: that unit stays
+    computed, the unread ones are still skipped; no unread or constant unit: no plan."""
+    from sparse_inductor.passes.fuse_mlp import hidden_plan
+
+    gen = torch.Generator().manual_seed(12)
+    x, w1, b1, w2, b2, (m, k, h, n, b) = _hidden_case(torch.bfloat16, gen)
+    w2[0, 32] = float("nan")
+    c1, c2 = compress_block(w1, b), compress_block(w2, b)
+    plan = hidden_plan(c1.blocks, c1.row_ptr, c1.row_order, b1, c2.blocks, c2.row_ptr, c2.col_idx, b2, h, n, "gelu")
+    assert plan.constant == 0 and plan.dropped == 0 and plan.weight2 is None and plan.unread >= 2
+    w1, w2 = torch.ones(64, 32, dtype=torch.bfloat16), torch.ones(32, 64, dtype=torch.bfloat16)
+    c1, c2 = compress_block(w1, 16), compress_block(w2, 16)
+    assert hidden_plan(c1.blocks, c1.row_ptr, c1.row_order, None, c2.blocks, c2.row_ptr, c2.col_idx, None, 64, 32,
+                       "relu") is None
+
+
 def seeded_mlp(dtype=torch.bfloat16, **kw):
     torch.manual_seed(0)
     return Mlp(**kw).to(dtype).eval()
@@ -266,6 +375,12 @@ class TestFusePass(expecttest.TestCase):
         ref = model(x).detach()
         if x.dtype == torch.float32:
             torch.testing.assert_close(r.outputs[0], ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+        elif any("hidden-fold" in d.fused for d in r.decisions):
+            # (left apart, fc2's inputs that are constant went into an fp32 bias: not eager's order of
+            # operations, so the fp64 reference; the non-finite pattern is eager's all the same)
+            assert_same_nonfinite(r.outputs[0], ref)
+            ref64 = copy.deepcopy(model).double()(x.double()).detach()
+            torch.testing.assert_close(r.outputs[0].double(), ref64, equal_nan=True, **TOLERANCES[("fp64", x.dtype)])
         else:
             assert_like_eager(r.outputs[0], ref)
         return r
@@ -494,3 +609,30 @@ def test_gpu_fusion_is_timed():
         assert "us apart" in fc1.reason, fc1.line()
     with torch.no_grad():
         torch.testing.assert_close(out, model(x), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 200])
+@pytest.mark.parametrize("nonfinite", ["exact", "fast"])
+def test_gpu_hidden_units_skipped(m, nonfinite):
+    """Left apart (the default), fc1's template skips the hidden units fc2 does not read (skip_tile,
+    checked against the derived check in exact mode; always under "fast") and fc2 takes the constant
+    ones as an fp32 bias: fp64's values, and in exact mode dense's NaN/Inf rows."""
+    from test_gpu_compile import TOL_BF16, _sources, compile_and_code, fp64, kernel_defs, rel_err
+
+    model = _gpu_model()
+    x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+    if m > 1 and nonfinite == "exact":
+        x[3, 5], x[130, 2] = float("nan"), float("inf")
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton", "nonfinite": nonfinite})
+    fc1, fc2 = decisions
+    assert "hidden-skip" in fc1.fused and "hidden-fold" in fc2.fused, (fc1.line(), fc2.line())
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = ref.isfinite().all(dim=1)
+    assert rel_err(out[finite], fp64(model, x)[finite]) < TOL_BF16
+    tem = _sources(code, "def triton_tem_fused", "block_sparse_acc(X")
+    assert len(tem) == 2, kernel_defs(code)
+    skip = "if skip_tile(S, p, LIVE, pid_m, M, BLOCK_M, True):" if nonfinite == "exact" else "if p >= LIVE:"
+    assert sum(skip in t for t in tem) == 1, kernel_defs(code)

@@ -45,7 +45,7 @@ def register() -> None:
         def lowering(x, *args, **kwargs):
             weights, rest = args[:n_weight_args], args[n_weight_args:]
             bias, kernel = rest[0], rest[n_rest - 1]
-            options = dict(zip(("guard", "row_check"), rest[n_rest:]), **kwargs)  # linear_block's, if given
+            options = dict(zip(("guard", "row_check", "live", "skip_check"), rest[n_rest:]), **kwargs)  # linear_block's
             fn = table.get((op, kernel))
             if fn is not None and x.get_device() is not None and x.get_device().type == "cuda":
                 try:
@@ -60,7 +60,8 @@ def register() -> None:
         register_lowering(op, type_promotion_kind=None)(lowering)
 
     # linear_24(x, values, meta, bias, kernel)
-    # linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True, row_check=None)
+    # linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True, row_check=None, live=-1,
+    #              skip_check=None)
     make(torch.ops.sparse_inductor.linear_24.default, 2, lambda w, rest: int(w[0].get_size()[1]), 2)
     make(torch.ops.sparse_inductor.linear_block.default, 4, lambda w, rest: int(rest[1]), 4)
     register_lowering(torch.ops.sparse_inductor.row_check.default, type_promotion_kind=None)(_row_check_lowering)

@@ -167,13 +167,16 @@ def nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g_ptr, rb, pid_m, M, K, s
     """[BLOCK_M]: NaN for the rows whose x holds a NaN/Inf inside a block column that block row rb
     skips (dense would compute 0 * x there), else 0. g[m] = sum(0 * x[m, :]) (0 or NaN) says which
     rows hold any; only if one of this tile's does (rare; the branch is uniform over the program)
-    are the skipped columns of x read."""
+    are the skipped columns of x read, and only in the rows whose g is NaN."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
     out = tl.zeros((BLOCK_M,), dtype=tl.float32)
     any_bad = tl.sum(g, axis=0)
     if any_bad != any_bad:
+        # only the rows whose check is NaN are read: a row whose check is 0 is finite where it
+        # matters, and where the caller skipped tiles of x (skip_tile) its other rows may be unwritten
+        mask_m = mask_m & (g != g)
         # x is read 16 columns a step: the branch's tile then needs few registers next to the
         # caller's live accumulator (a whole [BLOCK_M, B] tile raised the kernel from 72 to 92
         # registers, sm_90a, BLOCK_M 64, 4 warps: fewer programs per SM, even with no NaN around)
@@ -197,8 +200,22 @@ def nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g_ptr, rb, pid_m, M, K, s
     return out
 
 
+@triton.jit
+def skip_tile(s_ptr, p, live, pid_m, M, BLOCK_M: tl.constexpr, CHECKED: tl.constexpr):
+    """Whether the program on row_order[p] and M tile pid_m may leave its output tile unwritten:
+    p >= live (a block row nothing reads in the rows that are finite where it matters), and, with
+    CHECKED, s[m] (0 or NaN, as g) is 0 for every row of the tile. A tile holding a row whose s is
+    NaN is computed whole."""
+    skip = p >= live
+    if CHECKED:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        s = tl.load(s_ptr + offs_m, mask=(offs_m < M) & skip, other=0.0)
+        skip = skip & (tl.sum(s, axis=0) == 0.0)
+    return skip
+
+
 # Every @triton.jit function the template must embed, in definition order.
-DEVICE_FUNCTIONS = (block_range_acc, block_sparse_acc, nan_where_skipped)
+DEVICE_FUNCTIONS = (block_range_acc, block_sparse_acc, nan_where_skipped, skip_tile)
 
 
 def device_source() -> str:
@@ -215,21 +232,26 @@ def device_source() -> str:
 @triton.jit
 def _block_linear_kernel(
     # pointers
-    x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, row_order_ptr, bias_ptr, g_ptr, y_ptr,
-    # sizes
-    M, N, K,
+    x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, row_order_ptr, bias_ptr, g_ptr, s_ptr, y_ptr,
+    # sizes; block rows row_order[live:] may be skipped (skip_tile)
+    M, N, K, live,
     # strides
     stride_xm, stride_xk, stride_ym, stride_yn,
     # meta-parameters
     BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GUARD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GUARD: tl.constexpr, SKIP: tl.constexpr, SKIP_CHECKED: tl.constexpr,
     ALLOW_TF32: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """y[M, N] = x[M, K] @ W^T (+ bias[N]), one [BLOCK_M, BN] tile a program; with HAS_GUARD, NaN
-    where a non-finite x meets a skipped (all-zero) block, as in dense."""
-    rb = tl.load(row_order_ptr + tl.program_id(0) // (B // BN))
-    sub = tl.program_id(0) % (B // BN)
+    where a non-finite x meets a skipped (all-zero) block, as in dense; with SKIP, the tiles
+    skip_tile allows are left unwritten."""
+    p = tl.program_id(0) // (B // BN)
     pid_m = tl.program_id(1)
+    if SKIP:
+        if skip_tile(s_ptr, p, live, pid_m, M, BLOCK_M, SKIP_CHECKED):
+            return
+    rb = tl.load(row_order_ptr + p)
+    sub = tl.program_id(0) % (B // BN)
     acc = block_sparse_acc(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, rb, sub, pid_m, M, N, K,
                            stride_xm, stride_xk, BLOCK_M, B, BN, ALLOW_TF32, DOT_FP32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -354,6 +376,7 @@ def block_linear(
     row_order: torch.Tensor, bias: Optional[torch.Tensor], n: int, k: int, *,
     guard: bool = True, config: Optional[BlockLinearConfig] = None,
     allow_tf32: Optional[bool] = None, row_check: Optional[torch.Tensor] = None,
+    live: Optional[int] = None, skip_check: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y = F.linear(x, W, bias) for W [n, k] in the packed block layout (formats/block.py).
 
@@ -368,6 +391,11 @@ def block_linear(
 
     row_check: with guard, g [M] fp32 to use instead of nonfinite_rows(x): NaN for every row that
     may hold a NaN/Inf (more rows than that only cost the fixup's reads), 0 for the others.
+    live / skip_check: the block rows row_order[live:] are read by nobody where they are finite
+    (passes/fuse_mlp.py: hidden units the next layer does not use, or folds into its bias); their
+    output tiles are computed only in the M tiles where skip_check [M] fp32 (0 or NaN) holds a NaN,
+    and are left unwritten elsewhere (with skip_check None: everywhere). None: every row computed.
+    out: a contiguous [M, n] tensor of x's dtype to write y into (what is skipped keeps its values).
     config: a BlockLinearConfig to use instead of the table (CONFIGS, by block size and M bucket).
     allow_tf32: fp32 inputs only; None follows torch.get_float32_matmul_precision() like F.linear.
     The format's invariants (col_idx < ceil(k/b), row_ptr monotone, row_order a permutation) are
@@ -400,7 +428,10 @@ def block_linear(
            f"x is on {x.device}: CPU tensors need TRITON_INTERPRET=1 set before this module is imported")
 
     m = x.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if out is not None:
+        _check(out.shape == (m, n) and out.dtype == x.dtype and out.device == x.device and out.is_contiguous(),
+               f"out must be a contiguous [{m}, {n}] {x.dtype} tensor on {x.device}")
+    y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
     if config is None:
@@ -413,15 +444,20 @@ def block_linear(
     grid = (nb * (b // bn), triton.cdiv(m, config.block_m))
     _check(grid[1] <= 65535, f"M={m} needs {grid[1]} M tiles, over the grid's 65535 (raise block_m)")
     g = (row_check if row_check is not None else nonfinite_rows(x)) if guard else None
+    skip = live is not None and live < nb
+    if skip_check is not None:
+        _check(skip_check.shape == (m,) and skip_check.dtype == torch.float32 and skip_check.device == x.device,
+               f"skip_check must be [M] fp32 on {x.device}, got {skip_check.dtype} {tuple(skip_check.shape)}")
     if allow_tf32 is None:
         allow_tf32 = _default_allow_tf32()
     _block_linear_kernel[grid](
         x, blocks, row_ptr, col_idx, row_order,
-        bias if bias is not None else y, g if g is not None else y, y,
-        m, n, k,
+        bias if bias is not None else y, g if g is not None else y,
+        skip_check if skip_check is not None else y, y,
+        m, n, k, live if skip else nb,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         BLOCK_M=config.block_m, B=b, BN=bn,
-        HAS_BIAS=bias is not None, HAS_GUARD=guard,
+        HAS_BIAS=bias is not None, HAS_GUARD=guard, SKIP=skip, SKIP_CHECKED=skip and skip_check is not None,
         ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
         DOT_FP32=x.dtype == torch.bfloat16 and INTERPRETING,  # bf16 tl.dot is wrong there
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -434,9 +470,11 @@ def block_linear(
 # follows the linear (bias, activation, residual, cast) is fused into the store.
 # ----------------------------------------------------------------------------------------------
 
-_TEMPLATE_BODY = HEAD_X_MNK + r'''    rb = tl.load(ROW_ORDER + tl.program_id(0) // (B // BN))
-    sub = tl.program_id(0) % (B // BN)
+_TEMPLATE_BODY = HEAD_X_MNK + r'''    p = tl.program_id(0) // (B // BN)
     pid_m = tl.program_id(1)
+@SKIP@
+    rb = tl.load(ROW_ORDER + p)
+    sub = tl.program_id(0) % (B // BN)
     acc = block_sparse_acc(X, BLOCKS, ROW_PTR, COL_IDX, rb, sub, pid_m, M, N, K, stride_xm, stride_xk,
                            BLOCK_M, B, BN, ALLOW_TF32, False)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -451,11 +489,23 @@ _GUARD_LINE = ("    acc += nan_where_skipped(X, ROW_PTR, COL_IDX, G, rb, pid_m, 
                "BLOCK_M, B)[:, None]")
 
 
-def _template_body(guard: bool) -> str:
+# skip "": every tile written; "always": the tiles of block rows row_order[LIVE:] never; "checked":
+# those only where input S (0 or NaN a row) has a NaN in the tile (skip_tile)
+_SKIP_LINES = {
+    "": "",
+    "always": "    if p >= LIVE:\n        return\n",
+    "checked": "    if skip_tile(S, p, LIVE, pid_m, M, BLOCK_M, True):\n        return\n",
+}
+
+
+def _template_body(guard: bool, skip: str = "") -> str:
     """The template body with the non-finite row check (input G, see nonfinite_rows) or without it
-    (the op's guard=False: options nonfinite="fast")."""
-    inputs = '"X", "BLOCKS", "ROW_PTR", "COL_IDX", "ROW_ORDER"' + (', "G"' if guard else "")
-    return _TEMPLATE_BODY.replace("@INPUTS@", inputs).replace("@GUARD@\n", _GUARD_LINE + "\n" if guard else "")
+    (the op's guard=False: options nonfinite="fast"); skip: see _SKIP_LINES (block_linear's live /
+    skip_check)."""
+    inputs = '"X", "BLOCKS", "ROW_PTR", "COL_IDX", "ROW_ORDER"' + (', "G"' if guard else "") + \
+        (', "S"' if skip == "checked" else "")
+    return _TEMPLATE_BODY.replace("@INPUTS@", inputs).replace("@GUARD@\n", _GUARD_LINE + "\n" if guard else "") \
+        .replace("@SKIP@\n", _SKIP_LINES[skip])
 
 
 TEMPLATE_NAME = "sparse_inductor_block"
@@ -471,14 +521,15 @@ def _grid():
     return grid
 
 
-def template(guard: bool = True):
+def template(guard: bool = True, skip: str = ""):
     from .template import get_template, template_source
 
-    name = TEMPLATE_NAME if guard else TEMPLATE_NAME + "_noguard"
-    return get_template(name, lambda: template_source(DEVICE_FUNCTIONS, _template_body(guard)), _grid())
+    name = TEMPLATE_NAME + ("" if guard else "_noguard") + (f"_skip_{skip}" if skip else "")
+    return get_template(name, lambda: template_source(DEVICE_FUNCTIONS, _template_body(guard, skip)), _grid())
 
 
-def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True, row_check=None):
+def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True, row_check=None,
+          live: int = -1, skip_check=None):
     """Inductor lowering of sparse_inductor::linear_block (without bias) to the template; one
     choice, so that Inductor fuses what follows into the store.
 
@@ -486,7 +537,7 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True,
     (sparse_inductor::row_check, a kernel of its own: linear_rewrite passes it where x's producer is
     not a reduction), else built from Inductor ops here, so that the reduction over x fuses with
     whatever produces x (a norm). guard=False (the op's, under options nonfinite="fast") leaves it
-    out."""
+    out. live / skip_check: as block_linear's (live -1: every block row)."""
     from torch._inductor.ir import FixedLayout
     from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs
 
@@ -495,17 +546,21 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True,
     m = x.get_size()[0]
     b = int(blocks.get_size()[-1])
     g = () if not guard else (row_check if row_check is not None else checks.inductor_ops(x),)
-    inputs = tuple(realize_inputs(x, blocks, row_ptr, col_idx, row_order, *g))
+    nnzb, n_rows = static_int(blocks.get_size()[0]), static_int(row_order.get_size()[0])
+    skip = "" if live < 0 or n_rows is None or live >= n_rows else "checked" if skip_check is not None else "always"
+    s = (skip_check,) if skip == "checked" else ()
+    inputs = tuple(realize_inputs(x, blocks, row_ptr, col_idx, row_order, *g, *s))
     x = inputs[0]
     m_hint = inductor_size_hint(m, 64)
-    nnzb, n_rows = static_int(blocks.get_size()[0]), static_int(row_order.get_size()[0])
     per_row = nnzb / max(n_rows, 1) if nnzb is not None and n_rows is not None else None
     cfg = pick_config(b, m_hint, x.get_dtype(), per_row)
     layout = FixedLayout(x.get_device(), x.get_dtype(), [m, n])
     choices: list = []
-    err = template(guard).maybe_append_choice(
+    extra = {"LIVE": int(live)} if skip else {}
+    err = template(guard, skip).maybe_append_choice(
         choices, input_nodes=inputs, layout=layout, num_stages=cfg.num_stages, num_warps=cfg.num_warps,
-        BLOCK_M=cfg.block_m, B=b, BN=cfg.block_n or b, ALLOW_TF32=_default_allow_tf32() and x.get_dtype() == torch.float32)
+        BLOCK_M=cfg.block_m, B=b, BN=cfg.block_n or b, ALLOW_TF32=_default_allow_tf32() and x.get_dtype() == torch.float32,
+        **extra)
     if err is not None or not choices:
         raise RuntimeError(f"block template rejected the layer: {err}")
     return autotune_select_algorithm("sparse_inductor_block", choices, list(inputs), layout)

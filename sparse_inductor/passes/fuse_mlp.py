@@ -34,7 +34,7 @@ Inf positions. So the kernel applies the function the graph did, not a guess fro
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -46,7 +46,7 @@ from .linear_rewrite import _derived, _is_pointwise
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
 
-__all__ = ["fuse_mlps", "identify_activation"]
+__all__ = ["HiddenPlan", "fuse_mlps", "hidden_plan", "identify_activation"]
 
 _BLOCK = torch.ops.sparse_inductor.linear_block.default
 _VIEWS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
@@ -199,8 +199,9 @@ def _erase_dead(nodes) -> None:
 
 def fuse_mlps(gm: fx.GraphModule, opts: SparseOptions) -> int:
     """The pass body: returns how many pairs it fused (options fuse_mlp); in exact mode, the pairs it
-    leaves apart get fc2's row check from fc1's input (_derive_check)."""
-    if not opts.fuse_mlp and opts.nonfinite != "exact":
+    leaves apart get fc2's row check from fc1's input (_derive_check); and the pairs left apart skip
+    the hidden units fc2 does not read (_skip_hidden)."""
+    if not opts.fuse_mlp and opts.nonfinite != "exact" and not SKIP_HIDDEN:
         return 0
     fused = 0
     for b in list(gm.graph.nodes):
@@ -258,9 +259,13 @@ def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
             return 1
         dec_a.reason += f"; not fused with {dec_b.name}: one kernel {t_fused:.1f} us vs {t_apart:.1f} us apart"
     # (safe 0: W1 or b1 holds a NaN/Inf, so even a zero row of x may give a non-finite h)
+    g = None
     if exact and DERIVED_CHECK and safe > 0 and isinstance(b.kwargs.get("row_check"), fx.Node) \
             and (layer_a.row_check == "fused" or k <= h):
-        _derive_check(a, b, safe, dec_a, dec_b, layer_a, act)
+        g = _derive_check(a, b, safe, dec_a, dec_b, layer_a, act)
+    if SKIP_HIDDEN and (g is not None or (not exact and not a.kwargs.get("guard", True)
+                                          and not b.kwargs.get("guard", True))):
+        _skip_hidden(gm, a, b, act, g, dec_a, dec_b)
     return 0
 
 
@@ -269,7 +274,7 @@ def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
 DERIVED_CHECK = True
 
 
-def _derive_check(a: fx.Node, b: fx.Node, safe: float, dec_a, dec_b, layer_a, act: str) -> None:
+def _derive_check(a: fx.Node, b: fx.Node, safe: float, dec_a, dec_b, layer_a, act: str) -> fx.Node:
     """fc2's non-finite row check, read from fc1's input instead of from the hidden activations.
 
     fc2 (the block template) needs g[m] NaN for the rows whose input (h = act(fc1(x))) may hold a
@@ -282,11 +287,11 @@ def _derive_check(a: fx.Node, b: fx.Node, safe: float, dec_a, dec_b, layer_a, ac
     positions as before.
     The flag is two reductions over x that Inductor fuses into x's norm (ViT: LayerNorm), where the
     check over h was a kernel of its own reading the hidden activations (ViT-B/16 b64: 77 MB, ~29 us
-    a layer on the H200, run K)."""
+    a layer on the H200, run K). Returns g (made before fc1, which _skip_hidden may give it too)."""
     graph = b.graph
     old = b.kwargs["row_check"]
-    flag = _flag(a.args[0], b)
-    with graph.inserting_before(b):
+    flag = _flag(a.args[0], a)
+    with graph.inserting_before(a):
         gap = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.sub.Tensor, (flag, float(safe))), -1.0))
         g = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.log.default, (gap,)), 0.0))
     for n in (gap.args[0], gap, g.args[0], g):
@@ -296,6 +301,156 @@ def _derive_check(a: fx.Node, b: fx.Node, safe: float, dec_a, dec_b, layer_a, ac
     _erase_dead([old])
     dec_b.row_check = "from fc1's input, in its norm" if layer_a.row_check == "fused" else "from fc1's input"
     dec_b.reason += f"; non-finite row check read from {dec_a.name}'s input (through the {act})"
+    return g
+
+
+# fc1 skips the hidden units fc2 does not read (below); False: fc1 computes every hidden unit
+# (bench/ab_rules.py compares the two)
+SKIP_HIDDEN = True
+
+
+class HiddenPlan(NamedTuple):
+    """What _skip_hidden changes (hidden_plan): fc1's row order with its `live` block rows first;
+    fc2's weight without the blocks on constant hidden units (None: none dropped) and its bias with
+    their product folded in (fp32 [n]; None: nothing to fold)."""
+    live: int
+    row_order1: torch.Tensor
+    weight2: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    bias2: Optional[torch.Tensor]
+    unread: int
+    constant: int
+    dropped: int
+
+
+def hidden_plan(blocks1: torch.Tensor, row_ptr1: torch.Tensor, row_order1: torch.Tensor, bias1: Optional[torch.Tensor],
+                blocks2: torch.Tensor, row_ptr2: torch.Tensor, col_idx2: torch.Tensor, bias2: Optional[torch.Tensor],
+                h: int, n: int, act: str) -> Optional[HiddenPlan]:
+    """The hidden units fc2 does not need (see _skip_hidden), for W1 [h, K] and W2 [n, h] in the block
+    layout (one block size, x's dtype); None where there are none."""
+    bsz, dtype = blocks1.shape[-1], blocks1.dtype
+    hb = row_ptr1.numel() - 1
+    if blocks2.shape[-1] != bsz or blocks2.dtype != dtype or dtype not in _DTYPES or hb != -(-h // bsz):
+        return None
+    ci2 = col_idx2.long().cpu()
+    used = torch.zeros(hb, dtype=torch.bool)
+    used[ci2] = True
+    empty1 = (row_ptr1[1:] - row_ptr1[:-1]).cpu() == 0
+    # act(b1) as fc1's template and the activation compute it (fp32, one rounding to the dtype)
+    c = torch.zeros(hb * bsz, dtype=torch.float64)
+    c[:h] = KERNEL_ACTIVATIONS[act](bias1.float().cpu() if bias1 is not None else torch.zeros(h)).to(dtype).double()
+    drop = empty1[ci2]  # fc2's blocks on constant hidden blocks
+    if drop.any() and not (bool(c.isfinite().all()) and bool(blocks2[drop.to(blocks2.device)].isfinite().all())):
+        drop[:] = False  # a NaN/Inf to fold: left to the kernels
+    const = torch.zeros(hb, dtype=torch.bool)
+    const[ci2[drop]] = True
+    skip = ~used | const
+    if not skip.any():
+        return None
+    order = row_order1.long().cpu()
+    keep = ~skip[order]
+    order1 = torch.cat([order[keep], order[~keep]]).to(torch.int32).to(row_order1.device)
+    plan = HiddenPlan(int(keep.sum()), order1, None, None, int((~used).sum()), int(const.sum()), int(drop.sum()))
+    if not drop.any():
+        return plan
+    nb2 = row_ptr2.numel() - 1
+    counts2 = (row_ptr2[1:] - row_ptr2[:-1]).long().cpu()
+    rows2 = torch.repeat_interleave(torch.arange(nb2), counts2)
+    dropped = blocks2[drop.to(blocks2.device)].double().cpu()  # [nd, B, B]: [r, s] = W2[rb*B + r, j*B + s]
+    contrib = torch.einsum("irs,is->ir", dropped, c.view(hb, bsz)[ci2[drop]])
+    fold = torch.zeros(nb2 * bsz, dtype=torch.float64)
+    fold.index_add_(0, (rows2[drop][:, None] * bsz + torch.arange(bsz)).flatten(), contrib.flatten())
+    fold = fold[:n]
+    if bias2 is not None:
+        fold += bias2.double().cpu()
+    kept = ~drop
+    counts = torch.zeros(nb2, dtype=torch.long).index_add_(0, rows2[kept], torch.ones(int(kept.sum()), dtype=torch.long))
+    row_ptr = torch.zeros(nb2 + 1, dtype=torch.int32)
+    row_ptr[1:] = counts.cumsum(0).to(torch.int32)
+    row_order = torch.sort(-counts, stable=True).indices.to(torch.int32)  # as compress_block orders them
+    dev = blocks2.device
+    weight2 = (blocks2[kept.to(dev)].contiguous(), row_ptr.to(dev), col_idx2[kept.to(dev)].contiguous(), row_order.to(dev))
+    return plan._replace(weight2=weight2, bias2=fold.to(torch.float32).to(dev))
+
+
+def _skip_hidden(gm: fx.GraphModule, a: fx.Node, b: fx.Node, act: str, g: Optional[fx.Node], dec_a, dec_b) -> None:
+    """Hidden units that fc2 does not need, left out of fc1's work.
+
+    With W1, W2 block-sparse, a hidden block j (B units) is
+    - unread: W2's block column j is empty (no W2 block reads h[:, j]);
+    - constant: W1's block row j is empty, so for a finite row of x, h[m, j] = act(b1[j]), whatever
+      x: fc2 drops its blocks in column j and adds their product with act(b1[j]), computed here once
+      (fp64, rounded to fp32), to its bias: y = dtype(fp32(fc2 without bias) + (b2 + W2[:, j] @ c));
+    - live otherwise.
+    fc1 then computes only its live block rows (linear_block's live: row_order puts them first),
+    except in the M tiles holding a row whose g is NaN (skip_check=g): the rows fc2's non-finite
+    fixup reads h for, where dense would compute 0 * h[m, j] (unread) or W2[:, j] * h[m, j]
+    (constant: h[m, j] is NaN there when x's row holds a NaN/Inf). The fixup reads only such rows
+    (nan_where_skipped), so nothing reads an unwritten tile. Without the check (options
+    nonfinite="fast": no guard on either layer), the rows are skipped everywhere.
+
+    Random 90%-zero 64x64 masks (bench: ViT-B's MLPs) leave 0.9**12 = 28% of the hidden blocks
+    unread and as many constant: fc1 computes about half of its output."""
+    from .linear_rewrite import _unique_attr
+
+    x, blocks1, row_ptr1, col_idx1, row_order1, bias1, h = a.args[:7]
+    hx, blocks2, row_ptr2, col_idx2, row_order2, bias2, n = b.args[:7]
+    consts = [_constant(gm, c) for c in (blocks1, row_ptr1, row_order1, bias1, blocks2, row_ptr2, col_idx2, bias2)]
+    if any(t is None and c is not None for t, c in zip(consts, (blocks1, row_ptr1, row_order1, bias1, blocks2, row_ptr2,
+                                                                 col_idx2, bias2))):
+        return
+    plan = hidden_plan(*consts, h, n, act)
+    if plan is None:
+        return
+    graph = gm.graph
+
+    def constant(name: str, t: torch.Tensor, near: fx.Node) -> fx.Node:
+        qual = _unique_attr(gm, f"_sparse_hidden_{name}")
+        gm.register_buffer(qual, t)
+        first = next(nd for nd in graph.nodes if nd.op != "placeholder")
+        with graph.inserting_before(first):
+            nd = graph.get_attr(qual)
+        nd.meta["val"] = _compat.fake_constant(near, t)
+        return nd
+
+    a.args = (*a.args[:4], constant("row_order", plan.row_order1, a), *a.args[5:])
+    a.kwargs = {**a.kwargs, "live": plan.live, "skip_check": g}
+    _erase_dead_attr(gm, row_order1)
+    hb = plan.row_order1.numel()
+    dec_a.fused = dec_a.fused + ("hidden-skip",)
+    dec_a.reason += (f"; computes {plan.live} of its {hb} block rows ({plan.unread} that {dec_b.name} does not "
+                     f"read, {plan.constant} constant, folded into {dec_b.name}'s bias)") + \
+        ("; the others only in M tiles holding a row fc2's check flags" if g is not None else "")
+    if plan.weight2 is None:
+        return
+    # fc2 without its blocks on constant hidden units; their product goes into an fp32 bias
+    new2 = tuple(constant(name, t, b) for name, t in zip(("blocks", "row_ptr", "col_idx", "row_order"), plan.weight2))
+    b.args = (hx, *new2, None, *b.args[6:])
+    bias_node = constant("bias", plan.bias2, b)
+    with graph.inserting_after(b):
+        yf = graph.call_function(torch.ops.prims.convert_element_type.default, (b, torch.float32))
+    with graph.inserting_after(yf):
+        ys = graph.call_function(aten.add.Tensor, (yf, bias_node))
+    with graph.inserting_after(ys):
+        y = graph.call_function(torch.ops.prims.convert_element_type.default, (ys, b.meta["val"].dtype))
+    b.replace_all_uses_with(y, delete_user_cb=lambda u: u is not yf)
+    for nd in (yf, ys, y):
+        _derived(nd, b)
+    for nd in (blocks2, row_ptr2, col_idx2, row_order2, bias2):
+        _erase_dead_attr(gm, nd)
+    dec_b.fused = dec_b.fused + ("hidden-fold",)
+    dec_b.reason += f"; its {plan.dropped} blocks on {dec_a.name}'s constant hidden units folded into its bias"
+
+
+def _erase_dead_attr(gm: fx.GraphModule, node) -> bool:
+    """Remove a get_attr node (and its buffer) that nothing reads any more."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr") or node.users:
+        return False
+    target = node.target
+    gm.graph.erase_node(node)
+    if "." not in target and hasattr(gm, target) and \
+            not any(nd.op == "get_attr" and nd.target == target for nd in gm.graph.nodes):
+        delattr(gm, target)
+    return True
 
 
 def _fuse(gm, a, b, nodes, act, safe, exact, dec_a, dec_b, layer_a, t_fused, t_apart) -> None:
