@@ -1,6 +1,7 @@
 """The fused block-sparse MLP kernel (lowering/block_mlp.py) against the unfused layers, on the GPU.
 
     python bench/sweep_block_mlp.py [--shapes 12608x768x3072] [--sparsity 0.9] [--quick]
+    python bench/sweep_block_mlp.py --apart "fc1:64/4/1,fc2:128/4/3,skip-off"   (the layers apart only)
 
 Per shape M x D x H (fc1: D -> H with a GELU, fc2: H -> D, 64x64 blocks, `sparsity` of the blocks
 zero, lowest-norm blocks pruned as the bench does), bf16, us (do_bench medians of CUDA-graph
@@ -42,11 +43,67 @@ def mlp(d: int, h: int, sparsity: float) -> nn.Module:
     return net
 
 
+def _kernels(fn, iters: int = 5) -> list[tuple[str, float]]:
+    """[(kernel name, us per call)] of fn() by torch.profiler, slowest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    per: dict = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            t = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            per[ev.name] = per.get(ev.name, 0.0) + t / iters
+    return sorted(per.items(), key=lambda kv: -kv[1])
+
+
+def apart(net, x, specs: str) -> None:
+    """The two layers apart (the default build), compiled, under launch configs given as
+    "fc1:BLOCK_M/warps/stages" (CONFIGS_SHORT_ROWS' (64, 256) entry: fc1 at 90%) or "fc2:..." (CONFIGS'
+    (64, 256) entry), and "skip-off" (fuse_mlp.SKIP_HIDDEN False); the table's and skip-off in exact and
+    fast mode, the others in exact mode; dense compile first. do_bench of a CUDA-graph replay and the
+    kernels by the profiler."""
+    from sparse_inductor.lowering import triton_block as tb
+    from sparse_inductor.passes import fuse_mlp
+
+    base1, base2 = tb.CONFIGS_SHORT_ROWS[(64, 256)], tb.CONFIGS[(64, 256)]
+    print("\n| build | mode | us | kernels (us each) |\n|---|---|---|---|")
+    for spec in ["dense", "table", *specs.split(",")]:
+        c1, c2, skip = base1, base2, True
+        if spec.startswith(("fc1:", "fc2:")):
+            cfg = tb.BlockLinearConfig(*(int(v) for v in spec[4:].split("/")))
+            c1, c2 = (cfg, c2) if spec.startswith("fc1:") else (c1, cfg)
+        elif spec == "skip-off":
+            skip = False
+        tb.CONFIGS_SHORT_ROWS[(64, 256)], tb.CONFIGS[(64, 256)], fuse_mlp.SKIP_HIDDEN = c1, c2, skip
+        try:
+            for mode in ("exact", "fast") if spec in ("table", "skip-off") else ("exact",) if spec != "dense" else ("-",):
+                torch._dynamo.reset()
+                f = torch.compile(net) if spec == "dense" else torch.compile(net, backend="sparse", options={
+                    "force": True, "kernel": "triton", "nonfinite": mode, "fx_cache": False})
+                with torch.no_grad():
+                    f(x)
+                    t = _bench(_graphed(lambda: f(x)))
+                    ks = _kernels(lambda: f(x))
+                text = ", ".join(f"{n[:40]} {us:.1f}" for n, us in ks[:4])
+                print(f"| {spec} | {mode} | {t:.1f} | {text} |", flush=True)
+        except Exception as e:
+            print(f"| {spec} | - | {type(e).__name__}: {str(e)[:80]} | |", flush=True)
+        finally:
+            tb.CONFIGS_SHORT_ROWS[(64, 256)], tb.CONFIGS[(64, 256)], fuse_mlp.SKIP_HIDDEN = base1, base2, True
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="12608x768x3072", help="M x D x H, comma-separated")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--apart", default=None, metavar="SPECS",
+                   help='only the layers apart under these configs, e.g. "fc1:64/4/1,fc2:128/4/3,skip-off"')
     a = p.parse_args(argv)
     print(header())
     for shape in a.shapes.split(","):
@@ -54,6 +111,10 @@ def main(argv=None) -> None:
         torch.manual_seed(0)
         net = mlp(d, h, a.sparsity)
         x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+        if a.apart is not None:
+            print(f"\n{m}x{d}x{h}, {a.sparsity:.0%} zero 64x64 blocks, GELU, the layers apart")
+            apart(net, x, a.apart)
+            continue
         times, notes = {}, {}
         with torch.no_grad():
             ref = net(x)
