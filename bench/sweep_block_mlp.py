@@ -21,6 +21,7 @@ import itertools
 import torch
 import torch.nn as nn
 
+from profile_models import _profile  # (bench/, beside this script)
 from sparse_inductor.bench import _bench, _graphed, header
 from sparse_inductor.formats import compress_block
 from sparse_inductor.lowering import block_mlp as bm
@@ -41,24 +42,6 @@ def mlp(d: int, h: int, sparsity: float) -> nn.Module:
         for lin in (net[0], net[2]):
             prune_blocks_(lin.weight, 64, sparsity)
     return net
-
-
-def _kernels(fn, iters: int = 5) -> list[tuple[str, float]]:
-    """[(kernel name, us per call)] of fn() by torch.profiler, slowest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    per: dict = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            t = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
-            per[ev.name] = per.get(ev.name, 0.0) + t / iters
-    return sorted(per.items(), key=lambda kv: -kv[1])
 
 
 def apart(net, x, specs: str) -> None:
@@ -88,8 +71,8 @@ def apart(net, x, specs: str) -> None:
                 with torch.no_grad():
                     f(x)
                     t = _bench(_graphed(lambda: f(x)))
-                    ks = _kernels(lambda: f(x))
-                text = ", ".join(f"{n[:40]} {us:.1f}" for n, us in ks[:4])
+                    ks = _profile(lambda: f(x), iters=5)[2]
+                text = ", ".join(f"{n[:40]} {us:.1f}" for n, _, us in ks[:4])
                 print(f"| {spec} | {mode} | {t:.1f} | {text} |", flush=True)
         except Exception as e:
             print(f"| {spec} | - | {type(e).__name__}: {str(e)[:80]} | |", flush=True)
