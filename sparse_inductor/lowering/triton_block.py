@@ -162,15 +162,23 @@ def block_sparse_acc(
 
 
 @triton.jit
-def nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g_ptr, rb, pid_m, M, K, stride_xm, stride_xk,
+def row_check_tile(g_ptr, pid_m, M, BLOCK_M: tl.constexpr):
+    """g [BLOCK_M] of the M tile pid_m (0 past M). Loaded before the reduction, so that its latency
+    hides behind the block loop instead of standing before the epilogue."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return tl.load(g_ptr + offs_m, mask=offs_m < M, other=0.0)
+
+
+@triton.jit
+def nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g, rb, pid_m, M, K, stride_xm, stride_xk,
                       BLOCK_M: tl.constexpr, B: tl.constexpr):
     """[BLOCK_M]: NaN for the rows whose x holds a NaN/Inf inside a block column that block row rb
     skips (dense would compute 0 * x there), else 0. g[m] = sum(0 * x[m, :]) (0 or NaN) says which
-    rows hold any; only if one of this tile's does (rare; the branch is uniform over the program)
-    are the skipped columns of x read, and only in the rows whose g is NaN."""
+    rows hold any (g: the tile's rows of it, row_check_tile); only if one of this tile's does (rare;
+    the branch is uniform over the program) are the skipped columns of x read, and only in the rows
+    whose g is NaN."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
     out = tl.zeros((BLOCK_M,), dtype=tl.float32)
     any_bad = tl.sum(g, axis=0)
     if any_bad != any_bad:
@@ -215,7 +223,7 @@ def skip_tile(s_ptr, p, live, pid_m, M, BLOCK_M: tl.constexpr, CHECKED: tl.const
 
 
 # Every @triton.jit function the template must embed, in definition order.
-DEVICE_FUNCTIONS = (block_range_acc, block_sparse_acc, nan_where_skipped, skip_tile)
+DEVICE_FUNCTIONS = (block_range_acc, block_sparse_acc, row_check_tile, nan_where_skipped, skip_tile)
 
 
 def device_source() -> str:
@@ -252,6 +260,8 @@ def _block_linear_kernel(
             return
     rb = tl.load(row_order_ptr + p)
     sub = tl.program_id(0) % (B // BN)
+    if HAS_GUARD:
+        g = row_check_tile(g_ptr, pid_m, M, BLOCK_M)
     acc = block_sparse_acc(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, rb, sub, pid_m, M, N, K,
                            stride_xm, stride_xk, BLOCK_M, B, BN, ALLOW_TF32, DOT_FP32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -261,7 +271,7 @@ def _block_linear_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_GUARD:
-        acc += nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g_ptr, rb, pid_m, M, K,
+        acc += nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g, rb, pid_m, M, K,
                                  stride_xm, stride_xk, BLOCK_M, B)[:, None]
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -475,6 +485,7 @@ _TEMPLATE_BODY = HEAD_X_MNK + r'''    p = tl.program_id(0) // (B // BN)
 @SKIP@
     rb = tl.load(ROW_ORDER + p)
     sub = tl.program_id(0) % (B // BN)
+@GUARD_LOAD@
     acc = block_sparse_acc(X, BLOCKS, ROW_PTR, COL_IDX, rb, sub, pid_m, M, N, K, stride_xm, stride_xk,
                            BLOCK_M, B, BN, ALLOW_TF32, False)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -485,7 +496,8 @@ _TEMPLATE_BODY = HEAD_X_MNK + r'''    p = tl.program_id(0) // (B // BN)
     mask = (idx_m < M) & (idx_n < N)
     {{store_output(("idx_m", "idx_n"), "acc", "mask", val_shape=("BLOCK_M", "BN"))}}
 '''
-_GUARD_LINE = ("    acc += nan_where_skipped(X, ROW_PTR, COL_IDX, G, rb, pid_m, M, K, stride_xm, stride_xk, "
+_GUARD_LOAD = "    g_rows = row_check_tile(G, pid_m, M, BLOCK_M)"
+_GUARD_LINE = ("    acc += nan_where_skipped(X, ROW_PTR, COL_IDX, g_rows, rb, pid_m, M, K, stride_xm, stride_xk, "
                "BLOCK_M, B)[:, None]")
 
 
@@ -505,6 +517,7 @@ def _template_body(guard: bool, skip: str = "") -> str:
     inputs = '"X", "BLOCKS", "ROW_PTR", "COL_IDX", "ROW_ORDER"' + (', "G"' if guard else "") + \
         (', "S"' if skip == "checked" else "")
     return _TEMPLATE_BODY.replace("@INPUTS@", inputs).replace("@GUARD@\n", _GUARD_LINE + "\n" if guard else "") \
+        .replace("@GUARD_LOAD@\n", _GUARD_LOAD + "\n" if guard else "") \
         .replace("@SKIP@\n", _SKIP_LINES[skip])
 
 
