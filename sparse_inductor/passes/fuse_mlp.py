@@ -41,7 +41,7 @@ import torch.fx as fx
 
 from .. import _compat, ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
 from ..options import SparseOptions
-from .linear_rewrite import _derived, _is_pointwise
+from .linear_rewrite import _derived, _is_pointwise, add_constant, erase_constant
 
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
@@ -390,13 +390,11 @@ def _skip_hidden(gm: fx.GraphModule, a: fx.Node, b: fx.Node, act: str, g: Option
 
     Random 90%-zero 64x64 masks (bench: ViT-B's MLPs) leave 0.9**12 = 28% of the hidden blocks
     unread and as many constant: fc1 computes about half of its output."""
-    from .linear_rewrite import _unique_attr
-
     x, blocks1, row_ptr1, col_idx1, row_order1, bias1, h = a.args[:7]
     hx, blocks2, row_ptr2, col_idx2, row_order2, bias2, n = b.args[:7]
-    consts = [_constant(gm, c) for c in (blocks1, row_ptr1, row_order1, bias1, blocks2, row_ptr2, col_idx2, bias2)]
-    if any(t is None and c is not None for t, c in zip(consts, (blocks1, row_ptr1, row_order1, bias1, blocks2, row_ptr2,
-                                                                 col_idx2, bias2))):
+    args = (blocks1, row_ptr1, row_order1, bias1, blocks2, row_ptr2, col_idx2, bias2)
+    consts = [_constant(gm, c) for c in args]
+    if any(t is None and c is not None for t, c in zip(consts, args)):  # (a bias may be None)
         return
     plan = hidden_plan(*consts, h, n, act)
     if plan is None:
@@ -404,17 +402,11 @@ def _skip_hidden(gm: fx.GraphModule, a: fx.Node, b: fx.Node, act: str, g: Option
     graph = gm.graph
 
     def constant(name: str, t: torch.Tensor, near: fx.Node) -> fx.Node:
-        qual = _unique_attr(gm, f"_sparse_hidden_{name}")
-        gm.register_buffer(qual, t)
-        first = next(nd for nd in graph.nodes if nd.op != "placeholder")
-        with graph.inserting_before(first):
-            nd = graph.get_attr(qual)
-        nd.meta["val"] = _compat.fake_constant(near, t)
-        return nd
+        return add_constant(gm, f"_sparse_hidden_{name}", t, near)
 
     a.args = (*a.args[:4], constant("row_order", plan.row_order1, a), *a.args[5:])
     a.kwargs = {**a.kwargs, "live": plan.live, "skip_check": g}
-    _erase_dead_attr(gm, row_order1)
+    erase_constant(gm, row_order1)
     hb = plan.row_order1.numel()
     dec_a.fused = dec_a.fused + ("hidden-skip",)
     dec_a.reason += (f"; computes {plan.live} of its {hb} block rows ({plan.unread} that {dec_b.name} does not "
@@ -436,21 +428,9 @@ def _skip_hidden(gm: fx.GraphModule, a: fx.Node, b: fx.Node, act: str, g: Option
     for nd in (yf, ys, y):
         _derived(nd, b)
     for nd in (blocks2, row_ptr2, col_idx2, row_order2, bias2):
-        _erase_dead_attr(gm, nd)
+        erase_constant(gm, nd)
     dec_b.fused = dec_b.fused + ("hidden-fold",)
     dec_b.reason += f"; its {plan.dropped} blocks on {dec_a.name}'s constant hidden units folded into its bias"
-
-
-def _erase_dead_attr(gm: fx.GraphModule, node) -> bool:
-    """Remove a get_attr node (and its buffer) that nothing reads any more."""
-    if not (isinstance(node, fx.Node) and node.op == "get_attr") or node.users:
-        return False
-    target = node.target
-    gm.graph.erase_node(node)
-    if "." not in target and hasattr(gm, target) and \
-            not any(nd.op == "get_attr" and nd.target == target for nd in gm.graph.nodes):
-        delattr(gm, target)
-    return True
 
 
 def _fuse(gm, a, b, nodes, act, safe, exact, dec_a, dec_b, layer_a, t_fused, t_apart) -> None:

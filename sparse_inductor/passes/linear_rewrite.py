@@ -278,35 +278,47 @@ class _Constants:
     def nodes(self, key: tuple, tensors: dict[str, torch.Tensor], before: fx.Node) -> tuple[fx.Node, ...]:
         if key in self.made:
             return self.made[key]
-        graph, idx = self.gm.graph, self.count
+        idx = self.count
         self.count += 1
-        first = next(n for n in graph.nodes if n.op != "placeholder")
-        out = []
-        with graph.inserting_before(first):
-            for part, t in tensors.items():
-                qual = _unique_attr(self.gm, f"_sparse_{idx}_{part}")
-                self.gm.register_buffer(qual, t)
-                n = graph.get_attr(qual)
-                n.meta["val"] = _compat.fake_constant(before, t)
-                out.append(n)
-        self.made[key] = tuple(out)
+        first = next(n for n in self.gm.graph.nodes if n.op != "placeholder")  # (the parts in order, above it)
+        self.made[key] = tuple(add_constant(self.gm, f"_sparse_{idx}_{part}", t, before, first)
+                               for part, t in tensors.items())
         return self.made[key]
-
 
     def drop_unused(self, key: tuple) -> None:
         """Forget the constants made for key and remove them where nothing reads them any more."""
         for n in self.made.pop(key, ()):
-            if not n.users:
-                self.gm.graph.erase_node(n)
-                delattr(self.gm, n.target)
+            erase_constant(self.gm, n)
 
 
-def _unique_attr(gm: fx.GraphModule, base: str) -> str:
+def add_constant(gm: fx.GraphModule, base: str, t: torch.Tensor, near: fx.Node,
+                 above: Optional[fx.Node] = None) -> fx.Node:
+    """t as a buffer of gm (named base, or base_1, ... where taken) read by a get_attr node placed
+    just above `above` (default: the graph's first node after the placeholders), with a FakeTensor
+    value made in near's fake mode."""
+    graph = gm.graph
     name, i = base, 0
     while hasattr(gm, name):
         i += 1
         name = f"{base}_{i}"
-    return name
+    gm.register_buffer(name, t)
+    with graph.inserting_before(above or next(n for n in graph.nodes if n.op != "placeholder")):
+        n = graph.get_attr(name)
+    n.meta["val"] = _compat.fake_constant(near, t)
+    return n
+
+
+def erase_constant(gm: fx.GraphModule, node) -> bool:
+    """Remove a get_attr node that nothing reads any more, and its attribute where no other node
+    reads that; False where node is not such a node."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr") or node.users:
+        return False
+    target = node.target
+    gm.graph.erase_node(node)
+    if "." not in target and hasattr(gm, target) and \
+            not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+        delattr(gm, target)
+    return True
 
 
 def _fmt(spec: KernelSpec, det: Detection, layer: Layer) -> str:
