@@ -25,6 +25,12 @@ Design.
   time-first scheduling). Guess until measured on the H100: with several M tiles the long rows of
   tile 1 start after the short rows of tile 0; the alternative order (M tile fastest) trades that
   for worse L2 reuse of the x tile across block rows.
+- Flat programs (config.split, _block_linear_flat_kernel and the "_flat" templates): one program
+  per (block row, M slice s); it walks the M tiles s, s + split, ... of its row as one loop of
+  (tile, block) steps with the epilogue in the branch that ends a tile, so that the pipeliner
+  loads the next tile's x behind this tile's epilogue. Meant for short block rows at large M
+  (ViT-B's fc1 at 90%: 1.2 blocks a row, where a one-tile program is mostly prologue, latency
+  and epilogue). No table entry uses it until it is timed on a GPU (docs/benchmarks.md).
 - fp32 accumulate always. fp16/bf16 go to tl.dot directly; fp32 uses tl.dot with ALLOW_TF32
   choosing "tf32" or "ieee". Under the Triton interpreter (CPU), bf16 tl.dot is garbage
   (DESIGN-NOTES, "Triton on the CPU"), so DOT_FP32 upcasts both tiles to fp32 first.
@@ -78,6 +84,19 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def block_dot(a, w, acc, ALLOW_TF32: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc + a @ w in fp32: fp16/bf16 tiles straight to the tensor cores; fp32 as tf32 (ALLOW_TF32)
+    or full fp32; DOT_FP32 (bf16 under the interpreter) upcasts both first."""
+    if DOT_FP32:
+        acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    elif ALLOW_TF32:
+        acc = tl.dot(a, w, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, w, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def block_range_acc(
     # pointers
     x_ptr, blocks_ptr, col_idx_ptr,
@@ -118,12 +137,7 @@ def block_range_acc(
         a = tl.load(x_rows + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
         w = tl.load(w_ptrs).to(a.dtype)  # int8 blocks (weight-only): their integers in x's dtype
-        if DOT_FP32:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        elif ALLOW_TF32:
-            acc = tl.dot(a, w, acc, input_precision="tf32")
-        else:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
+        acc = block_dot(a, w, acc, ALLOW_TF32, DOT_FP32)
         w_ptrs += B * B
         c_ptr += 1
         col = tl.load(c_ptr, mask=i + 1 < end, other=0)
@@ -222,8 +236,57 @@ def skip_tile(s_ptr, p, live, pid_m, M, BLOCK_M: tl.constexpr, CHECKED: tl.const
     return skip
 
 
+@triton.jit
+def slice_has_nan(v_ptr, s, M, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """1 if v [M] (0 or NaN a row: a row check g, or a skip check) holds a NaN in the rows of the M
+    tiles s, s + SPLIT, s + 2 SPLIT, ... (a flat program's slice), else 0. Reads 16 tiles a step."""
+    TCH: tl.constexpr = 16
+    n_tiles = tl.cdiv(tl.maximum(M - s * BLOCK_M, 0), SPLIT * BLOCK_M)
+    offs_t = tl.arange(0, TCH)
+    offs_r = tl.arange(0, BLOCK_M)
+    total = tl.zeros((TCH, BLOCK_M), dtype=tl.float32)
+    for c0 in range(0, n_tiles, TCH):
+        rows = (s + (c0 + offs_t) * SPLIT)[:, None] * BLOCK_M + offs_r[None, :]
+        total += tl.load(v_ptr + rows, mask=(rows < M) & ((c0 + offs_t) < n_tiles)[:, None], other=0.0)
+    v = tl.sum(tl.sum(total, axis=1), axis=0)
+    return (v != v).to(tl.int32)
+
+
+@triton.jit
+def flat_row(row_ptr_ptr, rb, s, M, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A flat program's plan for block row rb and M slice s: (start, nnz, steps, total). The row's
+    blocks are start .. start + nnz - 1; each M tile takes steps = max(nnz, 1) loop steps (an empty
+    row still writes its tiles); total = steps * the slice's tiles (s, s + SPLIT, ... below M)."""
+    start = tl.load(row_ptr_ptr + rb)
+    nnz = tl.load(row_ptr_ptr + rb + 1) - start
+    steps = tl.maximum(nnz, 1)
+    total = tl.cdiv(tl.maximum(M - s * BLOCK_M, 0), SPLIT * BLOCK_M) * steps
+    return start, nnz, steps, total
+
+
+@triton.jit
+def flat_step(x_ptr, blocks_ptr, col_idx_ptr, acc, start, nnz, kk, t, M, K, stride_xm, stride_xk,
+              BLOCK_M: tl.constexpr, B: tl.constexpr, ALLOW_TF32: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One step of a flat program: acc += x[M tile t, the columns of block kk of the row] @ that
+    block^T (nothing where kk >= nnz: an empty row's one step). The block column is loaded here, by
+    an address that depends only on the loop counters, so the pipeliner can issue it (and the x tile
+    behind it) stages ahead; carrying it from the step before (as block_range_acc does) made Triton
+    3.7's pipeliner give up on this loop (sm_90a TTGIR: no multi-buffering) or assert."""
+    has = kk < nnz
+    c = tl.load(col_idx_ptr + start + kk, mask=has, other=0)
+    offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = tl.arange(0, B)
+    offs_k = c * B + offs_b
+    a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+                mask=(offs_m[:, None] < M) & (offs_k[None, :] < K) & has, other=0.0)
+    w_ptrs = blocks_ptr + (start + kk).to(tl.int64) * (B * B) + (offs_b[:, None] + offs_b[None, :] * B)
+    w = tl.load(w_ptrs, mask=has, other=0).to(a.dtype)  # int8 blocks (weight-only): their integers
+    return block_dot(a, w, acc, ALLOW_TF32, DOT_FP32)
+
+
 # Every @triton.jit function the template must embed, in definition order.
-DEVICE_FUNCTIONS = (block_range_acc, block_sparse_acc, row_check_tile, nan_where_skipped, skip_tile)
+DEVICE_FUNCTIONS = (block_dot, block_range_acc, block_sparse_acc, row_check_tile, nan_where_skipped, skip_tile,
+                    slice_has_nan, flat_row, flat_step)
 
 
 def device_source() -> str:
@@ -277,11 +340,76 @@ def _block_linear_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _block_linear_flat_kernel(
+    # pointers
+    x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, row_order_ptr, bias_ptr, g_ptr, s_ptr, y_ptr,
+    # sizes; block rows row_order[live:] may be skipped
+    M, N, K, live,
+    # strides
+    stride_xm, stride_xk, stride_ym, stride_yn,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, B: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GUARD: tl.constexpr, SKIP: tl.constexpr, SKIP_CHECKED: tl.constexpr,
+    ALLOW_TF32: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """The same y as _block_linear_kernel, by flat programs (config.split): program (p, s) computes
+    block row row_order[p] in the M tiles s, s + SPLIT, ... as one loop of (tile, block) steps with
+    the epilogue inside, so that the pipeliner loads the next tile's x while this tile's epilogue
+    runs (the one-tile programs of short block rows are mostly prologue and epilogue).
+
+    Non-finite inputs: as the one-tile kernel, nan_where_skipped in each tile's epilogue (a loop
+    inside the step loop's epilogue branch; Triton 3.7 still multi-buffers the step loop, sm_90a
+    TTGIR). Skipped rows (SKIP): a program on row_order[p >= live] returns at once, or, with
+    SKIP_CHECKED, computes its whole slice if the slice holds a row whose s is NaN (computing a
+    skippable tile is never wrong)."""
+    p = tl.program_id(0)
+    s = tl.program_id(1)
+    if SKIP:
+        if p >= live:
+            if SKIP_CHECKED:
+                if slice_has_nan(s_ptr, s, M, SPLIT, BLOCK_M) == 0:
+                    return
+            else:
+                return
+    rb = tl.load(row_order_ptr + p)
+    start, nnz, steps, total = flat_row(row_ptr_ptr, rb, s, M, SPLIT, BLOCK_M)
+    offs_n = rb * B + tl.arange(0, B)
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    kk = 0
+    t = s
+    for _ in range(0, total):
+        acc = flat_step(x_ptr, blocks_ptr, col_idx_ptr, acc, start, nnz, kk, t, M, K, stride_xm, stride_xk,
+                        BLOCK_M, B, ALLOW_TF32, DOT_FP32)
+        if HAS_GUARD:
+            g = row_check_tile(g_ptr, t, M, BLOCK_M)  # every step: a load the pipeliner can issue early
+        if kk == steps - 1:
+            offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+            if HAS_BIAS:
+                acc += bias[None, :]
+            if HAS_GUARD:
+                acc += nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g, rb, t, M, K, stride_xm, stride_xk,
+                                         BLOCK_M, B)[:, None]
+            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
+            acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+            t += SPLIT
+            kk = 0
+        else:
+            kk += 1
+
+
 class BlockLinearConfig(NamedTuple):
     block_m: int
     num_warps: int
     num_stages: int
     block_n: Optional[int] = None  # output columns a program computes (<= B); None: the block size B
+    # flat programs (_block_linear_flat_kernel): M slices a block row is cut into (a program walks
+    # every split-th M tile of its row); None: one program a tile. Needs block_n None.
+    split: Optional[int] = None
 
 
 # M buckets: an M falls in the smallest bucket >= M; 256 stands for every M > 128.
@@ -451,7 +579,10 @@ def block_linear(
     bn = config.block_n or b
     _check(16 <= bn <= b and b % bn == 0 and bn & (bn - 1) == 0,
            f"config.block_n must be a power of two in 16..{b} (the block size), got {bn}")
-    grid = (nb * (b // bn), triton.cdiv(m, config.block_m))
+    flat = config.split is not None
+    _check(not flat or (config.split >= 1 and bn == b),
+           f"config.split must be >= 1 and goes with block_n None, got split={config.split}, block_n={config.block_n}")
+    grid = (nb * (b // bn), min(config.split, triton.cdiv(m, config.block_m)) if flat else triton.cdiv(m, config.block_m))
     _check(grid[1] <= 65535, f"M={m} needs {grid[1]} M tiles, over the grid's 65535 (raise block_m)")
     g = (row_check if row_check is not None else nonfinite_rows(x)) if guard else None
     skip = live is not None and live < nb
@@ -460,13 +591,14 @@ def block_linear(
                f"skip_check must be [M] fp32 on {x.device}, got {skip_check.dtype} {tuple(skip_check.shape)}")
     if allow_tf32 is None:
         allow_tf32 = _default_allow_tf32()
-    _block_linear_kernel[grid](
+    kernel, shape = (_block_linear_flat_kernel, dict(SPLIT=grid[1])) if flat else (_block_linear_kernel, dict(BN=bn))
+    kernel[grid](
         x, blocks, row_ptr, col_idx, row_order,
         bias if bias is not None else y, g if g is not None else y,
         skip_check if skip_check is not None else y, y,
         m, n, k, live if skip else nb,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        BLOCK_M=config.block_m, B=b, BN=bn,
+        BLOCK_M=config.block_m, B=b, **shape,
         HAS_BIAS=bias is not None, HAS_GUARD=guard, SKIP=skip, SKIP_CHECKED=skip and skip_check is not None,
         ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
         DOT_FP32=x.dtype == torch.bfloat16 and INTERPRETING,  # bf16 tl.dot is wrong there
@@ -500,25 +632,58 @@ _GUARD_LOAD = "    g_rows = row_check_tile(G, pid_m, M, BLOCK_M)"
 _GUARD_LINE = ("    acc += nan_where_skipped(X, ROW_PTR, COL_IDX, g_rows, rb, pid_m, M, K, stride_xm, stride_xk, "
                "BLOCK_M, B)[:, None]")
 
+# Flat programs (config.split; _block_linear_flat_kernel is the same body with tl.store): the
+# epilogue Inductor renders sits inside the step loop's branch that ends a tile.
+_FLAT_BODY = HEAD_X_MNK + r'''    p = tl.program_id(0)
+    s = tl.program_id(1)
+@SKIP@
+    rb = tl.load(ROW_ORDER + p)
+    start, nnz, steps, total = flat_row(ROW_PTR, rb, s, M, SPLIT, BLOCK_M)
+    idx_n = (rb * B + tl.arange(0, B))[None, :]
+    acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    kk = 0
+    t = s
+    for _ in range(0, total):
+        acc = flat_step(X, BLOCKS, COL_IDX, acc, start, nnz, kk, t, M, K, stride_xm, stride_xk, BLOCK_M, B,
+                        ALLOW_TF32, False)
+@GUARD_LOAD@
+        if kk == steps - 1:
+            offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+@GUARD@
+            idx_m = offs_m[:, None]
+            mask = (idx_m < M) & (idx_n < N)
+            {{store_output(("idx_m", "idx_n"), "acc", "mask", indent_width=12, val_shape=("BLOCK_M", "B"))}}
+            acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+            t += SPLIT
+            kk = 0
+        else:
+            kk += 1
+'''
+_FLAT_GUARD_LOAD = "        g_rows = row_check_tile(G, t, M, BLOCK_M)"  # every step: issued early by the pipeliner
+
 
 # skip "": every tile written; "always": the tiles of block rows row_order[LIVE:] never; "checked":
-# those only where input S (0 or NaN a row) has a NaN in the tile (skip_tile)
+# those only where input S (0 or NaN a row) has a NaN in the tile (skip_tile), with flat programs in
+# the program's slice (slice_has_nan: then the whole slice is computed)
 _SKIP_LINES = {
     "": "",
     "always": "    if p >= LIVE:\n        return\n",
     "checked": "    if skip_tile(S, p, LIVE, pid_m, M, BLOCK_M, True):\n        return\n",
+    "checked-flat": "    if p >= LIVE:\n        if slice_has_nan(S, s, M, SPLIT, BLOCK_M) == 0:\n            return\n",
 }
 
 
-def _template_body(guard: bool, skip: str = "") -> str:
+def _template_body(guard: bool, skip: str = "", flat: bool = False) -> str:
     """The template body with the non-finite row check (input G, see nonfinite_rows) or without it
     (the op's guard=False: options nonfinite="fast"); skip: see _SKIP_LINES (block_linear's live /
-    skip_check)."""
+    skip_check); flat: flat programs (config.split)."""
     inputs = '"X", "BLOCKS", "ROW_PTR", "COL_IDX", "ROW_ORDER"' + (', "G"' if guard else "") + \
         (', "S"' if skip == "checked" else "")
-    return _TEMPLATE_BODY.replace("@INPUTS@", inputs).replace("@GUARD@\n", _GUARD_LINE + "\n" if guard else "") \
-        .replace("@GUARD_LOAD@\n", _GUARD_LOAD + "\n" if guard else "") \
-        .replace("@SKIP@\n", _SKIP_LINES[skip])
+    body, load, fix = (_FLAT_BODY, _FLAT_GUARD_LOAD, "        " + _GUARD_LINE.replace("pid_m", "t")) if flat else \
+        (_TEMPLATE_BODY, _GUARD_LOAD, _GUARD_LINE)
+    return body.replace("@INPUTS@", inputs).replace("@GUARD@\n", fix + "\n" if guard else "") \
+        .replace("@GUARD_LOAD@\n", load + "\n" if guard else "") \
+        .replace("@SKIP@\n", _SKIP_LINES[skip + ("-flat" if flat and skip == "checked" else "")])
 
 
 TEMPLATE_NAME = "sparse_inductor_block"
@@ -529,16 +694,18 @@ def _grid():
 
     @SymbolicGridFn
     def grid(m, n, meta, *, cdiv):
+        if "SPLIT" in meta:  # flat programs: a block row by M slices
+            return (cdiv(n, meta["B"]), meta["SPLIT"], 1)
         return (cdiv(n, meta["B"]) * (meta["B"] // meta["BN"]), cdiv(m, meta["BLOCK_M"]), 1)
 
     return grid
 
 
-def template(guard: bool = True, skip: str = ""):
+def template(guard: bool = True, skip: str = "", flat: bool = False):
     from .template import get_template, template_source
 
-    name = TEMPLATE_NAME + ("" if guard else "_noguard") + (f"_skip_{skip}" if skip else "")
-    return get_template(name, lambda: template_source(DEVICE_FUNCTIONS, _template_body(guard, skip)), _grid())
+    name = TEMPLATE_NAME + ("_flat" if flat else "") + ("" if guard else "_noguard") + (f"_skip_{skip}" if skip else "")
+    return get_template(name, lambda: template_source(DEVICE_FUNCTIONS, _template_body(guard, skip, flat)), _grid())
 
 
 def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True, row_check=None,
@@ -570,10 +737,14 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True,
     layout = FixedLayout(x.get_device(), x.get_dtype(), [m, n])
     choices: list = []
     extra = {"LIVE": int(live)} if skip else {}
-    err = template(guard, skip).maybe_append_choice(
+    flat = cfg.split is not None and (cfg.block_n or b) == b
+    if flat:  # the slices: no more than M's tiles at the size hint (any M runs: a slice past M exits)
+        extra["SPLIT"] = max(1, min(cfg.split, -(-m_hint // cfg.block_m)))
+    else:
+        extra["BN"] = cfg.block_n or b
+    err = template(guard, skip, flat).maybe_append_choice(
         choices, input_nodes=inputs, layout=layout, num_stages=cfg.num_stages, num_warps=cfg.num_warps,
-        BLOCK_M=cfg.block_m, B=b, BN=cfg.block_n or b, ALLOW_TF32=_default_allow_tf32() and x.get_dtype() == torch.float32,
-        **extra)
+        BLOCK_M=cfg.block_m, B=b, ALLOW_TF32=_default_allow_tf32() and x.get_dtype() == torch.float32, **extra)
     if err is not None or not choices:
         raise RuntimeError(f"block template rejected the layer: {err}")
     return autotune_select_algorithm("sparse_inductor_block", choices, list(inputs), layout)
