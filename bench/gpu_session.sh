@@ -5,6 +5,8 @@
 #        bash bench/gpu_session.sh targets   (no GPU tests: every case the open issues set a target for,
 #        whole models in reduce-overhead mode only, ending with the table of targets against the run;
 #        about 8 minutes on the H200 by the sum of run H's calls, not yet run as one call)
+#        bash bench/gpu_session.sh flat      (flat block programs, config.split: their GPU tests, then
+#        compiled sweeps on ViT-B's fc1 / fc2 and the 14336x4096 layer, then ViT-B's MLP apart)
 # Installs the carried wheels (expecttest) and the package, runs the GPU tests, then the bench;
 # logs and JSON go to $OUT (at most 8 files come back, so the tests' code dumps are off).
 set -o pipefail
@@ -18,6 +20,18 @@ if [ "$SECTIONS" = "targets" ]; then
   timeout 560 python3 -m sparse_inductor.bench --targets --sections block,quant,cusparselt,int8_act,e2e,compose \
     --e2e llama_prefill,vit,vit24 --e2e-modes ro --json "$OUT_DIR/targets.json" 2>"$OUT_DIR/targets.err" \
     | tee "$OUT_DIR/targets.md"
+  exit
+fi
+if [ "$SECTIONS" = "flat" ]; then
+  OUT= timeout 150 python3 -m pytest -q -m gpu tests/test_triton_block.py tests/test_block_mlp.py \
+    -k "flat or llama_mlp or nonfinite or hidden" -p no:cacheprovider --tb=short 2>&1 \
+    | grep "^E \|passed\|failed\|FAILED" | head -30 | tee "$OUT_DIR/gputests.txt"
+  FLAT="bm64 w4 s2 sp8; bm64 w4 s2 sp16; bm64 w4 s3 sp16; bm64 w4 s4 sp16; bm64 w4 s2 sp32; bm128 w4 s3 sp16; bm128 w8 s3 sp16"
+  { timeout 150 python3 bench/sweep_block.py --compiled "$FLAT" --act gelu --nk 3072x768 --ms 12608 --sparsities 0.9
+    timeout 100 python3 bench/sweep_block.py --compiled "$FLAT" --nk 768x3072 --ms 12608 --sparsities 0.9
+    timeout 150 python3 bench/sweep_block.py --compiled "$FLAT" --nk 14336x4096 --ms 8192 --sparsities 0.9,0.8
+    timeout 120 python3 bench/sweep_block_mlp.py --apart "fc1:64/4/2/s16,fc1:64/4/3/s16,fc1:128/8/3/s16,fc2:64/4/3/s16"
+  } 2>"$OUT_DIR/flat.err" | tee "$OUT_DIR/flat.md"
   exit
 fi
 quiet() { grep -v "^DEBUG\|UserWarning\|warn\|^  " "$1" | tail -5; }

@@ -2,6 +2,7 @@
 
     python bench/sweep_block.py [--quick]
     python bench/sweep_block.py --compiled "bm128 w4 s2; bm64 w4 s1" --act gelu --nk 3072x768 --ms 12608 --sparsities 0.9
+    python bench/sweep_block.py --flat ...     (the sweep with flat programs too: config.split, "sp16")
 
 Times `block_linear(..., guard=False, config=cfg)` as CUDA-graph replays (do_bench medians, L2
 flushed) for the decode and prefill shapes of the bench (N=14336, K=4096, 64x64 blocks, 90% and
@@ -28,7 +29,11 @@ from sparse_inductor.lowering import triton_block as tb
 from sparse_inductor.prune import prune_blocks_
 
 
-def grid(m: int, b: int, quick: bool):
+def grid(m: int, b: int, quick: bool, flat: bool = False):
+    if flat and m > 16:  # flat programs (one program a block row and M slice)
+        for bm, w, s, sp in itertools.product((64, 128), (4, 8), (2, 3, 4) if not quick else (2, 4), (8, 16, 32)):
+            if not (bm == 64 and w == 8):
+                yield tb.BlockLinearConfig(bm, w, s, None, sp)
     if m <= 16:
         for bn, w, s in itertools.product((16, 32, 64), (2, 4), (2, 3, 4, 5) if not quick else (3, 5)):
             yield tb.BlockLinearConfig(16, w, s, bn)
@@ -123,9 +128,14 @@ def split_experiment(ms, sparsities, pattern):
 
 
 def _parse_config(text: str) -> tb.BlockLinearConfig:
-    """"bm128 w4 s3" (block_n: "bn32") -> a BlockLinearConfig."""
+    """"bm128 w4 s3" (block_n: "bn32"; flat programs in 16 M slices: "sp16") -> a BlockLinearConfig."""
     f = {t.rstrip("0123456789"): int(t[len(t.rstrip("0123456789")):]) for t in text.split()}
-    return tb.BlockLinearConfig(f["bm"], f["w"], f["s"], f.get("bn"))
+    return tb.BlockLinearConfig(f["bm"], f["w"], f["s"], f.get("bn"), f.get("sp"))
+
+
+def _name(c: tb.BlockLinearConfig) -> str:
+    return f"bm{c.block_m} w{c.num_warps} s{c.num_stages}" + (f" bn{c.block_n}" if c.block_n else "") + (
+        f" sp{c.split}" if c.split else "")
 
 
 def compiled_experiment(nks, ms, sparsities, act: str, configs: list) -> None:
@@ -171,8 +181,7 @@ def compiled_experiment(nks, ms, sparsities, act: str, configs: list) -> None:
                 finally:
                     for t, c in zip(tables, originals):
                         t[key] = c
-                name = ("table " if cfg is saved else "") + f"bm{cfg.block_m} w{cfg.num_warps} s{cfg.num_stages}" + (
-                    f" bn{cfg.block_n}" if cfg.block_n else "")
+                name = ("table " if cfg is saved else "") + _name(cfg)
                 print(f"| {n}x{k} | {m} | {sparsity:.0%} | {dense:.1f} | {name} | {t:.1f} | {dense / t:.2f}x |",
                       flush=True)
 
@@ -185,6 +194,7 @@ def main(argv=None):
     p.add_argument("--nk", default="14336x4096", help="weight shapes NxK, comma-separated (ViT-B MLP: 3072x768,768x3072)")
     p.add_argument("--pattern", choices=("norm", "uniform"), default="norm")
     p.add_argument("--split", action="store_true", help="the split-rows experiment instead of the sweep")
+    p.add_argument("--flat", action="store_true", help="the sweep's grid with flat programs (config.split) too")
     p.add_argument("--compiled", default=None, metavar="CONFIGS",
                    help="instead of the sweep: these configs ('bm128 w4 s2; bm64 w4 s1', ';'-separated) and the "
                         "table's, as the compiled template runs them (--act gelu: with a GELU epilogue)")
@@ -222,7 +232,7 @@ def main(argv=None):
             floor = _bench(_graphed(lambda: F.linear(x, floor_w)))
             table = tb.pick_config(b, m, dt)
             results = []
-            for cfg in [table, *grid(m, b, args.quick)]:
+            for cfg in [table, *grid(m, b, args.quick, args.flat)]:
                 try:
                     t = _bench(_graphed(lambda: tb.block_linear(x, *bs, None, n, k, guard=False, config=cfg)), rep=50)
                 except Exception as e:  # e.g. out of shared memory
@@ -231,8 +241,7 @@ def main(argv=None):
                 results.append((t, cfg))
             t_table = results[0][0] if results and results[0][1] == table else float("nan")
             best = sorted(results, key=lambda r: r[0])[:5]
-            txt = "; ".join(f"bm{c.block_m} bn{c.block_n or b} w{c.num_warps} s{c.num_stages}: {t:.1f}"
-                           for t, c in best)
+            txt = "; ".join(f"{_name(c)}: {t:.1f}" for t, c in best)
             print(f"| {n}x{k} | {m} | {sparsity:.0%} | {rows} | {dense:.1f} | {floor:.1f} | {tuple(table)} | {t_table:.1f} | {txt} | "
                   f"{dense / best[0][0]:.2f}x |", flush=True)
 

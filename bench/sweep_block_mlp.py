@@ -47,8 +47,9 @@ def mlp(d: int, h: int, sparsity: float) -> nn.Module:
 def apart(net, x, specs: str) -> None:
     """The two layers apart (the default build), compiled, under launch configs given as
     "fc1:BLOCK_M/warps/stages" (CONFIGS_SHORT_ROWS' (64, 256) entry: fc1 at 90%) or "fc2:..." (CONFIGS'
-    (64, 256) entry), and "skip-off" (fuse_mlp.SKIP_HIDDEN False); the table's and skip-off in exact and
-    fast mode, the others in exact mode; dense compile first. do_bench of a CUDA-graph replay and the
+    (64, 256) entry), "/sN" appended for flat programs in N M slices, and "skip-off"
+    (fuse_mlp.SKIP_HIDDEN False); the table's, skip-off and flat configs in exact and fast mode, the
+    others in exact mode; dense compile first. do_bench of a CUDA-graph replay and the
     kernels by the profiler."""
     from sparse_inductor.lowering import triton_block as tb
     from sparse_inductor.passes import fuse_mlp
@@ -57,14 +58,17 @@ def apart(net, x, specs: str) -> None:
     print("\n| build | mode | us | kernels (us each) |\n|---|---|---|---|")
     for spec in ["dense", "table", *specs.split(",")]:
         c1, c2, skip = base1, base2, True
-        if spec.startswith(("fc1:", "fc2:")):
-            cfg = tb.BlockLinearConfig(*(int(v) for v in spec[4:].split("/")))
+        if spec.startswith(("fc1:", "fc2:")):  # BLOCK_M/warps/stages, and /sN: flat programs in N M slices
+            parts = spec[4:].split("/")
+            split = int(parts.pop()[1:]) if parts[-1].startswith("s") else None
+            cfg = tb.BlockLinearConfig(*(int(v) for v in parts), split=split)
             c1, c2 = (cfg, c2) if spec.startswith("fc1:") else (c1, cfg)
         elif spec == "skip-off":
             skip = False
         tb.CONFIGS_SHORT_ROWS[(64, 256)], tb.CONFIGS[(64, 256)], fuse_mlp.SKIP_HIDDEN = c1, c2, skip
         try:
-            for mode in ("exact", "fast") if spec in ("table", "skip-off") else ("exact",) if spec != "dense" else ("-",):
+            both = spec in ("table", "skip-off") or "/s" in spec
+            for mode in ("exact", "fast") if both else ("exact",) if spec != "dense" else ("-",):
                 torch._dynamo.reset()
                 f = torch.compile(net) if spec == "dense" else torch.compile(net, backend="sparse", options={
                     "force": True, "kernel": "triton", "nonfinite": mode, "fx_cache": False})
