@@ -515,8 +515,8 @@ for tname, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         sig.update({n: "*" + tname for n in ("x_ptr", "blocks_ptr", "bias_ptr", "y_ptr")})
         sig.update({n: "*i32" for n in ("row_ptr_ptr", "col_idx_ptr", "row_order_ptr")})
         sig.update({"g_ptr": "*fp32"}, **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_ym")})
-        consts = dict(stride_xk=1, stride_yn=1, BLOCK_M=cfg.block_m, B=b, BN=cfg.block_n or b, HAS_BIAS=True, HAS_GUARD=True,
-                      ALLOW_TF32=tname == "fp32", DOT_FP32=False)
+        consts = dict(stride_xk=1, stride_yn=1, BLOCK_M=cfg.block_m, B=b, BN=cfg.block_n or b, SPLIT=0, HAS_BIAS=True,
+                      HAS_GUARD=True, ALLOW_TF32=tname == "fp32", DOT_FP32=False)
         aligned = [n for n, t in sig.items() if t != "constexpr" and n != "M"]
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
         c = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
@@ -526,8 +526,6 @@ for tname, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
                               buffers=min(bufs, default=0))))
 # flat programs (config.split): the step loop, with the epilogue (and the guard's loop) inside it, is
 # multi-buffered too
-kernel = tb._block_linear_flat_kernel
-names = kernel.arg_names
 for tname in ("bf16", "fp32"):
     for cfg in FLAT_SM90:
         for guard in (True, False):
@@ -537,7 +535,7 @@ for tname in ("bf16", "fp32"):
             sig.update({n: "*i32" for n in ("row_ptr_ptr", "col_idx_ptr", "row_order_ptr")})
             sig.update({"g_ptr": "*fp32", "s_ptr": "*fp32"},
                        **{n: "i32" for n in ("M", "N", "K", "live", "stride_xm", "stride_ym")})
-            consts = dict(stride_xk=1, stride_yn=1, BLOCK_M=cfg.block_m, B=64, SPLIT=cfg.split, HAS_BIAS=True,
+            consts = dict(stride_xk=1, stride_yn=1, BLOCK_M=cfg.block_m, B=64, BN=64, SPLIT=cfg.split, HAS_BIAS=True,
                           HAS_GUARD=guard, SKIP=True, SKIP_CHECKED=True, ALLOW_TF32=tname == "fp32", DOT_FP32=False)
             aligned = [n for n, t in sig.items() if t != "constexpr" and n not in ("M", "live")]
             attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}

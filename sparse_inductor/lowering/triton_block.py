@@ -25,7 +25,7 @@ Design.
   time-first scheduling). Guess until measured on the H100: with several M tiles the long rows of
   tile 1 start after the short rows of tile 0; the alternative order (M tile fastest) trades that
   for worse L2 reuse of the x tile across block rows.
-- Flat programs (config.split, _block_linear_flat_kernel and the "_flat" templates): one program
+- Flat programs (config.split: _block_linear_kernel's SPLIT, the "_flat" templates): one program
   per (block row, M slice s); it walks the M tiles s, s + split, ... of its row as one loop of
   (tile, block) steps with the epilogue in the branch that ends a tile, so that the pipeliner
   loads the next tile's x behind this tile's epilogue. Meant for short block rows at large M
@@ -309,97 +309,83 @@ def _block_linear_kernel(
     # strides
     stride_xm, stride_xk, stride_ym, stride_yn,
     # meta-parameters
-    BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr,
+    BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GUARD: tl.constexpr, SKIP: tl.constexpr, SKIP_CHECKED: tl.constexpr,
     ALLOW_TF32: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """y[M, N] = x[M, K] @ W^T (+ bias[N]), one [BLOCK_M, BN] tile a program; with HAS_GUARD, NaN
-    where a non-finite x meets a skipped (all-zero) block, as in dense; with SKIP, the tiles
-    skip_tile allows are left unwritten."""
-    p = tl.program_id(0) // (B // BN)
-    pid_m = tl.program_id(1)
-    if SKIP:
-        if skip_tile(s_ptr, p, live, pid_m, M, BLOCK_M, SKIP_CHECKED):
-            return
-    rb = tl.load(row_order_ptr + p)
-    sub = tl.program_id(0) % (B // BN)
-    if HAS_GUARD:
-        g = row_check_tile(g_ptr, pid_m, M, BLOCK_M)
-    acc = block_sparse_acc(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, rb, sub, pid_m, M, N, K,
-                           stride_xm, stride_xk, BLOCK_M, B, BN, ALLOW_TF32, DOT_FP32)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = rb * B + sub * BN + tl.arange(0, BN)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_GUARD:
-        acc += nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g, rb, pid_m, M, K,
-                                 stride_xm, stride_xk, BLOCK_M, B)[:, None]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    """y[M, N] = x[M, K] @ W^T (+ bias[N]); with HAS_GUARD, NaN where a non-finite x meets a skipped
+    (all-zero) block, as in dense; with SKIP, the tiles skip_tile allows are left unwritten.
 
-
-@triton.jit
-def _block_linear_flat_kernel(
-    # pointers
-    x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, row_order_ptr, bias_ptr, g_ptr, s_ptr, y_ptr,
-    # sizes; block rows row_order[live:] may be skipped
-    M, N, K, live,
-    # strides
-    stride_xm, stride_xk, stride_ym, stride_yn,
-    # meta-parameters
-    BLOCK_M: tl.constexpr, B: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GUARD: tl.constexpr, SKIP: tl.constexpr, SKIP_CHECKED: tl.constexpr,
-    ALLOW_TF32: tl.constexpr, DOT_FP32: tl.constexpr,
-):
-    """The same y as _block_linear_kernel, by flat programs (config.split): program (p, s) computes
-    block row row_order[p] in the M tiles s, s + SPLIT, ... as one loop of (tile, block) steps with
-    the epilogue inside, so that the pipeliner loads the next tile's x while this tile's epilogue
-    runs (the one-tile programs of short block rows are mostly prologue and epilogue).
-
-    Non-finite inputs: as the one-tile kernel, nan_where_skipped in each tile's epilogue (a loop
-    inside the step loop's epilogue branch; Triton 3.7 still multi-buffers the step loop, sm_90a
-    TTGIR). Skipped rows (SKIP): a program on row_order[p >= live] returns at once, or, with
-    SKIP_CHECKED, computes its whole slice if the slice holds a row whose s is NaN (computing a
-    skippable tile is never wrong)."""
-    p = tl.program_id(0)
-    s = tl.program_id(1)
-    if SKIP:
-        if p >= live:
-            if SKIP_CHECKED:
-                if slice_has_nan(s_ptr, s, M, SPLIT, BLOCK_M) == 0:
+    SPLIT 0: one [BLOCK_M, BN] tile a program. SPLIT > 0 (config.split; BN = B): flat programs:
+    program (p, s) computes block row row_order[p] in the M tiles s, s + SPLIT, ... as one loop of
+    (tile, block) steps with the epilogue inside, so that the pipeliner loads the next tile's x
+    while this tile's epilogue runs (the one-tile programs of short block rows are mostly prologue
+    and epilogue). Their non-finite fixup is the one-tile programs' (nan_where_skipped in each
+    tile's epilogue: a loop inside the step loop's branch; Triton 3.7 still multi-buffers the step
+    loop, sm_90a TTGIR). Their skipped rows (SKIP): a program on row_order[p >= live] returns at
+    once, or, with SKIP_CHECKED, computes its whole slice if the slice holds a row whose s is NaN
+    (computing a skippable tile is never wrong)."""
+    if SPLIT > 0:
+        p = tl.program_id(0)
+        s = tl.program_id(1)
+        if SKIP:
+            if p >= live:
+                if SKIP_CHECKED:
+                    if slice_has_nan(s_ptr, s, M, SPLIT, BLOCK_M) == 0:
+                        return
+                else:
                     return
-            else:
-                return
-    rb = tl.load(row_order_ptr + p)
-    start, nnz, steps, total = flat_row(row_ptr_ptr, rb, s, M, SPLIT, BLOCK_M)
-    offs_n = rb * B + tl.arange(0, B)
-    mask_n = offs_n < N
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
-    kk = 0
-    t = s
-    for _ in range(0, total):
-        acc = flat_step(x_ptr, blocks_ptr, col_idx_ptr, acc, start, nnz, kk, t, M, K, stride_xm, stride_xk,
-                        BLOCK_M, B, ALLOW_TF32, DOT_FP32)
-        if HAS_GUARD:
-            g = row_check_tile(g_ptr, t, M, BLOCK_M)  # every step: a load the pipeliner can issue early
-        if kk == steps - 1:
-            offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
-            if HAS_BIAS:
-                acc += bias[None, :]
+        rb = tl.load(row_order_ptr + p)
+        start, nnz, steps, total = flat_row(row_ptr_ptr, rb, s, M, SPLIT, BLOCK_M)
+        offs_n = rb * B + tl.arange(0, B)
+        mask_n = offs_n < N
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+        kk = 0
+        t = s
+        for _ in range(0, total):
+            acc = flat_step(x_ptr, blocks_ptr, col_idx_ptr, acc, start, nnz, kk, t, M, K, stride_xm, stride_xk,
+                            BLOCK_M, B, ALLOW_TF32, DOT_FP32)
             if HAS_GUARD:
-                acc += nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g, rb, t, M, K, stride_xm, stride_xk,
-                                         BLOCK_M, B)[:, None]
-            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
-            acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
-            t += SPLIT
-            kk = 0
-        else:
-            kk += 1
+                g = row_check_tile(g_ptr, t, M, BLOCK_M)  # every step: a load the pipeliner can issue early
+            if kk == steps - 1:
+                offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+                if HAS_BIAS:
+                    acc += bias[None, :]
+                if HAS_GUARD:
+                    acc += nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g, rb, t, M, K, stride_xm, stride_xk,
+                                             BLOCK_M, B)[:, None]
+                y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
+                acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+                t += SPLIT
+                kk = 0
+            else:
+                kk += 1
+    else:
+        p = tl.program_id(0) // (B // BN)
+        pid_m = tl.program_id(1)
+        if SKIP:
+            if skip_tile(s_ptr, p, live, pid_m, M, BLOCK_M, SKIP_CHECKED):
+                return
+        rb = tl.load(row_order_ptr + p)
+        sub = tl.program_id(0) % (B // BN)
+        if HAS_GUARD:
+            g = row_check_tile(g_ptr, pid_m, M, BLOCK_M)
+        acc = block_sparse_acc(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, rb, sub, pid_m, M, N, K,
+                               stride_xm, stride_xk, BLOCK_M, B, BN, ALLOW_TF32, DOT_FP32)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = rb * B + sub * BN + tl.arange(0, BN)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if HAS_GUARD:
+            acc += nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g, rb, pid_m, M, K,
+                                     stride_xm, stride_xk, BLOCK_M, B)[:, None]
+        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 class BlockLinearConfig(NamedTuple):
@@ -407,7 +393,7 @@ class BlockLinearConfig(NamedTuple):
     num_warps: int
     num_stages: int
     block_n: Optional[int] = None  # output columns a program computes (<= B); None: the block size B
-    # flat programs (_block_linear_flat_kernel): M slices a block row is cut into (a program walks
+    # flat programs (_block_linear_kernel SPLIT > 0): M slices a block row is cut into (a program walks
     # every split-th M tile of its row); None: one program a tile. Needs block_n None.
     split: Optional[int] = None
 
@@ -591,14 +577,13 @@ def block_linear(
                f"skip_check must be [M] fp32 on {x.device}, got {skip_check.dtype} {tuple(skip_check.shape)}")
     if allow_tf32 is None:
         allow_tf32 = _default_allow_tf32()
-    kernel, shape = (_block_linear_flat_kernel, dict(SPLIT=grid[1])) if flat else (_block_linear_kernel, dict(BN=bn))
-    kernel[grid](
+    _block_linear_kernel[grid](
         x, blocks, row_ptr, col_idx, row_order,
         bias if bias is not None else y, g if g is not None else y,
         skip_check if skip_check is not None else y, y,
         m, n, k, live if skip else nb,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        BLOCK_M=config.block_m, B=b, **shape,
+        BLOCK_M=config.block_m, B=b, BN=bn, SPLIT=grid[1] if flat else 0,
         HAS_BIAS=bias is not None, HAS_GUARD=guard, SKIP=skip, SKIP_CHECKED=skip and skip_check is not None,
         ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
         DOT_FP32=x.dtype == torch.bfloat16 and INTERPRETING,  # bf16 tl.dot is wrong there
@@ -632,7 +617,7 @@ _GUARD_LOAD = "    g_rows = row_check_tile(G, pid_m, M, BLOCK_M)"
 _GUARD_LINE = ("    acc += nan_where_skipped(X, ROW_PTR, COL_IDX, g_rows, rb, pid_m, M, K, stride_xm, stride_xk, "
                "BLOCK_M, B)[:, None]")
 
-# Flat programs (config.split; _block_linear_flat_kernel is the same body with tl.store): the
+# Flat programs (config.split; _block_linear_kernel with SPLIT is the same body with tl.store): the
 # epilogue Inductor renders sits inside the step loop's branch that ends a tile.
 _FLAT_BODY = HEAD_X_MNK + r'''    p = tl.program_id(0)
     s = tl.program_id(1)
