@@ -31,7 +31,7 @@ from sparse_inductor.prune import prune_blocks_
 
 def grid(m: int, b: int, quick: bool, flat: bool = False):
     if flat and m > 16:  # flat programs (one program a block row and M slice)
-        for bm, w, s, sp in itertools.product((64, 128), (4, 8), (2, 3, 4) if not quick else (2, 4), (8, 16, 32)):
+        for bm, w, s, sp in itertools.product((64, 128), (4, 8), (2, 3, 5) if not quick else (2, 5), (16, 32, 64)):
             if not (bm == 64 and w == 8):
                 yield tb.BlockLinearConfig(bm, w, s, None, sp)
     if m <= 16:

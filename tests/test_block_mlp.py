@@ -647,5 +647,5 @@ def test_gpu_hidden_units_skipped(m, nonfinite, flat, monkeypatch):
     tem = _sources(code, "def triton_tem_fused", "flat_step(X" if flat else "block_sparse_acc(X")
     assert len(tem) == 2, kernel_defs(code)
     skip = "if p >= LIVE:" if nonfinite == "fast" else \
-        "if slice_has_nan(S, s, M, SPLIT, BLOCK_M) == 0:" if flat else "if skip_tile(S, p, LIVE, pid_m, M, BLOCK_M, True):"
+        "if slice_has_nan(S, s, split, M, BLOCK_M) == 0:" if flat else "if skip_tile(S, p, LIVE, pid_m, M, BLOCK_M, True):"
     assert sum(skip in t for t in tem) == 1, kernel_defs(code)

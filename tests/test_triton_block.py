@@ -188,6 +188,14 @@ def test_strided_x():
         assert_matches(run(x, w, bias, b, allow_tf32=False), reference(x, w, bias), dtype)
 
 
+def flat_split(fmt, row, split):
+    """The slices flat programs cut block row `row` into (flat_row): SPLIT in proportion to its
+    steps (nonzero blocks, at least 1) against row_order[0]'s."""
+    nnz = (fmt.row_ptr[1:] - fmt.row_ptr[:-1]).tolist()
+    steps, longest = max(nnz[row], 1), max(nnz[int(fmt.row_order[0])], nnz[row], 1)
+    return min(max(-(-split * steps // longest), 1), split)
+
+
 # flat programs (split): one slice (split 1) holds every tile; 3 slices of 16-row tiles at M = 33
 # are one tile each, at M = 70 two, two and one
 FLAT = [BlockLinearConfig(16, 4, 2, None, 1), BlockLinearConfig(16, 4, 3, None, 3), BlockLinearConfig(32, 4, 2, None, 2)]
@@ -277,6 +285,21 @@ def test_nonfinite_w(dtype):
     assert_matches(run(x, w, bias, b, allow_tf32=False), ref, dtype)
 
 
+@pytest.mark.parametrize("split", [1, 3, 7])
+def test_flat_any_row_order(split):
+    """Flat programs cut a row into slices by its blocks against row_order[0]'s (a balance hint):
+    with the order reversed (the emptiest row first), every tile is still computed, once."""
+    b, m, dtype = 16, 150, torch.float32
+    n, k = 4 * b - 5, 4 * b - 3
+    w = make_weight(n, k, b, MIXED, dtype)
+    x, bias = make_x(m, k, dtype), make_bias(n, dtype)
+    blocks, row_ptr, col_idx, row_order = compress_block(w, b)
+    for order in (row_order, row_order.flip(0).contiguous()):
+        y = block_linear(x, blocks, row_ptr, col_idx, order, bias, n, k, allow_tf32=False,
+                         config=BlockLinearConfig(16, 4, 2, None, split))
+        assert_matches(y, reference(x, w, bias), dtype)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 def test_flat_nonfinite_only_in_its_slice(dtype):
@@ -295,8 +318,8 @@ def test_flat_nonfinite_only_in_its_slice(dtype):
 @pytest.mark.parametrize("config", [None, FLAT[1], FLAT[2]], ids=["tiles", "flat3", "flat2"])
 def test_skipped_rows(config):
     """live / skip_check: the tiles of block rows row_order[live:] stay unwritten, except where
-    skip_check flags a row: the one-tile programs compute that tile, flat ones their whole slice.
-    Everything written is y."""
+    skip_check flags a row: the one-tile programs compute that tile, flat ones their whole slice
+    (the row's split: flat_split). Everything written is y."""
     b, m, dtype = 16, 70, torch.float16
     n, k = 4 * b - 5, 4 * b - 3
     w = make_weight(n, k, b, MIXED, dtype)
@@ -304,27 +327,26 @@ def test_skipped_rows(config):
     fmt = compress_block(w, b)
     dead = fmt.row_order[2:].tolist()  # block rows 3 and 1 (one block, none)
     ref = reference(x, w, bias)
-    cols = torch.cat([torch.arange(r * b, min(n, (r + 1) * b)) for r in dead])
+    bm = (config or tb.pick_config(b, m, dtype)).block_m
+    live_cols = [c for c in range(n) if c // b not in dead]
     for flagged in (None, 40):
         check = torch.zeros(m, dtype=torch.float32, device=DEV)
         if flagged is not None:
             check[flagged] = math.nan
         out = torch.full((m, n), math.nan, dtype=dtype, device=DEV)
         block_linear(x, *fmt, bias, n, k, config=config, live=2, skip_check=check, out=out, allow_tf32=False)
-        bm = (config or tb.pick_config(b, m, dtype)).block_m
-        written = torch.zeros(m, dtype=torch.bool)
-        if flagged is not None:
-            tile = flagged // bm
-            split = config.split if config and config.split else None
-            tiles = range(tile % split, math.ceil(m / bm), split) if split else [tile]
-            for t in tiles:
-                written[t * bm:(t + 1) * bm] = True
-        got = out[:, cols].cpu()
-        assert got[~written].isnan().all()
-        live_cols = torch.tensor([c for c in range(n) if c not in set(cols.tolist())])
         assert_matches(out[:, live_cols], ref[:, live_cols], dtype)
-        if written.any():
-            assert_matches(out[written.to(out.device)][:, cols], ref[written.to(ref.device)][:, cols], dtype)
+        for r in dead:
+            cols = slice(r * b, min(n, (r + 1) * b))
+            written = torch.zeros(m, dtype=torch.bool, device=DEV)
+            if flagged is not None:
+                tile = flagged // bm
+                split = flat_split(fmt, r, config.split) if config and config.split else None
+                for t in range(tile % split, math.ceil(m / bm), split) if split else [tile]:
+                    written[t * bm:(t + 1) * bm] = True
+            assert out[~written, cols].isnan().all()
+            if written.any():
+                assert_matches(out[written, cols], ref[written, cols], dtype)
 
 
 def _template_kernel(tmp_path, guard, skip, flat):

@@ -26,7 +26,8 @@ Design.
   tile 1 start after the short rows of tile 0; the alternative order (M tile fastest) trades that
   for worse L2 reuse of the x tile across block rows.
 - Flat programs (config.split: _block_linear_kernel's SPLIT, the "_flat" templates): one program
-  per (block row, M slice s); it walks the M tiles s, s + split, ... of its row as one loop of
+  per (block row, M slice s); it walks the M tiles s, s + split, ... of its row (split <= SPLIT, in
+  proportion to the row's blocks, so that long and short rows' programs take about as long) as one loop of
   (tile, block) steps with the epilogue in the branch that ends a tile, so that the pipeliner
   loads the next tile's x behind this tile's epilogue. Meant for short block rows at large M
   (ViT-B's fc1 at 90%: 1.2 blocks a row, where a one-tile program is mostly prologue, latency
@@ -237,31 +238,38 @@ def skip_tile(s_ptr, p, live, pid_m, M, BLOCK_M: tl.constexpr, CHECKED: tl.const
 
 
 @triton.jit
-def slice_has_nan(v_ptr, s, M, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):
+def slice_has_nan(v_ptr, s, split, M, BLOCK_M: tl.constexpr):
     """1 if v [M] (0 or NaN a row: a row check g, or a skip check) holds a NaN in the rows of the M
-    tiles s, s + SPLIT, s + 2 SPLIT, ... (a flat program's slice), else 0. Reads 16 tiles a step."""
+    tiles s, s + split, s + 2 split, ... (a flat program's slice), else 0. Reads 16 tiles a step."""
     TCH: tl.constexpr = 16
-    n_tiles = tl.cdiv(tl.maximum(M - s * BLOCK_M, 0), SPLIT * BLOCK_M)
+    n_tiles = tl.cdiv(tl.maximum(M - s * BLOCK_M, 0), split * BLOCK_M)
     offs_t = tl.arange(0, TCH)
     offs_r = tl.arange(0, BLOCK_M)
     total = tl.zeros((TCH, BLOCK_M), dtype=tl.float32)
     for c0 in range(0, n_tiles, TCH):
-        rows = (s + (c0 + offs_t) * SPLIT)[:, None] * BLOCK_M + offs_r[None, :]
+        rows = (s + (c0 + offs_t) * split)[:, None] * BLOCK_M + offs_r[None, :]
         total += tl.load(v_ptr + rows, mask=(rows < M) & ((c0 + offs_t) < n_tiles)[:, None], other=0.0)
     v = tl.sum(tl.sum(total, axis=1), axis=0)
     return (v != v).to(tl.int32)
 
 
 @triton.jit
-def flat_row(row_ptr_ptr, rb, s, M, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):
-    """A flat program's plan for block row rb and M slice s: (start, nnz, steps, total). The row's
-    blocks are start .. start + nnz - 1; each M tile takes steps = max(nnz, 1) loop steps (an empty
-    row still writes its tiles); total = steps * the slice's tiles (s, s + SPLIT, ... below M)."""
+def flat_row(row_ptr_ptr, row_order_ptr, rb, s, M, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A flat program's plan for block row rb and M slice s: (start, nnz, steps, total, split).
+    The row's blocks are start .. start + nnz - 1; each M tile takes steps = max(nnz, 1) loop steps
+    (an empty row still writes its tiles). The row is cut into split <= SPLIT slices in proportion
+    to its steps against the first row of row_order's (the longest: compress_block's order, and
+    fuse_mlp's keeps it first), so that every program walks about as many steps; slice s holds the
+    tiles s, s + split, ... below M (total = steps * their count; 0 for s >= split). The order is a
+    balance hint only: any row_order covers every tile."""
     start = tl.load(row_ptr_ptr + rb)
     nnz = tl.load(row_ptr_ptr + rb + 1) - start
     steps = tl.maximum(nnz, 1)
-    total = tl.cdiv(tl.maximum(M - s * BLOCK_M, 0), SPLIT * BLOCK_M) * steps
-    return start, nnz, steps, total
+    r0 = tl.load(row_order_ptr)
+    longest = tl.maximum(tl.load(row_ptr_ptr + r0 + 1) - tl.load(row_ptr_ptr + r0), steps)
+    split = tl.minimum(tl.maximum(tl.cdiv(SPLIT * steps, longest), 1), SPLIT)
+    total = tl.where(s < split, tl.cdiv(tl.maximum(M - s * BLOCK_M, 0), split * BLOCK_M) * steps, 0)
+    return start, nnz, steps, total, split
 
 
 @triton.jit
@@ -317,7 +325,8 @@ def _block_linear_kernel(
     (all-zero) block, as in dense; with SKIP, the tiles skip_tile allows are left unwritten.
 
     SPLIT 0: one [BLOCK_M, BN] tile a program. SPLIT > 0 (config.split; BN = B): flat programs:
-    program (p, s) computes block row row_order[p] in the M tiles s, s + SPLIT, ... as one loop of
+    program (p, s) computes block row row_order[p] in the M tiles s, s + split, ... (split <= SPLIT
+    slices, in proportion to the row's blocks: flat_row) as one loop of
     (tile, block) steps with the epilogue inside, so that the pipeliner loads the next tile's x
     while this tile's epilogue runs (the one-tile programs of short block rows are mostly prologue
     and epilogue). Their non-finite fixup is the one-tile programs' (nan_where_skipped in each
@@ -329,14 +338,15 @@ def _block_linear_kernel(
         p = tl.program_id(0)
         s = tl.program_id(1)
         if SKIP:
-            if p >= live:
-                if SKIP_CHECKED:
-                    if slice_has_nan(s_ptr, s, M, SPLIT, BLOCK_M) == 0:
-                        return
-                else:
+            if not SKIP_CHECKED:
+                if p >= live:
                     return
         rb = tl.load(row_order_ptr + p)
-        start, nnz, steps, total = flat_row(row_ptr_ptr, rb, s, M, SPLIT, BLOCK_M)
+        start, nnz, steps, total, split = flat_row(row_ptr_ptr, row_order_ptr, rb, s, M, SPLIT, BLOCK_M)
+        if SKIP_CHECKED:
+            if p >= live:
+                if slice_has_nan(s_ptr, s, split, M, BLOCK_M) == 0:
+                    return
         offs_n = rb * B + tl.arange(0, B)
         mask_n = offs_n < N
         if HAS_BIAS:
@@ -359,7 +369,7 @@ def _block_linear_kernel(
                 y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
                 tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
                 acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
-                t += SPLIT
+                t += split
                 kk = 0
             else:
                 kk += 1
@@ -621,9 +631,9 @@ _GUARD_LINE = ("    acc += nan_where_skipped(X, ROW_PTR, COL_IDX, g_rows, rb, pi
 # epilogue Inductor renders sits inside the step loop's branch that ends a tile.
 _FLAT_BODY = HEAD_X_MNK + r'''    p = tl.program_id(0)
     s = tl.program_id(1)
-@SKIP@
     rb = tl.load(ROW_ORDER + p)
-    start, nnz, steps, total = flat_row(ROW_PTR, rb, s, M, SPLIT, BLOCK_M)
+    start, nnz, steps, total, split = flat_row(ROW_PTR, ROW_ORDER, rb, s, M, SPLIT, BLOCK_M)
+@SKIP@
     idx_n = (rb * B + tl.arange(0, B))[None, :]
     acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
     kk = 0
@@ -639,7 +649,7 @@ _FLAT_BODY = HEAD_X_MNK + r'''    p = tl.program_id(0)
             mask = (idx_m < M) & (idx_n < N)
             {{store_output(("idx_m", "idx_n"), "acc", "mask", indent_width=12, val_shape=("BLOCK_M", "B"))}}
             acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
-            t += SPLIT
+            t += split
             kk = 0
         else:
             kk += 1
@@ -654,7 +664,7 @@ _SKIP_LINES = {
     "": "",
     "always": "    if p >= LIVE:\n        return\n",
     "checked": "    if skip_tile(S, p, LIVE, pid_m, M, BLOCK_M, True):\n        return\n",
-    "checked-flat": "    if p >= LIVE:\n        if slice_has_nan(S, s, M, SPLIT, BLOCK_M) == 0:\n            return\n",
+    "checked-flat": "    if p >= LIVE:\n        if slice_has_nan(S, s, split, M, BLOCK_M) == 0:\n            return\n",
 }
 
 
