@@ -285,6 +285,26 @@ def test_nonfinite_w(dtype):
     assert_matches(run(x, w, bias, b, allow_tf32=False), ref, dtype)
 
 
+@pytest.mark.parametrize("live", [0, 1, 3])
+def test_flat_skip_always_launches_live_rows(live):
+    """Flat programs under skip "always" are launched for the live rows only (at least one program):
+    those rows are y, the others stay unwritten."""
+    b, m, dtype = 16, 40, torch.float16
+    n, k = 4 * b - 5, 4 * b - 3
+    w = make_weight(n, k, b, MIXED, dtype)
+    x, bias = make_x(m, k, dtype), make_bias(n, dtype)
+    fmt = compress_block(w, b)
+    out = torch.full((m, n), math.nan, dtype=dtype, device=DEV)
+    block_linear(x, *fmt, bias, n, k, config=FLAT[1], live=live, out=out, allow_tf32=False)
+    ref = reference(x, w, bias)
+    for i, r in enumerate(fmt.row_order.tolist()):
+        cols = slice(r * b, min(n, (r + 1) * b))
+        if i < live:
+            assert_matches(out[:, cols], ref[:, cols], dtype)
+        else:
+            assert out[:, cols].isnan().all()
+
+
 @pytest.mark.parametrize("split", [1, 3, 7])
 def test_flat_any_row_order(split):
     """Flat programs cut a row into slices by its blocks against row_order[0]'s (a balance hint):

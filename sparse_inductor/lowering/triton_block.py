@@ -578,10 +578,11 @@ def block_linear(
     flat = config.split is not None
     _check(not flat or (config.split >= 1 and bn == b),
            f"config.split must be >= 1 and goes with block_n None, got split={config.split}, block_n={config.block_n}")
-    grid = (nb * (b // bn), min(config.split, triton.cdiv(m, config.block_m)) if flat else triton.cdiv(m, config.block_m))
+    skip = live is not None and live < nb
+    rows = max(1, live) if flat and skip and skip_check is None else nb * (b // bn)  # flat, skip always: live rows
+    grid = (rows, min(config.split, triton.cdiv(m, config.block_m)) if flat else triton.cdiv(m, config.block_m))
     _check(grid[1] <= 65535, f"M={m} needs {grid[1]} M tiles, over the grid's 65535 (raise block_m)")
     g = (row_check if row_check is not None else nonfinite_rows(x)) if guard else None
-    skip = live is not None and live < nb
     if skip_check is not None:
         _check(skip_check.shape == (m,) and skip_check.dtype == torch.float32 and skip_check.device == x.device,
                f"skip_check must be [M] fp32 on {x.device}, got {skip_check.dtype} {tuple(skip_check.shape)}")
@@ -689,8 +690,8 @@ def _grid():
 
     @SymbolicGridFn
     def grid(m, n, meta, *, cdiv):
-        if "SPLIT" in meta:  # flat programs: a block row by M slices
-            return (cdiv(n, meta["B"]), meta["SPLIT"], 1)
+        if "SPLIT" in meta:  # flat programs: a block row by M slices (ROWS: the live rows only, skip "always")
+            return (meta.get("ROWS") or cdiv(n, meta["B"]), meta["SPLIT"], 1)
         return (cdiv(n, meta["B"]) * (meta["B"] // meta["BN"]), cdiv(m, meta["BLOCK_M"]), 1)
 
     return grid
@@ -735,6 +736,8 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True,
     flat = cfg.split is not None and (cfg.block_n or b) == b
     if flat:  # the slices: no more than M's tiles at the size hint (any M runs: a slice past M exits)
         extra["SPLIT"] = max(1, min(cfg.split, -(-m_hint // cfg.block_m)))
+        if skip == "always":  # no program for the rows it would skip
+            extra["ROWS"] = max(1, int(live))
     else:
         extra["BN"] = cfg.block_n or b
     err = template(guard, skip, flat).maybe_append_choice(
