@@ -198,7 +198,10 @@ class TestDerivedCheck(expecttest.TestCase):
         # (fc2's constant inputs folded into an fp32 bias: not eager's order of operations)
         assert_close_fp64(r.outputs[0], copy.deepcopy(model).double()(x.double()).detach(), torch.bfloat16)
         gm = r.graphs[0]
-        self.assertNotIn("sparse_inductor.row_check", gm)
+        # (the decisions and notes say why, should the pass not derive the check: it did not once, in
+        # session 12's second fresh-clone CI run, and has not since; cause unknown)
+        why = "\n".join([d.line() for d in r.decisions] + r.notes)
+        self.assertNotIn("sparse_inductor.row_check", gm, why)
         self.assertIn("amax_default", gm)
         self.assertIn("aten.log.default", gm)
         self.assertIn("'triton', row_check = mul_tensor_", gm)
