@@ -196,8 +196,9 @@ def flat_split(fmt, row, split):
     return min(max(-(-split * steps // longest), 1), split)
 
 
-# flat programs (split): one slice (split 1) holds every tile; 3 slices of 16-row tiles at M = 33
-# are one tile each, at M = 70 two, two and one
+# flat programs (split): one slice (split 1) holds every tile; with SPLIT 3, MIXED's rows (4, 0, 2, 1
+# blocks) are cut into 3, 1, 2 and 1 slices (flat_split): at M = 70 (five 16-row tiles) the longest
+# row's slices hold two, two and one tile
 FLAT = [BlockLinearConfig(16, 4, 2, None, 1), BlockLinearConfig(16, 4, 3, None, 3), BlockLinearConfig(32, 4, 2, None, 2)]
 
 
@@ -251,7 +252,7 @@ def test_short_rows_config_runs():
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("b", [16, 32])  # 32: nan_where_skipped reads a skipped block 16 columns a step
-@pytest.mark.parametrize("config", [None, FLAT[1]], ids=["tiles", "flat"])  # flat: slices 0, 1, 2 hold rows 0, 1, 2..
+@pytest.mark.parametrize("config", [None, FLAT[1]], ids=["tiles", "flat"])
 def test_nonfinite_x(dtype, b, config):
     m = 5
     n, k = 4 * b - 5, 4 * b - 3
@@ -325,12 +326,12 @@ def test_flat_any_row_order(split):
 def test_flat_nonfinite_only_in_its_slice(dtype):
     """Flat programs: dense's NaN/Inf pattern where a NaN sits in one slice and an Inf (in the
     ragged last block column) in another; each tile's epilogue fixes only its own rows."""
-    b, m, config = 16, 70, FLAT[1]  # 5 tiles of 16 rows: slice 0 holds tiles 0, 3; 1: 1, 4; 2: 2
+    b, m, config = 16, 70, FLAT[1]  # 5 tiles of 16 rows; block row 0 in 3 slices: tiles 0, 3 / 1, 4 / 2
     n, k = 4 * b - 5, 4 * b - 3
     w = make_weight(n, k, b, MIXED, dtype)
     x, bias = make_x(m, k, dtype), make_bias(n, dtype)
-    x[50, 5] = math.nan  # tile 3, slice 0
-    x[69, k - 1] = -math.inf  # tile 4, slice 1
+    x[50, 5] = math.nan  # tile 3 (block row 0: slice 0)
+    x[69, k - 1] = -math.inf  # tile 4 (block row 0: slice 1)
     ref = reference(x, w, bias, elementwise=True)
     assert_matches(run(x, w, bias, b, config=config, allow_tf32=False), ref, dtype)
 
@@ -369,11 +370,10 @@ def test_skipped_rows(config):
                 assert_matches(out[written, cols], ref[written, cols], dtype)
 
 
-def _template_kernel(tmp_path, guard, skip, flat):
-    """The Inductor template's source (device functions and body) as a plain @triton.jit kernel:
-    Inductor's markup replaced by arguments and a tl.store of acc (no epilogue), so the interpreter
-    runs the body Inductor would render."""
-    import importlib.util
+def _template_module(tmp_path, guard, skip, flat):
+    """The Inductor template's source (device functions and body) as a module with a plain
+    @triton.jit kernel, template_kernel: Inductor's markup replaced by arguments and a tl.store of acc
+    (no epilogue), so the interpreter runs the body Inductor would render. Returns its path."""
     import re
 
     from sparse_inductor.lowering.template import template_source
@@ -391,6 +391,12 @@ def _template_kernel(tmp_path, guard, skip, flat):
     assert "{{" not in body
     path = tmp_path / f"tem_{int(guard)}_{skip or 'none'}_{int(flat)}.py"
     path.write_text(template_source(tb.DEVICE_FUNCTIONS, body))
+    return path
+
+
+def _template_kernel(tmp_path, guard, skip, flat):
+    """_template_module's kernel, imported."""
+    path = _template_module(tmp_path, guard, skip, flat)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -434,8 +440,7 @@ def test_template_body_runs(tmp_path, guard, skip, flat):
 def test_flat_template_body_compiles_for_sm90(tmp_path):
     """The flat template's body (as _template_kernel renders it), guard and skip check included,
     compiles for sm_90a with its step loop multi-buffered."""
-    _template_kernel(tmp_path, True, "checked", True)  # writes the module
-    path = tmp_path / "tem_1_checked_1.py"
+    path = _template_module(tmp_path, True, "checked", True)
     body = f"""
 import importlib.util
 spec = importlib.util.spec_from_file_location("tem", {str(path)!r})
