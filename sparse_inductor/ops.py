@@ -24,10 +24,12 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
         row_check: g [M] fp32, g[m] = sum_k 0 * x[m, k] (NaN for an input row holding a NaN/Inf): those
         rows of y become NaN, as dense makes them (the library skips the zeros a NaN would meet); the
         rewrite passes it only where no pointwise op follows (else y * (1 + g) in the graph)
-    sparse_inductor::row_check(x) -> g [M] fp32
+    sparse_inductor::row_check(x, maybe=None) -> g [M] fp32
         g[m] = sum_k 0 * x[m, k]: 0 for a finite row, NaN for a row holding a NaN/Inf; the check
         above (and linear_block's row_check=) as a kernel of its own, which Inductor fuses nothing
-        into (lowering/row_check.py says when the rewrite uses it)
+        into (lowering/row_check.py says when the rewrite uses it). With maybe [M] fp32 (0 or NaN):
+        g[m] as above where maybe[m] is NaN, 0 elsewhere, and only those rows of x are read
+        (passes/derived_check.py: fc2's check behind a cheaper one over fc1's input)
     linear_block(..., guard=True, row_check=g): the block kernel takes g from the graph instead of
         computing it in its lowering (which fuses with x's producer)
     linear_block(..., live=L, skip_check=s): the block rows row_order[L:] of y are unspecified (the
@@ -114,13 +116,16 @@ def _(x, wc, bias, n, k, alg_id, split_k, out_dtype=None, alpha=None, row_check=
 
 
 @torch.library.custom_op("sparse_inductor::row_check", mutates_args=())
-def row_check(x: Tensor) -> Tensor:
-    return (x * 0).to(torch.float32).sum(-1)
+def row_check(x: Tensor, maybe: Optional[Tensor] = None) -> Tensor:
+    g = (x * 0).to(torch.float32).sum(-1)
+    return g if maybe is None else torch.where(maybe.isnan(), g, 0.0)
 
 
 @row_check.register_fake
-def _(x):
+def _(x, maybe=None):
     torch._check(x.dim() == 2, lambda: f"row_check expects a 2-D input, got {x.dim()}-D")
+    torch._check(maybe is None or (maybe.dim() == 1 and maybe.dtype == torch.float32),
+                 lambda: "row_check: maybe must be a 1-D float32 tensor")
     return x.new_empty(x.shape[0], dtype=torch.float32)
 
 

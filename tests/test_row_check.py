@@ -120,3 +120,92 @@ def test_inductor_keeps_the_check_with_a_float_zero(zero):
     x[1, 3], x[2, 0] = float("nan"), float("inf")
     g = torch.compile(check)(x)
     assert g.isnan().tolist() == [False, True, True, False]
+
+
+# ---- with maybe: the rows read only where maybe is NaN
+
+def flagged_reference(x: torch.Tensor, maybe: torch.Tensor) -> torch.Tensor:
+    return torch.where(maybe.cpu().isnan(), reference(x.cpu()), 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(1, 16), (5, 3), (70, 17), (9, 1030), (130, 64)])
+def test_flagged_rows_only(m, k, dtype):
+    """g where maybe flags the row, 0 elsewhere: a non-finite row that maybe does not flag is not
+    read (0), a flagged finite row gives 0, a flagged non-finite row NaN; programs with no flagged
+    row (all of them but one where M > 64) read nothing of x."""
+    x = poisoned(m, k, dtype)
+    maybe = torch.zeros(m, device=DEV)
+    maybe[::2] = float("nan")  # rows 0, 2, 4, ...: the poisoned rows 1, 4, 7, ... half flagged
+    if m > 64:
+        maybe[64:] = 0.0  # the second program (64 rows a program) has no flagged row
+        maybe[m - 1] = float("nan")
+    for cfg in (None, dict(BLOCK_M=16, BLOCK_K=16, num_warps=4, num_stages=2)):
+        g = row_check_eager(x, cfg, maybe=maybe)
+        want = flagged_reference(x, maybe)
+        assert torch.equal(g.cpu().isnan(), want.isnan()), (g, want)
+        assert torch.equal(g.cpu()[~want.isnan()], torch.zeros(int((~want.isnan()).sum())))
+    torch.testing.assert_close(torch.ops.sparse_inductor.row_check(x, maybe).cpu(), want.float(), equal_nan=True)
+
+
+def test_flagged_unflagged_rows_are_not_read():
+    """An unflagged row is never loaded: here it holds NaN and its g is 0 all the same (the op's
+    contract: the caller guarantees such rows are finite; the kernel's way of not reading them)."""
+    x = torch.full((40, 32), float("nan"), device=DEV)
+    maybe = torch.zeros(40, device=DEV)
+    assert torch.equal(row_check_eager(x, maybe=maybe).cpu(), torch.zeros(40))
+    maybe[7] = float("nan")
+    assert row_check_eager(x, maybe=maybe).cpu().isnan().nonzero().flatten().tolist() == [7]
+    with pytest.raises(ValueError, match="maybe"):
+        row_check_eager(x, maybe=torch.zeros(39, device=DEV))
+
+
+def test_flagged_config():
+    for k in (1, 16, 768, 3072):
+        for m in (None, 1, 3, 64, 12608):
+            cfg = pick_config(k, m, flagged=True)
+            bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
+            assert 16 <= bk and bm * bk <= 4096 and bm <= 64 and bk & (bk - 1) == 0 and bm & (bm - 1) == 0, (k, m, cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flagged_op_compiled(dtype):
+    """The op with maybe through Inductor on the CPU (its mul + sum + where lowering)."""
+    x = poisoned(12, 40, dtype)
+    maybe = torch.zeros(12)
+    maybe[1], maybe[3], maybe[4] = float("nan"), float("nan"), float("nan")
+    torch._dynamo.reset()
+    g = torch.compile(lambda a, b: torch.ops.sparse_inductor.row_check(a, b))(x, maybe)
+    want = flagged_reference(x, maybe)
+    assert torch.equal(g.isnan(), want.isnan()) and torch.equal(g[~want.isnan()], torch.zeros(int((~want.isnan()).sum())))
+
+
+_SM90_COMPILE = r"""
+from sparse_inductor.lowering import row_check as rc
+kernel = rc._row_check_kernel
+names = kernel.arg_names
+for flagged in (False, True):
+    for k, m in ((768, 12608), (3072, 12608), (4096, 1)):
+        cfg = rc.pick_config(k, m, flagged=flagged)
+        sig = {n: "constexpr" for n in names}
+        sig.update(x_ptr="*bf16", maybe_ptr="*fp32", g_ptr="*fp32", M="i32", K="i32", stride_xm="i32")
+        consts = dict(stride_xk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], HAS_MAYBE=flagged)
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "maybe_ptr", "g_ptr", "K", "stride_xm")}
+        c = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        print(json.dumps(dict(flagged=flagged, k=k, m=m, shared=c.metadata.shared,
+                              branch="bra" in c.asm["ptx"], loads=c.asm["ptx"].count("ld.global"))))
+"""
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    """Both kernels compile for sm_90a (Triton's compiler and ptxas, no GPU); the flagged one keeps
+    its reads of x behind a branch (a program whose rows are unflagged loads maybe only)."""
+    from sm90 import compile_rows
+
+    rows = compile_rows(_SM90_COMPILE, tmp_path)
+    assert len(rows) == 6
+    for r in rows:
+        assert r["shared"] <= 227 * 1024, r
+        if r["flagged"]:
+            assert r["branch"], r

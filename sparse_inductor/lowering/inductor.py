@@ -96,16 +96,16 @@ def _register_mlp(fallback_handler, lowerings, register_lowering) -> None:
     register_lowering(op, type_promotion_kind=None)(lowering)
 
 
-def _row_check_lowering(x):
+def _row_check_lowering(x, maybe=None):
     """sparse_inductor::row_check: its template on CUDA (lowering/row_check.py); elsewhere, or where
     the template fails, Inductor's own mul + sum (which may fuse with x's producer)."""
     from . import row_check
 
     if x.get_device() is not None and x.get_device().type == "cuda":
         try:
-            return row_check.lower(x)
+            return row_check.lower(x, maybe)
         except Exception as e:
             log.exception("sparse_inductor: row-check template failed to lower")
             record(f"sparse_inductor: row-check kernel failed to lower ({type(e).__name__}: {e}); "
                    "Inductor's reduction computes it")
-    return row_check.inductor_ops(x)
+    return row_check.inductor_ops(x, maybe)
