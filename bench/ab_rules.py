@@ -13,6 +13,9 @@ Rules (passes/linear_rewrite.py):
   (POINTWISE_PRODUCER_CHECK "separate", A) vs as free ("fused", B; the rule before run J).
 - derived-check (passes/fuse_mlp.py): a block fc2's row check read from fc1's input
   (DERIVED_CHECK, A) vs its own check over the hidden activations (B; the rule before run K).
+- derived-lib-check (passes/derived_check.py): a cuSPARSELt fc2's row check from fc1's input, then
+  its own input in the flagged rows only (DERIVED_LIB_CHECK, A) vs its check over the hidden
+  activations, which makes the GELU kernel a reduction (B; the rule before session 13).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import argparse
 import torch
 
 from sparse_inductor.bench import _bench, header
-from sparse_inductor.passes import fuse_mlp, linear_rewrite
+from sparse_inductor.passes import derived_check, fuse_mlp, linear_rewrite
 from sparse_inductor.prune import prune
 from sparse_inductor.report import LayerDecision, collect
 
@@ -32,6 +35,8 @@ RULES = {
                         ("check timed as a pass", "check timed as free")),
     "derived-check": (fuse_mlp, "DERIVED_CHECK", False, ("fc2's check from fc1's input", "fc2's check over h")),
     "skip-hidden": (fuse_mlp, "SKIP_HIDDEN", False, ("fc1 skips unread/constant hidden units", "fc1 computes all")),
+    "derived-lib-check": (derived_check, "DERIVED_LIB_CHECK", False,
+                          ("cslt fc2's check from fc1's input", "cslt fc2's check over h")),
 }
 
 

@@ -7,6 +7,7 @@ a NaN/Inf input meeting a pruned zero is never multiplied. The row check must re
 "a non-finite input row gives a non-finite output row".
 """
 import dataclasses
+import unittest.mock
 
 import expecttest
 import pytest
@@ -17,7 +18,7 @@ import sparse_inductor
 from sparse_inductor import dispatch
 from sparse_inductor.lowering import cusparselt
 
-from test_backend import Fc, run_sparse, seeded
+from test_backend import Fc, pruned_24, run_sparse, seeded
 
 OPTS = {"force": True, "kernel": "cusparselt"}
 # fp32: the emulation sums the products in another order than F.linear: a few ulps (K = 16).
@@ -385,3 +386,134 @@ def test_int8_product_option_is_checked():
         resolve_options(options={"int8_product": "fp32"})
     opts, inductor = resolve_options(options={"int8_product": "int32", "force": True})
     assert opts.int8_product == "int32" and "int8_product" not in inductor
+
+
+# ---- fc2's check from fc1's input (passes/derived_check.py)
+
+class LibMlp(nn.Module):
+    """norm -> fc1 -> act -> fc2 (+ x), both 2:4; act "gelu", "relu", "tanh" (not an activation the
+    pass accepts) or "gated" (act(fc1(x)) * fc3(x): two layers meet)."""
+
+    def __init__(self, d=32, h=64, act="gelu", norm=True, bias=True):
+        super().__init__()
+        self.norm = nn.LayerNorm(d) if norm else nn.Identity()
+        self.fc1, self.fc2 = pruned_24(nn.Linear(d, h, bias=bias)), pruned_24(nn.Linear(h, d, bias=bias))
+        self.fc3 = pruned_24(nn.Linear(d, h, bias=bias)) if act == "gated" else None
+        self.act = {"gelu": nn.GELU(), "relu": nn.ReLU(), "tanh": nn.Tanh(), "gated": nn.SiLU()}[act]
+
+    def forward(self, x):
+        u = self.norm(x)
+        a = self.act(self.fc1(u))
+        if self.fc3 is not None:
+            a = a * self.fc3(u)
+        return x + self.fc2(a)
+
+
+@pytest.fixture
+def derive_always(monkeypatch):
+    from sparse_inductor.passes import derived_check
+
+    monkeypatch.setattr(derived_check, "MIN_BYTES", 0)  # (the tests' h is a few KiB)
+    return derived_check
+
+
+def _lib_run(model, x, **opts):
+    torch._dynamo.reset()
+    return run_sparse(model, (x,), options={**OPTS, "fx_cache": False, **opts})
+
+
+def _same_rows_as_dense(out, ref, dtype):
+    """The library path's contract: a row is non-finite where dense's is (wholly: the row fixup makes
+    it NaN), and the finite rows are close to dense's."""
+    bad = ~ref.isfinite().all(-1)
+    assert torch.equal(~out.isfinite().all(-1), bad), (out, ref)
+    assert out[bad].isnan().all()
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else TOL32
+    torch.testing.assert_close(out[~bad], ref[~bad], **tol)
+
+
+class TestDerivedLibraryCheck(expecttest.TestCase):
+    @pytest.fixture(autouse=True)
+    def _derive(self, derive_always):
+        self.pass_module = derive_always
+
+    def test_graph_and_decision(self):
+        """No reduction over h: the flag joins the norm, and row_check(h, gd) reads h only where gd
+        flags a row; the GELU stays pointwise."""
+        model = seeded(LibMlp).to(torch.bfloat16)
+        x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+        r = _lib_run(model, x)
+        gm = r.graphs[0]
+        assert gm.count("aten.sum.dim_IntList") == 2, gm  # fc1's check and the flag's, both over fc1's input
+        self.assertIn("amax_default", gm)
+        self.assertIn("torch.ops.sparse_inductor.row_check.default(convert_element_type_default_3, mul_tensor_9)", gm)
+        self.assertIn("aten.add.Tensor(row_check_default, 1)", gm)  # fc2's row fixup reads it
+        fc2 = r.by_name("fc2")
+        assert fc2.row_check == "from fc1's input (in its norm), then its own input in the rows that flags", fc2.line()
+        assert "non-finite row check read from fc1's input (through the gelu)" in fc2.reason
+        assert r.by_name("fc1").row_check == "in x's norm"
+        _same_rows_as_dense(r.outputs[0], model(x).detach(), torch.bfloat16)
+
+    def test_flagged_finite_row_stays_finite(self):
+        """fp16 without a norm: a row of x large enough that fc1 might overflow (flag >= safe) is
+        flagged, yet its h is finite, and so are dense's outputs: row_check(h, gd) gives 0 there, so
+        the fixup leaves the row alone (gd as fc2's check would make it NaN). A finite row that does
+        overflow fc1 is flagged and found: NaN, where dense's row is non-finite."""
+        from sparse_inductor.lowering.block_mlp import safe_bound_from
+
+        model = seeded(LibMlp, norm=False).to(torch.float16)
+        l1, bmax = (float(t.detach().double().abs().sum(-1).max()) for t in (model.fc1.weight, model.fc1.bias))
+        safe = safe_bound_from(l1, bmax, torch.float16)
+        x = torch.randn(4, 32, dtype=torch.float16)
+        x[2, 5] = safe * 1.05  # flagged; one entry times a column of W1 stays far below 65504
+        j = int(model.fc1.weight.detach().float().abs().sum(1).argmax())
+        x[3] = model.fc1.weight.detach()[j].sign() * 4e4  # finite, under fp16's limit, but fc1's unit j overflows
+        ref = model(x).detach()
+        assert ref[:3].isfinite().all() and not ref[3].isfinite().any() and safe * 1.05 < 65504
+        r = _lib_run(model, x)
+        assert r.by_name("fc2").row_check.startswith("from fc1's input (a pass over it)"), r.by_name("fc2").line()
+        _same_rows_as_dense(r.outputs[0], ref, torch.float16)
+        # and the flag did fire in that row: gd alone as fc2's check would have made it NaN
+        from sparse_inductor.lowering.block_mlp import row_flag
+
+        assert float(row_flag(x)[2]) >= safe
+
+    def test_not_derived(self):
+        """Each condition keeps fc2's own check over h: nonfinite="fast" (no checks), another tensor
+        between the layers (a gated product), an op that is not a known activation, a NaN in b1 (no
+        bound), the module switch, and (default MIN_BYTES) a small h."""
+        cases = [(seeded(LibMlp), {"nonfinite": "fast"}), (seeded(LibMlp, act="gated"), {}),
+                 (seeded(LibMlp, act="tanh"), {})]
+        nan_b1 = seeded(LibMlp)
+        with torch.no_grad():
+            nan_b1.fc1.bias[3] = float("nan")
+        cases.append((nan_b1, {}))
+        for model, opts in cases:
+            model = model.to(torch.bfloat16)
+            x = torch.randn(3, 32, dtype=torch.bfloat16)
+            r = _lib_run(model, x, **opts)
+            assert "then its own" not in r.by_name("fc2").row_check, r.by_name("fc2").line()
+            assert "row_check.default(" not in r.graphs[0] or opts, r.graphs[0]
+            _same_rows_as_dense(r.outputs[0], model(x).detach(), torch.bfloat16)
+        model, x = seeded(LibMlp).to(torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
+        for attr, value in (("DERIVED_LIB_CHECK", False), ("MIN_BYTES", 4 << 20)):
+            with unittest.mock.patch.object(self.pass_module, attr, value):
+                r = _lib_run(model, x)
+            assert r.by_name("fc2").row_check == "in x's norm", r.by_name("fc2").line()
+            assert "amax" not in r.graphs[0]
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_derived_library_check_nonfinite_rows(act, dtype, derive_always):
+    """NaN, +Inf and -Inf rows of x come out non-finite as in dense (through the norm: every
+    entry of such a row is NaN after it); a row with a huge finite entry stays finite."""
+    model = seeded(LibMlp, act=act).to(dtype)
+    x = torch.randn(7, 32, dtype=dtype)
+    x[1, 3], x[3, 0], x[5, 31] = float("nan"), float("inf"), float("-inf")
+    x[6, 9] = torch.finfo(dtype).max / 4
+    r = _lib_run(model, x)
+    assert "then its own input in the rows" in r.by_name("fc2").row_check, r.by_name("fc2").line()
+    ref = model(x).detach()
+    assert ref[6].isfinite().all()
+    _same_rows_as_dense(r.outputs[0], ref, dtype)

@@ -275,6 +275,46 @@ def test_gelu_between_cslt_linears_stays_pointwise():
     assert rel_err(out, fp64(model, x)) < TOL_BF16
 
 
+class NormGeluMlp(torch.nn.Module):
+    def __init__(self, d=256, h=1024, norm=True):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d) if norm else torch.nn.Identity()
+        self.fc1, self.fc2 = torch.nn.Linear(d, h), torch.nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "input"])
+def test_derived_check_keeps_gelu_pointwise(dtype, norm):
+    """fc2's check from fc1's input (passes/derived_check.py; h = 4096 x 1024, 8 MiB, over MIN_BYTES):
+    no reduction over h (the GELU kernel stays pointwise), the flagged-rows template reads h only in
+    the rows the flag marks. NaN / Inf rows come out non-finite as in dense; fp16 without a norm: a
+    row that might overflow fc1 but does not stays finite, one that does comes out NaN."""
+    model = prepared(NormGeluMlp(norm=norm), "2:4").to(dtype)
+    x = torch.randn(4096, 256, device="cuda", dtype=dtype)
+    x[1, 3], x[100, 7], x[4095, 0] = float("nan"), float("inf"), -float("inf")
+    if dtype == torch.float16 and not norm:
+        w1 = model.fc1.weight.detach().float()
+        j = int(w1.abs().sum(1).argmax())
+        x[200] = w1[j].sign().to(dtype) * 4e4  # fc1's unit j overflows
+        x[300, 5] = 3e4  # flagged (max|x| over the bound), finite all through
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt", "fx_cache": False})
+    assert [d.kernel for d in decisions] == ["cusparselt", "cusparselt"], [d.line() for d in decisions]
+    assert "then its own input in the rows" in decisions[1].row_check, decisions[1].line()
+    gelu = [k for k in kernel_defs(code) if "gelu" in k]
+    assert len(gelu) == 1 and gelu[0].startswith("triton_poi_"), kernel_defs(code)
+    assert code.count("row_check_flagged(X, MAYBE") == 1, kernel_defs(code)
+    with torch.no_grad():
+        ref = model(x)
+    bad = ~ref.isfinite().all(-1)
+    assert torch.equal(~out.isfinite().all(-1), bad) and out[bad].isnan().all()
+    if dtype == torch.float16 and not norm:
+        assert bool(bad[200]) and not bool(bad[300])
+    assert rel_err(out[~bad], fp64(model, x)[~bad]) < TOL[dtype]
+
+
 class NormLinear(torch.nn.Module):
     def __init__(self, d=2048, n=256):
         super().__init__()

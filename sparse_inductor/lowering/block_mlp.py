@@ -48,7 +48,7 @@ from .._compat import INTERPRETING, inductor_size_hint
 from .template import HEAD_X_MNK
 from .triton_block import _default_allow_tf32, block_range_acc
 
-__all__ = ["ACTS", "MlpConfig", "block_mlp", "pick_config", "row_flag", "safe_bound", "lower"]
+__all__ = ["ACTS", "MlpConfig", "block_mlp", "pick_config", "row_flag", "safe_bound", "safe_bound_from", "lower"]
 
 # activation codes (constexpr ints: the template renders them as literals)
 ACTS = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
@@ -229,6 +229,13 @@ def safe_bound(blocks1: torch.Tensor, row_ptr1: torch.Tensor, bias1: Optional[to
         per_row.index_add_(0, torch.repeat_interleave(torch.arange(counts.numel()), counts), rows)
         l1 = float(per_row.max())
     bmax = float(bias1.detach().double().abs().max()) if bias1 is not None and bias1.numel() else 0.0
+    return safe_bound_from(l1, bmax, dtype)
+
+
+def safe_bound_from(l1: float, bmax: float, dtype: torch.dtype) -> float:
+    """safe_bound from W1's largest absolute row sum l1 and the largest |b1| (any weight format:
+    linear_rewrite._row_bound)."""
+    limit = _LIMIT[dtype]
     if not math.isfinite(l1) or not math.isfinite(bmax) or bmax >= limit:
         return 0.0  # every row takes the exact path
     if l1 == 0.0:

@@ -46,7 +46,7 @@ from .linear_rewrite import _derived, _is_pointwise, add_constant, erase_constan
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
 
-__all__ = ["HiddenPlan", "fuse_mlps", "hidden_plan", "identify_activation"]
+__all__ = ["HiddenPlan", "derived_check", "fuse_mlps", "hidden_plan", "identify_activation"]
 
 _BLOCK = torch.ops.sparse_inductor.linear_block.default
 _VIEWS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
@@ -288,19 +288,26 @@ def _derive_check(a: fx.Node, b: fx.Node, safe: float, dec_a, dec_b, layer_a, ac
     The flag is two reductions over x that Inductor fuses into x's norm (ViT: LayerNorm), where the
     check over h was a kernel of its own reading the hidden activations (ViT-B/16 b64: 77 MB, ~29 us
     a layer on the H200, run K). Returns g (made before fc1, which _skip_hidden may give it too)."""
-    graph = b.graph
     old = b.kwargs["row_check"]
-    flag = _flag(a.args[0], a)
+    g = derived_check(a.args[0], a, b, safe)
+    b.kwargs = {**b.kwargs, "row_check": g}
+    _erase_dead([old])
+    dec_b.row_check = "from fc1's input, in its norm" if layer_a.row_check == "fused" else "from fc1's input"
+    dec_b.reason += f"; non-finite row check read from {dec_a.name}'s input (through the {act})"
+    return g
+
+
+def derived_check(x: fx.Node, a: fx.Node, b: fx.Node, safe: float) -> fx.Node:
+    """g [M] fp32 = 0 * log(safe - flag(x)) (_derive_check): 0 where fc1 (node a, input x) cannot make
+    a row of h non-finite, NaN where it may; made before a, with b's provenance."""
+    graph = a.graph
+    flag = _flag(x, a)
     with graph.inserting_before(a):
         gap = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.sub.Tensor, (flag, float(safe))), -1.0))
         g = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.log.default, (gap,)), 0.0))
     for n in (gap.args[0], gap, g.args[0], g):
         _derived(n, b)
         n.meta["sparse_inductor"] = "row_check"
-    b.kwargs = {**b.kwargs, "row_check": g}
-    _erase_dead([old])
-    dec_b.row_check = "from fc1's input, in its norm" if layer_a.row_check == "fused" else "from fc1's input"
-    dec_b.reason += f"; non-finite row check read from {dec_a.name}'s input (through the {act})"
     return g
 
 

@@ -437,6 +437,8 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             outputs.extend(pieces or [out])
             if not pieces:  # for passes/fuse_mlp.py: the layer's record and how its check runs
                 out.meta["sparse_inductor_layer"] = (decision, layer)
+                # for passes/derived_check.py: how large the layer's outputs can get
+                out.meta["sparse_inductor_row_bound"] = _row_bound(gm, w, site)
             decision.fused = (("transpose",) + (("dequant",) if site.dequant else ())
                               + (("bias",) if site.bias is not None else ()) + (("split",) if pieces else ()))
             decision.row_check = _row_check_text(spec, det, choice.kernel, layer, opts)
@@ -448,6 +450,26 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
     _erase_dead_weights(sites)
     sink_views(outputs)
     return sites
+
+
+def _row_bound(gm: fx.GraphModule, w: torch.Tensor, site: LinearSite) -> Optional[tuple[float, float]]:
+    """(L1, B): the largest absolute row sum of W (fp64) and the largest |bias| (0 without one), so
+    that |y[m, n]| <= max_k |x[m, k]| * L1 + B before rounding; None where W is not the floating
+    weight the kernel multiplies (weight-only int8, fp8 with scales) or the bias is not a constant."""
+    if site.dequant is not None or site.scaled is not None or not w.dtype.is_floating_point or w.dtype.itemsize == 1:
+        return None
+    bmax = 0.0
+    if site.bias is not None:
+        b = _compat.get_attr(gm, site.bias.target) if site.bias.op == "get_attr" else None
+        if not isinstance(b, torch.Tensor):
+            return None
+        bmax = float(b.detach().double().abs().max()) if b.numel() else 0.0
+    w = w.detach()
+    l1 = 0.0
+    for i in range(0, w.shape[0], 1024):  # fp64 a slice of rows at a time: no fp64 copy of a large W
+        rows = w[i:i + 1024].double().abs().sum(1)
+        l1 = max(l1, float(rows.max())) if rows.numel() else l1
+    return l1, bmax
 
 
 def _erase_dead_weights(sites: list[LinearSite]) -> None:
@@ -745,7 +767,17 @@ def _nan_rows_in_graph(y: fx.Node, g: fx.Node) -> fx.Node:
     out = graph.call_function(aten.mul.Tensor, (y, col))
     for n in dict.fromkeys((one, factor, col, out)):
         _derived(n, y)
+    out.meta["sparse_inductor"] = "nan_rows"
     return out
+
+
+def nan_rows_check(out: fx.Node) -> Optional[fx.Node]:
+    """g, for a node _nan_rows_in_graph made (out = y * (1 + g)[:, None]), else None."""
+    if out.op != "call_function" or out.meta.get("sparse_inductor") != "nan_rows":
+        return None
+    factor = out.args[1].args[0]
+    one = factor.args[0] if factor.target is torch.ops.prims.convert_element_type.default else factor
+    return one.args[0]
 
 
 def _row_check(x: fx.Node, near: fx.Node, mode: str = "fused") -> fx.Node:

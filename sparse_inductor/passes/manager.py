@@ -23,6 +23,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from ..options import SparseOptions
 from ..report import record
+from .derived_check import derive_library_checks
 from .fuse_mlp import fuse_mlps
 from .linear_rewrite import rewrite_linears
 
@@ -84,6 +85,7 @@ class SparseGraphPass(CustomGraphPass):
         try:
             rewrite_linears(gm, self.opts)
             fuse_mlps(gm, self.opts)
+            derive_library_checks(gm, self.opts)
         except Exception as e:  # never break the user's compile: the graph is valid layer by layer
             log.exception("sparse_inductor: the rewrite pass failed")
             record(f"sparse_inductor: rewrite pass failed ({type(e).__name__}: {e}); remaining layers stay dense")

@@ -1,0 +1,170 @@
+"""fc2's non-finite row check from fc1's input, where fc2 runs on the library (cuSPARSELt).
+
+Runs after linear_rewrite and fuse_mlp, on what they made, in exact mode. Before (a ViT's MLP
+with 2:4 linears on cuSPARSELt, post-grad; linear_rewrite's row checks):
+
+    g1 = sum(0 * x, 1)                                  (fc1's check, in x's norm)
+    y1 = linear_cslt(x, W1c, b1) * (1 + g1)[:, None]
+    h  = <pointwise ops of y1 alone: the activation>   (GELU: mul, erf, add, mul)
+    g2 = sum(0 * h, 1)                                  (fc2's check over h)
+    y  = linear_cslt(h, W2c, b2) * (1 + g2)[:, None]
+
+g2 turns the GELU's pointwise kernel into a reduction kernel: 27-35 us a layer on the H200 at
+ViT-B/16 b64 (docs/benchmarks.md I4), more than cuSPARSELt saves on fc2. After:
+
+    flag = amax(|x|, 1) + sum(0 * x, 1)                 (in x's norm, beside g1)
+    gd   = 0 * log(safe - flag)                         (fuse_mlp.derived_check: NaN where h may
+                                                         be non-finite, 0 where it cannot be)
+    g2   = sparse_inductor.row_check(h, gd)             (reads h only in the rows gd flags)
+    y    = linear_cslt(h, W2c, b2) * (1 + g2)[:, None]
+
+gd alone is not enough here, as it is for the block template (fuse_mlp._derive_check): the
+library's fixup makes a whole row NaN, and gd also flags rows whose x is merely large (h finite
+there, and dense finite); the block template's fixup finds the exact positions in h instead.
+row_check(h, gd) gives g2 exactly (0 for a row of h that is finite, NaN otherwise): what dense
+computes is unchanged. A finite, moderate input reads a [M] vector instead of h; the GELU stays
+pointwise.
+
+Conditions: fc2 a library layer with a check over its input h; h computed from fc1's output alone
+by pointwise ops and views, which compute an activation fuse_mlp.identify_activation knows
+(|act(t)| <= |t|); fc1 any sparse layer with a floating weight and a constant bias (its row bound:
+linear_rewrite._row_bound), fp16 or bf16; the flag no dearer than the check it replaces (fc1's check
+in x's norm, or K <= H); and h large enough (MIN_BYTES) that one more small kernel pays.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .. import ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
+from ..options import SparseOptions
+from .fuse_mlp import _DTYPES, _VIEWS, _erase_dead, derived_check, identify_activation
+from .linear_rewrite import _derived, _is_pointwise, nan_rows_check
+
+log = logging.getLogger("sparse_inductor")
+aten = torch.ops.aten
+
+__all__ = ["DERIVED_LIB_CHECK", "MIN_BYTES", "derive_library_checks"]
+
+# False: a library fc2 keeps its own check over h (bench/ab_rules.py compares the two)
+DERIVED_LIB_CHECK = True
+
+# Bytes of h (M x H x itemsize, at the dispatcher's M) under which fc2 keeps its own check: there
+# the check over h is cheap and row_check(h, gd) would be one more launch (~1-2 us in a CUDA graph).
+# 4 MiB is ~1 us of HBM traffic on the H100 / H200: a guess, not timed.
+MIN_BYTES = 4 << 20
+
+_CSLT = torch.ops.sparse_inductor.linear_cslt.default
+_ROW_CHECK = torch.ops.sparse_inductor.row_check.default
+
+
+def _own_check(out: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
+    """(the library op, its row check g) for a layer output linear_rewrite made, where g is a check
+    over the op's input (fused: sum(0 * h); separate: row_check(h)); else None."""
+    op, g = out, None
+    if out.target is _CSLT:
+        g = out.kwargs.get("row_check")
+    else:
+        g = nan_rows_check(out)
+        op = out.args[0] if g is not None else None
+    if op is None or op.target is not _CSLT or not isinstance(g, fx.Node):
+        return None
+    h = op.args[0]
+    if g.target is _ROW_CHECK and g.args[0] is h and len(g.args) == 1 and not g.kwargs.get("maybe"):
+        return op, g
+    if g.target is aten.sum.dim_IntList and g.args[0].target is aten.mul.Tensor and g.args[0].args[0] is h:
+        return op, g
+    return None
+
+
+def _source(h: fx.Node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
+    """(fc1's output node, the pointwise / view nodes from it to h in graph order) where h is computed
+    from that one layer output alone (a DAG: the GELU decomposed reads its input twice); else None."""
+    seen: dict[fx.Node, None] = {}
+    todo, src = [h], None
+    while todo:
+        cur = todo.pop()
+        if cur in seen or cur is src:
+            continue
+        if "sparse_inductor_row_bound" in cur.meta:
+            if src is not None:
+                return None  # two layers meet: not an activation of one
+            src = cur
+            continue
+        if cur.op != "call_function" or not (cur.target in _VIEWS or _is_pointwise(cur.target)) or len(seen) > 64:
+            return None  # another tensor enters (a residual, a scale, a graph input)
+        seen[cur] = None
+        todo.extend(cur.all_input_nodes)
+    if src is None:
+        return None
+    order = {n: i for i, n in enumerate(h.graph.nodes)}
+    return src, sorted(seen, key=order.__getitem__)
+
+
+def derive_library_checks(gm: fx.GraphModule, opts: SparseOptions) -> int:
+    """The pass body: how many library layers now take their check from fc1's input."""
+    if opts.nonfinite != "exact" or not DERIVED_LIB_CHECK:
+        return 0
+    done = 0
+    for out in list(gm.graph.nodes):
+        if "sparse_inductor_layer" not in out.meta:
+            continue
+        try:
+            done += _try(gm, out)
+        except Exception as e:  # never break the user's compile: the layer keeps its own check
+            log.exception("sparse_inductor: derived check failed at %s", out.name)
+            note = out.meta.get("sparse_inductor_layer")
+            if note:
+                note[0].reason += f"; own row check kept (derived check failed: {type(e).__name__}: {e})"
+    return done
+
+
+def _try(gm: fx.GraphModule, out: fx.Node) -> int:
+    from ..lowering.block_mlp import safe_bound_from
+
+    found = _own_check(out)
+    if found is None:
+        return 0
+    op2, g_old = found
+    h = op2.args[0]
+    src = _source(h)
+    if src is None:
+        return 0
+    out1, nodes = src
+    (dec_a, layer_a), (dec_b, layer_b) = out1.meta["sparse_inductor_layer"], out.meta["sparse_inductor_layer"]
+    bound, val = out1.meta["sparse_inductor_row_bound"], out1.meta.get("val")
+    if bound is None or not isinstance(val, torch.Tensor) or val.dtype not in _DTYPES:
+        return 0
+    hv = h.meta.get("val")
+    h_bytes = (layer_b.m or 0) * layer_b.k * (hv.dtype.itemsize if isinstance(hv, torch.Tensor) else 2)
+    why = None
+    if h_bytes < MIN_BYTES:
+        why = f"{dec_b.name}'s input is small ({h_bytes / 2**20:.1f} MiB < {MIN_BYTES / 2**20:.0f})"
+    elif not (layer_a.row_check == "fused" or layer_a.k <= layer_b.k):
+        why = f"reading {dec_a.name}'s input costs more than reading {dec_b.name}'s"
+    safe = safe_bound_from(bound[0], bound[1], val.dtype) if why is None else 0.0
+    if why is None and safe <= 0:
+        why = f"{dec_a.name}'s weight or bias holds a NaN/Inf"
+    act = identify_activation(nodes, out1, val.dtype) if why is None else None
+    if why is None and act is None:
+        why = "the ops between the two layers are not an activation we know"
+    if why is not None:
+        log.debug("sparse_inductor: %s keeps its own row check: %s", dec_b.name, why)
+        return 0
+    op1 = out1.args[0] if out1.meta.get("sparse_inductor") == "nan_rows" else out1
+    gd = derived_check(op1.args[0], op1, op2, safe)
+    graph = gm.graph
+    with graph.inserting_before(g_old):
+        g = graph.call_function(_ROW_CHECK, (h, gd))
+    _derived(g, op2)
+    g.meta["sparse_inductor"] = "row_check"
+    g_old.replace_all_uses_with(g)
+    _erase_dead([g_old])
+    where = "in its norm" if layer_a.row_check == "fused" else "a pass over it"
+    dec_b.row_check = f"from {dec_a.name}'s input ({where}), then its own input in the rows that flags"
+    dec_b.reason += (f"; non-finite row check read from {dec_a.name}'s input (through the {act}), and "
+                     f"from its own input only in the rows that may hold a NaN/Inf")
+    return 1
