@@ -517,3 +517,19 @@ def test_derived_library_check_nonfinite_rows(act, dtype, derive_always):
     ref = model(x).detach()
     assert ref[6].isfinite().all()
     _same_rows_as_dense(r.outputs[0], ref, dtype)
+
+
+def test_derived_library_check_failure_keeps_own_check(derive_always, monkeypatch):
+    """An internal error in the pass leaves fc2 with its own check (and says so); the compile and
+    the numbers are those without the pass."""
+    def boom(*a, **k):
+        raise RuntimeError("probe")
+
+    monkeypatch.setattr(derive_always, "identify_activation", boom)
+    model = seeded(LibMlp).to(torch.bfloat16)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    x[1, 2] = float("nan")
+    r = _lib_run(model, x)
+    fc2 = r.by_name("fc2")
+    assert fc2.row_check == "in x's norm" and "row check from fc1's input failed (RuntimeError: probe)" in fc2.reason
+    _same_rows_as_dense(r.outputs[0], model(x).detach(), torch.bfloat16)

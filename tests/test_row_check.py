@@ -177,7 +177,8 @@ def test_flagged_op_compiled(dtype):
     torch._dynamo.reset()
     g = torch.compile(lambda a, b: torch.ops.sparse_inductor.row_check(a, b))(x, maybe)
     want = flagged_reference(x, maybe)
-    assert torch.equal(g.isnan(), want.isnan()) and torch.equal(g[~want.isnan()], torch.zeros(int((~want.isnan()).sum())))
+    assert torch.equal(g.isnan(), want.isnan())
+    assert torch.equal(g[~want.isnan()], torch.zeros(int((~want.isnan()).sum())))
 
 
 _SM90_COMPILE = r"""
@@ -190,7 +191,8 @@ for flagged in (False, True):
         sig = {n: "constexpr" for n in names}
         sig.update(x_ptr="*bf16", maybe_ptr="*fp32", g_ptr="*fp32", M="i32", K="i32", stride_xm="i32")
         consts = dict(stride_xk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], HAS_MAYBE=flagged)
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "maybe_ptr", "g_ptr", "K", "stride_xm")}
+        attrs = {(names.index(n),): [["tt.divisibility", 16]]
+                 for n in ("x_ptr", "maybe_ptr", "g_ptr", "K", "stride_xm")}
         c = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
         print(json.dumps(dict(flagged=flagged, k=k, m=m, shared=c.metadata.shared,

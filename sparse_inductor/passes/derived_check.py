@@ -41,8 +41,8 @@ import torch.fx as fx
 
 from .. import ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
 from ..options import SparseOptions
-from .fuse_mlp import _DTYPES, _VIEWS, _erase_dead, derived_check, identify_activation
-from .linear_rewrite import _derived, _is_pointwise, nan_rows_check
+from .fuse_mlp import _DTYPES, _erase_dead, derived_check, guarded, identify_activation, pointwise_source
+from .linear_rewrite import _derived, nan_rows_check
 
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
@@ -80,30 +80,6 @@ def _own_check(out: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
     return None
 
 
-def _source(h: fx.Node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
-    """(fc1's output node, the pointwise / view nodes from it to h in graph order) where h is computed
-    from that one layer output alone (a DAG: the GELU decomposed reads its input twice); else None."""
-    seen: dict[fx.Node, None] = {}
-    todo, src = [h], None
-    while todo:
-        cur = todo.pop()
-        if cur in seen or cur is src:
-            continue
-        if "sparse_inductor_row_bound" in cur.meta:
-            if src is not None:
-                return None  # two layers meet: not an activation of one
-            src = cur
-            continue
-        if cur.op != "call_function" or not (cur.target in _VIEWS or _is_pointwise(cur.target)) or len(seen) > 64:
-            return None  # another tensor enters (a residual, a scale, a graph input)
-        seen[cur] = None
-        todo.extend(cur.all_input_nodes)
-    if src is None:
-        return None
-    order = {n: i for i, n in enumerate(h.graph.nodes)}
-    return src, sorted(seen, key=order.__getitem__)
-
-
 def derive_library_checks(gm: fx.GraphModule, opts: SparseOptions) -> int:
     """The pass body: how many library layers now take their check from fc1's input."""
     if opts.nonfinite != "exact" or not DERIVED_LIB_CHECK:
@@ -112,13 +88,7 @@ def derive_library_checks(gm: fx.GraphModule, opts: SparseOptions) -> int:
     for out in list(gm.graph.nodes):
         if "sparse_inductor_layer" not in out.meta:
             continue
-        try:
-            done += _try(gm, out)
-        except Exception as e:  # never break the user's compile: the layer keeps its own check
-            log.exception("sparse_inductor: derived check failed at %s", out.name)
-            note = out.meta.get("sparse_inductor_layer")
-            if note:
-                note[0].reason += f"; own row check kept (derived check failed: {type(e).__name__}: {e})"
+        done += guarded(lambda: _try(gm, out), out, "row check from fc1's input")  # (the layer keeps its own)
     return done
 
 
@@ -130,7 +100,7 @@ def _try(gm: fx.GraphModule, out: fx.Node) -> int:
         return 0
     op2, g_old = found
     h = op2.args[0]
-    src = _source(h)
+    src = pointwise_source(h, lambda n: "sparse_inductor_row_bound" in n.meta)
     if src is None:
         return 0
     out1, nodes = src

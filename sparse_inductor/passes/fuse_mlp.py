@@ -34,7 +34,7 @@ Inf positions. So the kernel applies the function the graph did, not a guess fro
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -46,7 +46,7 @@ from .linear_rewrite import _derived, _is_pointwise, add_constant, erase_constan
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
 
-__all__ = ["HiddenPlan", "derived_check", "fuse_mlps", "hidden_plan", "identify_activation"]
+__all__ = ["HiddenPlan", "derived_check", "fuse_mlps", "hidden_plan", "identify_activation", "pointwise_source"]
 
 _BLOCK = torch.ops.sparse_inductor.linear_block.default
 _VIEWS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
@@ -62,30 +62,42 @@ def _pair(b: fx.Node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
     where fc2's input is computed from fc1's output alone by pointwise ops and views (a DAG: the GELU
     decomposed reads its input twice) and nothing else reads fc1's output or those nodes (but the
     row check over fc2's input, for fc2); else None."""
-    seen: dict[fx.Node, None] = {}
-    todo, a = [b.args[0]], None
-    while todo:
-        cur = todo.pop()
-        if cur in seen:
-            continue
-        if cur.op == "call_function" and cur.target is _BLOCK and cur.args[8] == "triton":
-            if a not in (None, cur):
-                return None
-            a = cur
-            continue
-        if cur.op != "call_function" or not (cur.target in _VIEWS or _is_pointwise(cur.target)) or len(seen) > 64:
-            return None  # another tensor enters (a residual, a scale, a graph input)
-        seen[cur] = None
-        todo.extend(cur.all_input_nodes)
-    if a is None:
+    found = pointwise_source(b.args[0],
+                             lambda n: n.op == "call_function" and n.target is _BLOCK and n.args[8] == "triton")
+    if found is None:
         return None
+    a, seen = found
     inside = set(seen) | {b}
     for n in [a, *seen]:
         for u in n.users:
             if u not in inside and not (_is_check(u) and _feeds_only(u, b)):
                 return None
-    order = {n: i for i, n in enumerate(b.graph.nodes)}
-    return a, sorted(seen, key=order.__getitem__)
+    return a, seen
+
+
+def pointwise_source(h: fx.Node, is_source: Callable[[fx.Node], bool]) -> Optional[tuple[fx.Node, list[fx.Node]]]:
+    """(the one node s with is_source(s), the pointwise / view nodes from it to h in graph order)
+    where h is computed from s alone by such nodes (a DAG: the GELU decomposed reads its input
+    twice); else None (two sources, or another tensor enters: a residual, a scale, a graph input)."""
+    seen: dict[fx.Node, None] = {}
+    todo, src = [h], None
+    while todo:
+        cur = todo.pop()
+        if cur in seen or cur is src:
+            continue
+        if is_source(cur):
+            if src is not None:
+                return None
+            src = cur
+            continue
+        if cur.op != "call_function" or not (cur.target in _VIEWS or _is_pointwise(cur.target)) or len(seen) > 64:
+            return None
+        seen[cur] = None
+        todo.extend(cur.all_input_nodes)
+    if src is None:
+        return None
+    order = {n: i for i, n in enumerate(h.graph.nodes)}
+    return src, sorted(seen, key=order.__getitem__)
 
 
 def _feeds_only(node: fx.Node, target: fx.Node, depth: int = 4) -> bool:
@@ -207,14 +219,22 @@ def fuse_mlps(gm: fx.GraphModule, opts: SparseOptions) -> int:
     for b in list(gm.graph.nodes):
         if b.op != "call_function" or b.target is not _BLOCK or b.args[8] != "triton":
             continue
-        try:
-            fused += _try_fuse(gm, b, opts)
-        except Exception as e:  # never break the user's compile: the pair stays as it was
-            log.exception("sparse_inductor: fuse_mlp failed at %s", b.name)
-            note = b.meta.get("sparse_inductor_layer")
-            if note:
-                note[0].reason += f"; MLP fusion failed ({type(e).__name__}: {e})"
+        fused += guarded(lambda: _try_fuse(gm, b, opts), b, "MLP fusion")
     return fused
+
+
+def guarded(fn: Callable[[], int], node: fx.Node, what: str) -> int:
+    """fn(), or 0 where it raises (never break the user's compile; fn rewires uses only at its end,
+    so what it made before raising is unread, and Inductor drops it): logged, and the record of
+    node's layer says what failed."""
+    try:
+        return fn()
+    except Exception as e:
+        log.exception("sparse_inductor: %s failed at %s", what, node.name)
+        note = node.meta.get("sparse_inductor_layer")
+        if note:
+            note[0].reason += f"; {what} failed ({type(e).__name__}: {e})"
+        return 0
 
 
 def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
