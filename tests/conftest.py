@@ -14,7 +14,9 @@ if not HAS_CUDA:
 # compile on the same machine, which reads the default cache. (Run G: after the GPU tests, the
 # bench on the same machine read 187 us for a weight-only layer that times at 22 us and kept it
 # dense; with the bench run first it did not happen. Which test wrote it was not pinned down.)
-os.environ.setdefault("SPARSE_INDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="sparse_inductor_test_timings_"))
+if "SPARSE_INDUCTOR_CACHE_DIR" not in os.environ:
+    _timings = tempfile.TemporaryDirectory(prefix="sparse_inductor_test_timings_")  # removed at exit
+    os.environ["SPARSE_INDUCTOR_CACHE_DIR"] = _timings.name
 
 import pytest  # noqa: E402
 
