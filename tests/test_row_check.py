@@ -4,6 +4,7 @@ On the CPU the kernel runs in the Triton interpreter (conftest sets TRITON_INTER
 result is exact: 0 for a finite row, NaN for a row holding a NaN or an Inf, whatever the dtype.
 """
 import pytest
+import triton
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -211,3 +212,39 @@ def test_kernels_compile_for_sm90(tmp_path):
         assert r["shared"] <= 227 * 1024, r
         if r["flagged"]:
             assert r["branch"], r
+
+
+@pytest.mark.parametrize("flagged", [False, True], ids=["plain", "flagged"])
+def test_template_body_runs(tmp_path, flagged):
+    """Both template bodies with Inductor's markup replaced by arguments and a tl.store (what
+    Inductor renders, less its store): under the interpreter they write what the eager kernel does."""
+    import importlib.util
+    import re
+
+    from sparse_inductor.lowering import row_check as rc
+    from sparse_inductor.lowering.template import template_source
+
+    body = rc._FLAGGED_BODY if flagged else rc._TEMPLATE_BODY
+    body = re.sub(r"\{\{def_kernel\(.*?\)\}\}", "@triton.jit\ndef template_kernel(X, MAYBE, G, M_, K_, SXM, SXK, "
+                  "BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):", body)
+    for markup, arg in (('size("X", 0)', "M_"), ('size("X", 1)', "K_"), ('stride("X", 0)', "SXM"),
+                        ('stride("X", 1)', "SXK")):
+        body = body.replace("{{" + markup + "}}", arg)
+    body = re.sub(r"^( *)\{\{store_output\(.*\}\}$", r"\1tl.store(G + idx_m, g, mask=mask)", body, flags=re.M)
+    assert "{{" not in body
+    path = tmp_path / f"rc_{int(flagged)}.py"
+    path.write_text("import triton\nimport triton.language as tl\n" + template_source(rc.DEVICE_FUNCTIONS, body))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    x = poisoned(70, 40, torch.float16)
+    maybe = torch.zeros(70, device=DEV)
+    maybe[1::3] = float("nan")  # flags every poisoned row but one (row 4 is poisoned, unflagged)
+    maybe[4] = 0.0
+    cfg = pick_config(40, 70, flagged=flagged)
+    got = torch.empty(70, device=DEV)
+    mod.template_kernel[(triton.cdiv(70, cfg["BLOCK_M"]),)](x, maybe, got, 70, 40, x.stride(0), x.stride(1),
+                                                            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"])
+    want = row_check_eager(x, maybe=maybe if flagged else None)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
+    assert bool(want[4].isnan()) != flagged
