@@ -330,8 +330,8 @@ def _block_linear_kernel(
     (tile, block) steps with the epilogue inside, so that the pipeliner loads the next tile's x
     while this tile's epilogue runs (the one-tile programs of short block rows are mostly prologue
     and epilogue). Their non-finite fixup is the one-tile programs' (nan_where_skipped in each
-    tile's epilogue: a loop inside the step loop's branch; Triton 3.7 still multi-buffers the step
-    loop, sm_90a TTGIR). Their skipped rows (SKIP): a program on row_order[p >= live] returns at
+    tile's epilogue: a loop inside the step loop's branch; Triton 3.7.1 and 3.6.0 still
+    multi-buffer the step loop, sm_90a TTGIR). Their skipped rows (SKIP): a program on row_order[p >= live] returns at
     once, or, with SKIP_CHECKED, computes its whole slice if the slice holds a row whose s is NaN
     (computing a skippable tile is never wrong)."""
     if SPLIT > 0:
