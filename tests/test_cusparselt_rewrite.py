@@ -533,3 +533,25 @@ def test_derived_library_check_failure_keeps_own_check(derive_always, monkeypatc
     fc2 = r.by_name("fc2")
     assert fc2.row_check == "in x's norm" and "row check from fc1's input failed (RuntimeError: probe)" in fc2.reason
     _same_rows_as_dense(r.outputs[0], model(x).detach(), torch.bfloat16)
+
+
+def test_derived_library_check_after_a_dense_fc1(derive_always, monkeypatch):
+    """fc1's 2:4 weight kept dense by the dispatcher (its addmm), fc2 on the library: fc2's check still
+    comes from fc1's input; a NaN row and an Inf row come out as dense's."""
+    from sparse_inductor.dispatch import Choice
+    from sparse_inductor.passes import linear_rewrite
+
+    real = linear_rewrite.choose
+
+    def choose(layer, opts, timer):
+        return Choice("dense", "kept dense (test)") if layer.n == 64 else real(layer, opts, timer)  # fc1: 32 -> 64
+
+    monkeypatch.setattr(linear_rewrite, "choose", choose)
+    model = seeded(LibMlp).to(torch.bfloat16)
+    x = torch.randn(2, 6, 32, dtype=torch.bfloat16)
+    x[0, 2, 5], x[1, 4, 0] = float("nan"), float("inf")
+    r = _lib_run(model, x)
+    assert [d.kernel for d in r.decisions] == ["dense", "cusparselt"], [d.line() for d in r.decisions]
+    assert "then its own input in the rows" in r.by_name("fc2").row_check, r.by_name("fc2").line()
+    assert "aten.addmm.default" in r.graphs[0] and "amax_default" in r.graphs[0]
+    _same_rows_as_dense(r.outputs[0].reshape(-1, 32), model(x).detach().reshape(-1, 32), torch.bfloat16)

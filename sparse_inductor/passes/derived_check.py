@@ -27,7 +27,8 @@ pointwise.
 
 Conditions: fc2 a library layer with a check over its input h; h computed from fc1's output alone
 by pointwise ops and views, which compute an activation fuse_mlp.identify_activation knows
-(|act(t)| <= |t|); fc1 any sparse layer with a floating weight and a constant bias (its row bound:
+(|act(t)| <= |t|); fc1 a layer the rewrite looked at (sparse, or a sparse weight the dispatcher
+kept dense: its mm / addmm) with a floating weight and a constant bias (its row bound:
 linear_rewrite._row_bound), fp16 or bf16; the flag no dearer than the check it replaces (fc1's check
 in x's norm, or K <= H); and h large enough (MIN_BYTES) that one more small kernel pays.
 """
@@ -125,7 +126,8 @@ def _try(gm: fx.GraphModule, out: fx.Node) -> int:
         log.debug("sparse_inductor: %s keeps its own row check: %s", dec_b.name, why)
         return 0
     op1 = out1.args[0] if out1.meta.get("sparse_inductor") == "nan_rows" else out1
-    gd = derived_check(op1.args[0], op1, op2, safe)
+    x1 = op1.args[1] if op1.target is aten.addmm.default else op1.args[0]  # (addmm: fc1 kept dense)
+    gd = derived_check(x1, op1, op2, safe)
     graph = gm.graph
     with graph.inserting_before(g_old):
         g = graph.call_function(_ROW_CHECK, (h, gd))

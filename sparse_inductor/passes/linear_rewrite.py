@@ -423,6 +423,9 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             form = f"int8 product in {_dtype_name(layer.product)}; "
         decision.reason = f"{det.reason}; {form}{choice.reason}"
         if choice.kernel == "dense":
+            if node.target in (aten.addmm.default, aten.mm.default):  # for passes/derived_check.py: fc1 kept dense
+                node.meta["sparse_inductor_layer"] = (decision, layer)
+                node.meta["sparse_inductor_row_bound"] = _row_bound(gm, w, site)
             record(decision)
             continue
         try:
