@@ -8,7 +8,8 @@
 #        bash bench/gpu_session.sh flat      (flat block programs, config.split: their GPU tests, then
 #        compiled sweeps on ViT-B's fc1 / fc2 and the 14336x4096 layer, then ViT-B's MLP apart)
 #        bash bench/gpu_session.sh derived   (a cuSPARSELt fc2's check from fc1's input: its GPU tests,
-#        then the A/B on ViT-B/16 b64 2:4 against its own check over h; duration not known)
+#        which function cuSPARSELt's epilogue GELU / ReLU is (bench/cslt_activation_probe.py), then
+#        the A/B on ViT-B/16 b64 2:4 against fc2's own check over h; duration not known)
 # Installs the carried wheels (expecttest) and the package, runs the GPU tests, then the bench;
 # logs and JSON go to $OUT (at most 8 files come back, so the tests' code dumps are off).
 set -o pipefail
@@ -28,6 +29,7 @@ if [ "$SECTIONS" = "derived" ]; then  # cuSPARSELt fc2's check from fc1's input 
   OUT= timeout 150 python3 -m pytest -q -m gpu tests/test_gpu_cusparselt.py tests/test_row_check.py \
     -k "derived or gelu_between or nonfinite or row_check" -p no:cacheprovider --tb=short 2>&1 \
     | grep "^E \|passed\|failed\|FAILED" | head -30 | tee "$OUT_DIR/gputests.txt"
+  timeout 60 python3 bench/cslt_activation_probe.py 2>"$OUT_DIR/probe.err" | tee "$OUT_DIR/probe.md"
   timeout 400 python3 bench/ab_rules.py --rule derived-lib-check --pattern 2:4 --rounds 1 \
     --models vit_base_patch16_224:64 2>"$OUT_DIR/derived.err" | tee "$OUT_DIR/derived.md"
   exit

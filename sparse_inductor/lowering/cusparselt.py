@@ -61,6 +61,7 @@ _SPARSITY_50 = 0
 _COMPUTE_32I, _COMPUTE_32F = 0, 2
 # cusparseLtMatmulDescAttribute_t, counted from ACTIVATION_RELU = 0 (cuSPARSELt 0.7 / 0.8 header)
 _ALPHA_VECTOR_SCALING, _BIAS_POINTER = 5, 8
+_ACTIVATION = {"relu": 0, "gelu": 3}  # ACTIVATION_RELU / ACTIVATION_GELU: an int32 1 turns one on
 _A_SCALE_MODE, _B_SCALE_MODE = 10, 11
 _A_SCALE_POINTER, _B_SCALE_POINTER = 15, 16
 _MATRIX_SCALE_SCALAR_32F = 1  # cusparseLtMatmulMatrixScale_t (SCALE_NONE = 0)
@@ -210,7 +211,7 @@ class _Plan:
 
     def __init__(self, lib: _Lib, device: int, m: int, n: int, k: int, dtype: torch.dtype,
                  bias_ptr: int, alg_id: int, split_k: int, out_dtype: Optional[torch.dtype] = None,
-                 scaling: str = _NO_SCALING):
+                 scaling: str = _NO_SCALING, activation: Optional[str] = None):
         self.lib, dll = lib, lib.dll
         self.handle = lib.handle(device)
         h = self.handle.ptr
@@ -245,6 +246,10 @@ class _Plan:
             self._bias = ctypes.c_void_p(bias_ptr)
             lib.check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, _BIAS_POINTER, ctypes.byref(self._bias),
                                                            ctypes.c_size_t(8)), "bias pointer")
+        if activation is not None:  # the library's own epilogue activation: bench/cslt_activation_probe.py only
+            on = ctypes.c_int(1)
+            lib.check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, _ACTIVATION[activation], ctypes.byref(on),
+                                                           ctypes.c_size_t(4)), f"activation {activation}")
         self._scaled_check(dll.cusparseLtMatmulAlgSelectionInit(h, self.sel.ptr, self.mm.ptr, _ALG_DEFAULT),
                            "alg selection", out_dtype)
         mx = ctypes.c_int(0)
