@@ -16,6 +16,8 @@ Grad enabled: nothing is frozen; every linear stays dense and its decision says 
 
 If compiling with the pass fails for any reason, the graph is compiled again by plain Inductor and
 the failure is recorded: the backend never breaks a compile that Inductor alone would finish.
+Dynamo's requests to trace the frame again (RestartAnalysis, e.g. under dynamic shapes) pass
+through: they are not failures, and Dynamo calls the backend again on the new graph.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.fx as fx
+from torch._dynamo.exc import RestartAnalysis
 
 from .options import SparseOptions, disabled_by_env, resolve_options
 from .report import record
@@ -62,6 +65,8 @@ def sparse_backend(gm: fx.GraphModule, example_inputs: list, *, mode: Optional[s
             frozen, inputs = {}, example_inputs
             digest = "grad-enabled"
         sparse_pass = SparseGraphPass(opts, digest, user_pass)
+    except RestartAnalysis:
+        raise
     except Exception as e:
         log.exception("sparse_inductor: setup failed")
         record(f"sparse_inductor: setup failed ({type(e).__name__}: {e}); compiled with plain Inductor")
@@ -76,6 +81,8 @@ def sparse_backend(gm: fx.GraphModule, example_inputs: list, *, mode: Optional[s
     try:
         with quantize_reductions(opts.reductions == "one-pass"):
             compiled = compile_fx(work, inputs, config_patches=ours)
+    except RestartAnalysis:  # Dynamo's signal to trace the frame again (e.g. a float scalar made a
+        raise                # tensor under dynamic shapes, after a LayerNorm): not a failure of ours
     except Exception as e:
         log.exception("sparse_inductor: compile with the sparse pass failed; retrying with plain Inductor")
         record(f"sparse_inductor: compile failed ({type(e).__name__}: {str(e)[:300]}); "

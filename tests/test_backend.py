@@ -546,6 +546,33 @@ def test_batch_sizes_share_one_compile(how):
     assert_op_counts(r.code, n24=1, nblock=1)
 
 
+class NormMixed(Mixed):
+    """A LayerNorm first: under dynamic shapes Dynamo asks (TensorifyScalarRestartAnalysis, from
+    inside the compile) to trace the frame again; the backend once took that for a failure and
+    compiled with plain Inductor."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return super().forward(self.norm(x))
+
+
+@pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
+def test_dynamic_batch_after_a_norm(how):
+    m = seeded(NormMixed)
+    xs = [torch.randn(b, 16) for b in (2, 5, 9)]
+    if how == "mark_dynamic":
+        torch._dynamo.mark_dynamic(xs[0], 0)
+    r = run_sparse(m, *[(x,) for x in xs], **({"dynamic": True} if how == "dynamic=True" else {}))
+    assert not [n for n in r.notes if "failed" in n], r.notes
+    assert [(d.name, d.sparse) for d in r.decisions] == [("dense", False), ("s24", True), ("blk", True)]
+    for x, out in zip(xs, r.outputs):  # (Inductor's LayerNorm rounds in its own order: fp64, not eager)
+        assert_close_fp64(out, copy.deepcopy(m).double()(x.double()).detach(), torch.float32)
+    assert_op_counts(r.code, n24=1, nblock=1)
+
+
 def test_batch_size_one_specializes():
     """Dynamo specializes sizes 0 and 1, so batch 1 after a dynamic compile is a second graph."""
     m = seeded(Mixed)
