@@ -652,3 +652,21 @@ def test_gpu_hidden_units_skipped(m, nonfinite, flat, monkeypatch):
     skip = "if p >= LIVE:" if nonfinite == "fast" else \
         "if slice_has_nan(S, s, split, M, BLOCK_M) == 0:" if flat else "if skip_tile(S, p, LIVE, pid_m, M, BLOCK_M, True):"
     assert sum(skip in t for t in tem) == 1, kernel_defs(code)
+
+
+@pytest.mark.filterwarnings("error:Raw SymInt value")
+def test_dynamic_batch_3d(triton_on_cpu):
+    """A 3-D input with a dynamic batch: the pass's new reshapes (sink_views) take sizes the graph can
+    hold (torch.fx warns of a raw SymInt in a node's arguments: an error here); fc2's derived check
+    and the hidden-unit skip still apply; NaN rows as dense."""
+    model = seeded_mlp()
+    xs = [torch.randn(b, 5, 64, dtype=torch.bfloat16) for b in (2, 3, 6)]
+    xs[1][0, 1, 3] = float("nan")
+    r = run_sparse(model, *[(x,) for x in xs], options=triton_on_cpu, dynamic=True)
+    assert not [n for n in r.notes if "failed" in n], r.notes
+    assert r.by_name("fc2").row_check == "from fc1's input, in its norm", r.by_name("fc2").line()
+    for x, out in zip(xs, r.outputs):
+        ref = copy.deepcopy(model).double()(x.double()).detach()
+        bad = ~ref.isfinite()
+        assert torch.equal(~out.isfinite(), bad)
+        assert_close_fp64(out[~bad], ref[~bad], torch.bfloat16)

@@ -49,9 +49,17 @@ def _flat_source(a, flat_shape) -> fx.Node | None:
     return None
 
 
-def _sink_into(user: fx.Node, full: torch.Size, flat: torch.Size) -> fx.Node | None:
-    """Rewrite pointwise `user` (output of shape `full`) on flat [M, N] operands followed by one
-    reshape back to `full`; returns that reshape, or None (graph untouched) if it cannot."""
+def _sink_into(user: fx.Node, view: fx.Node) -> fx.Node | None:
+    """Rewrite pointwise `user` (output of the shape `full` of `view`, a reshape of a flat [M, N]
+    tensor) on flat operands followed by one reshape back to `full`; returns that reshape, or None
+    (graph untouched) if it cannot. The new reshapes take their sizes as the graph has them: `full`
+    as `view` was given it, and [M, N] as [-1, N] where M is symbolic (N is a weight's size; a raw
+    SymInt in a node's arguments is not a graph value: torch.fx warns of it)."""
+    full, flat = _val(view).shape, _val(view.args[0]).shape
+    full_arg = view.args[1] if len(view.args) > 1 else None
+    if not isinstance(flat[1], int) or not isinstance(full_arg, (list, tuple)):
+        return None
+    flat_arg = [flat[0] if isinstance(flat[0], int) else -1, flat[1]]
     out = _val(user)
     if not (_is_pointwise(user) and isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(full)):
         return None
@@ -76,14 +84,14 @@ def _sink_into(user: fx.Node, full: torch.Size, flat: torch.Size) -> fx.Node | N
         args = []
         for kind, a in plan:
             if kind == "reshape":
-                r = graph.call_function(aten.reshape.default, (a, list(flat)))
+                r = graph.call_function(aten.reshape.default, (a, flat_arg))
                 r.meta["val"] = _val(a).reshape(flat)
                 a = r
             args.append(a)
         flat_user = graph.call_function(user.target, tuple(args), dict(user.kwargs))
         flat_user.meta.update(user.meta)
         flat_user.meta["val"] = out.reshape(flat)
-        back = graph.call_function(aten.reshape.default, (flat_user, list(full)))
+        back = graph.call_function(aten.reshape.default, (flat_user, list(full_arg)))
         back.meta["val"] = out
     user.replace_all_uses_with(back)
     graph.erase_node(user)
@@ -107,7 +115,7 @@ def sink_views(outputs: list[fx.Node]) -> int:
         if not isinstance(full, torch.Tensor) or not isinstance(flat, torch.Tensor) or flat.dim() != 2:
             continue
         for user in list(view.users):
-            back = _sink_into(user, full.shape, flat.shape)
+            back = _sink_into(user, view)
             if back is not None:
                 moved += 1
                 work.append(back)
