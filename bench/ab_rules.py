@@ -16,6 +16,8 @@ Rules (passes/linear_rewrite.py):
 - derived-lib-check (passes/derived_check.py): a cuSPARSELt fc2's row check from fc1's input, then
   its own input in the flagged rows only (DERIVED_LIB_CHECK, A) vs its check over the hidden
   activations, which makes the GELU kernel a reduction (B; the rule before session 13).
+- lib-activation (passes/lib_activation.py): fc1's activation in cuSPARSELt's epilogue where the
+  library computes the graph's (LIB_ACTIVATION, A) vs an Inductor kernel after the call (B).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import argparse
 import torch
 
 from sparse_inductor.bench import _bench, header
-from sparse_inductor.passes import derived_check, fuse_mlp, linear_rewrite
+from sparse_inductor.passes import derived_check, fuse_mlp, lib_activation, linear_rewrite
 from sparse_inductor.prune import prune
 from sparse_inductor.report import LayerDecision, collect
 
@@ -37,6 +39,8 @@ RULES = {
     "skip-hidden": (fuse_mlp, "SKIP_HIDDEN", False, ("fc1 skips unread/constant hidden units", "fc1 computes all")),
     "derived-lib-check": (derived_check, "DERIVED_LIB_CHECK", False,
                           ("cslt fc2's check from fc1's input", "cslt fc2's check over h")),
+    "lib-activation": (lib_activation, "LIB_ACTIVATION", False,
+                       ("activation in cuSPARSELt's epilogue", "activation kernel after the call")),
 }
 
 

@@ -13,7 +13,7 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
         guard=False (options nonfinite="fast") lets a fast kernel skip its non-finite row check: an
         input NaN/Inf that meets only skipped (all-zero) blocks may then leave those outputs finite
     sparse_inductor::linear_cslt(x, wc, bias, n, k, alg_id, split_k, out_dtype=None, alpha=None,
-                                 row_check=None, scale_a=None, scale_b=None) -> y [M, N]
+                                 row_check=None, scale_a=None, scale_b=None, activation=None) -> y [M, N]
         wc = torch._cslt_compress(W), cuSPARSELt's own layout (CUDA only; lowering/cusparselt.py);
         x and W int8 with out_dtype=torch.int32 is torch._int_mm(x, W^T) (dynamic int8 activations);
         alpha: an fp32 [N] vector scaling the fp32/int32 accumulator before the bias
@@ -23,7 +23,9 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
         y = scale_a * scale_b * (x @ W^T) + bias with one rounding (the library's scale modes);
         row_check: g [M] fp32, g[m] = sum_k 0 * x[m, k] (NaN for an input row holding a NaN/Inf): those
         rows of y become NaN, as dense makes them (the library skips the zeros a NaN would meet); the
-        rewrite passes it only where no pointwise op follows (else y * (1 + g) in the graph)
+        rewrite passes it only where no pointwise op follows (else y * (1 + g) in the graph);
+        activation: "relu" / "gelu", the library's epilogue activation after the bias, where it
+        computes the graph's (passes/lib_activation.py)
     sparse_inductor::row_check(x, maybe=None) -> g [M] fp32
         g[m] = sum_k 0 * x[m, k]: 0 for a finite row, NaN for a row holding a NaN/Inf; the check
         above (and linear_block's row_check=) as a kernel of its own, which Inductor fuses nothing
@@ -92,18 +94,21 @@ def _(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True, ro
 def linear_cslt(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id: int, split_k: int,
                 out_dtype: Optional[torch.dtype] = None, alpha: Optional[Tensor] = None,
                 row_check: Optional[Tensor] = None, scale_a: Optional[Tensor] = None,
-                scale_b: Optional[Tensor] = None) -> Tensor:
+                scale_b: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
     from .lowering import cusparselt
 
+    kw = {} if activation is None else {"activation": activation}
     if scale_a is None and scale_b is None:  # (keeps working with a `linear` that takes no scales)
-        y = cusparselt.linear(x, wc, bias, n, k, alg_id, split_k, out_dtype, alpha)
+        y = cusparselt.linear(x, wc, bias, n, k, alg_id, split_k, out_dtype, alpha, **kw)
     else:
-        y = cusparselt.linear(x, wc, bias, n, k, alg_id, split_k, out_dtype, alpha, scale_a=scale_a, scale_b=scale_b)
+        y = cusparselt.linear(x, wc, bias, n, k, alg_id, split_k, out_dtype, alpha, scale_a=scale_a, scale_b=scale_b,
+                              **kw)
     return y if row_check is None else cusparselt.nan_rows_(y, row_check)
 
 
 @linear_cslt.register_fake
-def _(x, wc, bias, n, k, alg_id, split_k, out_dtype=None, alpha=None, row_check=None, scale_a=None, scale_b=None):
+def _(x, wc, bias, n, k, alg_id, split_k, out_dtype=None, alpha=None, row_check=None, scale_a=None, scale_b=None,
+      activation=None):
     torch._check(x.dim() == 2, lambda: f"linear_cslt expects a 2-D input, got {x.dim()}-D")
     torch._check(x.shape[1] == k, lambda: "linear_cslt: K mismatch between x and the weight")
     torch._check(alpha is None or (alpha.dim() == 1 and alpha.shape[0] == n),

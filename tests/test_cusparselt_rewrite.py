@@ -6,6 +6,7 @@ The emulation computes y = x @ W^T over the kept (nonzero) weights only, as spar
 a NaN/Inf input meeting a pruned zero is never multiplied. The row check must restore dense's
 "a non-finite input row gives a non-finite output row".
 """
+import copy
 import dataclasses
 import unittest.mock
 
@@ -25,11 +26,20 @@ OPTS = {"force": True, "kernel": "cusparselt"}
 TOL32 = dict(rtol=1e-5, atol=1e-6)
 
 
+# The emulated library's epilogue activations (cusparselt.linear(..., activation=)): applied to the fp32
+# sum before its one rounding, as the library does; tests swap in another GELU to see it refused.
+EMULATED_ACTIVATIONS = dict(cusparselt.LIBRARY_ACTIVATIONS)
+
+
 def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None, scale_a=None,
-                     scale_b=None):
+                     scale_b=None, activation=None):
     assert scale_a is None and scale_b is None  # (fp8's per-tensor scales: emulated in test_fp8.py)
     if x.dtype == torch.int8:  # int32 accumulation, exact; one rounding to a float out_dtype
         return (x.long() @ wc.long().T).double().to(out_dtype or torch.int8)
+    if activation is not None:  # an fp32 sum (of the kept products), the bias, the activation, one rounding
+        terms = torch.where((wc != 0).unsqueeze(0), x.float().unsqueeze(1) * wc.float().unsqueeze(0), 0.0)
+        y = terms.sum(-1) + (0.0 if bias is None else bias.float())
+        return EMULATED_ACTIVATIONS[activation](y).to(x.dtype)
     kept = (wc != 0).to(x.dtype)
     terms = torch.where(kept.bool().unsqueeze(0), x.unsqueeze(1) * wc.unsqueeze(0), torch.zeros((), dtype=x.dtype))
     y = terms.sum(-1)
@@ -44,6 +54,7 @@ def emulated_cusparselt(monkeypatch):
     monkeypatch.setitem(cusparselt._CUDA_TYPE, torch.float32, 0)  # the emulation also does fp32
     monkeypatch.setattr(cusparselt, "compress", lambda w: w.contiguous().clone())  # "compressed" = W itself
     monkeypatch.setattr(cusparselt, "linear", _emulated_linear)
+    monkeypatch.setattr(cusparselt, "_MATCHES", {})  # (activation_matches measures the emulation afresh)
 
 
 class TestCusparseltGraph(expecttest.TestCase):
@@ -434,7 +445,10 @@ def _same_rows_as_dense(out, ref, dtype):
 
 class TestDerivedLibraryCheck(expecttest.TestCase):
     @pytest.fixture(autouse=True)
-    def _derive(self, derive_always):
+    def _derive(self, derive_always, monkeypatch):
+        from sparse_inductor.passes import lib_activation
+
+        monkeypatch.setattr(lib_activation, "LIB_ACTIVATION", False)  # (fc1's GELU stays in the graph here)
         self.pass_module = derive_always
 
     def test_graph_and_decision(self):
@@ -555,3 +569,70 @@ def test_derived_library_check_after_a_dense_fc1(derive_always, monkeypatch):
     assert "then its own input in the rows" in r.by_name("fc2").row_check, r.by_name("fc2").line()
     assert "aten.addmm.default" in r.graphs[0] and "amax_default" in r.graphs[0]
     _same_rows_as_dense(r.outputs[0].reshape(-1, 32), model(x).detach().reshape(-1, 32), torch.bfloat16)
+
+
+# ---- fc1's activation in the library's epilogue (passes/lib_activation.py)
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_library_activation(act, dtype, derive_always):
+    """fc1's activation moves into the op (the emulated library computes the graph's), its row fixup
+    with it; no erf / GELU op left in the graph; NaN / Inf rows as dense, the rest within the dtype's
+    tolerance of fp64 (the library rounds once where the graph rounded y1 first)."""
+    model = seeded(LibMlp, act=act).to(dtype)
+    x = torch.randn(2, 6, 32, dtype=dtype)
+    x[0, 1, 3], x[1, 2, 0] = float("nan"), float("-inf")
+    r = _lib_run(model, x)
+    gm = r.graphs[0]
+    assert f"activation = '{act}', row_check = sum_dim_int_list)" in gm, gm
+    assert "aten.erf" not in gm and "aten.relu" not in gm and "aten.where" not in gm, gm
+    fc1 = r.by_name("fc1")
+    assert act in fc1.fused and f"the {act} in cuSPARSELt's epilogue" in fc1.reason, fc1.line()
+    ref = model(x).detach().reshape(-1, 32)
+    _same_rows_as_dense(r.outputs[0].reshape(-1, 32), ref, dtype)
+    ref64 = copy.deepcopy(model).double()(x.double()).detach().reshape(-1, 32)
+    fin = ref.isfinite().all(-1)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(r.outputs[0].reshape(-1, 32)[fin].double(), ref64[fin], rtol=tol, atol=tol)
+
+
+def test_library_activation_refused(derive_always, monkeypatch):
+    """A library whose GELU is the tanh approximation does not get an erf GELU (the decision says why);
+    the same library does get a tanh GELU; a ReLU whose NaN is 0 is refused; y1 read elsewhere too
+    keeps the activation in the graph."""
+    from sparse_inductor.passes import lib_activation
+
+    monkeypatch.setitem(EMULATED_ACTIVATIONS, "gelu", lib_activation.CANDIDATES["gelu_tanh"][0])
+    model, x = seeded(LibMlp).to(torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
+    r = _lib_run(model, x)
+    assert "activation =" not in r.graphs[0] and "aten.erf" in r.graphs[0]
+    assert "gelu not in cuSPARSELt's epilogue: the library's gelu is not the graph's gelu" in r.by_name("fc1").reason
+    tanh_model = seeded(LibMlp).to(torch.bfloat16)
+    tanh_model.act = nn.GELU(approximate="tanh")
+    r = _lib_run(tanh_model, x)
+    assert "activation = 'gelu'" in r.graphs[0], r.graphs[0]
+    assert "the gelu_tanh in cuSPARSELt's epilogue" in r.by_name("fc1").reason
+    assert "then its own input in the rows" in r.by_name("fc2").row_check  # (|gelu_tanh(t)| <= |t| too)
+    _same_rows_as_dense(r.outputs[0], tanh_model(x).detach(), torch.bfloat16)
+
+    monkeypatch.setitem(EMULATED_ACTIVATIONS, "relu", lambda t: torch.where(t > 0, t, 0.0))  # relu(NaN) = 0
+    relu_model = seeded(LibMlp, act="relu").to(torch.bfloat16)
+    r = _lib_run(relu_model, x)
+    assert "activation =" not in r.graphs[0] and "differs from the graph's relu at NaN" in r.by_name("fc1").reason
+
+    class Twice(LibMlp):  # y1 also feeds the output: it must be computed anyway
+        def forward(self, x):
+            y1 = self.fc1(self.norm(x))
+            return self.fc2(self.act(y1)) + y1[:, :32]
+
+    r = _lib_run(seeded(Twice).to(torch.bfloat16), x)
+    assert "activation =" not in r.graphs[0]
+
+
+def test_library_activation_switch(derive_always, monkeypatch):
+    from sparse_inductor.passes import lib_activation
+
+    monkeypatch.setattr(lib_activation, "LIB_ACTIVATION", False)
+    model, x = seeded(LibMlp).to(torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
+    r = _lib_run(model, x)
+    assert "activation =" not in r.graphs[0] and "gelu" not in r.by_name("fc1").fused

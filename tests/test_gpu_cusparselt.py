@@ -75,10 +75,14 @@ def test_plan_path_inside_cuda_graph():
 
 
 @pytest.mark.parametrize("m", [64, (4, 16)])
-def test_compiled_linear_bias_relu(m):
+def test_compiled_linear_bias_relu(m, monkeypatch):
     """The op runs once with the bias fused by cuSPARSELt; the ReLU is one Inductor kernel after it,
     which also applies the non-finite row check (y * (1 + g), no nan_rows_ launch); the check over
-    x (a graph input) is one kernel before it, the row-check template."""
+    x (a graph input) is one kernel before it, the row-check template. (The ReLU kept out of the
+    library's epilogue: test_library_activation_where_it_matches has that.)"""
+    from sparse_inductor.passes import lib_activation
+
+    monkeypatch.setattr(lib_activation, "LIB_ACTIVATION", False)
     model = prepared(LinearBiasReLU(), "2:4")
     x = torch.randn(*(m if isinstance(m, tuple) else (m,)), 256, device="cuda", dtype=torch.bfloat16)
     out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt"})
@@ -261,10 +265,14 @@ class GeluMlp(torch.nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def test_gelu_between_cslt_linears_stays_pointwise():
+def test_gelu_between_cslt_linears_stays_pointwise(monkeypatch):
     """fc2's non-finite row check reads the GELU after fc1 (which also applies fc1's row fixup): the
     check is the row-check template, a read of x of its own, and the GELU stays a pointwise kernel
-    (as Inductor ops, the check made it a reduction: +27-35 us a layer on ViT-B, run I4)."""
+    (as Inductor ops, the check made it a reduction: +27-35 us a layer on ViT-B, run I4). (The GELU
+    kept out of the library's epilogue: test_library_activation_where_it_matches has that.)"""
+    from sparse_inductor.passes import lib_activation
+
+    monkeypatch.setattr(lib_activation, "LIB_ACTIVATION", False)
     model = prepared(GeluMlp(), "2:4")
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt", "fx_cache": False})
@@ -276,22 +284,27 @@ def test_gelu_between_cslt_linears_stays_pointwise():
 
 
 class NormGeluMlp(torch.nn.Module):
-    def __init__(self, d=256, h=1024, norm=True):
+    def __init__(self, d=256, h=1024, norm=True, act="gelu"):
         super().__init__()
         self.norm = torch.nn.LayerNorm(d) if norm else torch.nn.Identity()
         self.fc1, self.fc2 = torch.nn.Linear(d, h), torch.nn.Linear(h, d)
+        self.act = {"gelu": torch.nn.GELU(), "relu": torch.nn.ReLU(), "gelu_tanh": torch.nn.GELU(approximate="tanh")}[act]
 
     def forward(self, x):
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "input"])
-def test_derived_check_keeps_gelu_pointwise(dtype, norm):
+def test_derived_check_keeps_gelu_pointwise(dtype, norm, monkeypatch):
     """fc2's check from fc1's input (passes/derived_check.py; h = 4096 x 1024, 8 MiB, over MIN_BYTES):
     no reduction over h (the GELU kernel stays pointwise), the flagged-rows template reads h only in
     the rows the flag marks. NaN / Inf rows come out non-finite as in dense; fp16 without a norm: a
-    row that might overflow fc1 but does not stays finite, one that does comes out NaN."""
+    row that might overflow fc1 but does not stays finite, one that does comes out NaN. (The GELU
+    kept out of the library's epilogue here.)"""
+    from sparse_inductor.passes import lib_activation
+
+    monkeypatch.setattr(lib_activation, "LIB_ACTIVATION", False)
     model = prepared(NormGeluMlp(norm=norm), "2:4").to(dtype)
     x = torch.randn(4096, 256, device="cuda", dtype=dtype)
     x[1, 3], x[100, 7], x[4095, 0] = float("nan"), float("inf"), -float("inf")
@@ -313,6 +326,30 @@ def test_derived_check_keeps_gelu_pointwise(dtype, norm):
     if dtype == torch.float16 and not norm:
         assert bool(bad[200]) and not bool(bad[300])
     assert rel_err(out[~bad], fp64(model, x)[~bad]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu", "gelu_tanh"])
+def test_library_activation_where_it_matches(act):
+    """fc1's activation goes into cuSPARSELt's epilogue exactly where the library computes the graph's
+    (cusparselt.activation_matches, measured here on every bf16 value): then no activation kernel is
+    left after the call; else the Inductor kernel stays. Numerics against fp64 either way."""
+    from sparse_inductor.passes import fuse_mlp
+
+    model = prepared(NormGeluMlp(act=act), "2:4")
+    x = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
+    x[7, 1] = float("nan")
+    library = "relu" if act == "relu" else "gelu"
+    why = cusparselt.activation_matches(library, fuse_mlp.BOUNDED_ACTIVATIONS[act], act, torch.bfloat16, "cuda")
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt", "fx_cache": False})
+    assert [d.kernel for d in decisions] == ["cusparselt", "cusparselt"], [d.line() for d in decisions]
+    fused = act in decisions[0].fused
+    assert fused == (why is None), (why, decisions[0].line())
+    assert ("activation='" + library + "'" in code.replace(" ", "")) == fused
+    with torch.no_grad():
+        ref = model(x)
+    bad = ~ref.isfinite().all(-1)
+    assert torch.equal(~out.isfinite().all(-1), bad)
+    assert rel_err(out[~bad], fp64(model, x)[~bad]) < TOL_BF16
 
 
 class NormLinear(torch.nn.Module):

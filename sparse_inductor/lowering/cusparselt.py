@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import threading
 from typing import Optional
@@ -246,7 +247,7 @@ class _Plan:
             self._bias = ctypes.c_void_p(bias_ptr)
             lib.check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, _BIAS_POINTER, ctypes.byref(self._bias),
                                                            ctypes.c_size_t(8)), "bias pointer")
-        if activation is not None:  # the library's own epilogue activation: bench/cslt_activation_probe.py only
+        if activation is not None:  # the library's own epilogue activation (activation_matches says where)
             on = ctypes.c_int(1)
             lib.check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, _ACTIVATION[activation], ctypes.byref(on),
                                                            ctypes.c_size_t(4)), f"activation {activation}")
@@ -385,7 +386,7 @@ _PLANS_LOCK = threading.Lock()
 
 def _plan(key: tuple) -> Optional[_Plan]:
     """The plan for key = (device index, M, N, K, x dtype, bias pointer, alg_id, split_k, out_dtype,
-    scaling), made on first use; None where the library cannot be loaded."""
+    scaling[, activation]), made on first use; None where the library cannot be loaded."""
     p = _PLANS.get(key)
     if p is None:
         lib = _lib()
@@ -394,9 +395,9 @@ def _plan(key: tuple) -> Optional[_Plan]:
         with _PLANS_LOCK:
             p = _PLANS.get(key)
             if p is None:
-                device, m, n, k, dtype, bias_ptr, alg_id, split_k, out_dtype, scaling = key
+                device, m, n, k, dtype, bias_ptr, alg_id, split_k, out_dtype, scaling = key[:10]
                 p = _PLANS[key] = _Plan(lib, device or 0, m, n, k, dtype, bias_ptr, alg_id, split_k, out_dtype,
-                                        scaling)
+                                        scaling, key[10] if len(key) > 10 else None)
     return p
 
 
@@ -440,7 +441,8 @@ def _pad_multiple(dtype: torch.dtype) -> int:
 
 def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id: int = 0, split_k: int = 1,
            out_dtype: Optional[torch.dtype] = None, alpha: Optional[Tensor] = None,
-           scale_a: Optional[Tensor] = None, scale_b: Optional[Tensor] = None) -> Tensor:
+           scale_a: Optional[Tensor] = None, scale_b: Optional[Tensor] = None,
+           activation: Optional[str] = None) -> Tensor:
     """y = alpha * (x @ W^T) + bias, or y = scale_a * scale_b * (x @ W^T) + bias; W given as
     `compress(W)`; y [M, N] contiguous.
 
@@ -453,6 +455,9 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
     scales of x and of W, one float32 number each on x's device, applied by the library to its
     fp32 accumulator through the matrix scale modes (A = W scaled by scale_b, B = x by scale_a)
     before the bias, one rounding; copied into the plan's two device scalars before the call.
+    activation: None, or LIBRARY_ACTIVATIONS' name of the function the library's epilogue applies
+    after the bias, to the fp32 sum before its rounding (16-bit x only; activation_matches says
+    which graph activation it computes).
     The hot path (a plan already made): a dict lookup, the output allocation and one foreign call
     (with scales: and two 4-byte device copies).
     Like the sparse tensor cores, it never multiplies the pruned zeros: a NaN/Inf in x meets only
@@ -479,11 +484,18 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
     if alpha is not None:
         alpha = alpha.to(torch.float32).contiguous()
     dev = x.device
+    if activation is not None and (activation not in _ACTIVATION or x.dtype not in (torch.float16, torch.bfloat16)):
+        raise ValueError(f"cuSPARSELt epilogue activation {activation!r} on {x.dtype}: one of {sorted(_ACTIVATION)}, "
+                         "16-bit x only")
     scaling = _AB_SCALARS if scaled else _ALPHA_VECTOR if alpha is not None else _NO_SCALING
-    plan = _plan((dev.index, mp, n, k, x.dtype, bias.data_ptr() if bias is not None else 0, alg_id, split_k,
-                  out_dtype, scaling))
+    key = (dev.index, mp, n, k, x.dtype, bias.data_ptr() if bias is not None else 0, alg_id, split_k, out_dtype, scaling)
+    plan = _plan(key + (activation,) if activation is not None else key)
     if plan is None:
-        if scaled:  # torch's call has no scale modes: its fp32 accumulator, then the scales, bias, one rounding
+        if activation is not None:  # torch's call has no activation: after it, as the graph computed it
+            y = torch._cslt_sparse_mm(wc, x.t(), bias, alpha, out_dtype, transpose_result=True, alg_id=alg_id,
+                                      split_k=split_k)
+            y = LIBRARY_ACTIVATIONS[activation](y.float()).to(y.dtype)
+        elif scaled:  # torch's call has no scale modes: its fp32 accumulator, then the scales, bias, one rounding
             y = torch._cslt_sparse_mm(wc, x.t(), None, None, torch.float32, transpose_result=True, alg_id=alg_id,
                                       split_k=split_k)
             y = y * (scale_a.float().reshape(()) * scale_b.float().reshape(()))
@@ -497,6 +509,53 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
         y = torch.empty((mp, n), dtype=out_dtype or x.dtype, device=dev)
         plan(wc, x, y, _raw_stream(dev.index), alpha.data_ptr() if alpha is not None else 0)
     return y[:m] if mp != m else y
+
+
+# ---- the library's epilogue activations
+
+# What each ACTIVATION_* attribute is taken to compute where the library cannot run it (torch's call
+# has no activation), in fp32: the function activation_matches compares the library with.
+LIBRARY_ACTIVATIONS = {
+    "relu": lambda t: torch.where(t < 0, 0.0, t),
+    "gelu": lambda t: 0.5 * t * (1.0 + torch.erf(t * 0.7071067811865476)),
+}
+_MATCHES: dict[tuple, Optional[str]] = {}
+
+
+def activation_matches(library: str, graph_fn, name: str, dtype: torch.dtype, device) -> Optional[str]:
+    """None if the library's epilogue activation `library` computes graph_fn (the graph's activation,
+    `name`, an fp32 function) on every finite value of the 16-bit dtype to within one unit in the
+    last place, and on NaN, +-Inf and +-max with the same NaN / Inf positions; else why not (words).
+    Measured once per (device, dtype, library, name) through `linear` with the identity as W (a
+    valid 2:4 weight), so y = act(x) exactly: bench/cslt_activation_probe.py prints the same
+    comparison in full."""
+    from ..passes.fuse_mlp import _same
+
+    dev = torch.device(device)
+    key = (dev.type, dev.index, dtype, library, name)
+    if key in _MATCHES:
+        return _MATCHES[key]
+    why = None
+    try:
+        bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+        finite = bits[bits.isfinite()]
+        x = torch.cat([finite, finite.new_zeros((-finite.numel()) % (16 * 256))]).reshape(-1, 256).to(dev)
+        wc = compress(torch.eye(256, device=dev, dtype=dtype))
+        got = linear(x, wc, None, 256, 256, activation=library).reshape(-1)[:finite.numel()].cpu()
+        # the specials on a diagonal: off it x is 0, so the kept zeros of W meet no Inf
+        specials = torch.tensor([math.nan, math.inf, -math.inf, torch.finfo(dtype).max, -torch.finfo(dtype).max],
+                                dtype=dtype)
+        d = torch.zeros(16, 256, dtype=dtype)
+        d[range(5), range(5)] = specials
+        got_s = linear(d.to(dev), wc, None, 256, 256, activation=library).diagonal()[:5].cpu()
+        if not _same(got, graph_fn(finite.float()).to(dtype)):
+            why = f"the library's {library} is not the graph's {name} on every finite {dtype}"
+        elif not _same(got_s, graph_fn(specials.float()).to(dtype)):
+            why = f"the library's {library} differs from the graph's {name} at NaN / Inf / max: {got_s.tolist()}"
+    except Exception as e:  # the library refused the attribute, or no library: not fused
+        why = f"the library's {library} could not be probed ({type(e).__name__}: {str(e)[:120]})"
+    _MATCHES[key] = why
+    return why
 
 
 # ---- the non-finite row check, applied to the library's output (the compiled graph passes g)

@@ -1,5 +1,6 @@
 """FX graph passes, one per file: detect.py (what a weight is), linear_rewrite.py (linears into
 sparse ops), sink_views.py (reshapes below the pointwise ops after a linear), split_outputs.py (a
 fused linear's outputs apart), fuse_mlp.py (block-sparse MLP pairs), derived_check.py (a
-cuSPARSELt fc2's row check from fc1's input), manager.py (the pass Inductor calls, with its
+cuSPARSELt fc2's row check from fc1's input), lib_activation.py (an activation into
+cuSPARSELt's epilogue where the library computes it), manager.py (the pass Inductor calls, with its
 cache-safe uuid)."""

@@ -42,7 +42,8 @@ import torch.fx as fx
 
 from .. import ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
 from ..options import SparseOptions
-from .fuse_mlp import _DTYPES, _erase_dead, derived_check, guarded, identify_activation, pointwise_source
+from .fuse_mlp import (BOUNDED_ACTIVATIONS, _DTYPES, _erase_dead, derived_check, guarded, identify_activation,
+                       pointwise_source)
 from .linear_rewrite import _derived, nan_rows_check
 
 log = logging.getLogger("sparse_inductor")
@@ -119,7 +120,7 @@ def _try(gm: fx.GraphModule, out: fx.Node) -> int:
     safe = safe_bound_from(bound[0], bound[1], val.dtype) if why is None else 0.0
     if why is None and safe <= 0:
         why = f"{dec_a.name}'s weight or bias holds a NaN/Inf"
-    act = identify_activation(nodes, out1, val.dtype) if why is None else None
+    act = identify_activation(nodes, out1, val.dtype, BOUNDED_ACTIVATIONS) if why is None else None
     if why is None and act is None:
         why = "the ops between the two layers are not an activation we know"
     if why is not None:

@@ -46,7 +46,7 @@ from .linear_rewrite import _derived, _is_pointwise, add_constant, erase_constan
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
 
-__all__ = ["HiddenPlan", "derived_check", "fuse_mlps", "hidden_plan", "identify_activation", "pointwise_source"]
+__all__ = ["BOUNDED_ACTIVATIONS", "HiddenPlan", "derived_check", "fuse_mlps", "hidden_plan", "identify_activation", "pointwise_source"]
 
 _BLOCK = torch.ops.sparse_inductor.linear_block.default
 _VIEWS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
@@ -139,8 +139,10 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool((eq | near).all())
 
 
-def identify_activation(nodes: list[fx.Node], start: fx.Node, dtype: torch.dtype) -> Optional[str]:
-    """Which of KERNEL_ACTIVATIONS the chain computes on every value of the 16-bit dtype, or None."""
+def identify_activation(nodes: list[fx.Node], start: fx.Node, dtype: torch.dtype,
+                        candidates: Optional[dict] = None) -> Optional[str]:
+    """Which of candidates (default KERNEL_ACTIVATIONS) the chain computes on every value of the
+    16-bit dtype, or None."""
     if dtype not in _DTYPES:
         return None
     p = _probe(dtype)
@@ -153,7 +155,7 @@ def identify_activation(nodes: list[fx.Node], start: fx.Node, dtype: torch.dtype
     if not isinstance(out, torch.Tensor) or out.dtype != dtype or out.shape != p.shape:
         return None
     h = p.float()
-    for name, fn in KERNEL_ACTIVATIONS.items():
+    for name, fn in (KERNEL_ACTIVATIONS if candidates is None else candidates).items():
         if _same(out, fn(h).to(dtype)):
             return name
     return None
@@ -166,6 +168,12 @@ KERNEL_ACTIVATIONS = {
     "relu": lambda h: torch.where(h < 0, 0.0, h),
     "gelu": lambda h: 0.5 * h * (1.0 + torch.erf(h * 0.7071067811865476)),
     "silu": lambda h: h * torch.sigmoid(h),
+}
+# With the tanh GELU too (no kernel of ours computes it): every one has |act(t)| <= |t|, all a
+# derived row check needs (passes/derived_check.py, passes/lib_activation.py)
+BOUNDED_ACTIVATIONS = {
+    **KERNEL_ACTIVATIONS,
+    "gelu_tanh": lambda h: 0.5 * h * (1.0 + torch.tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))),
 }
 
 

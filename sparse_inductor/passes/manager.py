@@ -25,6 +25,7 @@ from ..options import SparseOptions
 from ..report import record
 from .derived_check import derive_library_checks
 from .fuse_mlp import fuse_mlps
+from .lib_activation import fuse_library_activations
 from .linear_rewrite import rewrite_linears
 
 log = logging.getLogger("sparse_inductor")
@@ -86,6 +87,7 @@ class SparseGraphPass(CustomGraphPass):
             rewrite_linears(gm, self.opts)
             fuse_mlps(gm, self.opts)
             derive_library_checks(gm, self.opts)
+            fuse_library_activations(gm, self.opts)
         except Exception as e:  # never break the user's compile: the graph is valid layer by layer
             log.exception("sparse_inductor: the rewrite pass failed")
             record(f"sparse_inductor: rewrite pass failed ({type(e).__name__}: {e}); remaining layers stay dense")

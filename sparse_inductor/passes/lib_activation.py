@@ -1,0 +1,144 @@
+"""A cuSPARSELt layer's activation into the library's epilogue, where the library computes the
+graph's activation.
+
+Runs last (after derived_check.py). Before (a ViT's fc1 on cuSPARSELt, exact mode):
+
+    y1 = linear_cslt(x, W1c, b1) * (1 + g1)[:, None]      (the row fixup, in the graph)
+    h  = <pointwise ops of y1 alone: the activation>       (GELU: mul, erf, add, mul)
+
+After:
+
+    h  = linear_cslt(x, W1c, b1, row_check=g1, activation="gelu")
+
+The activation's kernel after the library call, which reads and writes h (ViT-B/16 b64: the GELU
+kernels take 673 us of a ~5500 us forward on the H200, run I4), is gone; the row fixup moves into
+the op (nan_rows_: a small kernel that writes only the flagged rows), since nothing pointwise is
+left after the call to fold it into.
+
+Exactness: the chain is identified exhaustively (fuse_mlp.identify_activation, here with the tanh
+GELU as a candidate too), and the library's own activation is measured on every finite value of
+the dtype and on NaN / Inf / max (cusparselt.activation_matches, once per device and dtype); only
+where the two agree to within one unit in the last place does the activation move. The library
+applies it to its fp32 sum before rounding, where the graph rounded y1 first: at most one unit in
+the last place of h apart, a rounding fewer. cuSPARSELt offers ReLU and GELU; which GELU it computes
+is what activation_matches (and bench/cslt_activation_probe.py) measure.
+
+Conditions: fp16 / bf16; fc1 a plain 16-bit library layer (no int8 product, alpha or scales); h
+computed from its output alone, with no view between (sink_views moves views below the
+activation); nothing else reading y1 or the ops between.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .. import ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
+from ..options import SparseOptions
+from .fuse_mlp import BOUNDED_ACTIVATIONS, _DTYPES, _erase_dead, guarded, identify_activation, pointwise_source
+from .linear_rewrite import _is_pointwise, nan_rows_check
+
+log = logging.getLogger("sparse_inductor")
+
+__all__ = ["CANDIDATES", "LIB_ACTIVATION", "fuse_library_activations"]
+
+# False: the activation stays an Inductor kernel after the call (bench/ab_rules.py compares the two)
+LIB_ACTIVATION = True
+
+# graph activation -> (its fp32 function, the library attribute that may compute it)
+CANDIDATES = {name: (BOUNDED_ACTIVATIONS[name], lib) for name, lib in (("relu", "relu"), ("gelu", "gelu"),
+                                                                       ("gelu_tanh", "gelu"))}
+
+_CSLT = torch.ops.sparse_inductor.linear_cslt.default
+
+
+def fuse_library_activations(gm: fx.GraphModule, opts: SparseOptions) -> int:
+    """The pass body: how many activations moved into the library's epilogue."""
+    if not LIB_ACTIVATION:
+        return 0
+    done = 0
+    for out in list(gm.graph.nodes):
+        if getattr(out, "_erased", False) or "sparse_inductor_layer" not in out.meta:
+            continue
+        done += guarded(lambda: _try(gm, out), out, "activation in cuSPARSELt's epilogue")
+    return done
+
+
+def _library_op(out: fx.Node) -> Optional[tuple[fx.Node, Optional[fx.Node]]]:
+    """(the plain 16-bit linear_cslt op, its row check g or None) behind a layer output, or None."""
+    g = nan_rows_check(out)
+    op = out.args[0] if g is not None else out
+    if op.op != "call_function" or op.target is not _CSLT or len(op.args) > 7:
+        return None  # (an 8th argument: an out_dtype, int8 / fp8)
+    if any(op.kwargs.get(key) is not None for key in ("alpha", "scale_a", "scale_b", "activation")):
+        return None
+    if g is None:
+        g = op.kwargs.get("row_check")
+    elif op.kwargs.get("row_check") is not None:
+        return None
+    return op, g
+
+
+def _chain_end(out: fx.Node) -> Optional[fx.Node]:
+    """The one node h that the pointwise ops after `out` end in (a row check over h, fc2's, is not one
+    of them), or None."""
+    inside: dict[fx.Node, None] = {}
+    todo = [out]
+    while todo:
+        cur = todo.pop()
+        for u in cur.users:
+            if (u not in inside and u.op == "call_function" and _is_pointwise(u.target) and len(inside) < 64
+                    and u.meta.get("sparse_inductor") != "row_check"):
+                inside[u] = None
+                todo.append(u)
+    ends = [n for n in inside if any(u not in inside for u in n.users) or not n.users]
+    return ends[0] if len(ends) == 1 else None
+
+
+def _try(gm: fx.GraphModule, out: fx.Node) -> int:
+    from ..lowering.cusparselt import activation_matches
+
+    found = _library_op(out)
+    val = out.meta.get("val")
+    if found is None or not isinstance(val, torch.Tensor) or val.dtype not in _DTYPES:
+        return 0
+    op, g = found
+    h = _chain_end(out)
+    src = pointwise_source(h, lambda n: n is out) if h is not None else None
+    if src is None:
+        return 0
+    _, nodes = src
+    inside = set(nodes)
+    if any(u not in inside for u in out.users) or any(u not in inside for n in nodes if n is not h for u in n.users):
+        return 0  # y1, or a step of the activation, is read elsewhere too
+    hv = h.meta.get("val")
+    if not isinstance(hv, torch.Tensor) or hv.dtype != val.dtype or tuple(hv.shape) != tuple(val.shape):
+        return 0
+    act = identify_activation(nodes, out, val.dtype, {name: fn for name, (fn, _) in CANDIDATES.items()})
+    dec, _ = out.meta["sparse_inductor_layer"]
+    if act is None:
+        return 0
+    fn, library = CANDIDATES[act]
+    why = activation_matches(library, fn, act, val.dtype, val.device)
+    if why is not None:
+        log.debug("sparse_inductor: %s keeps its %s after the call: %s", dec.name, act, why)
+        dec.reason += f"; {act} not in cuSPARSELt's epilogue: {why}"
+        return 0
+    graph = gm.graph
+    kwargs = {**op.kwargs, "activation": library}
+    if g is not None:
+        kwargs["row_check"] = g  # (in the op now: no pointwise op after the call to fold it into)
+    with graph.inserting_before(op):
+        new = graph.call_function(_CSLT, op.args, kwargs)
+    new.meta.update(op.meta)
+    new.meta["val"] = hv
+    for key in ("sparse_inductor_layer", "sparse_inductor_row_bound"):
+        if key in out.meta:
+            new.meta[key] = out.meta[key]
+    h.replace_all_uses_with(new)
+    _erase_dead([h])
+    dec.fused = (*dec.fused, act)
+    dec.reason += f"; the {act} in cuSPARSELt's epilogue (it computes the graph's on every {val.dtype} value)"
+    return 1
