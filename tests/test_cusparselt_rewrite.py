@@ -494,14 +494,15 @@ class TestDerivedLibraryCheck(expecttest.TestCase):
 
     def test_not_derived(self):
         """Each condition keeps fc2's own check over h: nonfinite="fast" (no checks), another tensor
-        between the layers (a gated product), an op that is not a known activation, a NaN in b1 (no
-        bound), the module switch, and (default MIN_BYTES) a small h."""
+        between the layers (a gated product), an op that is not a known activation, a NaN in b1 or in
+        W1 (no bound), the module switch, and (default MIN_BYTES) a small h."""
         cases = [(seeded(LibMlp), {"nonfinite": "fast"}), (seeded(LibMlp, act="gated"), {}),
                  (seeded(LibMlp, act="tanh"), {})]
-        nan_b1 = seeded(LibMlp)
+        nan_b1, nan_w1 = seeded(LibMlp), seeded(LibMlp)
         with torch.no_grad():
             nan_b1.fc1.bias[3] = float("nan")
-        cases.append((nan_b1, {}))
+            nan_w1.fc1.weight[5, nan_w1.fc1.weight[5].nonzero()[0]] = float("nan")  # a kept weight: every row of h NaN
+        cases += [(nan_b1, {}), (nan_w1, {})]
         for model, opts in cases:
             model = model.to(torch.bfloat16)
             x = torch.randn(3, 32, dtype=torch.bfloat16)

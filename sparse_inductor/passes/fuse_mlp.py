@@ -46,7 +46,8 @@ from .linear_rewrite import _derived, _is_pointwise, add_constant, erase_constan
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
 
-__all__ = ["BOUNDED_ACTIVATIONS", "HiddenPlan", "derived_check", "fuse_mlps", "hidden_plan", "identify_activation", "pointwise_source"]
+__all__ = ["BOUNDED_ACTIVATIONS", "HiddenPlan", "derived_check", "fuse_mlps", "guarded", "hidden_plan",
+           "identify_activation", "pointwise_source"]
 
 _BLOCK = torch.ops.sparse_inductor.linear_block.default
 _VIEWS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}

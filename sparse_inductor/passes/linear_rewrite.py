@@ -458,9 +458,18 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
 def _row_bound(gm: fx.GraphModule, w: torch.Tensor, site: LinearSite) -> Optional[tuple[float, float]]:
     """(L1, B): the largest absolute row sum of W (fp64) and the largest |bias| (0 without one), so
     that |y[m, n]| <= max_k |x[m, k]| * L1 + B before rounding; None where W is not the floating
-    weight the kernel multiplies (weight-only int8, fp8 with scales) or the bias is not a constant."""
+    weight the kernel multiplies (weight-only int8, fp8 with scales), the bias is not a constant, or
+    it cannot be computed (logged: the derived checks then leave the layer alone)."""
     if site.dequant is not None or site.scaled is not None or not w.dtype.is_floating_point or w.dtype.itemsize == 1:
         return None
+    try:
+        return _row_bound_of(gm, w, site)
+    except Exception:  # never break the user's compile
+        log.exception("sparse_inductor: row bound of %s", site.name)
+        return None
+
+
+def _row_bound_of(gm: fx.GraphModule, w: torch.Tensor, site: LinearSite) -> Optional[tuple[float, float]]:
     bmax = 0.0
     if site.bias is not None:
         b = _compat.get_attr(gm, site.bias.target) if site.bias.op == "get_attr" else None
@@ -470,8 +479,10 @@ def _row_bound(gm: fx.GraphModule, w: torch.Tensor, site: LinearSite) -> Optiona
     w = w.detach()
     l1 = 0.0
     for i in range(0, w.shape[0], 1024):  # fp64 a slice of rows at a time: no fp64 copy of a large W
-        rows = w[i:i + 1024].double().abs().sum(1)
-        l1 = max(l1, float(rows.max())) if rows.numel() else l1
+        v = float(w[i:i + 1024].double().abs().sum(1).max())
+        l1 = v if v != v else max(l1, v)  # (a NaN row stays NaN: max() would drop it)
+        if l1 != l1:
+            break
     return l1, bmax
 
 
