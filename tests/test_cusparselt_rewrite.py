@@ -574,8 +574,7 @@ def test_derived_library_check_after_a_dense_fc1(derive_always, monkeypatch):
 
 # ---- fc1's activation in the library's epilogue (passes/lib_activation.py)
 
-@pytest.mark.parametrize("act", ["gelu", "relu"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act,dtype", [("gelu", torch.bfloat16), ("relu", torch.bfloat16), ("relu", torch.float16)])
 def test_library_activation(act, dtype, derive_always):
     """fc1's activation moves into the op (the emulated library computes the graph's), its row fixup
     with it; no erf / GELU op left in the graph; NaN / Inf rows as dense, the rest within the dtype's
@@ -628,6 +627,22 @@ def test_library_activation_refused(derive_always, monkeypatch):
 
     r = _lib_run(seeded(Twice).to(torch.bfloat16), x)
     assert "activation =" not in r.graphs[0]
+
+
+def test_library_activation_fp16_gelu_stays(derive_always):
+    """fp16: a finite x can overflow fc1's fp16 output; the graph's GELU then sees -Inf (NaN), where
+    the library would see the finite fp32 sum (-0): the GELU stays in the graph, and dense's NaN row
+    comes out (the derived check finds it in h)."""
+    model = seeded(LibMlp, norm=False).to(torch.float16)
+    x = torch.randn(3, 32, dtype=torch.float16)
+    j = int(model.fc1.weight.detach().float().abs().sum(1).argmax())
+    x[1] = -model.fc1.weight.detach()[j].sign() * 4e4  # fc1's unit j: about -7e4, beyond fp16's range
+    r = _lib_run(model, x)
+    assert "activation =" not in r.graphs[0]
+    assert "gelu not in cuSPARSELt's epilogue: fp16" in r.by_name("fc1").reason, r.by_name("fc1").line()
+    ref = model(x).detach()
+    assert not ref[1].isfinite().any()
+    _same_rows_as_dense(r.outputs[0], ref, torch.float16)
 
 
 def test_library_activation_switch(derive_always, monkeypatch):
