@@ -11,6 +11,8 @@ import dataclasses
 import unittest.mock
 
 import expecttest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 import torch
 import torch.nn as nn
@@ -652,3 +654,39 @@ def test_library_activation_switch(derive_always, monkeypatch):
     model, x = seeded(LibMlp).to(torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
     r = _lib_run(model, x)
     assert "activation =" not in r.graphs[0] and "gelu" not in r.by_name("fc1").fused
+
+
+@settings(max_examples=8, deadline=None)
+@given(d=st.sampled_from([16, 32, 48]), h=st.sampled_from([32, 64, 96]), m=st.integers(1, 9),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), act=st.sampled_from(["gelu", "relu"]),
+       norm=st.booleans(), bad=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 47),
+                                                   st.sampled_from(["nan", "inf", "-inf", "big", "-big"])), max_size=4))
+def test_derived_and_library_passes_any_input(d, h, m, dtype, act, norm, bad):
+    """Any shape, dtype, activation and placement of NaN / Inf / huge values (huge: near the dtype's
+    largest, so fc1 may overflow): the rows that come out non-finite are dense's, and they are NaN;
+    the rows without a special value are close to dense's (both passes on, MIN_BYTES 0). Dense here
+    is the model compiled by plain Inductor: its LayerNorm of a row holding a huge value gives 0s
+    where eager's gives NaN. (A row with a huge but finite value is not compared by value: its
+    outputs are sums of terms of ~1e4 (fp16) that cancel, so any two summation orders differ by far
+    more than the tolerance.)"""
+    from sparse_inductor.passes import derived_check
+
+    with unittest.mock.patch.object(derived_check, "MIN_BYTES", 0):
+        model = seeded(LibMlp, d=d, h=h, act=act, norm=norm).to(dtype)
+        x = torch.randn(m, d, dtype=dtype)
+        big = torch.finfo(dtype).max / 2
+        for r, c, v in bad:
+            x[r % m, c % d] = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "big": big,
+                               "-big": -big}[v]
+        r = _lib_run(model, x)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            ref = torch.compile(model)(x)
+        out = r.outputs[0]
+        nonfinite = ~ref.isfinite().all(-1)
+        assert torch.equal(~out.isfinite().all(-1), nonfinite), (out, ref)
+        assert out[nonfinite].isnan().all()
+        plain = torch.ones(m, dtype=torch.bool)
+        for row, _, _ in bad:
+            plain[row % m] = False
+        torch.testing.assert_close(out[plain], ref[plain], rtol=2e-2, atol=2e-2)
