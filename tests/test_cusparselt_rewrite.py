@@ -690,3 +690,20 @@ def test_derived_and_library_passes_any_input(d, h, m, dtype, act, norm, bad):
         for row, _, _ in bad:
             plain[row % m] = False
         torch.testing.assert_close(out[plain], ref[plain], rtol=2e-2, atol=2e-2)
+
+
+def test_library_activation_refused_by_the_plan(derive_always, monkeypatch):
+    """A layer whose algorithm (chosen without the activation) refuses the activation keeps it in the
+    graph: the plan is made at compile time, not found failing at run time."""
+    def refusing(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None, scale_a=None, scale_b=None,
+                 activation=None):
+        if activation is not None and n != k:  # (the identity probe, n == k, passes)
+            raise RuntimeError("cuSPARSELt: not supported")
+        return _emulated_linear(x, wc, bias, n, k, alg_id, split_k, out_dtype, alpha, activation=activation)
+
+    monkeypatch.setattr(cusparselt, "linear", refusing)
+    model, x = seeded(LibMlp).to(torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
+    r = _lib_run(model, x)
+    assert "activation =" not in r.graphs[0]
+    assert "gelu not in cuSPARSELt's epilogue: the library refused it with alg_id 0" in r.by_name("fc1").reason
+    _same_rows_as_dense(r.outputs[0], model(x).detach(), torch.bfloat16)

@@ -558,6 +558,19 @@ def activation_matches(library: str, graph_fn, name: str, dtype: torch.dtype, de
     return why
 
 
+def activation_runs(wc: Tensor, bias: Optional[Tensor], n: int, k: int, m: int, dtype: torch.dtype, alg_id: int,
+                    split_k: int, activation: str) -> Optional[str]:
+    """None if this layer's call (its algorithm id and split-k, chosen without an activation) runs
+    with the library's epilogue activation at M = m: the plan is made now (and kept for the calls);
+    else why not. A configuration that refuses the activation would otherwise fail at run time."""
+    try:
+        linear(torch.zeros(max(m, 1), k, dtype=dtype, device=wc.device), wc, bias, n, k, alg_id, split_k,
+               activation=activation)
+    except Exception as e:
+        return f"the library refused it with alg_id {alg_id}, split_k {split_k} ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
 # ---- the non-finite row check, applied to the library's output (the compiled graph passes g)
 
 @triton.jit

@@ -100,6 +100,19 @@ def _chain_end(out: fx.Node) -> Optional[fx.Node]:
     return ends[0] if len(ends) == 1 else None
 
 
+def _runs(gm: fx.GraphModule, op: fx.Node, dec, library: str, dtype: torch.dtype) -> Optional[str]:
+    """cusparselt.activation_runs for this op's constants and parameters, at the decision's M."""
+    from .. import _compat
+    from ..lowering.cusparselt import activation_runs
+
+    _, wc, bias, n, k, alg_id, split_k = op.args[:7]
+    consts = [_compat.get_attr(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else None
+              for a in (wc, bias)]
+    if consts[0] is None or (bias is not None and consts[1] is None):
+        return "its weight or bias is not a constant"
+    return activation_runs(consts[0], consts[1], n, k, dec.m or 16, dtype, alg_id, split_k, library)
+
+
 def _try(gm: fx.GraphModule, out: fx.Node) -> int:
     from ..lowering.cusparselt import activation_matches
 
@@ -128,6 +141,8 @@ def _try(gm: fx.GraphModule, out: fx.Node) -> int:
     if act != "relu" and val.dtype == torch.float16:
         why = "fp16: where fc1's sum overflows, the graph's GELU sees -Inf (NaN) and the library the finite sum (-0)"
     why = why or activation_matches(library, fn, act, val.dtype, val.device)
+    if why is None:
+        why = _runs(gm, op, dec, library, val.dtype)
     if why is not None:
         log.debug("sparse_inductor: %s keeps its %s after the call: %s", dec.name, act, why)
         dec.reason += f"; {act} not in cuSPARSELt's epilogue: {why}"
