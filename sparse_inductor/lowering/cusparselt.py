@@ -488,8 +488,16 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
         raise ValueError(f"cuSPARSELt epilogue activation {activation!r} on {x.dtype}: one of {sorted(_ACTIVATION)}, "
                          "16-bit x only")
     scaling = _AB_SCALARS if scaled else _ALPHA_VECTOR if alpha is not None else _NO_SCALING
-    key = (dev.index, mp, n, k, x.dtype, bias.data_ptr() if bias is not None else 0, alg_id, split_k, out_dtype, scaling)
-    plan = _plan(key + (activation,) if activation is not None else key)
+    key = (dev.index, mp, n, k, x.dtype, bias.data_ptr() if bias is not None else 0, alg_id, split_k, out_dtype,
+           scaling)
+    try:
+        plan = _plan(key + (activation,) if activation is not None else key)
+    except RuntimeError:
+        if activation is None:
+            raise
+        # (the compile made this plan at its M: activation_runs; another M's refusal still runs, unfused)
+        log.warning("cuSPARSELt refused the %s epilogue at M=%d: torch's call, then the activation", activation, m)
+        plan = None
     if plan is None:
         if activation is not None:  # torch's call has no activation: after it, as the graph computed it
             y = torch._cslt_sparse_mm(wc, x.t(), bias, alpha, out_dtype, transpose_result=True, alg_id=alg_id,
@@ -564,8 +572,12 @@ def activation_runs(wc: Tensor, bias: Optional[Tensor], n: int, k: int, m: int, 
     with the library's epilogue activation at M = m: the plan is made now (and kept for the calls);
     else why not. A configuration that refuses the activation would otherwise fail at run time."""
     try:
-        linear(torch.zeros(max(m, 1), k, dtype=dtype, device=wc.device), wc, bias, n, k, alg_id, split_k,
-               activation=activation)
+        if _lib() is None:  # torch's call (or a stand-in library): through linear
+            linear(torch.zeros(max(m, 1), k, dtype=dtype, device=wc.device), wc, bias, n, k, alg_id, split_k,
+                   activation=activation)
+        else:  # the plan itself: linear would fall back to torch's call where the plan is refused
+            _plan((wc.device.index, _padded(max(m, 1), _pad_multiple(dtype)), n, k, dtype,
+                   bias.data_ptr() if bias is not None else 0, alg_id, split_k, None, _NO_SCALING, activation))
     except Exception as e:
         return f"the library refused it with alg_id {alg_id}, split_k {split_k} ({type(e).__name__}: {str(e)[:120]})"
     return None
