@@ -549,13 +549,13 @@ def activation_matches(library: str, graph_fn, name: str, dtype: torch.dtype, de
         finite = bits[bits.isfinite()]
         x = torch.cat([finite, finite.new_zeros((-finite.numel()) % (16 * 256))]).reshape(-1, 256).to(dev)
         wc = compress(torch.eye(256, device=dev, dtype=dtype))
-        got = linear(x, wc, None, 256, 256, activation=library).reshape(-1)[:finite.numel()].cpu()
+        got = _apply(x, wc, library).reshape(-1)[:finite.numel()].cpu()
         # the specials on a diagonal: off it x is 0, so the kept zeros of W meet no Inf
         specials = torch.tensor([math.nan, math.inf, -math.inf, torch.finfo(dtype).max, -torch.finfo(dtype).max],
                                 dtype=dtype)
         d = torch.zeros(16, 256, dtype=dtype)
         d[range(5), range(5)] = specials
-        got_s = linear(d.to(dev), wc, None, 256, 256, activation=library).diagonal()[:5].cpu()
+        got_s = _apply(d.to(dev), wc, library).diagonal()[:5].cpu()
         if not _same(got, graph_fn(finite.float()).to(dtype)):
             why = f"the library's {library} is not the graph's {name} on every finite {dtype}"
         elif not _same(got_s, graph_fn(specials.float()).to(dtype)):
@@ -564,6 +564,20 @@ def activation_matches(library: str, graph_fn, name: str, dtype: torch.dtype, de
         why = f"the library's {library} could not be probed ({type(e).__name__}: {str(e)[:120]})"
     _MATCHES[key] = why
     return why
+
+
+def _apply(x: Tensor, wc: Tensor, activation: str) -> Tensor:
+    """act(x @ W^T) for the probe's square W: through the plan itself where the library loads (linear
+    would fall back to torch's call and our own function where the plan is refused, and the probe
+    would then compare that function with itself), else through linear (torch's call, which the
+    op then also takes; or a stand-in library in the tests)."""
+    n = x.shape[1]
+    if _lib() is None:
+        return linear(x, wc, None, n, n, activation=activation)
+    plan = _plan((x.device.index, x.shape[0], n, n, x.dtype, 0, 0, 1, None, _NO_SCALING, activation))
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    plan(wc, x.contiguous(), y, _raw_stream(x.device.index))
+    return y
 
 
 def activation_runs(wc: Tensor, bias: Optional[Tensor], n: int, k: int, m: int, dtype: torch.dtype, alg_id: int,
