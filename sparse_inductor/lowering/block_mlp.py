@@ -219,7 +219,6 @@ def safe_bound(blocks1: torch.Tensor, row_ptr1: torch.Tensor, bias1: Optional[to
     largest absolute row sum of W1 (in fp64; the 1e-3 covers fp32 rounding of sums of up to ~10^4
     terms, 2^-24 each). A Python float, at most the limit (an all-zero W1 must still send Inf rows
     down the exact path)."""
-    limit = _LIMIT[dtype]
     if blocks1.numel() == 0:
         l1 = 0.0
     else:

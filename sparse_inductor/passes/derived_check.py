@@ -44,7 +44,7 @@ from .. import ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
 from ..options import SparseOptions
 from .fuse_mlp import (BOUNDED_ACTIVATIONS, _DTYPES, _erase_dead, derived_check, guarded, identify_activation,
                        pointwise_source)
-from .linear_rewrite import _derived, nan_rows_check
+from .linear_rewrite import _derived, library_op
 
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
@@ -59,21 +59,16 @@ DERIVED_LIB_CHECK = True
 # 4 MiB is ~1 us of HBM traffic on the H100 / H200: a guess, not timed.
 MIN_BYTES = 4 << 20
 
-_CSLT = torch.ops.sparse_inductor.linear_cslt.default
 _ROW_CHECK = torch.ops.sparse_inductor.row_check.default
 
 
 def _own_check(out: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
     """(the library op, its row check g) for a layer output linear_rewrite made, where g is a check
     over the op's input (fused: sum(0 * h); separate: row_check(h)); else None."""
-    op, g = out, None
-    if out.target is _CSLT:
-        g = out.kwargs.get("row_check")
-    else:
-        g = nan_rows_check(out)
-        op = out.args[0] if g is not None else None
-    if op is None or op.target is not _CSLT or not isinstance(g, fx.Node):
+    found = library_op(out)
+    if found is None or not isinstance(found[1], fx.Node):
         return None
+    op, g = found
     h = op.args[0]
     if g.target is _ROW_CHECK and g.args[0] is h and len(g.args) == 1 and not g.kwargs.get("maybe"):
         return op, g

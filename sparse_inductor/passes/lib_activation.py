@@ -41,8 +41,9 @@ import torch.fx as fx
 
 from .. import ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
 from ..options import SparseOptions
-from .fuse_mlp import BOUNDED_ACTIVATIONS, _DTYPES, _erase_dead, guarded, identify_activation, pointwise_source
-from .linear_rewrite import _is_pointwise, nan_rows_check
+from .fuse_mlp import (BOUNDED_ACTIVATIONS, _DTYPES, _constant, _erase_dead, guarded, identify_activation,
+                       pointwise_source)
+from .linear_rewrite import _is_pointwise, library_op
 
 log = logging.getLogger("sparse_inductor")
 
@@ -72,17 +73,12 @@ def fuse_library_activations(gm: fx.GraphModule, opts: SparseOptions) -> int:
 
 def _library_op(out: fx.Node) -> Optional[tuple[fx.Node, Optional[fx.Node]]]:
     """(the plain 16-bit linear_cslt op, its row check g or None) behind a layer output, or None."""
-    g = nan_rows_check(out)
-    op = out.args[0] if g is not None else out
-    if op.op != "call_function" or op.target is not _CSLT or len(op.args) > 7:
+    found = library_op(out)
+    if found is None or len(found[0].args) > 7:
         return None  # (an 8th argument: an out_dtype, int8 / fp8)
-    if any(op.kwargs.get(key) is not None for key in ("alpha", "scale_a", "scale_b", "activation")):
+    if any(found[0].kwargs.get(key) is not None for key in ("alpha", "scale_a", "scale_b", "activation")):
         return None
-    if g is None:
-        g = op.kwargs.get("row_check")
-    elif op.kwargs.get("row_check") is not None:
-        return None
-    return op, g
+    return found
 
 
 def _chain_end(out: fx.Node) -> Optional[fx.Node]:
@@ -103,15 +99,13 @@ def _chain_end(out: fx.Node) -> Optional[fx.Node]:
 
 def _runs(gm: fx.GraphModule, op: fx.Node, dec, library: str, dtype: torch.dtype) -> Optional[str]:
     """cusparselt.activation_runs for this op's constants and parameters, at the decision's M."""
-    from .. import _compat
     from ..lowering.cusparselt import activation_runs
 
     _, wc, bias, n, k, alg_id, split_k = op.args[:7]
-    consts = [_compat.get_attr(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else None
-              for a in (wc, bias)]
-    if consts[0] is None or (bias is not None and consts[1] is None):
+    wc_t, bias_t = _constant(gm, wc), _constant(gm, bias)
+    if wc_t is None or (bias is not None and bias_t is None):
         return "its weight or bias is not a constant"
-    return activation_runs(consts[0], consts[1], n, k, dec.m or 16, dtype, alg_id, split_k, library)
+    return activation_runs(wc_t, bias_t, n, k, dec.m or 16, dtype, alg_id, split_k, library)
 
 
 def _try(gm: fx.GraphModule, out: fx.Node) -> int:

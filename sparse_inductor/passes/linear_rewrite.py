@@ -794,6 +794,18 @@ def nan_rows_check(out: fx.Node) -> Optional[fx.Node]:
     return one.args[0]
 
 
+def library_op(out: fx.Node) -> Optional[tuple[fx.Node, Optional[fx.Node]]]:
+    """(the linear_cslt op behind a layer output the rewrite made, its row check g: the one in the
+    nan-rows product after it, or its row_check argument; None without one), else None."""
+    g = nan_rows_check(out)
+    op = out.args[0] if g is not None else out
+    if op.op != "call_function" or op.target is not _OPS[2]:
+        return None
+    if g is None:
+        return op, op.kwargs.get("row_check")
+    return (op, g) if op.kwargs.get("row_check") is None else None
+
+
 def _row_check(x: fx.Node, near: fx.Node, mode: str = "fused") -> fx.Node:
     """g [M] fp32, g[m] = sum_k 0 * x[m, k]: 0 for a finite row, NaN for a row holding a NaN or Inf;
     those rows of the op's output (linear_cslt, sparse tensor cores) become NaN: in the pointwise
