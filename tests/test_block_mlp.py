@@ -241,13 +241,18 @@ class TestDerivedCheck(expecttest.TestCase):
         inf_w1 = seeded_mlp()
         with torch.no_grad():
             inf_w1.fc1.weight.view(-1)[inf_w1.fc1.weight.view(-1).nonzero()[0]] = float("inf")
-        for model, opts in ((seeded_mlp(), {"nonfinite": "fast"}), (seeded_mlp(d=128, h=64, norm=False), {}),
-                            (inf_w1, {})):
+        # (with the reason fc2's record gives; None: no check to derive)
+        for model, opts, why in ((seeded_mlp(), {"nonfinite": "fast"}, None),
+                                 (seeded_mlp(d=128, h=64, norm=False), {}, "reading fc1's input costs more than reading fc2's"),
+                                 (inf_w1, {}, "fc1's weight or bias holds a NaN/Inf")):
             x = torch.randn(3, model.fc1.in_features, dtype=torch.bfloat16)
             r = run_sparse(model, (x,), options={**self.opts, **opts})
-            assert r.by_name("fc2").kernel == "triton", r.by_name("fc2").line()
+            fc2 = r.by_name("fc2")
+            assert fc2.kernel == "triton", fc2.line()
             self.assertNotIn("aten.log.default", r.graphs[0])
-            self.assertNotIn("from fc1", r.by_name("fc2").row_check)
+            self.assertNotIn("from fc1", fc2.row_check)
+            said = "non-finite row check over its own input, not from fc1's"
+            assert (f"{said}: {why}" in fc2.reason) if why else said not in fc2.reason, fc2.line()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -498,18 +498,22 @@ class TestDerivedLibraryCheck(expecttest.TestCase):
         """Each condition keeps fc2's own check over h: nonfinite="fast" (no checks), another tensor
         between the layers (a gated product), an op that is not a known activation, a NaN in b1 or in
         W1 (no bound), the module switch, and (default MIN_BYTES) a small h."""
-        cases = [(seeded(LibMlp), {"nonfinite": "fast"}), (seeded(LibMlp, act="gated"), {}),
-                 (seeded(LibMlp, act="tanh"), {})]
+        # (the reason fc2's record gives; None: no check to derive, or another tensor enters: no pair)
+        cases = [(seeded(LibMlp), {"nonfinite": "fast"}, None), (seeded(LibMlp, act="gated"), {}, None),
+                 (seeded(LibMlp, act="tanh"), {}, "the ops between the two layers are not an activation we know")]
         nan_b1, nan_w1 = seeded(LibMlp), seeded(LibMlp)
         with torch.no_grad():
             nan_b1.fc1.bias[3] = float("nan")
             nan_w1.fc1.weight[5, nan_w1.fc1.weight[5].nonzero()[0]] = float("nan")  # a kept weight: every row of h NaN
-        cases += [(nan_b1, {}), (nan_w1, {})]
-        for model, opts in cases:
+        cases += [(m, {}, "fc1's weight or bias holds a NaN/Inf") for m in (nan_b1, nan_w1)]
+        for model, opts, why in cases:
             model = model.to(torch.bfloat16)
             x = torch.randn(3, 32, dtype=torch.bfloat16)
             r = _lib_run(model, x, **opts)
             assert "then its own" not in r.by_name("fc2").row_check, r.by_name("fc2").line()
+            said = "non-finite row check over its own input, not from fc1's"
+            assert (f"{said}: {why}" in r.by_name("fc2").reason) if why else said not in r.by_name("fc2").reason, \
+                r.by_name("fc2").line()
             assert "row_check.default(" not in r.graphs[0] or opts, r.graphs[0]
             _same_rows_as_dense(r.outputs[0], model(x).detach(), torch.bfloat16)
         model, x = seeded(LibMlp).to(torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
@@ -518,6 +522,7 @@ class TestDerivedLibraryCheck(expecttest.TestCase):
                 r = _lib_run(model, x)
             assert r.by_name("fc2").row_check == "in x's norm", r.by_name("fc2").line()
             assert "amax" not in r.graphs[0]
+        assert "not from fc1's: fc2's input is small (0.0 MiB < 4)" in r.by_name("fc2").reason, r.by_name("fc2").line()
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu"])

@@ -43,7 +43,7 @@ import torch.fx as fx
 from .. import ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
 from ..options import SparseOptions
 from .fuse_mlp import (BOUNDED_ACTIVATIONS, _DTYPES, _erase_dead, derived_check, guarded, identify_activation,
-                       pointwise_source)
+                       keeps_own_check, pointwise_source)
 from .linear_rewrite import _derived, library_op
 
 log = logging.getLogger("sparse_inductor")
@@ -120,6 +120,7 @@ def _try(gm: fx.GraphModule, out: fx.Node) -> int:
         why = "the ops between the two layers are not an activation we know"
     if why is not None:
         log.debug("sparse_inductor: %s keeps its own row check: %s", dec_b.name, why)
+        keeps_own_check(dec_b, dec_a, why)
         return 0
     op1 = out1.args[0] if out1.meta.get("sparse_inductor") == "nan_rows" else out1
     x1 = op1.args[1] if op1.target is aten.addmm.default else op1.args[0]  # (addmm: fc1 kept dense)

@@ -274,10 +274,12 @@ def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
     act = identify_activation(nodes, a, val.dtype) if why is None else None
     if why is None and act is None:
         why = "the ops between the two layers are not an activation the fused kernel has"
+    exact = opts.nonfinite == "exact"
     if why is not None:
         log.debug("sparse_inductor: %s + %s: neither fused nor checked through fc1: %s", dec_a.name, dec_b.name, why)
+        if exact and isinstance(b.kwargs.get("row_check"), fx.Node):
+            keeps_own_check(dec_b, dec_a, why)
         return 0
-    exact = opts.nonfinite == "exact"
     b1 = _constant(gm, bias1)
     safe = block_mlp.safe_bound(t1, _constant(gm, row_ptr1), b1, val.dtype)
     if opts.fuse_mlp and t1.shape[-1] == t2.shape[-1]:
@@ -289,9 +291,13 @@ def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
         dec_a.reason += f"; not fused with {dec_b.name}: one kernel {t_fused:.1f} us vs {t_apart:.1f} us apart"
     # (safe 0: W1 or b1 holds a NaN/Inf, so even a zero row of x may give a non-finite h)
     g = None
-    if exact and DERIVED_CHECK and safe > 0 and isinstance(b.kwargs.get("row_check"), fx.Node) \
-            and (layer_a.row_check == "fused" or k <= h):
-        g = _derive_check(a, b, safe, dec_a, dec_b, layer_a, act)
+    if exact and DERIVED_CHECK and isinstance(b.kwargs.get("row_check"), fx.Node):
+        if safe <= 0:
+            keeps_own_check(dec_b, dec_a, f"{dec_a.name}'s weight or bias holds a NaN/Inf")
+        elif not (layer_a.row_check == "fused" or k <= h):
+            keeps_own_check(dec_b, dec_a, f"reading {dec_a.name}'s input costs more than reading {dec_b.name}'s")
+        else:
+            g = _derive_check(a, b, safe, dec_a, dec_b, layer_a, act)
     if SKIP_HIDDEN and (g is not None or (not exact and not a.kwargs.get("guard", True)
                                           and not b.kwargs.get("guard", True))):
         _skip_hidden(gm, a, b, act, g, dec_a, dec_b)
@@ -301,6 +307,11 @@ def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
 # fc2's row check derived from fc1's input (below) where the pair allows it; False: fc2 keeps its
 # own check over the hidden activations (bench/ab_rules.py compares the two)
 DERIVED_CHECK = True
+
+
+def keeps_own_check(dec_b, dec_a, why: str) -> None:
+    """Says in fc2's record why its non-finite row check stays over its own input."""
+    dec_b.reason += f"; non-finite row check over its own input, not from {dec_a.name}'s: {why}"
 
 
 def _derive_check(a: fx.Node, b: fx.Node, safe: float, dec_a, dec_b, layer_a, act: str) -> fx.Node:
