@@ -7,7 +7,8 @@ would drop the GELU kernel after a cuSPARSELt fc1 (ViT-B/16 b64: ~56 us a layer 
 but only if the library computes the function the model does, to the standard the rewrite holds
 activations to (passes/fuse_mlp.identify_activation: within one unit in the last place of the
 16-bit result, the same NaN and Inf positions). timm's ViTs use the erf GELU; cuBLASLt's GELU
-epilogue is said to be the tanh approximation. This measures it:
+epilogue is said to be the tanh approximation. (Run H8: cuSPARSELt 0.8 refused the GELU attribute
+for a bf16 plan on sm90, status 3; NVIDIA's 0.2 notes list the GELU for int8 kernels.) This measures it:
 
 - y = act(x @ I^T) with W the identity (a valid 2:4 weight: one nonzero a group of four), so that
   y = act(x) exactly; x holds every finite value of the dtype (the non-finite ones would meet the

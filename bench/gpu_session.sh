@@ -11,7 +11,8 @@
 #        session 13, which function cuSPARSELt's epilogue GELU / ReLU is (bench/cslt_activation_probe.py),
 #        then the A/B on ViT-B/16 b64 2:4 against fc2's own check over h; under 600 s by its timeouts)
 #        bash bench/gpu_session.sh libact    (where the library's GELU is the erf GELU: the A/B of fc1's
-#        GELU in cuSPARSELt's epilogue on ViT-B/16 b64 2:4; else it says so and stops)
+#        GELU in cuSPARSELt's epilogue on ViT-B/16 b64 2:4; else it says so and stops. Run H8 found the
+#        GELU refused for bf16 on sm90 with cuSPARSELt 0.8: expect it to stop)
 # Installs the carried wheels (expecttest) and the package, runs the GPU tests, then the bench;
 # logs and JSON go to $OUT (at most 8 files come back, so the tests' code dumps are off).
 set -o pipefail

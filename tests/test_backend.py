@@ -465,7 +465,7 @@ return (mm_2,)""")
 
         r = self.run_gated(seeded(Gated, h=24, prune=right_half_zero), torch.randn(4, 32))
         self.assertEqual(r.graphs[0].count("linear_block.default("), 1)
-        self.assertIn("split_with_sizes", r.graphs[0])
+        self.assertRegex(r.graphs[0], r"aten\.split(_with_sizes)?\.")  # (torch 2.11's graph: split.Tensor)
         (d,) = [d for d in r.decisions if d.sparse]
         self.assertNotIn("split", d.fused)
 

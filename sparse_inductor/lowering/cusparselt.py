@@ -143,6 +143,8 @@ def _lib() -> Optional[_Lib]:
     if _LIB is None and _LIB_ERROR is None:
         if os.environ.get("SPARSE_INDUCTOR_CSLT_CTYPES", "1") in ("0", ""):
             _LIB_ERROR = "disabled by SPARSE_INDUCTOR_CSLT_CTYPES=0"
+        elif not torch.cuda.is_available():  # (a CUDA build of torch on a machine without a GPU finds it)
+            return None
         else:
             try:
                 _LIB = _Lib()
@@ -150,6 +152,12 @@ def _lib() -> Optional[_Lib]:
                 _LIB_ERROR = f"cannot load libcusparseLt: {e}"
                 log.info("sparse_inductor: %s; cuSPARSELt calls go through torch._cslt_sparse_mm", _LIB_ERROR)
     return _LIB
+
+
+def _lib_on(device: torch.device) -> Optional[_Lib]:
+    """The library for tensors on `device`: CUDA only (a CUDA build of torch finds libcusparseLt on a
+    machine without a GPU too; tensors elsewhere take linear's reference path)."""
+    return _lib() if device.type == "cuda" else None
 
 
 def available() -> bool:
@@ -572,7 +580,7 @@ def _apply(x: Tensor, wc: Tensor, activation: str) -> Tensor:
     would then compare that function with itself), else through linear (torch's call, which the
     op then also takes; or a stand-in library in the tests)."""
     n = x.shape[1]
-    if _lib() is None:
+    if _lib_on(x.device) is None:
         return linear(x, wc, None, n, n, activation=activation)
     plan = _plan((x.device.index, x.shape[0], n, n, x.dtype, 0, 0, 1, None, _NO_SCALING, activation))
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
@@ -586,7 +594,7 @@ def activation_runs(wc: Tensor, bias: Optional[Tensor], n: int, k: int, m: int, 
     with the library's epilogue activation at M = m: the plan is made now (and kept for the calls);
     else why not. A configuration that refuses the activation would otherwise fail at run time."""
     try:
-        if _lib() is None:  # torch's call (or a stand-in library): through linear
+        if _lib_on(wc.device) is None:  # torch's call (or a stand-in library): through linear
             linear(torch.zeros(max(m, 1), k, dtype=dtype, device=wc.device), wc, bias, n, k, alg_id, split_k,
                    activation=activation)
         else:  # the plan itself: linear would fall back to torch's call where the plan is refused
