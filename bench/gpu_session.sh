@@ -13,6 +13,10 @@
 #        bash bench/gpu_session.sh libact    (where the library's GELU is the erf GELU: the A/B of fc1's
 #        GELU in cuSPARSELt's epilogue on ViT-B/16 b64 2:4; else it says so and stops. Run H8 found the
 #        GELU refused for bf16 on sm90 with cuSPARSELt 0.8: expect it to stop)
+#        bash bench/gpu_session.sh first     (sessions 12-14's work in one call, ~500 s: the GPU tests of
+#        `derived` and `flat` together, the activation probe, and the two flat sweeps; then `targets`,
+#        then, time left, `derived` or `flat` for the A/B and the MLP apart. Session 14's plan: with a
+#        30 s idle release every call pays a machine start, and derived + flat + targets do not fit 1800 s)
 # Installs the carried wheels (expecttest) and the package, runs the GPU tests, then the bench;
 # logs and JSON go to $OUT (at most 8 files come back, so the tests' code dumps are off).
 set -o pipefail
@@ -26,6 +30,20 @@ if [ "$SECTIONS" = "targets" ]; then
   timeout 560 python3 -m sparse_inductor.bench --targets --sections block,quant,cusparselt,int8_act,e2e,compose \
     --e2e llama_prefill,vit,vit24 --e2e-modes ro --json "$OUT_DIR/targets.json" 2>"$OUT_DIR/targets.err" \
     | tee "$OUT_DIR/targets.md"
+  exit
+fi
+FLAT="bm64 w4 s2 sp16; bm64 w4 s2 sp32; bm64 w4 s2 sp64; bm64 w4 s5 sp32; bm64 w4 s5 sp64; bm128 w8 s3 sp32; bm128 w8 s3 sp64"
+flat_sweeps() {  # compiled flat configs on ViT-B's fc1 (with its GELU) and on 14336x4096 at M=8192; ~260 s
+  timeout 130 python3 bench/sweep_block.py --compiled "$FLAT" --act gelu --nk 3072x768 --ms 12608 --sparsities 0.9
+  timeout 130 python3 bench/sweep_block.py --compiled "$FLAT" --nk 14336x4096 --ms 8192 --sparsities 0.9,0.8
+}
+if [ "$SECTIONS" = "first" ]; then  # ~500 s by its timeouts
+  OUT= timeout 200 python3 -m pytest -q -m gpu tests/test_gpu_cusparselt.py tests/test_row_check.py \
+    tests/test_triton_block.py tests/test_block_mlp.py -p no:cacheprovider --tb=short \
+    -k "derived or gelu_between or nonfinite or row_check or library or flat or llama_mlp or hidden" 2>&1 \
+    | grep "^E \|passed\|failed\|FAILED" | head -40 | tee "$OUT_DIR/gputests.txt"
+  timeout 40 python3 bench/cslt_activation_probe.py 2>"$OUT_DIR/probe.err" | tee "$OUT_DIR/probe.md"
+  flat_sweeps 2>"$OUT_DIR/flat.err" | tee "$OUT_DIR/flat.md"
   exit
 fi
 if [ "$SECTIONS" = "derived" ]; then  # cuSPARSELt fc2's check from fc1's input (session 13; not yet run); < 600 s
@@ -49,9 +67,7 @@ if [ "$SECTIONS" = "flat" ]; then  # ~560 s
   OUT= timeout 120 python3 -m pytest -q -m gpu tests/test_triton_block.py tests/test_block_mlp.py \
     -k "flat or llama_mlp or nonfinite or hidden" -p no:cacheprovider --tb=short 2>&1 \
     | grep "^E \|passed\|failed\|FAILED" | head -30 | tee "$OUT_DIR/gputests.txt"
-  FLAT="bm64 w4 s2 sp16; bm64 w4 s2 sp32; bm64 w4 s2 sp64; bm64 w4 s5 sp32; bm64 w4 s5 sp64; bm128 w8 s3 sp32; bm128 w8 s3 sp64"
-  { timeout 130 python3 bench/sweep_block.py --compiled "$FLAT" --act gelu --nk 3072x768 --ms 12608 --sparsities 0.9
-    timeout 130 python3 bench/sweep_block.py --compiled "$FLAT" --nk 14336x4096 --ms 8192 --sparsities 0.9,0.8
+  { flat_sweeps
     timeout 170 python3 bench/sweep_block_mlp.py --apart "fc1:64/4/2/s32,fc1:64/4/5/s64,fc2:64/4/5/s32"
   } 2>"$OUT_DIR/flat.err" | tee "$OUT_DIR/flat.md"
   exit
