@@ -201,7 +201,7 @@ class LayerTimer:
             scaled += f"|product={ly.product}"
         return (f"{self._env}|{'graph' if self.graphs else 'eager'}|{name}|{ly.pattern}|M={m} N={ly.n} K={ly.k}|"
                 f"{ly.dtype}|w={ly.weight_dtype}|bias={self.has_bias}|block={ly.block}|{self.structure}{scaled}"
-                f"|rc={ly.row_check}")
+                f"|rc={ly.row_check}{'+derived' if ly.derived_check else ''}")
 
     def __call__(self, name: str, m: int) -> Optional[tuple]:
         try:

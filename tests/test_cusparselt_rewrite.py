@@ -6,6 +6,7 @@ The emulation computes y = x @ W^T over the kept (nonzero) weights only, as spar
 a NaN/Inf input meeting a pruned zero is never multiplied. The row check must restore dense's
 "a non-finite input row gives a non-finite output row".
 """
+import contextlib
 import copy
 import dataclasses
 import unittest.mock
@@ -328,6 +329,9 @@ def test_bad_nonfinite_option():
     (lambda x: ((x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, keepdim=True) + 1e-5)).reshape(4, 16),
      "fused"),
     (lambda x: (x @ x.transpose(-1, -2)).reshape(4, 2), "separate"),  # an extern kernel (bmm)
+    # a pointwise op of (a cuSPARSELt fc1's output) * (1 + a row sum of fc1's input): the row fixup,
+    # then the activation; the sum is another kernel's (it reads the result only): not a norm
+    (lambda x: torch.relu(x * (1 + (x[..., :8] * 0).sum(-1, keepdim=True))).reshape(4, 16), "separate"),
 ])
 def test_row_check_mode(make, want):
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -462,8 +466,9 @@ class TestDerivedLibraryCheck(expecttest.TestCase):
         gm = r.graphs[0]
         assert gm.count("aten.sum.dim_IntList") == 2, gm  # fc1's check and the flag's, both over fc1's input
         self.assertIn("amax_default", gm)
-        self.assertIn("torch.ops.sparse_inductor.row_check.default(convert_element_type_default_3, mul_tensor_9)", gm)
-        self.assertIn("aten.add.Tensor(row_check_default, 1)", gm)  # fc2's row fixup reads it
+        # (fc2's own check was row_check(h): the GELU is its own pointwise kernel; the pass gave it gd)
+        self.assertIn("torch.ops.sparse_inductor.row_check.default(convert_element_type_default_3, mul_tensor_8)", gm)
+        self.assertIn("aten.add.Tensor(row_check_default_1, 1)", gm)  # fc2's row fixup reads it
         fc2 = r.by_name("fc2")
         assert fc2.row_check == "from fc1's input (in its norm), then its own input in the rows that flags", fc2.line()
         assert "non-finite row check read from fc1's input (through the gelu)" in fc2.reason
@@ -514,13 +519,14 @@ class TestDerivedLibraryCheck(expecttest.TestCase):
             said = "non-finite row check over its own input, not from fc1's"
             assert (f"{said}: {why}" in r.by_name("fc2").reason) if why else said not in r.by_name("fc2").reason, \
                 r.by_name("fc2").line()
-            assert "row_check.default(" not in r.graphs[0] or opts, r.graphs[0]
+            assert "amax_default" not in r.graphs[0], r.graphs[0]  # (no flag over fc1's input)
             _same_rows_as_dense(r.outputs[0], model(x).detach(), torch.bfloat16)
         model, x = seeded(LibMlp).to(torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
         for attr, value in (("DERIVED_LIB_CHECK", False), ("MIN_BYTES", 4 << 20)):
             with unittest.mock.patch.object(self.pass_module, attr, value):
                 r = _lib_run(model, x)
-            assert r.by_name("fc2").row_check == "in x's norm", r.by_name("fc2").line()
+            # (h is the GELU's, a pointwise kernel that reads fc1's row fixup: fc2's check, one more read)
+            assert r.by_name("fc2").row_check == "own kernel", r.by_name("fc2").line()
             assert "amax" not in r.graphs[0]
         assert "not from fc1's: fc2's input is small (0.0 MiB < 4)" in r.by_name("fc2").reason, r.by_name("fc2").line()
 
@@ -553,8 +559,62 @@ def test_derived_library_check_failure_keeps_own_check(derive_always, monkeypatc
     x[1, 2] = float("nan")
     r = _lib_run(model, x)
     fc2 = r.by_name("fc2")
-    assert fc2.row_check == "in x's norm" and "row check from fc1's input failed (RuntimeError: probe)" in fc2.reason
+    assert fc2.row_check == "own kernel" and "row check from fc1's input failed (RuntimeError: probe)" in fc2.reason
     _same_rows_as_dense(r.outputs[0], model(x).detach(), torch.bfloat16)
+
+
+def _layers_seen(monkeypatch) -> dict:
+    """The dispatcher's Layer per N, as linear_rewrite passes them to choose."""
+    from sparse_inductor.passes import linear_rewrite
+
+    seen, real = {}, linear_rewrite.choose
+
+    def choose(layer, opts, timer):
+        seen[layer.n] = layer
+        return real(layer, opts, timer)
+
+    monkeypatch.setattr(linear_rewrite, "choose", choose)
+    return seen
+
+
+def test_dispatcher_times_the_derived_check(derive_always, monkeypatch):
+    """fc2 (N 32) is timed with the check it will get from fc1's input (Layer.derived_check) where the
+    pass will derive it, and with its own pass over h otherwise: nonfinite="fast", the switch off, a
+    small h (MIN_BYTES), an activation the pass does not know; fc1 (N 64) never."""
+    seen = _layers_seen(monkeypatch)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    r = _lib_run(seeded(LibMlp).to(torch.bfloat16), x)
+    assert seen[32].derived_check and seen[32].row_check == "separate" and not seen[64].derived_check
+    assert "then its own input in the rows" in r.by_name("fc2").row_check, r.by_name("fc2").line()
+    for model, opts, patch in ((seeded(LibMlp), {"nonfinite": "fast"}, None), (seeded(LibMlp), {}, ("DERIVED_LIB_CHECK", False)),
+                               (seeded(LibMlp), {}, ("MIN_BYTES", 4 << 20)), (seeded(LibMlp, act="tanh"), {}, None)):
+        seen.clear()
+        with unittest.mock.patch.object(derive_always, *patch) if patch else contextlib.nullcontext():
+            _lib_run(model.to(torch.bfloat16), x, **opts)
+        assert not seen[32].derived_check, (opts, patch)
+
+
+def test_timing_runner_with_the_derived_check(monkeypatch):
+    """The library candidate of a layer whose check is derived is timed as the graph will run it:
+    the call, the flagged-rows check reading only gd (none flagged: no row of x read, so a NaN in x
+    does not reach y), the row fixup; "separate" instead sums x (the NaN row comes out NaN)."""
+    from sparse_inductor.dispatch import Layer
+    from sparse_inductor.lowering import row_check
+
+    calls = []
+    # (a library that skips the zeros of W = I: y = x, a NaN stays where it is)
+    monkeypatch.setattr(cusparselt, "linear", lambda x, wc, bias, n, k, *a, **kw: x.clone())
+    real = row_check.row_check_eager
+    monkeypatch.setattr(row_check, "row_check_eager", lambda x, config=None, maybe=None: calls.append(maybe) or real(x, config, maybe))
+    wc = torch.eye(32)  # (unread)
+    x = torch.randn(16, 32)
+    x[3, 4] = float("nan")
+    for derived in (True, False):
+        ly = Layer("2:4", 16, 32, 32, torch.float32, "cuda", row_check="separate", derived_check=derived)
+        y = cusparselt._runner({"wc": wc}, None, ly, {"alg_id": 0})(x)
+        assert y[3].isnan().all() != derived and y[torch.arange(16) != 3].isfinite().all()
+    (maybe,) = calls
+    assert maybe.shape == (16,) and maybe.dtype == torch.float32 and not maybe.any()
 
 
 def test_derived_library_check_after_a_dense_fc1(derive_always, monkeypatch):

@@ -674,7 +674,8 @@ def _compress_spec(w, layer) -> dict:
 def _runner(t, bias, layer, params):
     """The call plus what the compiled graph adds around it, for timing: the non-finite row check
     (layer.row_check: nan_rows_ after the call, and a reduction over x where it is "separate", i.e.
-    cannot fuse with x's producer; nothing for "none": int8 x, or options nonfinite="fast")."""
+    cannot fuse with x's producer; nothing for "none": int8 x, or options nonfinite="fast"; with
+    layer.derived_check, the flagged-rows check with no row flagged: passes/derived_check.py)."""
     wc, n, k = t["wc"], layer.n, layer.k
     alg, sk = params.get("alg_id", 0), params.get("split_k", 1)
     out = _out_dtype(layer)
@@ -682,15 +683,23 @@ def _runner(t, bias, layer, params):
         return _fp8_runner(wc, bias, layer, alg, sk)
     zeros: dict[int, Tensor] = {}  # "fused": the check is computed elsewhere; a finite g per M
 
+    def zeros_for(x):  # made on the untimed first call at this M (the timer calls once before timing)
+        g = zeros.get(x.shape[0])
+        if g is None:
+            g = zeros[x.shape[0]] = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
+        return g
+
     def run(x):
         if out is not None or layer.row_check == "none":
             return linear(x, wc, bias, n, k, alg, sk, out)
-        if layer.row_check == "separate":
+        if layer.derived_check:  # row_check(x, gd) with no row flagged: reads gd, not x
+            from .row_check import row_check_eager
+
+            g = row_check_eager(x, maybe=zeros_for(x))
+        elif layer.row_check == "separate":
             g = torch.sum(x, dim=-1, dtype=torch.float32)
-        else:  # made on the untimed first call at this M (the timer calls once before timing)
-            g = zeros.get(x.shape[0])
-            if g is None:
-                g = zeros[x.shape[0]] = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
+        else:
+            g = zeros_for(x)
         return nan_rows_(linear(x, wc, bias, n, k, alg, sk, out), g)
 
     return run

@@ -35,7 +35,7 @@ in x's norm, or K <= H); and h large enough (MIN_BYTES) that one more small kern
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -49,7 +49,7 @@ from .linear_rewrite import _derived, library_op
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
 
-__all__ = ["DERIVED_LIB_CHECK", "MIN_BYTES", "derive_library_checks"]
+__all__ = ["DERIVED_LIB_CHECK", "MIN_BYTES", "derivable", "derive_library_checks", "predicts"]
 
 # False: a library fc2 keeps its own check over h (bench/ab_rules.py compares the two)
 DERIVED_LIB_CHECK = True
@@ -89,39 +89,77 @@ def derive_library_checks(gm: fx.GraphModule, opts: SparseOptions) -> int:
     return done
 
 
-def _try(gm: fx.GraphModule, out: fx.Node) -> int:
+class Derivable(NamedTuple):
+    """fc1 as derivable() found it: its layer output, the activation's nodes, its record, the bound
+    and the activation; why: None where fc2 can take its check from fc1's input, else why not."""
+    out1: fx.Node
+    nodes: list
+    dec_a: object
+    layer_a: object
+    safe: float
+    act: Optional[str]
+    why: Optional[str]
+
+
+def derivable(h: fx.Node, m: Optional[int], k: int, name_b: str) -> Optional[Derivable]:
+    """fc1 and whether a library fc2 with input h ([m, k]; m the dispatcher's M) can take its check
+    from fc1's input; None where h does not come from a layer the rewrite looked at. Asked by _try
+    after the rewrite, and by linear_rewrite before it decides fc2 (predicts)."""
     from ..lowering.block_mlp import safe_bound_from
 
-    found = _own_check(out)
-    if found is None:
-        return 0
-    op2, g_old = found
-    h = op2.args[0]
     src = pointwise_source(h, lambda n: "sparse_inductor_row_bound" in n.meta)
     if src is None:
-        return 0
+        return None
     out1, nodes = src
-    (dec_a, layer_a), (dec_b, layer_b) = out1.meta["sparse_inductor_layer"], out.meta["sparse_inductor_layer"]
+    dec_a, layer_a = out1.meta["sparse_inductor_layer"]
     bound, val = out1.meta["sparse_inductor_row_bound"], out1.meta.get("val")
     if bound is None or not isinstance(val, torch.Tensor) or val.dtype not in _DTYPES:
-        return 0
+        return None
     hv = h.meta.get("val")
-    h_bytes = (layer_b.m or 0) * layer_b.k * (hv.dtype.itemsize if isinstance(hv, torch.Tensor) else 2)
+    h_bytes = (m or 0) * k * (hv.dtype.itemsize if isinstance(hv, torch.Tensor) else 2)
     why = None
     if h_bytes < MIN_BYTES:
-        why = f"{dec_b.name}'s input is small ({h_bytes / 2**20:.1f} MiB < {MIN_BYTES / 2**20:.0f})"
-    elif not (layer_a.row_check == "fused" or layer_a.k <= layer_b.k):
-        why = f"reading {dec_a.name}'s input costs more than reading {dec_b.name}'s"
+        why = f"{name_b}'s input is small ({h_bytes / 2**20:.1f} MiB < {MIN_BYTES / 2**20:.0f})"
+    elif not (layer_a.row_check == "fused" or layer_a.k <= k):
+        why = f"reading {dec_a.name}'s input costs more than reading {name_b}'s"
     safe = safe_bound_from(bound[0], bound[1], val.dtype) if why is None else 0.0
     if why is None and safe <= 0:
         why = f"{dec_a.name}'s weight or bias holds a NaN/Inf"
     act = identify_activation(nodes, out1, val.dtype, BOUNDED_ACTIVATIONS) if why is None else None
     if why is None and act is None:
         why = "the ops between the two layers are not an activation we know"
-    if why is not None:
-        log.debug("sparse_inductor: %s keeps its own row check: %s", dec_b.name, why)
-        keeps_own_check(dec_b, dec_a, why)
+    return Derivable(out1, nodes, dec_a, layer_a, safe, act, why)
+
+
+def predicts(h: fx.Node, m: Optional[int], k: int, name_b: str, opts: SparseOptions) -> bool:
+    """True where this pass will give a library fc2 (input h) its check from fc1's input: the
+    dispatcher then times fc2's cuSPARSELt candidate with that check (cusparselt._runner) instead
+    of one more pass over h. An internal error here says False (timed as before)."""
+    if opts.nonfinite != "exact" or not DERIVED_LIB_CHECK:
+        return False
+    try:
+        d = derivable(h, m, k, name_b)
+    except Exception:
+        log.exception("sparse_inductor: derived_check.predicts failed for %s", name_b)
+        return False
+    return d is not None and d.why is None
+
+
+def _try(gm: fx.GraphModule, out: fx.Node) -> int:
+    found = _own_check(out)
+    if found is None:
         return 0
+    op2, g_old = found
+    h = op2.args[0]
+    dec_b, layer_b = out.meta["sparse_inductor_layer"]
+    d = derivable(h, layer_b.m, layer_b.k, dec_b.name)
+    if d is None:
+        return 0
+    if d.why is not None:
+        log.debug("sparse_inductor: %s keeps its own row check: %s", dec_b.name, d.why)
+        keeps_own_check(dec_b, d.dec_a, d.why)
+        return 0
+    out1, dec_a, layer_a, safe, act = d.out1, d.dec_a, d.layer_a, d.safe, d.act
     op1 = out1.args[0] if out1.meta.get("sparse_inductor") == "nan_rows" else out1
     x1 = op1.args[1] if op1.target is aten.addmm.default else op1.args[0]  # (addmm: fc1 kept dense)
     gd = derived_check(x1, op1, op2, safe)

@@ -388,11 +388,13 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
             decision.reason = "input dtype differs from the weight's" if isinstance(x_val, torch.Tensor) else "input has no metadata"
             record(decision)
             continue
+        check = _row_check_mode(site.x, compute, opts)
         layer = Layer(det.pattern, m, n, k, compute, w.device.type, det.block, det.block_density,
                       _compat.device_name(w.device), m_static=isinstance(x_val.shape[0], int),
                       weight_dtype=w.dtype if w.dtype != compute else None, scaled=site.scaled,
-                      row_check=_row_check_mode(site.x, compute, opts),
-                      product=_int8_product(node, opts) if node.target is aten._int_mm.default else None)
+                      row_check=check,
+                      product=_int8_product(node, opts) if node.target is aten._int_mm.default else None,
+                      derived_check=check == "separate" and det.pattern == "2:4" and _derived_ahead(site, m, k, opts))
         specs = {spec.name: spec for spec in kernels(det.pattern)}
         made: dict[str, dict] = compressed.setdefault(key, {})
 
@@ -453,6 +455,14 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
     _erase_dead_weights(sites)
     sink_views(outputs)
     return sites
+
+
+def _derived_ahead(site: LinearSite, m: Optional[int], k: int, opts: SparseOptions) -> bool:
+    """passes/derived_check.py will give this layer, on cuSPARSELt, its row check from the input of
+    the layer before it (decided already: the sites go in graph order)."""
+    from .derived_check import predicts
+
+    return predicts(site.x, m, k, site.name, opts)
 
 
 def _row_bound(gm: fx.GraphModule, w: torch.Tensor, site: LinearSite) -> Optional[tuple[float, float]]:
@@ -705,11 +715,16 @@ def _row_check_mode(x: fx.Node, compute: torch.dtype, opts: SparseOptions) -> st
         return "fused"
     if not _is_pointwise(target):
         return "separate"
-    sources = _pointwise_sources(node)
+    reached: set = set()
+    sources = _pointwise_sources(node, reached=reached)
     # a norm (a reduction, then pointwise ops in the same kernel): the check joins a reduction.
     # First, since a norm's input may itself come from a template (a ViT's LayerNorm after the
     # residual add that is the previous fc2's epilogue): the norm is still a kernel of its own.
-    if any(a.target in _FUSABLE_REDUCTIONS for a in sources):
+    # A norm's pointwise ops read the tensor it reduces too ((u - mean(u)) * ...); a reduction whose
+    # result alone is read is another kernel's (a cuSPARSELt fc1's row fixup y * (1 + g), g a sum
+    # over fc1's input: the GELU after it is a pointwise kernel of its own, which the check would
+    # turn into a reduction; session 14 found such fc2s timed, and built, as "fused")
+    if any(a.target in _FUSABLE_REDUCTIONS and a.args[0] in reached for a in sources):
         return "fused"
     # a pointwise x that only our Triton templates feed becomes their epilogue (a GELU after
     # fc1, the gated product): no kernel of its own that the reduction could join
@@ -722,14 +737,17 @@ _FUSABLE_REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, a
 _TEMPLATE_OPS = _OPS[:2]  # linear_24 / linear_block: Triton templates when their kernel is "triton"
 
 
-def _pointwise_sources(node: fx.Node, depth: int = 16) -> list[fx.Node]:
+def _pointwise_sources(node: fx.Node, depth: int = 16, reached: Optional[set] = None) -> list[fx.Node]:
     """The call_function nodes that the pointwise `node` reads through pointwise ops, views and
-    getitem only (the kernels that Inductor fuses it with, or that it is an epilogue of)."""
+    getitem only (the kernels that Inductor fuses it with, or that it is an epilogue of). reached:
+    a set to collect every node read on the way (graph inputs too)."""
     seen, todo, out = set(), [node], []
     while todo and depth > 0:
         depth -= 1
         cur = todo.pop()
         for a in cur.all_input_nodes:
+            if reached is not None:
+                reached.add(a)
             if a in seen or a.op != "call_function":
                 continue
             seen.add(a)
