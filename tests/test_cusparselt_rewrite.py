@@ -328,6 +328,7 @@ def test_bad_nonfinite_option():
     # a norm, as post-grad graphs hold it (decomposed: var_mean, then pointwise ops)
     (lambda x: ((x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, keepdim=True) + 1e-5)).reshape(4, 16),
      "fused"),
+    (lambda x: (x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-6)).reshape(4, 16), "fused"),  # RMSNorm
     (lambda x: (x @ x.transpose(-1, -2)).reshape(4, 2), "separate"),  # an extern kernel (bmm)
     # a pointwise op of (a cuSPARSELt fc1's output) * (1 + a row sum of fc1's input): the row fixup,
     # then the activation; the sum is another kernel's (it reads the result only): not a norm

@@ -720,11 +720,13 @@ def _row_check_mode(x: fx.Node, compute: torch.dtype, opts: SparseOptions) -> st
     # a norm (a reduction, then pointwise ops in the same kernel): the check joins a reduction.
     # First, since a norm's input may itself come from a template (a ViT's LayerNorm after the
     # residual add that is the previous fc2's epilogue): the norm is still a kernel of its own.
-    # A norm's pointwise ops read the tensor it reduces too ((u - mean(u)) * ...); a reduction whose
-    # result alone is read is another kernel's (a cuSPARSELt fc1's row fixup y * (1 + g), g a sum
-    # over fc1's input: the GELU after it is a pointwise kernel of its own, which the check would
-    # turn into a reduction; session 14 found such fc2s timed, and built, as "fused")
-    if any(a.target in _FUSABLE_REDUCTIONS and a.args[0] in reached for a in sources):
+    # A norm's pointwise ops read what it reduces, or what that is computed from ((u - mean(u)) * ...,
+    # u * rsqrt(mean(u * u))); a reduction whose result alone is read is another kernel's (a
+    # cuSPARSELt fc1's row fixup y * (1 + g), g a sum over fc1's input: the GELU after it is a
+    # pointwise kernel of its own, which the check would turn into a reduction; session 14 found
+    # such checks timed, and built, as "fused")
+    if any(a.target in _FUSABLE_REDUCTIONS and not _pointwise_closure(a.args[0]).isdisjoint(reached)
+           for a in sources):
         return "fused"
     # a pointwise x that only our Triton templates feed becomes their epilogue (a GELU after
     # fc1, the gated product): no kernel of its own that the reduction could join
@@ -755,6 +757,14 @@ def _pointwise_sources(node: fx.Node, depth: int = 16, reached: Optional[set] = 
                 todo.append(a)
             else:
                 out.append(a)
+    return out
+
+
+def _pointwise_closure(node: fx.Node) -> set:
+    """node and what it is computed from through pointwise ops, views and getitem."""
+    out = {node}
+    if node.op == "call_function" and (_is_pointwise(node.target) or node.target in _VIEWS):
+        _pointwise_sources(node, reached=out)
     return out
 
 
