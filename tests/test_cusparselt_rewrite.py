@@ -347,6 +347,37 @@ def test_row_check_mode(make, want):
     assert _row_check_mode(out, torch.int8, sparse_inductor.SparseOptions()) == "none"
 
 
+class TwoReaders(nn.Module):
+    """Two 2:4 layers reading one x: the graph's input, or a LayerNorm's output."""
+
+    def __init__(self, norm: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(32) if norm else nn.Identity()
+        self.a, self.b = pruned_24(nn.Linear(32, 48)), pruned_24(nn.Linear(32, 16))
+
+    def forward(self, x):
+        u = self.norm(x)
+        return torch.cat([torch.relu(self.a(u)), self.b(u) * 2], -1)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_layers_reading_one_x_share_its_check(norm):
+    """One check over x for both layers (a row_check kernel over the input; one sum in the norm), and
+    a NaN row of x comes out NaN in both layers' outputs, as dense."""
+    model = seeded(TwoReaders, norm=norm)
+    x = torch.randn(6, 32)
+    x[2, 5] = float("nan")
+    torch._dynamo.reset()
+    r = run_sparse(model, (x,), options=OPTS)
+    assert [d.kernel for d in r.decisions] == ["cusparselt", "cusparselt"], [d.line() for d in r.decisions]
+    gm = r.graphs[0]
+    assert gm.count("sparse_inductor.row_check.default(") == (0 if norm else 1), gm
+    assert gm.count("aten.sum.dim_IntList(") == (1 if norm else 0), gm
+    out, ref = r.outputs[0], model(x).detach()
+    assert out[2].isnan().all() and torch.equal(out.isnan().any(-1), ref.isnan().any(-1))
+    torch.testing.assert_close(out[torch.arange(6) != 2], ref[torch.arange(6) != 2], **TOL32)
+
+
 @pytest.mark.parametrize("kernel,want", [("triton", "separate"), ("reference", "fused")])
 def test_row_check_mode_after_template(kernel, want, monkeypatch):
     """A GELU of a Triton template's output is that template's epilogue (no kernel the reduction

@@ -760,6 +760,20 @@ def _pointwise_sources(node: fx.Node, depth: int = 16, reached: Optional[set] = 
     return out
 
 
+def _made_check(x: fx.Node, mode: str) -> Optional[fx.Node]:
+    """The check over x that _row_check made for an earlier layer in this mode, if any."""
+    for u in x.users:
+        if u.meta.get("sparse_inductor") != "row_check":
+            continue
+        if mode == "separate" and u.target is torch.ops.sparse_inductor.row_check.default and u.args == (x,):
+            return u
+        if mode != "separate" and u.target is aten.mul.Tensor and u.args == (x, 0.0) and len(u.users) == 1:
+            (s,) = u.users
+            if s.target is aten.sum.dim_IntList and s.meta.get("sparse_inductor") == "row_check":
+                return s
+    return None
+
+
 def _pointwise_closure(node: fx.Node) -> set:
     """node and what it is computed from through pointwise ops, views and getitem."""
     out = {node}
@@ -850,8 +864,12 @@ def _row_check(x: fx.Node, near: fx.Node, mode: str = "fused") -> fx.Node:
     mode (_row_check_mode) "fused": Inductor ops (mul, sum), which fuse with x's producer, a norm;
     "separate": sparse_inductor::row_check, a kernel of its own that fuses nothing in, so that a
     pointwise producer keeps its kernel, or stays the epilogue of the template it is
-    (lowering/row_check.py).
+    (lowering/row_check.py). Layers that read the same x (w1 and w3 after a norm, q / k / v after
+    an input) share one check: the first one's, made before it.
     """
+    made_before = _made_check(x, mode)
+    if made_before is not None:
+        return made_before
     graph = x.graph
     with graph.inserting_before(near):
         if mode == "separate":
