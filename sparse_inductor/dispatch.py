@@ -88,8 +88,9 @@ class Layer:
     # the non-finite row check of kernels that skip zeros (KernelSpec.row_check): "none", "fused"
     # (its reduction over x can fuse with x's producer: not timed) or "separate" (timed)
     row_check: str = "none"
-    # cuSPARSELt only: the check comes from fc1's input (passes/derived_check.py predicts it), so the
-    # library candidate is timed with the flagged-rows check it will run instead of a pass over x
+    # the check will come from the input of the layer before (passes/derived_check.py for 2:4 on
+    # cuSPARSELt, fuse_mlp.py for block pairs predict it): the runners time that check (cuSPARSELt:
+    # the flagged-rows kernel; the block template: none of its own), not a pass over x
     derived_check: bool = False
 
 

@@ -5,6 +5,7 @@ template, its epilogue, the fused kernel on the device) are at the end, marked g
 from __future__ import annotations
 
 import copy
+import dataclasses
 import unittest.mock
 import zlib
 
@@ -253,6 +254,43 @@ class TestDerivedCheck(expecttest.TestCase):
             self.assertNotIn("from fc1", fc2.row_check)
             said = "non-finite row check over its own input, not from fc1's"
             assert (f"{said}: {why}" in fc2.reason) if why else said not in fc2.reason, fc2.line()
+
+
+def test_dispatcher_times_the_derived_check(triton_on_cpu, monkeypatch):
+    """fc2 (N 64) is timed without a pass over h (Layer.derived_check) where fuse_mlp will give it its
+    check from fc1's input; with the pass where it will not: nonfinite="fast" (no check), the switch
+    off, K > H without a norm, an Inf in W1. fc1 (N 128) never; and the block runner then sums x only
+    without it."""
+    from sparse_inductor.lowering import triton_block
+    from sparse_inductor.passes import fuse_mlp, linear_rewrite
+
+    seen, real = {}, linear_rewrite.choose
+
+    def choose(layer, opts, timer):
+        seen[layer.n] = layer
+        return real(layer, opts, timer)
+
+    monkeypatch.setattr(linear_rewrite, "choose", choose)
+    run_sparse(seeded_mlp(), (torch.randn(3, 64, dtype=torch.bfloat16),), options=triton_on_cpu)
+    assert seen[64].derived_check and seen[64].row_check == "separate" and not seen[128].derived_check
+    inf_w1 = seeded_mlp()
+    with torch.no_grad():
+        inf_w1.fc1.weight.view(-1)[inf_w1.fc1.weight.view(-1).nonzero()[0]] = float("inf")
+    for model, opts, switch in ((seeded_mlp(), {"nonfinite": "fast"}, True), (seeded_mlp(), {}, False),
+                                (seeded_mlp(d=128, h=64, norm=False), {}, True), (inf_w1, {}, True)):
+        seen.clear()
+        with unittest.mock.patch.object(fuse_mlp, "DERIVED_CHECK", switch):
+            run_sparse(model, (torch.randn(3, model.fc1.in_features, dtype=torch.bfloat16),),
+                       options={**triton_on_cpu, **opts})
+        assert not seen[model.fc2.out_features].derived_check, (opts, switch)
+    sums = []
+    monkeypatch.setattr(torch, "sum", lambda *a, **kw: sums.append(a[0].shape))
+    monkeypatch.setattr(triton_block, "block_linear", lambda *a, **kw: None)
+    for derived in (True, False):
+        ly = dataclasses.replace(seen[128], row_check="separate", derived_check=derived)
+        triton_block._runner({"blocks": None, "row_ptr": None, "col_idx": None, "row_order": None}, None, ly, {})(
+            torch.zeros(3, 64))
+    assert sums == [(3, 64)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -783,8 +783,9 @@ def _runner(t, bias, layer, params):
     the template's non-finite row check does not join x's producer (layer.row_check "separate": the
     row-check kernel; the eager guard, three unfused kernels, would make the family look slower than
     it runs compiled). "fused": the reduction rides in the kernel that makes x (a norm); "none": no check
-    (options nonfinite="fast")."""
-    separate = layer.row_check == "separate"
+    (options nonfinite="fast"); layer.derived_check: the check comes from the input of the block fc1
+    before it (passes/fuse_mlp.py), reductions in that layer's norm, no pass over x."""
+    separate = layer.row_check == "separate" and not layer.derived_check
 
     def run(x):
         if separate:

@@ -47,7 +47,7 @@ log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
 
 __all__ = ["BOUNDED_ACTIVATIONS", "HiddenPlan", "derived_check", "fuse_mlps", "guarded", "hidden_plan",
-           "identify_activation", "pointwise_source"]
+           "identify_activation", "pointwise_source", "predicts"]
 
 _BLOCK = torch.ops.sparse_inductor.linear_block.default
 _VIEWS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
@@ -58,12 +58,12 @@ def _is_check(node: fx.Node) -> bool:
     return node.meta.get("sparse_inductor") == "row_check"
 
 
-def _pair(b: fx.Node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
-    """For fc2's op node b: (fc1's op node, the pointwise / view nodes between them in graph order),
-    where fc2's input is computed from fc1's output alone by pointwise ops and views (a DAG: the GELU
-    decomposed reads its input twice) and nothing else reads fc1's output or those nodes (but the
-    row check over fc2's input, for fc2); else None."""
-    found = pointwise_source(b.args[0],
+def _pair(b: fx.Node, h: Optional[fx.Node] = None) -> Optional[tuple[fx.Node, list[fx.Node]]]:
+    """For fc2's op node b (input h, default b's first argument): (fc1's op node, the pointwise / view
+    nodes between them in graph order), where fc2's input is computed from fc1's output alone by
+    pointwise ops and views (a DAG: the GELU decomposed reads its input twice) and nothing else reads
+    fc1's output or those nodes (but the row check over fc2's input, for fc2); else None."""
+    found = pointwise_source(b.args[0] if h is None else h,
                              lambda n: n.op == "call_function" and n.target is _BLOCK and n.args[8] == "triton")
     if found is None:
         return None
@@ -250,8 +250,6 @@ def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
     """One fc1 -> activation -> fc2 pair ending at fc2's op node b: fused (options fuse_mlp, where
     measured faster), else, in exact mode, fc2's row check derived from fc1's input (_derive_check).
     Returns 1 where it fused."""
-    from ..lowering import block_mlp
-
     found = _pair(b)
     if found is None:
         return 0
@@ -262,26 +260,17 @@ def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
         return 0
     x, blocks1, row_ptr1, col_idx1, row_order1, bias1, h, k = a.args[:8]
     hx, blocks2, row_ptr2, col_idx2, row_order2, bias2, n, h2 = b.args[:8]
-    val = a.meta.get("val")
-    why = None
-    t1, t2 = _constant(gm, blocks1), _constant(gm, blocks2)
-    if not isinstance(val, torch.Tensor) or val.dtype not in _DTYPES:
-        why = "fp16 / bf16 only"
-    elif t1 is None or t2 is None or h != h2:
+    t2 = _constant(gm, blocks2)
+    why, act, safe = _fc1_side(gm, a, nodes)
+    if why is None and (t2 is None or h != h2):
         why = "a weight is not a constant"
-    elif bias1 is not None and _constant(gm, bias1) is None:
-        why = "fc1's bias is not a constant"
-    act = identify_activation(nodes, a, val.dtype) if why is None else None
-    if why is None and act is None:
-        why = "the ops between the two layers are not an activation the fused kernel has"
     exact = opts.nonfinite == "exact"
     if why is not None:
         log.debug("sparse_inductor: %s + %s: neither fused nor checked through fc1: %s", dec_a.name, dec_b.name, why)
         if exact and isinstance(b.kwargs.get("row_check"), fx.Node):
             keeps_own_check(dec_b, dec_a, why)
         return 0
-    b1 = _constant(gm, bias1)
-    safe = block_mlp.safe_bound(t1, _constant(gm, row_ptr1), b1, val.dtype)
+    t1, b1 = _constant(gm, blocks1), _constant(gm, bias1)
     if opts.fuse_mlp and t1.shape[-1] == t2.shape[-1]:
         consts = tuple(_constant(gm, c) for c in (blocks1, row_ptr1, col_idx1, blocks2, row_ptr2, col_idx2, row_order2))
         t_fused, t_apart = _time(dec_a, dec_b, layer_a, consts, b1, h, n, act, exact, safe, opts)
@@ -289,13 +278,11 @@ def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
             _fuse(gm, a, b, nodes, act, safe, exact, dec_a, dec_b, layer_a, t_fused, t_apart)
             return 1
         dec_a.reason += f"; not fused with {dec_b.name}: one kernel {t_fused:.1f} us vs {t_apart:.1f} us apart"
-    # (safe 0: W1 or b1 holds a NaN/Inf, so even a zero row of x may give a non-finite h)
     g = None
     if exact and DERIVED_CHECK and isinstance(b.kwargs.get("row_check"), fx.Node):
-        if safe <= 0:
-            keeps_own_check(dec_b, dec_a, f"{dec_a.name}'s weight or bias holds a NaN/Inf")
-        elif not (layer_a.row_check == "fused" or k <= h):
-            keeps_own_check(dec_b, dec_a, f"reading {dec_a.name}'s input costs more than reading {dec_b.name}'s")
+        why = _derive_why(a, safe, dec_a, layer_a, dec_b.name)
+        if why is not None:
+            keeps_own_check(dec_b, dec_a, why)
         else:
             g = _derive_check(a, b, safe, dec_a, dec_b, layer_a, act)
     if SKIP_HIDDEN and (g is not None or (not exact and not a.kwargs.get("guard", True)
@@ -307,6 +294,59 @@ def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
 # fc2's row check derived from fc1's input (below) where the pair allows it; False: fc2 keeps its
 # own check over the hidden activations (bench/ab_rules.py compares the two)
 DERIVED_CHECK = True
+
+
+def _fc1_side(gm: fx.GraphModule, a: fx.Node, nodes: list) -> tuple[Optional[str], Optional[str], float]:
+    """(why fc1's op a and the ops after it neither fuse nor give a check, or None; the activation;
+    safe, the bound under which fc1 cannot overflow: block_mlp.safe_bound, 0 where W1 / b1 hold a
+    NaN or Inf)."""
+    from ..lowering import block_mlp
+
+    blocks1, row_ptr1, bias1 = a.args[1], a.args[2], a.args[5]
+    val = a.meta.get("val")
+    t1 = _constant(gm, blocks1)
+    why = None
+    if not isinstance(val, torch.Tensor) or val.dtype not in _DTYPES:
+        why = "fp16 / bf16 only"
+    elif t1 is None:
+        why = "a weight is not a constant"
+    elif bias1 is not None and _constant(gm, bias1) is None:
+        why = "fc1's bias is not a constant"
+    act = identify_activation(nodes, a, val.dtype) if why is None else None
+    if why is None and act is None:
+        why = "the ops between the two layers are not an activation the fused kernel has"
+    if why is not None:
+        return why, None, 0.0
+    return None, act, block_mlp.safe_bound(t1, _constant(gm, row_ptr1), _constant(gm, bias1), val.dtype)
+
+
+def _derive_why(a: fx.Node, safe: float, dec_a, layer_a, name_b: str) -> Optional[str]:
+    """Why fc2 cannot take its check from fc1's (op a) input, or None."""
+    # (safe 0: W1 or b1 holds a NaN/Inf, so even a zero row of x may give a non-finite h)
+    if safe <= 0:
+        return f"{dec_a.name}'s weight or bias holds a NaN/Inf"
+    if not (layer_a.row_check == "fused" or a.args[7] <= a.args[6]):  # (fc1's K <= H)
+        return f"reading {dec_a.name}'s input costs more than reading {name_b}'s"
+    return None
+
+
+def predicts(gm: fx.GraphModule, h: fx.Node, b: fx.Node, name_b: str, opts: SparseOptions) -> bool:
+    """True where this pass will give a block fc2 (its linear node b, input h, not yet rewritten) its
+    check from fc1's input (or fuse the two): the dispatcher then times fc2's block template without
+    a pass over h (triton_block._runner). An internal error here says False (timed as before)."""
+    if opts.nonfinite != "exact" or not DERIVED_CHECK:
+        return False
+    try:
+        found = _pair(b, h)
+        if found is None or "sparse_inductor_layer" not in found[0].meta:
+            return False
+        a, nodes = found
+        dec_a, layer_a = found[0].meta["sparse_inductor_layer"]
+        why, _, safe = _fc1_side(gm, a, nodes)
+        return why is None and _derive_why(a, safe, dec_a, layer_a, name_b) is None
+    except Exception:
+        log.exception("sparse_inductor: fuse_mlp.predicts failed for %s", name_b)
+        return False
 
 
 def keeps_own_check(dec_b, dec_a, why: str) -> None:

@@ -394,7 +394,7 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
                       weight_dtype=w.dtype if w.dtype != compute else None, scaled=site.scaled,
                       row_check=check,
                       product=_int8_product(node, opts) if node.target is aten._int_mm.default else None,
-                      derived_check=check == "separate" and det.pattern == "2:4" and _derived_ahead(site, m, k, opts))
+                      derived_check=check == "separate" and _derived_ahead(gm, site, node, det.pattern, m, k, opts))
         specs = {spec.name: spec for spec in kernels(det.pattern)}
         made: dict[str, dict] = compressed.setdefault(key, {})
 
@@ -457,12 +457,20 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]
     return sites
 
 
-def _derived_ahead(site: LinearSite, m: Optional[int], k: int, opts: SparseOptions) -> bool:
-    """passes/derived_check.py will give this layer, on cuSPARSELt, its row check from the input of
-    the layer before it (decided already: the sites go in graph order)."""
-    from .derived_check import predicts
+def _derived_ahead(gm: fx.GraphModule, site: LinearSite, node: fx.Node, pattern: str, m: Optional[int], k: int,
+                   opts: SparseOptions) -> bool:
+    """A later pass will give this layer its row check from the input of the layer before it (decided
+    already: the sites go in graph order): derived_check.py on cuSPARSELt (2:4), fuse_mlp.py on the
+    block template after a block fc1 (block). Layer.derived_check: each family's runner times it."""
+    if pattern == "2:4":
+        from .derived_check import predicts
 
-    return predicts(site.x, m, k, site.name, opts)
+        return predicts(site.x, m, k, site.name, opts)
+    if pattern == "block":
+        from .fuse_mlp import predicts
+
+        return predicts(gm, site.x, node, site.name, opts)
+    return False
 
 
 def _row_bound(gm: fx.GraphModule, w: torch.Tensor, site: LinearSite) -> Optional[tuple[float, float]]:
