@@ -11,6 +11,9 @@ Rules (passes/linear_rewrite.py):
   (_pointwise_users, A) vs the op's own nan_rows_ launch (B) (docs/benchmarks.md I3).
 - pointwise-check: a row check that joins x's pointwise producer timed as one more read of x
   (POINTWISE_PRODUCER_CHECK "separate", A) vs as free ("fused", B; the rule before run J).
+- norm-reads: a check over the GELU after a cuSPARSELt fc1 (whose row fixup reads a sum) is its
+  own kernel, timed as a pass (NORM_READS_ITS_INPUT, A), vs a reduction in the GELU's kernel timed
+  as free (B; the rule before session 14, which made pointwise-check a no-op there).
 - derived-check (passes/fuse_mlp.py): a block fc2's row check read from fc1's input
   (DERIVED_CHECK, A) vs its own check over the hidden activations (B; the rule before run K).
 - derived-lib-check (passes/derived_check.py): a cuSPARSELt fc2's row check from fc1's input, then
@@ -35,6 +38,8 @@ RULES = {
     "row-fixup": (linear_rewrite, "_pointwise_users", lambda node, depth=4: False, ("in the graph", "in the op")),
     "pointwise-check": (linear_rewrite, "POINTWISE_PRODUCER_CHECK", "fused",
                         ("check timed as a pass", "check timed as free")),
+    "norm-reads": (linear_rewrite, "NORM_READS_ITS_INPUT", False,
+                   ("a norm reads what it reduces", "any reduction among the sources is a norm")),
     "derived-check": (fuse_mlp, "DERIVED_CHECK", False, ("fc2's check from fc1's input", "fc2's check over h")),
     "skip-hidden": (fuse_mlp, "SKIP_HIDDEN", False, ("fc1 skips unread/constant hidden units", "fc1 computes all")),
     "derived-lib-check": (derived_check, "DERIVED_LIB_CHECK", False,

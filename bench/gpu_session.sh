@@ -13,6 +13,9 @@
 #        bash bench/gpu_session.sh libact    (where the library's GELU is the erf GELU: the A/B of fc1's
 #        GELU in cuSPARSELt's epilogue on ViT-B/16 b64 2:4; else it says so and stops. Run H8 found the
 #        GELU refused for bf16 on sm90 with cuSPARSELt 0.8: expect it to stop)
+#        bash bench/gpu_session.sh norm      (session 14's fix of the row-check mode after a cuSPARSELt
+#        layer, on and off, on ViT-H/14 b32 2:4 in reduce-overhead mode; the ViT-B A/B fits with
+#        --models vit_base_patch16_224:64 by hand)
 #        bash bench/gpu_session.sh first     (sessions 12-14's work in one call, ~500 s: the GPU tests of
 #        `derived` and `flat` together, the activation probe, and the two flat sweeps; then `targets`,
 #        then, time left, `derived` or `flat` for the A/B and the MLP apart. Session 14's plan: with a
@@ -44,6 +47,11 @@ if [ "$SECTIONS" = "first" ]; then  # ~500 s by its timeouts
     | grep "^E \|passed\|failed\|FAILED" | head -40 | tee "$OUT_DIR/gputests.txt"
   timeout 40 python3 bench/cslt_activation_probe.py 2>"$OUT_DIR/probe.err" | tee "$OUT_DIR/probe.md"
   flat_sweeps 2>"$OUT_DIR/flat.err" | tee "$OUT_DIR/flat.md"
+  exit
+fi
+if [ "$SECTIONS" = "norm" ]; then  # session 14's row-check timing fix, A/B on ViT-H/14 b32 2:4; < 600 s
+  timeout 560 python3 bench/ab_rules.py --rule norm-reads --pattern 2:4 --rounds 1 \
+    --models vit_huge_patch14_224:32 2>"$OUT_DIR/norm.err" | tee "$OUT_DIR/norm.md"
   exit
 fi
 if [ "$SECTIONS" = "derived" ]; then  # cuSPARSELt fc2's check from fc1's input (session 13; not yet run); < 600 s

@@ -347,6 +347,21 @@ def test_row_check_mode(make, want):
     assert _row_check_mode(out, torch.int8, sparse_inductor.SparseOptions()) == "none"
 
 
+def test_norm_reads_switch(monkeypatch):
+    """NORM_READS_ITS_INPUT off (the rule before session 14, for bench/ab_rules.py): the row fixup's
+    sum counts as a norm again."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from sparse_inductor.passes import linear_rewrite
+
+    gm = make_fx(lambda x: torch.relu(x * (1 + (x[..., :8] * 0).sum(-1, keepdim=True))))(torch.randn(4, 16))
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert linear_rewrite._row_check_mode(out, torch.float32, sparse_inductor.SparseOptions()) == "separate"
+    monkeypatch.setattr(linear_rewrite, "NORM_READS_ITS_INPUT", False)
+    assert linear_rewrite._row_check_mode(out, torch.float32, sparse_inductor.SparseOptions()) == "fused"
+
+
 class TwoReaders(nn.Module):
     """Two 2:4 layers reading one x: the graph's input, or a LayerNorm's output."""
 

@@ -702,6 +702,12 @@ def _row_check_text(spec: KernelSpec, det: Detection, kernel: str, layer: Layer,
 # run J) stays for bench/ab_rules.py to compare against.
 POINTWISE_PRODUCER_CHECK = "separate"
 
+# A reduction among a pointwise x's sources counts as x's norm only where the pointwise ops also read
+# what it reduces (session 14: a cuSPARSELt layer's row fixup reads a sum over that layer's input,
+# which made the check after it "fused"); False: any reduction counts, the rule before
+# (bench/ab_rules.py --rule norm-reads compares the two)
+NORM_READS_ITS_INPUT = True
+
 
 def _row_check_mode(x: fx.Node, compute: torch.dtype, opts: SparseOptions) -> str:
     """How the non-finite row check of a zero-skipping kernel (cuSPARSELt, the block template)
@@ -733,8 +739,8 @@ def _row_check_mode(x: fx.Node, compute: torch.dtype, opts: SparseOptions) -> st
     # cuSPARSELt fc1's row fixup y * (1 + g), g a sum over fc1's input: the GELU after it is a
     # pointwise kernel of its own, which the check would turn into a reduction; session 14 found
     # such checks timed, and built, as "fused")
-    if any(a.target in _FUSABLE_REDUCTIONS and not _pointwise_closure(a.args[0]).isdisjoint(reached)
-           for a in sources):
+    if any(a.target in _FUSABLE_REDUCTIONS
+           and (not NORM_READS_ITS_INPUT or not _pointwise_closure(a.args[0]).isdisjoint(reached)) for a in sources):
         return "fused"
     # a pointwise x that only our Triton templates feed becomes their epilogue (a GELU after
     # fc1, the gated product): no kernel of its own that the reduction could join
