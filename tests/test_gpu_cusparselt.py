@@ -283,6 +283,24 @@ def test_gelu_between_cslt_linears_stays_pointwise(monkeypatch):
     assert rel_err(out, fp64(model, x)) < TOL_BF16
 
 
+def test_gelu_between_cslt_linears_after_a_norm_stays_pointwise(monkeypatch):
+    """The same with a LayerNorm before fc1 (a ViT's MLP) and fc2's check not derived: fc1's row
+    fixup reads a sum that rides in the norm, which is not a norm of h (session 14: it made fc2's
+    check a reduction in the GELU's kernel, timed as free); fc2's check is the row-check template."""
+    from sparse_inductor.passes import derived_check, lib_activation
+
+    monkeypatch.setattr(lib_activation, "LIB_ACTIVATION", False)
+    monkeypatch.setattr(derived_check, "DERIVED_LIB_CHECK", False)
+    model = prepared(NormGeluMlp(), "2:4")
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt", "fx_cache": False})
+    assert [(d.kernel, d.row_check) for d in decisions] == [("cusparselt", "in x's norm"), ("cusparselt", "own kernel")]
+    gelu = [k for k in kernel_defs(code) if "gelu" in k]
+    assert len(gelu) == 1 and gelu[0].startswith("triton_poi_"), kernel_defs(code)
+    assert code.count("row_check_acc(X") == 1, kernel_defs(code)  # fc2's; fc1's is in the norm
+    assert rel_err(out, fp64(model, x)) < TOL_BF16
+
+
 class NormGeluMlp(torch.nn.Module):
     def __init__(self, d=256, h=1024, norm=True, act="gelu"):
         super().__init__()
