@@ -341,7 +341,7 @@ def predicts(gm: fx.GraphModule, h: fx.Node, b: fx.Node, name_b: str, opts: Spar
         if found is None or "sparse_inductor_layer" not in found[0].meta:
             return False
         a, nodes = found
-        dec_a, layer_a = found[0].meta["sparse_inductor_layer"]
+        dec_a, layer_a = a.meta["sparse_inductor_layer"]
         why, _, safe = _fc1_side(gm, a, nodes)
         return why is None and _derive_why(a, safe, dec_a, layer_a, name_b) is None
     except Exception:

@@ -498,9 +498,9 @@ def _row_bound_of(gm: fx.GraphModule, w: torch.Tensor, site: LinearSite) -> Opti
     l1 = 0.0
     for i in range(0, w.shape[0], 1024):  # fp64 a slice of rows at a time: no fp64 copy of a large W
         v = float(w[i:i + 1024].double().abs().sum(1).max())
-        l1 = v if v != v else max(l1, v)  # (a NaN row stays NaN: max() would drop it)
-        if l1 != l1:
-            break
+        if v != v:  # a NaN row: the bound is NaN (max() would drop it)
+            return v, bmax
+        l1 = max(l1, v)
     return l1, bmax
 
 
