@@ -5,10 +5,11 @@
     sparse_inductor.prune(model, "2:4")                    # demo helper: make 2:4 weights
 """
 from .api import explain
+from .backend import WeightsChangedError
 from .options import SparseOptions
 from .prune import prune
 from .report import LayerDecision, Report
 
 __version__ = "0.1.0"
 
-__all__ = ["explain", "prune", "SparseOptions", "LayerDecision", "Report", "__version__"]
+__all__ = ["explain", "prune", "SparseOptions", "LayerDecision", "Report", "WeightsChangedError", "__version__"]

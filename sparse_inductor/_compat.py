@@ -12,7 +12,8 @@ import torch.fx as fx
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
-__all__ = ["TORCH_VERSION", "get_attr", "size_hint", "static_int", "inductor_size_hint", "fake_constant", "fake_eval", "device_name", "INTERPRETING"]
+__all__ = ["TORCH_VERSION", "get_attr", "size_hint", "static_int", "inductor_size_hint", "fake_constant", "fake_eval",
+           "device_name", "INTERPRETING", "is_module_state_source", "source_path", "compiling_code", "drop_compiled_code"]
 
 # Triton decides when a kernel is defined whether it runs in the interpreter (TRITON_INTERPRET=1);
 # the kernel modules read it here, the same way, once.
@@ -94,3 +95,66 @@ def fake_eval(node: fx.Node) -> Any:
         return node.target(*args, **kwargs)
     with mode:
         return node.target(*args, **kwargs)
+
+
+def _source_chain(source: Any) -> list:
+    chain = []
+    while source is not None and len(chain) < 64:
+        chain.append(source)
+        source = getattr(source, "base", None)
+    return chain
+
+
+def is_module_state_source(source: Any) -> bool:
+    """Whether Dynamo read this graph input as a module's parameter or buffer: through the module's
+    `_parameters` / `_buffers` dict (torch 2.11-2.14, inline_inbuilt_nn_modules), or an nn.Module
+    source (modules Dynamo does not inline)."""
+    for s in _source_chain(source):
+        name = type(s).__name__
+        if name in ("NNModuleSource", "UnspecializedNNModuleSource", "UnspecializedBuiltinNNModuleSource",
+                    "FSDPNNModuleSource"):
+            return True
+        if getattr(s, "member", None) in ("_parameters", "_buffers"):
+            return True
+    return False
+
+
+def source_path(source: Any) -> Optional[str]:
+    """A readable dotted name for a Dynamo source: L['self']._modules['fc1']._parameters['weight'] ->
+    "fc1.weight"; None without a source."""
+    if source is None:
+        return None
+    import re
+
+    try:
+        text = source.name() if callable(getattr(source, "name", None)) else str(source.name)
+    except Exception:
+        return None
+    text = re.sub(r"^[LG]\['[^']*'\]\.?", "", text)
+    text = re.sub(r"\.?_(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", text)
+    return text.strip(".") or None
+
+
+def compiling_code() -> Any:
+    """The code object Dynamo is compiling (a backend runs inside its translation), or None."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        return getattr(tx, "f_code", None)
+    except Exception:
+        return None
+
+
+def drop_compiled_code(code: Any) -> bool:
+    """Drop Dynamo's compiled entries for a code object, so that its next call traces and compiles
+    again. False where that is not possible (no code known)."""
+    if code is None:
+        return False
+    try:
+        from torch._dynamo.eval_frame import remove_from_cache
+
+        remove_from_cache(code)
+        return True
+    except Exception:
+        return False

@@ -9,6 +9,8 @@ Environment variables (read when a compile starts, never at import):
                                 "sparse_inductor" in Inductor's cache directory).
     SPARSE_INDUCTOR_DISABLE=1   compile with plain Inductor: no detection, no rewrite.
     SPARSE_INDUCTOR_FORCE=1     as options={"force": True}.
+The two switches take 1/0, true/false, yes/no or on/off (any case; unset or empty: off); any other
+value is an error that names the variable.
 Logging: TORCH_LOGS="+sparse_inductor" (the per-layer decisions at INFO, details at DEBUG).
 """
 from __future__ import annotations
@@ -31,6 +33,8 @@ _FP8_PRODUCT = ("bf16", "fp32")
 _INT8_PRODUCT = ("bf16", "int32")
 _REDUCTIONS = ("one-pass", "inductor")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_ON_WEIGHT_CHANGE = ("recompile", "raise", "ignore")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +94,18 @@ class SparseOptions:
                        (the row held in registers), where Inductor would loop over it twice and
                        compute the producer (e.g. a dequantization and GELU) twice; "inductor":
                        Inductor's own choice. Other kernels are untouched (lowering/reductions.py).
+    on_weight_change:  what a compiled model does when a frozen parameter or buffer changed since
+                       compile time (an in-place update: load_state_dict, an optimizer step,
+                       `weight.mul_(2)` under no_grad, `copy_`; or the parameter object replaced,
+                       or its `.data` reassigned), checked on every call by PyTorch's version counter,
+                       the tensor's identity and its data pointer: "recompile" (default): this call
+                       runs the captured graph eagerly with the new values and the next one compiles
+                       it again; "raise": a WeightsChangedError naming the changed tensors; "ignore":
+                       Inductor's freezing semantics, the values of compile time for every weight,
+                       dense or sparse alike (the compiled model holds its own copy of the frozen
+                       tensors, so it costs their memory once more; no check per call).
+                       Writes through `.data` (`weight.data.mul_(2)`) bypass the version counter:
+                       no mode sees them (docs/decisions.md, "Weights that change").
     """
 
     force: bool = False
@@ -106,10 +122,21 @@ class SparseOptions:
     int8_product: str = "bf16"
     reductions: str = "one-pass"
     fuse_mlp: bool = False
+    on_weight_change: str = "recompile"
 
     def __post_init__(self):
-        object.__setattr__(self, "patterns", tuple(self.patterns))
-        object.__setattr__(self, "block_sizes", tuple(sorted(set(self.block_sizes), reverse=True)))
+        for name in ("force", "fx_cache", "fuse_mlp"):
+            _check_type(name, getattr(self, name), bool, "True or False")
+        for name in ("max_block_density", "min_speedup"):
+            _check_type(name, getattr(self, name), (int, float), "a number", exclude=bool)
+        for name in ("dispatch", "nonfinite", "fp8_product", "int8_product", "reductions", "on_weight_change"):
+            _check_type(name, getattr(self, name), str, "a string")
+        for name in ("kernel", "mode"):
+            if getattr(self, name) is not None:
+                _check_type(name, getattr(self, name), str, "a string or None")
+        object.__setattr__(self, "patterns", _sequence("patterns", self.patterns, str, '("2:4", "block")'))
+        sizes = _sequence("block_sizes", self.block_sizes, int, "(32, 64)")
+        object.__setattr__(self, "block_sizes", tuple(sorted(set(sizes), reverse=True)))
         bad = [p for p in self.patterns if p not in PATTERNS]
         if bad:
             raise ValueError(f"unknown sparsity pattern(s) {bad}; choose from {PATTERNS}")
@@ -132,9 +159,24 @@ class SparseOptions:
             raise ValueError(f"unknown reductions {self.reductions!r}; choose from {_REDUCTIONS}")
         if self.mode not in _MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {_MODES[1:]}")
+        if self.on_weight_change not in _ON_WEIGHT_CHANGE:
+            raise ValueError(f"unknown on_weight_change {self.on_weight_change!r}; choose from {_ON_WEIGHT_CHANGE}")
 
     def digest(self) -> str:
         return repr(dataclasses.astuple(self))
+
+
+def _check_type(name: str, value: Any, types, what: str, exclude: type | None = None) -> None:
+    if not isinstance(value, types) or (exclude is not None and isinstance(value, exclude)):
+        raise TypeError(f"option {name!r} must be {what}, got {type(value).__name__} {value!r}")
+
+
+def _sequence(name: str, value: Any, item: type, example: str) -> tuple:
+    """A tuple of `item`s from a list or tuple (a lone string is not a sequence of patterns here)."""
+    if not isinstance(value, (list, tuple)) or any(not isinstance(v, item) or isinstance(v, bool) for v in value):
+        raise TypeError(f"option {name!r} must be a tuple of {item.__name__}s, e.g. {example}, "
+                        f"got {type(value).__name__} {value!r}")
+    return tuple(value)
 
 
 _FIELDS = {f.name for f in dataclasses.fields(SparseOptions)}
@@ -154,7 +196,7 @@ def resolve_options(
         if ours.get("mode") not in (None, mode):
             raise ValueError(f"mode given twice: {mode!r} and options['mode']={ours['mode']!r}")
         ours["mode"] = mode
-    if os.environ.get(ENV_FORCE, "") not in ("", "0"):
+    if env_flag(ENV_FORCE):
         ours["force"] = True
     opts = SparseOptions(**ours)
     if opts.mode not in (None, "default"):
@@ -179,5 +221,17 @@ def _check_inductor_keys(patches: Mapping[str, Any]) -> None:
         )
 
 
+def env_flag(name: str) -> bool:
+    """An on/off environment variable: 1/0, true/false, yes/no, on/off (any case); unset or empty is
+    off. Any other value raises, naming the variable: a typo must not silently pick a side."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"environment variable {name}={os.environ[name]!r}: expected one of "
+                     f"1/0, true/false, yes/no, on/off")
+
+
 def disabled_by_env() -> bool:
-    return os.environ.get(ENV_DISABLE, "") not in ("", "0")
+    return env_flag(ENV_DISABLE)

@@ -1,7 +1,9 @@
 """Per-layer decision records: the source of `explain`, the log lines and the tests' assertions.
 
 The rewrite pass makes one LayerDecision per linear it looks at and hands it to `record()`, which
-logs it on the `sparse_inductor` logger and appends it to every active `collect()` context.
+logs it on the `sparse_inductor` logger and appends it to every `collect()` context open on the
+same thread. A compile runs on the thread that calls the model, so a context sees the records of
+the compiles its own thread makes, never those of another thread's.
 """
 from __future__ import annotations
 
@@ -122,21 +124,24 @@ class Report:
     __repr__ = __str__
 
 
-_lock = threading.Lock()
-_sinks: list[list] = []
+_local = threading.local()  # .sinks: the open collect() contexts of this thread
+
+
+def _sinks() -> list[list]:
+    if not hasattr(_local, "sinks"):
+        _local.sinks = []
+    return _local.sinks
 
 
 @contextlib.contextmanager
 def collect() -> Iterator[list]:
-    """Collect the records (and notes, as strings) made while the block runs."""
+    """Collect the records (and notes, as strings) that this thread makes while the block runs."""
     sink: list = []
-    with _lock:
-        _sinks.append(sink)
+    _sinks().append(sink)
     try:
         yield sink
     finally:
-        with _lock:
-            _sinks.remove(sink)
+        _sinks().remove(sink)
 
 
 def record(item: LayerDecision | str) -> None:
@@ -146,6 +151,5 @@ def record(item: LayerDecision | str) -> None:
     else:
         log.warning("%s", item)
         warnings.warn(item, RuntimeWarning, stacklevel=2)
-    with _lock:
-        for sink in _sinks:
-            sink.append(item)
+    for sink in _sinks():
+        sink.append(item)

@@ -728,7 +728,7 @@ def test_grad_enabled_stays_dense():
     assert [d.name for d in r.decisions] == ["dense", "s24", "blk"]
     for d in r.decisions:
         assert d.kernel == "dense"
-        assert "no_grad" in d.reason and "graph input" in d.reason, d.line()
+        assert "no_grad" in d.reason and "inputs of the graph" in d.reason, d.line()
     assert OP_24 not in r.code and OP_BLOCK not in r.code
 
 
@@ -1052,6 +1052,8 @@ class Two(nn.Module):
 
 
 def test_parameter_replaced_after_compile(caplog):
+    """A replaced parameter object is a change (tests/test_weights_and_inputs.py has the in-place
+    ones): every answer uses the current weights; each change seen is said once."""
     m = seeded(Two)
     x = torch.randn(3, 16)
     compiled = torch.compile(m, backend="sparse", options=FORCE)
@@ -1062,11 +1064,14 @@ def test_parameter_replaced_after_compile(caplog):
         new = compiled(x)
         assert_like_eager(new, m(x))
         assert not torch.equal(new, old)
+        assert_like_eager(compiled(x), m(x))  # compiled again, with the new weight
         m.fc.weight = nn.Parameter(torch.randn(32, 16))  # a dense one
         assert_like_eager(compiled(x), m(x))
         m.out.bias = nn.Parameter(torch.randn(16))
         assert_like_eager(compiled(x), m(x))
-    notes = [s for s in sink if isinstance(s, str)]
-    assert len(notes) == 1 and "a parameter was replaced after compilation" in notes[0]
-    assert len([r for r in caplog.records if "was replaced" in r.getMessage()]) == 1  # logged once
-    assert counters["stats"]["unique_graphs"] == 1
+        assert_like_eager(compiled(x), m(x))
+    said = [s for s in sink if isinstance(s, str)]
+    # (Dynamo may stop treating replaced parameters as static: those then stay inputs, read live)
+    assert said and all("changed after compilation" in n for n in said) and "fc.weight" in said[0], said
+    assert counters["sparse_inductor"]["weights_changed"] == len(said)
+    assert len([r for r in caplog.records if "changed after compilation" in r.getMessage()]) == len(said)

@@ -74,11 +74,21 @@ def _module_path(node: fx.Node) -> Optional[str]:
 
 
 def _is_linear_module(node: fx.Node) -> bool:
+    """Whether the node was traced from a linear layer: F.linear (Dynamo's source_fn_stack), or
+    inside an nn.Linear (or a subclass): the innermost module of its stack, which Dynamo records as
+    a class or as its qualified name."""
+    fns = node.meta.get("source_fn_stack")
+    if fns and fns[-1][1] in (torch._C._nn.linear, torch.nn.functional.linear):
+        return True
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return False
     _, ty = list(stack.values())[-1]
-    return isinstance(ty, type) and issubclass(ty, torch.nn.Linear) or "Linear" in str(ty)
+    if isinstance(ty, str):
+        import pydoc
+
+        ty = pydoc.locate(ty.replace("<class '", "").replace("'>", ""))
+    return isinstance(ty, type) and issubclass(ty, torch.nn.Linear)
 
 
 _CONVERTS = {torch.ops.prims.convert_element_type.default, aten._to_copy.default}
@@ -91,7 +101,7 @@ def _convert_dtype(node: fx.Node) -> Optional[torch.dtype]:
     return node.args[1] if len(node.args) > 1 else None
 
 
-def _resolve_weight(gm: fx.GraphModule, wt: fx.Node) -> tuple[Optional[fx.Node], Optional[torch.Tensor], Optional[str],
+def _resolve_weight(gm: fx.GraphModule, wt: fx.Node, input_reason=None) -> tuple[Optional[fx.Node], Optional[torch.Tensor], Optional[str],
                                                                list[fx.Node], Optional[torch.dtype]]:
     """W_t operand of mm -> (get_attr node, W [N, K], why not, the nodes between, dequant dtype).
 
@@ -124,8 +134,8 @@ def _resolve_weight(gm: fx.GraphModule, wt: fx.Node) -> tuple[Optional[fx.Node],
             return None, None, f"weight is converted from {t.dtype} to {dequant} in the graph (only int8 -> float is read)", [], None
         return node, (t.t() if transposed else t), None, chain, dequant
     if node.op == "placeholder":
-        return None, None, ("weight is a graph input, not a constant: compile under torch.no_grad() or "
-                            "torch.inference_mode() so that Inductor freezes the weights"), [], None
+        return None, None, (input_reason(node) if input_reason is not None else
+                            "the weight is an input of the graph, not a constant"), [], None
     return None, None, ("weight is computed in the graph, not a constant (e.g. dequantized with per-group "
                         "scales before the matmul)"), [], None
 
@@ -146,7 +156,9 @@ def _from_int8_constant(gm: fx.GraphModule, node: fx.Node, depth: int = 8) -> bo
     return False
 
 
-def find_linears(gm: fx.GraphModule, opts: Optional[SparseOptions] = None) -> list[LinearSite]:
+def find_linears(gm: fx.GraphModule, opts: Optional[SparseOptions] = None, input_reason=None) -> list[LinearSite]:
+    """The linears of the graph. input_reason(placeholder) says why a weight that is a graph input
+    stays dense (backend.py knows whether grad, freezing or the model's structure kept it one)."""
     product = (opts or SparseOptions()).fp8_product
     sites = []
     for node in gm.graph.nodes:
@@ -167,7 +179,7 @@ def find_linears(gm: fx.GraphModule, opts: Optional[SparseOptions] = None) -> li
             continue
         if not isinstance(wt, fx.Node) or not isinstance(x, fx.Node):
             continue
-        wnode, w, why, chain, dequant = _resolve_weight(gm, wt)
+        wnode, w, why, chain, dequant = _resolve_weight(gm, wt, input_reason)
         if w is None and not _is_linear_module(node) and not _from_int8_constant(gm, wt):
             continue  # a matmul of activations, not a linear layer
         name = _module_path(node) or (str(wnode.target) if wnode is not None else node.name)
@@ -344,9 +356,9 @@ def _compress(det: Detection, w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"blocks": bs.blocks, "row_ptr": bs.row_ptr, "col_idx": bs.col_idx, "row_order": bs.row_order}
 
 
-def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions) -> list[LinearSite]:
+def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions, input_reason=None) -> list[LinearSite]:
     """The pass body: detect, decide, rewrite. Returns the sites it looked at."""
-    sites = find_linears(gm, opts)
+    sites = find_linears(gm, opts, input_reason)
     detections: dict[int, Detection] = {}
     consts = _Constants(gm)
     compressed: dict[int, dict[str, dict]] = {}  # weight -> format -> constants, made once

@@ -16,7 +16,7 @@ import functools
 import hashlib
 import logging
 import pathlib
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -76,15 +76,17 @@ def weights_digest(graph_code: str, tensors: Iterable[Any], opts: SparseOptions)
 class SparseGraphPass(CustomGraphPass):
     """weights_digest: see weights_digest(); None makes uuid() None (no FX graph cache)."""
 
-    def __init__(self, opts: SparseOptions, weights_digest: Optional[str], user_pass: Any = None):
+    def __init__(self, opts: SparseOptions, weights_digest: Optional[str], user_pass: Any = None,
+                 input_reason: Optional[Callable[[torch.fx.Node], str]] = None):
         self.opts = opts
         self.weights_digest = weights_digest
         self.user_pass = user_pass
+        self.input_reason = input_reason  # why a weight that is a graph input stays dense (backend.py)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
         try:
-            rewrite_linears(gm, self.opts)
+            rewrite_linears(gm, self.opts, self.input_reason)
             fuse_mlps(gm, self.opts)
             derive_library_checks(gm, self.opts)
             fuse_library_activations(gm, self.opts)
