@@ -175,8 +175,49 @@ def time_cached(key: str, make: Callable[[], Callable[[], object]], device: Opti
     return us
 
 
+# How far a candidate's output may be from the fp64 reference (relative Frobenius error over the
+# checked rows) before it is dropped: a check for a wrong kernel (garbage, a layout mix-up: errors
+# of order 1), not a precision test. x and W are exact in the layer's dtype, so what remains is the
+# output's rounding (at most half an ulp: 2^-8 of |y| for bf16, 2^-11 for fp16) and fp32
+# accumulation; the bounds below are four times the unit roundoff of what the kernel writes.
+CHECK_TOLERANCE = {
+    torch.float32: 2e-3,   # tf32 operands (10-bit mantissa) where the kernel's dot uses them: 2^-11 = 4.9e-4
+    torch.float16: 2e-3,   # 4 * 2^-11
+    torch.bfloat16: 1.6e-2,  # 4 * 2^-8
+    torch.int32: 0.0,      # an int8 x int8 product in int32 is exact
+}
+CHECK_ROWS = 64  # rows of the output compared with the reference (evenly spread over M)
+
+
+def check_output(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[str]:
+    """Why y is not x @ w^T (+ bias) within CHECK_TOLERANCE[y.dtype] on a few rows, or None.
+
+    The reference is computed in float64 on CHECK_ROWS rows, with W in slices of 4096 rows (a
+    large layer's fp64 copy would cost gigabytes)."""
+    m, n = x.shape[0], w.shape[0]
+    if tuple(y.shape) != (m, n):
+        return f"wrong output shape {tuple(y.shape)}, expected {(m, n)}"
+    rows = torch.linspace(0, m - 1, min(m, CHECK_ROWS), device=x.device).round().long().unique()
+    xr = x[rows].double()
+    ref = torch.cat([xr @ w[i:i + 4096].double().t() for i in range(0, n, 4096)], dim=1)
+    if bias is not None:
+        ref += bias.double()
+    got = y[rows].double()
+    if not torch.isfinite(got).all():
+        return "non-finite output on a finite input"
+    err = float((got - ref).norm() / ref.norm().clamp_min(1e-300))
+    tol = CHECK_TOLERANCE.get(y.dtype, CHECK_TOLERANCE[torch.bfloat16])
+    if not err <= tol:
+        return f"wrong result: relative error {err:.2e} against an fp64 reference (allowed {tol:.0e})"
+    return None
+
+
 class LayerTimer:
     """The dispatcher's timer for one layer: (kernel name or "dense", M) -> (us, params) or None.
+
+    Before a candidate is timed, its first call (which compiles or plans it) is checked against an
+    fp64 reference (check_output) and synchronized, so that a kernel that computes something else,
+    or that fails on the device, is dropped with the reason instead of being timed.
 
     w: the dense weight [N, K] on the device; tensors(spec): the spec's compressed constants
     (memoized by the caller, so the chosen kernel's constants are made once); structure: a string
@@ -251,7 +292,13 @@ class LayerTimer:
         for params in (spec.variants(ly, tensors) if spec.variants else [{}]):
             try:
                 fn = spec.runner(tensors, bias, ly, params)
-                fn(x)  # compile / plan outside the timed region
+                y = fn(x)  # compile / plan outside the timed region, and check what it computes
+                if x.is_cuda:  # a failure on the device surfaces here, named for this candidate
+                    torch.cuda.synchronize(x.device)
+                why = check_output(y, x, w, self._reference_bias(bias))
+                if why is not None:
+                    raise RuntimeError(f"{why} at M={m}")
+                del y
                 t = time_us(lambda: fn(x), spec.host_heavy and not self.graphs)
             except Exception as e:
                 log.debug("sparse_inductor: %s %s failed at M=%d: %s", name, params, m, e)
@@ -262,6 +309,11 @@ class LayerTimer:
         if best is None and first_error:  # no variant ran: the dispatcher reports why
             self.failures.setdefault(name, first_error)
         return best
+
+    def _reference_bias(self, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The bias the runner's output includes: none for fp8 forms whose epilogue adds it later."""
+        sc = self.layer.scaled
+        return None if sc is not None and sc.form != "tensor" else bias
 
     def _fp8_inputs(self, m: int, gen: torch.Generator) -> tuple:
         """fp8 x [m, K], the bias (out_dtype) and dense: torch._scaled_mm as the graph calls it, with

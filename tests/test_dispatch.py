@@ -168,3 +168,43 @@ def test_timer_key_separates_what_changes_the_time(tmp_path, monkeypatch):
     ]
     assert len({k, *others}) == 8
     assert torch.__version__ in k
+
+
+def test_a_candidate_that_computes_something_else_is_dropped_with_the_reason(tmp_path, monkeypatch):
+    """Checked against fp64 before it is timed: a wrong variant is not timed, a right one is."""
+    monkeypatch.setenv(measure.ENV_CACHE_DIR, str(tmp_path))
+    timed = []
+    monkeypatch.setattr(measure, "time_us", lambda fn, count_host: (timed.append(1), 10.0)[1])
+    w = torch.randn(32, 64)
+    ly = Layer("2:4", 8, 32, 64, torch.float32, "cpu")
+
+    def runner(t, bias, ly, params):
+        if params["v"] == "transposed-meta":  # a layout mix-up: the right shape, the wrong numbers
+            return lambda x: x @ t["w"].flip(1).t()
+        if params["v"] == "nan":
+            return lambda x: torch.full((x.shape[0], 32), float("nan"))
+        return lambda x: x @ t["w"].t()
+
+    def spec(variants):
+        return KernelSpec("fake", "2:4", ("cuda",), lambda ly: None, lambda ly, m: None, runner=runner,
+                          variants=lambda ly, t: [{"v": v} for v in variants])
+
+    bad = measure.LayerTimer(ly, w, False, SparseOptions(), {"fake": spec(["transposed-meta", "nan"])},
+                             lambda s: {"w": w})
+    assert bad("fake", 8) is None and timed == []
+    assert "wrong result: relative error" in bad.failures["fake"] and "M=8" in bad.failures["fake"]
+    good = measure.LayerTimer(ly, w, False, SparseOptions(), {"fake": spec(["nan", "right"])},
+                              lambda s: {"w": w})
+    assert good("fake", 16) == (10.0, {"v": "right"}) and timed == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_check_output_passes_a_correct_rounding_and_fails_a_perturbed_one(dtype):
+    torch.manual_seed(0)
+    x, w, b = (torch.randn(100, 64).to(dtype), torch.randn(48, 64).to(dtype), torch.randn(48).to(dtype))
+    y = (x.double() @ w.double().t() + b.double()).to(dtype)  # the exact result, rounded once
+    assert measure.check_output(y, x, w, b) is None
+    assert "wrong result" in measure.check_output(y * 1.1, x, w, b)
+    assert "wrong output shape" in measure.check_output(y[:, :47], x, w, b)
+    y[0, 5] = float("inf")  # row 0 is always among the checked rows
+    assert "non-finite" in measure.check_output(y, x, w, b)
