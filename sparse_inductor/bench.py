@@ -17,6 +17,7 @@ import platform
 import signal
 import sys
 from typing import Callable, Optional
+import time
 
 import torch
 import torch.nn as nn
@@ -689,6 +690,59 @@ _E2E_MODES = (("graph", "dense_compile", "sparse"), ("default", "dense_compile_n
               ("RO", "dense_ro", "sparse_ro"))
 
 
+def _host_per_call_us(fn: Callable, n: int = 20000) -> float:
+    """Median over 5 rounds of the host time per call of fn, us."""
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        rounds.append((time.perf_counter() - t0) / n * 1e6)
+    return sorted(rounds)[2]
+
+
+def bench_guard(rows: list, blocks: int = 8, batch: int = 1):
+    """The weight guard's cost (backend._FrozenCall, options on_weight_change): 8 Llama MLP blocks
+    (4096 / 14336, every weight 2:4) at decode batch 1. The guard itself: host time per call of the
+    check over the model's frozen tensors (version, identity, data pointer), against the same call
+    with nothing watched; the call: do_bench medians of the compiled model in the default and
+    reduce-overhead modes, on_weight_change="recompile" (checked) and "ignore" (no check)."""
+    from .backend import _FrozenCall
+    from .prune import prune
+
+    dev, dt = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    model = nn.Sequential(*[LlamaMLP() for _ in range(blocks)]).to(dev, dt).eval()
+    prune(model, "2:4")
+    x = torch.randn(batch, 4096, device=dev, dtype=dt)
+    params = list(model.parameters())
+    args = [*params, x]
+    frozen = dict(enumerate(params))
+    names = [f"p{i}" for i in range(len(args))]
+    checked = _FrozenCall(lambda *a: None, len(args), frozen, frozen, names, None, "recompile", None)
+    unchecked = _FrozenCall(lambda *a: None, len(args), frozen, {}, names, None, "ignore", None)
+    guard_us = _host_per_call_us(lambda: checked(*args)) - _host_per_call_us(lambda: unchecked(*args))
+    print(f"\n## The weight guard: {blocks} Llama MLP blocks (4096/14336, 2:4), decode batch {batch}, "
+          f"{len(params)} frozen tensors\n")
+    print(f"The check alone: {guard_us:.2f} us of host time per call.\n")
+    print("| mode | on_weight_change=recompile (checked) | ignore (no check) | check / call |")
+    print("|---|---|---|---|")
+    for mode in ("default", "reduce-overhead"):
+        times = {}
+        for on_change in ("recompile", "ignore"):
+            torch._dynamo.reset()
+            with torch.no_grad():
+                c = torch.compile(model, backend="sparse", options={"mode": mode, "on_weight_change": on_change})
+                c(x)
+                times[on_change] = _bench(lambda: c(x), rep=300)
+            c = None
+        torch._dynamo.reset()
+        rows.append(dict(section="guard", mode=mode, blocks=blocks, batch=batch, guard_host_us=guard_us,
+                         checked=times["recompile"], unchecked=times["ignore"]))
+        print(f"| {mode} | {_fmt(times['recompile'])} | {_fmt(times['ignore'])} | "
+              f"{guard_us / times['recompile']:.2%} |", flush=True)
+
+
 def target_summary(rows: list) -> str:
     """A markdown table of the TARGETS this run's rows measured: the ratio, the target, met or not.
     A compose target ("faster than") needs a ratio above 1."""
@@ -716,7 +770,8 @@ def target_summary(rows: list) -> str:
 
 
 SECTIONS = {"linear24": bench_linear24, "block": bench_block, "cusparselt": bench_cusparselt, "e2e": bench_e2e,
-            "quant": bench_quant, "int8_act": bench_int8_act, "fp8": bench_fp8, "compose": bench_compose}
+            "quant": bench_quant, "int8_act": bench_int8_act, "fp8": bench_fp8, "compose": bench_compose,
+            "guard": bench_guard}
 
 
 def main(argv=None):
@@ -745,7 +800,8 @@ def main(argv=None):
     quick = {"linear24": dict(shapes=[(1, 4096, 4096)]), "block": dict(cases=[(16, 4096, 4096, 64, 0.9)]),
              "cusparselt": dict(shapes=[(2048, 4096, 4096)]), "e2e": dict(which=()),
              "quant": dict(shapes=[(1, 4096, 4096)], models=False), "int8_act": dict(shapes=[(2048, 4096, 4096)]),
-             "fp8": dict(shapes=[(2048, 4096, 4096)]), "compose": dict(name="vit_base_patch16_224", batch=8)}
+             "fp8": dict(shapes=[(2048, 4096, 4096)]), "compose": dict(name="vit_base_patch16_224", batch=8),
+             "guard": dict(blocks=2)}
     targets = {"quant": dict(shapes=[(1, 14336, 4096)]), "cusparselt": dict(shapes=[(8192, 14336, 4096), (8192, 4096, 14336)]),
                "int8_act": dict(shapes=[(8192, 14336, 4096)]), "compose": dict(core=True)}
     names = [name.strip() for name in args.sections.split(",")]

@@ -30,9 +30,11 @@ FORCE = {"force": True}
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
+    """A fresh Dynamo, and no FX graph cache: on a hit the passes do not run and record nothing."""
     torch._dynamo.reset()
     counters.clear()
-    yield
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        yield
     torch._dynamo.reset()
 
 
