@@ -1,7 +1,9 @@
 """Where one compiled sparse linear's GPU time goes: for a block-sparse or 2:4 weight and each M,
-the CUDA-graph replay time (do_bench median) of dense F.linear, dense torch.compile, the kernel's
-eager launcher, and backend="sparse" with force=True under each option set, then the per-kernel
-CUDA times (torch.profiler) of each compiled call.
+the CUDA-graph replay time (do_bench median) of dense F.linear, dense torch.compile and
+backend="sparse" with force=True under each option set, then the per-kernel CUDA times
+(torch.profiler) of each compiled call; the "ro" variants compile with mode="reduce-overhead" and
+are timed as a user calls them (do_bench of the call: Inductor's CUDA-graph replay with its input
+copy and its host time where the GPU waits for it), with their host time per call beside.
 
     python bench/profile_layer.py [--pattern block|2:4] [--nk 14336x4096] [--ms 1,16,8192]
                                   [--sparsity 0.9] [--block 64] [--variants "exact;fast"]
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,23 @@ from sparse_inductor.bench import _bench, _compiled_linear, _graphed, header  # 
 from sparse_inductor.prune import prune_24_, prune_blocks_  # noqa: E402
 
 VARIANTS = {"exact": {"force": True}, "fast": {"force": True, "nonfinite": "fast"}}
+# compiled with mode="reduce-overhead" (Inductor's CUDA graphs) and called as a user calls it:
+# do_bench of the call, which includes the host time of each replay where the GPU waits for it
+RO_VARIANTS = {"ro exact": {"force": True, "mode": "reduce-overhead"},
+               "ro fast": {"force": True, "nonfinite": "fast", "mode": "reduce-overhead"}}
+
+
+def host_us(fn, n: int = 50) -> float:
+    """Median host time per call of fn behind a deep GPU queue (the GPU never waits for the host)."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return sorted(ts)[n // 2] * 1e6
 
 
 def main(argv=None) -> None:
@@ -30,7 +50,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ms", default="1,16,8192")
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--block", type=int, default=64)
-    ap.add_argument("--variants", default="exact;fast")
+    ap.add_argument("--variants", default="exact;fast;ro exact;ro fast")
     ap.add_argument("--top", type=int, default=6)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -48,9 +68,21 @@ def main(argv=None) -> None:
             dc = _compiled_linear(w, None, "inductor")
             dc(x)
             row["dense compile"] = _bench(_graphed(lambda: dc(x)))
+            dro = _compiled_linear(w, None, "inductor")
+            dro = torch.compile(dro._orig_mod, mode="reduce-overhead")
+            for _ in range(3):
+                dro(x)
+            row["dense compile ro"] = _bench(lambda: dro(x))
+            row["dense ro host"] = host_us(lambda: dro(x))
             for v in a.variants.split(";"):
-                mod = _compiled_linear(w, None, "sparse", VARIANTS[v.strip()])
-                mod(x)
+                v = v.strip()
+                mod = _compiled_linear(w, None, "sparse", {**VARIANTS, **RO_VARIANTS}[v])
+                for _ in range(3):
+                    mod(x)
+                if v in RO_VARIANTS:
+                    row[v] = _bench(lambda: mod(x))
+                    row[v + " host"] = host_us(lambda: mod(x))
+                    continue
                 row[v] = _bench(_graphed(lambda: mod(x)))
                 total, launches, kernels = _profile(lambda: mod(x))
                 print(f"\n### M={m} {v}: {row[v]:.1f} us (graph replay); {total:.1f} us of kernels, {launches} launches")

@@ -36,8 +36,39 @@ def _source(fn: Any) -> str:
     return src
 
 
+def _jit_callees(fn: Any) -> list:
+    """The @triton.jit functions that fn's body names (resolved in fn's module, as Triton does)."""
+    py = getattr(fn, "fn", fn)
+    out = []
+    for name in py.__code__.co_names:
+        g = py.__globals__.get(name)
+        if g is not None and g is not fn and callable(getattr(g, "fn", None)) and hasattr(g.fn, "__code__"):
+            out.append(g)
+    return out
+
+
+def with_callees(device_functions: Sequence[Any]) -> list:
+    """device_functions and every @triton.jit function they call, transitively, each once: the
+    template's module must define all of them (a callee left out fails only when Inductor compiles
+    the kernel, and the layer then falls back to plain Inductor)."""
+    order, seen = [], set()
+
+    def visit(f):
+        key = id(getattr(f, "fn", f))
+        if key in seen:
+            return
+        seen.add(key)
+        for callee in _jit_callees(f):
+            visit(callee)
+        order.append(f)
+
+    for f in device_functions:
+        visit(f)
+    return order
+
+
 def device_functions_source(device_functions: Sequence[Any]) -> str:
-    return "".join(_source(f) + "\n\n" for f in device_functions)
+    return "".join(_source(f) + "\n\n" for f in with_callees(device_functions))
 
 
 def template_source(device_functions: Sequence[Any], body: str) -> str:
