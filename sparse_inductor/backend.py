@@ -319,7 +319,10 @@ class _FrozenCall:
         self.watched = dict(watched)
         self.pick = _picker(list(watched))
         self.tensors = tuple(watched.values())
-        self.ptrs = [_DATA_PTR(t) for t in self.tensors]
+        self.ptrs = {i: _data_ptr(t) for i, t in watched.items()}  # None: a wrapper subclass (DTensor)
+        pointed = [i for i, p in self.ptrs.items() if p is not None]
+        self.pick_pointed = _picker(pointed)
+        self.ptr_list = [self.ptrs[i] for i in pointed]
         self.versions = {i: _version(t) for i, t in watched.items()}  # None: an inference tensor
         versioned = [i for i, v in self.versions.items() if v is not None]
         self.pick_versioned = _picker(versioned)
@@ -333,14 +336,15 @@ class _FrozenCall:
     def __call__(self, *args):
         if not self.changed:
             picked = self.pick(args)
-            if (all(map(operator.is_, picked, self.tensors)) and list(map(_DATA_PTR, picked)) == self.ptrs
+            if (all(map(operator.is_, picked, self.tensors))
+                    and list(map(_DATA_PTR, self.pick_pointed(args))) == self.ptr_list
                     and sum(map(_VERSION, self.pick_versioned(args))) == self.version_sum):
                 return self.compiled(*self.keep(args))
         return self._changed(args)
 
     def _changed(self, args):
         names = [self.names[i] for i, t in self.watched.items()
-                 if args[i] is not t or _DATA_PTR(args[i]) != _DATA_PTR(t) or _version(args[i]) != self.versions[i]]
+                 if args[i] is not t or _data_ptr(args[i]) != self.ptrs[i] or _version(args[i]) != self.versions[i]]
         what = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         if self.on_change == "raise":
             raise WeightsChangedError(
@@ -356,6 +360,15 @@ class _FrozenCall:
                                                     " (compile again to make it fast: torch.compiler.reset())"))
         with torch.no_grad():
             return self.eager(*args)
+
+
+def _data_ptr(t: torch.Tensor) -> Optional[int]:
+    """The tensor's data pointer; None for a wrapper subclass without storage of its own (DTensor:
+    its local shard is another tensor; identity and version are checked there)."""
+    try:
+        return _DATA_PTR(t)
+    except RuntimeError:
+        return None
 
 
 def _version(t: torch.Tensor) -> Optional[int]:
