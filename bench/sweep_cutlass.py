@@ -94,11 +94,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     ap.add_argument("--configs", default="table", help="'table' or CutlassConfig.short() strings, comma-separated")
     ap.add_argument("--no-bias", action="store_true")
+    ap.add_argument("--splits", default=",".join(map(str, c24.STREAMK_SPLITS)),
+                    help="splits timed for stream-K configs (0: stream-K, >1: split-K)")
     ap.add_argument("--build-only", action="store_true", help="compile the libraries and stop (no GPU needed)")
     ap.add_argument("--jobs", type=int, default=None, help="parallel nvcc builds")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     ms = [int(v) for v in args.ms.split(",")]
+    splits_list = [int(v) for v in args.splits.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ks = kernels(ms, args.dtype, args.configs)
     start = time.perf_counter()
@@ -136,23 +139,24 @@ def main(argv=None) -> int:
             x = torch.randn(m, kd, device="cuda", generator=gen).to(tdt)
             dense = _bench(_graphed(lambda: F.linear(x, w, b)))
             top = None
-            for cfg in by_m[m]:
+            for cfg, splits in ((c, s) for c in by_m[m] for s in (splits_list if c.scheduler == "streamk" else (1,))):
                 k = c24.kernel_for(tdt, c24.params_of(cfg))
+                name = cfg.short() + (f" splits={splits}" if cfg.scheduler == "streamk" else "")
                 if k in failed or k in wrong:
-                    rows.append(dict(n=n, k=kd, m=m, config=cfg.short(), us=None, dense_us=dense))
+                    rows.append(dict(n=n, k=kd, m=m, config=name, us=None, dense_us=dense))
                     continue
                 lib = c24.library(k)
                 values, meta = comp[k.layout_key[1]]
                 out = torch.empty(m, n, dtype=tdt, device="cuda")
                 try:
-                    t = _bench(_graphed(lambda: lib(x, values, meta, n, bias=b, out=out)))
+                    t = _bench(_graphed(lambda: lib(x, values, meta, n, bias=b, out=out, splits=splits)))
                 except Exception as e:  # a config the kernel refuses at this shape: reported, not fatal
-                    print(f"| {m} | {dense:.1f} | {cfg.short()} | failed: {str(e)[:80]} | - |")
+                    print(f"| {m} | {dense:.1f} | {name} | failed: {str(e)[:80]} | - |")
                     continue
-                rows.append(dict(n=n, k=kd, m=m, config=cfg.short(), us=t, dense_us=dense))
-                print(f"| {m} | {dense:.1f} | {cfg.short()} | {t:.1f} | {dense / t:.2f}x |", flush=True)
+                rows.append(dict(n=n, k=kd, m=m, config=name, us=t, dense_us=dense))
+                print(f"| {m} | {dense:.1f} | {name} | {t:.1f} | {dense / t:.2f}x |", flush=True)
                 if top is None or t < top[1]:
-                    top = (cfg.short(), t)
+                    top = (name, t)
             if top:
                 best.append((n, kd, m, dense, *top))
         print()

@@ -66,7 +66,7 @@ import torch
 
 __all__ = ["CutlassConfig", "Epilogue", "CutlassKernel", "DTYPES", "OUT_DTYPES", "STATUS", "generate_source",
            "CONFIG_TABLE", "M_BUCKETS", "bucket", "configs_for", "build", "library", "reference", "error_bound",
-           "LAYOUT_TILE_KS", "kernel_for", "params_of", "kernel_spec"]
+           "LAYOUT_TILE_KS", "STREAMK_SPLITS", "kernel_for", "params_of", "kernel_spec"]
 
 # operand dtype -> (CUTLASS element, accumulator, torch dtype)
 DTYPES = {
@@ -722,16 +722,21 @@ M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # a layer's M goes to the first b
 
 # Not measured yet: starting points from CUTLASS's unit tests and vLLM's former sm90 sparse table
 # (which used GEMM N tiles 64-128 with swap-AB), with the token tile shrunk to M at decode sizes.
+# At small M the grid is N / tile M CTAs (32 for N = 4096 with tile M 128, on 132 SMs): the
+# stream-K entries split K over the idle SMs (splits chosen per call: kernel_spec's variants).
 CONFIG_TABLE: dict[int, tuple[CutlassConfig, ...]] = {
     16: (CutlassConfig((128, 16, 128), (1, 1, 1), "warpspecialized"),
          CutlassConfig((64, 16, 128), (1, 1, 1), "pingpong"),
-         CutlassConfig((128, 16, 128), (2, 1, 1), "pingpong")),
+         CutlassConfig((128, 16, 128), (2, 1, 1), "pingpong"),
+         CutlassConfig((128, 16, 128), (1, 1, 1), "cooperative", scheduler="streamk")),
     32: (CutlassConfig((128, 32, 128), (1, 1, 1), "warpspecialized"),
          CutlassConfig((64, 32, 128), (1, 1, 1), "pingpong"),
-         CutlassConfig((128, 32, 128), (2, 1, 1), "pingpong")),
+         CutlassConfig((128, 32, 128), (2, 1, 1), "pingpong"),
+         CutlassConfig((128, 32, 128), (1, 1, 1), "cooperative", scheduler="streamk")),
     64: (CutlassConfig((128, 64, 128), (1, 1, 1), "pingpong"),
          CutlassConfig((64, 64, 128), (1, 1, 1), "pingpong"),
-         CutlassConfig((128, 64, 128), (2, 1, 1), "pingpong")),
+         CutlassConfig((128, 64, 128), (2, 1, 1), "pingpong"),
+         CutlassConfig((128, 64, 128), (1, 1, 1), "cooperative", scheduler="streamk")),
     128: (CutlassConfig((128, 128, 64), (1, 1, 1), "pingpong"),
           CutlassConfig((128, 64, 128), (2, 1, 1), "pingpong"),
           CutlassConfig((128, 128, 128), (1, 1, 1), "cooperative")),
@@ -861,6 +866,7 @@ def error_bound(k: CutlassKernel, x: torch.Tensor, w: torch.Tensor, ref: torch.T
 # a K of 128 leaves too few pipeline stages); the values are the same for both, the metadata (1/16
 # of a 16-bit weight's bytes) is made for each.
 LAYOUT_TILE_KS = (64, 128)
+STREAMK_SPLITS = (0, 2, 4)  # a stream-K config's variants: stream-K (0), split-K in 2 and 4
 _SPEC_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -919,13 +925,15 @@ def _spec_variants(layer, tensors) -> list:
     build is left out, with a log line)."""
     import logging
 
-    params = [params_of(c) for c in configs_for(layer.m or 1, _SPEC_DTYPES[layer.dtype])]
+    params = [params_of(c, s) for c in configs_for(layer.m or 1, _SPEC_DTYPES[layer.dtype])
+              for s in (STREAMK_SPLITS if c.scheduler == "streamk" else (1,))]
     built = build([kernel_for(layer.dtype, p) for p in params])
     ok = []
-    for p, (k, path) in zip(params, built.items()):
-        if isinstance(path, Exception):
+    for p in params:
+        k = kernel_for(layer.dtype, p)
+        if isinstance(built[k], Exception):
             logging.getLogger("sparse_inductor").warning("sparse_inductor: CUTLASS %s did not build: %s",
-                                                         k.describe(), path)
+                                                         k.describe(), built[k])
         else:
             ok.append(p)
     return ok

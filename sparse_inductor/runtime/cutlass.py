@@ -54,6 +54,7 @@ ENV_JOBS = "SPARSE_INDUCTOR_CUTLASS_JOBS"
 _ENV_ROOT = "SPARSE_INDUCTOR_CACHE_DIR"  # measure.py's root: the libraries go in <root>/cutlass
 
 ARCH = "sm_90a"
+CANNOT_IMPLEMENT = 1000 + 11  # the library's code for cutlass::Status::kInvalid, can_implement's "no"
 MIN_NVCC = (12, 2)  # CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED
 _BUILD_GB = 6.0  # memory one build may take (5.2 GB measured for one translation unit)
 
@@ -353,6 +354,9 @@ class GemmLibrary:
 
     # -- helpers ---------------------------------------------------------------------------
     def error_string(self, code: int) -> str:
+        if code == CANNOT_IMPLEMENT:  # GemmUniversalAdapter::can_implement's only refusal
+            return ("CUTLASS's can_implement refused the problem (TMA: the rows of x, the compressed W, "
+                    "y and aux must be multiples of 16 bytes)")
         return self._err(int(code)).decode(errors="replace")
 
     def _raise(self, what: str, code: int):
@@ -434,17 +438,15 @@ class GemmLibrary:
             mult = 16 // torch.empty((), dtype=dt).element_size() if dt is not None else 1
             if n % mult:
                 raise ValueError(f"N={n} must be a multiple of {mult} for a {dt} {what} (TMA's 16-byte rows)")
-        if bias is not None or sig.bias_dtype is None:  # a kernel with a bias adds 0 without one
-            _optional(bias, "bias", sig.bias_dtype, (n,), device)
-        _optional(aux, "aux", sig.aux_dtype, (m, n), device)
+        # a kernel with a bias adds 0 without one
+        if bias is not None and _present(bias, "bias", sig.bias_dtype is not None, ""):
+            _check(bias, "bias", sig.bias_dtype, (n,), device)
+        if _present(aux, "aux", sig.aux_dtype is not None, f"{sig.aux_dtype}, shape [{m}, {n}]"):
+            _check(aux, "aux", sig.aux_dtype, (m, n), device)
         for t, name, kind, length in ((weight_scale, "weight_scale", sig.weight_scale, n),
                                       (token_scale, "token_scale", sig.token_scale, m)):
-            if kind is None:
-                if t is not None:
-                    raise ValueError(f"{name}: this kernel's epilogue reads no {name}")
+            if not _present(t, name, kind is not None, f"{kind}, fp32"):
                 continue
-            if t is None:
-                raise ValueError(f"{name}: this kernel's epilogue needs one ({kind})")
             if kind == "vector":
                 t = t.reshape(-1) if t.dim() == 2 and 1 in t.shape else t
                 _check(t, name, torch.float32, (length,), device)
@@ -497,14 +499,16 @@ def _check(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple, device=
         raise ValueError(f"{name}: data pointer must be {align}-byte aligned (TMA), got address {t.data_ptr():#x}")
 
 
-def _optional(t, name, dtype, shape, device):
-    if dtype is None:
+def _present(t: Optional[torch.Tensor], name: str, wanted: bool, what: str) -> bool:
+    """Whether the epilogue input `t` is there to be checked: an error where it is given but not
+    read, or read but not given."""
+    if not wanted:
         if t is not None:
             raise ValueError(f"{name}: this kernel's epilogue reads no {name}")
-        return
+        return False
     if t is None:
-        raise ValueError(f"{name}: this kernel's epilogue needs one ({dtype}, shape {list(shape)})")
-    _check(t, name, dtype, shape, device)
+        raise ValueError(f"{name}: this kernel's epilogue needs one ({what})")
+    return True
 
 
 def load_gemm(path: str, sig: GemmSignature) -> GemmLibrary:
