@@ -462,6 +462,9 @@ def test_library_refusals_are_codes(built):
     assert gemm(16, 16, 16, 16, None, 16, None, None, 16, 64, 128, 1, None, 0, None) == 2003
     assert gemm(16, 16, 16, 16, None, None, None, None, 0, 64, 128, 1, None, 0, None) == 2004
     assert gemm(16, 16, 16, 16, None, None, None, None, 16, 64, 120, 1, None, 0, None) == bad_k
+    if not torch.cuda.is_available():  # a call that passes every check still finds no device here
+        assert gemm(16, 16, 16, 16, None, None, None, None, 16, 64, 128, 1, None, 0, None) == 2005
+        assert built.workspace_bytes(16, 64, 128) == 0
 
 
 # ---------------------------------------------------------------------------------------------

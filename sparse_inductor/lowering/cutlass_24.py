@@ -90,7 +90,8 @@ SCHEDULERS = ("persistent", "streamk")
 # codes the generated functions return beyond CUDA's and CUTLASS's (kept in step with _PRELUDE)
 STATUS = {2000: "workspace too small", 2001: "splits > 1 needs the stream-K scheduler",
           2002: "a pointer the epilogue reads is null", 2003: "a pointer the epilogue does not read is not null",
-          2004: "M, N and K must be positive (or W is not 2:4: host_compress)"}
+          2004: "M, N and K must be positive (or W is not 2:4: host_compress)",
+          2005: "no CUDA device: cudaGetDevice or its SM count failed"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,7 +417,7 @@ SI_ELEMENTWISE(Silu, (v / (T(1) + expf(-v))))
 namespace {
 
 constexpr int kErrWorkspace = 2000, kErrSplits = 2001, kErrNullPtr = 2002, kErrUnusedPtr = 2003,
-              kErrShape = 2004;
+              kErrShape = 2004, kErrNoDevice = 2005;
 
 int status_code(cutlass::Status s) { return s == cutlass::Status::kSuccess ? 0 : 1000 + int(s); }
 
@@ -430,6 +431,7 @@ const char* error_string(int code) {
     case kErrNullPtr: return "a pointer the epilogue reads is null";
     case kErrUnusedPtr: return "a pointer the epilogue does not read is not null";
     case kErrShape: return "M, N and K must be positive (or W is not 2:4: host_compress)";
+    case kErrNoDevice: return "no CUDA device: cudaGetDevice or its SM count failed";
     default: return "unknown error";
   }
 }
@@ -637,6 +639,7 @@ SI_EXPORT int si_gemm_{sfx}(const void* a_values, const void* a_meta, const void
   auto args = make_args(a_values, a_meta, x, y, bias, aux, weight_scale, token_scale, M, N, K, splits);
   Gemm gemm;
   if (int e = status_code(gemm.can_implement(args))) return e;
+  if (args.hw_info.sm_count <= 0) return kErrNoDevice;  // (the stream-K scheduler divides by it)
   if (Gemm::get_workspace_size(args) > workspace_bytes) return kErrWorkspace;
   if (int e = status_code(gemm.initialize(args, workspace, stream))) return e;
   if (int e = status_code(gemm.run(stream))) return e;
@@ -654,6 +657,7 @@ SI_EXPORT int si_can_implement_{sfx}(int M, int N, int K, int splits) {{
 
 SI_EXPORT size_t si_workspace_{sfx}(int M, int N, int K, int splits) {{
   using namespace si_{sfx};
+  if (M <= 0 || N <= 0 || K <= 0 || sm_count() <= 0) return 0;  // si_gemm refuses these
   static char dummy[16];
   auto args = make_args(dummy, dummy, dummy, dummy, dummy, dummy, dummy, dummy, M, N, K, splits);
   return Gemm::get_workspace_size(args);
@@ -686,6 +690,7 @@ SI_EXPORT int si_compress_{sfx}(const void* w, void* a_values, void* a_meta, int
                       size_t workspace_bytes, cudaStream_t stream) {{
   using namespace si_{sfx};
   if (N <= 0 || K <= 0) return kErrShape;
+  if (sm_count() <= 0) return kErrNoDevice;
   ProblemShape problem{{N, 1, K, 1}};
   StrideA stride_a = cutlass::make_cute_packed_stride(StrideA{{}}, cute::make_shape(N, K, 1));
   cutlass::KernelHardwareInfo hw_info;

@@ -54,7 +54,7 @@ SI_ELEMENTWISE(Silu, (v / (T(1) + expf(-v))))
 namespace {
 
 constexpr int kErrWorkspace = 2000, kErrSplits = 2001, kErrNullPtr = 2002, kErrUnusedPtr = 2003,
-              kErrShape = 2004;
+              kErrShape = 2004, kErrNoDevice = 2005;
 
 int status_code(cutlass::Status s) { return s == cutlass::Status::kSuccess ? 0 : 1000 + int(s); }
 
@@ -68,6 +68,7 @@ const char* error_string(int code) {
     case kErrNullPtr: return "a pointer the epilogue reads is null";
     case kErrUnusedPtr: return "a pointer the epilogue does not read is not null";
     case kErrShape: return "M, N and K must be positive (or W is not 2:4: host_compress)";
+    case kErrNoDevice: return "no CUDA device: cudaGetDevice or its SM count failed";
     default: return "unknown error";
   }
 }
@@ -242,6 +243,7 @@ SI_EXPORT int si_gemm_int8_674250cc9ee3(const void* a_values, const void* a_meta
   auto args = make_args(a_values, a_meta, x, y, bias, aux, weight_scale, token_scale, M, N, K, splits);
   Gemm gemm;
   if (int e = status_code(gemm.can_implement(args))) return e;
+  if (args.hw_info.sm_count <= 0) return kErrNoDevice;  // (the stream-K scheduler divides by it)
   if (Gemm::get_workspace_size(args) > workspace_bytes) return kErrWorkspace;
   if (int e = status_code(gemm.initialize(args, workspace, stream))) return e;
   if (int e = status_code(gemm.run(stream))) return e;
@@ -260,6 +262,7 @@ SI_EXPORT int si_can_implement_int8_674250cc9ee3(int M, int N, int K, int splits
 
 SI_EXPORT size_t si_workspace_int8_674250cc9ee3(int M, int N, int K, int splits) {
   using namespace si_int8_674250cc9ee3;
+  if (M <= 0 || N <= 0 || K <= 0 || sm_count() <= 0) return 0;  // si_gemm refuses these
   static char dummy[16];
   auto args = make_args(dummy, dummy, dummy, dummy, dummy, dummy, dummy, dummy, M, N, K, splits);
   return Gemm::get_workspace_size(args);
@@ -292,6 +295,7 @@ SI_EXPORT int si_compress_int8_674250cc9ee3(const void* w, void* a_values, void*
                       size_t workspace_bytes, cudaStream_t stream) {
   using namespace si_int8_674250cc9ee3;
   if (N <= 0 || K <= 0) return kErrShape;
+  if (sm_count() <= 0) return kErrNoDevice;
   ProblemShape problem{N, 1, K, 1};
   StrideA stride_a = cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(N, K, 1));
   cutlass::KernelHardwareInfo hw_info;
