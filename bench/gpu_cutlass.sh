@@ -11,17 +11,17 @@ set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/cutlass_out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
-  timeout 30 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+  timeout 20 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     >/dev/null 2>&1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-timeout 30 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >/dev/null 2>&1
+timeout 20 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >/dev/null 2>&1
 export SPARSE_INDUCTOR_CUTLASS_CACHE_DIR=${SPARSE_INDUCTOR_CUTLASS_CACHE_DIR:-/tmp/sparse_inductor_cutlass}
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 
 # 1. build (the tests' kernels and the sweep's)
-timeout 260 python3 - >"$OUT/build.log" 2>&1 <<'EOF'
+timeout 290 python3 - >"$OUT/build.log" 2>&1 <<'EOF'
 import logging, sys, time
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 sys.path[:0] = ["tests", "bench"]
@@ -41,13 +41,13 @@ echo "build rc $? ($(( $(date +%s) - t0 )) s)" >>"$OUT/build.log"
 t1=$(date +%s)
 
 # 2. the GPU tests
-timeout 130 python3 -m pytest -q -m gpu tests/test_cutlass.py -p no:cacheprovider --tb=short -rfE \
+timeout 125 python3 -m pytest -q -m gpu tests/test_cutlass.py -p no:cacheprovider --tb=short -rfE \
   >"$OUT/tests.log" 2>&1
 echo "tests rc $? ($(( $(date +%s) - t1 )) s)" >>"$OUT/tests.log"
 t2=$(date +%s)
 
 # 3. the sweep
-timeout 85 python3 bench/sweep_cutlass.py --json "$OUT/sweep.json" >"$OUT/sweep.log" 2>&1
+timeout 80 python3 bench/sweep_cutlass.py --json "$OUT/sweep.json" >"$OUT/sweep.log" 2>&1
 echo "sweep rc $? ($(( $(date +%s) - t2 )) s)" >>"$OUT/sweep.log"
 
 echo "=== summary ($(( $(date +%s) - t0 )) s) ==="

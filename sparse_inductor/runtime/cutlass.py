@@ -1,10 +1,10 @@
 """Build, cache, load and call CUTLASS kernels generated as C++ (lowering/cutlass_24.py writes them).
 
-- The toolchain: nvcc (SPARSE_INDUCTOR_NVCC, else $CUDA_HOME/bin/nvcc, else PATH) and the CUTLASS
-  headers (SPARSE_INDUCTOR_CUTLASS_DIR: a CUTLASS checkout or any folder holding include/cutlass
-  and tools/util/include; else the pip package nvidia-cutlass, `pip install
-  'sparse_inductor[cutlass]'`, whose cutlass_library/source/ has both). `available(device)` says
-  why the family cannot run somewhere (None where it can).
+- The toolchain: nvcc (SPARSE_INDUCTOR_NVCC, else $CUDA_HOME/bin/nvcc, else PATH, else
+  /usr/local/cuda/bin) and the CUTLASS headers (SPARSE_INDUCTOR_CUTLASS_DIR: a CUTLASS checkout or
+  any folder holding include/cutlass and tools/util/include; else the pip package nvidia-cutlass,
+  `pip install 'sparse_inductor[cutlass]'`, whose cutlass_library/source/ has both).
+  `available(device)` says why the family cannot run somewhere (None where it can).
 - One shared library per generated source, built with nvcc for sm_90a (`nvcc_command`), several
   at a time (`build_many`: a pool of nvcc subprocesses; SPARSE_INDUCTOR_CUTLASS_JOBS caps it, else
   the CPU count and ~6 GB of free memory per build: one sm90 CUTLASS translation unit took 5.2 GB
@@ -78,7 +78,10 @@ def nvcc_path() -> Optional[str]:
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
         if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
             return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
+    found = shutil.which("nvcc")
+    if found is None and os.path.isfile("/usr/local/cuda/bin/nvcc"):  # CUDA's default install
+        found = "/usr/local/cuda/bin/nvcc"
+    return found
 
 
 @functools.lru_cache(maxsize=8)
