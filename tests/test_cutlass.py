@@ -480,7 +480,7 @@ GPU_KERNELS = [
     CutlassKernel("fp16", CutlassConfig((64, 32, 128), (2, 1, 1), "pingpong"), _E("fp16", gate="silu_acc")),
     CutlassKernel("bf16", CutlassConfig((128, 128, 128), (1, 2, 1), "cooperative"),
                   _E("fp32", bias="fp32", activation="relu", gate="silu_aux", aux_dtype="bf16")),
-    CutlassKernel("bf16", CutlassConfig((128, 256, 128), (1, 1, 1), "cooperative", scheduler="streamk"),
+    CutlassKernel("bf16", CutlassConfig((128, 256, 64), (1, 1, 1), "cooperative", scheduler="streamk"),
                   _E("bf16", activation="silu", residual=True)),
     CutlassKernel("e4m3", CutlassConfig((128, 64, 128), (1, 1, 1), "cooperative", scheduler="streamk"),
                   _E("bf16", activation="gelu_tanh", residual=True, weight_scale="tensor", token_scale="tensor")),
@@ -535,15 +535,21 @@ def gpu_libraries():
     if why:
         pytest.skip(why)
     built_paths = c24.build(GPU_KERNELS)
-    failed = {k.describe(): str(p)[-2000:] for k, p in built_paths.items() if isinstance(p, Exception)}
-    assert not failed, failed
-    return {k: c24.library(k) for k in GPU_KERNELS}
+    return {k: p if isinstance(p, Exception) else c24.library(k) for k, p in built_paths.items()}
+
+
+def _lib(libraries, kernel):
+    """The kernel's library, or this test fails with its build error (the other kernels still run)."""
+    lib = libraries[kernel]
+    if isinstance(lib, Exception):
+        pytest.fail(f"{kernel.describe()} did not build: {str(lib)[-2000:]}")
+    return lib
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", GPU_KERNELS, ids=lambda k: k.describe().replace(" ", "-"))
 def test_gpu_numerics_against_fp64(gpu_libraries, kernel):
-    lib = gpu_libraries[kernel]
+    lib = _lib(gpu_libraries, kernel)
     n, kdim = 256, 512
     for m in GPU_MS:
         x, w, extra, out_dt = _inputs(kernel, m, n, kdim, seed=m)
@@ -562,7 +568,7 @@ def test_gpu_numerics_against_fp64(gpu_libraries, kernel):
 @pytest.mark.parametrize("dtype,tile_k", [("bf16", 128), ("fp16", 64), ("int8", 128), ("e4m3", 256)])
 def test_gpu_device_compressor_matches_formats(gpu_libraries, dtype, tile_k):
     kernel = next(k for k in GPU_KERNELS if k.dtype == dtype and k.layout_key[1] == min(tile_k, 128))
-    lib = gpu_libraries[kernel]
+    lib = _lib(gpu_libraries, kernel)
     for n, kdim in ((256, 512), (72, 160), (130, 384)):
         w = _random_24(n, kdim, kernel.torch_dtype, seed=n).cuda()
         values, meta = lib.compress_on_device(w)
@@ -579,7 +585,7 @@ def test_gpu_nonfinite_inputs_as_the_sparse_tensor_core(gpu_libraries):
     meets only skipped positions, which dense would turn into NaN (0 * NaN). The fp64 reference over
     the selected positions (formats/cutlass_sm90.selected_positions) predicts every NaN and Inf."""
     kernel = BUILT
-    lib = gpu_libraries[kernel]
+    lib = _lib(gpu_libraries, kernel)
     n, kdim, m = 128, 256, 24
     x, w, extra, _ = _inputs(kernel, m, n, kdim, seed=7)
     w[:, 0:4] = torch.tensor([0.5, 0, 0, 0], dtype=w.dtype)  # one nonzero at 0: slots (0, 3); 1, 2 skipped
@@ -606,7 +612,7 @@ def test_gpu_nonfinite_inputs_as_the_sparse_tensor_core(gpu_libraries):
 
 @pytest.mark.gpu
 def test_gpu_call_checks_and_cuda_graph(gpu_libraries):
-    lib = gpu_libraries[BUILT]
+    lib = _lib(gpu_libraries, BUILT)
     n, kdim = 256, 512
     x, w, extra, _ = _inputs(BUILT, 16, n, kdim)
     values, meta = cf.compress(w, 128)
