@@ -11,7 +11,7 @@
   and 106 s on a shared 2-core machine). Cached on disk under SPARSE_INDUCTOR_CUTLASS_CACHE_DIR
   (default `<SPARSE_INDUCTOR_CACHE_DIR or Inductor's cache>/sparse_inductor/cutlass`), keyed by
   a digest of the source text itself (which the generator derives from the kernel's config), the
-  nvcc flags and arch, the CUTLASS and nvcc versions and the torch version; written by an atomic
+  nvcc flags and arch, and the CUTLASS and nvcc versions (`_key`); written by an atomic
   rename, so concurrent builders never see half a file.
 - Loaded with ctypes (no torch headers in the library: any torch version can load it); `GemmLibrary`
   checks tensors (shape, dtype, device, contiguity, 16-byte alignment: each error names the bad
@@ -196,9 +196,13 @@ def cache_dir() -> str:
 
 
 def _key(name: str, source: str, arch: str) -> str:
+    """What the library's bytes depend on: the source, the arch, nvcc's flags (the header folders
+    left out: where they lie differs between machines; the CUTLASS version names their contents)
+    and the CUTLASS and nvcc versions. Not torch's: the library does not link it. So a library
+    built on one machine serves another with the same toolchain."""
     ver = nvcc_version()
-    parts = [name, source, arch, " ".join(nvcc_command("x.cu", "x.so", nvcc="nvcc", arch=arch)[1:]),
-             cutlass_version() or "?", ver[2] if ver else "?", torch.__version__]
+    flags = [f for f in nvcc_command("x.cu", "x.so", nvcc="nvcc", arch=arch)[1:] if not os.path.isabs(f)]
+    parts = [name, source, arch, " ".join(flags), cutlass_version() or "?", ver[2] if ver else "?"]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
