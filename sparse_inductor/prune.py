@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["prune", "prune_24_", "prune_blocks_"]
+__all__ = ["prune", "prune_24_", "prune_blocks_", "scramble_"]
 
 
 @torch.no_grad()
@@ -42,13 +42,34 @@ def prune_blocks_(w: torch.Tensor, block: int = 64, sparsity: float = 0.9) -> to
     return w
 
 
+@torch.no_grad()
+def scramble_(w: torch.Tensor, rows: bool = True, seed: int = 0) -> torch.Tensor:
+    """Reorder w's columns (and, with rows, its rows) in place by a random permutation seeded by
+    seed: the sparsity pattern is then hidden behind the permutation (see formats/permute.py)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n, k = w.shape
+    out = w
+    if rows:
+        out = out[torch.randperm(n, generator=g).to(w.device)]
+    out = out[:, torch.randperm(k, generator=g).to(w.device)]
+    w.copy_(out)
+    return w
+
+
 def prune(model: nn.Module, pattern: str = "2:4", *, block: int = 64, sparsity: float = 0.9,
-          filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> list[str]:
+          filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, permute: bool = False,
+          seed: int = 0) -> list[str]:
     """Prune the weights of the model's nn.Linear layers in place; returns the pruned names.
 
     pattern "2:4": two nonzeros in every four inputs. pattern "block": `sparsity` of the
     block x block blocks set to zero. filter_fn(module, name) picks layers (default: every
     nn.Linear whose shape fits the pattern).
+
+    permute=True (a demo and test helper): after pruning, each weight's rows and columns
+    ("block") or its columns ("2:4") are shuffled by a random permutation (seeded by seed and the
+    layer's position), so the pattern is there only behind a permutation, as after
+    channel-permutation pruning: the model then computes something else than before the shuffle,
+    as pruning already made it do. The compiler finds such weights with formats/permute.py.
     """
     if pattern not in ("2:4", "block"):
         raise ValueError(f"pattern must be '2:4' or 'block', got {pattern!r}")
@@ -64,5 +85,7 @@ def prune(model: nn.Module, pattern: str = "2:4", *, block: int = 64, sparsity: 
             prune_24_(mod.weight.data)
         else:
             prune_blocks_(mod.weight.data, block, sparsity)
+        if permute:
+            scramble_(mod.weight.data, rows=pattern == "block", seed=seed + len(done))
         done.append(name)
     return done

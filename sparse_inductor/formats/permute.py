@@ -1,0 +1,953 @@
+"""Sparsity hidden behind a permutation: find row and column orders that make a weight sparse.
+
+A weight W [N, K] whose zeros form blocks (or 2:4 groups) only after its rows and columns are
+reordered (channel-permutation pruning, models whose channels were shuffled) is searched for
+
+    rows [N], cols [K] (int64 index vectors) with  Wp = W[rows][:, cols]
+
+(a) block-sparse: square b x b blocks, b one of the allowed sizes, at most max_block_density of
+    them nonzero; or
+(b) exactly 2:4 along K: rows is the identity (2:4 is a property of each row on its own) and
+    cols groups the K columns into quads with at most two nonzeros of every row in each.
+
+Only exact zeros count (W != 0, as everywhere in formats/): a permutation reorders, never
+prunes, and every result is verified on the permuted mask before it is returned. The linear is
+then y[:, rows] = x[:, cols] @ Wp^T: the kernel reads x gathered at cols and writes its output
+column n' at rows[n'] (lowering/triton_block.py, lowering/triton_24.py; docs/formats.md).
+
+Block search (exact on a scrambled block-sparse weight). The columns of one original block column
+share their row support and the rows of one block row share their column support, so grouping
+lines by support recovers the blocks:
+ 1. columns are grouped by their exact support (torch.unique over bit-packed columns);
+ 2. rows by their support over one representative column per group (identical supports of
+    different block columns fall in one group, which is harmless: they have the same rows);
+ 3. for each block size b, the row groups are cut into block rows (pack_lines below); the
+    columns are then grouped again by their support over those block rows (exact and robust to
+    zeros inside kept blocks: a block row has b chances to be nonzero) and cut into block columns;
+ 4. the block map of the permuted mask is computed exactly; the best size is chosen as
+    detect.py does (the largest within 25% of the lowest density).
+pack_lines cuts each group into whole blocks and packs the remainders (group sizes that are not a
+multiple of b: ragged edges, zeros inside kept blocks) greedily into the remaining blocks by the
+nonzeros they add; all-zero lines are free fillers. A line whose support is a subset of a group's
+(a row with an exact zero inside a kept block) adds nothing to a block holding that group's
+remainder, so a few such zeros are absorbed exactly. Where the first grouping is poor (many
+distinct supports), the search runs again with rows and columns swapped, then refines once.
+
+2:4 search (best effort): a greedy over the columns, densest first: for column a, candidate mates
+b ranked by overlap on a sample of rows, then c with no row where a, b, c are all nonzero, then d
+with no row at load 2; each quad is checked exactly on the bit-packed columns; columns left over
+are repaired by swapping them into existing quads (bounded). Typical 2:4 weights (two nonzeros
+in every group of four) have one mate set per column and are recovered.
+
+Refusals are cheap: a nonzero fraction above max_block_density (or a lower bound on the blocks any
+order needs, from the sorted row and column counts) rules out blocks; a row with more than K/2
+nonzeros rules out 2:4. Everything runs as torch ops on W's device (the search is fastest on the
+GPU the frozen weights live on) within budget_s; a run out of time returns what it found so far
+or a refusal that says so. Results are cached by a digest of the nonzero mask (PermutationCache).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from .block import BLOCK_SIZES
+
+log = logging.getLogger("sparse_inductor")
+
+__all__ = ["Permutation", "PermutationCache", "find_permutation", "mask_digest", "permute", "kernel_indices",
+           "SEARCH_VERSION"]
+
+# Part of every cache key: bump when the search or the result's meaning changes.
+SEARCH_VERSION = 1
+
+# As passes/detect.py: the largest block size within 25% of the lowest density; block-sparse
+# wins over 2:4 when at most half of the blocks are nonzero.
+_BLOCK_TOLERANCE = 1.25
+_PREFER_BLOCK_BELOW = 0.5
+
+_SAMPLE_ROWS = 256  # 2:4: rows on which mates are ranked and filtered before the exact check
+_GREEDY_WORK = 2e8  # pack_lines: remainders x blocks x key width beyond which packing is sequential
+_MAX_REPS = 1024
+_ATTEMPTS_24 = 4
+_BACKTRACK_K = 256  # 2:4: up to this many columns, an exhaustive search follows a failed greedy  # 2:4: greedy runs (the later ones with random tie-breaking), while the budget lasts  # block: groups of the first side whose representatives key the second
+
+
+@dataclasses.dataclass(frozen=True)
+class Permutation:
+    """What find_permutation found for W [N, K].
+
+    pattern:       "block", "2:4" or "dense" (nothing found; reason says why).
+    rows, cols:    int64 index vectors: W[rows][:, cols] has the pattern (None: the identity;
+                   2:4 never reorders rows). So y[:, rows] = x[:, cols] @ (W[rows][:, cols])^T.
+    block:         the block size (pattern "block").
+    block_density: fraction of nonzero blocks of the permuted weight (pattern "block").
+    density:       fraction of nonzero weights (a permutation does not change it).
+    seconds:       time the search took (of the original search, for a cached result).
+    reason:        a sentence for the user: what was found, or why nothing was.
+    cached:        the result came from a PermutationCache.
+    """
+
+    pattern: str
+    rows: Optional[torch.Tensor]
+    cols: Optional[torch.Tensor]
+    density: float
+    seconds: float
+    reason: str
+    block: Optional[int] = None
+    block_density: Optional[float] = None
+    cached: bool = False
+
+    @property
+    def found(self) -> bool:
+        return self.pattern != "dense"
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        """W[rows][:, cols] (a copy; W itself is not touched)."""
+        return permute(w, self.rows, self.cols)
+
+
+def permute(w: torch.Tensor, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]) -> torch.Tensor:
+    """W[rows][:, cols]; None is the identity."""
+    if rows is not None:
+        w = w.index_select(0, rows.to(device=w.device, dtype=torch.int64))
+    if cols is not None:
+        w = w.index_select(1, cols.to(device=w.device, dtype=torch.int64))
+    return w.contiguous()
+
+
+def kernel_indices(perm: Permutation, device=None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(x_index [K], out_index [N]) as the kernels take them, int32 and contiguous: the kernel
+    reads x[m, x_index[k']] for the permuted weight's column k' and writes its output column n'
+    to y[m, out_index[n']]. None where the permutation is the identity."""
+    def idx(t):
+        return None if t is None else t.to(device=device or t.device, dtype=torch.int32).contiguous()
+
+    return idx(perm.cols), idx(perm.rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# bit-level helpers (vectorised; no Python loop over elements)
+# ----------------------------------------------------------------------------------------------
+
+_PACK_MAGIC = 0x0102040810204080  # (word of eight 0/1 bytes) * magic >> 56: the eight bits as one byte
+
+
+def _pack_last(z: torch.Tensor) -> torch.Tensor:
+    """z [L, F] bool/uint8 of 0/1 -> int64 [L, ceil(F/64)], the bits of each line packed."""
+    L, F = z.shape
+    pad = (-F) % 64
+    zu = z.to(torch.uint8) if z.dtype != torch.uint8 else z
+    if pad or not zu.is_contiguous():
+        zu = torch.nn.functional.pad(zu, (0, pad)) if pad else zu.contiguous()
+    words = zu.view(torch.int64)  # [L, F/8]: eight 0/1 bytes a word
+    packed = ((words * _PACK_MAGIC) >> 56) & 0xFF
+    return packed.to(torch.uint8).view(torch.int64)
+
+
+def _pack_columns(zu: torch.Tensor) -> torch.Tensor:
+    """zu [N, K] uint8 0/1, row-major -> int64 [K, ceil(N/64)]: each column's bits, packed along N."""
+    N, K = zu.shape
+    pad = (-N) % 64
+    if pad:
+        zu = torch.cat([zu, zu.new_zeros(pad, K)])
+    v = zu.view(-1, 8, K)
+    p = v[:, 0].clone()
+    for i in range(1, 8):
+        p |= v[:, i] << i
+    return p.t().contiguous().view(torch.int64)
+
+
+def _lane_sums(words: torch.Tensor) -> torch.Tensor:
+    """words int64 [..., 8 lanes of small counts] -> [..., 8] the byte lanes as int64."""
+    shifts = torch.arange(0, 64, 8, device=words.device)
+    return (words.unsqueeze(-1) >> shifts) & 0xFF
+
+
+def _line_counts(zu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nonzeros of every row and every column of zu [N, K] uint8 0/1 (int64 [N], [K]): sums of
+    int64 words of eight bytes, at most 128 at a time (a byte lane never overflows)."""
+    N, K = zu.shape
+    if K % 8:
+        zu = torch.nn.functional.pad(zu, (0, 8 - K % 8))
+    words = zu.view(torch.int64)  # [N, W]
+    W = words.shape[1]
+    rows = torch.zeros(N, dtype=torch.int64, device=zu.device)
+    cols = torch.zeros(W, 8, dtype=torch.int64, device=zu.device)
+    wh, nh = W - W % 128, N - N % 128
+    if wh:
+        rows += _lane_sums(words[:, :wh].reshape(N, wh // 128, 128).sum(2)).sum((1, 2))
+    if W % 128:
+        rows += _lane_sums(words[:, wh:].sum(1)).sum(-1)
+    if nh:
+        cols += _lane_sums(words[:nh].view(nh // 128, 128, W).sum(1)).sum(0)
+    if N % 128:
+        cols += _lane_sums(words[nh:].sum(0))
+    return rows, cols.reshape(-1)[:K]
+
+
+def _classes(keys: torch.Tensor):
+    """Group lines by identical keys (int64 [L, W]): (inverse [L], counts [C], members grouped by
+    class [L], first position of each class in it [C]). One word: exact; more: by a 64-bit hash of
+    the words, checked exactly (a collision, never seen, falls back to torch.unique over rows)."""
+    L, W = keys.shape
+    if W == 1:
+        flat = keys[:, 0]
+    else:
+        mult = torch.tensor([0x9E3779B97F4A7C15 - 2 ** 64, 0x2545F4914F6CDD1D, 0x5851F42D4C957F2D,
+                             0x14057B7EF767814F], dtype=torch.int64, device=keys.device)
+        flat = keys[:, 0].clone()
+        for i in range(1, W):
+            flat.mul_(mult[i % 4]).add_(keys[:, i]).bitwise_xor_(flat >> 29)
+    _, inv, counts = torch.unique(flat, return_inverse=True, return_counts=True)
+    order = torch.argsort(inv, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    if W > 1 and not torch.equal(keys, keys.index_select(0, order[starts]).index_select(0, inv)):
+        _, inv, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+        order = torch.argsort(inv, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+    return inv, counts, order, starts
+
+
+def _block_or(z: torch.Tensor, b: int, dim: int) -> torch.Tensor:
+    """OR (max) of z uint8 over consecutive groups of b along dim (0 or 1); a ragged tail is its own group."""
+    L = z.shape[dim]
+    full = L // b
+    parts = []
+    if full:
+        head = z.narrow(dim, 0, full * b)
+        parts.append(head.reshape(full, b, -1).amax(1) if dim == 0 else head.reshape(-1, full, b).amax(2))
+    if L % b:
+        tail = z.narrow(dim, full * b, L - full * b)
+        parts.append(tail.amax(dim, keepdim=True))
+    return torch.cat(parts, dim) if len(parts) > 1 else parts[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# arranging groups of lines into blocks
+# ----------------------------------------------------------------------------------------------
+
+def pack_lines(inv: torch.Tensor, counts: torch.Tensor, keys: torch.Tensor, filler: torch.Tensor, b: int,
+               deadline: float = math.inf) -> torch.Tensor:
+    """An order of L lines (int64 [L]) that puts the lines of each group together in blocks of b.
+
+    inv [L]: each line's group; counts [C]; keys [C, G] bool: the group's support on the other
+    side (what a block holding it must cover); filler [C] bool: groups of all-zero lines, which
+    fit anywhere. Whole blocks of a group come first (group order), then the remainders, packed
+    into the remaining ceil(L/b) - (whole blocks) blocks greedily: largest first, into the block
+    to which they add the fewest nonzero keys (ties: the tightest fit; a remainder too large for
+    any block is split), then the fillers fill the gaps. The last block is the short one (L % b).
+    """
+    L = inv.numel()
+    dev = inv.device
+    order = torch.argsort(inv, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    cls = inv[order]
+    rank = torch.arange(L, device=dev) - starts[cls]
+    whole = torch.where(filler, 0, counts // b)
+    rem = torch.where(filler, 0, counts % b)
+    is_whole = rank < (whole * b)[cls]
+    is_filler = filler[cls]
+    head = order[is_whole]
+    fillers = order[is_filler]
+    rem_lines = order[~is_whole & ~is_filler]  # grouped by class, class order
+    n_rem = rem_lines.numel()
+    if n_rem == 0:
+        return torch.cat([head, fillers])
+    nb_total = -(-L // b)
+    n_bins = nb_total - int(whole.sum())
+    pad = nb_total * b - L
+    rc = torch.nonzero(rem).flatten()
+    sizes = rem[rc]
+    G = keys.shape[1]
+    if rc.numel() * n_bins * max(G, 1) > _GREEDY_WORK or time.perf_counter() > deadline:
+        return torch.cat([head, rem_lines, fillers])  # sequential: remainders in class order
+    offsets = torch.cumsum(sizes, 0) - sizes
+    by_size = torch.argsort(-sizes, stable=True).tolist()
+    sizes_l, offsets_l = sizes.tolist(), offsets.tolist()
+    rkeys = keys[rc]
+    cap = torch.full((n_bins,), b, dtype=torch.int64, device=dev)
+    cap[-1] = b - pad
+    bin_keys = torch.zeros(n_bins, G, dtype=torch.bool, device=dev)
+    contents: list[list[torch.Tensor]] = [[] for _ in range(n_bins)]
+    big = G + 1
+    for j in by_size:
+        need, lo = sizes_l[j], offsets_l[j]
+        key = rkeys[j]
+        added = (key & ~bin_keys).sum(1)
+        while need > 0:
+            fits = cap >= need
+            if bool(fits.any()):
+                score = torch.where(fits, added * (b + 1) + (cap - need), torch.iinfo(torch.int64).max)
+                t = int(torch.argmin(score))
+                take = need
+            else:  # split: as many as the roomiest block holds
+                t = int(torch.argmax(cap * big - added))
+                take = int(cap[t])
+            contents[t].append(rem_lines[lo:lo + take])
+            cap[t] -= take
+            bin_keys[t] |= key
+            added[t] = 0
+            lo += take
+            need -= take
+    caps = cap.tolist()
+    out = [head]
+    f = 0
+    for t in range(n_bins):
+        out.extend(contents[t])
+        out.append(fillers[f:f + caps[t]])
+        f += caps[t]
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# block search
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _BlockFound:
+    rows: torch.Tensor
+    cols: torch.Tensor
+    block: int
+    nnzb: int
+    total: int
+
+    @property
+    def density(self) -> float:
+        return self.nnzb / max(self.total, 1)
+
+
+def _blocks_lower_bound(counts: torch.Tensor, b: int, other: int) -> int:
+    """Fewest nonzero blocks any order can have, from one side's line counts: the lines of a block
+    hold at least ceil(max count / b) blocks; sorting puts the largest counts together."""
+    s = torch.sort(counts, descending=True).values
+    L = s.numel()
+    firsts = s[0:L:b]  # the largest count of each block, best case
+    return int(torch.clamp((firsts + b - 1) // b, max=-(-other // b)).sum())
+
+
+def _finish(zu: torch.Tensor, rows: torch.Tensor, b: int, deadline: float, scratch: dict) -> _BlockFound:
+    """Given a row order: columns grouped by their support over its block rows (exact), cut into
+    block columns; the exact block map of the result. scratch: a reused [N, K] buffer (a fresh
+    58 MB tensor a call costs more in page faults than the gather itself)."""
+    N, K = zu.shape
+    zr = _block_or(_gather_rows(zu, rows, scratch), b, 0)  # [Nb, K]: OR over each block row
+    nb = zr.shape[0]
+    inv, counts, order, starts = _classes(_pack_last(zr.t()))
+    keys = zr.t().index_select(0, order[starts]).bool()  # [C, Nb]
+    cols = pack_lines(inv, counts, keys, ~keys.any(1), b, deadline)
+    bmap = _block_or(zr.index_select(1, cols), b, 1)  # [Nb, Kb]
+    return _BlockFound(rows, cols, b, int(bmap.sum()), nb * bmap.shape[1])
+
+
+def _gather_rows(zu: torch.Tensor, rows: torch.Tensor, scratch: dict) -> torch.Tensor:
+    buf = scratch.get("rows")
+    if buf is None or buf.shape != zu.shape:
+        buf = scratch["rows"] = torch.empty_like(zu)
+    return torch.index_select(zu, 0, rows, out=buf)
+
+
+def _row_order(zu: torch.Tensor, rkeys: torch.Tensor, b: int, deadline: float) -> torch.Tensor:
+    """Rows grouped by rkeys (uint8 [N, G], 0/1) and cut into block rows of b."""
+    inv, counts, order, starts = _classes(_pack_last(rkeys))
+    keys = rkeys.index_select(0, order[starts]).bool()
+    return pack_lines(inv, counts, keys, ~keys.any(1), b, deadline)
+
+
+def _search_block_oriented(zu: torch.Tensor, colbits: torch.Tensor, sizes: Sequence[int], deadline: float,
+                           refine: bool, scratch: dict) -> dict[int, _BlockFound]:
+    """The block search on zu [N, K] (rows keyed from column groups); colbits: zu's columns packed."""
+    N, K = zu.shape
+    inv, counts, order, starts = _classes(colbits)
+    first = order[starts]  # a representative column of each group
+    cls = torch.nonzero(colbits.index_select(0, first).ne(0).any(1)).flatten()  # groups that are not all zero
+    # Many distinct supports (exact zeros inside kept blocks make each damaged column its own
+    # group): key the rows only on groups of two or more identical columns, which are intact.
+    if int((counts == 1).sum()) > K // 8 or cls.numel() > _MAX_REPS:
+        big = cls[counts[cls] > 1]
+        cls = (big if big.numel() else cls)
+        cls = cls[torch.argsort(-counts[cls], stable=True)[:_MAX_REPS]]
+    found: dict[int, _BlockFound] = {}
+    if cls.numel() == 0:  # all-zero weight
+        rows = torch.arange(N, device=zu.device)
+        for b in sizes:
+            found[b] = _finish(zu, rows, b, deadline, scratch)
+        return found
+    rkeys = zu.index_select(1, first[cls])  # [N, G]: each row's support over the groups
+    for b in sizes:
+        if time.perf_counter() > deadline:
+            break
+        rows = _row_order(zu, rkeys, b, deadline)
+        res = _finish(zu, rows, b, deadline, scratch)
+        if refine and time.perf_counter() < deadline:
+            # one round the other way: rows keyed by their support over the block columns found
+            rk = _block_or(zu.index_select(1, res.cols), b, 1)  # [N, Kb]
+            rows2 = _row_order(zu, rk, b, deadline)
+            if not torch.equal(rows2, rows) and time.perf_counter() < deadline:
+                res2 = _finish(zu, rows2, b, deadline, scratch)
+                if res2.nnzb < res.nnzb:
+                    res = res2
+        found[b] = res
+    return found
+
+
+def _pick_block(found: dict[int, _BlockFound]) -> Optional[_BlockFound]:
+    if not found:
+        return None
+    lowest = min(f.density for f in found.values())
+    for b in sorted(found, reverse=True):
+        if found[b].density <= lowest * _BLOCK_TOLERANCE + 1e-12:
+            return found[b]
+    return None
+
+
+def _search_block(zu, colbits, row_counts, col_counts, sizes, max_density, deadline) -> tuple[Optional[_BlockFound], str]:
+    N, K = zu.shape
+    nnz = int(row_counts.sum())
+    possible = []
+    bounds = []
+    for b in sizes:
+        total = -(-N // b) * -(-K // b)
+        bound = max(-(-nnz // (b * b)), _blocks_lower_bound(row_counts, b, K), _blocks_lower_bound(col_counts, b, N))
+        bounds.append((b, bound / total))
+        if bound <= max_density * total:
+            possible.append(b)
+    if not possible:
+        b, frac = min(bounds, key=lambda x: x[1])
+        return None, (f"no order can be block-sparse: at least {frac:.1%} of {b}x{b} blocks nonzero "
+                      f"(max_block_density={max_density})")
+    best: dict[int, _BlockFound] = {}
+
+    def merge(found: dict[int, _BlockFound], transposed: bool):
+        for b, f in found.items():
+            if transposed:
+                f = _BlockFound(f.cols, f.rows, b, f.nnzb, f.total)
+            if b not in best or f.nnzb < best[b].nnzb:
+                best[b] = f
+
+    merge(_search_block_oriented(zu, colbits, possible, deadline, refine=False, scratch={}), False)
+    pick = _pick_block(best)
+    if (pick is None or pick.density > max_density) and time.perf_counter() < deadline:
+        # the other orientation (columns keyed from row groups), then a refinement round
+        zt = zu.t().contiguous()
+        merge(_search_block_oriented(zt, _pack_columns(zt), possible, deadline, refine=True, scratch={}), True)
+        pick = _pick_block(best)
+    if pick is None:
+        return None, "block search ran out of time"
+    if pick.density > max_density:
+        return None, (f"best order found has {pick.density:.1%} of {pick.block}x{pick.block} blocks nonzero "
+                      f"(max_block_density={max_density})")
+    return pick, ""
+
+
+# ----------------------------------------------------------------------------------------------
+# 2:4 search (column order only)
+# ----------------------------------------------------------------------------------------------
+
+def _quad_ok(bits: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """bits [K, W] packed columns; q [..., 4] column indices -> bool [...]: no row has three or more
+    nonzeros among the four."""
+    a, b, c, d = (bits[q[..., i]] for i in range(4))
+    bad = (a & b & (c | d)) | (c & d & (a | b))
+    return ~bad.ne(0).any(-1)
+
+
+def _popcount(x: torch.Tensor) -> torch.Tensor:
+    """Set bits of each int64 (SWAR; torch has no popcount), summed over the last dim."""
+    x = x - ((x >> 1) & 0x5555555555555555)
+    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+    return ((x * 0x0101010101010101) >> 56).bitwise_and(0xFF).sum(-1)
+
+
+def _unpack(words: torch.Tensor, n: int) -> torch.Tensor:
+    """int64 [W] bits -> bool [n]."""
+    shifts = torch.arange(64, device=words.device)
+    return ((words.unsqueeze(-1) >> shifts) & 1).flatten()[:n].bool()
+
+
+class _Greedy24:
+    """Columns into quads, densest column first (module docstring). All tests are AND / OR over
+    bit-packed columns: on a sample of rows (4 words a column) to rank and filter candidates, then
+    exactly on every row for the quad chosen. The candidates are the free columns, compacted as
+    they are used up.
+
+    Slack: a row with c nonzeros left and q quads left has 2q - c to spare; a quad with fewer than
+    two of its nonzeros uses some. A quad that would take a row below zero is refused, and in a
+    tight row (no slack: every group of such a row must hold exactly two) the mates must make
+    exactly two. Typical 2:4 weights have two nonzeros in every group, so every row is tight and
+    the mates of a column are forced; without this a greedy on a narrow weight runs into dead ends."""
+
+    def __init__(self, zu: torch.Tensor, bits: torch.Tensor, row_counts: torch.Tensor, col_counts: torch.Tensor,
+                 deadline: float, attempt: int = 0):
+        N, K = zu.shape
+        self.bits, self.deadline, self.K, self.N = bits, deadline, K, N
+        dev = self.dev = zu.device
+        g = torch.Generator(device="cpu").manual_seed(attempt)
+        if N > _SAMPLE_ROWS:
+            self.sample = torch.randperm(N, generator=g)[:_SAMPLE_ROWS].sort().values.to(dev)
+            self.sample_bits = _pack_last(zu.index_select(0, self.sample).t())  # [K, 4]
+        else:
+            self.sample = None
+            self.sample_bits = bits  # every row: the sample is exact
+        self.slack = 2 * (K // 4) - row_counts
+        self._tight()
+        self.free = torch.ones(K, dtype=torch.bool, device=dev)  # global
+        # attempts after the first break ties (and near-ties) in the order and the ranking at random
+        self.jitter = None if attempt == 0 else torch.randint(0, 4, (K,), generator=g).to(dev)
+        key = col_counts * 4 + (0 if self.jitter is None else self.jitter)
+        self.order = torch.argsort(-key, stable=True).tolist()
+        self.big = torch.iinfo(torch.int64).max
+        self._compact()
+
+    def _tight(self) -> None:
+        """Bit sets of the rows with no slack (full and sampled) and with one."""
+        zero, one = (self.slack == 0), (self.slack == 1)
+        self.t_full = _pack_last(zero.unsqueeze(0))[0]
+        self.s1_full = _pack_last(one.unsqueeze(0))[0]
+        self.t_sample = self.t_full if self.sample is None else _pack_last(zero[self.sample].unsqueeze(0))[0]
+        self.any_tight = bool(zero.any())
+
+    def _compact(self) -> None:
+        self.idx = torch.nonzero(self.free).flatten()  # working set: global ids
+        self.sb = self.sample_bits.index_select(0, self.idx)
+        self.wjitter = None if self.jitter is None else self.jitter.index_select(0, self.idx)
+        self.wfree = torch.ones(self.idx.numel(), dtype=torch.bool, device=self.dev)
+        self.pos = torch.full((self.K,), -1, dtype=torch.int64, device=self.dev)
+        self.pos[self.idx] = torch.arange(self.idx.numel(), device=self.dev)
+        self.n_free = self.idx.numel()
+
+    def take(self, cols: list[int]) -> None:
+        t = torch.tensor(cols, dtype=torch.int64, device=self.dev)
+        self.free[t] = False
+        self.wfree[self.pos[t]] = False
+        self.n_free -= len(cols)
+        if self.n_free * 2 < self.idx.numel() and self.idx.numel() > 64:
+            self._compact()
+
+    def _deficit(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For quads q [..., 4]: bit sets of the rows where they hold no nonzero and exactly one."""
+        a, b, c, d = (self.bits[q[..., i]] for i in range(4))
+        anyof = a | b | c | d
+        two = (a & b) | (c & d) | ((a | b) & (c | d))
+        return ~anyof, anyof & ~two
+
+    def _fits(self, q: torch.Tensor) -> torch.Tensor:
+        """bool [...]: quads q [..., 4] with at most two nonzeros in every row that leave no row's
+        slack below zero."""
+        ok = _quad_ok(self.bits, q)
+        z0, z1 = self._deficit(q)
+        over = (self.t_full & (z0 | z1)) | (self.s1_full & z0)
+        return ok & ~over.ne(0).any(-1)
+
+    def _use(self, quad: tuple) -> None:
+        z0, z1 = self._deficit(torch.tensor(quad, dtype=torch.int64, device=self.dev))
+        n = self.N
+        self.slack -= 2 * _unpack(z0, n).to(torch.int64) + _unpack(z1, n).to(torch.int64)
+        self._tight()
+
+    def _bad_c(self, sa: torch.Tensor, sbb: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+        """Sample bits of the rows that rule out c after a and b (broadcasting): a row where all three
+        are nonzero, or a tight row that neither a nor b covers and c does not either."""
+        bad = sa & sbb & sc
+        if self.any_tight:
+            bad = bad | (self.t_sample & ~(sa | sbb) & ~sc)
+        return bad
+
+    def complete(self, a: int, kb: int = 3, pairs: int = 4, all_b: bool = False):
+        """Mates (b, c, d) for column a (already taken), or None. b: the kb free columns that share
+        the fewest rows with a (all_b: every free column, 64 at a time); the (b, c) pairs that pass
+        the sample's tests, fewest shared rows first (at most `pairs` of them), then d likewise;
+        the first quad that fits exactly."""
+        sb, free, big, idx, dev = self.sb, self.wfree, self.big, self.idx, self.dev
+        if self.n_free < 3:
+            return None
+        sa = self.sample_bits[a]
+        ov = _popcount(sb & sa)  # rows where a and the candidate are nonzero (sample)
+        if self.wjitter is not None:
+            ov = ov * 4 + self.wjitter
+        ov = torch.where(free, ov, big)
+        if all_b:
+            cand_b = torch.nonzero(free).flatten()
+            cand_b = cand_b[torch.argsort(ov[cand_b], stable=True)]
+            step = 64
+        else:
+            cand_b = torch.topk(ov, min(kb, self.n_free), largest=False).indices
+            step = kb
+        tight = self.any_tight
+        ts = self.t_sample
+        for s0 in range(0, cand_b.numel(), step):
+            if time.perf_counter() > self.deadline:
+                return None
+            bs = cand_b[s0:s0 + step]
+            sbb = sb[bs].unsqueeze(1)  # [nb, 1, w]
+            bad = sa & sbb & sb  # a row where a, b and c are all nonzero
+            if tight:  # a tight row that neither a nor b covers needs c
+                bad = bad | (ts & ~(sa | sbb) & ~sb)
+            ok_c = ~bad.ne(0).any(-1) & free  # [nb, F]
+            ok_c[torch.arange(bs.numel(), device=dev), bs] = False
+            pb, pc = torch.nonzero(ok_c, as_tuple=True)
+            if pb.numel() == 0:
+                continue
+            keep = torch.argsort(ov[bs[pb]] + ov[pc], stable=True)[:pairs]
+            b_, c_ = bs[pb[keep]], pc[keep]
+            sab = sa | sb[b_]
+            load2 = (sa & sb[b_]) | (sab & sb[c_])  # [P, w]: rows at load 2 after a, b, c
+            bad = sb & load2.unsqueeze(1)  # [P, F, w]
+            if tight:  # a tight row at load 1 needs d
+                bad = bad | (ts & (sab | sb[c_]) & ~load2).unsqueeze(1) & ~sb
+            ok_d = ~bad.ne(0).any(-1) & free
+            rows_p = torch.arange(b_.numel(), device=dev)
+            ok_d[rows_p, b_] = False
+            ok_d[rows_p, c_] = False
+            qp, qd = torch.nonzero(ok_d, as_tuple=True)
+            if qp.numel() == 0:
+                continue
+            keep = torch.argsort(ov[b_[qp]] + ov[c_[qp]] + ov[qd], stable=True)[:4 * pairs]
+            qp, qd = qp[keep], qd[keep]
+            quads = torch.stack([torch.full_like(qd, a), idx[b_[qp]], idx[c_[qp]], idx[qd]], 1)
+            ok = self._fits(quads)
+            if bool(ok.any()):
+                q = quads[int(torch.nonzero(ok)[0])].tolist()
+                return q[1], q[2], q[3]
+        return None
+
+    def run(self) -> tuple[list[tuple[int, int, int, int]], list[int], bool]:
+        quads, left = [], []
+        for a in self.order:
+            if time.perf_counter() > self.deadline:
+                return quads, left + torch.nonzero(self.free).flatten().tolist(), False
+            if not bool(self.free[a]):
+                continue
+            self.take([a])
+            q = self.complete(a)
+            if q is None:
+                q = self.complete(a, pairs=64, all_b=True)
+            if q is None:
+                left.append(a)
+                continue
+            self.take(list(q))
+            quads.append((a, *q))
+            self._use(quads[-1])
+        return quads, left, True
+
+
+def _repair24(bits: torch.Tensor, quads: list, left: list, deadline: float, max_steps: int) -> tuple[list, list]:
+    """Place leftover columns by swapping each into an existing quad whose member it can replace
+    (that member becomes the leftover; a seeded random walk with a tabu on the last swaps), and
+    form quads among leftovers where four fit together. Bounded by max_steps and the deadline."""
+    if not left:
+        return quads, left
+    dev = bits.device
+    g = torch.Generator(device="cpu").manual_seed(1)
+    q = torch.tensor(quads, dtype=torch.int64, device=dev).reshape(-1, 4)
+    left = list(left)
+    tabu: collections.deque = collections.deque(maxlen=8)
+    for _ in range(max_steps):
+        if not left or time.perf_counter() > deadline:
+            break
+        if len(left) <= 12 and len(left) >= 4:
+            import itertools
+
+            combos = torch.tensor(list(itertools.combinations(left, 4)), dtype=torch.int64, device=dev)
+            ok = _quad_ok(bits, combos)
+            if bool(ok.any()):
+                used: set = set()
+                for row in combos[ok].tolist():
+                    if not used.intersection(row):
+                        used.update(row)
+                        q = torch.cat([q, torch.tensor([row], dtype=torch.int64, device=dev)])
+                left = [x for x in left if x not in used]
+                continue
+        x = left[int(torch.randint(len(left), (1,), generator=g))]
+        if q.shape[0] == 0:
+            break
+        # x in place of member p of each quad: [nq, 4]
+        cand = q.unsqueeze(1).repeat(1, 4, 1)
+        pos = torch.arange(4, device=dev)
+        cand[:, pos, pos] = x
+        ok = _quad_ok(bits, cand)
+        for t_q, t_p in tabu:
+            ok[t_q, t_p] = False
+        if not bool(ok.any()):
+            continue
+        nz = torch.nonzero(ok)
+        qi, p = nz[int(torch.randint(nz.shape[0], (1,), generator=g))].tolist()
+        y = int(q[qi, p])
+        q[qi, p] = x
+        left.remove(x)
+        left.append(y)
+        tabu.append((qi, p))
+    return [tuple(r) for r in q.tolist()], left
+
+
+def _backtrack24(bits: torch.Tensor, col_counts: torch.Tensor, deadline: float, max_nodes: int) -> Optional[list]:
+    """Exhaustive search for a quad partition (narrow weights, where the greedy's choices are far
+    from unique): depth first, the densest free column first, supports as Python ints. None when
+    there is none or max_nodes / the deadline run out first."""
+    K = bits.shape[0]
+    sup = [int.from_bytes(row.numpy().tobytes(), "little") for row in bits.cpu()]
+    dens = col_counts.tolist()
+    nodes = [0]
+
+    def dfs(free: list[int]) -> Optional[list]:
+        if not free:
+            return []
+        nodes[0] += 1
+        if nodes[0] > max_nodes or time.perf_counter() > deadline:
+            nodes[0] = max_nodes + 1
+            return None
+        a = max(free, key=lambda j: (dens[j], -j))
+        rest = [j for j in free if j != a]
+        A = sup[a]
+        rest.sort(key=lambda j: ((A & sup[j]).bit_count(), j))
+        for ib, b in enumerate(rest):
+            if time.perf_counter() > deadline:
+                nodes[0] = max_nodes + 1
+                return None
+            ab, sab = A & sup[b], A | sup[b]
+            for ic in range(ib + 1, len(rest)):
+                c = rest[ic]
+                if ab & sup[c]:
+                    continue
+                l2 = ab | (sab & sup[c])
+                for idd in range(ic + 1, len(rest)):
+                    d = rest[idd]
+                    if l2 & sup[d]:
+                        continue
+                    sub = dfs([j for j in rest if j not in (b, c, d)])
+                    if sub is not None:
+                        return [(a, b, c, d)] + sub
+                    if nodes[0] > max_nodes:
+                        return None
+        return None
+
+    return dfs(list(range(K)))
+
+
+def _search_24(zu, bits, row_counts, col_counts, deadline) -> tuple[Optional[torch.Tensor], str]:
+    N, K = zu.shape
+    if K % 4:
+        return None, f"K={K} is not a multiple of 4"
+    worst = int(row_counts.max())
+    if worst > K // 2:
+        row = int(torch.argmax(row_counts))
+        return None, f"no column order is 2:4: row {row} has {worst} nonzeros of {K} (more than half)"
+    for attempt in range(_ATTEMPTS_24):
+        quads, left, finished = _Greedy24(zu, bits, row_counts, col_counts, deadline, attempt).run()
+        if left and time.perf_counter() < deadline:
+            quads, left = _repair24(bits, quads, left, deadline, max_steps=50 * len(left) + 100)
+        if not left or time.perf_counter() > deadline:
+            break
+    if left and K <= _BACKTRACK_K and time.perf_counter() < deadline:
+        found = _backtrack24(bits, col_counts, deadline, max_nodes=200_000)
+        if found is not None:
+            quads, left = found, []
+    if left:
+        why = "ran out of time" if time.perf_counter() > deadline or not finished else "found no group of four for"
+        return None, (f"2:4 search {why} {len(left)} of {K} columns" if why != "ran out of time"
+                      else f"2:4 search ran out of time with {len(left)} of {K} columns left")
+    cols = torch.tensor([c for quad in quads for c in quad], dtype=torch.int64, device=zu.device)
+    return cols, ""
+
+
+# ----------------------------------------------------------------------------------------------
+# the entry point
+# ----------------------------------------------------------------------------------------------
+
+def _mask(w: torch.Tensor) -> torch.Tensor:
+    return (w != 0).view(torch.uint8)
+
+
+def mask_digest(w: torch.Tensor) -> str:
+    """blake2b of W's nonzero mask and shape: what a search result depends on."""
+    return _digest(_pack_columns(_mask(w).contiguous()), tuple(w.shape))
+
+
+def _digest(colbits: torch.Tensor, shape: tuple) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    h.update(repr(shape).encode())
+    h.update(colbits.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _key(digest: str, patterns, sizes, max_density, budget_s) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    h.update(repr((SEARCH_VERSION, digest, tuple(patterns), tuple(sizes), float(max_density),
+                   round(float(budget_s), 3))).encode())
+    return h.hexdigest()
+
+
+def _verify(zu: torch.Tensor, colbits: torch.Tensor, res: Permutation) -> None:
+    """Raise if res does not hold on the mask zu (colbits: its columns, bit-packed): the index
+    vectors are permutations and the permuted mask has the pattern (a bug in the search must never
+    reach a kernel). Computed from the mask again, not from the search's own numbers."""
+    N, K = zu.shape
+    for t, n in ((res.rows, N), (res.cols, K)):
+        if t is not None and not (t.numel() == n and torch.equal(torch.sort(t).values, torch.arange(n, device=t.device))):
+            raise AssertionError("permutation search returned an index vector that is not a permutation")
+    if res.pattern == "2:4":
+        if not bool(_quad_ok(colbits, res.cols.view(K // 4, 4)).all()):
+            raise AssertionError("permutation search returned a column order that is not 2:4")
+    elif res.pattern == "block":
+        b = res.block
+        # OR over block rows commutes with the column order: gather the rows, OR, then the columns
+        zr = _block_or(zu.index_select(0, res.rows), b, 0)
+        bmap = _block_or(zr.index_select(1, res.cols), b, 1)
+        if int(bmap.sum()) != round(res.block_density * bmap.numel()):
+            raise AssertionError("permutation search returned a wrong block density")
+
+
+def find_permutation(w: torch.Tensor, *, patterns: Sequence[str] = ("2:4", "block"),
+                     block_sizes: Sequence[int] = BLOCK_SIZES, max_block_density: float = 0.5,
+                     budget_s: float = 2.0, cache: Optional["PermutationCache"] = None) -> Permutation:
+    """Search rows / cols such that W[rows][:, cols] is block-sparse or 2:4 (module docstring).
+
+    w: a 2-D weight (any dtype that compares with 0; on any device: the search runs there).
+    patterns: which patterns to look for; block_sizes: square block sizes (16, 32, 64, 128);
+    max_block_density: the most nonzero blocks a block-sparse result may have; budget_s: time for
+    the search (a repeated call with the same mask and arguments is answered by cache).
+    Returns a Permutation; pattern "dense" with the reason when nothing is found.
+    """
+    t0 = time.perf_counter()
+    deadline = t0 + budget_s
+    if w.dim() != 2:
+        raise ValueError(f"find_permutation: expected a 2-D weight, got shape {tuple(w.shape)}")
+    bad = [b for b in block_sizes if b not in BLOCK_SIZES]
+    if bad:
+        raise ValueError(f"find_permutation: block sizes must be in {BLOCK_SIZES}, got {bad}")
+    N, K = w.shape
+    sizes = tuple(sorted(set(block_sizes), reverse=True)) if "block" in patterns else ()
+    with torch.no_grad():
+        if w.numel() == 0:
+            return Permutation("dense", None, None, 0.0, 0.0, "empty weight")
+        zu = _mask(w).contiguous()
+        colbits = _pack_columns(zu)
+        key = _key(_digest(colbits, (N, K)), patterns, sizes, max_block_density, budget_s)
+        if cache is not None:
+            hit = cache.get(key, N, K, w.device)
+            if hit is not None:
+                return hit
+        res = _search(zu, colbits, patterns, sizes, max_block_density, t0, deadline)
+        if res.found:
+            _verify(zu, colbits, res)
+        if cache is not None:
+            cache.put(key, res)
+    log.debug("sparse_inductor: permutation search %dx%d: %s (%.2f s)", N, K, res.reason, res.seconds)
+    return res
+
+
+def _search(zu, colbits, patterns, sizes, max_density, t0, deadline) -> Permutation:
+    N, K = zu.shape
+    row_counts, col_counts = _line_counts(zu)
+    nnz = int(row_counts.sum())
+    density = nnz / (N * K)
+
+    def out(pattern, rows, cols, reason, **kw):
+        return Permutation(pattern, rows, cols, density, time.perf_counter() - t0, reason, **kw)
+
+    why = []
+    blk = None
+    if sizes:
+        blk, why_b = _search_block(zu, colbits, row_counts, col_counts, sizes, max_density, deadline)
+        if blk is None:
+            why.append(f"not block-sparse ({why_b})")
+    if blk is not None and blk.density <= _PREFER_BLOCK_BELOW:
+        return out("block", blk.rows, blk.cols, f"{blk.block}x{blk.block} blocks, {blk.density:.1%} of blocks "
+                   "nonzero after a row and column permutation", block=blk.block, block_density=blk.density)
+    if "2:4" in patterns:
+        cols, why_24 = _search_24(zu, colbits, row_counts, col_counts, deadline)
+        if cols is not None:
+            return out("2:4", None, cols, "2:4 after a column permutation")
+        why.append(f"not 2:4 ({why_24})")
+    if blk is not None:
+        return out("block", blk.rows, blk.cols, f"{blk.block}x{blk.block} blocks, {blk.density:.1%} of blocks "
+                   "nonzero after a row and column permutation", block=blk.block, block_density=blk.density)
+    return out("dense", None, None, "no permutation found: " + "; ".join(why) if why else "no pattern requested")
+
+
+# ----------------------------------------------------------------------------------------------
+# cache
+# ----------------------------------------------------------------------------------------------
+
+class PermutationCache:
+    """Search results by key (mask digest + arguments): an in-memory LRU of `capacity` entries,
+    and, with `directory`, one file a result in directory/permutations/<key>.pt (torch.save of
+    plain tensors and numbers, read with weights_only=True), so another process's compile of the
+    same weight does not search again. Refusals are cached too. A file that does not load or does
+    not hold permutations of the right sizes is ignored."""
+
+    def __init__(self, directory: Optional[str] = None, capacity: int = 256):
+        self.directory = os.path.join(directory, "permutations") if directory else None
+        self.capacity = capacity
+        self._mem: collections.OrderedDict[str, Permutation] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, key: str) -> Optional[str]:
+        return os.path.join(self.directory, key + ".pt") if self.directory else None
+
+    def get(self, key: str, n: int, k: int, device=None) -> Optional[Permutation]:
+        with self._lock:
+            hit = self._mem.get(key)
+            if hit is not None:
+                self._mem.move_to_end(key)
+        if hit is None:
+            hit = self._load(key, n, k)
+            if hit is not None:
+                self._remember(key, hit)
+        if hit is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return dataclasses.replace(hit, rows=move(hit.rows), cols=move(hit.cols), cached=True)
+
+    def put(self, key: str, res: Permutation) -> None:
+        res = dataclasses.replace(res, rows=None if res.rows is None else res.rows.cpu(),
+                                  cols=None if res.cols is None else res.cols.cpu(), cached=False)
+        self._remember(key, res)
+        path = self._path(key)
+        if path is None:
+            return
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                torch.save({f.name: getattr(res, f.name) for f in dataclasses.fields(Permutation)}, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("sparse_inductor: cannot write the permutation cache %s: %s", path, e)
+
+    def _remember(self, key: str, res: Permutation) -> None:
+        with self._lock:
+            self._mem[key] = res
+            self._mem.move_to_end(key)
+            while len(self._mem) > self.capacity:
+                self._mem.popitem(last=False)
+
+    def _load(self, key: str, n: int, k: int) -> Optional[Permutation]:
+        path = self._path(key)
+        if path is None or not os.path.exists(path):
+            return None
+        try:
+            d = torch.load(path, weights_only=True)
+            res = Permutation(**{f.name: d[f.name] for f in dataclasses.fields(Permutation)})
+        except Exception as e:  # unreadable or from another version: search again
+            log.debug("sparse_inductor: ignoring permutation cache file %s: %s", path, e)
+            return None
+        for t, size in ((res.rows, n), (res.cols, k)):
+            if t is not None and not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == size and
+                                      torch.equal(torch.sort(t.long()).values, torch.arange(size))):
+                return None
+        return res
