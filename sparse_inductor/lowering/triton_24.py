@@ -57,8 +57,10 @@ __all__ = ["sp24_dot_acc", "sp24_gemv_acc", "sp24_linear", "pick_config", "DEVIC
 @triton.jit
 def sp24_dot_acc(X, V, META, M, N, K, stride_xm, stride_xk, pid_m, pid_n,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                 EVEN_G: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 [BLOCK_N, BLOCK_M] tile of y^T for rows pid_n * BLOCK_N.. of W, pid_m * BLOCK_M.. of x."""
+                 EVEN_G: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
+                 XIDX=None, PERM_K: tl.constexpr = False):
+    """fp32 [BLOCK_N, BLOCK_M] tile of y^T for rows pid_n * BLOCK_N.. of W, pid_m * BLOCK_M.. of x.
+    PERM_K: W's columns are permuted (formats/permute.py): x is read at x[m, XIDX[k]]."""
     G = K // 4
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -96,7 +98,11 @@ def sp24_dot_acc(X, V, META, M, N, K, stride_xm, stride_xk, pid_m, pid_n,
         # X_p[m, g] = x[m, 4g + p] (measured faster than four strided loads: 61 vs 66 us at
         # M=16 N=14336 K=4096, 72 vs 111 us at N=4096 K=14336, H100 bf16)
         rk = 4 * g0 + tl.arange(0, 4 * BLOCK_G)
-        xt = tl.load(x_ptr + rk[None, :] * stride_xk, mask=m_ok[:, None] & (rk < K)[None, :], other=0.0)
+        if PERM_K:
+            kx = tl.load(XIDX + rk, mask=rk < K, other=0)
+        else:
+            kx = rk
+        xt = tl.load(x_ptr + kx[None, :] * stride_xk, mask=m_ok[:, None] & (rk < K)[None, :], other=0.0)
         a, b = tl.split(tl.reshape(xt, (BLOCK_M, BLOCK_G, 2, 2)))  # a: p = 0, 2; b: p = 1, 3
         x0, x2 = tl.split(a)
         x1, x3 = tl.split(b)
@@ -194,14 +200,15 @@ def sp24_gemv_out(acc_e, acc_o, RH: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.
 @triton.jit
 def sp24_gemv_bytes_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_G: tl.constexpr,
-                  NUM_WARPS: tl.constexpr, PTX: tl.constexpr):
+                  NUM_WARPS: tl.constexpr, PTX: tl.constexpr, XIDX=None, PERM_K: tl.constexpr = False):
     """fp32 [BLOCK_N] slice of y[m, :] for rows pid_n * BLOCK_N.. of W (CUDA cores).
 
     Even and odd rows are two tiles (the meta nibble of each is then a constant bit position), laid
     out as [lanes, warps, row pairs per warp, groups per lane] so that the loads give every thread
     P consecutive groups of its rows and x for exactly those groups: each warp loads all of x's
     step, with no shared-memory exchange (NUM_WARPS must be the launch's num_warps for that; any
-    value is correct). PTX: inline PTX allowed (False under the interpreter)."""
+    value is correct). PTX: inline PTX allowed (False under the interpreter). PERM_K: x read at
+    XIDX (sp24_dot_acc)."""
     G = K // 4
     if EVEN_G:
         G = tl.multiple_of(G, BLOCK_G)
@@ -230,14 +237,22 @@ def sp24_gemv_bytes_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
             ve1 = tl.load(ve_ptr + N * G + g0, eviction_policy="evict_first")
             vo0 = tl.load(vo_ptr + g0, eviction_policy="evict_first")
             vo1 = tl.load(vo_ptr + N * G + g0, eviction_policy="evict_first")
-            xt = tl.load(x_ptr + 4 * g0 * stride_xk, eviction_policy="evict_last")
+            if PERM_K:
+                xt = tl.load(X + m * stride_xm + tl.load(XIDX + 4 * g0 + xl) * stride_xk, eviction_policy="evict_last")
+            else:
+                xt = tl.load(x_ptr + 4 * g0 * stride_xk, eviction_policy="evict_last")
         else:
             g_ok = g0 + gl < G
             ve0 = tl.load(ve_ptr + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
             ve1 = tl.load(ve_ptr + N * G + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
             vo0 = tl.load(vo_ptr + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
             vo1 = tl.load(vo_ptr + N * G + g0, mask=g_ok, other=0.0, eviction_policy="evict_first")
-            xt = tl.load(x_ptr + 4 * g0 * stride_xk, mask=4 * g0 + xl < K, other=0.0, eviction_policy="evict_last")
+            if PERM_K:
+                kx = tl.load(XIDX + 4 * g0 + xl, mask=4 * g0 + xl < K, other=0)
+                xt = tl.load(X + m * stride_xm + kx * stride_xk, mask=4 * g0 + xl < K, other=0.0,
+                             eviction_policy="evict_last")
+            else:
+                xt = tl.load(x_ptr + 4 * g0 * stride_xk, mask=4 * g0 + xl < K, other=0.0, eviction_policy="evict_last")
         if WORDS:  # bit tests on the loaded words need no byte extraction
             mw = tl.load(mw_ptr + g0 // 4, eviction_policy="evict_first")
             mb = tl.reshape(mw[:, :, :, :, None] >> (8 * tl.arange(0, 4))[None, None, None, None, :], (L, W, RR, P))
@@ -263,15 +278,16 @@ def sp24_gemv_bytes_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
         rk = kx + tl.arange(0, 32 * NUM_WARPS * XB)
         poison += tl.load(X + m * stride_xm + rk * stride_xk, mask=rk < K, other=0.0).to(PT)
     p = tl.sum(poison.to(tl.float32), axis=0)
-    return sp24_gemv_fixup(out, p, X, META, m, N, K, stride_xm, stride_xk, pid_n, BLOCK_N, BLOCK_G)
+    return sp24_gemv_fixup(out, p, X, META, m, N, K, stride_xm, stride_xk, pid_n, BLOCK_N, BLOCK_G, XIDX, PERM_K)
 
 
 @triton.jit
 def sp24_gemv_fixup(out, p, X, META, m, N, K, stride_xm, stride_xk, pid_n,
-                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, XIDX=None, PERM_K: tl.constexpr = False):
     """out [BLOCK_N], with NaN where dense would have one that the zero-skipping gemv lost: p is a sum
     of every x[m, k], non-finite iff some x is NaN/Inf (or, harmlessly, on overflow). Its tiles are
-    at most 32 groups wide: the rare path should not set the kernel's register count."""
+    at most 32 groups wide: the rare path should not set the kernel's register count. PERM_K: x
+    read at XIDX (sp24_dot_acc)."""
     G = K // 4
     FG: tl.constexpr = min(BLOCK_G, 32)
     if p * 0.0 != 0.0:
@@ -295,11 +311,21 @@ def sp24_gemv_fixup(out, p, X, META, m, N, K, stride_xm, stride_xk, pid_n,
                 code = (mb.to(tl.int32) >> ((rn & 1) * 4)[:, None]) & 15
                 i0 = code & 3
                 i1 = code >> 2
-            xp = x_row + 4 * rg * stride_xk
-            z0 = tl.load(xp, mask=g_ok, other=0.0).to(tl.float32) * 0.0
-            z1 = tl.load(xp + stride_xk, mask=g_ok, other=0.0).to(tl.float32) * 0.0
-            z2 = tl.load(xp + 2 * stride_xk, mask=g_ok, other=0.0).to(tl.float32) * 0.0
-            z3 = tl.load(xp + 3 * stride_xk, mask=g_ok, other=0.0).to(tl.float32) * 0.0
+            if PERM_K:
+                z0 = tl.load(x_row + tl.load(XIDX + 4 * rg, mask=g_ok, other=0) * stride_xk, mask=g_ok,
+                             other=0.0).to(tl.float32) * 0.0
+                z1 = tl.load(x_row + tl.load(XIDX + 4 * rg + 1, mask=g_ok, other=0) * stride_xk, mask=g_ok,
+                             other=0.0).to(tl.float32) * 0.0
+                z2 = tl.load(x_row + tl.load(XIDX + 4 * rg + 2, mask=g_ok, other=0) * stride_xk, mask=g_ok,
+                             other=0.0).to(tl.float32) * 0.0
+                z3 = tl.load(x_row + tl.load(XIDX + 4 * rg + 3, mask=g_ok, other=0) * stride_xk, mask=g_ok,
+                             other=0.0).to(tl.float32) * 0.0
+            else:
+                xp = x_row + 4 * rg * stride_xk
+                z0 = tl.load(xp, mask=g_ok, other=0.0).to(tl.float32) * 0.0
+                z1 = tl.load(xp + stride_xk, mask=g_ok, other=0.0).to(tl.float32) * 0.0
+                z2 = tl.load(xp + 2 * stride_xk, mask=g_ok, other=0.0).to(tl.float32) * 0.0
+                z3 = tl.load(xp + 3 * stride_xk, mask=g_ok, other=0.0).to(tl.float32) * 0.0
             n_group = (z0 != z0).to(tl.int32) + (z1 != z1).to(tl.int32) + (z2 != z2).to(tl.int32) + (z3 != z3).to(tl.int32)
             z0b, z1b, z2b, z3b = z0[None, :], z1[None, :], z2[None, :], z3[None, :]
             k0 = tl.where(i0 == 0, z0b, tl.where(i0 == 1, z1b, z2b))
@@ -356,7 +382,8 @@ def sp24_words_step(acc_e, acc_o, ve0, ve1, vo0, vo1, s, xa, xb, PTX: tl.constex
 @triton.jit
 def sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n,
                         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_G: tl.constexpr,
-                        NUM_WARPS: tl.constexpr, PTX: tl.constexpr, KSPLIT: tl.constexpr = 1):
+                        NUM_WARPS: tl.constexpr, PTX: tl.constexpr, KSPLIT: tl.constexpr = 1,
+                        XIDX=None, PERM_K: tl.constexpr = False):
     """sp24_gemv_bytes_acc for the gemv layout (formats/sparse24.py: int32 meta words; int8 values as
     uint8 v + 128) and bf16 x with unit stride along K. Same tiles; x is loaded as 32-bit words
     (x[4g..4g+1], x[4g+2..4g+3]), and per group and row pair a mask, a multiply-add and two byte
@@ -367,7 +394,9 @@ def sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n,
 
     KSPLIT > 1: the warps split K as well as the rows (NUM_WARPS / KSPLIT along the rows; a step is
     KSPLIT * BLOCK_G groups, warp slices of BLOCK_G): fewer rows a program for the same warps,
-    so a grid with more, shorter programs (a smaller last wave)."""
+    so a grid with more, shorter programs (a smaller last wave).
+
+    PERM_K: x read at XIDX (sp24_dot_acc): each word is built from the two gathered bf16 halves."""
     G = K // 4
     STEP: tl.constexpr = KSPLIT * BLOCK_G
     if EVEN_G:
@@ -395,6 +424,7 @@ def sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n,
     if KSPLIT > 1:
         xl = xl + 2 * kofs
     x_ptr = X.to(tl.pointer_type(tl.int32)) + (m * stride_xm) // 2 + xl
+    x_half = X.to(tl.pointer_type(tl.int16)) + m * stride_xm  # PERM_K: bf16 bits, gathered
     acc_e = tl.zeros((L, W, RR, PW), dtype=tl.float32)
     acc_o = tl.zeros((L, W, RR, PW), dtype=tl.float32)
     if PTX:
@@ -408,7 +438,13 @@ def sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n,
             vo0 = tl.load(vo_ptr + g0, eviction_policy="evict_first")
             vo1 = tl.load(vo_ptr + N * G + g0, eviction_policy="evict_first")
             mw = tl.load(mw_ptr + g0 // 4, eviction_policy="evict_first")
-            xw = tl.load(x_ptr + 2 * g0, eviction_policy="evict_last")
+            if PERM_K:
+                ke = 2 * (2 * g0 + xl)
+                lo = tl.load(x_half + tl.load(XIDX + ke), eviction_policy="evict_last").to(tl.int32) & 0xFFFF
+                hi = tl.load(x_half + tl.load(XIDX + ke + 1), eviction_policy="evict_last").to(tl.int32)
+                xw = lo | (hi << 16)
+            else:
+                xw = tl.load(x_ptr + 2 * g0, eviction_policy="evict_last")
         else:
             g_ok = g0 + gl < G
             ve0 = tl.load(ve_ptr + g0, mask=g_ok, other=0, eviction_policy="evict_first")
@@ -416,7 +452,16 @@ def sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n,
             vo0 = tl.load(vo_ptr + g0, mask=g_ok, other=0, eviction_policy="evict_first")
             vo1 = tl.load(vo_ptr + N * G + g0, mask=g_ok, other=0, eviction_policy="evict_first")
             mw = tl.load(mw_ptr + g0 // 4, mask=g0 // 4 + wl < G // 4, other=0, eviction_policy="evict_first")
-            xw = tl.load(x_ptr + 2 * g0, mask=2 * g0 + xl < 2 * G, other=0, eviction_policy="evict_last")
+            if PERM_K:
+                ke = 2 * (2 * g0 + xl)
+                x_ok = 2 * g0 + xl < 2 * G
+                lo = tl.load(x_half + tl.load(XIDX + ke, mask=x_ok, other=0), mask=x_ok, other=0,
+                             eviction_policy="evict_last").to(tl.int32) & 0xFFFF
+                hi = tl.load(x_half + tl.load(XIDX + ke + 1, mask=x_ok, other=0), mask=x_ok, other=0,
+                             eviction_policy="evict_last").to(tl.int32)
+                xw = lo | (hi << 16)
+            else:
+                xw = tl.load(x_ptr + 2 * g0, mask=2 * g0 + xl < 2 * G, other=0, eviction_policy="evict_last")
         if PTX:
             poison = tl.inline_asm_elementwise(
                 "{.reg .b32 one; mov.b32 one, 0x3F803F80; fma.rn.bf16x2 $0, $1, one, $2;}", "=r,r,r",
@@ -439,21 +484,23 @@ def sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n,
     if PTX:
         poison = (poison << 16).to(tl.float32, bitcast=True) + (poison & -65536).to(tl.float32, bitcast=True)
     p = tl.sum(tl.reshape(poison, (L * W * H * 4,)), axis=0)
-    return sp24_gemv_fixup(out, p, X, META, m, N, K, stride_xm, 1, pid_n, BLOCK_N, BLOCK_G)
+    return sp24_gemv_fixup(out, p, X, META, m, N, K, stride_xm, 1, pid_n, BLOCK_N, BLOCK_G, XIDX, PERM_K)
 
 
 @triton.jit
 def sp24_gemv_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n,
                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN_G: tl.constexpr,
-                  NUM_WARPS: tl.constexpr, PTX: tl.constexpr, KSPLIT: tl.constexpr = 1):
+                  NUM_WARPS: tl.constexpr, PTX: tl.constexpr, KSPLIT: tl.constexpr = 1,
+                  XIDX=None, PERM_K: tl.constexpr = False):
     """fp32 [BLOCK_N] slice of y[m, :] for rows pid_n * BLOCK_N.. of W (CUDA cores), for either
-    meta layout: int32 words (the gemv layout; x bf16 with stride_xk 1) or the uint8 bytes."""
+    meta layout: int32 words (the gemv layout; x bf16 with stride_xk 1) or the uint8 bytes.
+    PERM_K: x read at XIDX (sp24_dot_acc)."""
     if META.dtype.element_ty == tl.int32:
         out = sp24_gemv_words_acc(X, V, META, m, N, K, stride_xm, pid_n, BLOCK_N, BLOCK_G, EVEN_G, NUM_WARPS, PTX,
-                                  KSPLIT)
+                                  KSPLIT, XIDX, PERM_K)
     else:
         out = sp24_gemv_bytes_acc(X, V, META, m, N, K, stride_xm, stride_xk, pid_n, BLOCK_N, BLOCK_G, EVEN_G,
-                                  NUM_WARPS, PTX)
+                                  NUM_WARPS, PTX, XIDX, PERM_K)
     return out
 
 
@@ -464,22 +511,23 @@ DEVICE_FUNCTIONS = (sp24_dot_acc, sp24_to_f32, sp24_gemv_step, sp24_gemv_fixup, 
 
 
 @triton.jit
-def _sp24_linear_kernel(X, V, META, B, Y, M, N, K, stride_xm, stride_xk, stride_ym, stride_yn,
+def _sp24_linear_kernel(X, V, META, B, Y, XIDX, M, N, K, stride_xm, stride_xk, stride_ym, stride_yn,
                         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GEMV: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                         EVEN_G: tl.constexpr, ALLOW_TF32: tl.constexpr, UPCAST: tl.constexpr,
-                        NUM_WARPS: tl.constexpr, PTX: tl.constexpr, KSPLIT: tl.constexpr):
+                        NUM_WARPS: tl.constexpr, PTX: tl.constexpr, KSPLIT: tl.constexpr,
+                        PERM_K: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if GEMV:
         rm = pid_m + tl.arange(0, 1)
         acc = sp24_gemv_acc(X, V, META, pid_m, N, K, stride_xm, stride_xk, pid_n,
-                            BLOCK_N, BLOCK_G, EVEN_G, NUM_WARPS, PTX, KSPLIT)[:, None]
+                            BLOCK_N, BLOCK_G, EVEN_G, NUM_WARPS, PTX, KSPLIT, XIDX, PERM_K)[:, None]
     else:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         acc = sp24_dot_acc(X, V, META, M, N, K, stride_xm, stride_xk, pid_m, pid_n,
-                           BLOCK_M, BLOCK_N, BLOCK_G, EVEN_G, ALLOW_TF32, UPCAST)
+                           BLOCK_M, BLOCK_N, BLOCK_G, EVEN_G, ALLOW_TF32, UPCAST, XIDX, PERM_K)
     if HAS_BIAS:
         acc += tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
     if ACT == "relu":
@@ -593,9 +641,12 @@ def allow_tf32(dtype: torch.dtype) -> bool:
 
 
 def sp24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                *, activation: Optional[str] = None, config: Optional[dict] = None) -> torch.Tensor:
+                *, activation: Optional[str] = None, config: Optional[dict] = None,
+                x_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Eager launcher: y = act(x @ W^T + bias) for a 2-D x [M, K] and W in the 2:4 layout.
 
+    x_index [K] int32 (formats/permute.kernel_indices): (values, meta) hold a column-permuted weight
+    Wp = W[:, cols] and x_index = cols: the kernels read x[:, x_index], so y = x @ W^T.
     values may be int8 (a weight-only quantized W): W is then used as its integer values in x's
     dtype, and the caller applies the scales (in a compiled graph, a mul fused into the store).
     (values, meta) may also be in the gemv layout (formats/sparse24.to_gemv_layout: int32 meta words,
@@ -617,6 +668,10 @@ def sp24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
             x = x.clone(memory_format=torch.contiguous_format)
     elif meta.shape != (math.ceil(n / 2), g) or meta.dtype != torch.uint8:
         raise ValueError(f"meta must be uint8 [{math.ceil(n / 2)}, {g}], got {meta.dtype} {tuple(meta.shape)}")
+    if x_index is not None and not (x_index.dtype == torch.int32 and x_index.shape == (k,) and x_index.is_contiguous()
+                                    and x_index.device == x.device):
+        raise ValueError(f"x_index must be a contiguous int32 [{k}] tensor on {x.device}, got "
+                         f"{x_index.dtype} {tuple(x_index.shape)} on {x_index.device}")
     int8 = values.dtype in (torch.int8, torch.uint8)
     if values.dtype not in (x.dtype, torch.int8) and not (words and values.dtype == torch.uint8):
         raise ValueError(f"x is {x.dtype} but the weight is {values.dtype} (int8 values: weight-only quantized)")
@@ -633,11 +688,11 @@ def sp24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
         return y
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), m if cfg["GEMV"] else triton.cdiv(m, cfg["BLOCK_M"]))
     _sp24_linear_kernel[grid](
-        x, values, meta, bias if bias is not None else x, y, m, n, k,
+        x, values, meta, bias if bias is not None else x, y, x_index if x_index is not None else meta, m, n, k,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, ACT=activation or "none",
         EVEN_G=g % (cfg["BLOCK_G"] * cfg["KSPLIT"]) == 0, ALLOW_TF32=allow_tf32(x.dtype),
-        UPCAST=INTERPRETING, NUM_WARPS=num_warps, PTX=not INTERPRETING,
+        UPCAST=INTERPRETING, NUM_WARPS=num_warps, PTX=not INTERPRETING, PERM_K=x_index is not None,
         num_warps=num_warps, num_stages=num_stages, **cfg)
     return y
 
@@ -672,20 +727,33 @@ _TEMPLATE_BODY = r'''
 TEMPLATE_NAME = "sparse_inductor_sp24"
 
 
-def template():
+def _template_body(perm_k: bool = False) -> str:
+    """The template body; perm_k: a column-permuted weight, x read at input X_INDEX (sp24_linear's
+    x_index). Only x's reads change: the store and the epilogue see y's own columns."""
+    if not perm_k:
+        return _TEMPLATE_BODY
+    return _TEMPLATE_BODY.replace('def_kernel("X", "V", "META")', 'def_kernel("X", "V", "META", "X_INDEX")') \
+        .replace("NUM_WARPS, True, KSPLIT)", "NUM_WARPS, True, KSPLIT, X_INDEX, True)") \
+        .replace("ALLOW_TF32, UPCAST)", "ALLOW_TF32, UPCAST, X_INDEX, True)")
+
+
+def template(perm_k: bool = False):
     from .template import get_template, grid_nm, template_source
 
-    return get_template(TEMPLATE_NAME, lambda: template_source(DEVICE_FUNCTIONS, _TEMPLATE_BODY), grid_nm())
+    return get_template(TEMPLATE_NAME + ("_permk" if perm_k else ""),
+                        lambda: template_source(DEVICE_FUNCTIONS, _template_body(perm_k)), grid_nm())
 
 
-def lower(x, values, meta, *, n: int):
+def lower(x, values, meta, *, n: int, x_index=None):
     """Inductor lowering of sparse_inductor::linear_24 (without bias) to the template. One choice
-    only, so that Inductor fuses what follows into the template's store (DESIGN-NOTES)."""
+    only, so that Inductor fuses what follows into the template's store (DESIGN-NOTES). x_index:
+    a column-permuted weight (sp24_linear's; an int32 constant), None: the identity."""
     import sympy
     from torch._inductor.ir import FixedLayout
     from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs
 
-    x, values, meta = realize_inputs(x, values, meta)
+    perm = (x_index,) if x_index is not None else ()
+    x, values, meta, *perm = realize_inputs(x, values, meta, *perm)
     m, k = x.get_size()
     n, g = (int(s) for s in values.get_size()[1:])
     words = meta.get_dtype() == torch.int32  # the gemv layout: made only for a static M of 1 and bf16 x
@@ -712,13 +780,13 @@ def lower(x, values, meta, *, n: int):
     cfg.setdefault("KSPLIT", 1)
     layout = FixedLayout(x.get_device(), x.get_dtype(), [m, n])
     choices: list = []
-    err = template().maybe_append_choice(
-        choices, input_nodes=(x, values, meta), layout=layout, num_stages=num_stages, num_warps=num_warps,
+    err = template(bool(perm)).maybe_append_choice(
+        choices, input_nodes=(x, values, meta, *perm), layout=layout, num_stages=num_stages, num_warps=num_warps,
         EVEN_G=g % (cfg["BLOCK_G"] * cfg["KSPLIT"]) == 0, ALLOW_TF32=allow_tf32(x.get_dtype()), UPCAST=False,
         NUM_WARPS=num_warps, **cfg)
     if err is not None or not choices:
         raise RuntimeError(f"2:4 template rejected the layer: {err}")
-    return autotune_select_algorithm("sparse_inductor_sp24", choices, [x, values, meta], layout)
+    return autotune_select_algorithm("sparse_inductor_sp24", choices, [x, values, meta, *perm], layout)
 
 
 # ---- the dispatcher's view of this family

@@ -61,6 +61,7 @@ The grid is (Nb * B / BN, cdiv(M, BLOCK_M)); B, BN, BLOCK_M, num_warps and num_s
 from __future__ import annotations
 
 import math
+import re
 from typing import NamedTuple, Optional
 
 import torch
@@ -111,9 +112,12 @@ def block_range_acc(
     BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr,
     ALLOW_TF32: tl.constexpr,  # fp32 inputs: tf32 tensor cores (True) or full fp32 (False)
     DOT_FP32: tl.constexpr,  # upcast both dot operands to fp32 first (bf16 under the interpreter)
+    # a permuted weight (formats/permute.py): x's columns gathered, x[m, xidx[k]] for column k
+    xidx_ptr=None, PERM_K: tl.constexpr = False,
 ):
     """fp32 acc[BLOCK_M, BN] = sum over blocks i in start .. end-1 of
-    x[pid_m*BLOCK_M : +BLOCK_M, col_idx[i]*B : +B] @ blocks[i][sub*BN : +BN, :]^T.
+    x[pid_m*BLOCK_M : +BLOCK_M, col_idx[i]*B : +B] @ blocks[i][sub*BN : +BN, :]^T
+    (with PERM_K: x's columns xidx[col_idx[i]*B : +B] instead).
 
     Rows of x at or beyond M and columns at or beyond K load as 0; the padded block entries are 0.
     """
@@ -132,16 +136,26 @@ def block_range_acc(
     # 2 with wgmma (read from the sm90 TTGIR; the speed itself is not measured yet).
     c_ptr = col_idx_ptr + start
     col = tl.load(c_ptr, mask=start < end, other=0)
+    # PERM_K: the gathered columns are loaded one block ahead too, carried like col
+    offs_k = col * B + offs_b
+    if PERM_K:
+        kx = tl.load(xidx_ptr + offs_k, mask=offs_k < K, other=0)
+    else:
+        kx = offs_k
     acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
     for i in range(start, end):
-        offs_k = col * B + offs_b
-        a = tl.load(x_rows + offs_k[None, :] * stride_xk,
+        a = tl.load(x_rows + kx[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
         w = tl.load(w_ptrs).to(a.dtype)  # int8 blocks (weight-only): their integers in x's dtype
         acc = block_dot(a, w, acc, ALLOW_TF32, DOT_FP32)
         w_ptrs += B * B
         c_ptr += 1
         col = tl.load(c_ptr, mask=i + 1 < end, other=0)
+        offs_k = col * B + offs_b
+        if PERM_K:
+            kx = tl.load(xidx_ptr + offs_k, mask=(offs_k < K) & (i + 1 < end), other=0)
+        else:
+            kx = offs_k
     return acc
 
 
@@ -160,6 +174,7 @@ def block_sparse_acc(
     BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr,
     ALLOW_TF32: tl.constexpr,  # fp32 inputs: tf32 tensor cores (True) or full fp32 (False)
     DOT_FP32: tl.constexpr,  # upcast both dot operands to fp32 first (bf16 under the interpreter)
+    xidx_ptr=None, PERM_K: tl.constexpr = False,  # x's columns gathered (block_range_acc)
 ):
     """fp32 acc[BLOCK_M, BN] = sum over blocks i of block row rb of
     x[pid_m*BLOCK_M : +BLOCK_M, col_idx[i]*B : +B] @ blocks[i][sub*BN : +BN, :]^T.
@@ -173,7 +188,7 @@ def block_sparse_acc(
     start = tl.load(row_ptr_ptr + rb)
     end = tl.load(row_ptr_ptr + rb + 1)
     return block_range_acc(x_ptr, blocks_ptr, col_idx_ptr, start, end, sub, pid_m, M, K, stride_xm, stride_xk,
-                           BLOCK_M, B, BN, ALLOW_TF32, DOT_FP32)
+                           BLOCK_M, B, BN, ALLOW_TF32, DOT_FP32, xidx_ptr, PERM_K)
 
 
 @triton.jit
@@ -186,12 +201,12 @@ def row_check_tile(g_ptr, pid_m, M, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g, rb, pid_m, M, K, stride_xm, stride_xk,
-                      BLOCK_M: tl.constexpr, B: tl.constexpr):
+                      BLOCK_M: tl.constexpr, B: tl.constexpr, xidx_ptr=None, PERM_K: tl.constexpr = False):
     """[BLOCK_M]: NaN for the rows whose x holds a NaN/Inf inside a block column that block row rb
     skips (dense would compute 0 * x there), else 0. g[m] = sum(0 * x[m, :]) (0 or NaN) says which
     rows hold any (g: the tile's rows of it, row_check_tile); only if one of this tile's does (rare;
     the branch is uniform over the program) are the skipped columns of x read, and only in the rows
-    whose g is NaN."""
+    whose g is NaN. PERM_K: x's columns gathered at xidx, as in block_range_acc."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     out = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -214,7 +229,11 @@ def nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g, rb, pid_m, M, K, strid
             skipped = c != nxt
             for j in range(0, B, CH):
                 offs_k = c * B + j + offs_c
-                z = tl.load(x_rows + offs_k[None, :] * stride_xk,
+                if PERM_K:
+                    kx = tl.load(xidx_ptr + offs_k, mask=(offs_k < K) & skipped, other=0)
+                else:
+                    kx = offs_k
+                z = tl.load(x_rows + kx[None, :] * stride_xk,
                             mask=mask_m[:, None] & (offs_k[None, :] < K) & skipped, other=0.0).to(tl.float32) * 0.0
                 bad += tl.sum((z != z).to(tl.float32), axis=1)
             ptr += (c == nxt).to(tl.int32)
@@ -274,27 +293,44 @@ def flat_row(row_ptr_ptr, row_order_ptr, rb, s, M, SPLIT: tl.constexpr, BLOCK_M:
 
 @triton.jit
 def flat_step(x_ptr, blocks_ptr, col_idx_ptr, acc, start, nnz, kk, t, M, K, stride_xm, stride_xk,
-              BLOCK_M: tl.constexpr, B: tl.constexpr, ALLOW_TF32: tl.constexpr, DOT_FP32: tl.constexpr):
+              BLOCK_M: tl.constexpr, B: tl.constexpr, ALLOW_TF32: tl.constexpr, DOT_FP32: tl.constexpr,
+              xidx_ptr=None, PERM_K: tl.constexpr = False):
     """One step of a flat program: acc += x[M tile t, the columns of block kk of the row] @ that
     block^T (nothing where kk >= nnz: an empty row's one step). The block column is loaded here, by
     an address that depends only on the loop counters, so the pipeliner can issue it (and the x tile
     behind it) stages ahead; carrying it from the step before (as block_range_acc does) made Triton
-    3.7's pipeliner give up on this loop (sm_90a TTGIR: no multi-buffering) or assert."""
+    3.7's pipeliner give up on this loop (sm_90a TTGIR: no multi-buffering) or assert. PERM_K: x's
+    columns gathered at xidx (block_range_acc)."""
     has = kk < nnz
     c = tl.load(col_idx_ptr + start + kk, mask=has, other=0)
     offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_b = tl.arange(0, B)
     offs_k = c * B + offs_b
-    a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+    if PERM_K:
+        kx = tl.load(xidx_ptr + offs_k, mask=(offs_k < K) & has, other=0)
+    else:
+        kx = offs_k
+    a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + kx[None, :] * stride_xk,
                 mask=(offs_m[:, None] < M) & (offs_k[None, :] < K) & has, other=0.0)
     w_ptrs = blocks_ptr + (start + kk).to(tl.int64) * (B * B) + (offs_b[:, None] + offs_b[None, :] * B)
     w = tl.load(w_ptrs, mask=has, other=0).to(a.dtype)  # int8 blocks (weight-only): their integers
     return block_dot(a, w, acc, ALLOW_TF32, DOT_FP32)
 
 
+@triton.jit
+def out_columns(oidx_ptr, offs_n, N, PERM_N: tl.constexpr):
+    """The columns of y a tile writes: offs_n, or with PERM_N (a permuted weight, formats/permute.py)
+    the permuted weight's rows mapped to y's columns, oidx[offs_n]; N for the padding rows past N,
+    which the store's mask (column < N) drops. Bias and epilogue read at the same columns."""
+    if PERM_N:
+        return tl.load(oidx_ptr + offs_n, mask=offs_n < N, other=N)
+    else:
+        return offs_n
+
+
 # Every @triton.jit function the template must embed, in definition order.
 DEVICE_FUNCTIONS = (block_dot, block_range_acc, block_sparse_acc, row_check_tile, nan_where_skipped, skip_tile,
-                    slice_has_nan, flat_row, flat_step)
+                    slice_has_nan, flat_row, flat_step, out_columns)
 
 
 def device_source() -> str:
@@ -311,7 +347,7 @@ def device_source() -> str:
 @triton.jit
 def _block_linear_kernel(
     # pointers
-    x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, row_order_ptr, bias_ptr, g_ptr, s_ptr, y_ptr,
+    x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, row_order_ptr, bias_ptr, g_ptr, s_ptr, y_ptr, xidx_ptr, oidx_ptr,
     # sizes; block rows row_order[live:] may be skipped (skip_tile)
     M, N, K, live,
     # strides
@@ -319,10 +355,12 @@ def _block_linear_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GUARD: tl.constexpr, SKIP: tl.constexpr, SKIP_CHECKED: tl.constexpr,
-    ALLOW_TF32: tl.constexpr, DOT_FP32: tl.constexpr,
+    ALLOW_TF32: tl.constexpr, DOT_FP32: tl.constexpr, PERM_K: tl.constexpr = False, PERM_N: tl.constexpr = False,
 ):
     """y[M, N] = x[M, K] @ W^T (+ bias[N]); with HAS_GUARD, NaN where a non-finite x meets a skipped
     (all-zero) block, as in dense; with SKIP, the tiles skip_tile allows are left unwritten.
+    A permuted weight (the blocks are of W[rows][:, cols], formats/permute.py): PERM_K reads x at
+    xidx = cols, PERM_N writes the weight's row n' to y's column oidx[n'] = rows[n'] (out_columns).
 
     SPLIT 0: one [BLOCK_M, BN] tile a program. SPLIT > 0 (config.split; BN = B): flat programs:
     program (p, s) computes block row row_order[p] in the M tiles s, s + split, ... (split <= SPLIT
@@ -347,7 +385,7 @@ def _block_linear_kernel(
             if p >= live:
                 if slice_has_nan(s_ptr, s, split, M, BLOCK_M) == 0:
                     return
-        offs_n = rb * B + tl.arange(0, B)
+        offs_n = out_columns(oidx_ptr, rb * B + tl.arange(0, B), N, PERM_N)
         mask_n = offs_n < N
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -356,7 +394,7 @@ def _block_linear_kernel(
         t = s
         for _ in range(0, total):
             acc = flat_step(x_ptr, blocks_ptr, col_idx_ptr, acc, start, nnz, kk, t, M, K, stride_xm, stride_xk,
-                            BLOCK_M, B, ALLOW_TF32, DOT_FP32)
+                            BLOCK_M, B, ALLOW_TF32, DOT_FP32, xidx_ptr, PERM_K)
             if HAS_GUARD:
                 g = row_check_tile(g_ptr, t, M, BLOCK_M)  # every step: a load the pipeliner can issue early
             if kk == steps - 1:
@@ -365,7 +403,7 @@ def _block_linear_kernel(
                     acc += bias[None, :]
                 if HAS_GUARD:
                     acc += nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g, rb, t, M, K, stride_xm, stride_xk,
-                                             BLOCK_M, B)[:, None]
+                                             BLOCK_M, B, xidx_ptr, PERM_K)[:, None]
                 y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
                 tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
                 acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
@@ -384,16 +422,16 @@ def _block_linear_kernel(
         if HAS_GUARD:
             g = row_check_tile(g_ptr, pid_m, M, BLOCK_M)
         acc = block_sparse_acc(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, rb, sub, pid_m, M, N, K,
-                               stride_xm, stride_xk, BLOCK_M, B, BN, ALLOW_TF32, DOT_FP32)
+                               stride_xm, stride_xk, BLOCK_M, B, BN, ALLOW_TF32, DOT_FP32, xidx_ptr, PERM_K)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = rb * B + sub * BN + tl.arange(0, BN)
+        offs_n = out_columns(oidx_ptr, rb * B + sub * BN + tl.arange(0, BN), N, PERM_N)
         mask_m = offs_m < M
         mask_n = offs_n < N
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if HAS_GUARD:
             acc += nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g, rb, pid_m, M, K,
-                                     stride_xm, stride_xk, BLOCK_M, B)[:, None]
+                                     stride_xm, stride_xk, BLOCK_M, B, xidx_ptr, PERM_K)[:, None]
         y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -511,6 +549,7 @@ def block_linear(
     guard: bool = True, config: Optional[BlockLinearConfig] = None,
     allow_tf32: Optional[bool] = None, row_check: Optional[torch.Tensor] = None,
     live: Optional[int] = None, skip_check: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+    x_index: Optional[torch.Tensor] = None, out_index: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y = F.linear(x, W, bias) for W [n, k] in the packed block layout (formats/block.py).
 
@@ -532,8 +571,12 @@ def block_linear(
     out: a contiguous [M, n] tensor of x's dtype to write y into (what is skipped keeps its values).
     config: a BlockLinearConfig to use instead of the table (CONFIGS, by block size and M bucket).
     allow_tf32: fp32 inputs only; None follows torch.get_float32_matmul_precision() like F.linear.
-    The format's invariants (col_idx < ceil(k/b), row_ptr monotone, row_order a permutation) are
-    trusted, not checked: that would need a device sync.
+    x_index [k], out_index [n] (int32, x's device; formats/permute.kernel_indices): the blocks are
+    those of a permuted weight Wp = W[rows][:, cols]; the kernel reads x[:, x_index] (x_index = cols)
+    and writes Wp's output row n' to y[:, out_index[n']] (out_index = rows), so y = F.linear(x, W,
+    bias) with bias in W's own order. Either may be None (the identity).
+    The format's invariants (col_idx < ceil(k/b), row_ptr monotone, row_order a permutation; x_index
+    and out_index permutations) are trusted, not checked: that would need a device sync.
     """
     _check(x.dim() == 2, f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
     _check(x.dtype in _DTYPES, f"x dtype must be one of {_DTYPES}, got {x.dtype}")
@@ -555,8 +598,12 @@ def block_linear(
     if bias is not None:
         _check(bias.shape == (n,), f"bias must be [{n}], got shape {tuple(bias.shape)}")
         _check(bias.dtype == x.dtype, f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+    for name, t, numel in (("x_index", x_index, k), ("out_index", out_index, n)):
+        _check(t is None or (t.dtype == torch.int32 and t.dim() == 1 and t.is_contiguous() and t.numel() == numel),
+               f"{name} must be None or a contiguous 1-D int32 tensor of {numel} entries, got "
+               f"{getattr(t, 'dtype', None)} shape {tuple(getattr(t, 'shape', ()))}")
     for name, t in (("blocks", blocks), ("row_ptr", row_ptr), ("col_idx", col_idx),
-                    ("row_order", row_order), ("bias", bias)):
+                    ("row_order", row_order), ("bias", bias), ("x_index", x_index), ("out_index", out_index)):
         _check(t is None or t.device == x.device, f"{name} is on {getattr(t, 'device', None)}, x on {x.device}")
     _check(x.device.type == "cuda" or INTERPRETING,
            f"x is on {x.device}: CPU tensors need TRITON_INTERPRET=1 set before this module is imported")
@@ -592,12 +639,14 @@ def block_linear(
         x, blocks, row_ptr, col_idx, row_order,
         bias if bias is not None else y, g if g is not None else y,
         skip_check if skip_check is not None else y, y,
+        x_index if x_index is not None else row_ptr, out_index if out_index is not None else row_ptr,
         m, n, k, live if skip else nb,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         BLOCK_M=config.block_m, B=b, BN=bn, SPLIT=grid[1] if flat else 0,
         HAS_BIAS=bias is not None, HAS_GUARD=guard, SKIP=skip, SKIP_CHECKED=skip and skip_check is not None,
         ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
         DOT_FP32=x.dtype == torch.bfloat16 and INTERPRETING,  # bf16 tl.dot is wrong there
+        PERM_K=x_index is not None, PERM_N=out_index is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y
@@ -615,9 +664,9 @@ _TEMPLATE_BODY = HEAD_X_MNK + r'''    p = tl.program_id(0) // (B // BN)
     sub = tl.program_id(0) % (B // BN)
 @GUARD_LOAD@
     acc = block_sparse_acc(X, BLOCKS, ROW_PTR, COL_IDX, rb, sub, pid_m, M, N, K, stride_xm, stride_xk,
-                           BLOCK_M, B, BN, ALLOW_TF32, False)
+                           BLOCK_M, B, BN, ALLOW_TF32, False@PERM_K@)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = rb * B + sub * BN + tl.arange(0, BN)
+    offs_n = out_columns(OUT_INDEX, rb * B + sub * BN + tl.arange(0, BN), N, @PERM_N@)
 @GUARD@
     idx_m = offs_m[:, None]
     idx_n = offs_n[None, :]
@@ -626,7 +675,7 @@ _TEMPLATE_BODY = HEAD_X_MNK + r'''    p = tl.program_id(0) // (B // BN)
 '''
 _GUARD_LOAD = "    g_rows = row_check_tile(G, pid_m, M, BLOCK_M)"
 _GUARD_LINE = ("    acc += nan_where_skipped(X, ROW_PTR, COL_IDX, g_rows, rb, pid_m, M, K, stride_xm, stride_xk, "
-               "BLOCK_M, B)[:, None]")
+               "BLOCK_M, B@PERM_K@)[:, None]")
 
 # Flat programs (config.split; _block_linear_kernel with SPLIT is the same body with tl.store): the
 # epilogue Inductor renders sits inside the step loop's branch that ends a tile.
@@ -635,13 +684,13 @@ _FLAT_BODY = HEAD_X_MNK + r'''    p = tl.program_id(0)
     rb = tl.load(ROW_ORDER + p)
     start, nnz, steps, total, split = flat_row(ROW_PTR, ROW_ORDER, rb, s, M, SPLIT, BLOCK_M)
 @SKIP@
-    idx_n = (rb * B + tl.arange(0, B))[None, :]
+    idx_n = out_columns(OUT_INDEX, rb * B + tl.arange(0, B), N, @PERM_N@)[None, :]
     acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
     kk = 0
     t = s
     for _ in range(0, total):
         acc = flat_step(X, BLOCKS, COL_IDX, acc, start, nnz, kk, t, M, K, stride_xm, stride_xk, BLOCK_M, B,
-                        ALLOW_TF32, False)
+                        ALLOW_TF32, False@PERM_K@)
 @GUARD_LOAD@
         if kk == steps - 1:
             offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -669,17 +718,24 @@ _SKIP_LINES = {
 }
 
 
-def _template_body(guard: bool, skip: str = "", flat: bool = False) -> str:
+def _template_body(guard: bool, skip: str = "", flat: bool = False, perm_k: bool = False, perm_n: bool = False) -> str:
     """The template body with the non-finite row check (input G, see nonfinite_rows) or without it
     (the op's guard=False: options nonfinite="fast"); skip: see _SKIP_LINES (block_linear's live /
-    skip_check); flat: flat programs (config.split)."""
+    skip_check); flat: flat programs (config.split); perm_k / perm_n: a permuted weight, x read at
+    input X_INDEX and the tile's columns written at OUT_INDEX (block_linear's x_index / out_index).
+    Inductor's store and epilogue see y's own columns (idx_n), so a fused bias, activation or
+    residual reads its inputs at the columns the tile writes."""
     inputs = '"X", "BLOCKS", "ROW_PTR", "COL_IDX", "ROW_ORDER"' + (', "G"' if guard else "") + \
-        (', "S"' if skip == "checked" else "")
+        (', "S"' if skip == "checked" else "") + (', "X_INDEX"' if perm_k else "") + (', "OUT_INDEX"' if perm_n else "")
     body, load, fix = (_FLAT_BODY, _FLAT_GUARD_LOAD, "        " + _GUARD_LINE.replace("pid_m", "t")) if flat else \
         (_TEMPLATE_BODY, _GUARD_LOAD, _GUARD_LINE)
-    return body.replace("@INPUTS@", inputs).replace("@GUARD@\n", fix + "\n" if guard else "") \
+    body = body.replace("@INPUTS@", inputs).replace("@GUARD@\n", fix + "\n" if guard else "") \
         .replace("@GUARD_LOAD@\n", load + "\n" if guard else "") \
         .replace("@SKIP@\n", _SKIP_LINES[skip + ("-flat" if flat and skip == "checked" else "")])
+    body = body.replace("@PERM_K@", ", X_INDEX, True" if perm_k else "")
+    if perm_n:
+        return body.replace("@PERM_N@", "True")
+    return re.sub(r"out_columns\(OUT_INDEX, (.+?), N, @PERM_N@\)", r"(\1)", body)
 
 
 TEMPLATE_NAME = "sparse_inductor_block"
@@ -697,15 +753,17 @@ def _grid():
     return grid
 
 
-def template(guard: bool = True, skip: str = "", flat: bool = False):
+def template(guard: bool = True, skip: str = "", flat: bool = False, perm_k: bool = False, perm_n: bool = False):
     from .template import get_template, template_source
 
-    name = TEMPLATE_NAME + ("_flat" if flat else "") + ("" if guard else "_noguard") + (f"_skip_{skip}" if skip else "")
-    return get_template(name, lambda: template_source(DEVICE_FUNCTIONS, _template_body(guard, skip, flat)), _grid())
+    name = TEMPLATE_NAME + ("_flat" if flat else "") + ("" if guard else "_noguard") + (f"_skip_{skip}" if skip else "") \
+        + ("_permk" if perm_k else "") + ("_permn" if perm_n else "")
+    return get_template(name, lambda: template_source(DEVICE_FUNCTIONS, _template_body(guard, skip, flat, perm_k, perm_n)),
+                        _grid())
 
 
 def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True, row_check=None,
-          live: int = -1, skip_check=None):
+          live: int = -1, skip_check=None, x_index=None, out_index=None):
     """Inductor lowering of sparse_inductor::linear_block (without bias) to the template; one
     choice, so that Inductor fuses what follows into the store.
 
@@ -713,7 +771,9 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True,
     (sparse_inductor::row_check, a kernel of its own: linear_rewrite passes it where x's producer is
     not a reduction), else built from Inductor ops here, so that the reduction over x fuses with
     whatever produces x (a norm). guard=False (the op's, under options nonfinite="fast") leaves it
-    out. live / skip_check: as block_linear's (live -1: every block row)."""
+    out. live / skip_check: as block_linear's (live -1: every block row). x_index / out_index: a
+    permuted weight, as block_linear's (int32 constants; None: the identity); the row check is a
+    sum over x's row, which a permutation of x's columns does not change."""
     from torch._inductor.ir import FixedLayout
     from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs
 
@@ -725,7 +785,8 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True,
     nnzb, n_rows = static_int(blocks.get_size()[0]), static_int(row_order.get_size()[0])
     skip = "" if live < 0 or n_rows is None or live >= n_rows else "checked" if skip_check is not None else "always"
     s = (skip_check,) if skip == "checked" else ()
-    inputs = tuple(realize_inputs(x, blocks, row_ptr, col_idx, row_order, *g, *s))
+    perm = tuple(t for t in (x_index, out_index) if t is not None)
+    inputs = tuple(realize_inputs(x, blocks, row_ptr, col_idx, row_order, *g, *s, *perm))
     x = inputs[0]
     m_hint = inductor_size_hint(m, 64)
     per_row = nnzb / max(n_rows, 1) if nnzb is not None and n_rows is not None else None
@@ -740,7 +801,7 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True,
             extra["ROWS"] = max(1, int(live))
     else:
         extra["BN"] = cfg.block_n or b
-    err = template(guard, skip, flat).maybe_append_choice(
+    err = template(guard, skip, flat, x_index is not None, out_index is not None).maybe_append_choice(
         choices, input_nodes=inputs, layout=layout, num_stages=cfg.num_stages, num_warps=cfg.num_warps,
         BLOCK_M=cfg.block_m, B=b, ALLOW_TF32=_default_allow_tf32() and x.get_dtype() == torch.float32, **extra)
     if err is not None or not choices:
