@@ -42,18 +42,25 @@ from .options import SparseOptions
 
 log = logging.getLogger("sparse_inductor")
 
-__all__ = ["LayerTimer", "cache_path", "time_cached", "time_us", "ENV_CACHE_DIR"]
+__all__ = ["LayerTimer", "cache_dir", "cache_path", "time_cached", "time_us", "ENV_CACHE_DIR"]
 
 ENV_CACHE_DIR = "SPARSE_INDUCTOR_CACHE_DIR"
 
 
-def cache_path() -> str:
+def cache_dir() -> str:
+    """The folder of this package's on-disk caches: SPARSE_INDUCTOR_CACHE_DIR, else a folder
+    sparse_inductor in Inductor's cache directory (timings.json here; formats/permute.py's
+    PermutationCache takes it as its directory)."""
     root = os.environ.get(ENV_CACHE_DIR)
     if not root:
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 
-        root = os.path.join(cache_dir(), "sparse_inductor")
-    return os.path.join(root, "timings.json")
+        root = os.path.join(inductor_cache_dir(), "sparse_inductor")
+    return root
+
+
+def cache_path() -> str:
+    return os.path.join(cache_dir(), "timings.json")
 
 
 class _DiskCache:
