@@ -370,17 +370,19 @@ def test_skipped_rows(config):
                 assert_matches(out[written, cols], ref[written, cols], dtype)
 
 
-def _template_module(tmp_path, guard, skip, flat):
+def _template_module(tmp_path, guard, skip, flat, perm_k=False, perm_n=False):
     """The Inductor template's source (device functions and body) as a module with a plain
     @triton.jit kernel, template_kernel: Inductor's markup replaced by arguments and a tl.store of acc
-    (no epilogue), so the interpreter runs the body Inductor would render. Returns its path."""
+    (no epilogue), so the interpreter runs the body Inductor would render. Returns its path.
+    perm_k / perm_n: a permuted weight's body (inputs X_INDEX, OUT_INDEX; tests/test_permuted_kernels.py)."""
     import re
 
     from sparse_inductor.lowering.template import template_source
 
-    body = tb._template_body(guard, skip, flat)
+    body = tb._template_body(guard, skip, flat, perm_k, perm_n)
     body = re.sub(r"\{\{def_kernel\(.*?\)\}\}",
-                  "@triton.jit\ndef template_kernel(X, BLOCKS, ROW_PTR, COL_IDX, ROW_ORDER, G, S, Y, M_, N_, K_, SXM, SXK, "
+                  "@triton.jit\ndef template_kernel(X, BLOCKS, ROW_PTR, COL_IDX, ROW_ORDER, G, S, X_INDEX, OUT_INDEX, Y, M_, N_, K_, "
+                  "SXM, SXK, "
                   "BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, LIVE: tl.constexpr, "
                   "ALLOW_TF32: tl.constexpr):", body)
     for markup, arg in (('size("X", 0)', "M_"), ('size("X", 1)', "K_"), ("size(None, 1)", "N_"),
@@ -389,14 +391,14 @@ def _template_module(tmp_path, guard, skip, flat):
     body = re.sub(r"^( *)\{\{store_output\(.*\}\}$",
                   r"\1tl.store(Y + idx_m.to(tl.int64) * N + idx_n, acc.to(Y.dtype.element_ty), mask=mask)", body, flags=re.M)
     assert "{{" not in body
-    path = tmp_path / f"tem_{int(guard)}_{skip or 'none'}_{int(flat)}.py"
+    path = tmp_path / f"tem_{int(guard)}_{skip or 'none'}_{int(flat)}_{int(perm_k)}{int(perm_n)}.py"
     path.write_text(template_source(tb.DEVICE_FUNCTIONS, body))
     return path
 
 
-def _template_kernel(tmp_path, guard, skip, flat):
+def _template_kernel(tmp_path, guard, skip, flat, perm_k=False, perm_n=False):
     """_template_module's kernel, imported."""
-    path = _template_module(tmp_path, guard, skip, flat)
+    path = _template_module(tmp_path, guard, skip, flat, perm_k, perm_n)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -429,7 +431,8 @@ def test_template_body_runs(tmp_path, guard, skip, flat):
     kernel = _template_kernel(tmp_path, guard, skip, flat)
     split = min(cfg.split, math.ceil(m / cfg.block_m)) if flat else 1
     grid = (fmt.row_order.numel(), split) if flat else (fmt.row_order.numel(), math.ceil(m / cfg.block_m))
-    kernel[grid](x, fmt.blocks, fmt.row_ptr, fmt.col_idx, fmt.row_order, g, check, got, m, n, k, x.stride(0), x.stride(1),
+    kernel[grid](x, fmt.blocks, fmt.row_ptr, fmt.col_idx, fmt.row_order, g, check, fmt.row_ptr, fmt.row_ptr, got, m, n, k,
+                 x.stride(0), x.stride(1),
                  BLOCK_M=cfg.block_m, B=b, BN=b, SPLIT=split, LIVE=live or fmt.row_order.numel(), ALLOW_TF32=False,
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
@@ -437,10 +440,12 @@ def test_template_body_runs(tmp_path, guard, skip, flat):
         assert_matches(got, reference(x, w, None, elementwise=True), dtype)
 
 
-def test_flat_template_body_compiles_for_sm90(tmp_path):
+@pytest.mark.parametrize("perm", [False, True], ids=["plain", "permuted"])
+def test_flat_template_body_compiles_for_sm90(tmp_path, perm):
     """The flat template's body (as _template_kernel renders it), guard and skip check included,
-    compiles for sm_90a with its step loop multi-buffered."""
-    path = _template_module(tmp_path, True, "checked", True)
+    compiles for sm_90a with its step loop multi-buffered; perm: a permuted weight's body (x read
+    at X_INDEX, the output at OUT_INDEX)."""
+    path = _template_module(tmp_path, True, "checked", True, perm, perm)
     body = f"""
 import importlib.util
 spec = importlib.util.spec_from_file_location("tem", {str(path)!r})
@@ -451,6 +456,8 @@ names = kernel.arg_names
 sig = {{n: "constexpr" for n in names}}
 sig.update({{n: "*bf16" for n in ("X", "BLOCKS", "Y")}}, **{{n: "*i32" for n in ("ROW_PTR", "COL_IDX", "ROW_ORDER")}})
 sig.update({{"G": "*fp32", "S": "*fp32"}}, **{{n: "i32" for n in ("M_", "N_", "K_", "SXM")}})
+if {perm}:
+    sig.update(X_INDEX="*i32", OUT_INDEX="*i32")
 consts = dict(SXK=1, BLOCK_M=64, B=64, BN=64, SPLIT=16, LIVE=20, ALLOW_TF32=False)
 attrs = {{(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t != "constexpr" and n != "M_"}}
 c = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
