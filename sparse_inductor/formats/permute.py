@@ -555,6 +555,7 @@ class _Greedy24:
             self.sample = None
             self.sample_bits = bits  # every row: the sample is exact
         self.slack = 2 * (K // 4) - row_counts
+        self.valid_rows = _pack_last(torch.ones(1, N, dtype=torch.bool, device=dev))[0]  # no padding rows
         self._tight()
         self.free = torch.ones(K, dtype=torch.bool, device=dev)  # global
         # attempts after the first break ties (and near-ties) in the order and the ranking at random
@@ -596,7 +597,7 @@ class _Greedy24:
         a, b, c, d = (self.bits[q[..., i]] for i in range(4))
         anyof = a | b | c | d
         two = (a & b) | (c & d) | ((a | b) & (c | d))
-        return ~anyof, anyof & ~two
+        return ~anyof & self.valid_rows, anyof & ~two
 
     def _fits(self, q: torch.Tensor) -> torch.Tensor:
         """bool [...]: quads q [..., 4] with at most two nonzeros in every row that leave no row's
@@ -608,6 +609,8 @@ class _Greedy24:
 
     def _use(self, quad: tuple) -> None:
         z0, z1 = self._deficit(torch.tensor(quad, dtype=torch.int64, device=self.dev))
+        if not bool((z0 | z1).ne(0).any()):  # two nonzeros in every row: no slack used
+            return
         n = self.N
         self.slack -= 2 * _unpack(z0, n).to(torch.int64) + _unpack(z1, n).to(torch.int64)
         self._tight()
@@ -641,7 +644,6 @@ class _Greedy24:
             keys = self._pair_key(bits[ii] & bits[jj], bits[ii] ^ bits[jj])
             keys, order = torch.sort(keys)
             self.pair_table = (keys, ii[order], jj[order])
-            self.valid_rows = _pack_last(torch.ones(1, self.N, dtype=torch.bool, device=self.dev))[0]
         keys, ii, jj = self.pair_table
         sa = self.sample_bits[a]
         bs = torch.nonzero(self.wfree).flatten()
