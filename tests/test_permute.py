@@ -317,6 +317,18 @@ def test_cache_ignores_a_bad_file(tmp_path):
     assert not find_permutation(ws, cache=PermutationCache(str(tmp_path))).cached
 
 
+def test_a_failed_check_is_a_dense_result(monkeypatch):
+    """A search result that does not hold on the weight (a bug) never leaves find_permutation: the
+    layer stays dense with the reason, and nothing is cached."""
+    w = block_weight(64, 64, 16, 0.3, seed=2)
+    bogus = pm.Permutation("2:4", None, torch.arange(64), 0.3, 0.0, "2:4 after a column permutation")
+    monkeypatch.setattr(pm, "_search", lambda *a, **k: bogus)
+    cache = PermutationCache()
+    res = find_permutation(w, cache=cache)
+    assert res.pattern == "dense" and "failed its own check" in res.reason
+    assert not find_permutation(w, cache=cache).cached
+
+
 def test_cache_lru_capacity():
     cache = PermutationCache(capacity=2)
     ws = [scrambled(block_weight(64, 64, 16, 0.3, seed=s)) for s in range(3)]
@@ -333,8 +345,8 @@ def test_cache_lru_capacity():
 class Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.a = torch.nn.Linear(512, 1024)
-        self.b = torch.nn.Linear(1024, 256, bias=False)
+        self.a = torch.nn.Linear(256, 512)
+        self.b = torch.nn.Linear(512, 256, bias=False)
 
 
 @pytest.mark.parametrize("pattern", ["block", "2:4"])

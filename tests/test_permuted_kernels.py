@@ -52,8 +52,9 @@ def idx(t):
 # ---------------------------------------------------------------------------------------------
 
 _BLOCK_CASES = [pytest.param(16, torch.float16, perm, config, id=f"b16-fp16-{perm}-{cid}")
-                for perm in ("k", "n", "both")
-                for config, cid in ((None, "tiles"), (BlockLinearConfig(16, 2, 2, 16), "bn16"), (FLAT[1], "flat"))]
+                for perm, config, cid in (("k", None, "tiles"), ("n", None, "tiles"), ("both", None, "tiles"),
+                                          ("both", BlockLinearConfig(16, 2, 2, 16), "bn16"), ("k", FLAT[1], "flat"),
+                                          ("both", FLAT[1], "flat"))]
 _BLOCK_CASES.append(pytest.param(32, torch.float32, "both", None, id="b32-fp32-both-tiles"))
 
 
