@@ -41,6 +41,8 @@ recovered the original block count in all but a few percent of small random case
 2:4 search (best effort): a greedy over the columns, densest first: for column a, mates b ranked
 by the rows they share with a on a sample of rows, then c with no row where a, b, c are all
 nonzero, then d with no row at load 2; each quad is checked exactly on the bit-packed columns.
+Columns are proposed 32 at a time in one batch of tensor ops (proposals that collide, and quads
+that use slack, are redone one at a time).
 Rows are tracked by their slack (2 * quads left - nonzeros left): a quad that would take a row
 below zero is refused, and in a row with no slack the mates must make exactly two, which forces
 the mates of typical 2:4 weights (two nonzeros in every group of four). A greedy that leaves
@@ -723,25 +725,108 @@ class _Greedy24:
                 return q[1], q[2], q[3]
         return None
 
-    def run(self) -> tuple[list[tuple[int, int, int, int]], list[int], bool]:
+    def propose(self, batch: list[int]) -> list[Optional[tuple[int, int, int]]]:
+        """Mates for many columns at once, as complete() would choose them on its fast path (two
+        b, one c each, one d), with the slack as it stands: the proposals may overlap; run()
+        resolves that. [B, 2, F, words] tensors: one pass instead of B Python rounds."""
+        sb, free, big, idx, dev = self.sb, self.wfree, self.big, self.idx, self.dev
+        if self.n_free < 4:
+            return [None] * len(batch)
+        B = len(batch)
+        ar = torch.arange(B, device=dev)
+        pa = self.pos[torch.tensor(batch, dtype=torch.int64, device=dev)]
+        sa = sb[pa]  # [B, w]
+        ov = _popcount(sb.unsqueeze(0) & sa.unsqueeze(1))  # [B, F]
+        if self.wjitter is not None:
+            ov = ov * 4 + self.wjitter
+        ov = torch.where(free, ov, big)
+        ov[ar, pa] = big
+        cb = torch.topk(ov, 2, largest=False).indices  # [B, 2]
+        sbb = sb[cb]  # [B, 2, w]
+        ab, sab = sa.unsqueeze(1) & sbb, sa.unsqueeze(1) | sbb
+        bad = sb & ab.unsqueeze(2)  # [B, 2, F, w]
+        if self.any_tight:
+            bad = bad | (self.t_sample & ~sab).unsqueeze(2) & ~sb
+        ok = ~bad.ne(0).any(-1) & free  # [B, 2, F]
+        ok[ar, :, pa] = False
+        ok.scatter_(2, cb.unsqueeze(2), False)
+        ovc = torch.where(ok, ov.unsqueeze(1), big)
+        cc = torch.argmin(ovc, 2)  # [B, 2]
+        has_c = ovc.gather(2, cc.unsqueeze(2)).squeeze(2) < big
+        sc = sb[cc]
+        load2 = ab | (sab & sc)  # [B, 2, w]
+        bad = sb & load2.unsqueeze(2)
+        if self.any_tight:
+            bad = bad | (self.t_sample & (sab | sc) & ~load2).unsqueeze(2) & ~sb
+        ok = ~bad.ne(0).any(-1) & free
+        ok[ar, :, pa] = False
+        ok.scatter_(2, cb.unsqueeze(2), False)
+        ok.scatter_(2, cc.unsqueeze(2), False)
+        ovd = torch.where(ok, ov.unsqueeze(1), big)
+        dd = torch.argmin(ovd, 2)
+        has = has_c & (ovd.gather(2, dd.unsqueeze(2)).squeeze(2) < big)
+        quads = torch.stack([idx[pa].unsqueeze(1).expand(B, 2), idx[cb], idx[cc], idx[dd]], 2)  # [B, 2, 4]
+        z0, z1 = self._deficit(quads)
+        fits = has & self._fits(quads) & ~(z0 | z1).ne(0).any(-1)  # a quad that uses slack: one at a time
+        first = torch.argmax(fits.to(torch.int8), 1)
+        pick = quads[ar, first].tolist()
+        return [tuple(pick[i][1:]) if f else None for i, f in enumerate(fits.any(1).tolist())]
+
+    def _one(self, a: int) -> Optional[tuple[int, int, int]]:
+        """Mates for column a (already taken) the slow ways, in order of cost."""
+        q = self.complete(a)
+        if q is None and self.all_tight and self.sample is None and self.idx.numel() <= _PAIR_TABLE_COLS:
+            q = self._by_pairs(a)
+        if q is None:
+            q = self.complete(a, pairs=64, all_b=True)
+        return q
+
+    def run(self, batch: int = 32) -> tuple[list[tuple[int, int, int, int]], list[int], bool]:
+        """Quads in the column order: `batch` columns at a time get proposals (propose); those that
+        do not collide with an earlier one of the batch are taken, the others (and quads that use
+        slack) go one at a time (complete and the slower ways)."""
         quads, left = [], []
-        for a in self.order:
+        free = [True] * self.K
+        order, i = self.order, 0
+        while i < len(order):
             if time.perf_counter() > self.deadline:
-                return quads, left + torch.nonzero(self.free).flatten().tolist(), False
-            if not bool(self.free[a]):
-                continue
-            self.take([a])
-            q = self.complete(a)
-            if q is None and self.all_tight and self.sample is None and self.idx.numel() <= _PAIR_TABLE_COLS:
-                q = self._by_pairs(a)
-            if q is None:
-                q = self.complete(a, pairs=64, all_b=True)
-            if q is None:
-                left.append(a)
-                continue
-            self.take(list(q))
-            quads.append((a, *q))
-            self._use(quads[-1])
+                return quads, left + [j for j in range(self.K) if free[j]], False
+            group = []
+            while i < len(order) and len(group) < batch:
+                if free[order[i]]:
+                    group.append(order[i])
+                i += 1
+            props = self.propose(group) if len(group) > 1 else [None] * len(group)
+            used: set[int] = set()
+            retry = []
+            for a, q in zip(group, props):
+                if a in used:
+                    continue  # a mate of a quad this batch took
+                if q is None or used.intersection(q):
+                    retry.append(a)
+                    continue
+                used.update((a, *q))
+                quads.append((a, *q))
+            if used:
+                self.take(sorted(used))
+                for j in used:
+                    free[j] = False
+            for a in retry:
+                if not free[a]:
+                    continue
+                if time.perf_counter() > self.deadline:
+                    return quads, left + [j for j in range(self.K) if free[j]], False
+                self.take([a])
+                free[a] = False
+                q = self._one(a)
+                if q is None:
+                    left.append(a)
+                    continue
+                self.take(list(q))
+                for j in q:
+                    free[j] = False
+                quads.append((a, *q))
+                self._use(quads[-1])
         return quads, left, True
 
 
