@@ -605,12 +605,10 @@ def _fp8_chosen(model: nn.Module, x: torch.Tensor, mode: Optional[str]) -> str:
 
 
 def bench_fp8(rows: list, shapes=None):
-    """fp8 e4m3 x e4m3 2:4 (issue 6): cuSPARSELt (ours, through the plan cache) against dense fp8
-    torch._scaled_mm with the same per-tensor scales, bf16 F.linear, and torch._cslt_sparse_mm; each
-    a CUDA-graph replay of the kernel alone (ours: the call with scale_a and scale_b in the library's
-    scale modes, their two copies into the plan included; no quantization, no row guard). Then the
-    two correct forms as the dispatcher times them (CUDA graphs, best algorithm of each; the row
-    guard's reduction, the library call, the epilogue's pass over y): "row" (fp32 product, options
+    """fp8 e4m3 x e4m3 2:4: dense fp8 torch._scaled_mm (per-tensor scales, bf16 out), bf16 F.linear
+    and torch._cslt_sparse_mm, each a CUDA-graph replay of the kernel alone; then cuSPARSELt in the
+    two forms as the dispatcher times them (CUDA graphs, best algorithm of each; the row guard's
+    reduction, the library call, the epilogue's pass over y): "row" (fp32 product, options
     fp8_product="fp32") and "lib16" (bf16 product, the default for bf16 outputs). Then what the
     dispatcher picks for Fp8Linear (quantization in the graph, default options: form "lib16") in the
     default mode and under mode="reduce-overhead", with its measured ratio."""
@@ -620,19 +618,16 @@ def bench_fp8(rows: list, shapes=None):
     out = torch.bfloat16
     shapes = shapes or [(8192, 14336, 4096), (8192, 4096, 14336), (16, 14336, 4096)]
     print("\n## fp8 e4m3 2:4 linears through cuSPARSELt vs dense fp8 torch._scaled_mm (per-tensor scales, bf16 out)\n")
-    print("| M | N | K | bf16 dense F.linear | fp8 dense _scaled_mm | torch._cslt_sparse_mm fp8 (alg 0) | ours: alg 0 | "
-          "ours: best alg | best vs fp8 dense | best vs bf16 dense | form row as timed (fp32 product) | "
-          "form lib16 as timed (bf16 product) | lib16 vs fp8 dense | dispatcher picks (default mode) | "
-          "dispatcher picks (reduce-overhead) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| M | N | K | bf16 dense F.linear | fp8 dense _scaled_mm | torch._cslt_sparse_mm fp8 (alg 0) | "
+          "form row as timed (fp32 product) | form lib16 as timed (bf16 product) | lib16 vs fp8 dense | "
+          "lib16 vs bf16 dense | dispatcher picks (default mode) | dispatcher picks (reduce-overhead) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (m, n, k) in shapes:
         w, x = _case24(m, n, k)
         wq, ws = fp8_per_tensor(w)
         xq, xs = fp8_per_tensor(x)
         wc = cusparselt.compress(wq)
-        layer = Layer("2:4", m, n, k, torch.float8_e4m3fn, "cuda", device_name=torch.cuda.get_device_name(),
-                      scaled=Scaled("tensor", out))
-        alg = _cslt_best_alg(layer, wq, wc)
+        layer = Layer("2:4", m, n, k, torch.float8_e4m3fn, "cuda", device_name=torch.cuda.get_device_name())
         forms = {f: _try(lambda f=f: _cslt_timed(dataclasses.replace(layer, scaled=Scaled(f, out)), wq, wc))
                  for f in ("row", "lib16")}
         ft = {f: (v[0] if v else None) for f, v in forms.items()}
@@ -643,19 +638,14 @@ def bench_fp8(rows: list, shapes=None):
             dense = _try(lambda: _bench(_graphed(lambda: torch._scaled_mm(xq, wqt, xs, ws, out_dtype=out))))
             tcslt = _try(lambda: _bench(_graphed(lambda: torch._cslt_sparse_mm(wc, xq.t(), None, None, out,
                                                                                 transpose_result=True))))
-            alg0 = _try(lambda: _bench(_graphed(lambda: cusparselt.linear(xq, wc, None, n, k, 0, 1, out,
-                                                                          scale_a=xs, scale_b=ws))))
-            best = _try(lambda: _bench(_graphed(lambda: cusparselt.linear(xq, wc, None, n, k, alg, 1, out,
-                                                                          scale_a=xs, scale_b=ws))))
         model = Fp8Linear(wq, ws).eval()
         picks = [_try(lambda mode=mode: _fp8_chosen(model, x, mode)) for mode in (None, "reduce-overhead")]
         rows.append(dict(section="fp8", M=m, N=n, K=k, bf16_dense=bf16, fp8_dense=dense, torch_cslt=tcslt,
-                         kernel_alg0=alg0, kernel=best, alg_id=alg, form_row=ft["row"], form_lib16=ft["lib16"],
+                         form_row=ft["row"], form_lib16=ft["lib16"],
                          alg_row=forms["row"] and forms["row"][1], alg_lib16=forms["lib16"] and forms["lib16"][1],
                          chosen=picks[0], chosen_graphs=picks[1]))
-        print(f"| {m} | {n} | {k} | {_fmt(bf16)} | {_fmt(dense)} | {_fmt(tcslt)} | {_fmt(alg0)} | {_fmt(best)} (alg {alg}) | "
-              f"{_ratio(dense, best)} | {_ratio(bf16, best)} | {fcell['row']} | {fcell['lib16']} | "
-              f"{_ratio(dense, ft['lib16'])} | {picks[0]} | {picks[1]} |", flush=True)
+        print(f"| {m} | {n} | {k} | {_fmt(bf16)} | {_fmt(dense)} | {_fmt(tcslt)} | {fcell['row']} | {fcell['lib16']} | "
+              f"{_ratio(dense, ft['lib16'])} | {_ratio(bf16, ft['lib16'])} | {picks[0]} | {picks[1]} |", flush=True)
 
 
 # The open issues' targets, as ratios of this bench's rows (the issues state them for the H100; the

@@ -31,9 +31,6 @@ class Scaled:
     """How an fp8 linear read from `torch._scaled_mm(x8, W8^T, scale_a, scale_b, bias, out_dtype=...)`
     is computed once rewritten (docs/formats.md, "fp8"):
 
-    form "tensor" (scale_a and scale_b per-tensor): cuSPARSELt's fp32 accumulator times
-    scale_a * scale_b (its matrix scale modes, one fp32 number per operand), plus the bias, rounded
-    once to out_dtype inside the library (switched off: linear_rewrite.LIBRARY_SCALES);
     form "lib16" (out_dtype bf16, options fp8_product="bf16", the default): the library writes the
     UNSCALED product rounded to bf16 (bf16 has fp32's exponent range: no overflow whatever the
     scales), then scale_a, scale_b, bias and the cast to bf16 in one Inductor pointwise kernel. Two
@@ -47,21 +44,19 @@ class Scaled:
     number (the dense timing calls torch._scaled_mm with the same scale shapes).
     """
 
-    form: str  # "tensor" | "lib16" | "row"
+    form: str  # "lib16" | "row"
     out_dtype: torch.dtype
     scale_a_vector: bool = False
     scale_b_vector: bool = False
 
     @property
     def lib_out_dtype(self) -> torch.dtype:
-        """What the library writes: out_dtype itself ("tensor"), or the unscaled product for the
-        epilogue to finish: bf16 ("lib16") or fp32 ("row")."""
-        return {"tensor": self.out_dtype, "lib16": torch.bfloat16}.get(self.form, torch.float32)
+        """What the library writes, the unscaled product for the epilogue to finish: bf16 ("lib16")
+        or fp32 ("row")."""
+        return torch.bfloat16 if self.form == "lib16" else torch.float32
 
     def describe(self) -> str:
         """The form in words (the decision's reason says which one a layer was timed and rewritten in)."""
-        if self.form == "tensor":
-            return "fp8 form tensor (scales and bias applied by cuSPARSELt, one rounding)"
         what = "unscaled product in bf16" if self.form == "lib16" else "fp32 accumulator"
         return (f"fp8 form {self.form} (cuSPARSELt's {what}, then scales, bias, row guard and cast to "
                 f"{str(self.out_dtype).replace('torch.', '')} in one Inductor kernel)")

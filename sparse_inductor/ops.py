@@ -13,14 +13,13 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
         guard=False (options nonfinite="fast") lets a fast kernel skip its non-finite row check: an
         input NaN/Inf that meets only skipped (all-zero) blocks may then leave those outputs finite
     sparse_inductor::linear_cslt(x, wc, bias, n, k, alg_id, split_k, out_dtype=None, alpha=None,
-                                 row_check=None, scale_a=None, scale_b=None, activation=None) -> y [M, N]
+                                 row_check=None, activation=None) -> y [M, N]
         wc = torch._cslt_compress(W), cuSPARSELt's own layout (CUDA only; lowering/cusparselt.py);
         x and W int8 with out_dtype=torch.int32 is torch._int_mm(x, W^T) (dynamic int8 activations);
         alpha: an fp32 [N] vector scaling the fp32/int32 accumulator before the bias
         (y = alpha * (x @ W^T) + bias, one rounding; not taken by cuSPARSELt 0.8 for fp8);
-        x and W fp8 e4m3 (torch._scaled_mm rewritten): out_dtype bf16/fp16/fp32; scale_a, scale_b
-        _scaled_mm's per-tensor fp32 scales of x and W (one number each, any shape of one element),
-        y = scale_a * scale_b * (x @ W^T) + bias with one rounding (the library's scale modes);
+        x and W fp8 e4m3 (torch._scaled_mm rewritten): out_dtype bf16/fp32, the unscaled product
+        (the graph applies the scales after it: docs/formats.md, "fp8");
         row_check: g [M] fp32, g[m] = sum_k 0 * x[m, k] (NaN for an input row holding a NaN/Inf): those
         rows of y become NaN, as dense makes them (the library skips the zeros a NaN would meet); the
         rewrite passes it only where no pointwise op follows (else y * (1 + g) in the graph);
@@ -93,30 +92,20 @@ def _(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True, ro
 @torch.library.custom_op("sparse_inductor::linear_cslt", mutates_args=())
 def linear_cslt(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id: int, split_k: int,
                 out_dtype: Optional[torch.dtype] = None, alpha: Optional[Tensor] = None,
-                row_check: Optional[Tensor] = None, scale_a: Optional[Tensor] = None,
-                scale_b: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
+                row_check: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
     from .lowering import cusparselt
 
     kw = {} if activation is None else {"activation": activation}
-    if scale_a is None and scale_b is None:  # (keeps working with a `linear` that takes no scales)
-        y = cusparselt.linear(x, wc, bias, n, k, alg_id, split_k, out_dtype, alpha, **kw)
-    else:
-        y = cusparselt.linear(x, wc, bias, n, k, alg_id, split_k, out_dtype, alpha, scale_a=scale_a, scale_b=scale_b,
-                              **kw)
+    y = cusparselt.linear(x, wc, bias, n, k, alg_id, split_k, out_dtype, alpha, **kw)
     return y if row_check is None else cusparselt.nan_rows_(y, row_check)
 
 
 @linear_cslt.register_fake
-def _(x, wc, bias, n, k, alg_id, split_k, out_dtype=None, alpha=None, row_check=None, scale_a=None, scale_b=None,
-      activation=None):
+def _(x, wc, bias, n, k, alg_id, split_k, out_dtype=None, alpha=None, row_check=None, activation=None):
     torch._check(x.dim() == 2, lambda: f"linear_cslt expects a 2-D input, got {x.dim()}-D")
     torch._check(x.shape[1] == k, lambda: "linear_cslt: K mismatch between x and the weight")
     torch._check(alpha is None or (alpha.dim() == 1 and alpha.shape[0] == n),
                  lambda: "linear_cslt: alpha must be a vector of N scales")
-    torch._check((scale_a is None) == (scale_b is None) and (scale_a is None or alpha is None),
-                 lambda: "linear_cslt: scale_a and scale_b come together, and not with alpha")
-    torch._check(scale_a is None or (scale_a.numel() == 1 and scale_b.numel() == 1),
-                 lambda: "linear_cslt: scale_a and scale_b are one number each (per-tensor)")
     return x.new_empty(x.shape[0], n, dtype=out_dtype or x.dtype)
 
 

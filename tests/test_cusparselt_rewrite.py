@@ -34,9 +34,7 @@ TOL32 = dict(rtol=1e-5, atol=1e-6)
 EMULATED_ACTIVATIONS = dict(cusparselt.LIBRARY_ACTIVATIONS)
 
 
-def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None, scale_a=None,
-                     scale_b=None, activation=None):
-    assert scale_a is None and scale_b is None  # (fp8's per-tensor scales: emulated in test_fp8.py)
+def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None, activation=None):
     if x.dtype == torch.int8:  # int32 accumulation, exact; one rounding to a float out_dtype
         return (x.long() @ wc.long().T).double().to(out_dtype or torch.int8)
     if activation is not None:  # an fp32 sum (of the kept products), the bias, the activation, one rounding
@@ -807,8 +805,7 @@ def test_derived_and_library_passes_any_input(d, h, m, dtype, act, norm, bad):
 def test_library_activation_refused_by_the_plan(derive_always, monkeypatch):
     """A layer whose algorithm (chosen without the activation) refuses the activation keeps it in the
     graph: the plan is made at compile time, not found failing at run time."""
-    def refusing(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None, scale_a=None, scale_b=None,
-                 activation=None):
+    def refusing(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None, activation=None):
         if activation is not None and n != k:  # (the identity probe, n == k, passes)
             raise RuntimeError("cuSPARSELt: not supported")
         return _emulated_linear(x, wc, bias, n, k, alg_id, split_k, out_dtype, alpha, activation=activation)

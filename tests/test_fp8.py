@@ -1,20 +1,19 @@
-"""fp8 (e4m3) x fp8 2:4 linears read from torch._scaled_mm (issue 6): the rewrite into
+"""fp8 (e4m3) x fp8 2:4 linears read from torch._scaled_mm: the rewrite into
 sparse_inductor::linear_cslt and its scale/bias/cast epilogue (golden graphs, cuSPARSELt emulated on
 CPU as in test_cusparselt_rewrite.py), numerics against fp64, what stays dense and why, the
 dispatcher's "no" (CPU default; measured slower than torch._scaled_mm); then the real library on
 the GPU (marked gpu).
 
 The emulation computes the fp32 accumulator over the kept (nonzero) weights only, as the sparse
-tensor cores do, multiplies it by scale_a * scale_b (or alpha), adds the bias and rounds once to
+tensor cores do, multiplies it by alpha (where given), adds the bias and rounds once to
 out_dtype: the numerics cuSPARSELt documents for fp32 compute (an assumption the GPU tests check
 against fp64 and torch._cslt_sparse_mm). The ctypes plan itself (which attributes it sets, in which
-order, and what a refusal says) is checked on the CPU against a stand-in for the library.
+order) is checked on the CPU against a stand-in for the library.
 """
 import ctypes
 import dataclasses
 import re
 import threading
-from unittest import mock
 
 import expecttest
 import pytest
@@ -37,13 +36,13 @@ OPTS = {"force": True, "kernel": "cusparselt"}
 # the output before the bias). bf16 keeps 8 significant bits: rounding to nearest moves a value by
 # at most half an ulp, 2^-8 of its magnitude (bf16's unit roundoff; eps = one ulp at 1.0 = 2^-7).
 TOLERANCES = {
-    # forms "row" / "tensor" vs the dequantized matmul in fp64, (x8 @ W8^T) * scale_a * scale_b + bias,
+    # form "row" vs the dequantized matmul in fp64, (x8 @ W8^T) * scale_a * scale_b + bias,
     # from the same fp8 values: the products of two e4m3 numbers are exact in fp32 and the
     # accumulation over K adds at most K * 2^-24 of sum |terms| (K = 64 here: 4e-6 of the output's
     # scale, the atol); the scales and bias are applied in fp32 (a few 2^-24 of |ref|, under the
     # atol); then ONE rounding to bf16: at most 2^-8 of |ref|.
     "fp64": dict(rtol=2 ** -8, atol=1e-5),
-    # forms "row" / "tensor" vs the same model compiled by plain Inductor (torch._scaled_mm on CPU:
+    # form "row" vs the same model compiled by plain Inductor (torch._scaled_mm on CPU:
     # fp32 accumulation in another order, one rounding): the two fp32 values differ by a few 2^-24
     # and can round to neighbouring bf16 values: one ulp, at most 2^-7 of |ref|.
     "plain": dict(rtol=2 ** -7, atol=1e-5),
@@ -88,8 +87,7 @@ def calls(code: str, what: str) -> int:
     return sum(what in line for line in code.splitlines() if not line.lstrip().startswith("#"))
 
 
-def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None, scale_a=None,
-                     scale_b=None):
+def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None):
     assert x.dtype == FP8 and wc.dtype == FP8 and out_dtype in (torch.bfloat16, torch.float16, torch.float32)
     xf, wf = x.float(), wc.float()
     kept = (wc.float() != 0).unsqueeze(0)
@@ -97,10 +95,6 @@ def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alp
     if alpha is not None:
         assert alpha.dtype == torch.float32 and alpha.shape == (n,)
         y = y * alpha
-    if scale_a is not None or scale_b is not None:  # the library's scale modes: one fp32 number per operand
-        assert alpha is None and scale_a.numel() == 1 and scale_b.numel() == 1
-        assert scale_a.dtype == scale_b.dtype == torch.float32
-        y = y * (scale_a.reshape(()) * scale_b.reshape(()))
     if bias is not None:
         assert bias.dtype == out_dtype  # the library reads the bias in the output's dtype
         y = y + bias.float()
@@ -113,7 +107,6 @@ def emulated(monkeypatch):
     monkeypatch.setitem(dispatch._KERNELS, "2:4/cusparselt", dataclasses.replace(spec, devices=("cpu", "cuda")))
     monkeypatch.setattr(cusparselt, "available", lambda: True)
     monkeypatch.setattr(cusparselt, "_fp8_why_not", lambda: None)
-    monkeypatch.setattr(cusparselt, "fp8_scales_why_not", lambda *a, **kw: None)  # (no library to ask)
     monkeypatch.setattr(cusparselt, "compress", lambda w: w.contiguous().clone())  # "compressed" = W itself
     monkeypatch.setattr(cusparselt, "linear", _emulated_linear)
 
@@ -157,56 +150,13 @@ class TestFp8Graph(expecttest.TestCase):
     def _emulated(self, emulated):
         pass
 
-    @pytest.fixture(autouse=True)
-    def _library_scales(self, monkeypatch):  # the form "tensor" path, kept for its fix
-        from sparse_inductor.passes import linear_rewrite
-
-        monkeypatch.setattr(linear_rewrite, "LIBRARY_SCALES", True)
-
-    def test_golden_per_tensor_scales(self):
-        """Both scales per-tensor: scale_a, scale_b (one number each, as they are) and the bias go to
-        the library (its scale modes; one rounding to bf16); the row guard goes on the fp8 input (no
-        pass over y)."""
-        model = fp8_model()
-        x = torch.randn(16, 64, dtype=torch.bfloat16)
-        torch._dynamo.reset()
-        r = run_sparse(model, (x,), options=OPTS)
-        (d,) = r.decisions
-        assert (d.kernel, d.pattern, d.dtype) == ("cusparselt", "2:4", "float8_e4m3fn"), d.line()
-        assert not r.notes, r.notes  # (a note here would say the compile fell back to plain Inductor)
-        self.assertExpectedInline(r.graphs[0], """\
-def forward(self, arg3_1: "bf16[16, 64]"):
-_sparse_0_wc: "f8e4m3fn[32, 64]" = self._sparse_0_wc
-arg0_1: "bf16[32]" = self._frozen_param0
-arg2_1: "f32[]" = self._frozen_param2
-convert_element_type_1: "f32[16, 64]" = torch.ops.prims.convert_element_type.default(arg3_1, torch.float32)
-abs_1: "bf16[16, 64]" = torch.ops.aten.abs.default(arg3_1)
-amax: "bf16[]" = torch.ops.aten.amax.default(abs_1)
-convert_element_type: "f32[]" = torch.ops.prims.convert_element_type.default(amax, torch.float32)
-clamp_min: "f32[]" = torch.ops.aten.clamp_min.default(convert_element_type, 1e-12)
-div: "f32[]" = torch.ops.aten.div.Tensor(clamp_min, 448)
-div_1: "f32[16, 64]" = torch.ops.aten.div.Tensor(convert_element_type_1, div)
-clamp_min_1: "f32[16, 64]" = torch.ops.aten.clamp_min.default(div_1, -448)
-clamp_max: "f32[16, 64]" = torch.ops.aten.clamp_max.default(clamp_min_1, 448)
-convert_element_type_2: "f8e4m3fn[16, 64]" = torch.ops.prims.convert_element_type.default(clamp_max, torch.float8_e4m3fn)
-convert_element_type_default: "f32[16, 64]" = torch.ops.prims.convert_element_type.default(convert_element_type_2, torch.float32)
-mul_tensor: "f32[16, 64]" = torch.ops.aten.mul.Tensor(convert_element_type_default, 0.0)
-sum_dim_int_list: "f32[16, 1]" = torch.ops.aten.sum.dim_IntList(mul_tensor, [1], True)
-add_tensor: "f32[16, 64]" = torch.ops.aten.add.Tensor(convert_element_type_default, sum_dim_int_list)
-convert_element_type_default_1: "f8e4m3fn[16, 64]" = torch.ops.prims.convert_element_type.default(add_tensor, torch.float8_e4m3fn)
-linear_cslt_default: "bf16[16, 32]" = torch.ops.sparse_inductor.linear_cslt.default(convert_element_type_default_1, _sparse_0_wc, arg0_1, 32, 64, 0, 1, torch.bfloat16, scale_a = div, scale_b = arg2_1)
-return (linear_cslt_default,)""")
-
     def test_golden_per_tensor_scales_lib16(self):
-        """Both scales per-tensor with LIBRARY_SCALES off (the default): form "lib16": the library's
-        unscaled product in bf16, upcast, then guard, scales, bias and cast (one Inductor kernel)."""
-        from sparse_inductor.passes import linear_rewrite
-
+        """Both scales per-tensor, bf16 out: form "lib16": the library's unscaled product in bf16,
+        upcast, then guard, scales, bias and cast (one Inductor kernel)."""
         model = fp8_model()
         xq, s = fp8_input()
         torch._dynamo.reset()
-        with mock.patch.object(linear_rewrite, "LIBRARY_SCALES", False):
-            r = run_sparse(model, (xq, s), options=OPTS)
+        r = run_sparse(model, (xq, s), options=OPTS)
         (d,) = r.decisions
         assert d.kernel == "cusparselt" and "fp8 form lib16" in d.reason, d.line()
         assert not r.notes, r.notes
@@ -296,7 +246,7 @@ PRODUCT_FORM = {"bf16": ("lib16", "torch.bfloat16"), "fp32": ("row", "torch.floa
 @pytest.mark.parametrize("rowwise", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_numerics_vs_fp64_and_plain_inductor(emulated, monkeypatch, rowwise, bias, product):
-    """Both epilogue forms (per-tensor scales take them too while LIBRARY_SCALES is off) against
+    """Both epilogue forms, with per-tensor and row-wise scales, against
     the fp64 dequantized matmul and plain Inductor; "lib16" within its two roundings."""
     model = fp8_model(bias=bias, rowwise=rowwise)
     xq, s = fp8_input(rowwise=rowwise)
@@ -527,17 +477,16 @@ def _scaled_mm_node(sa, sb, bias=None, out=torch.bfloat16, scale_result=None, m=
 
 @pytest.mark.parametrize("sa,sb,bias,out,expect", [
     # read, and in which form
-    (torch.ones(()), torch.ones(()), None, torch.bfloat16, Scaled("tensor", torch.bfloat16)),
+    # the unscaled product and the epilogue: in bf16 for a bf16 output ("lib16"), in fp32 for an
+    # fp16 one (an unscaled fp16 product can overflow); scales of one element in any shape
+    (torch.ones(()), torch.ones(()), None, torch.bfloat16, Scaled("lib16", torch.bfloat16)),
     (torch.ones(1), torch.ones(1, 1), torch.ones(32, dtype=torch.bfloat16), torch.bfloat16,
-     Scaled("tensor", torch.bfloat16)),
-    # a per-column scale_b is not one number: the scale modes cannot take it (nor can the alpha vector
-    # for fp8 on cuSPARSELt 0.8), so the unscaled product and the epilogue: in bf16 for a bf16
-    # output ("lib16"), in fp32 for an fp16 one (an unscaled fp16 product can overflow)
+     Scaled("lib16", torch.bfloat16)),
     (torch.ones(()), torch.ones(1, 32), None, torch.float16, Scaled("row", torch.float16, False, True)),
     (torch.ones(16, 1), torch.ones(1, 32), None, torch.bfloat16, Scaled("lib16", torch.bfloat16, True, True)),
     (torch.ones(16, 1), torch.ones(()), torch.ones(32, dtype=torch.float16), torch.float16,
      Scaled("row", torch.float16, True)),
-    # a bias the library cannot take in the output's dtype: the unscaled product and the epilogue
+    # a bias in another dtype than the output's: added in the epilogue
     (torch.ones(()), torch.ones(()), torch.ones(32, dtype=torch.float32), torch.bfloat16,
      Scaled("lib16", torch.bfloat16)),
     (torch.ones(()), torch.ones(()), torch.ones(32, dtype=torch.float32), torch.float32,
@@ -550,17 +499,15 @@ def _scaled_mm_node(sa, sb, bias=None, out=torch.bfloat16, scale_result=None, m=
     (torch.ones(()), torch.ones(()), torch.ones(16, dtype=torch.bfloat16), torch.bfloat16,
      "bias is not a vector of out_features"),
 ])
-def test_scale_forms(sa, sb, bias, out, expect, monkeypatch):
-    from sparse_inductor.passes import linear_rewrite
+def test_scale_forms(sa, sb, bias, out, expect):
     from sparse_inductor.passes.linear_rewrite import _read_scaled_mm
 
-    monkeypatch.setattr(linear_rewrite, "LIBRARY_SCALES", True)  # the form "tensor" path, kept for its fix
     scaled, why = _read_scaled_mm(_scaled_mm_node(sa, sb, bias, out), 32)
     if isinstance(expect, Scaled):
         assert (scaled, why) == (expect, None)
         # options fp8_product="fp32": every epilogue form is "row" (the library's fp32 accumulator)
         fp32, _ = _read_scaled_mm(_scaled_mm_node(sa, sb, bias, out), 32, "fp32")
-        assert fp32 == (expect if expect.form == "tensor" else dataclasses.replace(expect, form="row"))
+        assert fp32 == dataclasses.replace(expect, form="row")
     else:
         assert scaled is None and expect in why, why
 
@@ -569,13 +516,11 @@ def test_scale_forms(sa, sb, bias, out, expect, monkeypatch):
     (torch.bfloat16, "bf16", "lib16"), (torch.bfloat16, "fp32", "row"),
     (torch.float16, "bf16", "row"), (torch.float32, "bf16", "row"),
 ])
-def test_per_tensor_takes_an_epilogue_form_while_library_scales_are_off(out, product, form):
-    """linear_rewrite.LIBRARY_SCALES is off (the scale modes gave unscaled products on the H100):
-    per-tensor scales take the unscaled product and the epilogue, in bf16 ("lib16") only for a bf16
-    output with fp8_product="bf16"."""
-    from sparse_inductor.passes.linear_rewrite import LIBRARY_SCALES, _read_scaled_mm
+def test_per_tensor_scales_take_an_epilogue_form(out, product, form):
+    """Per-tensor scales take the unscaled product and the epilogue, in bf16 ("lib16") only for a
+    bf16 output with fp8_product="bf16"."""
+    from sparse_inductor.passes.linear_rewrite import _read_scaled_mm
 
-    assert not LIBRARY_SCALES
     scaled, why = _read_scaled_mm(_scaled_mm_node(torch.ones(()), torch.ones(()), None, out), 32, product)
     assert (scaled, why) == (Scaled(form, out), None)
 
@@ -583,7 +528,6 @@ def test_per_tensor_takes_an_epilogue_form_while_library_scales_are_off(out, pro
 def test_scaled_forms_library_output_dtype():
     """What the library writes in each form (the graph's linear_cslt out_dtype, the timed call's)."""
     for out in (torch.bfloat16, torch.float16, torch.float32):
-        assert Scaled("tensor", out).lib_out_dtype == out
         assert Scaled("row", out).lib_out_dtype == torch.float32
     assert Scaled("lib16", torch.bfloat16).lib_out_dtype == torch.bfloat16
     assert "unscaled product in bf16" in Scaled("lib16", torch.bfloat16).describe()
@@ -602,8 +546,8 @@ def test_fp8_product_option():
 
 
 def _recording_linear(calls):
-    def linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None, scale_a=None, scale_b=None):
-        calls.append(dict(out_dtype=out_dtype, bias=bias is not None, scales=scale_a is not None))
+    def linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None):
+        calls.append(dict(out_dtype=out_dtype, bias=bias is not None))
         y = torch.zeros(x.shape[0], n, dtype=out_dtype)
         calls[-1]["y"] = y
         return y
@@ -612,12 +556,12 @@ def _recording_linear(calls):
 
 @pytest.mark.parametrize("form,out,lib_out", [
     ("lib16", torch.bfloat16, torch.bfloat16), ("row", torch.bfloat16, torch.float32),
-    ("row", torch.float16, torch.float32), ("tensor", torch.bfloat16, torch.bfloat16),
+    ("row", torch.float16, torch.float32),
 ])
 def test_fp8_timing_runner_runs_the_form(monkeypatch, form, out, lib_out):
     """The dispatcher times what the graph will run: the library call with the form's output dtype
-    (bias in the library only in form "tensor"), then, for the epilogue forms, one more pass over y
-    giving out_dtype ("lib16": read and write bf16; "row": read fp32, write out_dtype)."""
+    (the bias is the epilogue's), then one more pass over y giving out_dtype ("lib16": read and
+    write bf16; "row": read fp32, write out_dtype)."""
     calls = []
     monkeypatch.setattr(cusparselt, "linear", _recording_linear(calls))
     ly = Layer("2:4", 16, 64, 64, FP8, "cuda", scaled=Scaled(form, out), row_check="none")
@@ -625,9 +569,9 @@ def test_fp8_timing_runner_runs_the_form(monkeypatch, form, out, lib_out):
     run = cusparselt._runner({"wc": torch.zeros(64, 64, dtype=FP8)}, bias, ly, {"alg_id": 3})
     y = run(torch.zeros(16, 64, dtype=FP8))
     (c,) = calls
-    assert (c["out_dtype"], c["bias"], c["scales"]) == (lib_out, form == "tensor", form == "tensor")
+    assert (c["out_dtype"], c["bias"]) == (lib_out, False)
     assert y.dtype == out and y.shape == (16, 64)
-    assert (y is c["y"]) == (form == "tensor")  # the epilogue forms: a pass that writes a new y
+    assert y is not c["y"]  # the epilogue: a pass that writes a new y
 
 
 def test_scale_result_is_not_read():
@@ -643,7 +587,7 @@ def test_measured_slower_than_scaled_mm_stays_dense(monkeypatch):
     monkeypatch.setattr(cusparselt, "available", lambda: True)
     monkeypatch.setattr(cusparselt, "_fp8_why_not", lambda: None)
     ly = Layer("2:4", 8192, 14336, 4096, FP8, "cuda", device_name="NVIDIA H100 80GB HBM3",
-               scaled=Scaled("tensor", torch.bfloat16))
+               scaled=Scaled("lib16", torch.bfloat16))
 
     def timer(name, m):
         return {"dense": (750.0, {}), "cusparselt": (1000.0, {"alg_id": 0})}.get(name)
@@ -671,11 +615,11 @@ def test_kernel_guards_say_why(monkeypatch):
     monkeypatch.setattr(cusparselt, "available", lambda: False)
     assert "not available" in cusparselt.why_not_runnable(64, 64, FP8, torch.bfloat16)
     ref = dispatch._KERNELS["2:4/reference"]
-    assert "cuSPARSELt only" in ref.check(Layer("2:4", 16, 64, 64, FP8, "cpu", scaled=Scaled("tensor", torch.bfloat16)))
+    assert "cuSPARSELt only" in ref.check(Layer("2:4", 16, 64, 64, FP8, "cpu", scaled=Scaled("lib16", torch.bfloat16)))
 
 
 def test_timing_cache_key_tells_scale_forms_apart():
-    ly = Layer("2:4", 64, 64, 64, FP8, "cuda", scaled=Scaled("tensor", torch.bfloat16))
+    ly = Layer("2:4", 64, 64, 64, FP8, "cuda", scaled=Scaled("row", torch.bfloat16))
     t1 = measure.LayerTimer(ly, torch.zeros(64, 64), False, SparseOptions(), {}, lambda s: {})
     t2 = measure.LayerTimer(dataclasses.replace(ly, scaled=Scaled("row", torch.bfloat16, True)), torch.zeros(64, 64),
                             False, SparseOptions(), {}, lambda s: {})
@@ -686,11 +630,6 @@ def test_timing_cache_key_tells_scale_forms_apart():
 
 
 # ------------------------------------------- the ctypes plan against a stand-in for libcusparseLt
-
-# cusparseLtMatmulDescAttribute_t (cuSPARSELt 0.7 / 0.8 cusparseLt.h, counted from ACTIVATION_RELU = 0)
-# and cusparseLtMatmulMatrixScale_t: the values the plan must pass
-A_SCALE_MODE, B_SCALE_MODE, A_SCALE_POINTER, B_SCALE_POINTER, SCALAR_32F = 10, 11, 15, 16, 1
-
 
 class _FakeDll:
     """Stands for libcusparseLt: records every call (name, arguments) and returns status 0, or the
@@ -736,30 +675,20 @@ def _fake_lib(monkeypatch, refuse=None):
     monkeypatch.setattr(cusparselt, "_persistent_empty", lambda nbytes, device: torch.zeros(nbytes, dtype=torch.uint8))
     monkeypatch.setattr(cusparselt, "_lib", lambda: lib)
     monkeypatch.setattr(cusparselt, "_PLANS", {})
-    monkeypatch.setattr(cusparselt, "_PROBES", {})
     return lib
 
 
-def test_plan_sets_scalar_scale_modes_before_the_plan(monkeypatch):
-    """fp8 with per-tensor scales: A_SCALE_MODE and B_SCALE_MODE = MATRIX_SCALE_SCALAR_32F, the two
-    pointers at the plan's own device scalars (16 bytes apart), all set on the matmul descriptor
-    before the algorithm selection and the plan are made; no alpha vector. A call copies scale_b
-    (the weight's: cuSPARSELt's A) and scale_a (x's: B) there, and passes the host alpha 1.0."""
+def test_plan_sets_only_the_attributes_it_needs(monkeypatch):
+    """An fp8 or 16-bit plan sets no matmul descriptor attribute (no scale modes, no alpha vector)
+    and a call passes the host alpha 1.0; the int8 alpha-vector plan sets attribute 5
+    (ALPHA_VECTOR_SCALING) only."""
     lib = _fake_lib(monkeypatch)
-    plan = cusparselt._Plan(lib, 0, 16, 64, 64, FP8, 0, 0, 1, torch.bfloat16, cusparselt._AB_SCALARS)
-    base = plan.scales.data_ptr()
-    assert lib.dll.attributes() == [(A_SCALE_MODE, SCALAR_32F), (B_SCALE_MODE, SCALAR_32F),
-                                    (A_SCALE_POINTER, base), (B_SCALE_POINTER, base + 16)]
-    last_attribute = max(i for i, (n, _) in enumerate(lib.dll.calls) if n == "cusparseLtMatmulDescSetAttribute")
-    assert last_attribute < lib.dll.index("cusparseLtMatmulAlgSelectionInit") < lib.dll.index("cusparseLtMatmulPlanInit")
-    assert plan.max_alg_id == 20
-    plan.set_scales(torch.tensor(0.5), torch.tensor([[3.0]]))  # scale_a (), scale_b [1, 1]
-    assert plan.scales[0].item() == 3.0 and plan.scales[4].item() == 0.5
+    plan = cusparselt._Plan(lib, 0, 16, 64, 64, FP8, 0, 0, 1, torch.bfloat16)
+    assert lib.dll.attributes() == [] and plan.max_alg_id == 20
     x, wc, y = (torch.zeros(16, 64, dtype=FP8), torch.zeros(64, 64, dtype=FP8), torch.empty(16, 64))
     plan(wc, x, y, 0)
     (_, args), = [c for c in lib.dll.calls if c[0] == "cusparseLtMatmul"]
     assert args[2] == ctypes.addressof(plan.alpha) and plan.alpha.value == 1.0  # alpha on the host, 1.0
-    # the int8 / bf16 paths set no scale modes; the alpha-vector plan sets attribute 5 only
     lib2 = _fake_lib(monkeypatch)
     cusparselt._Plan(lib2, 0, 16, 64, 64, torch.int8, 0, 0, 1, torch.int32, cusparselt._ALPHA_VECTOR)
     assert lib2.dll.attributes() == [(5, 1)]
@@ -781,48 +710,20 @@ def test_epilogue_forms_plan_the_unscaled_product(monkeypatch, form, lib_type):
     assert lib.dll.attributes() == []
 
 
-@pytest.mark.parametrize("refuse", [{A_SCALE_MODE: 10}, {"cusparseLtMatmulPlanInit": 10}])
-def test_refused_scale_modes_keep_dense_with_the_reason(monkeypatch, refuse):
-    """The library refusing a scale mode or the plan made with them (status 10) says so in words:
-    cusparselt.Unsupported, the probe's answer, and the reason the dispatcher keeps the layer dense
-    (forced too: it never reaches the library at run time). The row form needs no scale modes."""
-    lib = _fake_lib(monkeypatch, refuse)
-    with pytest.raises(cusparselt.Unsupported, match=r"does not support per-tensor fp32 scales .*MATRIX_SCALE_SCALAR_32F"
-                       r"\) for fp8 e4m3 -> bfloat16 .*status 10 \(operation not supported\)"):
-        cusparselt._Plan(lib, 0, 16, 64, 64, FP8, 0, 0, 1, torch.bfloat16, cusparselt._AB_SCALARS)
-    why = cusparselt.fp8_scales_why_not(64, 64, torch.bfloat16, device=0)
-    assert why.startswith("cuSPARSELt ") and "does not support per-tensor fp32 scales" in why
-    assert "for fp8 e4m3 -> bfloat16" in why, why
-    monkeypatch.setattr(cusparselt, "available", lambda: True)
-    monkeypatch.setattr(cusparselt, "_fp8_why_not", lambda: None)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # (the probe's device; none here)
-    ly = Layer("2:4", 16, 64, 64, FP8, "cuda", scaled=Scaled("tensor", torch.bfloat16))
-    for opts in (SparseOptions(force=True), SparseOptions(dispatch="model")):
-        c = choose(ly, opts)
-        assert c.kernel == "dense" and "cusparselt: cuSPARSELt" in c.reason and "does not support" in c.reason, c
-    # (the probe asks once per shape: no second plan)
-    n_plans = sum(n == "cusparseLtMatmulDescriptorInit" for n, _ in lib.dll.calls)
-    choose(ly, SparseOptions(force=True))
-    assert sum(n == "cusparseLtMatmulDescriptorInit" for n, _ in lib.dll.calls) == n_plans
-    row = dataclasses.replace(ly, scaled=Scaled("row", torch.bfloat16, True))
-    assert choose(row, SparseOptions(force=True)).kernel == "cusparselt"
-
-
 def test_untimeable_kernel_reason_reaches_the_decision(tmp_path, monkeypatch):
     """Where every algorithm fails at timing (e.g. the library refuses at its first call), the
     dispatcher keeps dense and says why, also from the timing cache on the next compile."""
     monkeypatch.setenv(measure.ENV_CACHE_DIR, str(tmp_path))
     monkeypatch.setattr(cusparselt, "available", lambda: True)
     monkeypatch.setattr(cusparselt, "_fp8_why_not", lambda: None)
-    monkeypatch.setattr(cusparselt, "fp8_scales_why_not", lambda *a, **kw: None)
-    msg = "cuSPARSELt 0.8.0 does not support per-tensor fp32 scales (...) for fp8 e4m3 -> bfloat16 on sm90 (matmul)"
+    msg = "cuSPARSELt matmul failed: status 10 (operation not supported)"
 
     def runner(t, bias, layer, params):
-        raise cusparselt.Unsupported(msg)
+        raise RuntimeError(msg)
 
     spec = dataclasses.replace(dispatch._KERNELS["2:4/cusparselt"], runner=runner,
                                variants=lambda ly, t: [{"alg_id": 0}, {"alg_id": 1}])
-    ly = Layer("2:4", 16, 64, 64, FP8, "cuda", scaled=Scaled("tensor", torch.bfloat16))
+    ly = Layer("2:4", 16, 64, 64, FP8, "cuda", scaled=Scaled("lib16", torch.bfloat16))
     for _ in range(2):  # measured, then read from the cache
         t = measure.LayerTimer(ly, torch.zeros(64, 64), False, SparseOptions(), {"cusparselt": spec}, lambda s: {})
         t._env = "env"
@@ -889,71 +790,17 @@ def _gpu_model(k=512, n=256, bias=True, rowwise=False):
 @pytest.mark.gpu
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("m", [16, 37])
-@pytest.mark.xfail(strict=True, reason="H100, cuSPARSELt 0.8.0: the scale modes are accepted but the scales are "
-                   "not applied (relative error ~1e4); linear_rewrite.LIBRARY_SCALES is off until this passes")
 def test_gpu_plan_path_fp8(out_dtype, m):
-    """Ours (ctypes plan) vs torch._cslt_sparse_mm: the same bits without scales (torch on x padded
-    to 16 rows as ours pads it). With per-tensor scales through the scale modes (A_SCALE_MODE /
-    B_SCALE_MODE = MATRIX_SCALE_SCALAR_32F) and a bias in out_dtype, y = scale_a * scale_b * acc +
-    bias rounded once: against torch._cslt_sparse_mm's fp32 accumulator with the same scales and
-    bias folded in (in fp32, then one rounding), and against fp64."""
+    """Ours (ctypes plan) vs torch._cslt_sparse_mm: the same bits (torch on x padded to 16 rows as
+    ours pads it)."""
     model = _gpu_model()
     n, k = model.wq.shape
     wc = cusparselt.compress(model.wq)
-    xq, s = (t.cuda() for t in fp8_input(m=m, k=k))
+    xq, _ = (t.cuda() for t in fp8_input(m=m, k=k))
     ours = cusparselt.linear(xq, wc, None, n, k, out_dtype=out_dtype)
     xp = torch.nn.functional.pad(xq.view(torch.uint8), (0, 0, 0, -m % 16)).view(FP8)
     theirs = torch._cslt_sparse_mm(wc, xp.t(), None, None, out_dtype, transpose_result=True)[:m]
     assert ours.dtype == out_dtype and ours.shape == (m, n) and torch.equal(ours, theirs)
-    sa, sb = s, model.w_scale  # f32 [] each: x's, W's
-    bias = None if out_dtype == torch.float32 else torch.randn(n, device="cuda").to(out_dtype)
-    y = cusparselt.linear(xq, wc, bias, n, k, out_dtype=out_dtype, scale_a=sa, scale_b=sb)
-    assert y.dtype == out_dtype and y.shape == (m, n)
-    acc = torch._cslt_sparse_mm(wc, xp.t(), None, None, torch.float32, transpose_result=True)[:m]
-    folded = (acc * (sa * sb) + (0 if bias is None else bias.float())).to(out_dtype)
-    # Same fp8 products, same fp32 accumulator type; what may differ: the kernel (so the order of the
-    # fp32 additions: at most K * 2^-24 of the largest output, the atol) and the fp32 steps of
-    # scale_a * scale_b * acc + bias (an ulp or two), which can move the one rounding to out_dtype
-    # by one ulp of the output (rtol: 2^-7 bf16, 2^-10 fp16; fp32 a few 2^-24); for the 16-bit
-    # outputs that happens at a handful of the m * n outputs at most, every other one is equal.
-    big = folded.float().abs().max().item()
-    rtol = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float32: 2 ** -22}[out_dtype]
-    torch.testing.assert_close(y.float(), folded.float(), rtol=rtol, atol=k * 2 ** -24 * big)
-    if out_dtype != torch.float32:
-        assert (y != folded).float().mean().item() < 0.01
-    ref = (xq.double() @ model.wq.double().T) * (sa.double() * sb.double()) + (0 if bias is None else bias.double())
-    assert _rel_err(y, ref) < TOL_GPU
-    assert cusparselt.fp8_scales_why_not(n, k, out_dtype) is None  # the probe agrees
-
-
-@pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="H100, cuSPARSELt 0.8.0: the scale modes are accepted but the scales are "
-                   "not applied (relative error ~1e4); linear_rewrite.LIBRARY_SCALES is off until this passes")
-def test_gpu_fp8_scales_per_call_and_in_a_cuda_graph():
-    """The scales are copied into the plan's scalars at each call (stream-ordered): two layers of one
-    shape (one plan) with different scales each get theirs, and a CUDA graph replays the copies,
-    so new values written into the scale tensors are used by the replay."""
-    model = _gpu_model(bias=False)
-    n, k = model.wq.shape
-    wc = cusparselt.compress(model.wq)
-    xq, s = (t.cuda() for t in fp8_input(m=64, k=k))
-    sa, sb = s.clone(), model.w_scale.clone()
-    acc = (xq.double() @ model.wq.double().T)
-    tol = 2 ** -16  # fp32 output: fp32 accumulation of exact products over K = 512 (~sqrt(K) * 2^-24), no rounding to 16 bits
-    y1 = cusparselt.linear(xq, wc, None, n, k, out_dtype=torch.float32, scale_a=sa, scale_b=sb)
-    y2 = cusparselt.linear(xq, wc, None, n, k, out_dtype=torch.float32, scale_a=sa * 2, scale_b=sb * 4)
-    assert _rel_err(y1, acc * float(sa * sb)) < tol and _rel_err(y2, acc * float(sa * sb * 8)) < tol
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = cusparselt.linear(xq, wc, None, n, k, out_dtype=torch.float32, scale_a=sa, scale_b=sb)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, y1)
-    sa.mul_(0.5)
-    sb.mul_(3)
-    g.replay()
-    torch.cuda.synchronize()
-    assert _rel_err(y, acc * float(sa * sb)) < tol
 
 
 @pytest.mark.gpu
@@ -988,8 +835,7 @@ def test_gpu_compiled_fp8_forced(rowwise):
 @pytest.mark.parametrize("rowwise", [False, True])
 def test_gpu_nan_input_row(rowwise, product):
     """A NaN in an fp8 input row makes that whole output row NaN, as dense torch._scaled_mm does (the
-    guard is added to the product in the epilogue of forms "lib16" and "row"; the per-tensor form
-    "tensor", off, guards the input: Triton's fp32 -> e4m3 conversion must keep the NaN)."""
+    guard is added to the product in the epilogue of forms "lib16" and "row")."""
     model = _gpu_model(rowwise=rowwise)
     xq, s = (t.cuda() for t in fp8_input(m=32, k=512, rowwise=rowwise))
     xq.view(torch.uint8)[5, 7] = 0x7F  # NaN

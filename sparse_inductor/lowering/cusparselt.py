@@ -24,17 +24,12 @@ types torch 2.11 accepts for fp8; an fp8 output would need a separate fp16 C mat
 cuSPARSELt's E4M3 kernels need sm90 and cuSPARSELt 0.6.2+). An alpha vector (one fp32 per output
 feature) scales the fp32/int32 accumulator before the bias is added and the result rounded once
 (int8; cuSPARSELt 0.8 refuses it for E4M3 with status 10, "operation not supported", on the H100).
-fp8's per-tensor scales go instead through the matrix scale modes: A_SCALE_MODE and B_SCALE_MODE
-set to MATRIX_SCALE_SCALAR_32F, with A_SCALE_POINTER / B_SCALE_POINTER at two fp32 scalars on the
-device that the plan owns (the pointers are fixed in the matmul descriptor when the plan is made,
-so each call first copies its scales there: two stream-ordered device-to-device copies, which a
-CUDA graph captures). D = scale_A * scale_B * (A @ B) + bias, rounded once. (That form is off:
-on the H100 the library did not apply the scales. The compiled graph asks this module for the
-unscaled product instead, in bf16 or fp32, and applies the scales in an Inductor kernel after it:
-dispatch.Scaled, docs/formats.md "fp8".) The unscaled product is asked of a plan without the scale
-modes: a plan with them and both scalars fixed at 1.0 was tried on the H100 (session 4) and gave
-wrong outputs (2 of 48x256 off by up to 2.2e3 with a bf16 output, 634 with fp32, alg 0), so the
-library's fast fp8 kernels that come with the modes (1.48x of _scaled_mm at M=8192) are not used.
+fp8 layers ask for the unscaled product, in bf16 or fp32, and the compiled graph applies
+torch._scaled_mm's scales in an Inductor kernel after the call (registry.Scaled, docs/formats.md
+"fp8"). The library's matrix scale modes (A_SCALE_MODE / B_SCALE_MODE) are not used: on the H100
+(cuSPARSELt 0.8) a plan with them returned products the scales had not been applied to, and with
+both scales fixed at 1.0 it gave wrong outputs (2 of 48x256 off by up to 2.2e3 with a bf16 output,
+alg 0).
 """
 from __future__ import annotations
 
@@ -63,12 +58,8 @@ _COMPUTE_32I, _COMPUTE_32F = 0, 2
 # cusparseLtMatmulDescAttribute_t, counted from ACTIVATION_RELU = 0 (cuSPARSELt 0.7 / 0.8 header)
 _ALPHA_VECTOR_SCALING, _BIAS_POINTER = 5, 8
 _ACTIVATION = {"relu": 0, "gelu": 3}  # ACTIVATION_RELU / ACTIVATION_GELU: an int32 1 turns one on
-_A_SCALE_MODE, _B_SCALE_MODE = 10, 11
-_A_SCALE_POINTER, _B_SCALE_POINTER = 15, 16
-_MATRIX_SCALE_SCALAR_32F = 1  # cusparseLtMatmulMatrixScale_t (SCALE_NONE = 0)
-# how a plan scales the product: not at all, by an alpha vector of N (passed per call), or by one
-# fp32 scale for each of A (the weight) and B (x) through the scale modes (copied in per call)
-_NO_SCALING, _ALPHA_VECTOR, _AB_SCALARS = "none", "alpha_vector", "ab_scalars"
+# how a plan scales the product: not at all, or by an alpha vector of N (passed per call)
+_NO_SCALING, _ALPHA_VECTOR = "none", "alpha_vector"
 _ALG_DEFAULT = 0
 _ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID, _SPLIT_K = 0, 1, 3  # cusparseLtMatmulAlgAttribute_t
 _CUDA_TYPE = {torch.float16: 2, torch.bfloat16: 14}
@@ -115,11 +106,6 @@ class _Lib:
                     self.check(self.dll.cusparseLtInit(h.ptr), "cusparseLtInit")
                 self.handles[device] = h
             return h
-
-
-class Unsupported(RuntimeError):
-    """The library refused a configuration this path needs (e.g. the scale modes for fp8): the
-    message says what, in words the dispatcher reports as the reason a layer stays dense."""
 
 
 def _library_path() -> str:
@@ -230,10 +216,7 @@ class _Plan:
         ty = _EIGHT_BIT.get(dtype) or _CUDA_TYPE[dtype]
         out_ty = _OUT_TYPE[out_dtype or dtype]
         compute = _COMPUTE_32I if dtype == torch.int8 else _COMPUTE_32F
-        if scaling == _AB_SCALARS and dtype != torch.float8_e4m3fn:
-            raise ValueError(f"per-tensor A/B scales are an fp8 path here, not {dtype}")
         self.scaling = scaling
-        self.scales: Optional[Tensor] = None
         self.a, self.b, self.d = _Opaque(), _Opaque(), _Opaque()
         self.mm, self.sel, self.plan = _Opaque(), _Opaque(), _Opaque()
         i64 = ctypes.c_int64
@@ -249,8 +232,6 @@ class _Plan:
             one = ctypes.c_int(1)
             lib.check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, _ALPHA_VECTOR_SCALING, ctypes.byref(one),
                                                            ctypes.c_size_t(4)), "alpha vector scaling")
-        elif scaling == _AB_SCALARS:
-            self._set_scale_modes(device, out_dtype)
         if bias_ptr:
             self._bias = ctypes.c_void_p(bias_ptr)
             lib.check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, _BIAS_POINTER, ctypes.byref(self._bias),
@@ -259,8 +240,7 @@ class _Plan:
             on = ctypes.c_int(1)
             lib.check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, _ACTIVATION[activation], ctypes.byref(on),
                                                            ctypes.c_size_t(4)), f"activation {activation}")
-        self._scaled_check(dll.cusparseLtMatmulAlgSelectionInit(h, self.sel.ptr, self.mm.ptr, _ALG_DEFAULT),
-                           "alg selection", out_dtype)
+        lib.check(dll.cusparseLtMatmulAlgSelectionInit(h, self.sel.ptr, self.mm.ptr, _ALG_DEFAULT), "alg selection")
         mx = ctypes.c_int(0)
         lib.check(dll.cusparseLtMatmulAlgGetAttribute(h, self.sel.ptr, _ALG_CONFIG_MAX_ID, ctypes.byref(mx),
                                                       ctypes.c_size_t(4)), "max alg id")
@@ -275,8 +255,7 @@ class _Plan:
             v = ctypes.c_int(split_k)
             lib.check(dll.cusparseLtMatmulAlgSetAttribute(h, self.sel.ptr, _SPLIT_K, ctypes.byref(v),
                                                           ctypes.c_size_t(4)), "split_k")
-        self._scaled_check(dll.cusparseLtMatmulPlanInit(h, self.plan.ptr, self.mm.ptr, self.sel.ptr), "plan",
-                           out_dtype)
+        lib.check(dll.cusparseLtMatmulPlanInit(h, self.plan.ptr, self.mm.ptr, self.sel.ptr), "plan")
         self._live = True
         ws = ctypes.c_size_t(0)
         lib.check(dll.cusparseLtMatmulGetWorkspace(h, self.plan.ptr, ctypes.byref(ws)), "workspace size")
@@ -284,41 +263,6 @@ class _Plan:
         self.workspace = _persistent_empty(self.workspace_bytes, device) if self.workspace_bytes else None
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
         self._prepare_call()
-
-    def _set_scale_modes(self, device: int, out_dtype: Optional[torch.dtype]) -> None:
-        """A and B scaled by one fp32 number each (MATRIX_SCALE_SCALAR_32F), read at the two device
-        scalars this plan owns: self.scales[0] for A (the weight), self.scales[4] for B (x), 16 bytes
-        apart. Set on the matmul descriptor before the algorithm selection and the plan are made
-        (the plan reads the descriptor when it is initialized)."""
-        dll, h = self.lib.dll, self.handle.ptr
-        # outside any CUDA-graph pool, like the workspace: it lives as long as the plan
-        self.scales = _persistent_empty(32, device).view(torch.float32)
-        base = self.scales.data_ptr()
-        self._scale_ptrs = (ctypes.c_void_p(base), ctypes.c_void_p(base + 16))
-        mode = ctypes.c_int(_MATRIX_SCALE_SCALAR_32F)
-        for attr, what in ((_A_SCALE_MODE, "A_SCALE_MODE = MATRIX_SCALE_SCALAR_32F"),
-                           (_B_SCALE_MODE, "B_SCALE_MODE = MATRIX_SCALE_SCALAR_32F")):
-            self._scaled_check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, attr, ctypes.byref(mode),
-                                                                    ctypes.c_size_t(4)), what, out_dtype)
-        for attr, ptr, what in ((_A_SCALE_POINTER, self._scale_ptrs[0], "A_SCALE_POINTER"),
-                                (_B_SCALE_POINTER, self._scale_ptrs[1], "B_SCALE_POINTER")):
-            self._scaled_check(dll.cusparseLtMatmulDescSetAttribute(h, self.mm.ptr, attr, ctypes.byref(ptr),
-                                                                    ctypes.c_size_t(8)), what, out_dtype)
-
-    def _scaled_check(self, status: int, what: str, out_dtype: Optional[torch.dtype]) -> None:
-        """lib.check, but a refusal on a plan with the fp8 scale modes says so in words (Unsupported)."""
-        if status == 0:
-            return
-        if self.scaling != _AB_SCALARS:
-            self.lib.check(status, what)
-        raise Unsupported(_scales_unsupported(f"{what}: {self.lib.status(status)}", out_dtype))
-
-    def set_scales(self, scale_a: Tensor, scale_b: Tensor) -> None:
-        """Copy this call's scales (one fp32 number each, on the device) to where the plan reads them:
-        scale_b (the weight's, torch._scaled_mm's second scale) is A's, scale_a (x's) is B's.
-        Stream-ordered device-to-device copies, so a CUDA graph captures them."""
-        self.scales[0:1].copy_(scale_b.reshape(1))
-        self.scales[4:5].copy_(scale_a.reshape(1))
 
     def _prepare_call(self) -> None:
         """Everything of cusparseLtMatmul's arguments that stays fixed, converted once: a call then
@@ -340,7 +284,7 @@ class _Plan:
         yp = y.data_ptr()
         status = self._mm(h, plan, alpha, wc.data_ptr(), x.data_ptr(), beta, yp, yp, ws, streams, 1)
         if status:
-            self._scaled_check(status, "matmul", y.dtype)
+            self.lib.check(status, "matmul")
 
     def __del__(self):
         if getattr(self, "_live", False):
@@ -352,16 +296,6 @@ class _Plan:
                     dll.cusparseLtMatDescriptorDestroy(d.ptr)
             except Exception:
                 pass
-
-
-def _scales_unsupported(what: str, out_dtype: Optional[torch.dtype]) -> str:
-    try:
-        cap = "sm{}{}".format(*torch.cuda.get_device_capability())
-    except Exception:
-        cap = "this GPU"
-    out = str(out_dtype).replace("torch.", "")
-    return (f"cuSPARSELt {_version_str()} does not support per-tensor fp32 scales (A/B_SCALE_MODE = "
-            f"MATRIX_SCALE_SCALAR_32F) for fp8 e4m3 -> {out} on {cap} ({what})")
 
 
 def _persistent_empty(nbytes: int, device: int) -> Tensor:
@@ -417,27 +351,6 @@ def max_alg_id(wc: Tensor, x: Tensor, n: int, k: int, out_dtype: Optional[torch.
     return p.max_alg_id if p is not None else 0
 
 
-_PROBES: dict[tuple, Optional[str]] = {}
-
-
-def fp8_scales_why_not(n: int, k: int, out_dtype: torch.dtype, device: Optional[int] = None) -> Optional[str]:
-    """Why this library / GPU cannot run fp8 with per-tensor scales through the scale modes
-    (cuSPARSELt refuses a mode or the plan: the Unsupported message), or None. Asked once per
-    (device, N, K, out_dtype) by making the plan at M=16; None where the library cannot be loaded
-    (torch._cslt_sparse_mm then computes the product and torch applies the scales)."""
-    if _lib() is None:
-        return None
-    dev = torch.cuda.current_device() if device is None else device
-    key = (dev, n, k, out_dtype)
-    if key not in _PROBES:
-        try:
-            _plan((dev, 16, n, k, torch.float8_e4m3fn, 0, 0, 1, out_dtype, _AB_SCALARS))
-            _PROBES[key] = None
-        except RuntimeError as e:  # Unsupported, or another failure of the library: said as it is
-            _PROBES[key] = str(e)
-    return _PROBES[key]
-
-
 def _padded(m: int, multiple: int = _PAD_M) -> int:
     return max(multiple, -(-m // multiple) * multiple)
 
@@ -449,25 +362,18 @@ def _pad_multiple(dtype: torch.dtype) -> int:
 
 def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id: int = 0, split_k: int = 1,
            out_dtype: Optional[torch.dtype] = None, alpha: Optional[Tensor] = None,
-           scale_a: Optional[Tensor] = None, scale_b: Optional[Tensor] = None,
            activation: Optional[str] = None) -> Tensor:
-    """y = alpha * (x @ W^T) + bias, or y = scale_a * scale_b * (x @ W^T) + bias; W given as
-    `compress(W)`; y [M, N] contiguous.
+    """y = alpha * (x @ W^T) + bias; W given as `compress(W)`; y [M, N] contiguous.
 
     x [M, K] fp16/bf16, or int8 with W int8 (then out_dtype fp16/bf16/int32 or int8 by default), or
     fp8 e4m3 with W e4m3 (then out_dtype bf16/fp16/fp32 is required; bias in out_dtype);
     alpha: None, or a float32 [N] per-row scale of W (e.g. int8 dequantization scales): the
     fp32/int32 accumulator is multiplied by it before the bias is added, and the sum is rounded
-    once to the output dtype (cuSPARSELt 0.8 refuses it for fp8: use the scales);
-    scale_a, scale_b (fp8 only, both or neither, not with alpha): torch._scaled_mm's per-tensor
-    scales of x and of W, one float32 number each on x's device, applied by the library to its
-    fp32 accumulator through the matrix scale modes (A = W scaled by scale_b, B = x by scale_a)
-    before the bias, one rounding; copied into the plan's two device scalars before the call.
+    once to the output dtype (cuSPARSELt 0.8 refuses it for fp8);
     activation: None, or LIBRARY_ACTIVATIONS' name of the function the library's epilogue applies
     after the bias, to the fp32 sum before its rounding (16-bit x only; activation_matches says
     which graph activation it computes).
-    The hot path (a plan already made): a dict lookup, the output allocation and one foreign call
-    (with scales: and two 4-byte device copies).
+    The hot path (a plan already made): a dict lookup, the output allocation and one foreign call.
     Like the sparse tensor cores, it never multiplies the pruned zeros: a NaN/Inf in x meets only
     the kept weights (the compiled graph passes the op a row check, see nan_rows_).
     """
@@ -476,10 +382,6 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
     if x.dtype == torch.float8_e4m3fn and (out_dtype not in _FP8_OUT or (bias is not None and bias.dtype != out_dtype)):
         raise ValueError(f"fp8 x fp8 on cuSPARSELt: out_dtype must be one of {_FP8_OUT} and the bias in it "
                          f"(got out_dtype={out_dtype}, bias {None if bias is None else bias.dtype})")
-    scaled = scale_a is not None or scale_b is not None
-    if scaled and (scale_a is None or scale_b is None or alpha is not None or x.dtype != torch.float8_e4m3fn
-                   or scale_a.numel() != 1 or scale_b.numel() != 1):
-        raise ValueError("scale_a and scale_b: both, one number each, for fp8 x only, and not with alpha")
     m = x.shape[0]
     mp = _padded(m, _pad_multiple(x.dtype))
     if not x.is_contiguous():
@@ -495,7 +397,7 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
     if activation is not None and (activation not in _ACTIVATION or x.dtype not in (torch.float16, torch.bfloat16)):
         raise ValueError(f"cuSPARSELt epilogue activation {activation!r} on {x.dtype}: one of {sorted(_ACTIVATION)}, "
                          "16-bit x only")
-    scaling = _AB_SCALARS if scaled else _ALPHA_VECTOR if alpha is not None else _NO_SCALING
+    scaling = _ALPHA_VECTOR if alpha is not None else _NO_SCALING
     key = (dev.index, mp, n, k, x.dtype, bias.data_ptr() if bias is not None else 0, alg_id, split_k, out_dtype,
            scaling)
     try:
@@ -511,17 +413,10 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
             y = torch._cslt_sparse_mm(wc, x.t(), bias, alpha, out_dtype, transpose_result=True, alg_id=alg_id,
                                       split_k=split_k)
             y = LIBRARY_ACTIVATIONS[activation](y.float()).to(y.dtype)
-        elif scaled:  # torch's call has no scale modes: its fp32 accumulator, then the scales, bias, one rounding
-            y = torch._cslt_sparse_mm(wc, x.t(), None, None, torch.float32, transpose_result=True, alg_id=alg_id,
-                                      split_k=split_k)
-            y = y * (scale_a.float().reshape(()) * scale_b.float().reshape(()))
-            y = (y if bias is None else y + bias.float()).to(out_dtype)
         else:
             y = torch._cslt_sparse_mm(wc, x.t(), bias, alpha, out_dtype, transpose_result=True, alg_id=alg_id,
                                       split_k=split_k)
     else:
-        if scaled:
-            plan.set_scales(scale_a, scale_b)
         y = torch.empty((mp, n), dtype=out_dtype or x.dtype, device=dev)
         plan(wc, x, y, _raw_stream(dev.index), alpha.data_ptr() if alpha is not None else 0)
     return y[:m] if mp != m else y
@@ -648,10 +543,7 @@ def _check(layer) -> Optional[str]:
         return "weight-only quantized weights run on the Triton kernels (cuSPARSELt needs x and W in one dtype)"
     if layer.dtype == torch.float8_e4m3fn and layer.scaled is None:
         return "an fp8 linear is read from torch._scaled_mm only (its scales and output dtype)"
-    why = why_not_runnable(layer.n, layer.k, layer.dtype, _out_dtype(layer) if layer.scaled else None)
-    if why is None and layer.scaled is not None and layer.scaled.form == "tensor":
-        why = fp8_scales_why_not(layer.n, layer.k, layer.scaled.out_dtype)  # the library says no at plan time
-    return why
+    return why_not_runnable(layer.n, layer.k, layer.dtype, _out_dtype(layer) if layer.scaled else None)
 
 
 # Calibration from the H100 (torch 2.11, cuSPARSELt 0.8, bf16, docs/benchmarks.md): with the best
@@ -708,26 +600,20 @@ def _runner(t, bias, layer, params):
 def _fp8_runner(wc, bias, layer, alg, sk):
     """fp8 (torch._scaled_mm rewritten, passes/linear_rewrite._replace_scaled_mm), kernels per call:
     the row check's reduction over x (read here as bytes: same traffic, fp8 has no eager sum);
-    form "tensor": the two scale copies into the plan's scalars and the call, scales, bias and
-    rounding in the library; form "row": the call with an fp32 output and the epilogue kernel,
+    form "row": the call with an fp32 output and the epilogue kernel,
     timed as a cast of y to out_dtype (the same bytes as Inductor's fused scale/bias/cast kernel:
     read 4, write 2 per output); form "lib16": the call with a bf16 output (the unscaled product)
     and the epilogue kernel, timed as one multiplication of y by a scalar in bf16 (read 2, write 2
     per output, as Inductor's kernel that upcasts, scales, adds the bias and rounds to bf16). The
-    timing bias (out_dtype) goes where the graph puts it: into the library only in form "tensor"
-    (the epilogue's bias and row-wise scales are N + M numbers, not counted)."""
+    bias is the epilogue's, as are the row-wise scales: N + M numbers, not counted."""
     sc, n, k = layer.scaled, layer.n, layer.k
-    dev = wc.device
-    sa = torch.ones((), device=dev, dtype=torch.float32)
-    sb = torch.ones((), device=dev, dtype=torch.float32)
+    one = torch.ones((), device=wc.device, dtype=torch.float32)
 
     def run(x):
         torch.sum(x.view(torch.uint8), dim=-1, dtype=torch.int32)
-        if sc.form == "tensor":
-            return linear(x, wc, bias, n, k, alg, sk, sc.out_dtype, scale_a=sa, scale_b=sb)
         y = linear(x, wc, None, n, k, alg, sk, sc.lib_out_dtype)
         if y.dtype == sc.out_dtype:  # "lib16": one pass in the product's dtype (a 0-dim fp32 factor keeps bf16)
-            return torch.mul(y, sa)
+            return torch.mul(y, one)
         return y.to(sc.out_dtype)
 
     return run
@@ -746,9 +632,7 @@ def _out_dtype(layer) -> Optional[torch.dtype]:
 
 def _variants(layer, t) -> list:
     x = torch.empty(layer.m or 8, layer.k, dtype=layer.dtype, device=t["wc"].device)
-    tensor_form = layer.scaled is not None and layer.scaled.form == "tensor"
-    top = (max_alg_id(t["wc"], x, layer.n, layer.k, _out_dtype(layer), _AB_SCALARS if tensor_form else _NO_SCALING)
-           if _lib() is not None else 0)
+    top = max_alg_id(t["wc"], x, layer.n, layer.k, _out_dtype(layer)) if _lib() is not None else 0
     if not top:
         top = torch.backends.cusparselt.get_max_alg_id() or 20
     return [{"alg_id": a, "split_k": 1} for a in range(top + 1)]

@@ -76,7 +76,7 @@ def _library_op(out: fx.Node) -> Optional[tuple[fx.Node, Optional[fx.Node]]]:
     found = library_op(out)
     if found is None or len(found[0].args) > 7:
         return None  # (an 8th argument: an out_dtype, int8 / fp8)
-    if any(found[0].kwargs.get(key) is not None for key in ("alpha", "scale_a", "scale_b", "activation")):
+    if any(found[0].kwargs.get(key) is not None for key in ("alpha", "activation")):
         return None
     return found
 

@@ -205,24 +205,13 @@ def _scaled_mm_arg(node: fx.Node, name: str) -> Any:
     return node.args[i] if len(node.args) > i else node.kwargs.get(name)
 
 
-# Form "tensor" (the scales through cuSPARSELt's scale modes) is OFF: on the H100 (torch 2.11,
-# cuSPARSELt 0.8.0) the library accepted the modes but returned products the scales had not been
-# applied to (tests/test_fp8.py::test_gpu_plan_path_fp8, relative error ~1e4), while the
-# dispatcher already preferred it (1.47x vs torch._scaled_mm at M=8192 N=14336 K=4096). Every fp8
-# layer takes form "lib16" (bf16 outputs) or "row" until that is understood and the GPU test passes.
-LIBRARY_SCALES = False
-
-
 def _read_scaled_mm(node: fx.Node, n: int, product: str = "bf16") -> tuple[Optional[Scaled], Optional[str]]:
     """How `_scaled_mm(x8, W8_t, scale_a, scale_b, bias, scale_result, out_dtype)` is rewritten, or
     why it is not. Read: fp32 scales per-tensor (one number) or row-wise (scale_a [M, 1],
     scale_b [1, N]), a bias vector of N, out_dtype bf16 / fp16 / fp32 (no scale_result).
 
-    Form "tensor" (LIBRARY_SCALES on, scale_a and scale_b per-tensor, and the bias, if any, in
-    out_dtype bf16/fp16): cuSPARSELt scales its fp32 accumulator by scale_a * scale_b (its scale
-    modes: one fp32 number per operand), adds the bias, rounds once. Else the library writes the
-    unscaled product and one Inductor kernel applies the scales, bias, row guard and cast after it
-    (dispatch.Scaled): form "lib16" where out_dtype is bf16 and `product` (options fp8_product) is
+    The library writes the unscaled product and one Inductor kernel applies the scales, bias, row
+    guard and cast after it (registry.Scaled): form "lib16" where out_dtype is bf16 and `product` (options fp8_product) is
     "bf16": the product in bf16 (one more rounding, at most 2^-8 of |product|; no overflow, bf16
     has fp32's exponent range); else form "row": the product in fp32 (fp16: an unscaled fp16
     product could overflow 65504; fp32: nothing to gain; or fp8_product="fp32").
@@ -247,14 +236,7 @@ def _read_scaled_mm(node: fx.Node, n: int, product: str = "bf16") -> tuple[Optio
                       f"or row-wise ([M, 1] / [1, {n}]) scales are rewritten")
     if bias is not None and not _bias_is_row(_scaled_mm_arg(node, "bias"), n):
         return None, "bias is not a vector of out_features"
-    in_library = (LIBRARY_SCALES and a_tensor and b_tensor
-                  and (bias is None or (bias.dtype == out and out != torch.float32)))
-    if in_library:
-        form = "tensor"
-    elif out == torch.bfloat16 and product == "bf16":
-        form = "lib16"
-    else:
-        form = "row"
+    form = "lib16" if out == torch.bfloat16 and product == "bf16" else "row"
     return Scaled(form, out, not a_tensor, not b_tensor), None
 
 
@@ -591,13 +573,7 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
 def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node, ...], params: dict, n: int,
                        k: int) -> fx.Node:
     """torch._scaled_mm(x8, W8_t, scale_a, scale_b, bias, None, out_dtype) -> linear_cslt and its
-    scales (docs/formats.md, "fp8"; the form comes from _read_scaled_mm). Form "tensor" (both
-    scales one number):
-
-        y = linear_cslt(x8g, wc, bias, N, K, alg, split_k, out_dtype,
-                        scale_a=scale_a, scale_b=scale_b)                          # rounded once
-
-    form "row":
+    scales (docs/formats.md, "fp8"; the form comes from _read_scaled_mm). Form "row":
 
         y32 = linear_cslt(x8, wc, None, N, K, alg, split_k, torch.float32) + g       # the fp32 accumulator
         y = convert(y32 * scale_a * scale_b + bias, out_dtype)                       # one Inductor kernel
@@ -615,10 +591,7 @@ def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node
     it with the pointwise op that consumes the linear.
 
     The non-finite row guard (e4m3 holds NaN, no Inf): g[m] = sum_k 0 * x[m, k], 0 or NaN. Forms
-    "row" and "lib16" add it to the product (in the epilogue kernel). Form "tensor" has no epilogue, so the guard goes on
-    the input: x8g = fp8(f32(x8) + g), the same values for a finite row and a whole row of NaN for a
-    row holding one (every output of it NaN, as dense has); Inductor computes the reduction and the
-    add with x8's producer (the quantization) where it can, instead of a pass over y.
+    "row" and "lib16" add it to the product (in the epilogue kernel).
     """
     node, graph, sc = site.node, site.node.graph, site.scaled
     if sc is None or spec.node_args is None:
@@ -641,18 +614,15 @@ def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node
     with graph.inserting_before(node):
         xf = call(cvt, x, torch.float32)
         g = call(aten.sum.dim_IntList, call(aten.mul.Tensor, xf, 0.0), [1], True)
-        if sc.form == "tensor":  # the scales go to the library as they are (one number each)
-            xg = call(cvt, call(aten.add.Tensor, xf, g), x.meta["val"].dtype)
-            out = call(target, xg, args[1], bias, *args[3:7], sc.out_dtype, scale_a=sa, scale_b=sb)
-        else:  # the unscaled product (fp32 or bf16: sc.lib_out_dtype), then the epilogue in fp32
-            y = call(target, *args[:7], sc.lib_out_dtype)
-            if sc.lib_out_dtype != torch.float32:
-                y = call(cvt, y, torch.float32)
-            y = call(aten.add.Tensor, y, g)
-            y = call(aten.mul.Tensor, call(aten.mul.Tensor, y, sa), sb)
-            if bias is not None:
-                y = call(aten.add.Tensor, y, bias)
-            out = call(cvt, y, sc.out_dtype)
+        # the unscaled product (fp32 or bf16: sc.lib_out_dtype), then the epilogue in fp32
+        y = call(target, *args[:7], sc.lib_out_dtype)
+        if sc.lib_out_dtype != torch.float32:
+            y = call(cvt, y, torch.float32)
+        y = call(aten.add.Tensor, y, g)
+        y = call(aten.mul.Tensor, call(aten.mul.Tensor, y, sa), sb)
+        if bias is not None:
+            y = call(aten.add.Tensor, y, bias)
+        out = call(cvt, y, sc.out_dtype)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     return out
