@@ -2,15 +2,14 @@
 
     python bench/sweep_block.py [--quick]
     python bench/sweep_block.py --compiled "bm128 w4 s2; bm64 w4 s1" --act gelu --nk 3072x768 --ms 12608 --sparsities 0.9
-    python bench/sweep_block.py --flat ...     (the sweep with flat programs too: config.split, "sp16")
 
 Times `block_linear(..., guard=False, config=cfg)` as CUDA-graph replays (do_bench medians, L2
 flushed) for the decode and prefill shapes of the bench (N=14336, K=4096, 64x64 blocks, 90% and
 80% zero), every config in the grid below, and prints per case: dense F.linear, the table's
 config, and the five fastest configs. Weights pruned like the bench (lowest-norm blocks zeroed:
-block rows hold binomially many blocks), or with --pattern uniform every block row the same number
-(the balance experiment: how much do the longest rows cost?). "dense floor" is F.linear on a dense
-weight of the same bytes (N * density rows): what streaming that much weight costs.
+block rows hold binomially many blocks). "dense floor" is F.linear on a dense weight of the same
+bytes (N * density rows): what streaming that much weight costs. --compiled times configs as the
+compiled template runs them (for CONFIGS_SHORT_ROWS: docs/benchmarks.md J2).
 """
 from __future__ import annotations
 
@@ -20,8 +19,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from sparse_inductor.bench import _bench, _graphed, header
 from sparse_inductor.formats import compress_block
@@ -29,11 +26,7 @@ from sparse_inductor.lowering import triton_block as tb
 from sparse_inductor.prune import prune_blocks_
 
 
-def grid(m: int, b: int, quick: bool, flat: bool = False):
-    if flat and m > 16:  # flat programs (one program a block row and M slice)
-        for bm, w, s, sp in itertools.product((64, 128), (4, 8), (2, 3, 5) if not quick else (2, 5), (16, 32, 64)):
-            if not (bm == 64 and w == 8):
-                yield tb.BlockLinearConfig(bm, w, s, None, sp)
+def grid(m: int, b: int, quick: bool):
     if m <= 16:
         for bn, w, s in itertools.product((16, 32, 64), (2, 4), (2, 3, 4, 5) if not quick else (3, 5)):
             yield tb.BlockLinearConfig(16, w, s, bn)
@@ -44,98 +37,14 @@ def grid(m: int, b: int, quick: bool, flat: bool = False):
             yield tb.BlockLinearConfig(bm, w, s, 64)
 
 
-def _uniform_rows(n, k, b, sparsity, dev, dt):
-    """A random weight whose every block row keeps the same number of blocks (random columns)."""
-    nb, kb = n // b, k // b
-    keep = max(1, round(kb * (1 - sparsity)))
-    cols = torch.rand(nb, kb, device=dev).argsort(dim=1)[:, :keep]
-    mask = torch.zeros(nb, kb, device=dev, dtype=torch.bool).scatter_(1, cols, True)
-    w = torch.randn(n, k, device=dev, dtype=dt)
-    return w * mask[:, None, :, None].expand(nb, b, kb, b).reshape(n, k).to(dt)
-
-
-@triton.jit
-def _segment_kernel(x_ptr, blocks_ptr, col_idx_ptr, seg_row_ptr, seg_start_ptr, seg_end_ptr, y32_ptr,
-                    M, N, K, stride_xm, stride_xk,
-                    BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr):
-    """Experiment (--split): one program per segment of at most L blocks of a block row, fp32
-    partials atomically added into y32 (zeroed before): how fast is a balanced stream?"""
-    seg = tl.program_id(0) // (B // BN)
-    sub = tl.program_id(0) % (B // BN)
-    pid_m = tl.program_id(1)
-    rb = tl.load(seg_row_ptr + seg)
-    start = tl.load(seg_start_ptr + seg)
-    end = tl.load(seg_end_ptr + seg)
-    acc = tb.block_range_acc(x_ptr, blocks_ptr, col_idx_ptr, start, end, sub, pid_m, M, K, stride_xm, stride_xk,
-                             BLOCK_M, B, BN, False, False)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = sub * BN + tl.arange(0, BN)
-    mask_m = offs_m < M
-    cols = rb * B + offs_n
-    tl.atomic_add(y32_ptr + offs_m[:, None] * N + cols[None, :], acc,
-                  mask=mask_m[:, None] & (cols[None, :] < N), sem="relaxed")
-
-
-def _segments(row_ptr, seg_len):
-    """Split every block row into segments of at most seg_len blocks; longest first."""
-    counts = (row_ptr[1:] - row_ptr[:-1]).long()
-    nseg = torch.clamp((counts + seg_len - 1) // seg_len, min=1)
-    seg_row = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), nseg)
-    first = torch.cumsum(nseg, 0) - nseg
-    j = torch.arange(seg_row.numel(), device=counts.device) - first[seg_row]
-    start = row_ptr[:-1].long()[seg_row] + j * seg_len
-    end = torch.minimum(start + seg_len, row_ptr[1:].long()[seg_row])
-    order = torch.sort(-(end - start), stable=True).indices
-    return [t[order].to(torch.int32).contiguous() for t in (seg_row, start, end)]
-
-
-def split_experiment(ms, sparsities, pattern):
-    dev, dt, n, k, b = "cuda", torch.bfloat16, 14336, 4096, 64
-    print(f"\nsplit rows into segments (atomic fp32 adds, y32 zeroed each call; pattern {pattern}):")
-    print("\n| M | zero blocks | dense F.linear | table kernel | L=1 | L=2 | L=4 | L=8 | best vs dense |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for sparsity in sparsities:
-        torch.manual_seed(0)
-        w = (prune_blocks_(torch.randn(n, k, device=dev, dtype=dt), b, sparsity) if pattern == "norm"
-             else _uniform_rows(n, k, b, sparsity, dev, dt))
-        bs = compress_block(w, b)
-        for m in ms:
-            x = torch.randn(m, k, device=dev, dtype=dt)
-            ref = F.linear(x.float(), w.float())
-            dense = _bench(_graphed(lambda: F.linear(x, w)))
-            table = _bench(_graphed(lambda: tb.block_linear(x, *bs, None, n, k, guard=False)), rep=50)
-            times = []
-            for seg_len in (1, 2, 4, 8):
-                seg = _segments(bs.row_ptr, seg_len)
-                best = float("inf")
-                for bn, warps, stages in ((64, 4, 3), (32, 4, 3), (64, 4, 2), (32, 2, 2)):
-                    y32 = torch.empty(m, n, device=dev, dtype=torch.float32)
-
-                    def run():
-                        y32.zero_()
-                        _segment_kernel[(seg[0].numel() * (b // bn), triton.cdiv(m, 16))](
-                            x, bs.blocks, bs.col_idx, *seg, y32, m, n, k, x.stride(0), x.stride(1),
-                            BLOCK_M=16, B=b, BN=bn, num_warps=warps, num_stages=stages)
-                    run()
-                    err = ((y32 - ref).abs().max() / ref.abs().max()).item()
-                    if err > 1e-2:
-                        print(f"  L={seg_len} bn={bn}: wrong result, rel err {err:.2e}", file=sys.stderr)
-                        continue
-                    best = min(best, _bench(_graphed(run), rep=50))
-                times.append(best)
-            print(f"| {m} | {sparsity:.0%} | {dense:.1f} | {table:.1f} | "
-                  + " | ".join(f"{t:.1f}" for t in times) + f" | {dense / min(times):.2f}x |", flush=True)
-
-
 def _parse_config(text: str) -> tb.BlockLinearConfig:
-    """"bm128 w4 s3" (block_n: "bn32"; flat programs in 16 M slices: "sp16") -> a BlockLinearConfig."""
+    """"bm128 w4 s3" (block_n: "bn32") -> a BlockLinearConfig."""
     f = {t.rstrip("0123456789"): int(t[len(t.rstrip("0123456789")):]) for t in text.split()}
-    return tb.BlockLinearConfig(f["bm"], f["w"], f["s"], f.get("bn"), f.get("sp"))
+    return tb.BlockLinearConfig(f["bm"], f["w"], f["s"], f.get("bn"))
 
 
 def _name(c: tb.BlockLinearConfig) -> str:
-    return f"bm{c.block_m} w{c.num_warps} s{c.num_stages}" + (f" bn{c.block_n}" if c.block_n else "") + (
-        f" sp{c.split}" if c.split else "")
+    return f"bm{c.block_m} w{c.num_warps} s{c.num_stages}" + (f" bn{c.block_n}" if c.block_n else "")
 
 
 def compiled_experiment(nks, ms, sparsities, act: str, configs: list) -> None:
@@ -192,9 +101,6 @@ def main(argv=None):
     p.add_argument("--ms", default="1,16,8192")
     p.add_argument("--sparsities", default="0.9,0.8")
     p.add_argument("--nk", default="14336x4096", help="weight shapes NxK, comma-separated (ViT-B MLP: 3072x768,768x3072)")
-    p.add_argument("--pattern", choices=("norm", "uniform"), default="norm")
-    p.add_argument("--split", action="store_true", help="the split-rows experiment instead of the sweep")
-    p.add_argument("--flat", action="store_true", help="the sweep's grid with flat programs (config.split) too")
     p.add_argument("--compiled", default=None, metavar="CONFIGS",
                    help="instead of the sweep: these configs ('bm128 w4 s2; bm64 w4 s1', ';'-separated) and the "
                         "table's, as the compiled template runs them (--act gelu: with a GELU epilogue)")
@@ -205,23 +111,15 @@ def main(argv=None):
         return compiled_experiment([tuple(int(v) for v in s.split("x")) for s in args.nk.split(",")],
                                    [int(s) for s in args.ms.split(",")], [float(s) for s in args.sparsities.split(",")],
                                    args.act, [_parse_config(t) for t in args.compiled.split(";") if t.strip()])
-    if args.split:
-        print(header())
-        return split_experiment([int(s) for s in args.ms.split(",")],
-                                [float(s) for s in args.sparsities.split(",")], args.pattern)
     print(header())
     dev, dt, b = "cuda", torch.bfloat16, 64
-    print(f"\npattern: {args.pattern}")
     print("\n| N x K | M | zero blocks | blocks per row (mean/max) | dense F.linear | dense floor | table config | table us "
           "| best configs (us) | best vs dense |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for (n, k), sparsity in itertools.product([tuple(map(int, s.split("x"))) for s in args.nk.split(",")],
                                               [float(s) for s in args.sparsities.split(",")]):
         torch.manual_seed(0)
-        if args.pattern == "norm":
-            w = prune_blocks_(torch.randn(n, k, device=dev, dtype=dt), b, sparsity)
-        else:
-            w = _uniform_rows(n, k, b, sparsity, dev, dt)
+        w = prune_blocks_(torch.randn(n, k, device=dev, dtype=dt), b, sparsity)
         bs = compress_block(w, b)
         per_row = (bs.row_ptr[1:] - bs.row_ptr[:-1]).float()
         rows = f"{per_row.mean().item():.1f}/{int(per_row.max().item())}"
@@ -232,7 +130,7 @@ def main(argv=None):
             floor = _bench(_graphed(lambda: F.linear(x, floor_w)))
             table = tb.pick_config(b, m, dt)
             results = []
-            for cfg in [table, *grid(m, b, args.quick, args.flat)]:
+            for cfg in [table, *grid(m, b, args.quick)]:
                 try:
                     t = _bench(_graphed(lambda: tb.block_linear(x, *bs, None, n, k, guard=False, config=cfg)), rep=50)
                 except Exception as e:  # e.g. out of shared memory

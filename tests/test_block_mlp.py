@@ -673,17 +673,12 @@ def test_gpu_fusion_is_timed():
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 200])
 @pytest.mark.parametrize("nonfinite", ["exact", "fast"])
-@pytest.mark.parametrize("flat", [False, True], ids=["tiles", "flat"])
-def test_gpu_hidden_units_skipped(m, nonfinite, flat, monkeypatch):
+def test_gpu_hidden_units_skipped(m, nonfinite):
     """Left apart (the default), fc1's template skips the hidden units fc2 does not read (skip_tile,
     checked against the derived check in exact mode; always under "fast") and fc2 takes the constant
-    ones as an fp32 bias: fp64's values, and in exact mode dense's NaN/Inf rows. flat: both layers'
-    templates with flat programs (config.split; slice_has_nan for the skip check)."""
-    from sparse_inductor.lowering import triton_block as tb
+    ones as an fp32 bias: fp64's values, and in exact mode dense's NaN/Inf rows."""
     from test_gpu_compile import _sources, compile_and_code, kernel_defs
 
-    if flat:
-        monkeypatch.setattr(tb, "pick_config", lambda b, m, dtype, per_row=None: tb.BlockLinearConfig(64, 4, 2, None, 2))
     model = _gpu_model()
     x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
     if m > 1 and nonfinite == "exact":
@@ -692,10 +687,9 @@ def test_gpu_hidden_units_skipped(m, nonfinite, flat, monkeypatch):
     fc1, fc2 = decisions
     assert "hidden-skip" in fc1.fused and "hidden-fold" in fc2.fused, (fc1.line(), fc2.line())
     assert_like_dense(model, x, out)
-    tem = _sources(code, "def triton_tem_fused", "flat_step(X" if flat else "block_sparse_acc(X")
+    tem = _sources(code, "def triton_tem_fused", "block_sparse_acc(X")
     assert len(tem) == 2, kernel_defs(code)
-    skip = "if p >= LIVE:" if nonfinite == "fast" else \
-        "if slice_has_nan(S, s, split, M, BLOCK_M) == 0:" if flat else "if skip_tile(S, p, LIVE, pid_m, M, BLOCK_M, True):"
+    skip = "if p >= LIVE:" if nonfinite == "fast" else "if skip_tile(S, p, LIVE, pid_m, M, BLOCK_M, True):"
     assert sum(skip in t for t in tem) == 1, kernel_defs(code)
 
 

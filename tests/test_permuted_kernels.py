@@ -21,7 +21,7 @@ from sparse_inductor.lowering.triton_24 import sp24_linear
 from sparse_inductor.lowering.triton_block import BlockLinearConfig, block_linear
 from sm90 import compile_rows
 from test_triton_24 import GEMV_WIDE, GEMV_WORDS, SMALL, TOL as TOL_24, make as make_24, rel_err
-from test_triton_block import (DEV, FLAT, MIXED, _template_kernel, assert_matches, make_bias, make_weight, make_x,
+from test_triton_block import (DEV, MIXED, _template_kernel, assert_matches, make_bias, make_weight, make_x,
                                random_block_map, reference)
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
@@ -53,8 +53,7 @@ def idx(t):
 
 _BLOCK_CASES = [pytest.param(16, torch.float16, perm, config, id=f"b16-fp16-{perm}-{cid}")
                 for perm, config, cid in (("k", None, "tiles"), ("n", None, "tiles"), ("both", None, "tiles"),
-                                          ("both", BlockLinearConfig(16, 2, 2, 16), "bn16"), ("k", FLAT[1], "flat"),
-                                          ("both", FLAT[1], "flat"))]
+                                          ("both", BlockLinearConfig(16, 2, 2, 16), "bn16"))]
 _BLOCK_CASES.append(pytest.param(32, torch.float32, "both", None, id="b32-fp32-both-tiles"))
 
 
@@ -126,9 +125,8 @@ def test_block_index_errors():
 # block: the Inductor template's body
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flat,perm_k,perm_n", [(False, True, True), (True, True, True), (False, True, False),
-                                                (True, False, True)], ids=["tiles", "flat", "tiles-k", "flat-n"])
-def test_block_template_body_permuted(tmp_path, flat, perm_k, perm_n):
+@pytest.mark.parametrize("perm_k,perm_n", [(True, True), (True, False), (False, True)], ids=["both", "k", "n"])
+def test_block_template_body_permuted(tmp_path, perm_k, perm_n):
     """The template's body with X_INDEX / OUT_INDEX under the interpreter (its store is at the
     permuted columns idx_n, as Inductor's store_output with its epilogue would be): what the eager
     launcher writes, bit for bit, with a NaN and an Inf in x."""
@@ -140,16 +138,15 @@ def test_block_template_body_permuted(tmp_path, flat, perm_k, perm_n):
     x = make_x(m, k, dtype)
     x[3, 5], x[50, k - 1] = math.nan, math.inf
     fmt = compress_block(wp, b)
-    cfg = FLAT[1] if flat else BlockLinearConfig(16, 4, 2)
+    cfg = BlockLinearConfig(16, 4, 2)
     want = block_linear(x, *fmt, None, n, k, config=cfg, x_index=xi, out_index=oi)
     got = torch.full((m, n), math.nan, dtype=dtype, device=DEV)
-    kernel = _template_kernel(tmp_path, True, "", flat, perm_k, perm_n)
-    split = min(cfg.split, math.ceil(m / cfg.block_m)) if flat else 1
-    grid = (fmt.row_order.numel(), split if flat else math.ceil(m / cfg.block_m))
+    kernel = _template_kernel(tmp_path, True, "", perm_k, perm_n)
+    grid = (fmt.row_order.numel(), math.ceil(m / cfg.block_m))
     dummy = fmt.row_ptr
     kernel[grid](x, fmt.blocks, fmt.row_ptr, fmt.col_idx, fmt.row_order, tb.nonfinite_rows(x), dummy,
                  xi if perm_k else dummy, oi if perm_n else dummy, got, m, n, k, x.stride(0), x.stride(1),
-                 BLOCK_M=cfg.block_m, B=b, BN=b, SPLIT=split, LIVE=fmt.row_order.numel(), ALLOW_TF32=False,
+                 BLOCK_M=cfg.block_m, B=b, BN=b, LIVE=fmt.row_order.numel(), ALLOW_TF32=False,
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
 
@@ -157,13 +154,12 @@ def test_block_template_body_permuted(tmp_path, flat, perm_k, perm_n):
 def test_block_template_sources():
     """The permuted bodies take their index inputs and pass them on; the plain body is unchanged
     by them (no out_columns call, no index input)."""
-    plain = tb._template_body(True, "", False)
+    plain = tb._template_body(True, "")
     assert "X_INDEX" not in plain and "OUT_INDEX" not in plain and "out_columns" not in plain
-    for flat in (False, True):
-        body = tb._template_body(True, "checked", flat, True, True)
-        assert '"X_INDEX", "OUT_INDEX")}}' in body
-        assert body.count("X_INDEX, True") == 2  # the reduction and the non-finite fixup
-        assert "out_columns(OUT_INDEX" in body
+    body = tb._template_body(True, "checked", True, True)
+    assert '"X_INDEX", "OUT_INDEX")}}' in body
+    assert body.count("X_INDEX, True") == 2  # the reduction and the non-finite fixup
+    assert "out_columns(OUT_INDEX" in body
     assert tb.out_columns in tb.DEVICE_FUNCTIONS
 
 
@@ -249,7 +245,7 @@ for (b, bucket) in [(64, 16), (64, 256), (128, 256)]:
     sig.update({n: "*bf16" for n in ("x_ptr", "blocks_ptr", "bias_ptr", "y_ptr")})
     sig.update({n: "*i32" for n in ("row_ptr_ptr", "col_idx_ptr", "row_order_ptr", "xidx_ptr", "oidx_ptr")})
     sig.update({"g_ptr": "*fp32"}, **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_ym")})
-    consts = dict(stride_xk=1, stride_yn=1, BLOCK_M=cfg.block_m, B=b, BN=cfg.block_n or b, SPLIT=0, HAS_BIAS=True,
+    consts = dict(stride_xk=1, stride_yn=1, BLOCK_M=cfg.block_m, B=b, BN=cfg.block_n or b, HAS_BIAS=True,
                   HAS_GUARD=True, ALLOW_TF32=False, DOT_FP32=False, PERM_K=True, PERM_N=True)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t != "constexpr" and n != "M"}
     c = triton.compile(ASTSource(k, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),

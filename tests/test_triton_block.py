@@ -188,27 +188,13 @@ def test_strided_x():
         assert_matches(run(x, w, bias, b, allow_tf32=False), reference(x, w, bias), dtype)
 
 
-def flat_split(fmt, row, split):
-    """The slices flat programs cut block row `row` into (flat_row): SPLIT in proportion to its
-    steps (nonzero blocks, at least 1) against row_order[0]'s."""
-    nnz = (fmt.row_ptr[1:] - fmt.row_ptr[:-1]).tolist()
-    steps, longest = max(nnz[row], 1), max(nnz[int(fmt.row_order[0])], nnz[row], 1)
-    return min(max(-(-split * steps // longest), 1), split)
-
-
-# flat programs (split): one slice (split 1) holds every tile; with SPLIT 3, MIXED's rows (4, 0, 2, 1
-# blocks) are cut into 3, 1, 2 and 1 slices (flat_split): at M = 70 (five 16-row tiles) the longest
-# row's slices hold two, two and one tile
-FLAT = [BlockLinearConfig(16, 4, 2, None, 1), BlockLinearConfig(16, 4, 3, None, 3), BlockLinearConfig(32, 4, 2, None, 2)]
-
-
 def _config_id(c):
-    return f"bm{c.block_m}" + (f"bn{c.block_n}" if c.block_n else "") + (f"split{c.split}" if c.split else "")
+    return f"bm{c.block_m}" + (f"bn{c.block_n}" if c.block_n else "")
 
 
 @pytest.mark.parametrize("config", [BlockLinearConfig(16, 4, 2), BlockLinearConfig(32, 4, 3),
                                     BlockLinearConfig(64, 4, 3), BlockLinearConfig(16, 2, 2, 16),
-                                    BlockLinearConfig(32, 4, 3, 16), *FLAT], ids=_config_id)
+                                    BlockLinearConfig(32, 4, 3, 16)], ids=_config_id)
 @pytest.mark.parametrize("m", [3, 33, 70])
 def test_explicit_configs(config, m):
     b, dtype = 32, torch.float16
@@ -252,8 +238,7 @@ def test_short_rows_config_runs():
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("b", [16, 32])  # 32: nan_where_skipped reads a skipped block 16 columns a step
-@pytest.mark.parametrize("config", [None, FLAT[1]], ids=["tiles", "flat"])
-def test_nonfinite_x(dtype, b, config):
+def test_nonfinite_x(dtype, b):
     m = 5
     n, k = 4 * b - 5, 4 * b - 3
     w = make_weight(n, k, b, MIXED, dtype)
@@ -263,9 +248,9 @@ def test_nonfinite_x(dtype, b, config):
     x[3, k - 1] = -math.inf  # ragged last block column: rows 0 and 2
     ref = reference(x, w, bias, elementwise=True)
     assert (~torch.isfinite(ref[[0, 2, 3]])).all() and torch.isfinite(ref[[1, 4]]).all()
-    assert_matches(run(x, w, bias, b, allow_tf32=False, config=config), ref, dtype)
+    assert_matches(run(x, w, bias, b, allow_tf32=False), ref, dtype)
     # without the guard, rows 0, 2, 3 stay finite in the block rows that skip those columns
-    y = run(x, w, bias, b, guard=False, allow_tf32=False, config=config)
+    y = run(x, w, bias, b, guard=False, allow_tf32=False)
     assert torch.isfinite(y[0, b:]).all() and torch.isfinite(y[2, b:2 * b]).all()
     assert not torch.isfinite(y[0, :b]).any()
 
@@ -286,61 +271,9 @@ def test_nonfinite_w(dtype):
     assert_matches(run(x, w, bias, b, allow_tf32=False), ref, dtype)
 
 
-@pytest.mark.parametrize("live", [0, 1, 3])
-def test_flat_skip_always_launches_live_rows(live):
-    """Flat programs under skip "always" are launched for the live rows only (at least one program):
-    those rows are y, the others stay unwritten."""
-    b, m, dtype = 16, 40, torch.float16
-    n, k = 4 * b - 5, 4 * b - 3
-    w = make_weight(n, k, b, MIXED, dtype)
-    x, bias = make_x(m, k, dtype), make_bias(n, dtype)
-    fmt = compress_block(w, b)
-    out = torch.full((m, n), math.nan, dtype=dtype, device=DEV)
-    block_linear(x, *fmt, bias, n, k, config=FLAT[1], live=live, out=out, allow_tf32=False)
-    ref = reference(x, w, bias)
-    for i, r in enumerate(fmt.row_order.tolist()):
-        cols = slice(r * b, min(n, (r + 1) * b))
-        if i < live:
-            assert_matches(out[:, cols], ref[:, cols], dtype)
-        else:
-            assert out[:, cols].isnan().all()
-
-
-@pytest.mark.parametrize("split", [1, 3, 7])
-def test_flat_any_row_order(split):
-    """Flat programs cut a row into slices by its blocks against row_order[0]'s (a balance hint):
-    with the order reversed (the emptiest row first), every tile is still computed, once."""
-    b, m, dtype = 16, 150, torch.float32
-    n, k = 4 * b - 5, 4 * b - 3
-    w = make_weight(n, k, b, MIXED, dtype)
-    x, bias = make_x(m, k, dtype), make_bias(n, dtype)
-    blocks, row_ptr, col_idx, row_order = compress_block(w, b)
-    for order in (row_order, row_order.flip(0).contiguous()):
-        y = block_linear(x, blocks, row_ptr, col_idx, order, bias, n, k, allow_tf32=False,
-                         config=BlockLinearConfig(16, 4, 2, None, split))
-        assert_matches(y, reference(x, w, bias), dtype)
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
-def test_flat_nonfinite_only_in_its_slice(dtype):
-    """Flat programs: dense's NaN/Inf pattern where a NaN sits in one slice and an Inf (in the
-    ragged last block column) in another; each tile's epilogue fixes only its own rows."""
-    b, m, config = 16, 70, FLAT[1]  # 5 tiles of 16 rows; block row 0 in 3 slices: tiles 0, 3 / 1, 4 / 2
-    n, k = 4 * b - 5, 4 * b - 3
-    w = make_weight(n, k, b, MIXED, dtype)
-    x, bias = make_x(m, k, dtype), make_bias(n, dtype)
-    x[50, 5] = math.nan  # tile 3 (block row 0: slice 0)
-    x[69, k - 1] = -math.inf  # tile 4 (block row 0: slice 1)
-    ref = reference(x, w, bias, elementwise=True)
-    assert_matches(run(x, w, bias, b, config=config, allow_tf32=False), ref, dtype)
-
-
-@pytest.mark.parametrize("config", [None, FLAT[1], FLAT[2]], ids=["tiles", "flat3", "flat2"])
-def test_skipped_rows(config):
+def test_skipped_rows():
     """live / skip_check: the tiles of block rows row_order[live:] stay unwritten, except where
-    skip_check flags a row: the one-tile programs compute that tile, flat ones their whole slice
-    (the row's split: flat_split). Everything written is y."""
+    skip_check flags a row: the program computes that tile. Everything written is y."""
     b, m, dtype = 16, 70, torch.float16
     n, k = 4 * b - 5, 4 * b - 3
     w = make_weight(n, k, b, MIXED, dtype)
@@ -348,29 +281,27 @@ def test_skipped_rows(config):
     fmt = compress_block(w, b)
     dead = fmt.row_order[2:].tolist()  # block rows 3 and 1 (one block, none)
     ref = reference(x, w, bias)
-    bm = (config or tb.pick_config(b, m, dtype)).block_m
+    bm = tb.pick_config(b, m, dtype).block_m
     live_cols = [c for c in range(n) if c // b not in dead]
     for flagged in (None, 40):
         check = torch.zeros(m, dtype=torch.float32, device=DEV)
         if flagged is not None:
             check[flagged] = math.nan
         out = torch.full((m, n), math.nan, dtype=dtype, device=DEV)
-        block_linear(x, *fmt, bias, n, k, config=config, live=2, skip_check=check, out=out, allow_tf32=False)
+        block_linear(x, *fmt, bias, n, k, live=2, skip_check=check, out=out, allow_tf32=False)
         assert_matches(out[:, live_cols], ref[:, live_cols], dtype)
         for r in dead:
             cols = slice(r * b, min(n, (r + 1) * b))
             written = torch.zeros(m, dtype=torch.bool, device=DEV)
             if flagged is not None:
                 tile = flagged // bm
-                split = flat_split(fmt, r, config.split) if config and config.split else None
-                for t in range(tile % split, math.ceil(m / bm), split) if split else [tile]:
-                    written[t * bm:(t + 1) * bm] = True
+                written[tile * bm:(tile + 1) * bm] = True
             assert out[~written, cols].isnan().all()
             if written.any():
                 assert_matches(out[written, cols], ref[written, cols], dtype)
 
 
-def _template_module(tmp_path, guard, skip, flat, perm_k=False, perm_n=False):
+def _template_module(tmp_path, guard, skip, perm_k=False, perm_n=False):
     """The Inductor template's source (device functions and body) as a module with a plain
     @triton.jit kernel, template_kernel: Inductor's markup replaced by arguments and a tl.store of acc
     (no epilogue), so the interpreter runs the body Inductor would render. Returns its path.
@@ -379,11 +310,11 @@ def _template_module(tmp_path, guard, skip, flat, perm_k=False, perm_n=False):
 
     from sparse_inductor.lowering.template import template_source
 
-    body = tb._template_body(guard, skip, flat, perm_k, perm_n)
+    body = tb._template_body(guard, skip, perm_k, perm_n)
     body = re.sub(r"\{\{def_kernel\(.*?\)\}\}",
                   "@triton.jit\ndef template_kernel(X, BLOCKS, ROW_PTR, COL_IDX, ROW_ORDER, G, S, X_INDEX, OUT_INDEX, Y, M_, N_, K_, "
                   "SXM, SXK, "
-                  "BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, LIVE: tl.constexpr, "
+                  "BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr, LIVE: tl.constexpr, "
                   "ALLOW_TF32: tl.constexpr):", body)
     for markup, arg in (('size("X", 0)', "M_"), ('size("X", 1)', "K_"), ("size(None, 1)", "N_"),
                         ('stride("X", 0)', "SXM"), ('stride("X", 1)', "SXK")):
@@ -391,14 +322,14 @@ def _template_module(tmp_path, guard, skip, flat, perm_k=False, perm_n=False):
     body = re.sub(r"^( *)\{\{store_output\(.*\}\}$",
                   r"\1tl.store(Y + idx_m.to(tl.int64) * N + idx_n, acc.to(Y.dtype.element_ty), mask=mask)", body, flags=re.M)
     assert "{{" not in body
-    path = tmp_path / f"tem_{int(guard)}_{skip or 'none'}_{int(flat)}_{int(perm_k)}{int(perm_n)}.py"
+    path = tmp_path / f"tem_{int(guard)}_{skip or 'none'}_{int(perm_k)}{int(perm_n)}.py"
     path.write_text(template_source(tb.DEVICE_FUNCTIONS, body))
     return path
 
 
-def _template_kernel(tmp_path, guard, skip, flat, perm_k=False, perm_n=False):
+def _template_kernel(tmp_path, guard, skip, perm_k=False, perm_n=False):
     """_template_module's kernel, imported."""
-    path = _template_module(tmp_path, guard, skip, flat, perm_k, perm_n)
+    path = _template_module(tmp_path, guard, skip, perm_k, perm_n)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -406,10 +337,9 @@ def _template_kernel(tmp_path, guard, skip, flat, perm_k=False, perm_n=False):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
-@pytest.mark.parametrize("flat", [False, True], ids=["tiles", "flat"])
 @pytest.mark.parametrize("skip", ["", "always", "checked"])
 @pytest.mark.parametrize("guard", [True, False], ids=["guard", "noguard"])
-def test_template_body_runs(tmp_path, guard, skip, flat):
+def test_template_body_runs(tmp_path, guard, skip):
     """Each variant of the template's body (the Inductor markup replaced, see _template_kernel) under
     the interpreter writes what the eager launcher writes, bit for bit, with a NaN and an Inf in x
     and, with skip, block rows row_order[2:] skippable (the skip check flags row 40)."""
@@ -419,7 +349,7 @@ def test_template_body_runs(tmp_path, guard, skip, flat):
     x = make_x(m, k, dtype)
     x[3, 5], x[50, k - 1] = math.nan, math.inf
     fmt = compress_block(w, b)
-    cfg = FLAT[1] if flat else BlockLinearConfig(16, 4, 2)
+    cfg = BlockLinearConfig(16, 4, 2)
     g = tb.nonfinite_rows(x)
     check = torch.zeros(m, dtype=torch.float32, device=DEV)
     check[40] = math.nan
@@ -428,45 +358,15 @@ def test_template_body_runs(tmp_path, guard, skip, flat):
     want = torch.full((m, n), math.nan, dtype=dtype, device=DEV)
     block_linear(x, *fmt, None, n, k, guard=guard, config=cfg, out=want, **kw)
     got = torch.full((m, n), math.nan, dtype=dtype, device=DEV)
-    kernel = _template_kernel(tmp_path, guard, skip, flat)
-    split = min(cfg.split, math.ceil(m / cfg.block_m)) if flat else 1
-    grid = (fmt.row_order.numel(), split) if flat else (fmt.row_order.numel(), math.ceil(m / cfg.block_m))
+    kernel = _template_kernel(tmp_path, guard, skip)
+    grid = (fmt.row_order.numel(), math.ceil(m / cfg.block_m))
     kernel[grid](x, fmt.blocks, fmt.row_ptr, fmt.col_idx, fmt.row_order, g, check, fmt.row_ptr, fmt.row_ptr, got, m, n, k,
                  x.stride(0), x.stride(1),
-                 BLOCK_M=cfg.block_m, B=b, BN=b, SPLIT=split, LIVE=live or fmt.row_order.numel(), ALLOW_TF32=False,
+                 BLOCK_M=cfg.block_m, B=b, BN=b, LIVE=live or fmt.row_order.numel(), ALLOW_TF32=False,
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
     if guard and not skip:
         assert_matches(got, reference(x, w, None, elementwise=True), dtype)
-
-
-@pytest.mark.parametrize("perm", [False, True], ids=["plain", "permuted"])
-def test_flat_template_body_compiles_for_sm90(tmp_path, perm):
-    """The flat template's body (as _template_kernel renders it), guard and skip check included,
-    compiles for sm_90a with its step loop multi-buffered; perm: a permuted weight's body (x read
-    at X_INDEX, the output at OUT_INDEX)."""
-    path = _template_module(tmp_path, True, "checked", True, perm, perm)
-    body = f"""
-import importlib.util
-spec = importlib.util.spec_from_file_location("tem", {str(path)!r})
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
-kernel = mod.template_kernel
-names = kernel.arg_names
-sig = {{n: "constexpr" for n in names}}
-sig.update({{n: "*bf16" for n in ("X", "BLOCKS", "Y")}}, **{{n: "*i32" for n in ("ROW_PTR", "COL_IDX", "ROW_ORDER")}})
-sig.update({{"G": "*fp32", "S": "*fp32"}}, **{{n: "i32" for n in ("M_", "N_", "K_", "SXM")}})
-if {perm}:
-    sig.update(X_INDEX="*i32", OUT_INDEX="*i32")
-consts = dict(SXK=1, BLOCK_M=64, B=64, BN=64, SPLIT=16, LIVE=20, ALLOW_TF32=False)
-attrs = {{(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t != "constexpr" and n != "M_"}}
-c = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=4, num_stages=3))
-bufs = [int(n) for n in re.findall(r"memdesc<(\\d+)x\\d+x\\d+xbf16", c.asm["ttgir"])]
-print(json.dumps(dict(shared=c.metadata.shared, buffers=min(bufs, default=0))))
-"""
-    (row,) = compile_rows(body, tmp_path / "cache")
-    assert row["buffers"] >= 2 and row["shared"] <= 227 * 1024, row
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -569,7 +469,7 @@ for tname, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         sig.update({n: "*" + tname for n in ("x_ptr", "blocks_ptr", "bias_ptr", "y_ptr")})
         sig.update({n: "*i32" for n in ("row_ptr_ptr", "col_idx_ptr", "row_order_ptr")})
         sig.update({"g_ptr": "*fp32"}, **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_ym")})
-        consts = dict(stride_xk=1, stride_yn=1, BLOCK_M=cfg.block_m, B=b, BN=cfg.block_n or b, SPLIT=0, HAS_BIAS=True,
+        consts = dict(stride_xk=1, stride_yn=1, BLOCK_M=cfg.block_m, B=b, BN=cfg.block_n or b, HAS_BIAS=True,
                       HAS_GUARD=True, ALLOW_TF32=tname == "fp32", DOT_FP32=False)
         aligned = [n for n, t in sig.items() if t != "constexpr" and n != "M"]
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
@@ -578,37 +478,15 @@ for tname, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         bufs = [int(n) for n in re.findall(r"memdesc<(\d+)x\d+x\d+x" + tname, c.asm["ttgir"])]
         print(json.dumps(dict(dtype=tname, table=table, b=b, bucket=bucket, cfg=list(cfg), shared=c.metadata.shared,
                               buffers=min(bufs, default=0))))
-# flat programs (config.split): the step loop, with the epilogue (and the guard's loop) inside it, is
-# multi-buffered too
-for tname in ("bf16", "fp32"):
-    for cfg in FLAT_SM90:
-        for guard in (True, False):
-            cfg = tb._fit_stages(cfg, 64, 2 if tname == "bf16" else 4)
-            sig = {n: "constexpr" for n in names}
-            sig.update({n: "*" + tname for n in ("x_ptr", "blocks_ptr", "bias_ptr", "y_ptr")})
-            sig.update({n: "*i32" for n in ("row_ptr_ptr", "col_idx_ptr", "row_order_ptr")})
-            sig.update({"g_ptr": "*fp32", "s_ptr": "*fp32"},
-                       **{n: "i32" for n in ("M", "N", "K", "live", "stride_xm", "stride_ym")})
-            consts = dict(stride_xk=1, stride_yn=1, BLOCK_M=cfg.block_m, B=64, BN=64, SPLIT=cfg.split, HAS_BIAS=True,
-                          HAS_GUARD=guard, SKIP=True, SKIP_CHECKED=True, ALLOW_TF32=tname == "fp32", DOT_FP32=False)
-            aligned = [n for n, t in sig.items() if t != "constexpr" and n not in ("M", "live")]
-            attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-            c = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-            bufs = [int(n) for n in re.findall(r"memdesc<(\d+)x\d+x\d+x" + tname, c.asm["ttgir"])]
-            print(json.dumps(dict(dtype=tname, table="flat", guard=guard, cfg=list(cfg), shared=c.metadata.shared,
-                                  buffers=min(bufs, default=0))))
 """
-# flat configs compiled for sm_90a (none is in the tables until timed on a GPU)
-_FLAT_SM90 = "[tb.BlockLinearConfig(64, 4, 2, None, 16), tb.BlockLinearConfig(128, 8, 3, None, 16)]"
 
 
 def test_table_configs_compile_for_sm90(tmp_path):
-    rows = compile_rows(_SM90_COMPILE.replace("FLAT_SM90", _FLAT_SM90), tmp_path)
-    assert len(rows) == 2 * (len(tb.CONFIGS) + len(tb.CONFIGS_SHORT_ROWS)) + 2 * 2 * 2
+    rows = compile_rows(_SM90_COMPILE, tmp_path)
+    assert len(rows) == 2 * (len(tb.CONFIGS) + len(tb.CONFIGS_SHORT_ROWS))
     for r in rows:
         assert r["shared"] <= 227 * 1024, r  # the H100's shared memory per block (opt-in)
-        if r["dtype"] == "bf16" and r["table"] in ("table", "flat"):
+        if r["dtype"] == "bf16" and r["table"] == "table":
             assert r["buffers"] >= 2, r  # the block loop is software-pipelined (prefetch >= 1)
 
 
@@ -624,14 +502,12 @@ def random_block_map(nb, kb, density, seed=3):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("m", [1, 16, 128, 8192])
-@pytest.mark.parametrize("config", [None, BlockLinearConfig(64, 4, 2, None, 16), BlockLinearConfig(128, 8, 3, None, 8)],
-                         ids=["table", "flat64", "flat128"])
-def test_gpu_llama_mlp_shape(dtype, m, config):
-    # the up/gate projection of an 8B-class model, 90% of its 64x64 blocks zero; flat programs too
+def test_gpu_llama_mlp_shape(dtype, m):
+    # the up/gate projection of an 8B-class model, 90% of its 64x64 blocks zero
     b, n, k = 64, 14336, 4096
     w = make_weight(n, k, b, random_block_map(n // b, k // b, 0.1), dtype)
     x, bias = make_x(m, k, dtype), make_bias(n, dtype)
-    assert_matches(run(x, w, bias, b, config=config), reference(x, w, bias), dtype)
+    assert_matches(run(x, w, bias, b), reference(x, w, bias), dtype)
 
 
 @pytest.mark.gpu
@@ -656,8 +532,7 @@ def test_gpu_tf32():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [None, BlockLinearConfig(64, 4, 2, None, 4)], ids=["table", "flat"])
-def test_gpu_nonfinite(config):
+def test_gpu_nonfinite():
     b, n, k, m, dtype = 64, 1024, 1024, 300, torch.bfloat16
     w = make_weight(n, k, b, random_block_map(n // b, k // b, 0.1), dtype)
     w[5, 100] = math.nan
@@ -665,4 +540,4 @@ def test_gpu_nonfinite(config):
     x[3, 17] = math.inf
     x[40, 900] = math.nan
     x[299, 1023] = -math.inf  # the ragged last M tile
-    assert_matches(run(x, w, bias, b, config=config), reference(x, w, bias, elementwise=True), dtype)
+    assert_matches(run(x, w, bias, b), reference(x, w, bias, elementwise=True), dtype)

@@ -195,7 +195,7 @@ class MlpConfig(NamedTuple):
     num_stages: int
 
 
-# A guess until swept (bench/sweep_block_mlp.py): the block template's short-rows choice for fc1
+# A guess, not swept: the block template's short-rows choice for fc1
 # (BLOCK_M 64, 4 warps, 1 stage: each hidden tile is one or two steps of W1, and the activation is
 # much of the work); BLOCK_M 16 / 32 at decode sizes.
 CONFIGS: dict[int, MlpConfig] = {16: MlpConfig(16, 4, 1), 32: MlpConfig(32, 4, 1), 64: MlpConfig(64, 4, 1),

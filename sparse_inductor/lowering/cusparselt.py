@@ -438,8 +438,7 @@ def activation_matches(library: str, graph_fn, name: str, dtype: torch.dtype, de
     `name`, an fp32 function) on every finite value of the 16-bit dtype to within one unit in the
     last place, and on NaN, +-Inf and +-max with the same NaN / Inf positions; else why not (words).
     Measured once per (device, dtype, library, name) through the library's plan (_apply) with the
-    identity as W (a valid 2:4 weight), so y = act(x) exactly: bench/cslt_activation_probe.py prints
-    the same comparison in full."""
+    identity as W (a valid 2:4 weight), so y = act(x) exactly."""
     from ..passes.fuse_mlp import _same
 
     dev = torch.device(device)

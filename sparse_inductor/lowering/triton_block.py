@@ -25,13 +25,6 @@ Design.
   time-first scheduling). Guess until measured on the H100: with several M tiles the long rows of
   tile 1 start after the short rows of tile 0; the alternative order (M tile fastest) trades that
   for worse L2 reuse of the x tile across block rows.
-- Flat programs (config.split: _block_linear_kernel's SPLIT, the "_flat" templates): one program
-  per (block row, M slice s); it walks the M tiles s, s + split, ... of its row (split <= SPLIT, in
-  proportion to the row's blocks, so that long and short rows' programs take about as long) as one loop of
-  (tile, block) steps with the epilogue in the branch that ends a tile, so that the pipeliner
-  loads the next tile's x behind this tile's epilogue. Meant for short block rows at large M
-  (ViT-B's fc1 at 90%: 1.2 blocks a row, where a one-tile program is mostly prologue, latency
-  and epilogue). No table entry uses it until it is timed on a GPU (docs/benchmarks.md).
 - fp32 accumulate always. fp16/bf16 go to tl.dot directly; fp32 uses tl.dot with ALLOW_TF32
   choosing "tf32" or "ieee". Under the Triton interpreter (CPU), bf16 tl.dot is garbage
   (DESIGN-NOTES, "Triton on the CPU"), so DOT_FP32 upcasts both tiles to fp32 first.
@@ -257,67 +250,6 @@ def skip_tile(s_ptr, p, live, pid_m, M, BLOCK_M: tl.constexpr, CHECKED: tl.const
 
 
 @triton.jit
-def slice_has_nan(v_ptr, s, split, M, BLOCK_M: tl.constexpr):
-    """1 if v [M] (0 or NaN a row: a row check g, or a skip check) holds a NaN in the rows of the M
-    tiles s, s + split, s + 2 split, ... (a flat program's slice), else 0. Reads 16 tiles a step."""
-    TCH: tl.constexpr = 16
-    n_tiles = tl.cdiv(tl.maximum(M - s * BLOCK_M, 0), split * BLOCK_M)
-    offs_t = tl.arange(0, TCH)
-    offs_r = tl.arange(0, BLOCK_M)
-    total = tl.zeros((TCH, BLOCK_M), dtype=tl.float32)
-    for c0 in range(0, n_tiles, TCH):
-        rows = (s + (c0 + offs_t) * split)[:, None] * BLOCK_M + offs_r[None, :]
-        total += tl.load(v_ptr + rows, mask=(rows < M) & ((c0 + offs_t) < n_tiles)[:, None], other=0.0)
-    v = tl.sum(tl.sum(total, axis=1), axis=0)
-    return (v != v).to(tl.int32)
-
-
-@triton.jit
-def flat_row(row_ptr_ptr, row_order_ptr, rb, s, M, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):
-    """A flat program's plan for block row rb and M slice s: (start, nnz, steps, total, split).
-    The row's blocks are start .. start + nnz - 1; each M tile takes steps = max(nnz, 1) loop steps
-    (an empty row still writes its tiles). The row is cut into split <= SPLIT slices in proportion
-    to its steps against the first row of row_order's (the longest: compress_block's order, and
-    fuse_mlp's keeps it first), so that every program walks about as many steps; slice s holds the
-    tiles s, s + split, ... below M (total = steps * their count; 0 for s >= split). The order is a
-    balance hint only: any row_order covers every tile."""
-    start = tl.load(row_ptr_ptr + rb)
-    nnz = tl.load(row_ptr_ptr + rb + 1) - start
-    steps = tl.maximum(nnz, 1)
-    r0 = tl.load(row_order_ptr)
-    longest = tl.maximum(tl.load(row_ptr_ptr + r0 + 1) - tl.load(row_ptr_ptr + r0), steps)
-    split = tl.minimum(tl.maximum(tl.cdiv(SPLIT * steps, longest), 1), SPLIT)
-    total = tl.where(s < split, tl.cdiv(tl.maximum(M - s * BLOCK_M, 0), split * BLOCK_M) * steps, 0)
-    return start, nnz, steps, total, split
-
-
-@triton.jit
-def flat_step(x_ptr, blocks_ptr, col_idx_ptr, acc, start, nnz, kk, t, M, K, stride_xm, stride_xk,
-              BLOCK_M: tl.constexpr, B: tl.constexpr, ALLOW_TF32: tl.constexpr, DOT_FP32: tl.constexpr,
-              xidx_ptr=None, PERM_K: tl.constexpr = False):
-    """One step of a flat program: acc += x[M tile t, the columns of block kk of the row] @ that
-    block^T (nothing where kk >= nnz: an empty row's one step). The block column is loaded here, by
-    an address that depends only on the loop counters, so the pipeliner can issue it (and the x tile
-    behind it) stages ahead; carrying it from the step before (as block_range_acc does) made Triton
-    3.7's pipeliner give up on this loop (sm_90a TTGIR: no multi-buffering) or assert. PERM_K: x's
-    columns gathered at xidx (block_range_acc)."""
-    has = kk < nnz
-    c = tl.load(col_idx_ptr + start + kk, mask=has, other=0)
-    offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_b = tl.arange(0, B)
-    offs_k = c * B + offs_b
-    if PERM_K:
-        kx = tl.load(xidx_ptr + offs_k, mask=(offs_k < K) & has, other=0)
-    else:
-        kx = offs_k
-    a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + kx[None, :] * stride_xk,
-                mask=(offs_m[:, None] < M) & (offs_k[None, :] < K) & has, other=0.0)
-    w_ptrs = blocks_ptr + (start + kk).to(tl.int64) * (B * B) + (offs_b[:, None] + offs_b[None, :] * B)
-    w = tl.load(w_ptrs, mask=has, other=0).to(a.dtype)  # int8 blocks (weight-only): their integers
-    return block_dot(a, w, acc, ALLOW_TF32, DOT_FP32)
-
-
-@triton.jit
 def out_columns(oidx_ptr, offs_n, N, PERM_N: tl.constexpr):
     """The columns of y a tile writes: offs_n, or with PERM_N (a permuted weight, formats/permute.py)
     the permuted weight's rows mapped to y's columns, oidx[offs_n]; N for the padding rows past N,
@@ -330,7 +262,7 @@ def out_columns(oidx_ptr, offs_n, N, PERM_N: tl.constexpr):
 
 # Every @triton.jit function the template must embed, in definition order.
 DEVICE_FUNCTIONS = (block_dot, block_range_acc, block_sparse_acc, row_check_tile, nan_where_skipped, skip_tile,
-                    slice_has_nan, flat_row, flat_step, out_columns)
+                    out_columns)
 
 
 def device_source() -> str:
@@ -353,87 +285,37 @@ def _block_linear_kernel(
     # strides
     stride_xm, stride_xk, stride_ym, stride_yn,
     # meta-parameters
-    BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, B: tl.constexpr, BN: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GUARD: tl.constexpr, SKIP: tl.constexpr, SKIP_CHECKED: tl.constexpr,
     ALLOW_TF32: tl.constexpr, DOT_FP32: tl.constexpr, PERM_K: tl.constexpr = False, PERM_N: tl.constexpr = False,
 ):
     """y[M, N] = x[M, K] @ W^T (+ bias[N]); with HAS_GUARD, NaN where a non-finite x meets a skipped
-    (all-zero) block, as in dense; with SKIP, the tiles skip_tile allows are left unwritten.
+    (all-zero) block, as in dense; with SKIP, the tiles skip_tile allows are left unwritten. One
+    [BLOCK_M, BN] tile a program.
     A permuted weight (the blocks are of W[rows][:, cols], formats/permute.py): PERM_K reads x at
-    xidx = cols, PERM_N writes the weight's row n' to y's column oidx[n'] = rows[n'] (out_columns).
-
-    SPLIT 0: one [BLOCK_M, BN] tile a program. SPLIT > 0 (config.split; BN = B): flat programs:
-    program (p, s) computes block row row_order[p] in the M tiles s, s + split, ... (split <= SPLIT
-    slices, in proportion to the row's blocks: flat_row) as one loop of
-    (tile, block) steps with the epilogue inside, so that the pipeliner loads the next tile's x
-    while this tile's epilogue runs (the one-tile programs of short block rows are mostly prologue
-    and epilogue). Their non-finite fixup is the one-tile programs' (nan_where_skipped in each
-    tile's epilogue: a loop inside the step loop's branch; Triton 3.7.1 and 3.6.0 still
-    multi-buffer the step loop, sm_90a TTGIR). Their skipped rows (SKIP): a program on row_order[p >= live] returns at
-    once, or, with SKIP_CHECKED, computes its whole slice if the slice holds a row whose s is NaN
-    (computing a skippable tile is never wrong)."""
-    if SPLIT > 0:
-        p = tl.program_id(0)
-        s = tl.program_id(1)
-        if SKIP:
-            if not SKIP_CHECKED:
-                if p >= live:
-                    return
-        rb = tl.load(row_order_ptr + p)
-        start, nnz, steps, total, split = flat_row(row_ptr_ptr, row_order_ptr, rb, s, M, SPLIT, BLOCK_M)
-        if SKIP_CHECKED:
-            if p >= live:
-                if slice_has_nan(s_ptr, s, split, M, BLOCK_M) == 0:
-                    return
-        offs_n = out_columns(oidx_ptr, rb * B + tl.arange(0, B), N, PERM_N)
-        mask_n = offs_n < N
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
-        kk = 0
-        t = s
-        for _ in range(0, total):
-            acc = flat_step(x_ptr, blocks_ptr, col_idx_ptr, acc, start, nnz, kk, t, M, K, stride_xm, stride_xk,
-                            BLOCK_M, B, ALLOW_TF32, DOT_FP32, xidx_ptr, PERM_K)
-            if HAS_GUARD:
-                g = row_check_tile(g_ptr, t, M, BLOCK_M)  # every step: a load the pipeliner can issue early
-            if kk == steps - 1:
-                offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
-                if HAS_BIAS:
-                    acc += bias[None, :]
-                if HAS_GUARD:
-                    acc += nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g, rb, t, M, K, stride_xm, stride_xk,
-                                             BLOCK_M, B, xidx_ptr, PERM_K)[:, None]
-                y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
-                acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
-                t += split
-                kk = 0
-            else:
-                kk += 1
-    else:
-        p = tl.program_id(0) // (B // BN)
-        pid_m = tl.program_id(1)
-        if SKIP:
-            if skip_tile(s_ptr, p, live, pid_m, M, BLOCK_M, SKIP_CHECKED):
-                return
-        rb = tl.load(row_order_ptr + p)
-        sub = tl.program_id(0) % (B // BN)
-        if HAS_GUARD:
-            g = row_check_tile(g_ptr, pid_m, M, BLOCK_M)
-        acc = block_sparse_acc(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, rb, sub, pid_m, M, N, K,
-                               stride_xm, stride_xk, BLOCK_M, B, BN, ALLOW_TF32, DOT_FP32, xidx_ptr, PERM_K)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = out_columns(oidx_ptr, rb * B + sub * BN + tl.arange(0, BN), N, PERM_N)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if HAS_GUARD:
-            acc += nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g, rb, pid_m, M, K,
-                                     stride_xm, stride_xk, BLOCK_M, B, xidx_ptr, PERM_K)[:, None]
-        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    xidx = cols, PERM_N writes the weight's row n' to y's column oidx[n'] = rows[n'] (out_columns)."""
+    p = tl.program_id(0) // (B // BN)
+    pid_m = tl.program_id(1)
+    if SKIP:
+        if skip_tile(s_ptr, p, live, pid_m, M, BLOCK_M, SKIP_CHECKED):
+            return
+    rb = tl.load(row_order_ptr + p)
+    sub = tl.program_id(0) % (B // BN)
+    if HAS_GUARD:
+        g = row_check_tile(g_ptr, pid_m, M, BLOCK_M)
+    acc = block_sparse_acc(x_ptr, blocks_ptr, row_ptr_ptr, col_idx_ptr, rb, sub, pid_m, M, N, K,
+                           stride_xm, stride_xk, BLOCK_M, B, BN, ALLOW_TF32, DOT_FP32, xidx_ptr, PERM_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = out_columns(oidx_ptr, rb * B + sub * BN + tl.arange(0, BN), N, PERM_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_GUARD:
+        acc += nan_where_skipped(x_ptr, row_ptr_ptr, col_idx_ptr, g, rb, pid_m, M, K,
+                                 stride_xm, stride_xk, BLOCK_M, B, xidx_ptr, PERM_K)[:, None]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 class BlockLinearConfig(NamedTuple):
@@ -441,9 +323,6 @@ class BlockLinearConfig(NamedTuple):
     num_warps: int
     num_stages: int
     block_n: Optional[int] = None  # output columns a program computes (<= B); None: the block size B
-    # flat programs (_block_linear_kernel SPLIT > 0): M slices a block row is cut into (a program walks
-    # every split-th M tile of its row); None: one program a tile. Needs block_n None.
-    split: Optional[int] = None
 
 
 # M buckets: an M falls in the smallest bucket >= M; 256 stands for every M > 128.
@@ -622,12 +501,8 @@ def block_linear(
     bn = config.block_n or b
     _check(16 <= bn <= b and b % bn == 0 and bn & (bn - 1) == 0,
            f"config.block_n must be a power of two in 16..{b} (the block size), got {bn}")
-    flat = config.split is not None
-    _check(not flat or (config.split >= 1 and bn == b),
-           f"config.split must be >= 1 and goes with block_n None, got split={config.split}, block_n={config.block_n}")
     skip = live is not None and live < nb
-    rows = max(1, live) if flat and skip and skip_check is None else nb * (b // bn)  # flat, skip always: live rows
-    grid = (rows, min(config.split, triton.cdiv(m, config.block_m)) if flat else triton.cdiv(m, config.block_m))
+    grid = (nb * (b // bn), triton.cdiv(m, config.block_m))
     _check(grid[1] <= 65535, f"M={m} needs {grid[1]} M tiles, over the grid's 65535 (raise block_m)")
     g = (row_check if row_check is not None else nonfinite_rows(x)) if guard else None
     if skip_check is not None:
@@ -642,7 +517,7 @@ def block_linear(
         x_index if x_index is not None else row_ptr, out_index if out_index is not None else row_ptr,
         m, n, k, live if skip else nb,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        BLOCK_M=config.block_m, B=b, BN=bn, SPLIT=grid[1] if flat else 0,
+        BLOCK_M=config.block_m, B=b, BN=bn,
         HAS_BIAS=bias is not None, HAS_GUARD=guard, SKIP=skip, SKIP_CHECKED=skip and skip_check is not None,
         ALLOW_TF32=bool(allow_tf32) and x.dtype == torch.float32,
         DOT_FP32=x.dtype == torch.bfloat16 and INTERPRETING,  # bf16 tl.dot is wrong there
@@ -677,61 +552,27 @@ _GUARD_LOAD = "    g_rows = row_check_tile(G, pid_m, M, BLOCK_M)"
 _GUARD_LINE = ("    acc += nan_where_skipped(X, ROW_PTR, COL_IDX, g_rows, rb, pid_m, M, K, stride_xm, stride_xk, "
                "BLOCK_M, B@PERM_K@)[:, None]")
 
-# Flat programs (config.split; _block_linear_kernel with SPLIT is the same body with tl.store): the
-# epilogue Inductor renders sits inside the step loop's branch that ends a tile.
-_FLAT_BODY = HEAD_X_MNK + r'''    p = tl.program_id(0)
-    s = tl.program_id(1)
-    rb = tl.load(ROW_ORDER + p)
-    start, nnz, steps, total, split = flat_row(ROW_PTR, ROW_ORDER, rb, s, M, SPLIT, BLOCK_M)
-@SKIP@
-    idx_n = out_columns(OUT_INDEX, rb * B + tl.arange(0, B), N, @PERM_N@)[None, :]
-    acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
-    kk = 0
-    t = s
-    for _ in range(0, total):
-        acc = flat_step(X, BLOCKS, COL_IDX, acc, start, nnz, kk, t, M, K, stride_xm, stride_xk, BLOCK_M, B,
-                        ALLOW_TF32, False@PERM_K@)
-@GUARD_LOAD@
-        if kk == steps - 1:
-            offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
-@GUARD@
-            idx_m = offs_m[:, None]
-            mask = (idx_m < M) & (idx_n < N)
-            {{store_output(("idx_m", "idx_n"), "acc", "mask", indent_width=12, val_shape=("BLOCK_M", "B"))}}
-            acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
-            t += split
-            kk = 0
-        else:
-            kk += 1
-'''
-_FLAT_GUARD_LOAD = "        g_rows = row_check_tile(G, t, M, BLOCK_M)"  # every step: issued early by the pipeliner
-
-
 # skip "": every tile written; "always": the tiles of block rows row_order[LIVE:] never; "checked":
-# those only where input S (0 or NaN a row) has a NaN in the tile (skip_tile), with flat programs in
-# the program's slice (slice_has_nan: then the whole slice is computed)
+# those only where input S (0 or NaN a row) has a NaN in the tile (skip_tile)
 _SKIP_LINES = {
     "": "",
     "always": "    if p >= LIVE:\n        return\n",
     "checked": "    if skip_tile(S, p, LIVE, pid_m, M, BLOCK_M, True):\n        return\n",
-    "checked-flat": "    if p >= LIVE:\n        if slice_has_nan(S, s, split, M, BLOCK_M) == 0:\n            return\n",
 }
 
 
-def _template_body(guard: bool, skip: str = "", flat: bool = False, perm_k: bool = False, perm_n: bool = False) -> str:
+def _template_body(guard: bool, skip: str = "", perm_k: bool = False, perm_n: bool = False) -> str:
     """The template body with the non-finite row check (input G, see nonfinite_rows) or without it
     (the op's guard=False: options nonfinite="fast"); skip: see _SKIP_LINES (block_linear's live /
-    skip_check); flat: flat programs (config.split); perm_k / perm_n: a permuted weight, x read at
+    skip_check); perm_k / perm_n: a permuted weight, x read at
     input X_INDEX and the tile's columns written at OUT_INDEX (block_linear's x_index / out_index).
     Inductor's store and epilogue see y's own columns (idx_n), so a fused bias, activation or
     residual reads its inputs at the columns the tile writes."""
     inputs = '"X", "BLOCKS", "ROW_PTR", "COL_IDX", "ROW_ORDER"' + (', "G"' if guard else "") + \
         (', "S"' if skip == "checked" else "") + (', "X_INDEX"' if perm_k else "") + (', "OUT_INDEX"' if perm_n else "")
-    body, load, fix = (_FLAT_BODY, _FLAT_GUARD_LOAD, "        " + _GUARD_LINE.replace("pid_m", "t")) if flat else \
-        (_TEMPLATE_BODY, _GUARD_LOAD, _GUARD_LINE)
-    body = body.replace("@INPUTS@", inputs).replace("@GUARD@\n", fix + "\n" if guard else "") \
-        .replace("@GUARD_LOAD@\n", load + "\n" if guard else "") \
-        .replace("@SKIP@\n", _SKIP_LINES[skip + ("-flat" if flat and skip == "checked" else "")])
+    body = _TEMPLATE_BODY.replace("@INPUTS@", inputs).replace("@GUARD@\n", _GUARD_LINE + "\n" if guard else "") \
+        .replace("@GUARD_LOAD@\n", _GUARD_LOAD + "\n" if guard else "") \
+        .replace("@SKIP@\n", _SKIP_LINES[skip])
     body = body.replace("@PERM_K@", ", X_INDEX, True" if perm_k else "")
     if perm_n:
         return body.replace("@PERM_N@", "True")
@@ -746,19 +587,17 @@ def _grid():
 
     @SymbolicGridFn
     def grid(m, n, meta, *, cdiv):
-        if "SPLIT" in meta:  # flat programs: a block row by M slices (ROWS: the live rows only, skip "always")
-            return (meta.get("ROWS") or cdiv(n, meta["B"]), meta["SPLIT"], 1)
         return (cdiv(n, meta["B"]) * (meta["B"] // meta["BN"]), cdiv(m, meta["BLOCK_M"]), 1)
 
     return grid
 
 
-def template(guard: bool = True, skip: str = "", flat: bool = False, perm_k: bool = False, perm_n: bool = False):
+def template(guard: bool = True, skip: str = "", perm_k: bool = False, perm_n: bool = False):
     from .template import get_template, template_source
 
-    name = TEMPLATE_NAME + ("_flat" if flat else "") + ("" if guard else "_noguard") + (f"_skip_{skip}" if skip else "") \
+    name = TEMPLATE_NAME + ("" if guard else "_noguard") + (f"_skip_{skip}" if skip else "") \
         + ("_permk" if perm_k else "") + ("_permn" if perm_n else "")
-    return get_template(name, lambda: template_source(DEVICE_FUNCTIONS, _template_body(guard, skip, flat, perm_k, perm_n)),
+    return get_template(name, lambda: template_source(DEVICE_FUNCTIONS, _template_body(guard, skip, perm_k, perm_n)),
                         _grid())
 
 
@@ -794,14 +633,8 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True,
     layout = FixedLayout(x.get_device(), x.get_dtype(), [m, n])
     choices: list = []
     extra = {"LIVE": int(live)} if skip else {}
-    flat = cfg.split is not None and (cfg.block_n or b) == b
-    if flat:  # the slices: no more than M's tiles at the size hint (any M runs: a slice past M exits)
-        extra["SPLIT"] = max(1, min(cfg.split, -(-m_hint // cfg.block_m)))
-        if skip == "always":  # no program for the rows it would skip
-            extra["ROWS"] = max(1, int(live))
-    else:
-        extra["BN"] = cfg.block_n or b
-    err = template(guard, skip, flat, x_index is not None, out_index is not None).maybe_append_choice(
+    extra["BN"] = cfg.block_n or b
+    err = template(guard, skip, x_index is not None, out_index is not None).maybe_append_choice(
         choices, input_nodes=inputs, layout=layout, num_stages=cfg.num_stages, num_warps=cfg.num_warps,
         BLOCK_M=cfg.block_m, B=b, ALLOW_TF32=_default_allow_tf32() and x.get_dtype() == torch.float32, **extra)
     if err is not None or not choices:

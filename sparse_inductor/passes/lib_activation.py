@@ -24,8 +24,7 @@ the last place of h apart, a rounding fewer. Where that rounding overflows (a fi
 dtype's range) the two differ: the graph's GELU sees -Inf and gives NaN, the library's gives -0 (as
 the fp64 reference does); ReLU agrees either way. So the GELUs move for bf16 only, whose range is
 fp32's but for its last binade (3.39e38 .. 3.40e38), and not for fp16 (65504). cuSPARSELt offers
-ReLU and GELU; which GELU it computes is what activation_matches (and bench/cslt_activation_probe.py)
-measure. cuSPARSELt 0.8 on sm90 refuses the GELU for bf16 (run H8, status 3): there only ReLUs move.
+ReLU and GELU; which GELU it computes is what activation_matches measures. cuSPARSELt 0.8 on sm90 refuses the GELU for bf16 (run H8, status 3): there only ReLUs move.
 
 Conditions: fp16 / bf16 (a GELU: bf16 only); fc1 a plain 16-bit library layer (no int8 product, alpha or scales); h
 computed from its output alone, with no view between (sink_views moves views below the
