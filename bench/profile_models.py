@@ -106,7 +106,7 @@ def profile_vit(name: str, batch: int, variants, top: int, prune_all: bool = Fal
 def int8_kernels(shapes) -> None:
     """cuSPARSELt int8 x int8 2:4 with an int32 and a bf16 output: the best alg's time of each."""
     from sparse_inductor.bench import _case24
-    from sparse_inductor.lowering import cusparselt
+    from sparse_inductor.runtime import cusparselt
 
     print("\n## cuSPARSELt int8 2:4 kernel alone: int32 vs bf16 output (best alg, us)\n")
     print("| M | N | K | torch._int_mm (dense int8) | int32 out | bf16 out | per-alg bf16 (first 6 by time) |")

@@ -9,7 +9,6 @@ from .backend import WeightsChangedError
 from .options import SparseOptions
 from .prune import prune
 from .report import LayerDecision, Report
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["explain", "prune", "SparseOptions", "LayerDecision", "Report", "WeightsChangedError", "__version__"]

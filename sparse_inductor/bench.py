@@ -23,6 +23,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .formats import compress_24, compress_block, gemv_layout_ok, to_gemv_layout
+from .lowering.triton_24 import sp24_linear
+from .lowering.triton_block import block_linear
+from .measure import LayerTimer, graphed
+from .options import SparseOptions
+from .prune import prune, prune_24_, prune_blocks_
+from .registry import Layer, Scaled, kernels
+from .report import LayerDecision, collect
+from .runtime import cusparselt
+
 
 def _bench(fn: Callable, rep: int = 100) -> float:
     from triton.testing import do_bench
@@ -31,8 +41,6 @@ def _bench(fn: Callable, rep: int = 100) -> float:
 
 
 def _graphed(fn: Callable) -> Callable:
-    from .measure import graphed
-
     return graphed(fn)
 
 
@@ -78,8 +86,6 @@ def _compiled_linear(w: torch.Tensor, bias: Optional[torch.Tensor], backend: str
 def _layer_times(w: torch.Tensor, x: torch.Tensor) -> dict:
     """Dense F.linear, dense torch.compile, ours compiled with force=True (CUDA-graph replays),
     and the kernel the dispatcher picks without force, for y = x @ w^T."""
-    from .report import LayerDecision, collect
-
     with torch.no_grad():
         dense = _bench(_graphed(lambda: F.linear(x, w)))
         dc = _compiled_linear(w, None, "inductor")
@@ -95,8 +101,6 @@ def _layer_times(w: torch.Tensor, x: torch.Tensor) -> dict:
 
 def _case24(m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded bf16 2:4 weight W [n, k] (two largest of four kept) and input x [m, k] on the GPU."""
-    from .prune import prune_24_
-
     torch.manual_seed(0)
     w = prune_24_(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
     return w, torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -150,17 +154,12 @@ class Fp8Linear(nn.Module):
 def _as_compiled(compressed: tuple, x: torch.Tensor) -> tuple:
     """The 2:4 constants in the layout the compiled graph gives the Triton kernel: the gemv layout
     for M = 1 and bf16 x (lowering/triton_24._gemv_layout), else compress_24's."""
-    from .formats import gemv_layout_ok, to_gemv_layout
-
     if x.shape[0] == 1 and x.dtype == torch.bfloat16 and gemv_layout_ok(x.shape[1]):
         return to_gemv_layout(*compressed)
     return compressed
 
 
 def bench_linear24(rows: list, shapes=None):
-    from .formats import compress_24
-    from .lowering.triton_24 import sp24_linear
-
     shapes = shapes or [(m, n, k) for (n, k) in [(14336, 4096), (4096, 4096), (4096, 14336)] for m in (1, 16, 64)]
     print("\n## One 2:4 linear, y = x @ W^T (no bias)\n")
     print("| M | N | K | dense F.linear | dense compile | to_sparse_semi_structured (eager) | ours: kernel | ours: compiled | kernel vs dense | compiled vs dense compile | chosen by dispatcher |")
@@ -186,10 +185,6 @@ def _cslt_fn(w, x):
 
 
 def bench_block(rows: list, cases=None):
-    from .formats import compress_block
-    from .lowering.triton_block import block_linear
-    from .prune import prune_blocks_
-
     dev, dt = "cuda", torch.bfloat16
     cases = cases or [(m, 14336, 4096, 64, s) for s in (0.9, 0.8) for m in (1, 16, 8192)]
     print("\n## One block-sparse linear (64x64 blocks), y = x @ W^T\n")
@@ -229,10 +224,6 @@ def _cslt_timed(layer, w: torch.Tensor, wc: torch.Tensor) -> Optional[tuple[floa
     fp8 the form's library call and epilogue pass, the row guard's reduction; the fastest algorithm;
     CUDA-graph replays, what it does under mode="reduce-overhead"), its compressed weight given;
     None where it could not be timed."""
-    from .dispatch import kernels
-    from .measure import LayerTimer
-    from .options import SparseOptions
-
     spec = next(s for s in kernels("2:4") if s.name == "cusparselt")
     timer = LayerTimer(layer, w, False, SparseOptions(mode="reduce-overhead"), {"cusparselt": spec},
                        lambda s: {"wc": wc})
@@ -249,9 +240,6 @@ def _cslt_best_alg(layer, w: torch.Tensor, wc: torch.Tensor) -> int:
 def bench_cusparselt(rows: list, shapes=None):
     """Compute-bound 2:4 linears: cuBLAS, PyTorch's cuSPARSELt paths, and ours (plan made once,
     algorithm searched at compile time), each inside a CUDA graph, plus the host cost per call."""
-    from .dispatch import Layer
-    from .lowering import cusparselt
-
     dt = torch.bfloat16
     shapes = shapes or [(8192, 14336, 4096), (8192, 4096, 14336), (4096, 28672, 4096), (12608, 3072, 768),
                         (12608, 768, 3072), (6304, 5120, 1280), (6304, 1280, 5120)]
@@ -308,8 +296,6 @@ def _e2e_row(rows, name, model, x, options=None):
     compile, plain calls of it (default mode, host overhead included), and plain calls of both
     compiled with mode="reduce-overhead" (Inductor's CUDA graphs; the dispatcher then times the
     candidates without their host cost)."""
-    from .report import LayerDecision, collect
-
     options = {**E2E_OPTIONS, **(options or {})} or None
     if E2E_OPTIONS:
         name += " (" + ", ".join(f"{k}={v}" for k, v in E2E_OPTIONS.items()) + ")"
@@ -361,8 +347,6 @@ def _e2e_row(rows, name, model, x, options=None):
 
 
 def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24")):
-    from .prune import prune
-
     dev, dt = "cuda", torch.bfloat16
     print("\n## Whole models: dense torch.compile vs backend=\"sparse\" (dispatcher's choice)\n")
     print("Default-mode compiles timed as CUDA-graph replays and as plain calls (host overhead included); "
@@ -468,8 +452,6 @@ def bench_compose(rows: list, name: str = "vit_huge_patch14_224", batch: int = 3
     plain calls. core=True: only the three the target compares (no bf16 dense, no int32 product)."""
     import timm
 
-    from .prune import prune
-
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).to(dev, dt).eval()
@@ -542,10 +524,6 @@ def bench_int8_act(rows: list, shapes=None):
 
 def bench_quant(rows: list, shapes=None, models=True):
     """Weight-only int8 2:4 (issue 6): the Triton kernels read int8 values; vs bf16 dense."""
-    from .formats import compress_24
-    from .lowering.triton_24 import sp24_linear
-    from .prune import prune
-
     dev, dt = "cuda", torch.bfloat16
     shapes = shapes or [(1, 14336, 4096), (1, 4096, 4096), (1, 4096, 14336)]
     print("\n## Weight-only int8 2:4 linears vs bf16 dense\n")
@@ -592,8 +570,6 @@ def bench_quant(rows: list, shapes=None, models=True):
 
 def _fp8_chosen(model: nn.Module, x: torch.Tensor, mode: Optional[str]) -> str:
     """What the dispatcher picks for the model's one fp8 layer (measured), with its timed ratio."""
-    from .report import LayerDecision, collect
-
     torch._dynamo.reset()
     with torch.no_grad(), collect() as sink:
         torch.compile(model, backend="sparse", mode=mode)(x)
@@ -612,9 +588,6 @@ def bench_fp8(rows: list, shapes=None):
     fp8_product="fp32") and "lib16" (bf16 product, the default for bf16 outputs). Then what the
     dispatcher picks for Fp8Linear (quantization in the graph, default options: form "lib16") in the
     default mode and under mode="reduce-overhead", with its measured ratio."""
-    from .dispatch import Layer, Scaled
-    from .lowering import cusparselt
-
     out = torch.bfloat16
     shapes = shapes or [(8192, 14336, 4096), (8192, 4096, 14336), (16, 14336, 4096)]
     print("\n## fp8 e4m3 2:4 linears through cuSPARSELt vs dense fp8 torch._scaled_mm (per-tensor scales, bf16 out)\n")

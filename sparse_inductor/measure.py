@@ -37,8 +37,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .dispatch import KernelSpec, Layer
+from . import version
+from ._compat import device_name
 from .options import SparseOptions
+from .registry import KernelSpec, Layer
+from .runtime import cusparselt
 
 log = logging.getLogger("sparse_inductor")
 
@@ -148,20 +151,14 @@ def time_us(fn: Callable[[], object], count_host: bool) -> float:
 
 
 def _versions(device: torch.device) -> str:
-    from . import __version__
-    from .lowering import cusparselt
-    from .passes.manager import source_hash
-
     try:
-        import triton
+        import triton  # (optional here: the key says "-" without it)
 
         tv = triton.__version__
     except ImportError:
         tv = "-"
-    from ._compat import device_name
-
     return (f"{device_name(device)}|torch {torch.__version__}|triton {tv}|"
-            f"cusparselt {cusparselt.version()}|sparse_inductor {__version__} {source_hash()[:12]}")
+            f"cusparselt {cusparselt.version()}|sparse_inductor {version.__version__} {version.source_hash()[:12]}")
 
 
 def time_cached(key: str, make: Callable[[], Callable[[], object]], device: Optional[torch.device] = None) -> Optional[float]:

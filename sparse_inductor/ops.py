@@ -14,7 +14,7 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
         input NaN/Inf that meets only skipped (all-zero) blocks may then leave those outputs finite
     sparse_inductor::linear_cslt(x, wc, bias, n, k, alg_id, split_k, out_dtype=None, alpha=None,
                                  row_check=None, activation=None) -> y [M, N]
-        wc = torch._cslt_compress(W), cuSPARSELt's own layout (CUDA only; lowering/cusparselt.py);
+        wc = torch._cslt_compress(W), cuSPARSELt's own layout (CUDA only; runtime/cusparselt.py);
         x and W int8 with out_dtype=torch.int32 is torch._int_mm(x, W^T) (dynamic int8 activations);
         alpha: an fp32 [N] vector scaling the fp32/int32 accumulator before the bias
         (y = alpha * (x @ W^T) + bias, one rounding; not taken by cuSPARSELt 0.8 for fp8);
@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .formats import decompress_24, decompress_block
+from .runtime import cusparselt
 
 __all__ = ["linear_24", "linear_block", "linear_cslt", "mlp_block", "row_check"]
 
@@ -93,8 +94,6 @@ def _(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True, ro
 def linear_cslt(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id: int, split_k: int,
                 out_dtype: Optional[torch.dtype] = None, alpha: Optional[Tensor] = None,
                 row_check: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
-    from .lowering import cusparselt
-
     kw = {} if activation is None else {"activation": activation}
     y = cusparselt.linear(x, wc, bias, n, k, alg_id, split_k, out_dtype, alpha, **kw)
     return y if row_check is None else cusparselt.nan_rows_(y, row_check)

@@ -140,16 +140,16 @@ def run_sparse(model: nn.Module, *inputs: tuple, options: Optional[dict] = FORCE
 def block_template_on_cpu():
     """The block template's family ("triton") made available on the CPU, where its lowering falls
     back to the op's reference: the rewrite's graphs for it can be tested here."""
-    from sparse_inductor import dispatch
+    from sparse_inductor import registry
     from sparse_inductor.lowering import triton_block  # noqa: F401  (registers block/triton)
 
     key = "block/triton"
-    spec = dispatch._KERNELS[key]
-    dispatch._KERNELS[key] = dataclasses.replace(spec, devices=(*spec.devices, "cpu"))
+    spec = registry._KERNELS[key]
+    registry._KERNELS[key] = dataclasses.replace(spec, devices=(*spec.devices, "cpu"))
     try:
         yield
     finally:
-        dispatch._KERNELS[key] = spec
+        registry._KERNELS[key] = spec
 
 
 def pruned_24(lin: nn.Linear) -> nn.Linear:

@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 
 import sparse_inductor
-from sparse_inductor import dispatch
-from sparse_inductor.lowering import cusparselt
+from sparse_inductor import registry
+from sparse_inductor.lowering import cusparselt_24
+from sparse_inductor.runtime import cusparselt
 
 from test_backend import Fc, pruned_24, run_sparse, seeded
 
@@ -49,8 +50,8 @@ def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alp
 
 @pytest.fixture(autouse=True)
 def emulated_cusparselt(monkeypatch):
-    spec = dispatch._KERNELS["2:4/cusparselt"]
-    monkeypatch.setitem(dispatch._KERNELS, "2:4/cusparselt", dataclasses.replace(spec, devices=("cpu", "cuda")))
+    spec = registry._KERNELS["2:4/cusparselt"]
+    monkeypatch.setitem(registry._KERNELS, "2:4/cusparselt", dataclasses.replace(spec, devices=("cpu", "cuda")))
     monkeypatch.setattr(cusparselt, "available", lambda: True)
     monkeypatch.setitem(cusparselt._CUDA_TYPE, torch.float32, 0)  # the emulation also does fp32
     monkeypatch.setattr(cusparselt, "compress", lambda w: w.contiguous().clone())  # "compressed" = W itself
@@ -292,8 +293,8 @@ def test_int8_activations_dense_weight_stays_dense():
 
 def test_int8_activations_without_cusparselt_stay_dense(monkeypatch):
     """The Triton and reference kernels do not take int8 x int8: forced or not, dense with a reason."""
-    spec = dispatch._KERNELS["2:4/cusparselt"]
-    monkeypatch.setitem(dispatch._KERNELS, "2:4/cusparselt", dataclasses.replace(spec, devices=("cuda",)))
+    spec = registry._KERNELS["2:4/cusparselt"]
+    monkeypatch.setitem(registry._KERNELS, "2:4/cusparselt", dataclasses.replace(spec, devices=("cuda",)))
     model = W8A8Linear().eval()
     x = torch.randn(32, 64, dtype=torch.bfloat16)
     torch._dynamo.reset()
@@ -643,8 +644,8 @@ def test_timing_runner_with_the_derived_check(monkeypatch):
     """The library candidate of a layer whose check is derived is timed as the graph will run it:
     the call, the flagged-rows check reading only gd (none flagged: no row of x read, so a NaN in x
     does not reach y), the row fixup; "separate" instead sums x (the NaN row comes out NaN)."""
-    from sparse_inductor.dispatch import Layer
     from sparse_inductor.lowering import row_check
+    from sparse_inductor.registry import Layer
 
     calls = []
     # (a library that skips the zeros of W = I: y = x, a NaN stays where it is)
@@ -656,7 +657,7 @@ def test_timing_runner_with_the_derived_check(monkeypatch):
     x[3, 4] = float("nan")
     for derived in (True, False):
         ly = Layer("2:4", 16, 32, 32, torch.float32, "cuda", row_check="separate", derived_check=derived)
-        y = cusparselt._runner({"wc": wc}, None, ly, {"alg_id": 0})(x)
+        y = cusparselt_24._runner({"wc": wc}, None, ly, {"alg_id": 0})(x)
         assert y[3].isnan().all() != derived and y[torch.arange(16) != 3].isfinite().all()
     (maybe,) = calls
     assert maybe.shape == (16,) and maybe.dtype == torch.float32 and not maybe.any()

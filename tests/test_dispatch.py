@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from sparse_inductor import measure
-from sparse_inductor.dispatch import BUCKET_TOLERANCE, KernelSpec, Layer, choose, m_buckets
+from sparse_inductor.dispatch import BUCKET_TOLERANCE, choose, m_buckets
 from sparse_inductor.options import SparseOptions
+from sparse_inductor.registry import KernelSpec, Layer
 from sparse_inductor.report import LayerDecision
 
 
 @pytest.fixture(autouse=True)
 def _cusparselt_runnable(monkeypatch):
     """The rules are about the numbers: let the cuSPARSELt family pass its guard on CPU."""
-    from sparse_inductor.lowering import cusparselt
+    from sparse_inductor.runtime import cusparselt
 
     monkeypatch.setattr(cusparselt, "available", lambda: True)
 

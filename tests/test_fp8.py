@@ -19,12 +19,14 @@ import expecttest
 import pytest
 import torch
 
-from sparse_inductor import dispatch, measure
+from sparse_inductor import measure, registry
 from sparse_inductor.bench import Fp8Linear, fp8_per_channel, fp8_per_tensor
-from sparse_inductor.dispatch import Layer, Scaled, choose
-from sparse_inductor.lowering import cusparselt
+from sparse_inductor.dispatch import choose
+from sparse_inductor.lowering import cusparselt_24
 from sparse_inductor.options import SparseOptions
 from sparse_inductor.prune import prune_24_
+from sparse_inductor.registry import Layer, Scaled
+from sparse_inductor.runtime import cusparselt
 
 from test_backend import run_sparse
 
@@ -103,8 +105,8 @@ def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alp
 
 @pytest.fixture
 def emulated(monkeypatch):
-    spec = dispatch._KERNELS["2:4/cusparselt"]
-    monkeypatch.setitem(dispatch._KERNELS, "2:4/cusparselt", dataclasses.replace(spec, devices=("cpu", "cuda")))
+    spec = registry._KERNELS["2:4/cusparselt"]
+    monkeypatch.setitem(registry._KERNELS, "2:4/cusparselt", dataclasses.replace(spec, devices=("cpu", "cuda")))
     monkeypatch.setattr(cusparselt, "available", lambda: True)
     monkeypatch.setattr(cusparselt, "_fp8_why_not", lambda: None)
     monkeypatch.setattr(cusparselt, "compress", lambda w: w.contiguous().clone())  # "compressed" = W itself
@@ -566,7 +568,7 @@ def test_fp8_timing_runner_runs_the_form(monkeypatch, form, out, lib_out):
     monkeypatch.setattr(cusparselt, "linear", _recording_linear(calls))
     ly = Layer("2:4", 16, 64, 64, FP8, "cuda", scaled=Scaled(form, out), row_check="none")
     bias = torch.zeros(64, dtype=out)
-    run = cusparselt._runner({"wc": torch.zeros(64, 64, dtype=FP8)}, bias, ly, {"alg_id": 3})
+    run = cusparselt_24._runner({"wc": torch.zeros(64, 64, dtype=FP8)}, bias, ly, {"alg_id": 3})
     y = run(torch.zeros(16, 64, dtype=FP8))
     (c,) = calls
     assert (c["out_dtype"], c["bias"]) == (lib_out, False)
@@ -609,12 +611,12 @@ def test_kernel_guards_say_why(monkeypatch):
     assert "multiples of 32" in cusparselt.why_not_runnable(48, 64, FP8, torch.bfloat16)
     assert "bf16, fp16 or fp32" in cusparselt.why_not_runnable(64, 64, FP8, FP8)
     assert cusparselt.why_not_runnable(64, 64, FP8, torch.bfloat16) is None
-    assert "only" in cusparselt._check(Layer("2:4", 16, 64, 64, FP8, "cuda"))  # no scales: not from _scaled_mm
+    assert "only" in cusparselt_24._check(Layer("2:4", 16, 64, 64, FP8, "cuda"))  # no scales: not from _scaled_mm
     monkeypatch.setattr(cusparselt, "_fp8_why_not", lambda: "fp8 on cuSPARSELt needs compute capability 9.0 or newer")
     assert "9.0" in cusparselt.why_not_runnable(64, 64, FP8, torch.bfloat16)
     monkeypatch.setattr(cusparselt, "available", lambda: False)
     assert "not available" in cusparselt.why_not_runnable(64, 64, FP8, torch.bfloat16)
-    ref = dispatch._KERNELS["2:4/reference"]
+    ref = registry._KERNELS["2:4/reference"]
     assert "cuSPARSELt only" in ref.check(Layer("2:4", 16, 64, 64, FP8, "cpu", scaled=Scaled("lib16", torch.bfloat16)))
 
 
@@ -703,7 +705,7 @@ def test_epilogue_forms_plan_the_unscaled_product(monkeypatch, form, lib_type):
     output type on D (bf16 for "lib16", fp32 for "row") and no scale modes, no alpha vector."""
     lib = _fake_lib(monkeypatch)
     ly = Layer("2:4", 16, 64, 64, FP8, "cuda", scaled=Scaled(form, torch.bfloat16, True))
-    algs = cusparselt._variants(ly, {"wc": torch.zeros(64, 64, dtype=FP8)})
+    algs = cusparselt_24._variants(ly, {"wc": torch.zeros(64, 64, dtype=FP8)})
     assert [a["alg_id"] for a in algs] == list(range(21))  # (the stand-in offers 21 configurations)
     dense = [a for name, a in lib.dll.calls if name == "cusparseLtDenseDescriptorInit"]
     assert [a[6] for a in dense] == [28, lib_type]  # x: CUDA_R_8F_E4M3; y: the product's type
@@ -721,7 +723,7 @@ def test_untimeable_kernel_reason_reaches_the_decision(tmp_path, monkeypatch):
     def runner(t, bias, layer, params):
         raise RuntimeError(msg)
 
-    spec = dataclasses.replace(dispatch._KERNELS["2:4/cusparselt"], runner=runner,
+    spec = dataclasses.replace(registry._KERNELS["2:4/cusparselt"], runner=runner,
                                variants=lambda ly, t: [{"alg_id": 0}, {"alg_id": 1}])
     ly = Layer("2:4", 16, 64, 64, FP8, "cuda", scaled=Scaled("lib16", torch.bfloat16))
     for _ in range(2):  # measured, then read from the cache

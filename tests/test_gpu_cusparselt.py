@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import sparse_inductor
 from sparse_inductor import measure
-from sparse_inductor.lowering import cusparselt
+from sparse_inductor.runtime import cusparselt
 
 from test_gpu_compile import TOL_BF16, GatedMLP, LinearBiasReLU, compile_and_code, fp64, kernel_defs, prepared, rel_err
 

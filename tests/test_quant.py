@@ -9,11 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparse_inductor.dispatch import Layer
 from sparse_inductor.formats import compress_24
-from sparse_inductor.lowering import cusparselt, triton_24, triton_block
+from sparse_inductor.lowering import cusparselt_24, triton_24, triton_block
 from sparse_inductor.lowering.triton_24 import sp24_linear
 from sparse_inductor.prune import prune_24_
+from sparse_inductor.registry import Layer
+from sparse_inductor.runtime import cusparselt
 
 from test_backend import run_sparse
 from test_triton_24 import SMALL, TOL, rel_err
@@ -141,13 +142,13 @@ def test_kernel_families_on_weight_only_layers():
     ly = Layer("2:4", 1, 4096, 4096, torch.bfloat16, "cuda", device_name="NVIDIA H100 80GB HBM3",
                weight_dtype=torch.int8)
     assert triton_24._check(ly) is None
-    assert "cuSPARSELt" in cusparselt._check(ly)
+    assert "cuSPARSELt" in cusparselt_24._check(ly)
     blk = Layer("block", 1, 4096, 4096, torch.bfloat16, "cuda", block=64, block_density=0.1, weight_dtype=torch.int8)
     assert triton_block._check_layer(blk) is None
     # the gemv reads 2.5 bytes per four weights instead of 4.5 (bf16 2:4) or 8 (bf16 dense)
     import dataclasses
 
-    from sparse_inductor.dispatch import dense_us, device_model
+    from sparse_inductor.registry import dense_us, device_model
 
     bf16 = dataclasses.replace(ly, weight_dtype=None)
     model = device_model(ly)

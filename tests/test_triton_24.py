@@ -159,8 +159,9 @@ def test_gpu_bf16(m, n, k):
 def test_dispatch_gemv_only_for_static_m1():
     """A dynamic M whose hint is 1 gets the tensor-core template (lower() never picks the gemv for
     a symbolic M), so the dispatcher must not price it as the gemv."""
-    from sparse_inductor.dispatch import Layer, choose
+    from sparse_inductor.dispatch import choose
     from sparse_inductor.options import SparseOptions
+    from sparse_inductor.registry import Layer
 
     def layer(static):
         return Layer("2:4", 1, 14336, 4096, torch.bfloat16, "cuda", device_name="NVIDIA H100 80GB HBM3",
@@ -357,8 +358,8 @@ def test_gemv_layout_other_uses_convert_back():
 
 
 def test_gemv_layout_chosen_for_static_m1_bf16_only():
-    from sparse_inductor.dispatch import Layer
     from sparse_inductor.lowering.triton_24 import _compress, _fmt
+    from sparse_inductor.registry import Layer
 
     def layer(m=1, static=True, dtype=torch.bfloat16, k=4096):
         return Layer("2:4", m, 64, k, dtype, "cuda", m_static=static)

@@ -49,7 +49,8 @@ import triton
 import triton.language as tl
 
 from .._compat import INTERPRETING, inductor_size_hint
-from ..formats.sparse24 import from_gemv_layout
+from ..formats import compress_24, from_gemv_layout, gemv_layout_ok, to_gemv_layout
+from ..registry import KernelSpec, dense_us, register_kernel
 
 __all__ = ["sp24_dot_acc", "sp24_gemv_acc", "sp24_linear", "pick_config", "DEVICE_FUNCTIONS"]
 
@@ -806,8 +807,6 @@ _GEMV_BW, _DOT_VS_DENSE = 0.8, 0.85
 
 
 def _estimate_us(layer, model) -> Optional[float]:
-    from ..dispatch import dense_us
-
     if model is None or layer.m is None:
         return None
     es = torch.finfo(layer.dtype).bits // 8
@@ -829,8 +828,6 @@ def _runner(t, bias, layer, params):
 def _gemv_layout(layer) -> bool:
     """Whether the layer's constants are made in the gemv layout (formats/sparse24.py): the gemv
     runs it (a static M of 1), x is bf16 and K a multiple of 16."""
-    from ..formats import gemv_layout_ok
-
     return layer.m_static and layer.m == 1 and layer.dtype == torch.bfloat16 and gemv_layout_ok(layer.k)
 
 
@@ -839,19 +836,11 @@ def _fmt(layer) -> str:
 
 
 def _compress(w, layer) -> dict:
-    from ..formats import compress_24, to_gemv_layout
-
     values, meta = compress_24(w)
     if _gemv_layout(layer):
         values, meta = to_gemv_layout(values, meta)
     return {"values": values, "meta": meta}
 
 
-def _register_kernel():
-    from ..dispatch import KernelSpec, register_kernel
-
-    register_kernel(KernelSpec("triton", "2:4", ("cuda",), _check, _estimate_us, compress=_compress, fmt=_fmt,
-                               runner=_runner, split_outputs=True))
-
-
-_register_kernel()
+register_kernel(KernelSpec("triton", "2:4", ("cuda",), _check, _estimate_us, compress=_compress, fmt=_fmt,
+                           runner=_runner, split_outputs=True))

@@ -63,6 +63,7 @@ import triton.language as tl
 
 from .._compat import INTERPRETING, inductor_size_hint, static_int
 from ..formats.block import BLOCK_SIZES
+from ..registry import KernelSpec, register_kernel
 from .template import HEAD_X_MNK
 
 __all__ = [
@@ -690,11 +691,5 @@ def _runner(t, bias, layer, params):
     return run
 
 
-def _register_kernel():
-    from ..dispatch import KernelSpec, register_kernel
-
-    register_kernel(KernelSpec("triton", "block", ("cuda",), _check_layer, _estimate_us,
-                               runner=_runner, split_outputs=True))
-
-
-_register_kernel()
+register_kernel(KernelSpec("triton", "block", ("cuda",), _check_layer, _estimate_us, runner=_runner,
+                           split_outputs=True))

@@ -40,6 +40,7 @@ import torch.fx as fx
 
 from .. import ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
 from ..options import SparseOptions
+from ..runtime import cusparselt
 from .fuse_mlp import (BOUNDED_ACTIVATIONS, _DTYPES, _constant, _erase_dead, guarded, identify_activation,
                        pointwise_source)
 from .linear_rewrite import _is_pointwise, library_op
@@ -98,18 +99,14 @@ def _chain_end(out: fx.Node) -> Optional[fx.Node]:
 
 def _runs(gm: fx.GraphModule, op: fx.Node, dec, library: str, dtype: torch.dtype) -> Optional[str]:
     """cusparselt.activation_runs for this op's constants and parameters, at the decision's M."""
-    from ..lowering.cusparselt import activation_runs
-
     _, wc, bias, n, k, alg_id, split_k = op.args[:7]
     wc_t, bias_t = _constant(gm, wc), _constant(gm, bias)
     if wc_t is None or (bias is not None and bias_t is None):
         return "its weight or bias is not a constant"
-    return activation_runs(wc_t, bias_t, n, k, dec.m or 16, dtype, alg_id, split_k, library)
+    return cusparselt.activation_runs(wc_t, bias_t, n, k, dec.m or 16, dtype, alg_id, split_k, library)
 
 
 def _try(gm: fx.GraphModule, out: fx.Node) -> int:
-    from ..lowering.cusparselt import activation_matches
-
     found = _library_op(out)
     val = out.meta.get("val")
     if found is None or not isinstance(val, torch.Tensor) or val.dtype not in _DTYPES:
@@ -134,7 +131,7 @@ def _try(gm: fx.GraphModule, out: fx.Node) -> int:
     why = None
     if act != "relu" and val.dtype == torch.float16:
         why = "fp16: where fc1's sum overflows, the graph's GELU sees -Inf (NaN) and the library the finite sum (-0)"
-    why = why or activation_matches(library, fn, act, val.dtype, val.device)
+    why = why or cusparselt.activation_matches(library, fn, act, val.dtype, val.device)
     if why is None:
         why = _runs(gm, op, dec, library, val.dtype)
     if why is not None:

@@ -30,9 +30,11 @@ import torch
 import torch.fx as fx
 
 from .. import _compat, ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
-from ..dispatch import KernelSpec, Layer, Scaled, choose, kernels
+from ..dispatch import choose
 from ..formats import compress_24, compress_block
+from ..measure import LayerTimer
 from ..options import SparseOptions
+from ..registry import KernelSpec, Layer, Scaled, kernels
 from ..report import LayerDecision, record
 from .detect import Detection, detect
 from .sink_views import sink_views
@@ -400,8 +402,6 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions, input_reason=None) 
 
         timer = None
         if layer.device == "cuda" and opts.dispatch != "model":
-            from ..measure import LayerTimer
-
             timer = LayerTimer(layer, w.detach(), site.bias is not None, opts, specs, tensors, _structure(det))
         try:
             choice = choose(layer, opts, timer)
@@ -412,7 +412,7 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions, input_reason=None) 
             continue
         decision.kernel, decision.dense_us, decision.sparse_us = choice.kernel, choice.dense_us, choice.sparse_us
         decision.candidates, decision.params, decision.measured = choice.candidates, choice.params, choice.measured
-        # an fp8 layer rewritten or timed: in which form (dispatch.Scaled), before the dispatcher's words
+        # an fp8 layer rewritten or timed: in which form (registry.Scaled), before the dispatcher's words
         timed = choice.kernel != "dense" or any(v is not None for n_, v in choice.candidates.items() if n_ != "dense")
         form = f"{site.scaled.describe()}; " if site.scaled is not None and timed else ""
         if layer.product is not None and timed:

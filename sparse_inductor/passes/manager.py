@@ -12,17 +12,16 @@ One pass object per hook on torch 2.11/2.12: a pass the user had installed runs 
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import logging
-import pathlib
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..options import SparseOptions
 from ..report import record
+from ..version import source_hash
 from .derived_check import derive_library_checks
 from .fuse_mlp import fuse_mlps
 from .lib_activation import fuse_library_activations
@@ -30,14 +29,7 @@ from .linear_rewrite import rewrite_linears
 
 log = logging.getLogger("sparse_inductor")
 
-__all__ = ["SparseGraphPass", "weights_digest", "source_hash"]
-
-
-@functools.lru_cache(maxsize=1)
-def source_hash() -> str:
-    root = pathlib.Path(__file__).resolve().parents[1]
-    files = tuple(sorted(str(p) for p in root.rglob("*.py")))
-    return get_hash_for_files(files).hex()
+__all__ = ["SparseGraphPass", "weights_digest"]
 
 
 def _update_with_bytes(h: Any, t: torch.Tensor) -> None:
