@@ -6,21 +6,23 @@ the times, the best against dense, and the kernels the dispatcher picked.
     python bench/ab_rules.py --rule pointwise-check [--models vit_base_patch16_224:64,vit_huge_patch14_224:32]
                              [--pattern 2:4|block] [--rounds 2]
 
-Rules (passes/linear_rewrite.py):
-- row-fixup: cuSPARSELt's non-finite row fixup folded into the pointwise op after the call
-  (_pointwise_users, A) vs the op's own nan_rows_ launch (B) (docs/benchmarks.md I3).
-- pointwise-check: a row check that joins x's pointwise producer timed as one more read of x
-  (POINTWISE_PRODUCER_CHECK "separate", A) vs as free ("fused", B; the rule before run J).
-- norm-reads: a check over the GELU after a cuSPARSELt fc1 (whose row fixup reads a sum) is its
-  own kernel, timed as a pass (NORM_READS_ITS_INPUT, A), vs a reduction in the GELU's kernel timed
-  as free (B; the rule before session 14, which made pointwise-check a no-op there).
-- derived-check (passes/fuse_mlp.py): a block fc2's row check read from fc1's input
-  (DERIVED_CHECK, A) vs its own check over the hidden activations (B; the rule before run K).
-- derived-lib-check (passes/derived_check.py): a cuSPARSELt fc2's row check from fc1's input, then
-  its own input in the flagged rows only (DERIVED_LIB_CHECK, A) vs its check over the hidden
-  activations, which makes the GELU kernel a reduction (B; the rule before session 13).
-- lib-activation (passes/lib_activation.py): fc1's activation in cuSPARSELt's epilogue where the
-  library computes the graph's (LIB_ACTIVATION, A) vs an Inductor kernel after the call (B).
+Rules (fields of SparseOptions.rules, options.Rules):
+- row-fixup (row_fixup_in_graph): cuSPARSELt's non-finite row fixup folded into the pointwise op
+  after the call (A) vs the op's own nan_rows_ launch (B) (docs/benchmarks.md I3).
+- pointwise-check (pointwise_producer_check): a row check that joins x's pointwise producer timed
+  as one more read of x ("separate", A) vs as free ("fused", B).
+- norm-reads (norm_reads_its_input): a check over the GELU after a cuSPARSELt fc1 (whose row fixup
+  reads a sum) is its own kernel, timed as a pass (A), vs a reduction in the GELU's kernel timed as
+  free (B: any reduction among the sources counts as a norm).
+- derived-check (derived_check, passes/fuse_mlp.py): a block fc2's row check read from fc1's input
+  (A) vs its own check over the hidden activations (B).
+- skip-hidden (skip_hidden, passes/fuse_mlp.py): a block fc1 skips the hidden units fc2 does not
+  read or folds (A) vs computes all (B).
+- derived-lib-check (derived_lib_check, passes/derived_check.py): a cuSPARSELt fc2's row check from
+  fc1's input, then its own input in the flagged rows only (A) vs its check over the hidden
+  activations, which makes the GELU kernel a reduction (B).
+- lib-activation (lib_activation, passes/lib_activation.py): fc1's activation in cuSPARSELt's
+  epilogue where the library computes the graph's (A) vs an Inductor kernel after the call (B).
 """
 from __future__ import annotations
 
@@ -29,23 +31,20 @@ import argparse
 import torch
 
 from sparse_inductor.bench import _bench, header
-from sparse_inductor.passes import derived_check, fuse_mlp, lib_activation, linear_rewrite
+from sparse_inductor.options import Rules
 from sparse_inductor.prune import prune
 from sparse_inductor.report import LayerDecision, collect
 
-# rule -> (module, attribute, its value in form B, names of forms A and B)
+# rule -> (the Rules field, its value in form B, names of forms A and B); form A is the default
 RULES = {
-    "row-fixup": (linear_rewrite, "_pointwise_users", lambda node, depth=4: False, ("in the graph", "in the op")),
-    "pointwise-check": (linear_rewrite, "POINTWISE_PRODUCER_CHECK", "fused",
-                        ("check timed as a pass", "check timed as free")),
-    "norm-reads": (linear_rewrite, "NORM_READS_ITS_INPUT", False,
+    "row-fixup": ("row_fixup_in_graph", False, ("in the graph", "in the op")),
+    "pointwise-check": ("pointwise_producer_check", "fused", ("check timed as a pass", "check timed as free")),
+    "norm-reads": ("norm_reads_its_input", False,
                    ("a norm reads what it reduces", "any reduction among the sources is a norm")),
-    "derived-check": (fuse_mlp, "DERIVED_CHECK", False, ("fc2's check from fc1's input", "fc2's check over h")),
-    "skip-hidden": (fuse_mlp, "SKIP_HIDDEN", False, ("fc1 skips unread/constant hidden units", "fc1 computes all")),
-    "derived-lib-check": (derived_check, "DERIVED_LIB_CHECK", False,
-                          ("cslt fc2's check from fc1's input", "cslt fc2's check over h")),
-    "lib-activation": (lib_activation, "LIB_ACTIVATION", False,
-                       ("activation in cuSPARSELt's epilogue", "activation kernel after the call")),
+    "derived-check": ("derived_check", False, ("fc2's check from fc1's input", "fc2's check over h")),
+    "skip-hidden": ("skip_hidden", False, ("fc1 skips unread/constant hidden units", "fc1 computes all")),
+    "derived-lib-check": ("derived_lib_check", False, ("cslt fc2's check from fc1's input", "cslt fc2's check over h")),
+    "lib-activation": ("lib_activation", False, ("activation in cuSPARSELt's epilogue", "activation kernel after the call")),
 }
 
 
@@ -57,7 +56,7 @@ def _kernels(records) -> str:
 def ab(name: str, batch: int, rule: str, pattern: str, rounds: int) -> None:
     import timm
 
-    module, attr, b_value, forms = RULES[rule]
+    field, b_value, forms = RULES[rule]
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).to("cuda", torch.bfloat16).eval()
     if pattern == "block":  # the bench's ViT-B block case: MLP weights, 90% zero 64x64 blocks
@@ -65,7 +64,7 @@ def ab(name: str, batch: int, rule: str, pattern: str, rounds: int) -> None:
     else:
         prune(model, "2:4")
     x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
-    a_value = getattr(module, attr)
+    a_value = getattr(Rules(), field)
     res: dict = {}
     picks: dict = {}
     with torch.no_grad():
@@ -76,16 +75,15 @@ def ab(name: str, batch: int, rule: str, pattern: str, rounds: int) -> None:
         dense = None
         for _ in range(rounds):
             for form, value in zip(forms, (a_value, b_value)):
-                setattr(module, attr, value)
                 try:
                     torch._dynamo.reset()
                     with collect() as sink:
-                        ours = torch.compile(model, backend="sparse", options={"mode": "reduce-overhead", "fx_cache": False})
+                        ours = torch.compile(model, backend="sparse", options={
+                            "mode": "reduce-overhead", "fx_cache": False, "rules": {field: value}})
                         ours(x)
                     res.setdefault(form, []).append(_bench(lambda: ours(x), rep=200))
                     picks[form] = _kernels(sink)
                 finally:
-                    setattr(module, attr, a_value)
                     ours = None
     print(f"\n| {name} b{batch}, {pattern}, RO: rule {rule} | us | vs dense RO ({t_dense:.1f}) | kernels |")
     print("|---|---|---|---|")

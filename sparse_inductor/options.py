@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional
 
 from .formats import BLOCK_SIZES
 
-__all__ = ["SparseOptions", "resolve_options", "ENV_DISABLE", "ENV_FORCE"]
+__all__ = ["Rules", "SparseOptions", "resolve_options", "ENV_DISABLE", "ENV_FORCE"]
 
 ENV_DISABLE = "SPARSE_INDUCTOR_DISABLE"
 ENV_FORCE = "SPARSE_INDUCTOR_FORCE"
@@ -35,6 +35,83 @@ _REDUCTIONS = ("one-pass", "inductor")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _ON_WEIGHT_CHANGE = ("recompile", "raise", "ignore")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+_CHECK_TIMING = ("separate", "fused")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """Rules of the rewrite that each default to what measured best; switching one gives the build
+    without it, for A/B comparisons (bench/ab_rules.py) and tests. They are part of the options, so
+    of opts.digest() and of the pass's FX-cache key: a graph built under one rule is never reused
+    under another. options={"rules": {"derived_check": False}} or SparseOptions(rules=Rules(...)).
+
+    row_fixup_in_graph:       after a cuSPARSELt layer whose every use is pointwise, its non-finite
+                              row fixup is y * (1 + g), which Inductor inlines into those ops (no
+                              kernel of its own); False: the op's own nan_rows_ launch
+                              (passes/row_checks.py).
+    pointwise_producer_check: how a row check over x is timed where x comes from an Inductor
+                              pointwise kernel (a GELU, the gated product), which the check would
+                              turn into a reduction: "separate" (one more read of x, the check a
+                              kernel of its own), or "fused" (free). On the H200 ViT-B/16's GELU with
+                              the check fused ran 27-35 us a layer slower than the GELU alone, more
+                              than a separate pass over x (~20 us; docs/benchmarks.md).
+    norm_reads_its_input:     a reduction among a pointwise x's sources counts as x's norm (the
+                              check then rides in it, timed free) only where the pointwise ops also
+                              read what it reduces, as a LayerNorm / RMSNorm does; False: any
+                              reduction counts (a cuSPARSELt layer's row fixup, a sum over that
+                              layer's input, then makes the check after it "fused").
+    derived_check:            a block-sparse fc2 after a block-sparse fc1 and an activation takes its
+                              non-finite row check from fc1's input (passes/fuse_mlp.py); False:
+                              its own check over the hidden activations.
+    skip_hidden:              such an fc1 leaves out the hidden units fc2 does not read or folds into
+                              its bias (passes/fuse_mlp.py); False: fc1 computes every hidden unit.
+    derived_lib_check:        the same derived check for a cuSPARSELt fc2 (passes/derived_check.py);
+                              False: fc2's own check over the hidden activations.
+    derived_lib_min_bytes:    the hidden activations' bytes (M x H x itemsize at the dispatcher's M)
+                              under which a cuSPARSELt fc2 keeps its own check: the check over h is
+                              cheap there, the derived one one more launch (~1-2 us in a CUDA graph).
+                              4 MiB, ~1 us of HBM traffic on the H100 / H200: a guess, not timed.
+    lib_activation:           a ReLU / GELU after a cuSPARSELt layer moves into the library's
+                              epilogue where the library computes the graph's function
+                              (passes/lib_activation.py); False: an Inductor kernel after the call.
+    """
+
+    row_fixup_in_graph: bool = True
+    pointwise_producer_check: str = "separate"
+    norm_reads_its_input: bool = True
+    derived_check: bool = True
+    skip_hidden: bool = True
+    derived_lib_check: bool = True
+    derived_lib_min_bytes: int = 4 << 20
+    lib_activation: bool = True
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            name, value = f"rules.{f.name}", getattr(self, f.name)
+            if f.type == "bool":
+                _check_type(name, value, bool, "True or False")
+            elif f.type == "int":
+                _check_type(name, value, int, "an int", exclude=bool)
+                if value < 0:
+                    raise ValueError(f"option {name!r} must be >= 0, got {value}")
+            else:
+                _check_type(name, value, str, "a string")
+        if self.pointwise_producer_check not in _CHECK_TIMING:
+            raise ValueError(f"unknown rules.pointwise_producer_check {self.pointwise_producer_check!r}; "
+                             f"choose from {_CHECK_TIMING}")
+
+    @classmethod
+    def of(cls, value: Any) -> "Rules":
+        """Rules from a Rules or a mapping of some of its fields (the others at their defaults)."""
+        if isinstance(value, Rules):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"option 'rules' must be a Rules or a dict of its fields, got {type(value).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ValueError(f"unknown rule(s) {unknown} in option 'rules'; the rules are {names}")
+        return cls(**value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +183,8 @@ class SparseOptions:
                        tensors, so it costs their memory once more; no check per call).
                        Writes through `.data` (`weight.data.mul_(2)`) bypass the version counter:
                        no mode sees them (docs/decisions.md, "Weights that change").
+    rules:             the rewrite's rules (Rules: each on by default), a Rules or a dict of some of its
+                       fields, e.g. {"derived_check": False}.
     """
 
     force: bool = False
@@ -123,8 +202,10 @@ class SparseOptions:
     reductions: str = "one-pass"
     fuse_mlp: bool = False
     on_weight_change: str = "recompile"
+    rules: Rules = dataclasses.field(default_factory=Rules)
 
     def __post_init__(self):
+        object.__setattr__(self, "rules", Rules.of(self.rules))
         for name in ("force", "fx_cache", "fuse_mlp"):
             _check_type(name, getattr(self, name), bool, "True or False")
         for name in ("max_block_density", "min_speedup"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import unittest.mock
 import zlib
 
 import expecttest
@@ -213,7 +212,7 @@ class TestDerivedCheck(expecttest.TestCase):
 
     def test_hidden_units_skipped(self):
         """fc1 computes only the block rows fc2 reads (live, skip_check = the derived check); fc2's
-        blocks on constant units go into an fp32 bias after it. With fuse_mlp's SKIP_HIDDEN off,
+        blocks on constant units go into an fp32 bias after it. With options rules.skip_hidden off,
         neither; under nonfinite="fast", fc1 skips with no check."""
         model, x = seeded_mlp(), torch.randn(2, 5, 64, dtype=torch.bfloat16)
         r = run_sparse(model, (x,), options=self.opts)
@@ -228,10 +227,7 @@ class TestDerivedCheck(expecttest.TestCase):
         fast = run_sparse(model, (x,), options={**self.opts, "nonfinite": "fast"})
         self.assertIn("'triton', guard = False, live = 3, skip_check = None)", fast.graphs[0])
         assert_close_fp64(fast.outputs[0], copy.deepcopy(model).double()(x.double()).detach(), torch.bfloat16)
-        from sparse_inductor.passes import fuse_mlp
-
-        with unittest.mock.patch.object(fuse_mlp, "SKIP_HIDDEN", False):
-            off = run_sparse(model, (x,), options=self.opts)
+        off = run_sparse(model, (x,), options={**self.opts, "rules": {"skip_hidden": False}})
         self.assertNotIn("live =", off.graphs[0])
         self.assertNotIn("hidden", off.by_name("fc1").fused_text() + off.by_name("fc2").fused_text())
         assert_like_eager(off.outputs[0], model(x).detach())
@@ -258,11 +254,11 @@ class TestDerivedCheck(expecttest.TestCase):
 
 def test_dispatcher_times_the_derived_check(triton_on_cpu, monkeypatch):
     """fc2 (N 64) is timed without a pass over h (Layer.derived_check) where fuse_mlp will give it its
-    check from fc1's input; with the pass where it will not: nonfinite="fast" (no check), the switch
+    check from fc1's input; with the pass where it will not: nonfinite="fast" (no check), the rule
     off, K > H without a norm, an Inf in W1. fc1 (N 128) never; and the block runner then sums x only
     without it."""
     from sparse_inductor.lowering import triton_block
-    from sparse_inductor.passes import fuse_mlp, linear_rewrite
+    from sparse_inductor.passes import linear_rewrite
 
     seen, real = {}, linear_rewrite.choose
 
@@ -276,13 +272,12 @@ def test_dispatcher_times_the_derived_check(triton_on_cpu, monkeypatch):
     inf_w1 = seeded_mlp()
     with torch.no_grad():
         inf_w1.fc1.weight.view(-1)[inf_w1.fc1.weight.view(-1).nonzero()[0]] = float("inf")
-    for model, opts, switch in ((seeded_mlp(), {"nonfinite": "fast"}, True), (seeded_mlp(), {}, False),
-                                (seeded_mlp(d=128, h=64, norm=False), {}, True), (inf_w1, {}, True)):
+    for model, opts in ((seeded_mlp(), {"nonfinite": "fast"}), (seeded_mlp(), {"rules": {"derived_check": False}}),
+                        (seeded_mlp(d=128, h=64, norm=False), {}), (inf_w1, {})):
         seen.clear()
-        with unittest.mock.patch.object(fuse_mlp, "DERIVED_CHECK", switch):
-            run_sparse(model, (torch.randn(3, model.fc1.in_features, dtype=torch.bfloat16),),
-                       options={**triton_on_cpu, **opts})
-        assert not seen[model.fc2.out_features].derived_check, (opts, switch)
+        run_sparse(model, (torch.randn(3, model.fc1.in_features, dtype=torch.bfloat16),),
+                   options={**triton_on_cpu, **opts})
+        assert not seen[model.fc2.out_features].derived_check, opts
     sums = []
     monkeypatch.setattr(torch, "sum", lambda *a, **kw: sums.append(a[0].shape))
     monkeypatch.setattr(triton_block, "block_linear", lambda *a, **kw: None)

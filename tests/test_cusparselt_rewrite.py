@@ -346,9 +346,9 @@ def test_row_check_mode(make, want):
     assert _row_check_mode(out, torch.int8, sparse_inductor.SparseOptions()) == "none"
 
 
-def test_norm_reads_switch(monkeypatch):
-    """NORM_READS_ITS_INPUT off (the rule before session 14, for bench/ab_rules.py): the row fixup's
-    sum counts as a norm again."""
+def test_norm_reads_rule():
+    """options rules.norm_reads_its_input off (for bench/ab_rules.py): the row fixup's sum counts as a
+    norm."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from sparse_inductor.passes import linear_rewrite
@@ -357,8 +357,8 @@ def test_norm_reads_switch(monkeypatch):
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     out = out[0] if isinstance(out, (tuple, list)) else out
     assert linear_rewrite._row_check_mode(out, torch.float32, sparse_inductor.SparseOptions()) == "separate"
-    monkeypatch.setattr(linear_rewrite, "NORM_READS_ITS_INPUT", False)
-    assert linear_rewrite._row_check_mode(out, torch.float32, sparse_inductor.SparseOptions()) == "fused"
+    off = sparse_inductor.SparseOptions(rules={"norm_reads_its_input": False})
+    assert linear_rewrite._row_check_mode(out, torch.float32, off) == "fused"
 
 
 class TwoReaders(nn.Module):
@@ -393,17 +393,17 @@ def test_layers_reading_one_x_share_its_check(norm):
 
 
 @pytest.mark.parametrize("kernel,want", [("triton", "separate"), ("reference", "fused")])
-def test_row_check_mode_after_template(kernel, want, monkeypatch):
+def test_row_check_mode_after_template(kernel, want):
     """A GELU of a Triton template's output is that template's epilogue (no kernel the reduction
     could join): "separate"; after the reference kernel (an extern call) it is its own pointwise
-    kernel, timed as POINTWISE_PRODUCER_CHECK (set to "fused" here to tell the two apart)."""
+    kernel, timed as options rules.pointwise_producer_check (set to "fused" here to tell the two
+    apart)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from sparse_inductor.formats import compress_block
-    from sparse_inductor.passes import linear_rewrite
     from sparse_inductor.passes.linear_rewrite import _row_check_mode
 
-    monkeypatch.setattr(linear_rewrite, "POINTWISE_PRODUCER_CHECK", "fused")
+    opts = sparse_inductor.SparseOptions(rules={"pointwise_producer_check": "fused"})
 
     w = torch.zeros(32, 16)
     w[:16, :16] = torch.randn(16, 16)
@@ -416,7 +416,7 @@ def test_row_check_mode_after_template(kernel, want, monkeypatch):
     gm = make_fx(f)(torch.randn(4, 16))
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     out = out[0] if isinstance(out, (tuple, list)) else out
-    assert _row_check_mode(out, torch.float32, sparse_inductor.SparseOptions()) == want
+    assert _row_check_mode(out, torch.float32, opts) == want
 
 
 @pytest.mark.parametrize("kernel", ["triton", "reference"])
@@ -472,17 +472,14 @@ class LibMlp(nn.Module):
         return x + self.fc2(a)
 
 
-@pytest.fixture
-def derive_always(monkeypatch):
-    from sparse_inductor.passes import derived_check
-
-    monkeypatch.setattr(derived_check, "MIN_BYTES", 0)  # (the tests' h is a few KiB)
-    return derived_check
+# the library passes' tests: h of any size gets the derived check (the tests' h is a few KiB)
+DERIVE_ALWAYS = {"derived_lib_min_bytes": 0}
 
 
-def _lib_run(model, x, **opts):
+def _lib_run(model, x, rules=None, **opts):
     torch._dynamo.reset()
-    return run_sparse(model, (x,), options={**OPTS, "fx_cache": False, **opts})
+    return run_sparse(model, (x,), options={**OPTS, "fx_cache": False, "rules": {**DERIVE_ALWAYS, **(rules or {})},
+                                            **opts})
 
 
 def _same_rows_as_dense(out, ref, dtype):
@@ -496,19 +493,15 @@ def _same_rows_as_dense(out, ref, dtype):
 
 
 class TestDerivedLibraryCheck(expecttest.TestCase):
-    @pytest.fixture(autouse=True)
-    def _derive(self, derive_always, monkeypatch):
-        from sparse_inductor.passes import lib_activation
-
-        monkeypatch.setattr(lib_activation, "LIB_ACTIVATION", False)  # (fc1's GELU stays in the graph here)
-        self.pass_module = derive_always
+    # (fc1's GELU stays in the graph here)
+    RULES = {"lib_activation": False}
 
     def test_graph_and_decision(self):
         """No reduction over h: the flag joins the norm, and row_check(h, gd) reads h only where gd
         flags a row; the GELU stays pointwise."""
         model = seeded(LibMlp).to(torch.bfloat16)
         x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
-        r = _lib_run(model, x)
+        r = _lib_run(model, x, self.RULES)
         gm = r.graphs[0]
         assert gm.count("aten.sum.dim_IntList") == 2, gm  # fc1's check and the flag's, both over fc1's input
         self.assertIn("amax_default", gm)
@@ -537,7 +530,7 @@ class TestDerivedLibraryCheck(expecttest.TestCase):
         x[3] = model.fc1.weight.detach()[j].sign() * 4e4  # finite, under fp16's limit, but fc1's unit j overflows
         ref = model(x).detach()
         assert ref[:3].isfinite().all() and not ref[3].isfinite().any() and safe * 1.05 < 65504
-        r = _lib_run(model, x)
+        r = _lib_run(model, x, self.RULES)
         assert r.by_name("fc2").row_check.startswith("from fc1's input (a pass over it)"), r.by_name("fc2").line()
         _same_rows_as_dense(r.outputs[0], ref, torch.float16)
         # and the flag did fire in that row: gd alone as fc2's check would have made it NaN
@@ -548,7 +541,7 @@ class TestDerivedLibraryCheck(expecttest.TestCase):
     def test_not_derived(self):
         """Each condition keeps fc2's own check over h: nonfinite="fast" (no checks), another tensor
         between the layers (a gated product), an op that is not a known activation, a NaN in b1 or in
-        W1 (no bound), the module switch, and (default MIN_BYTES) a small h."""
+        W1 (no bound), the rule off, and (the default rules.derived_lib_min_bytes) a small h."""
         # (the reason fc2's record gives; None: no check to derive, or another tensor enters: no pair)
         cases = [(seeded(LibMlp), {"nonfinite": "fast"}, None), (seeded(LibMlp, act="gated"), {}, None),
                  (seeded(LibMlp, act="tanh"), {}, "the ops between the two layers are not an activation we know")]
@@ -560,7 +553,7 @@ class TestDerivedLibraryCheck(expecttest.TestCase):
         for model, opts, why in cases:
             model = model.to(torch.bfloat16)
             x = torch.randn(3, 32, dtype=torch.bfloat16)
-            r = _lib_run(model, x, **opts)
+            r = _lib_run(model, x, self.RULES, **opts)
             assert "then its own" not in r.by_name("fc2").row_check, r.by_name("fc2").line()
             said = "non-finite row check over its own input, not from fc1's"
             assert (f"{said}: {why}" in r.by_name("fc2").reason) if why else said not in r.by_name("fc2").reason, \
@@ -568,9 +561,8 @@ class TestDerivedLibraryCheck(expecttest.TestCase):
             assert "amax_default" not in r.graphs[0], r.graphs[0]  # (no flag over fc1's input)
             _same_rows_as_dense(r.outputs[0], model(x).detach(), torch.bfloat16)
         model, x = seeded(LibMlp).to(torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
-        for attr, value in (("DERIVED_LIB_CHECK", False), ("MIN_BYTES", 4 << 20)):
-            with unittest.mock.patch.object(self.pass_module, attr, value):
-                r = _lib_run(model, x)
+        for rules in ({"derived_lib_check": False}, {"derived_lib_min_bytes": 4 << 20}):
+            r = _lib_run(model, x, {**self.RULES, **rules})
             # (h is the GELU's, a pointwise kernel that reads fc1's row fixup: fc2's check, one more read)
             assert r.by_name("fc2").row_check == "own kernel", r.by_name("fc2").line()
             assert "amax" not in r.graphs[0]
@@ -579,7 +571,7 @@ class TestDerivedLibraryCheck(expecttest.TestCase):
 
 @pytest.mark.parametrize("act", ["gelu", "relu"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_derived_library_check_nonfinite_rows(act, dtype, derive_always):
+def test_derived_library_check_nonfinite_rows(act, dtype):
     """NaN, +Inf and -Inf rows of x come out non-finite as in dense (through the norm: every
     entry of such a row is NaN after it); a row with a huge finite entry stays finite."""
     model = seeded(LibMlp, act=act).to(dtype)
@@ -593,13 +585,15 @@ def test_derived_library_check_nonfinite_rows(act, dtype, derive_always):
     _same_rows_as_dense(r.outputs[0], ref, dtype)
 
 
-def test_derived_library_check_failure_keeps_own_check(derive_always, monkeypatch):
+def test_derived_library_check_failure_keeps_own_check(monkeypatch):
     """An internal error in the pass leaves fc2 with its own check (and says so); the compile and
     the numbers are those without the pass."""
+    from sparse_inductor.passes import derived_check
+
     def boom(*a, **k):
         raise RuntimeError("probe")
 
-    monkeypatch.setattr(derive_always, "identify_activation", boom)
+    monkeypatch.setattr(derived_check, "identify_activation", boom)
     model = seeded(LibMlp).to(torch.bfloat16)
     x = torch.randn(3, 32, dtype=torch.bfloat16)
     x[1, 2] = float("nan")
@@ -623,21 +617,21 @@ def _layers_seen(monkeypatch) -> dict:
     return seen
 
 
-def test_dispatcher_times_the_derived_check(derive_always, monkeypatch):
+def test_dispatcher_times_the_derived_check(monkeypatch):
     """fc2 (N 32) is timed with the check it will get from fc1's input (Layer.derived_check) where the
-    pass will derive it, and with its own pass over h otherwise: nonfinite="fast", the switch off, a
-    small h (MIN_BYTES), an activation the pass does not know; fc1 (N 64) never."""
+    pass will derive it, and with its own pass over h otherwise: nonfinite="fast", the rule off, a
+    small h (rules.derived_lib_min_bytes), an activation the pass does not know; fc1 (N 64) never."""
     seen = _layers_seen(monkeypatch)
     x = torch.randn(3, 32, dtype=torch.bfloat16)
     r = _lib_run(seeded(LibMlp).to(torch.bfloat16), x)
     assert seen[32].derived_check and seen[32].row_check == "separate" and not seen[64].derived_check
     assert "then its own input in the rows" in r.by_name("fc2").row_check, r.by_name("fc2").line()
-    for model, opts, patch in ((seeded(LibMlp), {"nonfinite": "fast"}, None), (seeded(LibMlp), {}, ("DERIVED_LIB_CHECK", False)),
-                               (seeded(LibMlp), {}, ("MIN_BYTES", 4 << 20)), (seeded(LibMlp, act="tanh"), {}, None)):
+    for model, opts, rules in ((seeded(LibMlp), {"nonfinite": "fast"}, None),
+                               (seeded(LibMlp), {}, {"derived_lib_check": False}),
+                               (seeded(LibMlp), {}, {"derived_lib_min_bytes": 4 << 20}), (seeded(LibMlp, act="tanh"), {}, None)):
         seen.clear()
-        with unittest.mock.patch.object(derive_always, *patch) if patch else contextlib.nullcontext():
-            _lib_run(model.to(torch.bfloat16), x, **opts)
-        assert not seen[32].derived_check, (opts, patch)
+        _lib_run(model.to(torch.bfloat16), x, rules, **opts)
+        assert not seen[32].derived_check, (opts, rules)
 
 
 def test_timing_runner_with_the_derived_check(monkeypatch):
@@ -663,7 +657,7 @@ def test_timing_runner_with_the_derived_check(monkeypatch):
     assert maybe.shape == (16,) and maybe.dtype == torch.float32 and not maybe.any()
 
 
-def test_derived_library_check_after_a_dense_fc1(derive_always, monkeypatch):
+def test_derived_library_check_after_a_dense_fc1(monkeypatch):
     """fc1's 2:4 weight kept dense by the dispatcher (its addmm), fc2 on the library: fc2's check still
     comes from fc1's input; a NaN row and an Inf row come out as dense's."""
     from sparse_inductor.dispatch import Choice
@@ -688,7 +682,7 @@ def test_derived_library_check_after_a_dense_fc1(derive_always, monkeypatch):
 # ---- fc1's activation in the library's epilogue (passes/lib_activation.py)
 
 @pytest.mark.parametrize("act,dtype", [("gelu", torch.bfloat16), ("relu", torch.bfloat16), ("relu", torch.float16)])
-def test_library_activation(act, dtype, derive_always):
+def test_library_activation(act, dtype):
     """fc1's activation moves into the op (the emulated library computes the graph's), its row fixup
     with it; no erf / GELU op left in the graph; NaN / Inf rows as dense, the rest within the dtype's
     tolerance of fp64 (the library rounds once where the graph rounded y1 first)."""
@@ -709,7 +703,7 @@ def test_library_activation(act, dtype, derive_always):
     torch.testing.assert_close(r.outputs[0].reshape(-1, 32)[fin].double(), ref64[fin], rtol=tol, atol=tol)
 
 
-def test_library_activation_refused(derive_always, monkeypatch):
+def test_library_activation_refused(monkeypatch):
     """A library whose GELU is the tanh approximation does not get an erf GELU (the decision says why);
     the same library does get a tanh GELU; a ReLU whose NaN is 0 is refused; y1 read elsewhere too
     keeps the activation in the graph."""
@@ -742,7 +736,7 @@ def test_library_activation_refused(derive_always, monkeypatch):
     assert "activation =" not in r.graphs[0]
 
 
-def test_library_activation_fp16_gelu_stays(derive_always):
+def test_library_activation_fp16_gelu_stays():
     """fp16: a finite x can overflow fc1's fp16 output; the graph's GELU then sees -Inf (NaN), where
     the library would see the finite fp32 sum (-0): the GELU stays in the graph, and dense's NaN row
     comes out (the derived check finds it in h)."""
@@ -758,12 +752,9 @@ def test_library_activation_fp16_gelu_stays(derive_always):
     _same_rows_as_dense(r.outputs[0], ref, torch.float16)
 
 
-def test_library_activation_switch(derive_always, monkeypatch):
-    from sparse_inductor.passes import lib_activation
-
-    monkeypatch.setattr(lib_activation, "LIB_ACTIVATION", False)
+def test_library_activation_rule():
     model, x = seeded(LibMlp).to(torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
-    r = _lib_run(model, x)
+    r = _lib_run(model, x, {"lib_activation": False})
     assert "activation =" not in r.graphs[0] and "gelu" not in r.by_name("fc1").fused
 
 
@@ -775,35 +766,32 @@ def test_library_activation_switch(derive_always, monkeypatch):
 def test_derived_and_library_passes_any_input(d, h, m, dtype, act, norm, bad):
     """Any shape, dtype, activation and placement of NaN / Inf / huge values (huge: near the dtype's
     largest, so fc1 may overflow): the rows that come out non-finite are dense's, and they are NaN;
-    the rows without a special value are close to dense's (both passes on, MIN_BYTES 0). Dense here
+    the rows without a special value are close to dense's (both passes on, any size of h). Dense here
     is the model compiled by plain Inductor: its LayerNorm of a row holding a huge value gives 0s
     where eager's gives NaN. (A row with a huge but finite value is not compared by value: its
     outputs are sums of terms of ~1e4 (fp16) that cancel, so any two summation orders differ by far
     more than the tolerance.)"""
-    from sparse_inductor.passes import derived_check
-
-    with unittest.mock.patch.object(derived_check, "MIN_BYTES", 0):
-        model = seeded(LibMlp, d=d, h=h, act=act, norm=norm).to(dtype)
-        x = torch.randn(m, d, dtype=dtype)
-        big = torch.finfo(dtype).max / 2
-        for r, c, v in bad:
-            x[r % m, c % d] = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "big": big,
-                               "-big": -big}[v]
-        r = _lib_run(model, x)
-        torch._dynamo.reset()
-        with torch.no_grad():
-            ref = torch.compile(model)(x)
-        out = r.outputs[0]
-        nonfinite = ~ref.isfinite().all(-1)
-        assert torch.equal(~out.isfinite().all(-1), nonfinite), (out, ref)
-        assert out[nonfinite].isnan().all()
-        plain = torch.ones(m, dtype=torch.bool)
-        for row, _, _ in bad:
-            plain[row % m] = False
-        torch.testing.assert_close(out[plain], ref[plain], rtol=2e-2, atol=2e-2)
+    model = seeded(LibMlp, d=d, h=h, act=act, norm=norm).to(dtype)
+    x = torch.randn(m, d, dtype=dtype)
+    big = torch.finfo(dtype).max / 2
+    for r, c, v in bad:
+        x[r % m, c % d] = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "big": big,
+                           "-big": -big}[v]
+    r = _lib_run(model, x)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = torch.compile(model)(x)
+    out = r.outputs[0]
+    nonfinite = ~ref.isfinite().all(-1)
+    assert torch.equal(~out.isfinite().all(-1), nonfinite), (out, ref)
+    assert out[nonfinite].isnan().all()
+    plain = torch.ones(m, dtype=torch.bool)
+    for row, _, _ in bad:
+        plain[row % m] = False
+    torch.testing.assert_close(out[plain], ref[plain], rtol=2e-2, atol=2e-2)
 
 
-def test_library_activation_refused_by_the_plan(derive_always, monkeypatch):
+def test_library_activation_refused_by_the_plan(monkeypatch):
     """A layer whose algorithm (chosen without the activation) refuses the activation keeps it in the
     graph: the plan is made at compile time, not found failing at run time."""
     def refusing(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None, activation=None):

@@ -75,17 +75,15 @@ def test_plan_path_inside_cuda_graph():
 
 
 @pytest.mark.parametrize("m", [64, (4, 16)])
-def test_compiled_linear_bias_relu(m, monkeypatch):
+def test_compiled_linear_bias_relu(m):
     """The op runs once with the bias fused by cuSPARSELt; the ReLU is one Inductor kernel after it,
     which also applies the non-finite row check (y * (1 + g), no nan_rows_ launch); the check over
     x (a graph input) is one kernel before it, the row-check template. (The ReLU kept out of the
     library's epilogue: test_library_activation_where_it_matches has that.)"""
-    from sparse_inductor.passes import lib_activation
-
-    monkeypatch.setattr(lib_activation, "LIB_ACTIVATION", False)
     model = prepared(LinearBiasReLU(), "2:4")
     x = torch.randn(*(m if isinstance(m, tuple) else (m,)), 256, device="cuda", dtype=torch.bfloat16)
-    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt"})
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt",
+                                                       "rules": {"lib_activation": False}})
     assert [d.kernel for d in decisions] == ["cusparselt"]
     assert "alg_id" in decisions[0].params
     assert rel_err(out, fp64(model, x)) < TOL_BF16
@@ -265,17 +263,15 @@ class GeluMlp(torch.nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def test_gelu_between_cslt_linears_stays_pointwise(monkeypatch):
+def test_gelu_between_cslt_linears_stays_pointwise():
     """fc2's non-finite row check reads the GELU after fc1 (which also applies fc1's row fixup): the
     check is the row-check template, a read of x of its own, and the GELU stays a pointwise kernel
     (as Inductor ops, the check made it a reduction: +27-35 us a layer on ViT-B, run I4). (The GELU
     kept out of the library's epilogue: test_library_activation_where_it_matches has that.)"""
-    from sparse_inductor.passes import lib_activation
-
-    monkeypatch.setattr(lib_activation, "LIB_ACTIVATION", False)
     model = prepared(GeluMlp(), "2:4")
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
-    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt", "fx_cache": False})
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt", "fx_cache": False,
+                                                       "rules": {"lib_activation": False}})
     assert [d.kernel for d in decisions] == ["cusparselt", "cusparselt"], [d.line() for d in decisions]
     gelu = [k for k in kernel_defs(code) if "gelu" in k]
     assert len(gelu) == 1 and gelu[0].startswith("triton_poi_"), kernel_defs(code)
@@ -283,17 +279,14 @@ def test_gelu_between_cslt_linears_stays_pointwise(monkeypatch):
     assert rel_err(out, fp64(model, x)) < TOL_BF16
 
 
-def test_gelu_between_cslt_linears_after_a_norm_stays_pointwise(monkeypatch):
+def test_gelu_between_cslt_linears_after_a_norm_stays_pointwise():
     """The same with a LayerNorm before fc1 (a ViT's MLP) and fc2's check not derived: fc1's row
     fixup reads a sum that rides in the norm, which is not a norm of h (session 14: it made fc2's
     check a reduction in the GELU's kernel, timed as free); fc2's check is the row-check template."""
-    from sparse_inductor.passes import derived_check, lib_activation
-
-    monkeypatch.setattr(lib_activation, "LIB_ACTIVATION", False)
-    monkeypatch.setattr(derived_check, "DERIVED_LIB_CHECK", False)
     model = prepared(NormGeluMlp(), "2:4")
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
-    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt", "fx_cache": False})
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt", "fx_cache": False,
+                                                       "rules": {"lib_activation": False, "derived_lib_check": False}})
     assert [(d.kernel, d.row_check) for d in decisions] == [("cusparselt", "in x's norm"), ("cusparselt", "own kernel")]
     gelu = [k for k in kernel_defs(code) if "gelu" in k]
     assert len(gelu) == 1 and gelu[0].startswith("triton_poi_"), kernel_defs(code)
@@ -314,15 +307,13 @@ class NormGeluMlp(torch.nn.Module):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "input"])
-def test_derived_check_keeps_gelu_pointwise(dtype, norm, monkeypatch):
-    """fc2's check from fc1's input (passes/derived_check.py; h = 4096 x 1024, 8 MiB, over MIN_BYTES):
+def test_derived_check_keeps_gelu_pointwise(dtype, norm):
+    """fc2's check from fc1's input (passes/derived_check.py; h = 4096 x 1024, 8 MiB, over
+    rules.derived_lib_min_bytes):
     no reduction over h (the GELU kernel stays pointwise), the flagged-rows template reads h only in
     the rows the flag marks. NaN / Inf rows come out non-finite as in dense; fp16 without a norm: a
     row that might overflow fc1 but does not stays finite, one that does comes out NaN. (The GELU
     kept out of the library's epilogue here.)"""
-    from sparse_inductor.passes import lib_activation
-
-    monkeypatch.setattr(lib_activation, "LIB_ACTIVATION", False)
     model = prepared(NormGeluMlp(norm=norm), "2:4").to(dtype)
     x = torch.randn(4096, 256, device="cuda", dtype=dtype)
     x[1, 3], x[100, 7], x[4095, 0] = float("nan"), float("inf"), -float("inf")
@@ -331,7 +322,8 @@ def test_derived_check_keeps_gelu_pointwise(dtype, norm, monkeypatch):
         j = int(w1.abs().sum(1).argmax())
         x[200] = w1[j].sign().to(dtype) * 4e4  # fc1's unit j overflows
         x[300, 5] = 3e4  # flagged (max|x| over the bound), finite all through
-    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt", "fx_cache": False})
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt", "fx_cache": False,
+                                                       "rules": {"lib_activation": False}})
     assert [d.kernel for d in decisions] == ["cusparselt", "cusparselt"], [d.line() for d in decisions]
     assert "then its own input in the rows" in decisions[1].row_check, decisions[1].line()
     gelu = [k for k in kernel_defs(code) if "gelu" in k]

@@ -30,7 +30,8 @@ by pointwise ops and views, which compute an activation fuse_mlp.identify_activa
 (|act(t)| <= |t|); fc1 a layer the rewrite looked at (sparse, or a sparse weight the dispatcher
 kept dense: its mm / addmm) with a floating weight and a constant bias (its row bound:
 linear_rewrite._row_bound), fp16 or bf16; the flag no dearer than the check it replaces (fc1's check
-in x's norm, or K <= H); and h large enough (MIN_BYTES) that one more small kernel pays.
+in x's norm, or K <= H); and h large enough (options rules.derived_lib_min_bytes) that one more
+small kernel pays.
 """
 from __future__ import annotations
 
@@ -49,15 +50,7 @@ from .linear_rewrite import _derived, library_op
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
 
-__all__ = ["DERIVED_LIB_CHECK", "MIN_BYTES", "derivable", "derive_library_checks", "predicts"]
-
-# False: a library fc2 keeps its own check over h (bench/ab_rules.py compares the two)
-DERIVED_LIB_CHECK = True
-
-# Bytes of h (M x H x itemsize, at the dispatcher's M) under which fc2 keeps its own check: there
-# the check over h is cheap and row_check(h, gd) would be one more launch (~1-2 us in a CUDA graph).
-# 4 MiB is ~1 us of HBM traffic on the H100 / H200: a guess, not timed.
-MIN_BYTES = 4 << 20
+__all__ = ["derivable", "derive_library_checks", "predicts"]
 
 _ROW_CHECK = torch.ops.sparse_inductor.row_check.default
 
@@ -79,13 +72,13 @@ def _own_check(out: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
 
 def derive_library_checks(gm: fx.GraphModule, opts: SparseOptions) -> int:
     """The pass body: how many library layers now take their check from fc1's input."""
-    if opts.nonfinite != "exact" or not DERIVED_LIB_CHECK:
+    if opts.nonfinite != "exact" or not opts.rules.derived_lib_check:
         return 0
     done = 0
     for out in list(gm.graph.nodes):
         if "sparse_inductor_layer" not in out.meta:
             continue
-        done += guarded(lambda: _try(gm, out), out, "row check from fc1's input")  # (the layer keeps its own)
+        done += guarded(lambda: _try(gm, out, opts), out, "row check from fc1's input")  # (the layer keeps its own)
     return done
 
 
@@ -101,7 +94,7 @@ class Derivable(NamedTuple):
     why: Optional[str]
 
 
-def derivable(h: fx.Node, m: Optional[int], k: int, name_b: str) -> Optional[Derivable]:
+def derivable(h: fx.Node, m: Optional[int], k: int, name_b: str, opts: SparseOptions) -> Optional[Derivable]:
     """fc1 and whether a library fc2 with input h ([m, k]; m the dispatcher's M) can take its check
     from fc1's input; None where h does not come from a layer the rewrite looked at. Asked by _try
     after the rewrite, and by linear_rewrite before it decides fc2 (predicts)."""
@@ -118,8 +111,9 @@ def derivable(h: fx.Node, m: Optional[int], k: int, name_b: str) -> Optional[Der
     hv = h.meta.get("val")
     h_bytes = (m or 0) * k * (hv.dtype.itemsize if isinstance(hv, torch.Tensor) else 2)
     why = None
-    if h_bytes < MIN_BYTES:
-        why = f"{name_b}'s input is small ({h_bytes / 2**20:.1f} MiB < {MIN_BYTES / 2**20:.0f})"
+    min_bytes = opts.rules.derived_lib_min_bytes
+    if h_bytes < min_bytes:
+        why = f"{name_b}'s input is small ({h_bytes / 2**20:.1f} MiB < {min_bytes / 2**20:.0f})"
     elif not (layer_a.row_check == "fused" or layer_a.k <= k):
         why = f"reading {dec_a.name}'s input costs more than reading {name_b}'s"
     safe = safe_bound_from(bound[0], bound[1], val.dtype) if why is None else 0.0
@@ -135,24 +129,24 @@ def predicts(h: fx.Node, m: Optional[int], k: int, name_b: str, opts: SparseOpti
     """True where this pass will give a library fc2 (input h) its check from fc1's input: the
     dispatcher then times fc2's cuSPARSELt candidate with that check (cusparselt._runner) instead
     of one more pass over h. An internal error here says False (timed as before)."""
-    if opts.nonfinite != "exact" or not DERIVED_LIB_CHECK:
+    if opts.nonfinite != "exact" or not opts.rules.derived_lib_check:
         return False
     try:
-        d = derivable(h, m, k, name_b)
+        d = derivable(h, m, k, name_b, opts)
     except Exception:
         log.exception("sparse_inductor: derived_check.predicts failed for %s", name_b)
         return False
     return d is not None and d.why is None
 
 
-def _try(gm: fx.GraphModule, out: fx.Node) -> int:
+def _try(gm: fx.GraphModule, out: fx.Node, opts: SparseOptions) -> int:
     found = _own_check(out)
     if found is None:
         return 0
     op2, g_old = found
     h = op2.args[0]
     dec_b, layer_b = out.meta["sparse_inductor_layer"]
-    d = derivable(h, layer_b.m, layer_b.k, dec_b.name)
+    d = derivable(h, layer_b.m, layer_b.k, dec_b.name, opts)
     if d is None:
         return 0
     if d.why is not None:

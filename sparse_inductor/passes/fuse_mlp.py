@@ -222,7 +222,7 @@ def fuse_mlps(gm: fx.GraphModule, opts: SparseOptions) -> int:
     """The pass body: returns how many pairs it fused (options fuse_mlp); in exact mode, the pairs it
     leaves apart get fc2's row check from fc1's input (_derive_check); and the pairs left apart skip
     the hidden units fc2 does not read (_skip_hidden)."""
-    if not opts.fuse_mlp and opts.nonfinite != "exact" and not SKIP_HIDDEN:
+    if not opts.fuse_mlp and opts.nonfinite != "exact" and not opts.rules.skip_hidden:
         return 0
     fused = 0
     for b in list(gm.graph.nodes):
@@ -279,21 +279,16 @@ def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
             return 1
         dec_a.reason += f"; not fused with {dec_b.name}: one kernel {t_fused:.1f} us vs {t_apart:.1f} us apart"
     g = None
-    if exact and DERIVED_CHECK and isinstance(b.kwargs.get("row_check"), fx.Node):
+    if exact and opts.rules.derived_check and isinstance(b.kwargs.get("row_check"), fx.Node):
         why = _derive_why(a, safe, dec_a, layer_a, dec_b.name)
         if why is not None:
             keeps_own_check(dec_b, dec_a, why)
         else:
             g = _derive_check(a, b, safe, dec_a, dec_b, layer_a, act)
-    if SKIP_HIDDEN and (g is not None or (not exact and not a.kwargs.get("guard", True)
+    if opts.rules.skip_hidden and (g is not None or (not exact and not a.kwargs.get("guard", True)
                                           and not b.kwargs.get("guard", True))):
         _skip_hidden(gm, a, b, act, g, dec_a, dec_b)
     return 0
-
-
-# fc2's row check derived from fc1's input (below) where the pair allows it; False: fc2 keeps its
-# own check over the hidden activations (bench/ab_rules.py compares the two)
-DERIVED_CHECK = True
 
 
 def _fc1_side(gm: fx.GraphModule, a: fx.Node, nodes: list) -> tuple[Optional[str], Optional[str], float]:
@@ -334,7 +329,7 @@ def predicts(gm: fx.GraphModule, h: fx.Node, b: fx.Node, name_b: str, opts: Spar
     """True where this pass will give a block fc2 (its linear node b, input h, not yet rewritten) its
     check from fc1's input (or fuse the two): the dispatcher then times fc2's block template without
     a pass over h (triton_block._runner). An internal error here says False (timed as before)."""
-    if opts.nonfinite != "exact" or not DERIVED_CHECK:
+    if opts.nonfinite != "exact" or not opts.rules.derived_check:
         return False
     try:
         found = _pair(b, h)
@@ -389,11 +384,6 @@ def derived_check(x: fx.Node, a: fx.Node, b: fx.Node, safe: float) -> fx.Node:
         _derived(n, b)
         n.meta["sparse_inductor"] = "row_check"
     return g
-
-
-# fc1 skips the hidden units fc2 does not read (below); False: fc1 computes every hidden unit
-# (bench/ab_rules.py compares the two)
-SKIP_HIDDEN = True
 
 
 class HiddenPlan(NamedTuple):

@@ -47,10 +47,7 @@ from .linear_rewrite import _is_pointwise, library_op
 
 log = logging.getLogger("sparse_inductor")
 
-__all__ = ["CANDIDATES", "LIB_ACTIVATION", "fuse_library_activations"]
-
-# False: the activation stays an Inductor kernel after the call (bench/ab_rules.py compares the two)
-LIB_ACTIVATION = True
+__all__ = ["CANDIDATES", "fuse_library_activations"]
 
 # graph activation -> (its fp32 function, the library attribute that may compute it)
 CANDIDATES = {name: (BOUNDED_ACTIVATIONS[name], lib) for name, lib in (("relu", "relu"), ("gelu", "gelu"),
@@ -61,7 +58,7 @@ _CSLT = torch.ops.sparse_inductor.linear_cslt.default
 
 def fuse_library_activations(gm: fx.GraphModule, opts: SparseOptions) -> int:
     """The pass body: how many activations moved into the library's epilogue."""
-    if not LIB_ACTIVATION:
+    if not opts.rules.lib_activation:
         return 0
     done = 0
     for out in list(gm.graph.nodes):

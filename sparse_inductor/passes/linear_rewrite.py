@@ -429,7 +429,8 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions, input_reason=None) 
             fmt = _fmt(spec, det, layer)
             cnodes = consts.nodes((key, fmt), tensors(spec), node)
             out = _replace(site, det, spec, cnodes, choice.kernel, choice.params, n, k,
-                           check=layer.row_check, product=layer.product)
+                           check=layer.row_check, product=layer.product,
+                           fixup_in_graph=opts.rules.row_fixup_in_graph)
             pieces = _split(out, site, det, spec, choice.kernel, w, layer, consts, key) if spec.split_outputs else None
             if pieces:
                 consts.drop_unused((key, fmt))
@@ -527,9 +528,12 @@ def _int8_product(node: fx.Node, opts: SparseOptions) -> torch.dtype:
 
 
 def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[fx.Node, ...], kernel: str,
-             params: dict, n: int, k: int, check: str = "fused", product: Optional[torch.dtype] = None) -> fx.Node:
+             params: dict, n: int, k: int, check: str = "fused", product: Optional[torch.dtype] = None,
+             fixup_in_graph: bool = True) -> fx.Node:
     """The matmul `site.node` replaced by the chosen kernel's op; check: the non-finite row check's
-    mode (_row_check_mode: "none", "fused", "separate"), for the kernels that need one."""
+    mode (_row_check_mode: "none", "fused", "separate"), for the kernels that need one;
+    fixup_in_graph (options rules.row_fixup_in_graph): a library op's row fixup in the pointwise
+    ops after it where every use is one, else in the op."""
     node, graph = site.node, site.node.graph
     if node.target is aten._scaled_mm.default:
         return _replace_scaled_mm(site, spec, cnodes, params, n, k)
@@ -544,7 +548,7 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
         kwargs = {}
         if spec.row_check and floating and check != "none":
             g = _row_check(x, node, check)
-            if not _pointwise_users(node):
+            if not (fixup_in_graph and _pointwise_users(node)):
                 kwargs, g = {"row_check": g}, None
     else:
         # the block template reads g from the graph where the check does not join x's producer
@@ -677,25 +681,11 @@ def _row_check_text(spec: KernelSpec, det: Detection, kernel: str, layer: Layer,
     return {"fused": "in x's norm", "separate": "own kernel"}.get(layer.row_check, "")
 
 
-# How a row check over x that Inductor fuses into x's *pointwise* producer (a GELU, the gated product)
-# is timed. It is not free: the producer becomes a reduction kernel, which on the H200 ran ViT-B's
-# GELU + check 27-35 us a layer slower than the GELU alone (docs/benchmarks.md I4), more than a
-# separate pass over x costs (~20 us). So it is timed as "separate"; "fused" (free, as before
-# run J) stays for bench/ab_rules.py to compare against.
-POINTWISE_PRODUCER_CHECK = "separate"
-
-# A reduction among a pointwise x's sources counts as x's norm only where the pointwise ops also read
-# what it reduces (session 14: a cuSPARSELt layer's row fixup reads a sum over that layer's input,
-# which made the check after it "fused"); False: any reduction counts, the rule before
-# (bench/ab_rules.py --rule norm-reads compares the two)
-NORM_READS_ITS_INPUT = True
-
-
 def _row_check_mode(x: fx.Node, compute: torch.dtype, opts: SparseOptions) -> str:
     """How the non-finite row check of a zero-skipping kernel (cuSPARSELt, the block template)
     costs, for its timing: "none" (int8 / fp8 inputs, which have their own handling, or options
     nonfinite="fast"); "fused" where x comes from an Inductor reduction kernel (a norm), which the
-    reduction over x joins at little cost; POINTWISE_PRODUCER_CHECK where x comes from an Inductor
+    reduction over x joins at little cost; rules.pointwise_producer_check where x comes from an Inductor
     pointwise kernel (which the check turns into a reduction); "separate" otherwise (a graph input,
     an extern kernel's output, e.g. attention, a pointwise epilogue of our templates), where it is
     one more read of x."""
@@ -722,13 +712,14 @@ def _row_check_mode(x: fx.Node, compute: torch.dtype, opts: SparseOptions) -> st
     # pointwise kernel of its own, which the check would turn into a reduction; session 14 found
     # such checks timed, and built, as "fused")
     if any(a.target in _FUSABLE_REDUCTIONS
-           and (not NORM_READS_ITS_INPUT or not _pointwise_closure(a.args[0]).isdisjoint(reached)) for a in sources):
+           and (not opts.rules.norm_reads_its_input or not _pointwise_closure(a.args[0]).isdisjoint(reached))
+           for a in sources):
         return "fused"
     # a pointwise x that only our Triton templates feed becomes their epilogue (a GELU after
     # fc1, the gated product): no kernel of its own that the reduction could join
     if any(a.target in _TEMPLATE_OPS and "triton" in a.args for a in sources):
         return "separate"
-    return POINTWISE_PRODUCER_CHECK
+    return opts.rules.pointwise_producer_check
 
 
 _FUSABLE_REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.var_mean.correction}
