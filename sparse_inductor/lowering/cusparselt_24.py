@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..registry import KernelSpec, dense_us, register_kernel
 from ..runtime import cusparselt as cslt
-from .row_check import row_check_eager
+from . import row_check
 
 
 def _check(layer) -> Optional[str]:
@@ -64,7 +64,7 @@ def _runner(t, bias, layer, params):
         if out is not None or layer.row_check == "none":
             return cslt.linear(x, wc, bias, n, k, alg, sk, out)
         if layer.derived_check:  # row_check(x, gd) with no row flagged: reads gd, not x
-            g = row_check_eager(x, maybe=zeros_for(x))
+            g = row_check.row_check_eager(x, maybe=zeros_for(x))
         elif layer.row_check == "separate":
             g = torch.sum(x, dim=-1, dtype=torch.float32)
         else:
