@@ -43,19 +43,24 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
         dtype as the two layers compute it (passes/fuse_mlp.py makes it; lowering/block_mlp.py is
         its kernel); flag [M] fp32 (block_mlp.row_flag(x)) with safe (block_mlp.safe_bound) picks
         the kernel's exact path for the rows that need it; flag None: the fast path everywhere
+
+OpArgs reads a call's arguments by their schema's names (this module's ops and aten's alike):
+`OpArgs(op, args, kwargs).bias`; passes/graph.args_of(node) reads a graph node's.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .activations import ACTIVATIONS
 from .formats import decompress_24, decompress_block
 from .runtime import cusparselt
 
-__all__ = ["linear_24", "linear_block", "linear_cslt", "mlp_block", "row_check"]
+__all__ = ["linear_24", "linear_block", "linear_cslt", "mlp_block", "row_check", "OpArgs"]
 
 
 @torch.library.custom_op("sparse_inductor::linear_24", mutates_args=())
@@ -122,9 +127,6 @@ def _(x, maybe=None):
     return x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-ACTIVATIONS = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
-
-
 @torch.library.custom_op("sparse_inductor::mlp_block", mutates_args=())
 def mlp_block(
     x: Tensor, blocks1: Tensor, row_ptr1: Tensor, col_idx1: Tensor, bias1: Optional[Tensor],
@@ -133,12 +135,50 @@ def mlp_block(
 ) -> Tensor:
     w1 = decompress_block(blocks1, row_ptr1, col_idx1, h, x.shape[1]).to(x.dtype)
     w2 = decompress_block(blocks2, row_ptr2, col_idx2, n, h).to(x.dtype)
-    return F.linear(ACTIVATIONS[act](F.linear(x, w1, bias1)), w2, bias2)
+    return F.linear(ACTIVATIONS[act].eager(F.linear(x, w1, bias1)), w2, bias2)
 
 
 @mlp_block.register_fake
 def _(x, blocks1, row_ptr1, col_idx1, bias1, blocks2, row_ptr2, col_idx2, row_order2, bias2, h, n, act, kernel,
       safe=0.0, flag=None):
     torch._check(x.dim() == 2, lambda: f"mlp_block expects a 2-D input, got {x.dim()}-D")
-    torch._check(act in ACTIVATIONS, lambda: f"mlp_block: unknown activation {act!r}")
+    torch._check(act in ACTIVATIONS and ACTIVATIONS[act].code is not None,
+                 lambda: f"mlp_block: unknown activation {act!r}")
     return x.new_empty(x.shape[0], n)
+
+
+class OpArgs:
+    """The arguments of one call of an op (an OpOverload) by the names of its schema: those given,
+    positional or keyword, and the others at their defaults. Read-only: `a = OpArgs(op, args,
+    kwargs); a.bias, a.kernel`."""
+
+    __slots__ = ("_op", "_values")
+
+    def __init__(self, op: Any, args: tuple, kwargs: dict):
+        names, defaults = _schema(op)
+        values = dict(defaults)
+        values.update(zip(names, args))
+        values.update(kwargs)
+        object.__setattr__(self, "_op", op)
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"{self._op} has no argument {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("OpArgs is read-only (passes/graph.set_args changes a node's)")
+
+
+@functools.lru_cache(maxsize=None)
+def _schema(op: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """(argument names in order, defaults of those that have one) of an op's schema."""
+    args = op._schema.arguments
+    return tuple(a.name for a in args), {a.name: a.default_value for a in args if a.has_default_value()}
+
+
+def arg_index(op: Any, name: str) -> int:
+    """The position of argument `name` in op's schema."""
+    return _schema(op)[0].index(name)

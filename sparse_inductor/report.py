@@ -14,9 +14,11 @@ import threading
 import warnings
 from typing import Iterator, Optional
 
+from torch._dynamo.utils import counters
+
 log = logging.getLogger("sparse_inductor")
 
-__all__ = ["LayerDecision", "Report", "collect", "record", "log"]
+__all__ = ["LayerDecision", "Report", "collect", "record", "count", "log"]
 
 
 @dataclasses.dataclass
@@ -153,3 +155,10 @@ def record(item: LayerDecision | str) -> None:
         warnings.warn(item, RuntimeWarning, stacklevel=2)
     for sink in _sinks():
         sink.append(item)
+
+
+def count(event: str, n: int = 1) -> None:
+    """torch._dynamo.utils.counters["sparse_inductor"][event] += n: one event per rewrite, fold
+    and fallback of the compiler (e.g. "rewrite", "kept_dense", "row_check_shared", "mlp_fused",
+    "lowering_fallback"), beside Inductor's own counters; the tests assert on them."""
+    counters["sparse_inductor"][event] += n

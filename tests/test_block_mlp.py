@@ -533,7 +533,7 @@ return (reshape_default_1,)""")
 def test_identify_activation_rejects_lookalikes():
     import torch.fx as fx
 
-    from sparse_inductor.passes.fuse_mlp import identify_activation
+    from sparse_inductor.passes.graph import identify_activation
 
     def chain(fn):
         g = fx.symbolic_trace(fn).graph

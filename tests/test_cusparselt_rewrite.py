@@ -6,10 +6,8 @@ The emulation computes y = x @ W^T over the kept (nonzero) weights only, as spar
 a NaN/Inf input meeting a pruned zero is never multiplied. The row check must restore dense's
 "a non-finite input row gives a non-finite output row".
 """
-import contextlib
 import copy
 import dataclasses
-import unittest.mock
 
 import expecttest
 from hypothesis import given, settings
@@ -20,6 +18,7 @@ import torch.nn as nn
 
 import sparse_inductor
 from sparse_inductor import registry
+from sparse_inductor.activations import ACTIVATIONS
 from sparse_inductor.lowering import cusparselt_24
 from sparse_inductor.runtime import cusparselt
 
@@ -32,7 +31,7 @@ TOL32 = dict(rtol=1e-5, atol=1e-6)
 
 # The emulated library's epilogue activations (cusparselt.linear(..., activation=)): applied to the fp32
 # sum before its one rounding, as the library does; tests swap in another GELU to see it refused.
-EMULATED_ACTIVATIONS = dict(cusparselt.LIBRARY_ACTIVATIONS)
+EMULATED_ACTIVATIONS = {name: ACTIVATIONS[name].fn for name in ("relu", "gelu")}
 
 
 def _emulated_linear(x, wc, bias, n, k, alg_id=0, split_k=1, out_dtype=None, alpha=None, activation=None):
@@ -336,7 +335,7 @@ def test_bad_nonfinite_option():
 def test_row_check_mode(make, want):
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from sparse_inductor.passes.linear_rewrite import _row_check_mode
+    from sparse_inductor.passes.row_checks import check_mode as _row_check_mode
 
     gm = make_fx(make)(torch.randn(2, 2, 16))
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
@@ -351,14 +350,14 @@ def test_norm_reads_rule():
     norm."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from sparse_inductor.passes import linear_rewrite
+    from sparse_inductor.passes import row_checks
 
     gm = make_fx(lambda x: torch.relu(x * (1 + (x[..., :8] * 0).sum(-1, keepdim=True))))(torch.randn(4, 16))
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     out = out[0] if isinstance(out, (tuple, list)) else out
-    assert linear_rewrite._row_check_mode(out, torch.float32, sparse_inductor.SparseOptions()) == "separate"
+    assert row_checks.check_mode(out, torch.float32, sparse_inductor.SparseOptions()) == "separate"
     off = sparse_inductor.SparseOptions(rules={"norm_reads_its_input": False})
-    assert linear_rewrite._row_check_mode(out, torch.float32, off) == "fused"
+    assert row_checks.check_mode(out, torch.float32, off) == "fused"
 
 
 class TwoReaders(nn.Module):
@@ -401,7 +400,7 @@ def test_row_check_mode_after_template(kernel, want):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from sparse_inductor.formats import compress_block
-    from sparse_inductor.passes.linear_rewrite import _row_check_mode
+    from sparse_inductor.passes.row_checks import check_mode as _row_check_mode
 
     opts = sparse_inductor.SparseOptions(rules={"pointwise_producer_check": "fused"})
 
@@ -426,7 +425,7 @@ def test_row_check_mode_norm_after_template(kernel):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from sparse_inductor.formats import compress_block
-    from sparse_inductor.passes.linear_rewrite import _row_check_mode
+    from sparse_inductor.passes.row_checks import check_mode as _row_check_mode
 
     w = torch.zeros(16, 16)
     w[:16, :16] = torch.randn(16, 16)
@@ -588,12 +587,12 @@ def test_derived_library_check_nonfinite_rows(act, dtype):
 def test_derived_library_check_failure_keeps_own_check(monkeypatch):
     """An internal error in the pass leaves fc2 with its own check (and says so); the compile and
     the numbers are those without the pass."""
-    from sparse_inductor.passes import derived_check
+    from sparse_inductor.passes import row_checks
 
     def boom(*a, **k):
         raise RuntimeError("probe")
 
-    monkeypatch.setattr(derived_check, "identify_activation", boom)
+    monkeypatch.setattr(row_checks, "identify_activation", boom)
     model = seeded(LibMlp).to(torch.bfloat16)
     x = torch.randn(3, 32, dtype=torch.bfloat16)
     x[1, 2] = float("nan")
@@ -707,9 +706,7 @@ def test_library_activation_refused(monkeypatch):
     """A library whose GELU is the tanh approximation does not get an erf GELU (the decision says why);
     the same library does get a tanh GELU; a ReLU whose NaN is 0 is refused; y1 read elsewhere too
     keeps the activation in the graph."""
-    from sparse_inductor.passes import lib_activation
-
-    monkeypatch.setitem(EMULATED_ACTIVATIONS, "gelu", lib_activation.CANDIDATES["gelu_tanh"][0])
+    monkeypatch.setitem(EMULATED_ACTIVATIONS, "gelu", ACTIVATIONS["gelu_tanh"].fn)
     model, x = seeded(LibMlp).to(torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
     r = _lib_run(model, x)
     assert "activation =" not in r.graphs[0] and "aten.erf" in r.graphs[0]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import sparse_inductor
 from sparse_inductor import measure
+from sparse_inductor.activations import ACTIVATIONS
 from sparse_inductor.runtime import cusparselt
 
 from test_gpu_compile import TOL_BF16, GatedMLP, LinearBiasReLU, compile_and_code, fp64, kernel_defs, prepared, rel_err
@@ -343,13 +344,11 @@ def test_library_activation_where_it_matches(act):
     """fc1's activation goes into cuSPARSELt's epilogue exactly where the library computes the graph's
     (cusparselt.activation_matches, measured here on every bf16 value): then no activation kernel is
     left after the call; else the Inductor kernel stays. Numerics against fp64 either way."""
-    from sparse_inductor.passes import fuse_mlp
-
     model = prepared(NormGeluMlp(act=act), "2:4")
     x = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
     x[7, 1] = float("nan")
     library = "relu" if act == "relu" else "gelu"
-    why = cusparselt.activation_matches(library, fuse_mlp.BOUNDED_ACTIVATIONS[act], act, torch.bfloat16, "cuda")
+    why = cusparselt.activation_matches(library, ACTIVATIONS[act].fn, act, torch.bfloat16, "cuda")
     out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt", "fx_cache": False})
     assert [d.kernel for d in decisions] == ["cusparselt", "cusparselt"], [d.line() for d in decisions]
     fused = act in decisions[0].fused

@@ -14,7 +14,6 @@ from sparse_inductor.lowering import cusparselt_24, triton_24, triton_block
 from sparse_inductor.lowering.triton_24 import sp24_linear
 from sparse_inductor.prune import prune_24_
 from sparse_inductor.registry import Layer
-from sparse_inductor.runtime import cusparselt
 
 from test_backend import run_sparse
 from test_triton_24 import SMALL, TOL, rel_err

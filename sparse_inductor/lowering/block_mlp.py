@@ -45,13 +45,15 @@ import triton
 import triton.language as tl
 
 from .._compat import INTERPRETING, inductor_size_hint
+from ..activations import ACTIVATIONS
 from .template import HEAD_X_MNK
 from .triton_block import _default_allow_tf32, block_range_acc
 
 __all__ = ["ACTS", "MlpConfig", "block_mlp", "pick_config", "row_flag", "safe_bound", "safe_bound_from", "lower"]
 
-# activation codes (constexpr ints: the template renders them as literals)
-ACTS = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
+# the activations this kernel computes, by their ACT code (constexpr ints: the template renders them
+# as literals; mlp_act below computes each as activations.ACTIVATIONS' fn)
+ACTS = {name: a.code for name, a in ACTIVATIONS.items() if a.code is not None}
 
 
 @triton.jit

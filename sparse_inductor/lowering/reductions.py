@@ -37,6 +37,9 @@ import torch
 log = logging.getLogger("sparse_inductor")
 
 MAX_ROW = 8192  # 5120 fp32 values per row: 20 per thread at 8 warps; 8192 would be 32
+# the mark (FX node meta key, value) the passes put on the nodes of a non-finite row check
+# (passes/graph.mark): the kernels Inductor makes from them are the row-check kernels here
+ROW_CHECK_MARK = ("sparse_inductor", "row_check")
 _EIGHT_BIT = (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
@@ -59,7 +62,7 @@ def _computes_row_check(features) -> bool:
             buf = getattr(node, "node", None)
             for origin in getattr(buf, "origins", None) or ():
                 meta = getattr(origin, "meta", None)
-                if isinstance(meta, dict) and meta.get("sparse_inductor") == "row_check":
+                if isinstance(meta, dict) and meta.get(ROW_CHECK_MARK[0]) == ROW_CHECK_MARK[1]:
                     return True
     except Exception as e:  # another Inductor's IR: Inductor's own choice
         log.debug("sparse_inductor: row-check kernel not recognised (%s)", e)

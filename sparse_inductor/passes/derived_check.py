@@ -13,8 +13,8 @@ g2 turns the GELU's pointwise kernel into a reduction kernel: 27-35 us a layer o
 ViT-B/16 b64 (docs/benchmarks.md I4), more than cuSPARSELt saves on fc2. After:
 
     flag = amax(|x|, 1) + sum(0 * x, 1)                 (in x's norm, beside g1)
-    gd   = 0 * log(safe - flag)                         (fuse_mlp.derived_check: NaN where h may
-                                                         be non-finite, 0 where it cannot be)
+    gd   = 0 * log(safe - flag)                         (row_checks.check_from_input: NaN where h
+                                                         may be non-finite, 0 where it cannot be)
     g2   = sparse_inductor.row_check(h, gd)             (reads h only in the rows gd flags)
     y    = linear_cslt(h, W2c, b2) * (1 + g2)[:, None]
 
@@ -26,33 +26,42 @@ computes is unchanged. A finite, moderate input reads a [M] vector instead of h;
 pointwise.
 
 Conditions: fc2 a library layer with a check over its input h; h computed from fc1's output alone
-by pointwise ops and views, which compute an activation fuse_mlp.identify_activation knows
+by pointwise ops and views, which compute an activation graph.identify_activation knows
 (|act(t)| <= |t|); fc1 a layer the rewrite looked at (sparse, or a sparse weight the dispatcher
 kept dense: its mm / addmm) with a floating weight and a constant bias (its row bound:
-linear_rewrite._row_bound), fp16 or bf16; the flag no dearer than the check it replaces (fc1's check
+row_checks.row_bound), fp16 or bf16; the flag no dearer than the check it replaces (fc1's check
 in x's norm, or K <= H); and h large enough (options rules.derived_lib_min_bytes) that one more
 small kernel pays.
 """
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx
 
-from .. import ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
 from ..options import SparseOptions
-from .fuse_mlp import (BOUNDED_ACTIVATIONS, _DTYPES, _erase_dead, derived_check, guarded, identify_activation,
-                       keeps_own_check, pointwise_source)
-from .linear_rewrite import _derived, library_op
+from ..report import count
+from .graph import ROW_CHECK, args_of, erase_dead, guarded, mark, marked, note_of, stamp
+from .row_checks import check_from_input, keeps_own_check, library_fc1, library_op
 
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
 
-__all__ = ["derivable", "derive_library_checks", "predicts"]
+__all__ = ["derive_library_checks"]
 
-_ROW_CHECK = torch.ops.sparse_inductor.row_check.default
+
+def derive_library_checks(gm: fx.GraphModule, opts: SparseOptions) -> int:
+    """The pass body: how many library layers now take their check from fc1's input."""
+    if opts.nonfinite != "exact" or not opts.rules.derived_lib_check:
+        return 0
+    done = 0
+    for out in list(gm.graph.nodes):
+        if note_of(out) is None:
+            continue
+        done += guarded(lambda: _try(gm, out, opts), out, "row check from fc1's input")  # (the layer keeps its own)
+    return done
 
 
 def _own_check(out: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
@@ -62,81 +71,18 @@ def _own_check(out: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
     if found is None or not isinstance(found[1], fx.Node):
         return None
     op, g = found
-    h = op.args[0]
-    if g.target is _ROW_CHECK and g.args[0] is h and len(g.args) == 1 and not g.kwargs.get("maybe"):
+    h = args_of(op).x
+    if g.target is ROW_CHECK and g.args[0] is h and len(g.args) == 1 and not g.kwargs.get("maybe"):
         return op, g
     if g.target is aten.sum.dim_IntList and g.args[0].target is aten.mul.Tensor and g.args[0].args[0] is h:
         return op, g
     return None
 
 
-def derive_library_checks(gm: fx.GraphModule, opts: SparseOptions) -> int:
-    """The pass body: how many library layers now take their check from fc1's input."""
-    if opts.nonfinite != "exact" or not opts.rules.derived_lib_check:
-        return 0
-    done = 0
-    for out in list(gm.graph.nodes):
-        if "sparse_inductor_layer" not in out.meta:
-            continue
-        done += guarded(lambda: _try(gm, out, opts), out, "row check from fc1's input")  # (the layer keeps its own)
-    return done
-
-
-class Derivable(NamedTuple):
-    """fc1 as derivable() found it: its layer output, the activation's nodes, its record, the bound
-    and the activation; why: None where fc2 can take its check from fc1's input, else why not."""
-    out1: fx.Node
-    nodes: list
-    dec_a: object
-    layer_a: object
-    safe: float
-    act: Optional[str]
-    why: Optional[str]
-
-
-def derivable(h: fx.Node, m: Optional[int], k: int, name_b: str, opts: SparseOptions) -> Optional[Derivable]:
-    """fc1 and whether a library fc2 with input h ([m, k]; m the dispatcher's M) can take its check
-    from fc1's input; None where h does not come from a layer the rewrite looked at. Asked by _try
-    after the rewrite, and by linear_rewrite before it decides fc2 (predicts)."""
-    from ..lowering.block_mlp import safe_bound_from
-
-    src = pointwise_source(h, lambda n: "sparse_inductor_row_bound" in n.meta)
-    if src is None:
-        return None
-    out1, nodes = src
-    dec_a, layer_a = out1.meta["sparse_inductor_layer"]
-    bound, val = out1.meta["sparse_inductor_row_bound"], out1.meta.get("val")
-    if bound is None or not isinstance(val, torch.Tensor) or val.dtype not in _DTYPES:
-        return None
-    hv = h.meta.get("val")
-    h_bytes = (m or 0) * k * (hv.dtype.itemsize if isinstance(hv, torch.Tensor) else 2)
-    why = None
-    min_bytes = opts.rules.derived_lib_min_bytes
-    if h_bytes < min_bytes:
-        why = f"{name_b}'s input is small ({h_bytes / 2**20:.1f} MiB < {min_bytes / 2**20:.0f})"
-    elif not (layer_a.row_check == "fused" or layer_a.k <= k):
-        why = f"reading {dec_a.name}'s input costs more than reading {name_b}'s"
-    safe = safe_bound_from(bound[0], bound[1], val.dtype) if why is None else 0.0
-    if why is None and safe <= 0:
-        why = f"{dec_a.name}'s weight or bias holds a NaN/Inf"
-    act = identify_activation(nodes, out1, val.dtype, BOUNDED_ACTIVATIONS) if why is None else None
-    if why is None and act is None:
-        why = "the ops between the two layers are not an activation we know"
-    return Derivable(out1, nodes, dec_a, layer_a, safe, act, why)
-
-
-def predicts(h: fx.Node, m: Optional[int], k: int, name_b: str, opts: SparseOptions) -> bool:
-    """True where this pass will give a library fc2 (input h) its check from fc1's input: the
-    dispatcher then times fc2's cuSPARSELt candidate with that check (cusparselt._runner) instead
-    of one more pass over h. An internal error here says False (timed as before)."""
-    if opts.nonfinite != "exact" or not opts.rules.derived_lib_check:
-        return False
-    try:
-        d = derivable(h, m, k, name_b, opts)
-    except Exception:
-        log.exception("sparse_inductor: derived_check.predicts failed for %s", name_b)
-        return False
-    return d is not None and d.why is None
+def _layer_input(op: fx.Node) -> fx.Node:
+    """x of the op a layer's note is on: a sparse op's, or the mm / addmm of a layer kept dense."""
+    a = args_of(op)
+    return a.mat1 if op.target is aten.addmm.default else a.self if op.target is aten.mm.default else a.x
 
 
 def _try(gm: fx.GraphModule, out: fx.Node, opts: SparseOptions) -> int:
@@ -144,28 +90,27 @@ def _try(gm: fx.GraphModule, out: fx.Node, opts: SparseOptions) -> int:
     if found is None:
         return 0
     op2, g_old = found
-    h = op2.args[0]
-    dec_b, layer_b = out.meta["sparse_inductor_layer"]
-    d = derivable(h, layer_b.m, layer_b.k, dec_b.name, opts)
-    if d is None:
+    h = args_of(op2).x
+    note_b = note_of(out)
+    fc1 = library_fc1(h, note_b.layer.m, note_b.layer.k, note_b.name, opts)
+    if fc1 is None:
         return 0
-    if d.why is not None:
-        log.debug("sparse_inductor: %s keeps its own row check: %s", dec_b.name, d.why)
-        keeps_own_check(dec_b, d.dec_a, d.why)
+    if fc1.why is not None:
+        log.debug("sparse_inductor: %s keeps its own row check: %s", note_b.name, fc1.why)
+        keeps_own_check(note_b, fc1.note.name, fc1.why)
         return 0
-    out1, dec_a, layer_a, safe, act = d.out1, d.dec_a, d.layer_a, d.safe, d.act
-    op1 = out1.args[0] if out1.meta.get("sparse_inductor") == "nan_rows" else out1
-    x1 = op1.args[1] if op1.target is aten.addmm.default else op1.args[0]  # (addmm: fc1 kept dense)
-    gd = derived_check(x1, op1, op2, safe)
+    op1 = fc1.out1.args[0] if marked(fc1.out1, "nan_rows") else fc1.out1
+    gd = check_from_input(_layer_input(op1), op1, op2, fc1.safe)
     graph = gm.graph
     with graph.inserting_before(g_old):
-        g = graph.call_function(_ROW_CHECK, (h, gd))
-    _derived(g, op2)
-    g.meta["sparse_inductor"] = "row_check"
+        g = graph.call_function(ROW_CHECK, (h, gd))
+    stamp(g, op2)
+    mark(g, "row_check")
     g_old.replace_all_uses_with(g)
-    _erase_dead([g_old])
-    where = "in its norm" if layer_a.row_check == "fused" else "a pass over it"
-    dec_b.row_check = f"from {dec_a.name}'s input ({where}), then its own input in the rows that flags"
-    dec_b.reason += (f"; non-finite row check read from {dec_a.name}'s input (through the {act}), and "
-                     f"from its own input only in the rows that may hold a NaN/Inf")
+    erase_dead([g_old])
+    where = "in its norm" if fc1.note.layer.row_check == "fused" else "a pass over it"
+    note_b.decision.row_check = f"from {fc1.note.name}'s input ({where}), then its own input in the rows that flags"
+    note_b.say(f"non-finite row check read from {fc1.note.name}'s input (through the {fc1.act}), and "
+               f"from its own input only in the rows that may hold a NaN/Inf")
+    count("derived_lib_check")
     return 1

@@ -38,22 +38,21 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .. import ops  # noqa: F401  (ops defines torch.ops.sparse_inductor)
+from ..activations import ACTIVATIONS
 from ..options import SparseOptions
+from ..report import count
 from ..runtime import cusparselt
-from .fuse_mlp import (BOUNDED_ACTIVATIONS, _DTYPES, _constant, _erase_dead, guarded, identify_activation,
-                       pointwise_source)
-from .linear_rewrite import _is_pointwise, library_op
+from .graph import (LINEAR_CSLT, LayerNote, args_of, attach_note, constant, erase_dead, guarded, is_pointwise,
+                    identify_activation, marked, note_of, pointwise_source)
+from .row_checks import library_op
 
 log = logging.getLogger("sparse_inductor")
 
-__all__ = ["CANDIDATES", "fuse_library_activations"]
+__all__ = ["fuse_library_activations"]
 
-# graph activation -> (its fp32 function, the library attribute that may compute it)
-CANDIDATES = {name: (BOUNDED_ACTIVATIONS[name], lib) for name, lib in (("relu", "relu"), ("gelu", "gelu"),
-                                                                       ("gelu_tanh", "gelu"))}
-
-_CSLT = torch.ops.sparse_inductor.linear_cslt.default
+_DTYPES = (torch.float16, torch.bfloat16)
+# the graph activations the library's epilogue may compute (activations.py: each one's `library`)
+_CANDIDATES = [name for name, a in ACTIVATIONS.items() if a.library is not None]
 
 
 def fuse_library_activations(gm: fx.GraphModule, opts: SparseOptions) -> int:
@@ -62,7 +61,7 @@ def fuse_library_activations(gm: fx.GraphModule, opts: SparseOptions) -> int:
         return 0
     done = 0
     for out in list(gm.graph.nodes):
-        if getattr(out, "_erased", False) or "sparse_inductor_layer" not in out.meta:
+        if getattr(out, "_erased", False) or note_of(out) is None:
             continue
         done += guarded(lambda: _try(gm, out), out, "activation in cuSPARSELt's epilogue")
     return done
@@ -71,10 +70,11 @@ def fuse_library_activations(gm: fx.GraphModule, opts: SparseOptions) -> int:
 def _library_op(out: fx.Node) -> Optional[tuple[fx.Node, Optional[fx.Node]]]:
     """(the plain 16-bit linear_cslt op, its row check g or None) behind a layer output, or None."""
     found = library_op(out)
-    if found is None or len(found[0].args) > 7:
-        return None  # (an 8th argument: an out_dtype, int8 / fp8)
-    if any(found[0].kwargs.get(key) is not None for key in ("alpha", "activation")):
+    if found is None:
         return None
+    a = args_of(found[0])
+    if a.out_dtype is not None or a.alpha is not None or a.activation is not None:
+        return None  # (an out_dtype: int8 / fp8)
     return found
 
 
@@ -86,21 +86,22 @@ def _chain_end(out: fx.Node) -> Optional[fx.Node]:
     while todo:
         cur = todo.pop()
         for u in cur.users:
-            if (u not in inside and u.op == "call_function" and _is_pointwise(u.target) and len(inside) < 64
-                    and u.meta.get("sparse_inductor") != "row_check"):
+            if (u not in inside and u.op == "call_function" and is_pointwise(u.target) and len(inside) < 64
+                    and not marked(u, "row_check")):
                 inside[u] = None
                 todo.append(u)
     ends = [n for n in inside if any(u not in inside for u in n.users) or not n.users]
     return ends[0] if len(ends) == 1 else None
 
 
-def _runs(gm: fx.GraphModule, op: fx.Node, dec, library: str, dtype: torch.dtype) -> Optional[str]:
+def _runs(gm: fx.GraphModule, op: fx.Node, note: LayerNote, library: str, dtype: torch.dtype) -> Optional[str]:
     """cusparselt.activation_runs for this op's constants and parameters, at the decision's M."""
-    _, wc, bias, n, k, alg_id, split_k = op.args[:7]
-    wc_t, bias_t = _constant(gm, wc), _constant(gm, bias)
-    if wc_t is None or (bias is not None and bias_t is None):
+    a = args_of(op)
+    wc_t, bias_t = constant(gm, a.wc), constant(gm, a.bias)
+    if wc_t is None or (a.bias is not None and bias_t is None):
         return "its weight or bias is not a constant"
-    return cusparselt.activation_runs(wc_t, bias_t, n, k, dec.m or 16, dtype, alg_id, split_k, library)
+    return cusparselt.activation_runs(wc_t, bias_t, a.n, a.k, note.decision.m or 16, dtype, a.alg_id, a.split_k,
+                                      library)
 
 
 def _try(gm: fx.GraphModule, out: fx.Node) -> int:
@@ -120,34 +121,33 @@ def _try(gm: fx.GraphModule, out: fx.Node) -> int:
     hv = h.meta.get("val")
     if not isinstance(hv, torch.Tensor) or hv.dtype != val.dtype or tuple(hv.shape) != tuple(val.shape):
         return 0
-    act = identify_activation(nodes, out, val.dtype, {name: fn for name, (fn, _) in CANDIDATES.items()})
-    dec, _ = out.meta["sparse_inductor_layer"]
+    act = identify_activation(nodes, out, val.dtype, _CANDIDATES)
+    note = note_of(out)
     if act is None:
         return 0
-    fn, library = CANDIDATES[act]
+    library = ACTIVATIONS[act].library
     why = None
     if act != "relu" and val.dtype == torch.float16:
         why = "fp16: where fc1's sum overflows, the graph's GELU sees -Inf (NaN) and the library the finite sum (-0)"
-    why = why or cusparselt.activation_matches(library, fn, act, val.dtype, val.device)
+    why = why or cusparselt.activation_matches(library, ACTIVATIONS[act].fn, act, val.dtype, val.device)
     if why is None:
-        why = _runs(gm, op, dec, library, val.dtype)
+        why = _runs(gm, op, note, library, val.dtype)
     if why is not None:
-        log.debug("sparse_inductor: %s keeps its %s after the call: %s", dec.name, act, why)
-        dec.reason += f"; {act} not in cuSPARSELt's epilogue: {why}"
+        log.debug("sparse_inductor: %s keeps its %s after the call: %s", note.name, act, why)
+        note.say(f"{act} not in cuSPARSELt's epilogue: {why}")
         return 0
     graph = gm.graph
     kwargs = {**op.kwargs, "activation": library}
     if g is not None:
         kwargs["row_check"] = g  # (in the op now: no pointwise op after the call to fold it into)
     with graph.inserting_before(op):
-        new = graph.call_function(_CSLT, op.args, kwargs)
+        new = graph.call_function(LINEAR_CSLT, op.args, kwargs)
     new.meta.update(op.meta)
     new.meta["val"] = hv
-    for key in ("sparse_inductor_layer", "sparse_inductor_row_bound"):
-        if key in out.meta:
-            new.meta[key] = out.meta[key]
+    attach_note(new, note)
     h.replace_all_uses_with(new)
-    _erase_dead([h])
-    dec.fused = (*dec.fused, act)
-    dec.reason += f"; the {act} in cuSPARSELt's epilogue (it computes the graph's on every {val.dtype} value)"
+    erase_dead([h])
+    note.fused(act)
+    note.say(f"the {act} in cuSPARSELt's epilogue (it computes the graph's on every {val.dtype} value)")
+    count("lib_activation")
     return 1

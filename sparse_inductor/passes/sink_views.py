@@ -23,26 +23,20 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..report import count
+from .graph import RESHAPES, is_pointwise
+
 aten = torch.ops.aten
 
 __all__ = ["sink_views"]
-
-_RESHAPES = {aten.reshape.default, aten.view.default}
-
 
 def _val(n):
     return n.meta.get("val") if isinstance(n, fx.Node) else None
 
 
-def _is_pointwise(node: fx.Node) -> bool:
-    target = node.target
-    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
-            and torch.Tag.pointwise in target.tags)
-
-
 def _flat_source(a, flat_shape) -> fx.Node | None:
     """If `a` is reshape(t, ...) of a tensor t of the flat shape, return t."""
-    if isinstance(a, fx.Node) and a.op == "call_function" and a.target in _RESHAPES:
+    if isinstance(a, fx.Node) and a.op == "call_function" and a.target in RESHAPES:
         src = _val(a.args[0])
         if isinstance(src, torch.Tensor) and tuple(src.shape) == tuple(flat_shape):
             return a.args[0]
@@ -61,7 +55,7 @@ def _sink_into(user: fx.Node, view: fx.Node) -> fx.Node | None:
         return None
     flat_arg = [flat[0] if isinstance(flat[0], int) else -1, flat[1]]
     out = _val(user)
-    if not (_is_pointwise(user) and isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(full)):
+    if not (user.op == "call_function" and is_pointwise(user.target) and isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(full)):
         return None
     if any(isinstance(k, fx.Node) for k in user.kwargs.values()):
         return None
@@ -105,7 +99,7 @@ def sink_views(outputs: list[fx.Node]) -> int:
     work = []
     for out in outputs:
         for user in list(out.users):
-            if user.op == "call_function" and user.target in _RESHAPES:
+            if user.op == "call_function" and user.target in RESHAPES:
                 work.append(user)
     while work:
         view = work.pop()
@@ -120,10 +114,11 @@ def sink_views(outputs: list[fx.Node]) -> int:
                 moved += 1
                 work.append(back)
         for user in list(view.users):  # reshape(reshape(t, S), shape of t) -> t
-            if user.op == "call_function" and user.target in _RESHAPES and user.args[0] is view:
+            if user.op == "call_function" and user.target in RESHAPES and user.args[0] is view:
                 if isinstance(_val(user), torch.Tensor) and tuple(_val(user).shape) == tuple(flat.shape):
                     user.replace_all_uses_with(view.args[0])
                     user.graph.erase_node(user)
         if not view.users:
             view.graph.erase_node(view)
+    count("views_sunk", moved)
     return moved

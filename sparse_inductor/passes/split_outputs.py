@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 
 from .. import _compat
+from .graph import args_of
 
 aten = torch.ops.aten
 
@@ -50,7 +51,7 @@ def output_pieces(node: fx.Node, n: int, block: Optional[int]) -> Optional[list[
     (split,) = node.users
     if split.op != "call_function" or split.target not in _SPLITS or split.args[0] is not node:
         return None
-    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    dim = args_of(split).dim
     if dim not in (1, -1):
         return None
     sizes = split.args[1]

@@ -46,6 +46,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..activations import ACTIVATIONS, every_16bit_value, same
+
 log = logging.getLogger("sparse_inductor")
 
 __all__ = ["available", "version", "compress", "linear", "max_alg_id", "why_not_runnable"]
@@ -370,9 +372,10 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
     alpha: None, or a float32 [N] per-row scale of W (e.g. int8 dequantization scales): the
     fp32/int32 accumulator is multiplied by it before the bias is added, and the sum is rounded
     once to the output dtype (cuSPARSELt 0.8 refuses it for fp8);
-    activation: None, or LIBRARY_ACTIVATIONS' name of the function the library's epilogue applies
-    after the bias, to the fp32 sum before its rounding (16-bit x only; activation_matches says
-    which graph activation it computes).
+    activation: None, or the name of the library's epilogue activation ("relu", "gelu": _ACTIVATION),
+    applied after the bias to the fp32 sum before its rounding (16-bit x only; activation_matches
+    says which graph activation it computes; where the library refuses it, torch's call and the
+    table's function of that name, activations.ACTIVATIONS).
     The hot path (a plan already made): a dict lookup, the output allocation and one foreign call.
     Like the sparse tensor cores, it never multiplies the pruned zeros: a NaN/Inf in x meets only
     the kept weights (the compiled graph passes the op a row check, see nan_rows_).
@@ -412,7 +415,7 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
         if activation is not None:  # torch's call has no activation: after it, as the graph computed it
             y = torch._cslt_sparse_mm(wc, x.t(), bias, alpha, out_dtype, transpose_result=True, alg_id=alg_id,
                                       split_k=split_k)
-            y = LIBRARY_ACTIVATIONS[activation](y.float()).to(y.dtype)
+            y = ACTIVATIONS[activation].fn(y.float()).to(y.dtype)
         else:
             y = torch._cslt_sparse_mm(wc, x.t(), bias, alpha, out_dtype, transpose_result=True, alg_id=alg_id,
                                       split_k=split_k)
@@ -424,12 +427,6 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
 
 # ---- the library's epilogue activations
 
-# What each ACTIVATION_* attribute is taken to compute where the library cannot run it (torch's call
-# has no activation), in fp32: the function activation_matches compares the library with.
-LIBRARY_ACTIVATIONS = {
-    "relu": lambda t: torch.where(t < 0, 0.0, t),
-    "gelu": lambda t: 0.5 * t * (1.0 + torch.erf(t * 0.7071067811865476)),
-}
 _MATCHES: dict[tuple, Optional[str]] = {}
 
 
@@ -439,15 +436,13 @@ def activation_matches(library: str, graph_fn, name: str, dtype: torch.dtype, de
     last place, and on NaN, +-Inf and +-max with the same NaN / Inf positions; else why not (words).
     Measured once per (device, dtype, library, name) through the library's plan (_apply) with the
     identity as W (a valid 2:4 weight), so y = act(x) exactly."""
-    from ..passes.fuse_mlp import _same
-
     dev = torch.device(device)
     key = (dev.type, dev.index, dtype, library, name)
     if key in _MATCHES:
         return _MATCHES[key]
     why = None
     try:
-        bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+        bits = every_16bit_value(dtype)
         finite = bits[bits.isfinite()]
         x = torch.cat([finite, finite.new_zeros((-finite.numel()) % (16 * 256))]).reshape(-1, 256).to(dev)
         wc = compress(torch.eye(256, device=dev, dtype=dtype))
@@ -458,9 +453,9 @@ def activation_matches(library: str, graph_fn, name: str, dtype: torch.dtype, de
         d = torch.zeros(16, 256, dtype=dtype)
         d[range(5), range(5)] = specials
         got_s = _apply(d.to(dev), wc, library).diagonal()[:5].cpu()
-        if not _same(got, graph_fn(finite.float()).to(dtype)):
+        if not same(got, graph_fn(finite.float()).to(dtype)):
             why = f"the library's {library} is not the graph's {name} on every finite {dtype}"
-        elif not _same(got_s, graph_fn(specials.float()).to(dtype)):
+        elif not same(got_s, graph_fn(specials.float()).to(dtype)):
             why = f"the library's {library} differs from the graph's {name} at NaN / Inf / max: {got_s.tolist()}"
     except Exception as e:  # the library refused the attribute, or no library: not fused
         why = f"the library's {library} could not be probed ({type(e).__name__}: {str(e)[:120]})"
