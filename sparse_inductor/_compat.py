@@ -5,6 +5,7 @@ Everything else imports these helpers instead of testing versions or attributes 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Optional
 
 import torch
@@ -54,6 +55,7 @@ def static_int(expr: Any) -> Optional[int]:
 def inductor_size_hint(expr: Any, fallback: Optional[int]) -> Optional[int]:
     """An Inductor size (int or sympy expression) as an int, during lowering: its hint, else
     fallback. torch 2.11's SizeVarAllocator.size_hint is optimization_hint in 2.13."""
+    # Inductor's internals: loaded by the compile that calls this
     from torch._inductor.virtualized import V
 
     if static_int(expr) is not None:
@@ -68,6 +70,7 @@ def inductor_size_hint(expr: Any, fallback: Optional[int]) -> Optional[int]:
 
 def fake_constant(near: fx.Node, t: torch.Tensor) -> torch.Tensor:
     """A FakeTensor for a new constant, made in the fake mode of the graph around `near`."""
+    # torch's fake tensors: loaded by the compile that calls this
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = None
@@ -124,8 +127,6 @@ def source_path(source: Any) -> Optional[str]:
     "fc1.weight"; None without a source."""
     if source is None:
         return None
-    import re
-
     try:
         text = source.name() if callable(getattr(source, "name", None)) else str(source.name)
     except Exception:
@@ -138,6 +139,7 @@ def source_path(source: Any) -> Optional[str]:
 def compiling_code() -> Any:
     """The code object Dynamo is compiling (a backend runs inside its translation), or None."""
     try:
+        # Dynamo's internals: loaded by the compile that calls this
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         tx = InstructionTranslator.current_tx()
@@ -152,6 +154,7 @@ def drop_compiled_code(code: Any) -> bool:
     if code is None:
         return False
     try:
+        # Dynamo's internals: loaded by the compile that calls this
         from torch._dynamo.eval_frame import remove_from_cache
 
         remove_from_cache(code)

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from .backend import sparse_backend
 from .options import SparseOptions
 from .report import LayerDecision, Report, collect
 
@@ -39,8 +40,6 @@ def explain(model: torch.nn.Module, *example_inputs: Any,
     The compiled module is `report.compiled`, its output on the inputs `report.output`.
     Inductor's FX graph cache is bypassed for this compile, so that the pass runs and reports.
     """
-    from .backend import sparse_backend
-
     if isinstance(options, SparseOptions):
         options = dataclasses.asdict(options)
     options = dict(options or {})

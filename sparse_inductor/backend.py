@@ -52,12 +52,15 @@ class WeightsChangedError(RuntimeError):
 
 def sparse_backend(gm: fx.GraphModule, example_inputs: list, *, mode: Optional[str] = None,
                    options: Optional[Mapping[str, Any] | SparseOptions] = None):
+    # Inductor's internals: loaded by the compile that calls this
     from torch._inductor.compile_fx import compile_fx
 
     opts, patches = resolve_options(mode, options)
     if disabled_by_env():
         return compile_fx(gm, example_inputs, config_patches=patches)
 
+    # the passes and the kernels (Triton, Inductor's lowerings) are loaded when a compile starts, so
+    # that `import sparse_inductor` stays light
     from . import lowering, ops  # noqa: F401  (registers the ops and their lowerings)
     from .lowering.reductions import quantize_reductions
     from .passes.manager import SparseGraphPass, weights_digest
@@ -266,7 +269,7 @@ def _warn_if_sparse_weights(gm: fx.GraphModule, example_inputs: list, opts: Spar
     global _grad_warned
     if _grad_warned:
         return
-    from .passes.detect import detect
+    from .passes.detect import detect  # (loaded where a warning is due, as the passes above)
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, ex in zip(placeholders, example_inputs):

@@ -16,13 +16,17 @@ import json
 import platform
 import signal
 import sys
-from typing import Callable, Optional
 import time
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import triton
+from torch.sparse import to_sparse_semi_structured
+from triton.testing import do_bench
 
+from .backend import _FrozenCall
 from .formats import compress_24, compress_block, gemv_layout_ok, to_gemv_layout
 from .lowering.triton_24 import sp24_linear
 from .lowering.triton_block import block_linear
@@ -35,8 +39,6 @@ from .runtime import cusparselt
 
 
 def _bench(fn: Callable, rep: int = 100) -> float:
-    from triton.testing import do_bench
-
     return do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3
 
 
@@ -53,8 +55,6 @@ def _try(fn: Callable) -> Optional[float]:
 
 
 def header() -> str:
-    import triton
-
     cslt = ""
     try:
         cslt = f", cuSPARSELt {torch.backends.cusparselt.version()}"
@@ -178,8 +178,6 @@ def bench_linear24(rows: list, shapes=None):
 
 
 def _cslt_fn(w, x):
-    from torch.sparse import to_sparse_semi_structured
-
     ws = to_sparse_semi_structured(w)
     return lambda: F.linear(x, ws)
 
@@ -207,8 +205,6 @@ def bench_block(rows: list, cases=None):
 
 def _host_us(fn: Callable, n: int = 20) -> float:
     """Host time per call of fn, back to back (the GPU queue absorbs the kernels)."""
-    import time
-
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -266,6 +262,7 @@ def bench_cusparselt(rows: list, shapes=None):
 
 
 def _bsr_fn(w, x, b):
+    # PyTorch's Triton BSR kernels: loaded for this baseline only
     from torch.sparse._triton_ops import bsr_dense_mm
 
     wbsr = w.to_sparse_bsr((b, b))
@@ -367,6 +364,7 @@ def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24")):
         del model
     if "vit" in which:
         try:
+            # optional: timm, for the ViT cases only
             import timm
         except ImportError:
             print("| vit_base_patch16_224 | (timm not installed) | | | | |")
@@ -378,6 +376,7 @@ def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24")):
                  torch.randn(64, 3, 224, 224, device=dev, dtype=dt))
         del model
     if "vit24" in which:
+        # optional: timm, for the ViT cases only
         import timm
 
         for name, batch in (("vit_base_patch16_224", 64), ("vit_huge_patch14_224", 32)):
@@ -450,6 +449,7 @@ def bench_compose(rows: list, name: str = "vit_huge_patch14_224", batch: int = 3
     (backend="sparse"), int8 dynamic activations on dense Inductor (the same 2:4 int8 weights, not
     exploited), and int8 + 2:4 (backend="sparse"), against bf16 dense; all mode="reduce-overhead",
     plain calls. core=True: only the three the target compares (no bf16 dense, no int32 product)."""
+    # optional: timm, for the ViT cases only
     import timm
 
     dev, dt = "cuda", torch.bfloat16
@@ -670,9 +670,6 @@ def bench_guard(rows: list, blocks: int = 8, batch: int = 1):
     check over the model's frozen tensors (version, identity, data pointer), against the same call
     with nothing watched; the call: do_bench medians of the compiled model in the default and
     reduce-overhead modes, on_weight_change="recompile" (checked) and "ignore" (no check)."""
-    from .backend import _FrozenCall
-    from .prune import prune
-
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
     model = nn.Sequential(*[LlamaMLP() for _ in range(blocks)]).to(dev, dt).eval()

@@ -56,6 +56,7 @@ def cache_dir() -> str:
     PermutationCache takes it as its directory)."""
     root = os.environ.get(ENV_CACHE_DIR)
     if not root:
+        # Inductor's internals: loaded by the compile that calls this
         from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 
         root = os.path.join(inductor_cache_dir(), "sparse_inductor")
@@ -127,6 +128,7 @@ def time_us(fn: Callable[[], object], count_host: bool) -> float:
     """Median GPU time of fn, L2 flushed, as a CUDA-graph replay (so that the eager launchers' host
     cost, which Inductor's generated code does not pay, stays out); with count_host, plus fn's
     median host time per call."""
+    # Triton's benchmarking: loaded where something is timed
     import triton.testing
 
     try:

@@ -281,6 +281,7 @@ def resolve_options(
         ours["force"] = True
     opts = SparseOptions(**ours)
     if opts.mode not in (None, "default"):
+        # Inductor's internals: loaded by the compile that calls this
         import torch._inductor
 
         inductor = {**torch._inductor.list_mode_options(opts.mode), **inductor}
@@ -289,6 +290,7 @@ def resolve_options(
 
 
 def _check_inductor_keys(patches: Mapping[str, Any]) -> None:
+    # Inductor's internals: loaded by the compile that calls this
     import torch._inductor.config as ic
 
     known = set(ic._config.keys()) if hasattr(ic, "_config") else None

@@ -46,8 +46,8 @@ import triton.language as tl
 
 from .._compat import INTERPRETING, inductor_size_hint
 from ..activations import ACTIVATIONS
-from .template import HEAD_X_MNK
-from .triton_block import _default_allow_tf32, block_range_acc
+from .template import HEAD_X_MNK, get_template, template_source
+from .triton_block import _default_allow_tf32, block_range_acc, m_bucket
 
 __all__ = ["ACTS", "MlpConfig", "block_mlp", "pick_config", "row_flag", "safe_bound", "safe_bound_from", "lower"]
 
@@ -205,8 +205,6 @@ CONFIGS: dict[int, MlpConfig] = {16: MlpConfig(16, 4, 1), 32: MlpConfig(32, 4, 1
 
 
 def pick_config(b: int, m: int) -> MlpConfig:
-    from .triton_block import m_bucket
-
     return CONFIGS[m_bucket(m)]
 
 
@@ -334,6 +332,7 @@ def _template_body(has_bias1: bool, has_flag: bool) -> str:
 
 
 def _grid():
+    # Inductor's internals: loaded by the compile that calls this
     from torch._inductor.select_algorithm import SymbolicGridFn
 
     @SymbolicGridFn
@@ -344,8 +343,6 @@ def _grid():
 
 
 def template(has_bias1: bool, has_flag: bool):
-    from .template import get_template, template_source
-
     name = f"{TEMPLATE_NAME}{'_b' if has_bias1 else ''}{'_f' if has_flag else ''}"
     return get_template(name, lambda: template_source(DEVICE_FUNCTIONS, _template_body(has_bias1, has_flag)), _grid())
 
@@ -353,6 +350,7 @@ def template(has_bias1: bool, has_flag: bool):
 def lower(x, blocks1, row_ptr1, col_idx1, bias1, blocks2, row_ptr2, col_idx2, row_order2, flag, *,
           h: int, n: int, act: str, safe: float):
     """Inductor lowering of sparse_inductor::mlp_block (without b2) to the template, one choice."""
+    # Inductor's internals: loaded by the compile that calls this
     from torch._inductor.ir import FixedLayout
     from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs
 

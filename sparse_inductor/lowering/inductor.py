@@ -12,19 +12,35 @@ import logging
 
 import torch
 
-from ..report import record
+from ..ops import OpArgs  # (ops.py defines torch.ops.sparse_inductor)
+from ..report import count, record
+from . import block_mlp, row_check, triton_24, triton_block
 
 log = logging.getLogger("sparse_inductor")
 _registered = False
 
 
-def _template_lowerings():
-    from . import triton_24, triton_block
+def _lower_24(a: OpArgs):
+    """linear_24(x, values, meta, bias, kernel) on the 2:4 template (without the bias)."""
+    return triton_24.lower(a.x, a.values, a.meta, n=int(a.values.get_size()[1]))
 
-    return {
-        (torch.ops.sparse_inductor.linear_24.default, "triton"): triton_24.lower,
-        (torch.ops.sparse_inductor.linear_block.default, "triton"): triton_block.lower,
-    }
+
+def _lower_block(a: OpArgs):
+    """linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard, row_check, live,
+    skip_check) on the block template (without the bias)."""
+    return triton_block.lower(a.x, a.blocks, a.row_ptr, a.col_idx, a.row_order, n=int(a.n), guard=a.guard,
+                              row_check=a.row_check, live=a.live, skip_check=a.skip_check)
+
+
+# (op, kernel) -> its template's lowering
+_TEMPLATES = {
+    (torch.ops.sparse_inductor.linear_24.default, "triton"): _lower_24,
+    (torch.ops.sparse_inductor.linear_block.default, "triton"): _lower_block,
+}
+
+
+def _on_cuda(x) -> bool:
+    return x.get_device() is not None and x.get_device().type == "cuda"
 
 
 def register() -> None:
@@ -32,38 +48,30 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    # Inductor's internals: loaded by the compile that calls this
     from torch._inductor.lowering import fallback_handler, lowerings, register_lowering
 
-    from .. import ops  # noqa: F401  (defines the ops)
-
-    aten = torch.ops.aten
-    table = _template_lowerings()
-
-    def make(op, n_weight_args, out_features, n_rest):
+    def make(op):
         fallback = fallback_handler(op, add_to_fallback_set=False)
 
-        def lowering(x, *args, **kwargs):
-            weights, rest = args[:n_weight_args], args[n_weight_args:]
-            bias, kernel = rest[0], rest[n_rest - 1]
-            options = dict(zip(("guard", "row_check", "live", "skip_check"), rest[n_rest:]), **kwargs)  # linear_block's
-            fn = table.get((op, kernel))
-            if fn is not None and x.get_device() is not None and x.get_device().type == "cuda":
+        def lowering(*args, **kwargs):
+            a = OpArgs(op, args, kwargs)
+            template = _TEMPLATES.get((op, a.kernel))
+            if template is not None and _on_cuda(a.x):
                 try:
-                    out = fn(x, *weights, n=out_features(weights, rest), **options)
-                    return out if bias is None else lowerings[aten.add.Tensor](out, bias)
+                    out = template(a)
+                    return out if a.bias is None else lowerings[torch.ops.aten.add.Tensor](out, a.bias)
                 except Exception as e:  # this layer falls back to the reference kernel
-                    log.exception("sparse_inductor: %s lowering failed", kernel)
-                    record(f"sparse_inductor: {kernel} kernel failed to lower ({type(e).__name__}: {e}); "
+                    log.exception("sparse_inductor: %s lowering failed", a.kernel)
+                    count("lowering_fallback")
+                    record(f"sparse_inductor: {a.kernel} kernel failed to lower ({type(e).__name__}: {e}); "
                            "that layer runs the reference kernel")
-            return fallback(x, *args, **kwargs)
+            return fallback(*args, **kwargs)
 
         register_lowering(op, type_promotion_kind=None)(lowering)
 
-    # linear_24(x, values, meta, bias, kernel)
-    # linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True, row_check=None, live=-1,
-    #              skip_check=None)
-    make(torch.ops.sparse_inductor.linear_24.default, 2, lambda w, rest: int(w[0].get_size()[1]), 2)
-    make(torch.ops.sparse_inductor.linear_block.default, 4, lambda w, rest: int(rest[1]), 4)
+    make(torch.ops.sparse_inductor.linear_24.default)
+    make(torch.ops.sparse_inductor.linear_block.default)
     register_lowering(torch.ops.sparse_inductor.row_check.default, type_promotion_kind=None)(_row_check_lowering)
     _register_mlp(fallback_handler, lowerings, register_lowering)
     _registered = True
@@ -74,20 +82,19 @@ def _register_mlp(fallback_handler, lowerings, register_lowering) -> None:
     row_order2, bias2, h, n, act, kernel, safe=0.0, flag=None): the fused template on CUDA with
     kernel "triton" (lowering/block_mlp.py), bias2 as a pointwise add fused into its store; else,
     or where the template fails, the op's reference implementation."""
-    from . import block_mlp
-
     op = torch.ops.sparse_inductor.mlp_block.default
     fallback = fallback_handler(op, add_to_fallback_set=False)
 
     def lowering(x, blocks1, row_ptr1, col_idx1, bias1, blocks2, row_ptr2, col_idx2, row_order2, bias2, h, n, act,
                  kernel, safe=0.0, flag=None):
-        if kernel == "triton" and x.get_device() is not None and x.get_device().type == "cuda":
+        if kernel == "triton" and _on_cuda(x):
             try:
                 out = block_mlp.lower(x, blocks1, row_ptr1, col_idx1, bias1, blocks2, row_ptr2, col_idx2, row_order2,
                                       flag, h=int(h), n=int(n), act=act, safe=float(safe))
                 return out if bias2 is None else lowerings[torch.ops.aten.add.Tensor](out, bias2)
             except Exception as e:  # the pair falls back to the reference kernel
                 log.exception("sparse_inductor: block MLP lowering failed")
+                count("lowering_fallback")
                 record(f"sparse_inductor: block MLP kernel failed to lower ({type(e).__name__}: {e}); "
                        "those two layers run the reference kernel")
         return fallback(x, blocks1, row_ptr1, col_idx1, bias1, blocks2, row_ptr2, col_idx2, row_order2, bias2, h, n,
@@ -99,13 +106,12 @@ def _register_mlp(fallback_handler, lowerings, register_lowering) -> None:
 def _row_check_lowering(x, maybe=None):
     """sparse_inductor::row_check: its template on CUDA (lowering/row_check.py); elsewhere, or where
     the template fails, Inductor's own mul + sum (which may fuse with x's producer)."""
-    from . import row_check
-
-    if x.get_device() is not None and x.get_device().type == "cuda":
+    if _on_cuda(x):
         try:
             return row_check.lower(x, maybe)
         except Exception as e:
             log.exception("sparse_inductor: row-check template failed to lower")
+            count("lowering_fallback")
             record(f"sparse_inductor: row-check kernel failed to lower ({type(e).__name__}: {e}); "
                    "Inductor's reduction computes it")
     return row_check.inductor_ops(x, maybe)

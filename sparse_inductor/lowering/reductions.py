@@ -70,6 +70,7 @@ def _computes_row_check(features) -> bool:
 
 
 def _choices_class():
+    # Inductor's internals: loaded by the compile that calls this
     from torch._inductor.choices import InductorChoices
     from torch._inductor.runtime.hints import ReductionHint
     from torch._inductor.virtualized import V
@@ -99,6 +100,7 @@ def quantize_reductions(enabled: bool = True) -> Iterator[None]:
         yield
         return
     try:
+        # Inductor's internals: loaded by the compile that calls this
         from torch._inductor.choices import InductorChoices
         from torch._inductor.virtualized import V
 

@@ -31,6 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._compat import inductor_size_hint, static_int
+from .template import get_template, template_source
+
 __all__ = ["DEVICE_FUNCTIONS", "row_check_acc", "row_check_eager", "pick_config", "inductor_ops", "lower"]
 
 
@@ -153,6 +156,7 @@ TEMPLATE_NAME = "sparse_inductor_row_check"
 
 
 def _grid():
+    # Inductor's internals: loaded by the compile that calls this
     from torch._inductor.select_algorithm import SymbolicGridFn
 
     @SymbolicGridFn
@@ -163,8 +167,6 @@ def _grid():
 
 
 def template(flagged: bool = False):
-    from .template import get_template, template_source
-
     name = TEMPLATE_NAME + ("_flagged" if flagged else "")
     body = _FLAGGED_BODY if flagged else _TEMPLATE_BODY
     return get_template(name, lambda: template_source(DEVICE_FUNCTIONS, body), _grid())
@@ -174,6 +176,7 @@ def inductor_ops(x, maybe=None):
     """The check as Inductor ops (mul, sum; with maybe, where(maybe is NaN, that, 0), which reads all
     of x), in a lowering: a reduction that fuses with x's producer (a norm's kernel), on CUDA where
     the rewrite keeps the check there, and on the CPU."""
+    # Inductor's internals: loaded by the compile that calls this
     from torch._inductor.lowering import lowerings
 
     aten = torch.ops.aten
@@ -185,10 +188,10 @@ def inductor_ops(x, maybe=None):
 
 def lower(x, maybe=None):
     """Inductor lowering of sparse_inductor::row_check on CUDA: the template, one choice."""
+    # Inductor's internals: loaded by the compile that calls this
     from torch._inductor.ir import FixedLayout
     from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs
 
-    from .._compat import inductor_size_hint, static_int
 
     inputs = [realize_inputs(x)] if maybe is None else list(realize_inputs(x, maybe))
     x = inputs[0]

@@ -81,6 +81,7 @@ _TEMPLATES: dict[str, Any] = {}
 def get_template(name: str, source_fn: Callable[[], str], grid: Callable) -> Any:
     """One TritonTemplate per name and process (Inductor asserts on duplicate names)."""
     if name not in _TEMPLATES:
+        # Inductor's internals: loaded by the compile that calls this
         from torch._inductor.select_algorithm import TritonTemplate
 
         existing = TritonTemplate.all_templates.get(name)
@@ -90,6 +91,7 @@ def get_template(name: str, source_fn: Callable[[], str], grid: Callable) -> Any
 
 def grid_nm() -> Callable:
     """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)) over an output [M, N]."""
+    # Inductor's internals: loaded by the compile that calls this
     from torch._inductor.select_algorithm import SymbolicGridFn
 
     @SymbolicGridFn

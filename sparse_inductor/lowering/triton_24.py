@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import sympy
 import torch
 import triton
 import triton.language as tl
@@ -51,6 +52,7 @@ import triton.language as tl
 from .._compat import INTERPRETING, inductor_size_hint
 from ..formats import compress_24, from_gemv_layout, gemv_layout_ok, to_gemv_layout
 from ..registry import KernelSpec, dense_us, register_kernel
+from .template import get_template, grid_nm, template_source
 
 __all__ = ["sp24_dot_acc", "sp24_gemv_acc", "sp24_linear", "pick_config", "DEVICE_FUNCTIONS"]
 
@@ -739,17 +741,16 @@ def _template_body(perm_k: bool = False) -> str:
 
 
 def template(perm_k: bool = False):
-    from .template import get_template, grid_nm, template_source
-
     return get_template(TEMPLATE_NAME + ("_permk" if perm_k else ""),
                         lambda: template_source(DEVICE_FUNCTIONS, _template_body(perm_k)), grid_nm())
 
 
 def lower(x, values, meta, *, n: int, x_index=None):
     """Inductor lowering of sparse_inductor::linear_24 (without bias) to the template. One choice
-    only, so that Inductor fuses what follows into the template's store (DESIGN-NOTES). x_index:
+    only, so that Inductor fuses what follows into the template's store (with an extern choice beside it under max_autotune, the template won but its
+    epilogue was not fused: torch 2.11, H100). x_index:
     a column-permuted weight (sp24_linear's; an int32 constant), None: the identity."""
-    import sympy
+    # Inductor's internals: loaded by the compile that calls this
     from torch._inductor.ir import FixedLayout
     from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs
 
@@ -759,6 +760,7 @@ def lower(x, values, meta, *, n: int, x_index=None):
     n, g = (int(s) for s in values.get_size()[1:])
     words = meta.get_dtype() == torch.int32  # the gemv layout: made only for a static M of 1 and bf16 x
     if words:
+        # Inductor's internals: loaded by the compile that calls this
         from torch._inductor.ir import ExternKernel
 
         if not (isinstance(m, (int, sympy.Integer)) and int(m) == 1 and x.get_dtype() == torch.bfloat16):

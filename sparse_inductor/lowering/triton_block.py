@@ -64,7 +64,8 @@ import triton.language as tl
 from .._compat import INTERPRETING, inductor_size_hint, static_int
 from ..formats.block import BLOCK_SIZES
 from ..registry import KernelSpec, register_kernel
-from .template import HEAD_X_MNK
+from . import row_check as checks
+from .template import HEAD_X_MNK, device_functions_source, get_template, template_source
 
 __all__ = [
     "BlockLinearConfig", "CONFIGS", "DEVICE_FUNCTIONS", "M_BUCKETS", "block_linear",
@@ -268,8 +269,6 @@ DEVICE_FUNCTIONS = (block_dot, block_range_acc, block_sparse_acc, row_check_tile
 
 def device_source() -> str:
     """The source of DEVICE_FUNCTIONS (decorators included), ready to paste into a template."""
-    from .template import device_functions_source
-
     return device_functions_source(DEVICE_FUNCTIONS)
 
 
@@ -584,6 +583,7 @@ TEMPLATE_NAME = "sparse_inductor_block"
 
 
 def _grid():
+    # Inductor's internals: loaded by the compile that calls this
     from torch._inductor.select_algorithm import SymbolicGridFn
 
     @SymbolicGridFn
@@ -594,8 +594,6 @@ def _grid():
 
 
 def template(guard: bool = True, skip: str = "", perm_k: bool = False, perm_n: bool = False):
-    from .template import get_template, template_source
-
     name = TEMPLATE_NAME + ("" if guard else "_noguard") + (f"_skip_{skip}" if skip else "") \
         + ("_permk" if perm_k else "") + ("_permn" if perm_n else "")
     return get_template(name, lambda: template_source(DEVICE_FUNCTIONS, _template_body(guard, skip, perm_k, perm_n)),
@@ -614,10 +612,10 @@ def lower(x, blocks, row_ptr, col_idx, row_order, *, n: int, guard: bool = True,
     out. live / skip_check: as block_linear's (live -1: every block row). x_index / out_index: a
     permuted weight, as block_linear's (int32 constants; None: the identity); the row check is a
     sum over x's row, which a permutation of x's columns does not change."""
+    # Inductor's internals: loaded by the compile that calls this
     from torch._inductor.ir import FixedLayout
     from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs
 
-    from . import row_check as checks
 
     m = x.get_size()[0]
     b = int(blocks.get_size()[-1])

@@ -20,7 +20,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..options import SparseOptions
-from ..report import record
+from ..report import count, record
 from ..version import source_hash
 from .derived_check import derive_library_checks
 from .fuse_mlp import fuse_mlps
@@ -84,6 +84,7 @@ class SparseGraphPass(CustomGraphPass):
             fuse_library_activations(gm, self.opts)
         except Exception as e:  # never break the user's compile: the graph is valid layer by layer
             log.exception("sparse_inductor: the rewrite pass failed")
+            count("pass_failed")
             record(f"sparse_inductor: rewrite pass failed ({type(e).__name__}: {e}); remaining layers stay dense")
         if self.user_pass is not None:
             self.user_pass(graph)
