@@ -2,16 +2,16 @@
 a GPU: per config, the registers ptxas gives it for sm_90a, the programs per SM that allows and the
 waves of the grid at each N. The compiled template renders N and K as literals, and ptxas then
 budgets registers differently from the eager launcher (runtime N and K), so a config's launcher
-timing does not predict its compiled one (docs/benchmarks.md G4, I2); this predicts the waves.
+timing does not predict its compiled one (docs/benchmarks.md); this predicts the waves.
 
     python bench/gemv_waves.py [--values int8] [--shapes 14336x4096,4096x14336] [--sms 132]
 
 Prints a table per shape, best wave efficiency (waves / whole waves) first. A screen, not a
-ranking: in run I (H200, int8, 14336x4096, compiled) the one-wave config 4 rows, 1 warp, BLOCK_G
+ranking: on the H200 (int8, 14336x4096, compiled) the one-wave config 4 rows, 1 warp, BLOCK_G
 128 (0.85) ran 18.8 us and 2 rows, 2 warps, KSPLIT 2, BLOCK_G 512 (3.88 waves, 0.97) 26.7; time the
 candidates with bench/sweep_gemv.py --compiled-configs. Register counts depend
-on the Triton (and its ptxas) that compiles: the GPU machine runs triton 3.6.0, so run this with
-that version (`pip install triton==3.6.0` in a separate venv; 3.7.1 gives other counts, e.g. 168
+on the Triton (and its ptxas) that compiles: run this with the Triton the GPU runs (3.6.0 for
+torch 2.11) (`pip install triton==3.6.0` in a separate venv; 3.7.1 gives other counts, e.g. 168
 registers instead of 128 for 4 rows, 1 warp, BLOCK_G 512). The kernel compiled here mirrors the
 template's body (literal N and K, a per-row scale in the store), not Inductor's exact source.
 """
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     p.add_argument("--configs", default="", help="only these, ';'-separated labels ('n4 g128 w1; n2 g256 w2 k2')")
     args = p.parse_args(argv)
     configs = [parse_label(t) for t in args.configs.split(";") if t.strip()] or list(grid(True))
-    print(f"triton {triton.__version__}, sm_90a, {args.sms} SMs, {args.values} values (the GPU machine: triton 3.6.0)")
+    print(f"triton {triton.__version__}, sm_90a, {args.sms} SMs, {args.values} values (torch 2.11's Triton: 3.6.0)")
     for n, k in (tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")):
         rows = []
         for cfg in configs:

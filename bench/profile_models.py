@@ -1,5 +1,5 @@
 """Where a compiled model's GPU time goes: per-kernel CUDA times (torch.profiler) of one forward,
-for the variants of issue 6's composition case (ViT with MLP weights 2:4: bf16 dense, 2:4 bf16,
+for the variants of the int8 + 2:4 composition case (ViT with MLP weights 2:4: bf16 dense, 2:4 bf16,
 int8 dense W8A8 (plain, and under lowering/reductions.py's quantize-kernel choices), int8 + 2:4
 with and without those choices), and cuSPARSELt's int8 kernel alone with an int32 vs a bf16
 output (every alg id).

@@ -1,4 +1,4 @@
-"""The one place for differences between torch versions (2.11 on the GPU machine, 2.13 in CI).
+"""The one place for differences between torch versions (2.11 and 2.13 are supported).
 
 Everything else imports these helpers instead of testing versions or attributes itself.
 """

@@ -3,7 +3,7 @@
 Needs a CUDA GPU. Every time is the median of triton.testing.do_bench (L2 flushed between reps),
 in microseconds. Compiled modules and our kernels are timed as CUDA-graph replays, so that Python
 and launch overhead do not hide the kernels (a torch.compile'd single linear costs ~50 us of host
-time per call in default mode, ../shared/BASELINES.md); PyTorch's own sparse paths are timed as a
+time per call in default mode, measured on the H100); PyTorch's own sparse paths are timed as a
 user calls them (eager), which is what the anchors report. Ratios are dense time / candidate time
 (above 1 = faster than dense), always from the same run. The header names device, versions, date.
 """
@@ -445,7 +445,7 @@ def _w8a8_linears_(model: nn.Module, keep: Callable[[str], bool], prefix: str = 
 
 
 def bench_compose(rows: list, name: str = "vit_huge_patch14_224", batch: int = 32, core: bool = False):
-    """Sparsity and int8 composed (issue 6): one ViT with its MLP weights 2:4, as 2:4 bf16
+    """Sparsity and int8 composed: one ViT with its MLP weights 2:4, as 2:4 bf16
     (backend="sparse"), int8 dynamic activations on dense Inductor (the same 2:4 int8 weights, not
     exploited), and int8 + 2:4 (backend="sparse"), against bf16 dense; all mode="reduce-overhead",
     plain calls. core=True: only the three the target compares (no bf16 dense, no int32 product)."""
@@ -523,7 +523,7 @@ def bench_int8_act(rows: list, shapes=None):
 
 
 def bench_quant(rows: list, shapes=None, models=True):
-    """Weight-only int8 2:4 (issue 6): the Triton kernels read int8 values; vs bf16 dense."""
+    """Weight-only int8 2:4: the Triton kernels read int8 values; vs bf16 dense."""
     dev, dt = "cuda", torch.bfloat16
     shapes = shapes or [(1, 14336, 4096), (1, 4096, 4096), (1, 4096, 14336)]
     print("\n## Weight-only int8 2:4 linears vs bf16 dense\n")
@@ -621,32 +621,32 @@ def bench_fp8(rows: list, shapes=None):
               f"{_ratio(dense, ft['lib16'])} | {_ratio(bf16, ft['lib16'])} | {picks[0]} | {picks[1]} |", flush=True)
 
 
-# The open issues' targets, as ratios of this bench's rows (the issues state them for the H100; the
-# summary says what the run's GPU measured against them). (issue, case, section, match, ratio, at least):
+# The project's targets, as ratios of this bench's rows (stated for the H100; the summary says what the
+# run's GPU measured against them). (group, case, section, match, ratio, at least):
 # match: the row's keys and values (an e2e model by its exact name: a run with --options does not count);
 # ratio: (numerator key, denominator key), or "e2e" (the best of the modes measured: graph replays,
 # default-mode calls, reduce-overhead).
 TARGETS = [
-    (4, "block 90% 64x64, 14336x4096, M=1 vs F.linear", "block", dict(M=1, N=14336, K=4096, sparsity=0.9), ("dense", "compiled"), 6.0),
-    (4, "block 90%, M=16", "block", dict(M=16, N=14336, K=4096, sparsity=0.9), ("dense", "compiled"), 6.0),
-    (4, "block 90%, M=8192", "block", dict(M=8192, N=14336, K=4096, sparsity=0.9), ("dense", "compiled"), 3.5),
-    (4, "block 80%, M=16", "block", dict(M=16, N=14336, K=4096, sparsity=0.8), ("dense", "compiled"), 3.0),
-    (4, "block 80%, M=8192", "block", dict(M=8192, N=14336, K=4096, sparsity=0.8), ("dense", "compiled"), 2.5),
-    (4, "ViT-B/16 b64, MLPs 90% blocks, vs dense compile", "e2e",
+    ("block", "block 90% 64x64, 14336x4096, M=1 vs F.linear", "block", dict(M=1, N=14336, K=4096, sparsity=0.9), ("dense", "compiled"), 6.0),
+    ("block", "block 90%, M=16", "block", dict(M=16, N=14336, K=4096, sparsity=0.9), ("dense", "compiled"), 6.0),
+    ("block", "block 90%, M=8192", "block", dict(M=8192, N=14336, K=4096, sparsity=0.9), ("dense", "compiled"), 3.5),
+    ("block", "block 80%, M=16", "block", dict(M=16, N=14336, K=4096, sparsity=0.8), ("dense", "compiled"), 3.0),
+    ("block", "block 80%, M=8192", "block", dict(M=8192, N=14336, K=4096, sparsity=0.8), ("dense", "compiled"), 2.5),
+    ("block", "ViT-B/16 b64, MLPs 90% blocks, vs dense compile", "e2e",
      dict(model="ViT-B/16 batch 64, MLP weights 90% zero 64x64 blocks"), "e2e", 1.5),
-    (5, "2:4 cuSPARSELt 8192x14336x4096 vs F.linear", "cusparselt", dict(M=8192, N=14336, K=4096), ("dense", "compiled"), 1.5),
-    (5, "2:4 cuSPARSELt 8192x4096x14336", "cusparselt", dict(M=8192, N=4096, K=14336), ("dense", "compiled"), 1.3),
-    (5, "8 Llama MLP blocks 2:4, prefill 4096", "e2e", dict(model="8 Llama MLP blocks 2:4, prefill 4096 tokens"), "e2e", 1.35),
-    (5, "ViT-B/16 b64, every linear 2:4", "e2e", dict(model="vit_base_patch16_224 batch 64, every linear 2:4"), "e2e", 1.1),
-    (5, "ViT-H/14 b32, every linear 2:4", "e2e", dict(model="vit_huge_patch14_224 batch 32, every linear 2:4"), "e2e", 1.1),
-    (6, "weight-only int8 2:4, 14336x4096, M=1 vs bf16 F.linear", "quant", dict(M=1, N=14336, K=4096), ("dense", "compiled"), 2.5),
-    (6, "8 Llama MLP blocks, int8 weight-only 2:4, decode b1", "quant", dict(model="llama8 int8 woq 2:4 decode b1"),
+    ("2:4", "2:4 cuSPARSELt 8192x14336x4096 vs F.linear", "cusparselt", dict(M=8192, N=14336, K=4096), ("dense", "compiled"), 1.5),
+    ("2:4", "2:4 cuSPARSELt 8192x4096x14336", "cusparselt", dict(M=8192, N=4096, K=14336), ("dense", "compiled"), 1.3),
+    ("2:4", "8 Llama MLP blocks 2:4, prefill 4096", "e2e", dict(model="8 Llama MLP blocks 2:4, prefill 4096 tokens"), "e2e", 1.35),
+    ("2:4", "ViT-B/16 b64, every linear 2:4", "e2e", dict(model="vit_base_patch16_224 batch 64, every linear 2:4"), "e2e", 1.1),
+    ("2:4", "ViT-H/14 b32, every linear 2:4", "e2e", dict(model="vit_huge_patch14_224 batch 32, every linear 2:4"), "e2e", 1.1),
+    ("8-bit", "weight-only int8 2:4, 14336x4096, M=1 vs bf16 F.linear", "quant", dict(M=1, N=14336, K=4096), ("dense", "compiled"), 2.5),
+    ("8-bit", "8 Llama MLP blocks, int8 weight-only 2:4, decode b1", "quant", dict(model="llama8 int8 woq 2:4 decode b1"),
      ("dense_compile", "sparse"), 2.2),
-    (6, "int8 activations 2:4, 8192x14336x4096 vs bf16 F.linear", "int8_act", dict(M=8192, N=14336, K=4096),
+    ("8-bit", "int8 activations 2:4, 8192x14336x4096 vs bf16 F.linear", "int8_act", dict(M=8192, N=14336, K=4096),
      ("bf16_dense", "sparse"), 1.6),
-    (6, "same, vs int8 dense compile", "int8_act", dict(M=8192, N=14336, K=4096), ("int8_dense_compile", "sparse"), 1.5),
-    (6, "ViT-H/14 int8 + 2:4 MLPs vs 2:4 bf16", "compose", dict(model="vit_huge_patch14_224"), ("2:4_bf16", "int8_+_2:4"), 1.0),
-    (6, "ViT-H/14 int8 + 2:4 MLPs vs int8 dense", "compose", dict(model="vit_huge_patch14_224"), ("int8_dense", "int8_+_2:4"), 1.0),
+    ("8-bit", "same, vs int8 dense compile", "int8_act", dict(M=8192, N=14336, K=4096), ("int8_dense_compile", "sparse"), 1.5),
+    ("8-bit", "ViT-H/14 int8 + 2:4 MLPs vs 2:4 bf16", "compose", dict(model="vit_huge_patch14_224"), ("2:4_bf16", "int8_+_2:4"), 1.0),
+    ("8-bit", "ViT-H/14 int8 + 2:4 MLPs vs int8 dense", "compose", dict(model="vit_huge_patch14_224"), ("int8_dense", "int8_+_2:4"), 1.0),
 ]
 
 _E2E_MODES = (("graph", "dense_compile", "sparse"), ("default", "dense_compile_nograph", "sparse_nograph"),
@@ -706,8 +706,8 @@ def bench_guard(rows: list, blocks: int = 8, batch: int = 1):
 def target_summary(rows: list) -> str:
     """A markdown table of the TARGETS this run's rows measured: the ratio, the target, met or not.
     A compose target ("faster than") needs a ratio above 1."""
-    lines = ["| issue | case | measured | target | met |", "|---|---|---|---|---|"]
-    for issue, name, section, match, ratio, least in TARGETS:
+    lines = ["| group | case | measured | target | met |", "|---|---|---|---|---|"]
+    for group, name, section, match, ratio, least in TARGETS:
         row = next((r for r in rows if r.get("section") == section
                     and all(r.get(k) == v for k, v in match.items())), None)
         if row is None:
@@ -724,7 +724,7 @@ def target_summary(rows: list) -> str:
                 continue
             value, how = num / den, ""
         met = value > least if least == 1.0 else value >= least
-        lines.append(f"| {issue} | {name} | {value:.2f}x{how} | {'>' if least == 1.0 else '>='} {least:.2f}x | "
+        lines.append(f"| {group} | {name} | {value:.2f}x{how} | {'>' if least == 1.0 else '>='} {least:.2f}x | "
                      f"{'yes' if met else 'no'} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -745,7 +745,7 @@ def main(argv=None):
     p.add_argument("--e2e-modes", default="default,ro",
                    help="e2e compiles: default (graph replays and plain calls), ro (reduce-overhead)")
     p.add_argument("--targets", action="store_true",
-                   help="only the cases the issues set targets for (quant 14336x4096 + Llama, cusparselt and "
+                   help="only the cases TARGETS sets targets for (quant 14336x4096 + Llama, cusparselt and "
                         "int8_act at M=8192, compose core)")
     p.add_argument("--compose-core", action="store_true",
                    help="compose: only 2:4 bf16, int8 dense and int8 + 2:4 (the comparison of the target)")
@@ -785,7 +785,7 @@ def main(argv=None):
         print(f"\n(stopped by {e} in section {name!r}: the tables below hold what was measured before)", flush=True)
     summary = target_summary(rows)
     if summary:
-        print("\n## The issues' targets (stated for the H100) against this run\n")
+        print("\n## The targets (stated for the H100) against this run\n")
         print(header())
         print()
         print(summary, flush=True)

@@ -163,7 +163,7 @@ class SparseOptions:
                        never writes the hidden activations (passes/fuse_mlp.py), where it is
                        measured faster than the two layers apart. Off by default: on the H200 the
                        fused kernel ran ViT-B's MLP in 119.9 us against 111.6 for the two layers
-                       apart (docs/benchmarks.md K2).
+                       apart (docs/benchmarks.md).
     reductions:        how Inductor compiles the activation-quantize kernels around the 8-bit
                        linears (amax over a row, then scale, round, clamp and cast to 8 bits,
                        fused with x's producer):

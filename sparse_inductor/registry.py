@@ -90,8 +90,8 @@ class DeviceModel:
     launch_us: float
 
 
-# Measured ceilings (../shared/BASELINES.md, H100 80GB HBM3, torch 2.11): copy 3.0 TB/s, bf16 GEMM
-# 740 TFLOP/s. The model uses what a good kernel reaches at small sizes, not the peaks.
+# Measured ceilings on the H100 80GB HBM3 (torch 2.11): copy 3.0 TB/s, bf16 GEMM 740 TFLOP/s. The model
+# uses what a good kernel reaches at small sizes, not the peaks.
 _CUDA_MODELS = {
     "H100": DeviceModel(bytes_per_us=2.6e6, flops_per_us=6.0e8, launch_us=4.0),
     "H200": DeviceModel(bytes_per_us=3.8e6, flops_per_us=6.0e8, launch_us=4.0),

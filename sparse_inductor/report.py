@@ -161,4 +161,5 @@ def count(event: str, n: int = 1) -> None:
     """torch._dynamo.utils.counters["sparse_inductor"][event] += n: one event per rewrite, fold
     and fallback of the compiler (e.g. "rewrite", "kept_dense", "row_check_shared", "mlp_fused",
     "lowering_fallback"), beside Inductor's own counters; the tests assert on them."""
-    counters["sparse_inductor"][event] += n
+    if n:
+        counters["sparse_inductor"][event] += n

@@ -9,11 +9,10 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# The dispatcher's timings go to this session's own cache unless the caller names one: what a test
+# The dispatcher's timings go to this test run's own cache unless the caller names one: what a test
 # times (small or odd inputs, kernels under test) must not decide a later benchmark's or user's
-# compile on the same machine, which reads the default cache. (Run G: after the GPU tests, the
-# bench on the same machine read 187 us for a weight-only layer that times at 22 us and kept it
-# dense; with the bench run first it did not happen. Which test wrote it was not pinned down.)
+# compile on the same machine, which reads the default cache (a bench run after the GPU tests once
+# read 187 us from it for a weight-only layer that times at 22 us, and kept the layer dense).
 if "SPARSE_INDUCTOR_CACHE_DIR" not in os.environ:
     _timings = tempfile.TemporaryDirectory(prefix="sparse_inductor_test_timings_")  # removed at exit
     os.environ["SPARSE_INDUCTOR_CACHE_DIR"] = _timings.name

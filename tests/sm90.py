@@ -1,7 +1,7 @@
 """Compile kernels for sm_90a (H100 / H200) without a GPU: Triton's own compiler and its ptxas, in
 a subprocess (the test process defines kernels for the interpreter). Catches what the interpreter
 cannot: a config that fails to compile or overflows shared memory, which on the GPU would make the
-compiled graph fall back to plain Inductor (correct, slow; run F8)."""
+compiled graph fall back to plain Inductor (correct, slow)."""
 from __future__ import annotations
 
 import json

@@ -112,6 +112,7 @@ class Run:
     notes: list[str]
     graphs: list[str]
     code: str
+    counts: dict = dataclasses.field(default_factory=dict)  # counters["sparse_inductor"] this run added
 
     def by_name(self, name: str) -> LayerDecision:
         found = [d for d in self.decisions if d.name == name]
@@ -130,10 +131,12 @@ def run_sparse(model: nn.Module, *inputs: tuple, options: Optional[dict] = FORCE
     def go():
         return [compiled(*args) for args in inputs]
 
+    before = dict(counters["sparse_inductor"])
     with patch, collect() as sink, (contextlib.nullcontext() if grad else torch.no_grad()):
         outputs, code = run_and_get_code(go)
+    counts = {k: v - before.get(k, 0) for k, v in counters["sparse_inductor"].items() if v != before.get(k, 0)}
     return Run(outputs, [d for d in sink if isinstance(d, LayerDecision)], [d for d in sink if isinstance(d, str)],
-               cap.graphs, "\n".join(code))
+               cap.graphs, "\n".join(code), counts)
 
 
 @contextlib.contextmanager
@@ -431,6 +434,7 @@ return (mm_2,)""")
         (d,) = [d for d in r.decisions if d.sparse]
         self.assertEqual(d.shape, (128, 32))
         self.assertIn("split", d.fused)
+        self.assertEqual((r.counts["rewrite"], r.counts["split_outputs"]), (1, 2))
 
     def test_bias_sliced(self):
         # Inductor concatenates biased linears only in threes (q, k, v): the bias is sliced too
@@ -763,9 +767,9 @@ def test_backend_name_works_without_import(tmp_path):
 
 
 def test_backend_works_without_numpy(tmp_path):
-    """torch runs without numpy (the venv of the GPU machine may lack it); the weights digest
+    """torch runs without numpy (an environment may lack it); the weights digest
     must not need Tensor.numpy(), or setup fails and every layer silently stays dense.
-    TRITON_INTERPRET is dropped: the interpreter needs numpy, and a GPU machine does not use it."""
+    TRITON_INTERPRET is dropped: the interpreter needs numpy, and a GPU does not use it."""
     res = run_python("""
         import sys; sys.modules["numpy"] = None  # as if numpy were not installed
         import json, torch, torch.nn as nn
@@ -827,6 +831,26 @@ def test_explain_forced():
         assert d.kernel in row[0] and d.reason in row[0]
     assert "4 of 5 linear(s) run sparse" in text
     assert text.splitlines()[0].split()[:3] == ["layer", "N", "x"]
+
+
+def test_counters_of_rewrites_and_fallbacks(monkeypatch):
+    """torch._dynamo.utils.counters["sparse_inductor"]: the two sparse layers rewritten (forced), kept
+    dense by the dispatcher (no cost model on the CPU), and a pass that raises (all stay dense)."""
+    m = seeded(Stack, 32, 1)
+    x = torch.randn(3, 32)
+    assert run_sparse(m, (x,), options=FORCE).counts == {"rewrite": 2}
+    torch._dynamo.reset()
+    assert run_sparse(m, (x,), options={}).counts == {"kept_dense": 2}
+    from sparse_inductor.passes import manager
+
+    def boom(*a, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(manager, "rewrite_linears", boom)
+    torch._dynamo.reset()
+    r = run_sparse(m, (x,), options=FORCE)
+    assert r.counts == {"pass_failed": 1} and not any(d.sparse for d in r.decisions)
+    assert any("rewrite pass failed (RuntimeError: boom)" in n for n in r.notes), r.notes
 
 
 def test_explain_default_on_cpu_is_dense():

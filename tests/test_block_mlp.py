@@ -200,8 +200,8 @@ class TestDerivedCheck(expecttest.TestCase):
         # (fc2's constant inputs folded into an fp32 bias: not eager's order of operations)
         assert_close_fp64(r.outputs[0], copy.deepcopy(model).double()(x.double()).detach(), torch.bfloat16)
         gm = r.graphs[0]
-        # (the decisions and notes say why, should the pass not derive the check: it did not once, in
-        # session 12's second fresh-clone CI run, and has not since; cause unknown)
+        # (the decisions and notes say why, should the pass not derive the check: it did not once in a
+        # fresh-clone CI run, cause unknown)
         why = "\n".join([d.line() for d in r.decisions] + r.notes)
         self.assertNotIn("sparse_inductor.row_check", gm, why)
         self.assertIn("amax_default", gm)
@@ -224,6 +224,8 @@ class TestDerivedCheck(expecttest.TestCase):
         fc1, fc2 = r.by_name("fc1"), r.by_name("fc2")
         assert "hidden-skip" in fc1.fused and "hidden-fold" in fc2.fused, (fc1.line(), fc2.line())
         assert "computes 3 of its 8 block rows (3 that fc2 does not read, 2 constant" in fc1.reason
+        assert {k: r.counts[k] for k in ("derived_check", "hidden_skip", "hidden_fold")} == \
+            {"derived_check": 1, "hidden_skip": 1, "hidden_fold": 1}, r.counts
         fast = run_sparse(model, (x,), options={**self.opts, "nonfinite": "fast"})
         self.assertIn("'triton', guard = False, live = 3, skip_check = None)", fast.graphs[0])
         assert_close_fp64(fast.outputs[0], copy.deepcopy(model).double()(x.double()).detach(), torch.bfloat16)
@@ -485,6 +487,7 @@ return (reshape_default_1,)""")
             assert d.kernel == "triton" and d.fused[-1] == "mlp", d.line()
             assert f"fused with {other} and the gelu between them" in d.reason, d.line()
             assert d.row_check == check, d.line()
+        assert r.counts["mlp_fused"] == 1, r.counts
 
     def test_other_activations(self):
         for act in ("relu", "silu", "none"):

@@ -386,6 +386,8 @@ def test_layers_reading_one_x_share_its_check(norm):
     gm = r.graphs[0]
     assert gm.count("sparse_inductor.row_check.default(") == (0 if norm else 1), gm
     assert gm.count("aten.sum.dim_IntList(") == (1 if norm else 0), gm
+    # (both layers' fixups folded into the pointwise ops after them)
+    assert r.counts == {"rewrite": 2, "row_check_shared": 1, "row_fixup_in_graph": 2}, r.counts
     out, ref = r.outputs[0], model(x).detach()
     assert out[2].isnan().all() and torch.equal(out.isnan().any(-1), ref.isnan().any(-1))
     torch.testing.assert_close(out[torch.arange(6) != 2], ref[torch.arange(6) != 2], **TOL32)
@@ -509,6 +511,7 @@ class TestDerivedLibraryCheck(expecttest.TestCase):
         self.assertIn("aten.add.Tensor(row_check_default_1, 1)", gm)  # fc2's row fixup reads it
         fc2 = r.by_name("fc2")
         assert fc2.row_check == "from fc1's input (in its norm), then its own input in the rows that flags", fc2.line()
+        assert r.counts["derived_lib_check"] == 1, r.counts
         assert "non-finite row check read from fc1's input (through the gelu)" in fc2.reason
         assert r.by_name("fc1").row_check == "in x's norm"
         _same_rows_as_dense(r.outputs[0], model(x).detach(), torch.bfloat16)
@@ -599,6 +602,7 @@ def test_derived_library_check_failure_keeps_own_check(monkeypatch):
     r = _lib_run(model, x)
     fc2 = r.by_name("fc2")
     assert fc2.row_check == "own kernel" and "row check from fc1's input failed (RuntimeError: probe)" in fc2.reason
+    assert r.counts["step_failed"] == 1 and "derived_lib_check" not in r.counts, r.counts
     _same_rows_as_dense(r.outputs[0], model(x).detach(), torch.bfloat16)
 
 
@@ -694,6 +698,7 @@ def test_library_activation(act, dtype):
     assert "aten.erf" not in gm and "aten.relu" not in gm and "aten.where" not in gm, gm
     fc1 = r.by_name("fc1")
     assert act in fc1.fused and f"the {act} in cuSPARSELt's epilogue" in fc1.reason, fc1.line()
+    assert r.counts["lib_activation"] == 1, r.counts
     ref = model(x).detach().reshape(-1, 32)
     _same_rows_as_dense(r.outputs[0].reshape(-1, 32), ref, dtype)
     ref64 = copy.deepcopy(model).double()(x.double()).detach().reshape(-1, 32)

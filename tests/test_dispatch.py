@@ -162,8 +162,8 @@ def test_timer_key_separates_what_changes_the_time(tmp_path, monkeypatch):
                            **dict(base, opts=SparseOptions(mode="reduce-overhead"))).key("fake", 8),
         measure.LayerTimer(Layer("2:4", 8, 32, 64, torch.float32, "cpu"), **base).key("fake", 16),
         measure.LayerTimer(Layer("2:4", 8, 32, 64, torch.float32, "cpu"), **base, structure="density=0.1").key("fake", 8),
-        # int8 x int8: the library's output dtype changes its best algorithm (run F: an int32-timed
-        # alg id reused for a bf16 output ran 1.9x slower), so the two forms are timed apart
+        # int8 x int8: the library's output dtype changes its best algorithm (an int32-timed alg id
+        # reused for a bf16 output ran 1.9x slower on the H100), so the two forms are timed apart
         measure.LayerTimer(Layer("2:4", 8, 32, 64, torch.int8, "cpu", product=torch.int32), **base).key("fake", 8),
         measure.LayerTimer(Layer("2:4", 8, 32, 64, torch.int8, "cpu", product=torch.bfloat16), **base).key("fake", 8),
     ]

@@ -110,11 +110,11 @@ class NormMLP(nn.Module):
 
 
 def test_block_mlp_keeps_gelu_in_the_template():
-    """Block-sparse fc1 and fc2: fc2's non-finite check used to read fc1's GELU output. As Inductor
-    ops it pulled the GELU out of fc1's template into a reduction kernel (run J); as the row-check
-    template it was one more read of the hidden activations; now (run K) it is derived from fc1's
-    input (passes/fuse_mlp._derive_check): two reductions fused into the LayerNorm, no kernel reads
-    the hidden activations for it. fc1's own check stays in the norm. Dense's NaN/Inf pattern holds."""
+    """Block-sparse fc1 and fc2: fc2's non-finite check is derived from fc1's input
+    (passes/fuse_mlp._derive_check): two reductions fused into the LayerNorm, no kernel reads the
+    hidden activations for it (as Inductor ops over h, the check would pull the GELU out of fc1's
+    template into a reduction kernel). fc1's own check stays in the norm. Dense's NaN/Inf pattern
+    holds."""
     model = prepared(NormMLP(), "block")
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     x[3, 5], x[10, 2] = float("nan"), float("inf")

@@ -267,7 +267,7 @@ class GeluMlp(torch.nn.Module):
 def test_gelu_between_cslt_linears_stays_pointwise():
     """fc2's non-finite row check reads the GELU after fc1 (which also applies fc1's row fixup): the
     check is the row-check template, a read of x of its own, and the GELU stays a pointwise kernel
-    (as Inductor ops, the check made it a reduction: +27-35 us a layer on ViT-B, run I4). (The GELU
+    (as Inductor ops, the check would make it a reduction: +27-35 us a layer on ViT-B, H200). (The GELU
     kept out of the library's epilogue: test_library_activation_where_it_matches has that.)"""
     model = prepared(GeluMlp(), "2:4")
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
@@ -282,8 +282,9 @@ def test_gelu_between_cslt_linears_stays_pointwise():
 
 def test_gelu_between_cslt_linears_after_a_norm_stays_pointwise():
     """The same with a LayerNorm before fc1 (a ViT's MLP) and fc2's check not derived: fc1's row
-    fixup reads a sum that rides in the norm, which is not a norm of h (session 14: it made fc2's
-    check a reduction in the GELU's kernel, timed as free); fc2's check is the row-check template."""
+    fixup reads a sum that rides in the norm, which is not a norm of h (counted as one, it would make
+    fc2's check a reduction in the GELU's kernel, timed as free); fc2's check is the row-check
+    template."""
     model = prepared(NormGeluMlp(), "2:4")
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "cusparselt", "fx_cache": False,

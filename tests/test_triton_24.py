@@ -222,7 +222,7 @@ def test_gemv_wide_nonfinite_inputs_like_dense(k):
 def test_template_source_has_every_device_function_it_calls(module):
     """The Inductor templates paste DEVICE_FUNCTIONS' sources ahead of their kernel: a jit function
     called from them (or from the template body) but missing from the tuple fails only when the
-    template compiles, on the GPU, and the backend then falls back to plain Inductor (run F8)."""
+    template compiles, on the GPU, and the backend then falls back to plain Inductor."""
     import importlib
     import inspect
     import re

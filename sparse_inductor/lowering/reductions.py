@@ -8,7 +8,7 @@ one: a first loop computes the amax, a second loop computes the same inputs agai
 them. For ViT-H's fc2 input (8224 x 5120: the int32 product, its scales, bias and an erf GELU)
 that is two reads and two GELUs per element, 215 us per call on the H100 where one pass would
 move the bytes in about 70. A persistent reduction keeps the row in registers: one read, one
-GELU: 148 us (bench/profile_models.py, docs/benchmarks.md F3; still compute-bound).
+GELU: 148 us (bench/profile_models.py, docs/benchmarks.md; still compute-bound).
 
 `quantize_reductions()` is the context the backend compiles in (options reductions="one-pass",
 the default): Inductor's own choice, except that an inner reduction whose kernel stores an 8-bit
@@ -16,15 +16,12 @@ tensor (the quantize step) or computes a row check (below), and whose row is at 
 elements, is made persistent. Every other kernel is left to Inductor. Only where Inductor's
 choices handler is its default one (a user's own handler is left alone).
 
-The same for the non-finite row checks of the zero-skipping linears (linear_rewrite._row_check:
-sum_k 0 * x[m, k], FX nodes marked meta["sparse_inductor"] = "row_check"), where the check is
-Inductor ops fused with x's producer. Run I made them persistent when that producer was a GELU
-(between a cuSPARSELt fc1 and fc2: on the H200, ViT-B/16 b64, the 12 GELU + check kernels 1092 ->
-994 us per forward, dense's GELU 673). Since run J a check after a pointwise producer is a kernel
-of its own (lowering/row_check.py) and the GELU stays pointwise; the rule now applies to checks
-fused into a norm's kernel, and to sparse_inductor::row_check's own CPU lowering (Inductor ops).
-(Run F had tried the rule on ViT-H, where it mostly made the LayerNorm kernels persistent, and
-left it out.)
+The same for the non-finite row checks of the zero-skipping linears (passes/row_checks.row_check:
+sum_k 0 * x[m, k], FX nodes marked ROW_CHECK_MARK), where the check is Inductor ops fused with x's
+producer: a norm's kernel (a check after a pointwise producer is a kernel of its own,
+lowering/row_check.py), and sparse_inductor::row_check's own CPU lowering (Inductor ops). A GELU +
+check kernel between a cuSPARSELt fc1 and fc2 made persistent ran 994 us per forward against 1092
+looped (the 12 such kernels of ViT-B/16 b64 on the H200; dense's GELU 673; docs/benchmarks.md).
 """
 from __future__ import annotations
 

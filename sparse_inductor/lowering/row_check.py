@@ -2,19 +2,19 @@
 finite row, NaN for a row holding a NaN or Inf), the op sparse_inductor::row_check.
 
 Why a kernel of its own. The zero-skipping linears (cuSPARSELt, the block-sparse template) need g
-to give dense's non-finite rows back (passes/linear_rewrite._row_check). Written as Inductor ops
+to give dense's non-finite rows back (passes/row_checks.row_check). Written as Inductor ops
 (mul, sum) the check fuses with x's producer. That is free where the producer is a reduction (a
 LayerNorm: one more sum over a row it reads anyway), and costly where it is a pointwise op:
 - after one of our Triton templates (the block-sparse fc1 of a ViT), Inductor moves the GELU out
   of the template's epilogue into the check's reduction kernel: on the H200, ViT-B/16 b64 with 90%
   block-sparse MLPs, fc1's template without its GELU plus the GELU + check kernel took 48.7 + 93.5
-  us a layer, where the template with the GELU took 88.7 (docs/benchmarks.md J1);
+  us a layer, where the template with the GELU took 88.7 (docs/benchmarks.md);
 - after an extern kernel (a cuSPARSELt fc1), the GELU kernel becomes a reduction kernel: +27-35
-  us a layer against the GELU alone (run I4), where one more read of x is ~20.
+  us a layer against the GELU alone, where one more read of x is ~20 (H200, ViT-B/16 b64).
 Here the check is a TritonTemplate: Inductor fuses nothing into its loads (no prologue fusion:
 the kernel reads X through its own pointers), so x's producer keeps its own kernel (or the
 template epilogue it was), and the check is one read of x. The rewrite uses this op where x's
-producer is not a reduction (linear_rewrite._row_check_mode "separate"); the dispatcher times it
+producer is not a reduction (passes/row_checks.check_mode "separate"); the dispatcher times it
 as one more pass over x.
 
     row_check(x [M, K]) -> g [M] fp32
@@ -101,7 +101,8 @@ def pick_config(k: int, m: int | None = None, flagged: bool = False) -> dict:
     elements (16 a thread at 8 warps). Rows share a program only while the grid keeps MIN_PROGRAMS
     (m: the row count, or None when unknown); a row alone takes up to 4096 columns a step (small M:
     one step per row, not a loop: M = 16, K = 4096 ran 1.4 us slower with 4 rows of 1024 columns a
-    program, run J). A plain stream over x, otherwise a guess: not swept.
+    program on the H200). A plain stream over x: on the H200 these configs ran within 2-6% of the
+    best of a grid of tile shapes (8192x14336: 66.4 us, 3.5 TB/s; docs/benchmarks.md).
     flagged (the op's `maybe`): FLAGGED_ROWS rows a program (fewer where m is smaller), since most
     programs read only maybe; a guess, not timed."""
     if flagged:

@@ -539,19 +539,17 @@ def _sp24_linear_kernel(X, V, META, B, Y, XIDX, M, N, K, stride_xm, stride_xk, s
     tl.store(Y + rm[None, :] * stride_ym + rn[:, None] * stride_yn, acc.to(Y.dtype.element_ty), mask=mask)
 
 
-# ---- launch parameters: one table (bucket of M -> config), H100 guesses until measured
+# ---- launch parameters: one table (bucket of M -> config), the measurements behind each entry
 
 CONFIGS = {
-    # M == 1: CUDA-core gemv, many programs (N / BLOCK_N) and long K steps. Before the even/odd-row
-    # layout (BLOCK_N 8, BLOCK_G 128 / 2 stages and BLOCK_G 256 / 1 stage) the H100 sweep gave, bf16:
-    # 31 us at N=14336 K=4096, 14 us at 4096x4096, 32 us at N=4096 K=14336. The configs below
-    # (four rows and eight groups a thread; num_warps = BLOCK_N / 4 so every warp has two row pairs)
-    # were chosen from the SASS count, then swept on the H100 (bench/sweep_gemv.py, session 4):
+    # M == 1: CUDA-core gemv, many programs (N / BLOCK_N) and long K steps. The configs below (four
+    # rows and eight groups a thread; num_warps = BLOCK_N / 4 so every warp has two row pairs) were
+    # chosen from the SASS count, then swept on the H100 (bench/sweep_gemv.py):
     # N=14336 K=4096 int8 24.1 us (best 23.9), bf16 31.1 (best); the narrow shapes are fastest with
     # BLOCK_G 512: int8 12.1 / 24.7 us at 4096x4096 / 4096x14336 (256: 12.8 / 27.4), bf16 14.5-14.6 / 33.2.
     "gemv": dict(GEMV=True, BLOCK_M=1, BLOCK_N=16, BLOCK_G=256, num_warps=4, num_stages=2),
     "gemv_narrow": dict(GEMV=True, BLOCK_M=1, BLOCK_N=16, BLOCK_G=512, num_warps=4, num_stages=2),
-    # The gemv layout (int32 meta words, bf16 x), H100 session 6, us (eager launch / compiled
+    # The gemv layout (int32 meta words, bf16 x), H100, us (eager launch / compiled
     # template; they differ: the template's literal N and K change ptxas's register count, e.g. 80
     # instead of 128 for 8 rows, 2 warps, BLOCK_G 256, and with it the number of waves):
     # int8 values, N >= 8192: 4 rows, 1 warp, BLOCK_G 512: 22.3 / 22.4 at 14336x4096 (8 rows, 2 warps,
@@ -572,7 +570,7 @@ CONFIGS = {
 
 
 # Per-GPU replacements of CONFIGS entries, by a substring of the device name (the first match wins).
-# H200, weight-only int8 (docs/benchmarks.md runs H and I; bench/sweep_gemv.py --compiled-configs).
+# H200, weight-only int8 (docs/benchmarks.md; bench/sweep_gemv.py --compiled-configs).
 # The compiled template's register count, not the launcher's, sets the programs per SM and with it
 # the waves: Inductor renders N and K as literals and ptxas then budgets a config differently (4 rows,
 # 1 warp, BLOCK_G 256: 128 registers as launcher, 79 as template: 25 programs per SM, 1.09 waves at
@@ -580,12 +578,12 @@ CONFIGS = {
 # * N >= 8192: 4 rows, 1 warp, BLOCK_G 128 (63 registers as template, 32 programs per SM: all 3584
 #   programs of N = 14336 in one wave): compiled 18.8 us at 14336x4096 against the table's 20.4.
 # * N < 8192: 2 rows, 2 warps splitting K (KSPLIT 2), BLOCK_G 256 (64 registers, 16 programs per
-#   SM: 0.97 waves at N = 4096): compiled 17.5 us at 4096x14336 (run H's 8 rows, 4 warps, KSPLIT 2:
+#   SM: 0.97 waves at N = 4096): compiled 17.5 us at 4096x14336 (8 rows, 4 warps, KSPLIT 2:
 #   17.6-17.8; the table's 16 rows, 4 warps: 20.0, a short last wave).
-# Together: 8 Llama MLP blocks, decode b1, 352.2 / 352.6 us against 376.8 / 378.5 with the previous
+# Together: 8 Llama MLP blocks, decode b1, 352.2 / 352.6 us against 376.8 / 378.5 with the table's
 # entries (2.20x of dense compile against 2.06x). The H100 has as many SMs (132); these are
-# untried there.
-# bf16 values, the same two shapes of config (run J, J3; compiled): N >= 8192, 14336x4096: 23.3 us
+# not timed there.
+# bf16 values, the same two shapes of config (compiled): N >= 8192, 14336x4096: 23.3 us
 # against the table's 8 rows / 2 warps / BLOCK_G 256 at 25.1 (8 rows, 2 warps, BLOCK_G 128: 23.7);
 # N < 8192, 4096x14336: 24.2 against 27.9 (BLOCK_G 128: 24.3; 8 or 16 rows at BLOCK_G 128: 32-33).
 # 8 Llama MLP blocks, bf16 2:4, decode b1: 455.5 / 455.4 us against 522.8 / 522.4 (1.72x of dense
@@ -747,9 +745,9 @@ def template(perm_k: bool = False):
 
 def lower(x, values, meta, *, n: int, x_index=None):
     """Inductor lowering of sparse_inductor::linear_24 (without bias) to the template. One choice
-    only, so that Inductor fuses what follows into the template's store (with an extern choice beside it under max_autotune, the template won but its
-    epilogue was not fused: torch 2.11, H100). x_index:
-    a column-permuted weight (sp24_linear's; an int32 constant), None: the identity."""
+    only, so that Inductor fuses what follows into the template's store (with an extern choice
+    beside it under max_autotune, the template won but its epilogue was not fused: torch 2.11,
+    H100). x_index: a column-permuted weight (sp24_linear's; an int32 constant), None: the identity."""
     # Inductor's internals: loaded by the compile that calls this
     from torch._inductor.ir import FixedLayout
     from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs

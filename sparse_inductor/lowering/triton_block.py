@@ -22,12 +22,12 @@ Design.
   is done by indexing (the block is loaded as a [k, n] tile with k contiguous), never by a copy.
 - row_order puts the block rows with the most blocks at the lowest program ids, which the GPU
   launches first (grid axis 0 varies fastest); short rows fill in the tail (longest-processing-
-  time-first scheduling). Guess until measured on the H100: with several M tiles the long rows of
+  time-first scheduling). A guess, not measured: with several M tiles the long rows of
   tile 1 start after the short rows of tile 0; the alternative order (M tile fastest) trades that
   for worse L2 reuse of the x tile across block rows.
 - fp32 accumulate always. fp16/bf16 go to tl.dot directly; fp32 uses tl.dot with ALLOW_TF32
-  choosing "tf32" or "ieee". Under the Triton interpreter (CPU), bf16 tl.dot is garbage
-  (DESIGN-NOTES, "Triton on the CPU"), so DOT_FP32 upcasts both tiles to fp32 first.
+  choosing "tf32" or "ieee". Under the Triton interpreter (CPU), bf16 tl.dot gives wrong results,
+  so DOT_FP32 upcasts both tiles to fp32 first.
 
 Non-finite inputs. A dense matmul computes 0 * x for the zero blocks too, so a NaN or Inf in
 x[m, k] makes y[m, n] NaN for every n whose weight W[n, k] is zero; a kernel that skips empty
@@ -328,8 +328,8 @@ class BlockLinearConfig(NamedTuple):
 # M buckets: an M falls in the smallest bucket >= M; 256 stands for every M > 128.
 M_BUCKETS = (16, 32, 64, 128, 256)
 
-# The one config table, keyed by (block size, M bucket). ALL ENTRIES ARE GUESSES until tuned on
-# the H100 (torch 2.11, triton 3.6); none has been timed. What is known, from compiling every
+# The one config table, keyed by (block size, M bucket). The entries are guesses, but where a
+# comment gives a measurement (H100, torch 2.11, triton 3.6). What is known, from compiling every
 # entry for sm_90a with triton 3.6 on the CPU machine (TTGIR + ptxas -v, no GPU): all compile,
 # none spills, the largest (b=128, BLOCK_M 128, bf16) takes 192 KiB of shared memory of the 227.
 # - M <= 16 (decode): BLOCK_M 16, the smallest tile tl.dot accepts on the GPU; the kernel is a
@@ -369,7 +369,7 @@ CONFIGS: dict[tuple[int, int], BlockLinearConfig] = {
 # bucket): each program does one or two steps, so prefetch stages only cost shared memory and
 # occupancy, and the epilogue (a GELU: erf per output) is much of the work; smaller M tiles give
 # more programs a wave. H200, ViT-B's fc1 (3072x768, M = 12608, 90% zero: 1.2 blocks a row) with
-# its GELU, compiled (bench/sweep_block.py --compiled --act gelu, docs/benchmarks.md J2): the
+# its GELU, compiled (bench/sweep_block.py --compiled --act gelu, docs/benchmarks.md): the
 # table's BLOCK_M 128 / 4 warps / 3 stages 91.4 us, 2 stages 88.6, 1 stage 86.6; BLOCK_M 64 / 4
 # warps / 2 stages 82.8, 1 stage 79.5 (dense compile 143.2). fc2 (768x3072, 4.8 blocks a row) is
 # fastest with the table's (33.1 us; BLOCK_M 64 / 2 stages 35.0).
@@ -380,7 +380,7 @@ CONFIGS_SHORT_ROWS: dict[tuple[int, int], BlockLinearConfig] = {
 
 # Shared memory the pipelined loads may use (H100: 227 KiB a block), counted as num_stages whole
 # stages (conservative: mma.sync uses one fewer); the rest is left for layout conversions and the
-# epilogue. A guess until measured.
+# epilogue. A guess, not measured.
 _SMEM_BUDGET = 192 * 1024
 
 
@@ -655,8 +655,8 @@ def _check_layer(layer) -> Optional[str]:
     return None
 
 
-# Fractions of the device model's bandwidth and matrix rate the kernel reaches (H100 guesses until
-# measured; see docs/benchmarks.md).
+# Fractions of the device model's bandwidth and matrix rate the kernel reaches (guesses for the
+# H100; the measured dispatcher does not use them).
 _BW, _MMA = 0.6, 0.4
 
 

@@ -11,7 +11,7 @@ After:
     h  = linear_cslt(x, W1c, b1, row_check=g1, activation="gelu")
 
 The activation's kernel after the library call, which reads and writes h (ViT-B/16 b64: the GELU
-kernels take 673 us of a ~5500 us forward on the H200, run I4), is gone; the row fixup moves into
+kernels take 673 us of a ~5500 us forward on the H200, docs/benchmarks.md), is gone; the row fixup moves into
 the op (nan_rows_: a small kernel that writes only the flagged rows), since nothing pointwise is
 left after the call to fold it into.
 
@@ -24,7 +24,8 @@ the last place of h apart, a rounding fewer. Where that rounding overflows (a fi
 dtype's range) the two differ: the graph's GELU sees -Inf and gives NaN, the library's gives -0 (as
 the fp64 reference does); ReLU agrees either way. So the GELUs move for bf16 only, whose range is
 fp32's but for its last binade (3.39e38 .. 3.40e38), and not for fp16 (65504). cuSPARSELt offers
-ReLU and GELU; which GELU it computes is what activation_matches measures. cuSPARSELt 0.8 on sm90 refuses the GELU for bf16 (run H8, status 3): there only ReLUs move.
+ReLU and GELU; which GELU it computes is what activation_matches measures. cuSPARSELt 0.8 on sm90
+refuses the GELU for bf16 (status 3, invalid value; H200): there only ReLUs move.
 
 Conditions: fp16 / bf16 (a GELU: bf16 only); fc1 a plain 16-bit library layer (no int8 product, alpha or scales); h
 computed from its output alone, with no view between (sink_views moves views below the

@@ -300,118 +300,187 @@ def _compress(det: Detection, w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions, input_reason=None) -> list[LinearSite]:
-    """The pass body: detect, decide, rewrite. Returns the sites it looked at."""
+    """The pass body: for each linear, in graph order, what its weight is (detect), which kernel
+    runs it (the dispatcher) and, where that is a sparse kernel, the graph edit; every linear gets
+    its LayerDecision, recorded. Returns the sites it looked at."""
     sites = find_linears(gm, opts, input_reason)
-    detections: dict[int, Detection] = {}
-    consts = _Constants(gm)
-    compressed: dict[int, dict[str, dict]] = {}  # weight -> format -> constants, made once
-    outputs: list[fx.Node] = []  # the node that now produces each rewritten linear's output
+    run = _Run(gm, opts, _Constants(gm))
     for site in sites:
-        node = site.node
-        out_val = node.meta.get("val")
-        dtype = out_val.dtype if isinstance(out_val, torch.Tensor) else None
-        if site.weight is None:
-            k = n = 0
-            wt_val = node.args[-1].meta.get("val") if isinstance(node.args[-1], fx.Node) else None
-            if isinstance(wt_val, torch.Tensor) and wt_val.dim() == 2:
-                k, n = (int(s) for s in wt_val.shape)
-            record(LayerDecision(site.name, (n, k), _dtype_name(dtype) if dtype else "?", "dense", None,
-                                 float("nan"), "dense", (), site.why_not, _m_of(site.x)))
-            continue
-        w = site.weight
-        n, k = w.shape
-        key = id(site.weight_node)
-        try:
-            if key not in detections:
-                detections[key] = detect(w, opts)
-            det = detections[key]
-        except Exception as e:  # never break the user's compile
-            log.exception("sparse_inductor: detection failed for %s", site.name)
-            det = Detection("dense", float("nan"), f"internal error in detection: {type(e).__name__}: {e}")
-        m = _m_of(site.x)
-        wdt = _dtype_name(w.dtype) + (f"->{_dtype_name(site.dequant)} (weight-only)" if site.dequant else "")
-        decision = LayerDecision(site.name, (n, k), wdt, det.pattern,
-                                 det.block if det.pattern == "block" else None,
-                                 det.density, "dense", (), det.reason, m)
-        if det.pattern == "dense" or site.why_not:
-            decision.reason = site.why_not or det.reason
-            record(decision)
-            continue
-        x_val = site.x.meta.get("val")
-        compute = site.dequant or w.dtype
-        if not isinstance(x_val, torch.Tensor) or x_val.dtype != compute or x_val.dim() != 2:
-            decision.reason = "input dtype differs from the weight's" if isinstance(x_val, torch.Tensor) else "input has no metadata"
-            record(decision)
-            continue
-        check = check_mode(site.x, compute, opts)
-        layer = Layer(det.pattern, m, n, k, compute, w.device.type, det.block, det.block_density,
-                      _compat.device_name(w.device), m_static=isinstance(x_val.shape[0], int),
-                      weight_dtype=w.dtype if w.dtype != compute else None, scaled=site.scaled,
-                      row_check=check,
-                      product=_int8_product(node, opts) if node.target is aten._int_mm.default else None,
-                      derived_check=check == "separate" and derives(gm, node, site.x, det.pattern, m, k, site.name,
-                                                                    opts))
-        specs = {spec.name: spec for spec in kernels(det.pattern)}
-        made: dict[str, dict] = compressed.setdefault(key, {})
-
-        def tensors(spec: KernelSpec, det=det, w=w, layer=layer, made=made) -> dict:
-            fmt = _fmt(spec, det, layer)
-            if fmt not in made:
-                made[fmt] = spec.compress(w.detach(), layer) if spec.compress else _compress(det, w)
-            return made[fmt]
-
-        timer = None
-        if layer.device == "cuda" and opts.dispatch != "model":
-            timer = LayerTimer(layer, w.detach(), site.bias is not None, opts, specs, tensors, _structure(det))
-        try:
-            choice = choose(layer, opts, timer)
-        except Exception as e:  # never break the user's compile
-            log.exception("sparse_inductor: dispatch failed for %s", site.name)
-            decision.reason = f"internal error in the dispatcher, left dense: {type(e).__name__}: {e}"
-            record(decision)
-            continue
-        decision.kernel, decision.dense_us, decision.sparse_us = choice.kernel, choice.dense_us, choice.sparse_us
-        decision.candidates, decision.params, decision.measured = choice.candidates, choice.params, choice.measured
-        # an fp8 layer rewritten or timed: in which form (registry.Scaled), before the dispatcher's words
-        timed = choice.kernel != "dense" or any(v is not None for n_, v in choice.candidates.items() if n_ != "dense")
-        form = f"{site.scaled.describe()}; " if site.scaled is not None and timed else ""
-        if layer.product is not None and timed:
-            form = f"int8 product in {_dtype_name(layer.product)}; "
-        decision.reason = f"{det.reason}; {form}{choice.reason}"
-        if choice.kernel == "dense":
-            if node.target in (aten.addmm.default, aten.mm.default):  # for passes/derived_check.py: fc1 kept dense
-                attach_note(node, LayerNote(decision, layer, _row_bound(gm, w, site)))
-            count("kept_dense")
-            record(decision)
-            continue
-        try:
-            spec = specs[choice.kernel]
-            fmt = _fmt(spec, det, layer)
-            cnodes = consts.nodes((key, fmt), tensors(spec), node)
-            out = _replace(site, det, spec, cnodes, choice.kernel, choice.params, n, k,
-                           check=layer.row_check, product=layer.product,
-                           fixup_in_graph=opts.rules.row_fixup_in_graph)
-            pieces = _split(out, site, det, spec, choice.kernel, w, layer, consts, key) if spec.split_outputs else None
-            if pieces:
-                consts.drop_unused((key, fmt))
-            outputs.extend(pieces or [out])
-            if not pieces:  # for the passes after this one: the layer's record, how its check runs, its bound
-                attach_note(out, LayerNote(decision, layer, _row_bound(gm, w, site)))
-            decision.fused = (("transpose",) + (("dequant",) if site.dequant else ())
-                              + (("bias",) if site.bias is not None else ()) + (("split",) if pieces else ()))
-            skips_zeros = spec.row_check or (det.pattern == "block" and choice.kernel == "triton")
-            decision.row_check = decision_text(skips_zeros, layer, opts)
-            count("rewrite")
-            count("split_outputs", len(pieces or ()))
-        except Exception as e:  # never break the user's compile
-            log.exception("sparse_inductor: rewrite failed for %s", site.name)
-            decision.kernel = "dense"
-            decision.reason = f"internal error, left dense: {type(e).__name__}: {e}"
-            count("internal_error")
-        record(decision)
+        record(_rewrite_one(run, site))
     _erase_dead_weights(sites)
-    sink_views(outputs)
+    sink_views(run.outputs)
     return sites
+
+
+@dataclasses.dataclass
+class _Run:
+    """One run of the rewrite over a graph: each weight detected once, its constants made once per
+    format (shared weights, and the constants a timing made, serve every layer that reads them),
+    and the nodes that now make the rewritten layers' outputs (for sink_views)."""
+    gm: fx.GraphModule
+    opts: SparseOptions
+    consts: _Constants
+    detections: dict[int, Detection] = dataclasses.field(default_factory=dict)
+    compressed: dict[int, dict[str, dict]] = dataclasses.field(default_factory=dict)  # weight -> format -> constants
+    outputs: list[fx.Node] = dataclasses.field(default_factory=list)
+
+
+def _rewrite_one(run: _Run, site: LinearSite) -> LayerDecision:
+    """One linear: its decision, and the graph edit where a sparse kernel wins. Every analysis comes
+    before the edit, so a failure leaves the layer as it was (and says so)."""
+    if site.weight is None:
+        return _unread_decision(site)
+    det = _detect(run, site)
+    decision = _decision(site, det)
+    why = site.why_not or (det.reason if det.pattern == "dense" else None) or _input_mismatch(site)
+    if why:
+        decision.reason = why
+        return decision
+    layer = _layer(run, site, det)
+    tensors = _tensors(run, site, det, layer)
+    try:
+        choice = choose(layer, run.opts, _timer(run, site, det, layer, tensors))
+    except Exception as e:  # never break the user's compile
+        log.exception("sparse_inductor: dispatch failed for %s", site.name)
+        decision.reason = f"internal error in the dispatcher, left dense: {type(e).__name__}: {e}"
+        count("internal_error")
+        return decision
+    _take(decision, choice, site, det, layer)
+    if choice.kernel == "dense":
+        if site.node.target in (aten.addmm.default, aten.mm.default):  # for derived_check.py: an fc1 kept dense
+            attach_note(site.node, LayerNote(decision, layer, _row_bound(run.gm, site.weight, site)))
+        count("kept_dense")
+        return decision
+    try:
+        _rewrite(run, site, det, layer, choice, tensors, decision)
+    except Exception as e:  # never break the user's compile
+        log.exception("sparse_inductor: rewrite failed for %s", site.name)
+        decision.kernel = "dense"
+        decision.reason = f"internal error, left dense: {type(e).__name__}: {e}"
+        count("internal_error")
+    return decision
+
+
+def _unread_decision(site: LinearSite) -> LayerDecision:
+    """The record of a linear whose weight is not a constant the pass can read (site.why_not)."""
+    node = site.node
+    out_val = node.meta.get("val")
+    dtype = out_val.dtype if isinstance(out_val, torch.Tensor) else None
+    k = n = 0
+    wt_val = node.args[-1].meta.get("val") if isinstance(node.args[-1], fx.Node) else None
+    if isinstance(wt_val, torch.Tensor) and wt_val.dim() == 2:
+        k, n = (int(s) for s in wt_val.shape)
+    return LayerDecision(site.name, (n, k), _dtype_name(dtype) if dtype else "?", "dense", None,
+                         float("nan"), "dense", (), site.why_not, _m_of(site.x))
+
+
+def _detect(run: _Run, site: LinearSite) -> Detection:
+    """detect() of the site's weight, once per weight node; an internal error reads as dense."""
+    key = id(site.weight_node)
+    try:
+        if key not in run.detections:
+            run.detections[key] = detect(site.weight, run.opts)
+        return run.detections[key]
+    except Exception as e:  # never break the user's compile
+        log.exception("sparse_inductor: detection failed for %s", site.name)
+        count("internal_error")
+        return Detection("dense", float("nan"), f"internal error in detection: {type(e).__name__}: {e}")
+
+
+def _decision(site: LinearSite, det: Detection) -> LayerDecision:
+    """The layer's record as detection leaves it: dense until the dispatcher says otherwise."""
+    w = site.weight
+    wdt = _dtype_name(w.dtype) + (f"->{_dtype_name(site.dequant)} (weight-only)" if site.dequant else "")
+    return LayerDecision(site.name, tuple(w.shape), wdt, det.pattern, det.block if det.pattern == "block" else None,
+                         det.density, "dense", (), det.reason, _m_of(site.x))
+
+
+def _input_mismatch(site: LinearSite) -> Optional[str]:
+    """Why the layer's input cannot go to a sparse op (its dtype is not the one W computes in, or it
+    is not a 2-D tensor with metadata), or None."""
+    x_val = site.x.meta.get("val")
+    if not isinstance(x_val, torch.Tensor):
+        return "input has no metadata"
+    if x_val.dtype != (site.dequant or site.weight.dtype) or x_val.dim() != 2:
+        return "input dtype differs from the weight's"
+    return None
+
+
+def _layer(run: _Run, site: LinearSite, det: Detection) -> Layer:
+    """What the dispatcher is told of the layer: shape, dtypes, device, how its non-finite row check
+    costs (row_checks.check_mode) and whether a later pass will derive that check from the layer
+    before (row_checks.derives)."""
+    w, node, x_val = site.weight, site.node, site.x.meta["val"]
+    (n, k), m, compute = w.shape, _m_of(site.x), site.dequant or w.dtype
+    check = check_mode(site.x, compute, run.opts)
+    return Layer(det.pattern, m, n, k, compute, w.device.type, det.block, det.block_density,
+                 _compat.device_name(w.device), m_static=isinstance(x_val.shape[0], int),
+                 weight_dtype=w.dtype if w.dtype != compute else None, scaled=site.scaled, row_check=check,
+                 product=_int8_product(node, run.opts) if node.target is aten._int_mm.default else None,
+                 derived_check=check == "separate" and derives(run.gm, node, site.x, det.pattern, m, k, site.name,
+                                                               run.opts))
+
+
+def _tensors(run: _Run, site: LinearSite, det: Detection, layer: Layer):
+    """spec -> the compressed constants that kernel family reads, made once per (weight, format)."""
+    w = site.weight
+    made = run.compressed.setdefault(id(site.weight_node), {})
+
+    def tensors(spec: KernelSpec) -> dict:
+        fmt = _fmt(spec, det, layer)
+        if fmt not in made:
+            made[fmt] = spec.compress(w.detach(), layer) if spec.compress else _compress(det, w)
+        return made[fmt]
+
+    return tensors
+
+
+def _timer(run: _Run, site: LinearSite, det: Detection, layer: Layer, tensors) -> Optional[LayerTimer]:
+    """The dispatcher's timer for the layer (measure.py): on CUDA, unless options dispatch="model"."""
+    if layer.device != "cuda" or run.opts.dispatch == "model":
+        return None
+    specs = {spec.name: spec for spec in kernels(det.pattern)}
+    return LayerTimer(layer, site.weight.detach(), site.bias is not None, run.opts, specs, tensors, _structure(det))
+
+
+def _take(decision: LayerDecision, choice, site: LinearSite, det: Detection, layer: Layer) -> None:
+    """The dispatcher's choice into the record; the reason from its parts: detection's, the form an
+    fp8 or int8 layer was timed or rewritten in, the dispatcher's."""
+    decision.kernel, decision.dense_us, decision.sparse_us = choice.kernel, choice.dense_us, choice.sparse_us
+    decision.candidates, decision.params, decision.measured = choice.candidates, choice.params, choice.measured
+    timed = choice.kernel != "dense" or any(v is not None for n_, v in choice.candidates.items() if n_ != "dense")
+    form = None
+    if timed and layer.product is not None:
+        form = f"int8 product in {_dtype_name(layer.product)}"
+    elif timed and site.scaled is not None:
+        form = site.scaled.describe()
+    decision.reason = "; ".join(part for part in (det.reason, form, choice.reason) if part)
+
+
+def _rewrite(run: _Run, site: LinearSite, det: Detection, layer: Layer, choice, tensors,
+             decision: LayerDecision) -> None:
+    """The graph edit: the chosen kernel's constants and op in place of the matmul, split where the
+    graph splits its output; the layer's note for the passes after this one."""
+    spec = {s.name: s for s in kernels(det.pattern)}[choice.kernel]
+    fmt = _fmt(spec, det, layer)
+    key = id(site.weight_node)
+    n, k = site.weight.shape
+    cnodes = run.consts.nodes((key, fmt), tensors(spec), site.node)
+    out = _replace(site, det, spec, cnodes, choice.kernel, choice.params, n, k, check=layer.row_check,
+                   product=layer.product, fixup_in_graph=run.opts.rules.row_fixup_in_graph)
+    pieces = _split(out, site, det, spec, choice.kernel, site.weight, layer, run.consts, key) if spec.split_outputs \
+        else None
+    if pieces:
+        run.consts.drop_unused((key, fmt))
+    run.outputs.extend(pieces or [out])
+    decision.fused = (("transpose",) + (("dequant",) if site.dequant else ())
+                      + (("bias",) if site.bias is not None else ()) + (("split",) if pieces else ()))
+    skips_zeros = spec.row_check or (det.pattern == "block" and choice.kernel == "triton")
+    decision.row_check = decision_text(skips_zeros, layer, run.opts)
+    if not pieces:  # for the passes after this one: the layer's record, how its check runs, its bound
+        attach_note(out, LayerNote(decision, layer, _row_bound(run.gm, site.weight, site)))
+    count("rewrite")
+    count("split_outputs", len(pieces or ()))
 
 
 def _row_bound(gm: fx.GraphModule, w: torch.Tensor, site: LinearSite) -> Optional[tuple[float, float]]:

@@ -33,7 +33,7 @@ __all__ = ["SparseGraphPass", "weights_digest"]
 
 
 def _update_with_bytes(h: Any, t: torch.Tensor) -> None:
-    """Feed the raw bytes of `t` (row-major) to hash `h`, without numpy: the GPU machine's torch
+    """Feed the raw bytes of `t` (row-major) to hash `h`, without numpy: a torch
     may run without it, and `Tensor.numpy()` then raises."""
     data = t.detach().contiguous().cpu()  # keeps the storage alive while we read it
     nbytes = data.numel() * data.element_size()
