@@ -130,7 +130,7 @@ class KernelSpec:
     node_args(x, constants, bias, n, k, params) -> (op, args): the graph node the rewrite makes
     (None: the pattern's op, sparse_inductor::linear_24 / linear_block, with `kernel` = name).
     host_heavy: its host time per call is counted when timing outside CUDA graphs.
-    row_check: the rewrite passes its op the non-finite row check (linear_rewrite._row_check).
+    row_check: the rewrite passes its op the non-finite row check (passes/row_checks.row_check).
     split_outputs: a concatenated layer whose output the graph splits (Inductor's fusion of
     linears sharing an input) becomes one op per piece (passes/split_outputs.py): for template
     kernels, so that what reads several pieces (a gated product) fuses into a template's store.

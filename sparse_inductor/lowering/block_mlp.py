@@ -233,7 +233,7 @@ def safe_bound(blocks1: torch.Tensor, row_ptr1: torch.Tensor, bias1: Optional[to
 
 def safe_bound_from(l1: float, bmax: float, dtype: torch.dtype) -> float:
     """safe_bound from W1's largest absolute row sum l1 and the largest |b1| (any weight format:
-    linear_rewrite._row_bound)."""
+    passes/row_checks.row_bound)."""
     limit = _LIMIT[dtype]
     if not math.isfinite(l1) or not math.isfinite(bmax) or bmax >= limit:
         return 0.0  # every row takes the exact path

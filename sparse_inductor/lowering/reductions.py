@@ -53,7 +53,7 @@ def _stores_8bit(features) -> bool:
 
 def _computes_row_check(features) -> bool:
     """Whether the kernel computes a sparse linear's non-finite row check (the FX nodes it lowers
-    from carry linear_rewrite._row_check's mark). Never raises: Inductor asks during codegen."""
+    from carry ROW_CHECK_MARK). Never raises: Inductor asks during codegen."""
     try:
         for node in features.scheduler_nodes():
             buf = getattr(node, "node", None)

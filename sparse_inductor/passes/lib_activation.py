@@ -15,7 +15,7 @@ kernels take 673 us of a ~5500 us forward on the H200, docs/benchmarks.md), is g
 the op (nan_rows_: a small kernel that writes only the flagged rows), since nothing pointwise is
 left after the call to fold it into.
 
-Exactness: the chain is identified exhaustively (fuse_mlp.identify_activation, here with the tanh
+Exactness: the chain is identified exhaustively (graph.identify_activation, here with the tanh
 GELU as a candidate too), and the library's own activation is measured on every finite value of
 the dtype and on NaN / Inf / max (cusparselt.activation_matches, once per device and dtype); only
 where the two agree to within one unit in the last place does the activation move. The library
