@@ -60,9 +60,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+
+from ..formats.cutlass_sm90 import compress
+from ..registry import KernelSpec
+from ..runtime import cutlass as rt
 
 __all__ = ["CutlassConfig", "Epilogue", "CutlassKernel", "DTYPES", "OUT_DTYPES", "STATUS", "generate_source",
            "CONFIG_TABLE", "M_BUCKETS", "bucket", "configs_for", "build", "library", "reference", "error_bound",
@@ -272,10 +278,8 @@ class CutlassKernel:
 
     def signature(self):
         """What runtime/cutlass.GemmLibrary checks a call against."""
-        from ..runtime.cutlass import GemmSignature
-
         ep = self.epilogue
-        return GemmSignature(
+        return rt.GemmSignature(
             suffix=self.name, dtype=self.torch_dtype, out_dtype=OUT_DTYPES[ep.out_dtype][1],
             bias_dtype=OUT_DTYPES[ep.bias][1] if ep.bias else None,
             aux_dtype=OUT_DTYPES[ep.resolved_aux_dtype][1] if ep.has_aux else None,
@@ -782,8 +786,6 @@ _libraries: dict = {}
 def build(kernels, jobs: Optional[int] = None) -> dict:
     """Compile (or find in the disk cache) the libraries of `kernels` in parallel: {kernel: path or
     the exception that stopped its build}."""
-    from ..runtime import cutlass as rt
-
     kernels = list(dict.fromkeys(kernels))
     paths = rt.build_many([(k.name, k.source(), k.describe()) for k in kernels], jobs=jobs)
     return dict(zip(kernels, paths))
@@ -793,8 +795,6 @@ def library(k: CutlassKernel):
     """The loaded library of `k` (runtime/cutlass.GemmLibrary), built first if it is not cached."""
     lib = _libraries.get(k)
     if lib is None:
-        from ..runtime import cutlass as rt
-
         lib = _libraries[k] = rt.GemmLibrary(rt.build(k.name, k.source(), describe=k.describe()), k.signature())
     return lib
 
@@ -802,8 +802,6 @@ def library(k: CutlassKernel):
 def reference(k: CutlassKernel, x: torch.Tensor, w: torch.Tensor, *, bias=None, aux=None, weight_scale=None,
               token_scale=None) -> torch.Tensor:
     """What the kernel computes, in fp64 (before the output's rounding): x [M, K], W [N, K] dense."""
-    import torch.nn.functional as F
-
     ep = k.epilogue
     v = x.to(torch.float64) @ w.to(torch.float64).t()
     if token_scale is not None:
@@ -891,8 +889,6 @@ def params_of(cfg: CutlassConfig, splits: int = 1) -> dict:
 
 
 def _spec_check(layer) -> Optional[str]:
-    from ..runtime.cutlass import available
-
     if layer.device != "cuda":
         return "CUTLASS's sm90 kernels run on CUDA only"
     if layer.dtype not in _SPEC_DTYPES or layer.weight_dtype not in (None, layer.dtype):
@@ -902,7 +898,7 @@ def _spec_check(layer) -> Optional[str]:
         return f"N={layer.n}: the CUTLASS kernel's output rows need N % 8 == 0"
     if layer.k % 16:
         return f"K={layer.k}: the CUTLASS kernel's compressed rows need K % 16 == 0"
-    return available(torch.device("cuda"))
+    return rt.available(torch.device("cuda"))
 
 
 def _spec_estimate_us(layer, model) -> Optional[float]:
@@ -917,8 +913,6 @@ def _spec_estimate_us(layer, model) -> Optional[float]:
 
 def _spec_compress(w: torch.Tensor, layer) -> dict:
     """{"values": ..., "meta_64": ..., "meta_128": ...}: the weight in both metadata layouts."""
-    from ..formats.cutlass_sm90 import compress
-
     out = {}
     for t in LAYOUT_TILE_KS:
         out["values"], out[f"meta_{t}"] = compress(w, t)
@@ -928,8 +922,6 @@ def _spec_compress(w: torch.Tensor, layer) -> dict:
 def _spec_variants(layer, tensors) -> list:
     """The table's configs for the layer's M bucket, built in parallel now (a config that does not
     build is left out, with a log line)."""
-    import logging
-
     params = [params_of(c, s) for c in configs_for(layer.m or 1, _SPEC_DTYPES[layer.dtype])
               for s in (STREAMK_SPLITS if c.scheduler == "streamk" else (1,))]
     built = build([kernel_for(layer.dtype, p) for p in params])
@@ -953,10 +945,9 @@ def _spec_runner(tensors, bias, layer, params):
 
 
 def kernel_spec():
-    """The family's dispatch.KernelSpec ("cutlass", pattern "2:4"), for the integration to register
-    (dispatch.register_kernel). Not registered here: the rewrite has no op for it yet (node_args)."""
-    from ..dispatch import KernelSpec
-
+    """The family's KernelSpec ("cutlass", pattern "2:4", registry.py), for the integration to
+    register (registry.register_kernel). Not registered here: the rewrite has no op for it yet
+    (node_args)."""
     return KernelSpec("cutlass", "2:4", ("cuda",), _spec_check, _spec_estimate_us, compress=_spec_compress,
                       fmt="cutlass_sm90", runner=_spec_runner, variants=_spec_variants, host_heavy=True,
                       row_check=True)

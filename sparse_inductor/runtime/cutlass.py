@@ -189,6 +189,7 @@ def cache_dir() -> str:
         return explicit
     root = os.environ.get(_ENV_ROOT)
     if not root:
+        # Inductor's internals: loaded by the compile that calls this
         from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 
         root = os.path.join(inductor_cache_dir(), "sparse_inductor")
