@@ -88,9 +88,9 @@ class Rules:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             name, value = f"rules.{f.name}", getattr(self, f.name)
-            if f.type == "bool":
+            if f.type in ("bool", bool):
                 _check_type(name, value, bool, "True or False")
-            elif f.type == "int":
+            elif f.type in ("int", int):
                 _check_type(name, value, int, "an int", exclude=bool)
                 if value < 0:
                     raise ValueError(f"option {name!r} must be >= 0, got {value}")
