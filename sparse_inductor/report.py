@@ -9,16 +9,35 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import threading
 import warnings
-from typing import Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from torch._dynamo.utils import counters
 
 log = logging.getLogger("sparse_inductor")
 
-__all__ = ["LayerDecision", "Report", "collect", "record", "count", "log"]
+__all__ = ["LayerDecision", "Report", "collect", "record", "count", "log", "trace_decisions", "TRACE_ARTIFACT",
+           "SCHEMA_VERSION"]
+
+# The name of the TORCH_TRACE artifact that holds one compile's decisions (docs/debugging.md).
+TRACE_ARTIFACT = "sparse_inductor_decisions"
+# Version of the dict layout of Report.to_dict() / LayerDecision.to_dict() (and so of the
+# artifact's payload); raised when a field changes meaning or is removed.
+SCHEMA_VERSION = 1
+
+
+def _jsonable(v: Any) -> Any:
+    """v with tuples as lists and anything JSON cannot hold (a dtype, a torch.Size) as str."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return str(v)
 
 
 @dataclasses.dataclass
@@ -85,6 +104,14 @@ class LayerDecision:
         """The measured candidates, e.g. "dense 1350.1 us, cusparselt 953.8 us, triton 1590.2 us"."""
         return ", ".join(f"{k} {v:.1f} us" if v is not None else f"{k} n/a" for k, v in self.candidates.items())
 
+    def to_dict(self) -> dict:
+        """Every field under its own name, JSON-safe (tuples as lists; `json.dumps` takes it),
+        plus "sparse" (kernel != "dense"). Times are microseconds; a candidate that could not
+        run is None."""
+        d = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        d["sparse"] = self.sparse
+        return d
+
 
 class Report:
     """The decisions of one compile; `str(report)` is a table, `.layers` the records."""
@@ -125,6 +152,39 @@ class Report:
 
     __repr__ = __str__
 
+    @classmethod
+    def from_records(cls, items: Iterable[LayerDecision | str]) -> "Report":
+        """A report of what a `collect()` block gathered (decisions and notes, in order)."""
+        items = list(items)
+        return cls([d for d in items if isinstance(d, LayerDecision)], [d for d in items if isinstance(d, str)])
+
+    def to_dict(self) -> dict:
+        """{"schema_version", "layers": [LayerDecision.to_dict(), ...], "notes": [...],
+        "sparse": layers that run sparse, "total": layers}; JSON-safe, for notebooks and logs."""
+        return {"schema_version": SCHEMA_VERSION, "layers": [d.to_dict() for d in self.layers],
+                "notes": list(self.notes), "sparse": sum(d.sparse for d in self.layers), "total": len(self.layers)}
+
+    def to_markdown(self) -> str:
+        """The table of `str(report)` as a GitHub markdown table, then the count and the notes
+        (a notebook shows it with `IPython.display.Markdown(report.to_markdown())`)."""
+        def cell(text: str) -> str:
+            return text.replace("|", "\\|").replace("\n", " ") or "-"
+
+        head = ("layer", "N x K", "dtype", "pattern", "density", "kernel", "fused", "timed (M)", "reason")
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for d in self.layers:
+            pat = d.pattern + (f" {d.block}x{d.block}" if d.block else "")
+            timed = (d.times_text() + (f" (M={d.m})" if d.m is not None else "")) if d.candidates else "-"
+            row = (d.name, f"{d.shape[0]}x{d.shape[1]}", d.dtype, pat, f"{d.density:.3f}", d.kernel + d.params_text(),
+                   d.fused_text(), timed, d.reason)
+            lines.append("| " + " | ".join(cell(c) for c in row) + " |")
+        lines.append("")
+        lines.append(f"{sum(d.sparse for d in self.layers)} of {len(self.layers)} linear(s) run sparse")
+        if self.notes:
+            lines.append("")
+            lines.extend(f"- {cell(n)}" for n in self.notes)
+        return "\n".join(lines)
+
 
 _local = threading.local()  # .sinks: the open collect() contexts of this thread
 
@@ -163,3 +223,17 @@ def count(event: str, n: int = 1) -> None:
     "lowering_fallback"), beside Inductor's own counters; the tests assert on them."""
     if n:
         counters["sparse_inductor"][event] += n
+
+
+def trace_decisions(items: Iterable[LayerDecision | str]) -> None:
+    """Emit one compile's decisions and notes as the TORCH_TRACE artifact TRACE_ARTIFACT (JSON:
+    Report.to_dict()), which tlparse lists under the compile it belongs to (docs/debugging.md).
+
+    Costs one check of a logger's handlers when TORCH_TRACE is unset: the payload is built only
+    when a trace is written.
+    """
+    from torch._logging import trace_structured
+
+    items = list(items)
+    trace_structured("artifact", metadata_fn=lambda: {"name": TRACE_ARTIFACT, "encoding": "json"},
+                     payload_fn=lambda: json.dumps(Report.from_records(items).to_dict(), indent=1))

@@ -8,6 +8,9 @@ Inductor starts (`weights_digest`). With options fx_cache=False, uuid() is None 
 bypasses its cache for the graph.
 
 One pass object per hook on torch 2.11/2.12: a pass the user had installed runs after ours.
+
+Each call emits the decisions of its graph as the TORCH_TRACE artifact "sparse_inductor_decisions"
+(report.trace_decisions; docs/debugging.md).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..options import SparseOptions
-from ..report import count, record
+from ..report import collect, count, record, trace_decisions
 from ..version import source_hash
 from .derived_check import derive_library_checks
 from .fuse_mlp import fuse_mlps
@@ -77,15 +80,20 @@ class SparseGraphPass(CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
-        try:
-            rewrite_linears(gm, self.opts, self.input_reason)
-            fuse_mlps(gm, self.opts)
-            derive_library_checks(gm, self.opts)
-            fuse_library_activations(gm, self.opts)
-        except Exception as e:  # never break the user's compile: the graph is valid layer by layer
-            log.exception("sparse_inductor: the rewrite pass failed")
-            count("pass_failed")
-            record(f"sparse_inductor: rewrite pass failed ({type(e).__name__}: {e}); remaining layers stay dense")
+        with collect() as sink:
+            try:
+                rewrite_linears(gm, self.opts, self.input_reason)
+                fuse_mlps(gm, self.opts)
+                derive_library_checks(gm, self.opts)
+                fuse_library_activations(gm, self.opts)
+            except Exception as e:  # never break the user's compile: the graph is valid layer by layer
+                log.exception("sparse_inductor: the rewrite pass failed")
+                count("pass_failed")
+                record(f"sparse_inductor: rewrite pass failed ({type(e).__name__}: {e}); remaining layers stay dense")
+        try:  # the decisions as they stand after every pass, inside this compile's TORCH_TRACE frame
+            trace_decisions(sink)
+        except Exception:
+            log.exception("sparse_inductor: writing the TORCH_TRACE artifact failed")
         if self.user_pass is not None:
             self.user_pass(graph)
 
