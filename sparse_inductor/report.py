@@ -203,7 +203,8 @@ def collect() -> Iterator[list]:
     try:
         yield sink
     finally:
-        _sinks().remove(sink)
+        sinks = _sinks()  # by identity: list.remove would take the first sink of equal contents
+        sinks[:] = [s for s in sinks if s is not sink]
 
 
 def record(item: LayerDecision | str) -> None:

@@ -131,3 +131,17 @@ def test_torch_trace_artifact(tmp_path):
     assert rows["4"]["kernel"] == "dense" and rows["4"]["reason"].startswith("not 2:4")
     assert all(set(d) == set(rows["0"]) for d in table["layers"])
     assert rows["0"]["fused"] == ["transpose", "bias"]
+
+
+def test_nested_collect():
+    """A collect() inside another (the pass manager's inside explain's) gets what is recorded while
+    it is open; the outer one gets everything, and both close whatever their contents."""
+    from sparse_inductor.report import collect, record
+
+    with collect() as outer:
+        record(_decisions()[1])
+        with collect() as inner:
+            record(_decisions()[0])
+        record(_decisions()[1])
+    assert [d.name for d in outer] == ["head", "blocks.0.fc1", "head"] and [d.name for d in inner] == ["blocks.0.fc1"]
+    assert not report_mod._sinks()

@@ -68,6 +68,27 @@ def weights_digest(graph_code: str, tensors: Iterable[Any], opts: SparseOptions)
     return h.hexdigest()
 
 
+# What Inductor's CPU weight prepacking (freezing with cpp.weight_prepack) makes of a linear before
+# the post-grad passes: an op on an opaque packed weight, which the rewrite cannot read.
+_PREPACKED_LINEARS = ("mkl._mkl_linear", "mkldnn._linear_pointwise", "onednn.qlinear_pointwise")
+
+
+def _note_prepacked(graph: torch.fx.Graph) -> None:
+    """A note naming the linears that reach the pass prepacked for the CPU (they stay dense).
+
+    Inductor registers its packing patterns at the first freezing compile of a process, if
+    cpp.weight_prepack is on then, and applies them from then on whatever the setting: the
+    backend's cpp.weight_prepack=False does not help after such a compile (torch 2.13, 2.14).
+    """
+    packed = [n.name for n in graph.nodes if n.op == "call_function" and str(n.target).startswith(_PREPACKED_LINEARS)]
+    if packed:
+        record(f"sparse_inductor: {len(packed)} linear(s) reached the pass prepacked for the CPU by Inductor's "
+               f"freezing ({', '.join(packed[:4])}{', ...' if len(packed) > 4 else ''}) and stay dense: Inductor "
+               "turns its CPU weight packing on at the first freezing compile of the process if "
+               "cpp.weight_prepack is on then, and keeps it whatever the setting later; set "
+               "TORCHINDUCTOR_CPP_WEIGHT_PREPACK=0 (or cpp.weight_prepack=False before that first compile)")
+
+
 class SparseGraphPass(CustomGraphPass):
     """weights_digest: see weights_digest(); None makes uuid() None (no FX graph cache)."""
 
@@ -81,6 +102,7 @@ class SparseGraphPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
         with collect() as sink:
+            _note_prepacked(graph)
             try:
                 rewrite_linears(gm, self.opts, self.input_reason)
                 fuse_mlps(gm, self.opts)
