@@ -1,4 +1,4 @@
-"""The one place for differences between torch versions (2.11 and 2.13 are supported).
+"""The one place for differences between torch versions (2.11, 2.13 and 2.14 are supported).
 
 Everything else imports these helpers instead of testing versions or attributes itself.
 """
@@ -13,8 +13,13 @@ import torch.fx as fx
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
-__all__ = ["TORCH_VERSION", "get_attr", "size_hint", "static_int", "inductor_size_hint", "fake_constant", "fake_eval",
-           "device_name", "INTERPRETING", "is_module_state_source", "source_path", "compiling_code", "drop_compiled_code"]
+__all__ = ["TORCH_VERSION", "FOLDS_MUL_BY_INT_ZERO", "get_attr", "size_hint", "static_int", "inductor_size_hint",
+           "fake_constant", "fake_eval", "device_name", "INTERPRETING", "is_module_state_source", "source_path",
+           "compiling_code", "drop_compiled_code"]
+
+# Inductor up to 2.13 folds x * 0 with an integer zero to 0, dropping x's NaN / Inf; 2.14 keeps
+# them. The row checks write a float zero, which every version keeps (tests/test_row_check.py).
+FOLDS_MUL_BY_INT_ZERO = TORCH_VERSION < (2, 14)
 
 # Triton decides when a kernel is defined whether it runs in the interpreter (TRITON_INTERPRET=1);
 # the kernel modules read it here, the same way, once.

@@ -328,7 +328,8 @@ class Fp8Silu(torch.nn.Module):
 
 def readers_of_cslt(code: str) -> list[str]:
     """The lines of the generated code that read linear_cslt's output (its buffer and the aliases
-    Inductor gives it), other than size asserts and dels: the kernels its epilogue runs in."""
+    Inductor gives it), other than size / metadata asserts (torch 2.14 checks an extern kernel's
+    output with assert_tensor_metadata) and dels: the kernels its epilogue runs in."""
     lines = [ln.strip() for ln in code.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     names: set = set()
     for ln in lines:
@@ -340,7 +341,8 @@ def readers_of_cslt(code: str) -> list[str]:
             names.add(m.group(1))
     assert names, "no linear_cslt call in the code"
     return [ln for ln in lines
-            if not ln.startswith(("assert_size_stride(", "del ")) and not re.match(r"buf\d+ = buf\d+$", ln)
+            if not ln.startswith(("assert_size_stride(", "assert_tensor_metadata(", "del "))
+            and not re.match(r"buf\d+ = buf\d+$", ln)
             and "linear_cslt.default(" not in ln and any(re.search(rf"\b{n}\b", ln) for n in names)]
 
 
