@@ -4,9 +4,10 @@ Everything else imports these helpers instead of testing versions or attributes 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -15,7 +16,7 @@ TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")
 
 __all__ = ["TORCH_VERSION", "FOLDS_MUL_BY_INT_ZERO", "get_attr", "size_hint", "static_int", "inductor_size_hint",
            "fake_constant", "fake_eval", "device_name", "INTERPRETING", "is_module_state_source", "source_path",
-           "compiling_code", "drop_compiled_code"]
+           "compiling_code", "drop_compiled_code", "freezing_skips_unused_opaque_inputs"]
 
 # Inductor up to 2.13 folds x * 0 with an integer zero to 0, dropping x's NaN / Inf; 2.14 keeps
 # them. The row checks write a float zero, which every version keeps (tests/test_row_check.py).
@@ -166,3 +167,30 @@ def drop_compiled_code(code: Any) -> bool:
         return True
     except Exception:
         return False
+
+
+@contextlib.contextmanager
+def freezing_skips_unused_opaque_inputs() -> Iterator[None]:
+    """Inductor's freezing with parameters that AOTAutograd unwraps into tensors and opaque
+    objects (a DTensor parameter of torch 2.13 / 2.14: its local shard and its DeviceMesh):
+    freezing makes each unwrapped piece a constant with register_buffer, which refuses the mesh
+    ("cannot assign 'FakeScriptObject' object to buffer"), so every compile with freezing fails
+    (docs/tensor-parallel.md has the repro). Inside this block an opaque piece that the graph
+    does not use (the collectives name their group by a string) is dropped instead; one that it
+    uses still fails as before. Scoped to the block: torch's module is restored after it.
+    """
+    import torch._inductor.freezing as freezing
+
+    original = freezing.replace_node_with_constant
+
+    def replace(gm: fx.GraphModule, node: fx.Node, constant: Any = None, name: Optional[str] = None) -> None:
+        if constant is not None and not isinstance(constant, torch.Tensor) and not node.users:
+            gm.graph.erase_node(node)
+            return
+        original(gm, node, constant, name)
+
+    freezing.replace_node_with_constant = replace
+    try:
+        yield
+    finally:
+        freezing.replace_node_with_constant = original

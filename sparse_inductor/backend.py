@@ -99,7 +99,7 @@ def sparse_backend(gm: fx.GraphModule, example_inputs: list, *, mode: Optional[s
         # (seen on the H100 as two extra kernels for a small block-sparse layer's index arrays)
         ours.update({"freezing": True, "cpp.weight_prepack": False, "always_keep_tensor_constants": True})
     try:
-        with quantize_reductions(opts.reductions == "one-pass"):
+        with quantize_reductions(opts.reductions == "one-pass"), _compat.freezing_skips_unused_opaque_inputs():
             compiled = compile_fx(work, inputs, config_patches=ours)
     except RestartAnalysis:  # Dynamo's signal to trace the frame again (e.g. a float scalar made a
         raise                # tensor under dynamic shapes, after a LayerNorm): not a failure of ours

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..options import SparseOptions
 from ..report import collect, count, record, trace_decisions
@@ -44,9 +45,21 @@ def _update_with_bytes(h: Any, t: torch.Tensor) -> None:
         h.update(memoryview((ctypes.c_ubyte * nbytes).from_address(data.data_ptr())))
 
 
+def _plain_tensors(t: Any, h: Any) -> Iterable[Any]:
+    """`t`, or for a tensor subclass that wraps others (a DTensor: its local shard) the tensors it
+    wraps, after feeding its type and metadata (a DTensor's mesh and placements) to hash `h`."""
+    if isinstance(t, torch.Tensor) and is_traceable_wrapper_subclass(t):
+        attrs, ctx = t.__tensor_flatten__()
+        h.update(f"{type(t).__qualname__}{ctx!r}".encode())
+        for a in attrs:
+            yield from _plain_tensors(getattr(t, a), h)
+    else:
+        yield t
+
+
 def weights_digest(graph_code: str, tensors: Iterable[Any], opts: SparseOptions) -> Optional[str]:
     """sha256 over the graph Dynamo captured and the contents of every tensor it reads as a
-    constant (parameters, buffers, tensor attributes).
+    constant (parameters, buffers, tensor attributes; of a DTensor its local shard and placements).
 
     Every constant the pass may compress, including those Inductor derives while freezing (e.g.
     the concatenated weight of two linears sharing an input), is a function of these. None when
@@ -56,7 +69,7 @@ def weights_digest(graph_code: str, tensors: Iterable[Any], opts: SparseOptions)
         return None
     h = hashlib.sha256(graph_code.encode())
     seen = set()
-    for t in tensors:
+    for t in (p for t in tensors for p in _plain_tensors(t, h)):
         if not isinstance(t, torch.Tensor) or isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta":
             continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)

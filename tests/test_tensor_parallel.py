@@ -1,0 +1,61 @@
+"""backend="sparse" on a block sharded with tensor parallelism (DTensor, ColwiseParallel /
+RowwiseParallel): two CPU processes on gloo (tests/tp_worker.py). Each rank's local shard is
+detected on its own (2:4 along N or K, block-sparse along its local K) and the outputs match the
+unsharded model (docs/tensor-parallel.md)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from test_backend import REPO, assert_close_fp64
+
+WORLD = 2
+TIMEOUT_S = 240  # both ranks compile on a shared machine; gloo's own timeout is 60 s
+
+
+def _run_ranks(tmp_path) -> list[dict]:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    store = tmp_path / "store"
+    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "tp_worker.py"), str(r), str(WORLD), str(store)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(WORLD)]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=TIMEOUT_S)
+            assert p.returncode == 0, err[-4000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_tensor_parallel_block(tmp_path):
+    results = _run_ranks(tmp_path)
+    assert [r["rank"] for r in results] == list(range(WORLD))
+    expected = [  # every rank's local shards: [name, (N, K) of the shard, pattern, kernel]
+        ["attn.q", [16, 32], "2:4", "reference"],   # colwise: N / 2
+        ["attn.k", [16, 32], "block", "reference"],  # colwise: half of each rank's blocks zero
+        ["attn.v", [16, 32], "dense", "dense"],
+        ["attn.o", [32, 16], "2:4", "reference"],   # rowwise: K / 2, still 2:4 along K
+        ["fc1", [32, 32], "2:4", "reference"],
+        ["fc2", [32, 32], "block", "reference"],     # rowwise: block-sparse along its local K
+    ]
+    for r in results:
+        assert not r["notes"], r["notes"]
+        # two compiles: batch 2, then a dynamic batch at 3
+        assert sorted(r["decisions"]) == sorted(expected * 2), r["decisions"]
+        assert r["ops"] == {"linear_24": 6, "linear_block": 4} and r["all_reduce"] >= 4, (r["ops"], r["all_reduce"])
+        for out, ref in zip(r["outs"], r["refs"]):
+            assert_close_fp64(torch.tensor(out), torch.tensor(ref, dtype=torch.float64), torch.float32)
+    assert results[0]["outs"] == results[1]["outs"]  # replicated after the rowwise all-reduce
