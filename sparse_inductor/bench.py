@@ -6,6 +6,8 @@ and launch overhead do not hide the kernels (a torch.compile'd single linear cos
 time per call in default mode, measured on the H100); PyTorch's own sparse paths are timed as a
 user calls them (eager), which is what the anchors report. Ratios are dense time / candidate time
 (above 1 = faster than dense), always from the same run. The header names device, versions, date.
+`--json` writes {"schema_version", "header", "rows"}: one row per measured case, its fields per
+section in docs/benchmarks-schema.md.
 """
 from __future__ import annotations
 
@@ -36,6 +38,11 @@ from .prune import prune, prune_24_, prune_blocks_
 from .registry import Layer, Scaled, kernels
 from .report import LayerDecision, collect
 from .runtime import cusparselt
+
+
+# Version of the --json layout (docs/benchmarks-schema.md); raised when a field changes meaning or is
+# removed (adding one does not).
+SCHEMA_VERSION = 1
 
 
 def _bench(fn: Callable, rep: int = 100) -> float:
@@ -791,7 +798,7 @@ def main(argv=None):
         print(summary, flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(header=header(), rows=rows), f, indent=1)
+            json.dump(dict(schema_version=SCHEMA_VERSION, header=header(), rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

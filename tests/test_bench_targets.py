@@ -32,3 +32,44 @@ def test_compose_needs_strictly_faster_and_empty_without_rows():
     assert "| 1.00x | > 1.00x | no |" in out and "| 1.30x | > 1.00x | yes |" in out
     assert target_summary([]) == ""
     assert {t[0] for t in TARGETS} == {"block", "2:4", "8-bit"}
+
+
+def test_every_json_field_is_documented():
+    """Each field a section's rows carry (the keywords of its rows.append(dict(...)) calls in
+    bench.py, and _layer_times' keys where a row takes them) is in that section's part of
+    docs/benchmarks-schema.md. The compose row's keys are made from labels: checked by name."""
+    import ast
+    import pathlib
+    import re
+
+    from sparse_inductor import bench
+
+    root = pathlib.Path(bench.__file__).resolve().parents[1]
+    doc = (root / "docs" / "benchmarks-schema.md").read_text()
+    parts = {m.group(1): m.group(2) for m in re.finditer(r'## `section: "(\w+)"`.*?\n(.*?)(?=\n## |\Z)', doc, re.S)}
+    layer_times = re.search(r"## Fields of `_layer_times`.*?\n(.*?)(?=\n## )", doc, re.S).group(1)
+    tree = ast.parse(pathlib.Path(bench.__file__).read_text())
+    lt = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_layer_times")
+    lt_keys = [k.arg for n in ast.walk(lt) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "dict"
+               for k in n.keywords if k.arg]
+    assert lt_keys == ["dense", "dense_compile", "compiled", "chosen"]
+    for key in lt_keys:
+        assert f"`{key}`" in layer_times, key
+    seen = set()
+    for call in ast.walk(tree):
+        if not (isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "append" and call.args
+                and isinstance(call.args[0], ast.Call) and getattr(call.args[0].func, "id", "") == "dict"):
+            continue
+        kws = {k.arg: k.value for k in call.args[0].keywords}
+        section = kws.pop("section").value
+        seen.add(section)
+        assert section in parts, f"section {section!r} is not documented"
+        fields = [k for k in kws if k is not None]  # None: a **mapping
+        if any(k.arg is None and isinstance(k.value, ast.Name) and k.value.id == "t" for k in call.args[0].keywords):
+            fields += lt_keys
+        for field in fields:
+            assert f"`{field}`" in parts[section], (section, field)
+    assert seen == set(bench.SECTIONS) == set(parts)
+    for label in ("bf16 dense", "2:4 bf16", "int8 dense", "int8 + 2:4, int32 product", "int8 + 2:4"):
+        assert f"`{label.replace(' ', '_')}`" in parts["compose"], label
+    assert bench.SCHEMA_VERSION == 1 and '"schema_version": 1' in doc
