@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import threading
 import warnings
 from typing import Any, Iterable, Iterator, Optional
@@ -30,7 +31,10 @@ SCHEMA_VERSION = 1
 
 
 def _jsonable(v: Any) -> Any:
-    """v with tuples as lists and anything JSON cannot hold (a dtype, a torch.Size) as str."""
+    """v with tuples as lists, NaN / Inf as None (strict JSON has neither: e.g. the density of a
+    weight that was never read) and anything else JSON cannot hold (a dtype) as str."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, dict):
@@ -105,9 +109,9 @@ class LayerDecision:
         return ", ".join(f"{k} {v:.1f} us" if v is not None else f"{k} n/a" for k, v in self.candidates.items())
 
     def to_dict(self) -> dict:
-        """Every field under its own name, JSON-safe (tuples as lists; `json.dumps` takes it),
-        plus "sparse" (kernel != "dense"). Times are microseconds; a candidate that could not
-        run is None."""
+        """Every field under its own name, JSON-safe (tuples as lists, NaN as None: strict JSON;
+        `json.dumps` takes it), plus "sparse" (kernel != "dense"). Times are microseconds; a
+        candidate that could not run is None."""
         d = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
         d["sparse"] = self.sparse
         return d

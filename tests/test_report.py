@@ -33,6 +33,9 @@ def test_layer_decision_to_dict_is_json_and_complete():
     assert d["params"] == {"alg_id": 20, "split_k": 1} and d["row_check"] == "own kernel" and d["m"] == 8192
     fields = {f.name for f in __import__("dataclasses").fields(LayerDecision)}
     assert set(d) == fields | {"sparse"}
+    # NaN (a weight never read) is null: strict JSON, which tlparse's parser requires
+    unread = LayerDecision("x", (4, 4), "float32", "dense", None, float("nan"), "dense", (), "not frozen")
+    assert unread.to_dict()["density"] is None and "NaN" not in json.dumps(Report([unread]).to_dict())
     # a parameter JSON cannot hold (a dtype) comes out as its str
     odd = LayerDecision("x", (4, 4), "float16", "2:4", None, 0.5, "triton", (), "", params={"acc": torch.float32})
     assert odd.to_dict()["params"] == {"acc": "torch.float32"}
