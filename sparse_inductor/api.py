@@ -57,8 +57,10 @@ def explain(model: torch.nn.Module, *example_inputs: Any,
     return report
 
 
-# linear_rewrite's reason for a weight that reached the pass as a graph input
-_NOT_FROZEN = "weight is a graph input"
+# Why a weight that reached the pass as a graph input stays dense, with stock Inductor
+_NOT_FROZEN = ("the weight is an input of the graph, not a constant: Inductor's freezing did not make it one "
+               "(torch._inductor.config.freezing must be on when Dynamo traces, under torch.no_grad() or "
+               "torch.inference_mode())")
 
 
 class _StockInductorPass(CustomGraphPass):
@@ -69,16 +71,21 @@ class _StockInductorPass(CustomGraphPass):
         from .passes.manager import SparseGraphPass
 
         self.opts = opts
-        self.inner = SparseGraphPass(opts, weights_digest=None)
+        self.inner = SparseGraphPass(opts, weights_digest=None, input_reason=self._not_frozen)
+        self._unfrozen = 0
+
+    def _not_frozen(self, node: torch.fx.Node) -> str:
+        self._unfrozen += 1
+        return _NOT_FROZEN
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        with collect() as sink:
-            self.inner(graph)
-        if any(isinstance(d, LayerDecision) and d.reason.startswith(_NOT_FROZEN) for d in sink):
-            record("sparse_inductor: the weights reached the pass as graph inputs, so every linear stays dense: set "
-                   "torch._inductor.config.freezing = True before the model is first called (Dynamo reads it while "
-                   "tracing; options={'freezing': True} alone does not freeze the parameters) and call it under "
-                   "torch.no_grad() or torch.inference_mode()")
+        self._unfrozen = 0
+        self.inner(graph)
+        if self._unfrozen:
+            record(f"sparse_inductor: {self._unfrozen} weight(s) reached the pass as graph inputs and stay dense: "
+                   "set torch._inductor.config.freezing = True before the model is first called (Dynamo reads it "
+                   "while tracing; options={'freezing': True} alone does not freeze the parameters) and call it "
+                   "under torch.no_grad() or torch.inference_mode()")
 
     def uuid(self) -> None:
         """None: Inductor bypasses its FX graph cache for graphs compiled with this pass. Its cache

@@ -75,9 +75,11 @@ def test_stock_inductor_without_freezing_stays_dense_and_says_why(how):
     FileCheck().check_not(OP_24).check_not(OP_BLOCK).run(code)
     decisions = [d for d in sink if not isinstance(d, str)]
     assert len(decisions) == 3 and all(d.kernel == "dense" for d in decisions)
-    assert all(d.reason.startswith("weight is a graph input, not a constant") for d in decisions)
+    assert all(d.reason.startswith("the weight is an input of the graph, not a constant: Inductor's freezing")
+               for d in decisions), [d.reason for d in decisions]
     notes = [n for n in sink if isinstance(n, str)]
-    assert len(notes) == 1 and "torch._inductor.config.freezing = True" in notes[0]
+    assert len(notes) == 1 and notes[0].startswith("sparse_inductor: 3 weight(s) reached the pass as graph inputs")
+    assert "torch._inductor.config.freezing = True" in notes[0]
 
 
 def test_cpu_prepacking_is_named():
