@@ -271,6 +271,7 @@ def seeded(cls, *args, seed=0, **kw):
 
 # ---------------------------------------------------------------- golden graphs
 
+@pytest.mark.compat
 class TestGoldenGraphs(expecttest.TestCase):
     """The graph right after the sparse pass. Regenerate with EXPECTTEST_ACCEPT=1, then read the diff."""
 
@@ -531,6 +532,7 @@ def test_numerics_vs_fp64(dtype, case):
 
 # ---------------------------------------------------------------- dynamic batch sizes
 
+@pytest.mark.compat
 @pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
 def test_batch_sizes_share_one_compile(how):
     m = seeded(Mixed)
@@ -563,6 +565,7 @@ class NormMixed(Mixed):
         return super().forward(self.norm(x))
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
 def test_dynamic_batch_after_a_norm(how):
     m = seeded(NormMixed)
@@ -921,6 +924,7 @@ def compile_cached(m: nn.Module, x: torch.Tensor) -> tuple[str, str]:
     return [k for k, v in delta.items() if v][0].replace("fxgraph_cache_", ""), r.code
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("first", ["dense", "2:4"])
 def test_fx_cache_dense_and_24_same_shapes(tmp_path, first):
     """The cache keys frozen weights by shape only: a model of the same shapes but another

@@ -346,6 +346,7 @@ def readers_of_cslt(code: str) -> list[str]:
             and "linear_cslt.default(" not in ln and any(re.search(rf"\b{n}\b", ln) for n in names)]
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("product", ["bf16", "fp32"])
 def test_epilogue_fuses_with_its_consumer(emulated, product):
     """The epilogue (upcast for "lib16", guard, scales, bias, cast) and the SiLU that consumes the

@@ -39,6 +39,7 @@ def _run(model, options, *, freezing: bool):
     return out, ref, "\n".join(code), sink
 
 
+@pytest.mark.compat
 def test_stock_inductor_with_freezing():
     model = _model()
     pass_ = sparse_inductor.inductor_pass({"force": True})
@@ -62,6 +63,7 @@ def test_stock_inductor_cache_never_serves_the_sparse_graph_to_a_dense_model():
     FileCheck().check_not(OP_24).check_not(OP_BLOCK).run(code)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("how", ["off", "options"])
 def test_stock_inductor_without_freezing_stays_dense_and_says_why(how):
     """Freezing off, or only in torch.compile's options (Inductor gets it after Dynamo has traced

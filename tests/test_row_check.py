@@ -106,6 +106,7 @@ def test_kernel_any_shape_any_config(m, k, bad, dtype, rows):
     check(row_check_eager(x, dict(BLOCK_M=rows, BLOCK_K=16 if k > 16 else 64, num_warps=4, num_stages=2)), x)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("zero", [0.0, pytest.param(0, marks=pytest.mark.xfail(_compat.FOLDS_MUL_BY_INT_ZERO, strict=True, reason=(
     "Inductor up to 2.13 folds x * 0 with an integer zero to 0, so the check would lose its NaN rows: "
     "passes/linear_rewrite.py writes a float zero")))])

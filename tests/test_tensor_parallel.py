@@ -39,6 +39,7 @@ def _run_ranks(tmp_path) -> list[dict]:
     return results
 
 
+@pytest.mark.compat
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_tensor_parallel_block(tmp_path):
     results = _run_ranks(tmp_path)

@@ -72,6 +72,7 @@ def notes(sink: list) -> list[str]:
 
 # ---------------------------------------------------------------- weights that change after compile
 
+@pytest.mark.compat
 def test_load_state_dict_after_compile():
     m, other = MLP(0).eval(), MLP(1).eval()
     x = torch.randn(4, 16)
@@ -87,6 +88,7 @@ def test_load_state_dict_after_compile():
     assert any("changed after compilation" in n and "fc.weight" in n for n in notes(sink)), notes(sink)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("which", ["fc.weight", "inp.bias", "out.weight"])
 def test_in_place_mul_after_compile(which):
     m = MLP().eval()
@@ -143,6 +145,7 @@ def test_parameter_object_replaced():
         same(compiled(x), m(x))
 
 
+@pytest.mark.compat
 def test_on_weight_change_raise_names_the_parameter():
     m = MLP().eval()
     x = torch.randn(3, 16)
@@ -206,6 +209,7 @@ def test_unchanged_weights_compile_once():
 
 # ---------------------------------------------------------------- what is frozen
 
+@pytest.mark.compat
 def test_parameter_passed_as_an_argument_stays_an_input():
     w = nn.Parameter(prune_24_(torch.randn(32, 16)))
     b = nn.Parameter(torch.randn(32))
