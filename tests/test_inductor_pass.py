@@ -121,3 +121,30 @@ def test_inductor_pass_rejects_inductor_settings():
         sparse_inductor.inductor_pass({"force": True, "freezing": True})
     with pytest.raises(ValueError, match="unknown sparsity pattern"):
         sparse_inductor.inductor_pass({"patterns": ("1:8",)})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["2:4", "block"])
+def test_stock_inductor_runs_the_templates_on_the_gpu(pattern):
+    """Stock Inductor with the pass on CUDA: the layer runs the project's Triton template with the
+    bias and ReLU in its store, without the backend's always_keep_tensor_constants. N = 448 with
+    64x64 blocks: the block format's index arrays have at most 8 elements, which Inductor inlines
+    as code here (the backend keeps them as buffers)."""
+    from test_gpu_compile import TOL_BF16, fp64, kernel_defs, rel_err
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 448), nn.ReLU()).cuda().to(torch.bfloat16).eval()
+    if pattern == "2:4":
+        sparse_inductor.prune(model, "2:4")
+    else:
+        sparse_inductor.prune(model, "block", block=64, sparsity=0.75)
+    x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
+    pass_ = sparse_inductor.inductor_pass({"force": True, "kernel": "triton"})
+    compiled = torch.compile(model, options={"post_grad_custom_pre_pass": pass_})
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True), collect() as sink:
+        out, code = run_and_get_code(compiled, x)
+    code = "\n".join(code)
+    assert [d.kernel for d in sink if not isinstance(d, str)] == ["triton"], [str(d) for d in sink]
+    assert rel_err(out, fp64(model, x)) < TOL_BF16
+    assert [d for d in kernel_defs(code) if d.startswith("triton_tem_fused_")], kernel_defs(code)
+    assert "extern_kernels.mm" not in code and "extern_kernels.addmm" not in code
