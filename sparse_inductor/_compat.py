@@ -181,7 +181,10 @@ def freezing_skips_unused_opaque_inputs() -> Iterator[None]:
     """
     import torch._inductor.freezing as freezing
 
-    original = freezing.replace_node_with_constant
+    original = getattr(freezing, "replace_node_with_constant", None)
+    if original is None:  # a torch whose freezing does not call it by this name: nothing to do
+        yield
+        return
 
     def replace(gm: fx.GraphModule, node: fx.Node, constant: Any = None, name: Optional[str] = None) -> None:
         if constant is not None and not isinstance(constant, torch.Tensor) and not node.users:

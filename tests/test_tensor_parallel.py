@@ -60,3 +60,28 @@ def test_tensor_parallel_block(tmp_path):
         for out, ref in zip(r["outs"], r["refs"]):
             assert_close_fp64(torch.tensor(out), torch.tensor(ref, dtype=torch.float64), torch.float32)
     assert results[0]["outs"] == results[1]["outs"]  # replicated after the rowwise all-reduce
+
+
+def test_freezing_drops_only_unused_opaque_pieces():
+    """_compat.freezing_skips_unused_opaque_inputs on a plain graph: inside the block an unused
+    non-tensor input is dropped, a used one still fails as in torch, a tensor becomes a constant;
+    after the block torch's function is back."""
+    import torch._inductor.freezing as freezing
+
+    from sparse_inductor import _compat
+
+    original = freezing.replace_node_with_constant
+    g = torch.fx.Graph()
+    x, unused, used, w = (g.placeholder(n) for n in ("x", "unused", "used", "w"))
+    g.output(g.call_function(torch.add, (x, w)))
+    g.call_function(print, (used,))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    mesh_like = object()
+    with _compat.freezing_skips_unused_opaque_inputs():
+        freezing.replace_node_with_constant(gm, unused, mesh_like)
+        with pytest.raises(TypeError, match="cannot assign"):
+            freezing.replace_node_with_constant(gm, used, mesh_like)
+        freezing.replace_node_with_constant(gm, w, torch.ones(2))
+    assert freezing.replace_node_with_constant is original
+    assert "unused" not in [n.name for n in gm.graph.nodes]
+    assert [n.op for n in gm.graph.nodes if n.name == "w"] == ["get_attr"]
