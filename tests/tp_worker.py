@@ -76,7 +76,7 @@ def main(rank: int, world: int, store: str) -> None:
     from sparse_inductor.report import LayerDecision, collect
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=120))
     try:
         mesh = init_device_mesh("cpu", (world,))
         blk = make_block(world)
