@@ -179,7 +179,7 @@ def freezing_skips_unused_opaque_inputs() -> Iterator[None]:
     does not use (the collectives name their group by a string) is dropped instead; one that it
     uses still fails as before. Scoped to the block: torch's module is restored after it.
     """
-    import torch._inductor.freezing as freezing
+    import torch._inductor.freezing as freezing  # Inductor's internals: loaded by the compile that uses this
 
     original = getattr(freezing, "replace_node_with_constant", None)
     if original is None:  # a torch whose freezing does not call it by this name: nothing to do

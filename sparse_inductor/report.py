@@ -237,7 +237,7 @@ def trace_decisions(items: Iterable[LayerDecision | str]) -> None:
     Costs one check of a logger's handlers when TORCH_TRACE is unset: the payload is built only
     when a trace is written.
     """
-    from torch._logging import trace_structured
+    from torch._logging import trace_structured  # torch's logging internals: loaded by the compile that traces
 
     items = list(items)
     trace_structured("artifact", metadata_fn=lambda: {"name": TRACE_ARTIFACT, "encoding": "json"},
