@@ -807,3 +807,20 @@ def test_library_activation_refused_by_the_plan(monkeypatch):
     assert "activation =" not in r.graphs[0]
     assert "gelu not in cuSPARSELt's epilogue: the library refused it with alg_id 0" in r.by_name("fc1").reason
     _same_rows_as_dense(r.outputs[0], model(x).detach(), torch.bfloat16)
+
+
+def test_faulting_algorithm_ids_are_never_offered(monkeypatch):
+    """cuSPARSELt 0.8.0's fp16 algorithm ids from 36 up fault the H100 (FAULTING_ALGS): the variants
+    the dispatcher times stop below them, and a call naming one is refused before it launches."""
+    from sparse_inductor.runtime import cusparselt as cslt
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cslt, "version", lambda: 800)
+    assert list(cslt.safe_alg_ids(51, torch.float16)) == list(range(36))
+    assert list(cslt.safe_alg_ids(20, torch.float16)) == list(range(21))
+    assert list(cslt.safe_alg_ids(51, torch.bfloat16)) == list(range(52))
+    assert cslt.faulting_alg(35, torch.float16) is None
+    assert "from 36 up fault sm90 with float16" in cslt.faulting_alg(36, torch.float16)
+    monkeypatch.setattr(cslt, "version", lambda: 900)  # another library: nothing known
+    assert list(cslt.safe_alg_ids(51, torch.float16)) == list(range(52))

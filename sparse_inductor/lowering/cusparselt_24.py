@@ -112,7 +112,7 @@ def _variants(layer, t) -> list:
     top = cslt.max_alg_id(t["wc"], x, layer.n, layer.k, _out_dtype(layer))  # (0 where the library cannot load)
     if not top:
         top = torch.backends.cusparselt.get_max_alg_id() or 20
-    return [{"alg_id": a, "split_k": 1} for a in range(top + 1)]
+    return [{"alg_id": a, "split_k": 1} for a in cslt.safe_alg_ids(top, layer.dtype, t["wc"].device.index)]
 
 
 def _node_args(x, constants, bias, n, k, params) -> tuple:

@@ -50,7 +50,8 @@ from ..activations import ACTIVATIONS, every_16bit_value, same
 
 log = logging.getLogger("sparse_inductor")
 
-__all__ = ["available", "version", "compress", "linear", "max_alg_id", "why_not_runnable"]
+__all__ = ["available", "version", "compress", "linear", "max_alg_id", "why_not_runnable", "faulting_alg",
+           "safe_alg_ids"]
 
 # enums of cusparse.h / cusparseLt.h / library_types.h (cuSPARSELt 0.6 - 0.8)
 _ORDER_COL, _ORDER_ROW = 1, 2
@@ -158,6 +159,34 @@ def version() -> Optional[int]:
         return torch.backends.cusparselt.version()
     except Exception:
         return None
+
+
+# Algorithm ids that fault the device: an illegal instruction, after which every CUDA call of the
+# process fails. {(library version, compute capability, input dtype): the first such id; every id
+# from it up faults}. Measured with each id alone in a fresh process: cuSPARSELt 0.8.0 on the H100
+# (sm90), fp16 in and out, M=4096 N=1024 K=256: ids 36-51 of 0-51 fault, 0-35 run; bf16 at the same
+# shapes runs every id (docs/platform-notes.md, "cuSPARSELt algorithm ids that fault"). Taken for
+# every shape of that dtype: a fault cannot be caught, a lost algorithm costs at most its speed.
+FAULTING_ALGS = {(800, (9, 0), torch.float16): 36}
+
+
+def faulting_alg(alg_id: int, dtype: torch.dtype, device: Optional[int] = None) -> Optional[str]:
+    """Why this algorithm id must not run for `dtype` on this device and library (FAULTING_ALGS), or None."""
+    if not torch.cuda.is_available():
+        return None
+    cap = torch.cuda.get_device_capability(device)
+    first = FAULTING_ALGS.get((version(), cap, dtype))
+    if first is None or alg_id < first:
+        return None
+    return (f"cuSPARSELt {_version_str()} algorithm ids from {first} up fault sm{cap[0]}{cap[1]} with "
+            f"{str(dtype).replace('torch.', '')} inputs (an illegal instruction; docs/platform-notes.md)")
+
+
+def safe_alg_ids(top: int, dtype: torch.dtype, device: Optional[int] = None) -> range:
+    """The algorithm ids 0..top that FAULTING_ALGS does not exclude for dtype on this device."""
+    cap = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
+    first = FAULTING_ALGS.get((version(), cap, dtype))
+    return range(min(top + 1, first) if first is not None else top + 1)
 
 
 def _version_str() -> str:
@@ -382,6 +411,9 @@ def linear(x: Tensor, wc: Tensor, bias: Optional[Tensor], n: int, k: int, alg_id
     """
     if x.device.type != "cuda":
         raise RuntimeError("cuSPARSELt runs on CUDA only")
+    why = faulting_alg(alg_id, x.dtype, x.device.index)
+    if why is not None:  # refused here: launched, it would end the process's CUDA context
+        raise ValueError(why)
     if x.dtype == torch.float8_e4m3fn and (out_dtype not in _FP8_OUT or (bias is not None and bias.dtype != out_dtype)):
         raise ValueError(f"fp8 x fp8 on cuSPARSELt: out_dtype must be one of {_FP8_OUT} and the bias in it "
                          f"(got out_dtype={out_dtype}, bias {None if bias is None else bias.dtype})")
