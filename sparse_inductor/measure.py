@@ -195,11 +195,14 @@ CHECK_TOLERANCE = {
 CHECK_ROWS = 64  # rows of the output compared with the reference (evenly spread over M)
 
 
-def check_output(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[str]:
+def check_output(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
+                 reference: Optional[Callable] = None) -> Optional[str]:
     """Why y is not x @ w^T (+ bias) within CHECK_TOLERANCE[y.dtype] on a few rows, or None.
 
     The reference is computed in float64 on CHECK_ROWS rows, with W in slices of 4096 rows (a
-    large layer's fp64 copy would cost gigabytes)."""
+    large layer's fp64 copy would cost gigabytes). A runner whose kernel computes more than the
+    product (a fused epilogue: lowering/cutlass_24.py) says what: reference(ref, rows) maps the fp64
+    product of x's rows `rows` to what y's rows are (the runner's `reference` attribute)."""
     m, n = x.shape[0], w.shape[0]
     if tuple(y.shape) != (m, n):
         return f"wrong output shape {tuple(y.shape)}, expected {(m, n)}"
@@ -208,6 +211,8 @@ def check_output(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: Option
     ref = torch.cat([xr @ w[i:i + 4096].double().t() for i in range(0, n, 4096)], dim=1)
     if bias is not None:
         ref += bias.double()
+    if reference is not None:
+        ref = reference(ref, rows)
     got = y[rows].double()
     if not torch.isfinite(got).all():
         return "non-finite output on a finite input"
@@ -301,7 +306,7 @@ class LayerTimer:
                 y = fn(x)  # compile / plan outside the timed region, and check what it computes
                 if x.is_cuda:  # a failure on the device surfaces here, named for this candidate
                     torch.cuda.synchronize(x.device)
-                why = check_output(y, x, w, self._reference_bias(bias))
+                why = check_output(y, x, w, self._reference_bias(bias), getattr(fn, "reference", None))
                 if why is not None:
                     raise RuntimeError(f"{why} at M={m}")
                 del y

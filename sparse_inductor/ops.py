@@ -25,6 +25,24 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
         rewrite passes it only where no pointwise op follows (else y * (1 + g) in the graph);
         activation: "relu" / "gelu", the library's epilogue activation after the bias, where it
         computes the graph's (passes/lib_activation.py)
+    sparse_inductor::linear_cutlass(x, values, meta, bias, n, k, config, out_dtype=None, activation=None,
+                                    gate=None, residual=False, aux=None, weight_scale=None, token_scale=None,
+                                    row_check=None) -> y [M, N]
+        CUTLASS's sm90 2:4 GEMM with its epilogue (lowering/cutlass_24.py; on CUDA the generated
+        library, elsewhere the reference below), computed in fp32 and rounded once to out_dtype
+        (None: x's dtype; 8-bit x needs bf16 / fp16 / fp32):
+            v = (x @ W^T) * token_scale[m] * weight_scale[n] + bias[n]
+            v = activation(v)                 "relu" | "gelu" | "gelu_tanh" | "silu" (activations.py)
+            v = silu(v) * aux | v * silu(aux) gate "silu_acc" | "silu_aux" (a Llama MLP's w1 | w3)
+            v = v + aux                       residual=True
+        values / meta: formats/cutlass_sm90.compress(W, tile K) for the config's tile K; config:
+        cutlass_24.config_tag (the tile first, e.g. "128x16x128_1x1_warpspecialized"); x int8 or
+        float8_e4m3fn with W of its dtype (torch._int_mm / torch._scaled_mm rewritten); a scale is
+        a 0-dim tensor (one number) or a vector (fp32 [M] / [N]); aux [M, N] (gate or residual).
+        The tensor cores multiply only the stored values (two of each four, a half-empty group's
+        zero among them): an input NaN/Inf meeting only pruned zeros leaves those outputs finite,
+        so the reference computes that too. row_check g [M] fp32 (0 or NaN): the rows where g is
+        NaN become NaN, as dense makes them (it rides in the token scale: v * (1 + g)).
     sparse_inductor::row_check(x, maybe=None) -> g [M] fp32
         g[m] = sum_k 0 * x[m, k]: 0 for a finite row, NaN for a row holding a NaN/Inf; the check
         above (and linear_block's row_check=) as a kernel of its own, which Inductor fuses nothing
@@ -57,10 +75,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .activations import ACTIVATIONS
-from .formats import decompress_24, decompress_block
+from .formats import cutlass_sm90, decompress_24, decompress_block
 from .runtime import cusparselt
 
-__all__ = ["linear_24", "linear_block", "linear_cslt", "mlp_block", "row_check", "OpArgs"]
+__all__ = ["linear_24", "linear_block", "linear_cslt", "linear_cutlass", "cutlass_reference", "mlp_block",
+           "row_check", "OpArgs"]
 
 
 @torch.library.custom_op("sparse_inductor::linear_24", mutates_args=())
@@ -111,6 +130,99 @@ def _(x, wc, bias, n, k, alg_id, split_k, out_dtype=None, alpha=None, row_check=
     torch._check(alpha is None or (alpha.dim() == 1 and alpha.shape[0] == n),
                  lambda: "linear_cslt: alpha must be a vector of N scales")
     return x.new_empty(x.shape[0], n, dtype=out_dtype or x.dtype)
+
+
+_CUTLASS_OUT = (torch.bfloat16, torch.float16, torch.float32)
+_CUTLASS_GATES = (None, "silu_acc", "silu_aux")
+_CUTLASS_ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu")
+
+
+def _cutlass_tile_k(config: str) -> int:
+    """The metadata layout's tile K of a config tag (its first field is the CTA tile MxNxK)."""
+    try:
+        return cutlass_sm90.layout_tile_k(int(config.split("_")[0].split("x")[2]))
+    except (ValueError, IndexError):
+        raise ValueError(f"linear_cutlass: config {config!r} does not start with a tile MxNxK") from None
+
+
+def _tensor_core_product(x: Tensor, values: Tensor, meta: Tensor, n: int, k: int, tile_k: int) -> Tensor:
+    """fp32 [M, N]: x @ W^T over the stored slots only, as the sparse tensor cores compute it: a NaN
+    or Inf of x meets the stored values (a half-empty group's zero among them: 0 * Inf is NaN) and
+    never the pruned zeros. The finite part is one matmul; the non-finite entries of x, where there
+    are any, are counted against the stored slots by sign (0/1 matmuls: exact) and added."""
+    w = cutlass_sm90.decompress(values, meta, n, k, tile_k)
+    exact = torch.float64 if x.dtype == torch.int8 else torch.float32  # (an int8 sum, rounded once to fp32)
+    xf, wf = x.to(exact), w.to(exact)
+    finite = torch.isfinite(xf)
+    acc = torch.where(finite, xf, 0.0) @ wf.t()
+    if not x.dtype.is_floating_point or (x.device.type == "cpu" and bool(finite.all())):
+        return acc.to(torch.float32)
+    vals, idx = cutlass_sm90.selected_positions(values, meta, n, k, tile_k)
+    stored = torch.zeros(n, k, dtype=torch.bool, device=x.device)
+    stored[torch.arange(n, device=x.device).view(-1, 1).expand_as(idx), idx] = True
+    pos, neg = (stored & (wf > 0)).float(), (stored & (wf < 0)).float()
+    nan_w = (stored & ~(wf > 0) & ~(wf < 0)).float()  # a stored zero (or NaN): Inf * it is NaN
+    x_nan, x_pos, x_neg = torch.isnan(xf).float(), torch.isposinf(xf).float(), torch.isneginf(xf).float()
+    nan = (x_nan @ stored.float().t() + (x_pos + x_neg) @ nan_w.t()) > 0
+    up = (x_pos @ pos.t() + x_neg @ neg.t()) > 0
+    down = (x_pos @ neg.t() + x_neg @ pos.t()) > 0
+    inf = torch.where(nan | (up & down), float("nan"), torch.where(up, float("inf"), torch.where(down, float("-inf"), 0.0)))
+    return torch.where(nan | up | down, acc + inf, acc).to(torch.float32)
+
+
+def cutlass_reference(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor], n: int, k: int, config: str,
+                      out_dtype: Optional[torch.dtype] = None, activation: Optional[str] = None,
+                      gate: Optional[str] = None, residual: bool = False, aux: Optional[Tensor] = None,
+                      weight_scale: Optional[Tensor] = None, token_scale: Optional[Tensor] = None,
+                      row_check: Optional[Tensor] = None) -> Tensor:
+    """linear_cutlass computed with torch ops on any device, in the op's dtypes: the tensor cores'
+    product in fp32, the epilogue in fp32 in the kernel's order, one rounding."""
+    v = _tensor_core_product(x, values, meta, n, k, _cutlass_tile_k(config))
+    if token_scale is not None:
+        v = v * token_scale.to(torch.float32).reshape(-1, 1)
+    if row_check is not None:
+        v = v * (row_check.to(torch.float32).reshape(-1, 1) + 1)
+    if weight_scale is not None:
+        v = v * weight_scale.to(torch.float32).reshape(1, -1)
+    if bias is not None:
+        v = v + bias.to(torch.float32)
+    if activation is not None:
+        v = ACTIVATIONS[activation].fn(v)
+    silu = ACTIVATIONS["silu"].fn
+    if gate == "silu_acc":
+        v = silu(v) * aux.to(torch.float32)
+    elif gate == "silu_aux":
+        v = v * silu(aux.to(torch.float32))
+    if residual:
+        v = v + aux.to(torch.float32)
+    return v.to(out_dtype or x.dtype)
+
+
+@torch.library.custom_op("sparse_inductor::linear_cutlass", mutates_args=())
+def linear_cutlass(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor], n: int, k: int, config: str,
+                   out_dtype: Optional[torch.dtype] = None, activation: Optional[str] = None,
+                   gate: Optional[str] = None, residual: bool = False, aux: Optional[Tensor] = None,
+                   weight_scale: Optional[Tensor] = None, token_scale: Optional[Tensor] = None,
+                   row_check: Optional[Tensor] = None) -> Tensor:
+    # (lowering/cutlass_24.py registers the CUDA implementation: the generated library)
+    return cutlass_reference(x, values, meta, bias, n, k, config, out_dtype, activation, gate, residual, aux,
+                             weight_scale, token_scale, row_check)
+
+
+@linear_cutlass.register_fake
+def _(x, values, meta, bias, n, k, config, out_dtype=None, activation=None, gate=None, residual=False, aux=None,
+      weight_scale=None, token_scale=None, row_check=None):
+    torch._check(x.dim() == 2, lambda: f"linear_cutlass expects a 2-D input, got {x.dim()}-D")
+    torch._check(x.shape[1] == k and values.shape[0] == n, lambda: "linear_cutlass: K or N mismatch with the weight")
+    out = out_dtype or x.dtype
+    torch._check(out in _CUTLASS_OUT, lambda: f"linear_cutlass: output dtype {out} (bf16, fp16 or fp32; "
+                                              "8-bit x needs out_dtype)")
+    torch._check(activation in _CUTLASS_ACTIVATIONS, lambda: f"linear_cutlass: activation {activation!r}")
+    torch._check(gate in _CUTLASS_GATES and not (gate and residual),
+                 lambda: f"linear_cutlass: gate {gate!r} (silu_acc, silu_aux), not with residual")
+    torch._check((aux is not None) == bool(gate or residual), lambda: "linear_cutlass: aux goes with a gate or residual")
+    _cutlass_tile_k(config)
+    return x.new_empty(x.shape[0], n, dtype=out)
 
 
 @torch.library.custom_op("sparse_inductor::row_check", mutates_args=())
@@ -182,3 +294,8 @@ def _schema(op: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
 def arg_index(op: Any, name: str) -> int:
     """The position of argument `name` in op's schema."""
     return _schema(op)[0].index(name)
+
+
+def arg_names(op: Any) -> tuple[str, ...]:
+    """The names of op's arguments, in its schema's order."""
+    return _schema(op)[0]

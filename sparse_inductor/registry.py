@@ -5,6 +5,7 @@ here when its module is imported; the dispatcher (dispatch.py) reads the registr
 the other: lowering stands below dispatch, and both import this module (docs/architecture.md).
 
     Layer        what the dispatcher knows of a linear (pattern, shape, dtype, device, row check)
+    Fusion       what a family that generates its own epilogue (CUTLASS) will fuse after a layer
     Scaled       how an fp8 linear read from torch._scaled_mm is computed once rewritten
     KernelSpec   one kernel family: what it serves, why it cannot run a layer, its time estimate,
                  and what measuring and the rewrite need from it
@@ -17,7 +18,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-__all__ = ["Layer", "Scaled", "KernelSpec", "DeviceModel", "device_model", "dense_us", "register_kernel", "kernels"]
+__all__ = ["Layer", "Fusion", "Scaled", "KernelSpec", "DeviceModel", "device_model", "dense_us", "register_kernel", "kernels"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,51 @@ class Scaled:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fusion:
+    """What follows one output piece of a layer's matmul in the graph that a kernel generating its own
+    epilogue (lowering/cutlass_24.py) will compute in it, in this order (passes/epilogues.py reads it
+    from the graph before the layer is decided, so that the family is timed with the epilogue it
+    will run; passes/cutlass_epilogue.py folds it in after the rewrite):
+
+        v = acc * token_scale[m] * weight_scale[n] + bias[n]   (int8 / fp8: the dequantization)
+        v = activation(v); v = gate(v, aux); v = v + aux (residual); y = v rounded to out_dtype
+
+    token_scale / weight_scale: "vector" or "tensor" (one number), None without; bias: its dtype
+    where the dequantization brings one (a 16-bit linear's own bias is the op's: Layer has it not);
+    aux_dtype: the gate's or the residual's other tensor; out_dtype: None for the layer's dtype.
+    `fused` names what is fused in the user's words (explain's "fused" column)."""
+
+    activation: Optional[str] = None  # relu | gelu | gelu_tanh | silu
+    gate: Optional[str] = None  # silu_acc (silu(v) * aux) | silu_aux (v * silu(aux))
+    residual: bool = False
+    aux_dtype: Optional[torch.dtype] = None
+    out_dtype: Optional[torch.dtype] = None
+    token_scale: Optional[str] = None
+    weight_scale: Optional[str] = None
+    bias: Optional[torch.dtype] = None
+
+    @property
+    def fused(self) -> tuple[str, ...]:
+        out = []
+        if self.token_scale or self.weight_scale:
+            out.append("scales")
+        if self.bias is not None:
+            out.append("bias")
+        if self.out_dtype is not None:
+            out.append("cast")
+        if self.activation:
+            out.append({"gelu_tanh": "gelu (tanh)"}.get(self.activation, self.activation))
+        if self.gate:
+            out.append("silu gate")
+        if self.residual:
+            out.append("residual")
+        return tuple(out)
+
+    def describe(self) -> str:
+        return ",".join(self.fused) or "-"
+
+
+@dataclasses.dataclass(frozen=True)
 class Layer:
     """What the dispatcher knows of a linear: y[M, N] = x[M, K] @ W[N, K]^T."""
 
@@ -81,6 +127,10 @@ class Layer:
     # cuSPARSELt, fuse_mlp.py for block pairs predict it): the runners time that check (cuSPARSELt:
     # the flagged-rows kernel; the block template: none of its own), not a pass over x
     derived_check: bool = False
+    # what a family that generates its epilogue will fuse (Fusion), per piece of the output: ((size,
+    # Fusion), ...) left to right, two or more where the graph splits a concatenated layer's output
+    # and the pieces take different epilogues (a Llama MLP's w1 | w3); () where nothing is fused
+    epilogue: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +184,12 @@ class KernelSpec:
     split_outputs: a concatenated layer whose output the graph splits (Inductor's fusion of
     linears sharing an input) becomes one op per piece (passes/split_outputs.py): for template
     kernels, so that what reads several pieces (a gated product) fuses into a template's store.
+    fixup_in_graph: with row_check, the fixup may go into the pointwise ops after the op (y * (1 +
+    g), options rules.row_fixup_in_graph); False: always the op's row_check argument (a kernel that
+    applies it in its own epilogue at no cost).
+    prepare(layers): called once per graph, before the first layer is timed, with every layer of
+    the graph the family can run (check passed) on the timing device: a family that compiles
+    kernels (CUTLASS) builds all their candidates in one parallel build.
     """
 
     name: str
@@ -150,6 +206,8 @@ class KernelSpec:
     host_heavy: bool = False  # its launch costs host time that matters outside CUDA graphs (measure.py)
     row_check: bool = False  # it skips the zeros without restoring dense's non-finite rows: pass it g
     split_outputs: bool = False  # split a concatenated layer back at its output's split
+    fixup_in_graph: bool = True
+    prepare: Optional[Callable[[list], None]] = None
 
 
 _KERNELS: dict[str, KernelSpec] = {}

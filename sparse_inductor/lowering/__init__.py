@@ -8,6 +8,7 @@ implementation (ops.py): that is the "reference" kernel.
 
 from . import reference  # noqa: I001,F401  (first: the dispatcher lists candidates in this order)
 from . import cusparselt_24, triton_24, triton_block  # noqa: F401
+from . import cutlass_24  # noqa: F401,I001  (after the others: its candidates listed last)
 from .inductor import register as _register_lowerings
 
 _register_lowerings()

@@ -61,17 +61,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import time
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..formats.cutlass_sm90 import compress
-from ..registry import KernelSpec
+from .. import _compat, ops
+from ..formats.cutlass_sm90 import compress, decompress, layout_tile_k
+from ..registry import KernelSpec, register_kernel
 from ..runtime import cutlass as rt
+from . import row_check
 
 __all__ = ["CutlassConfig", "Epilogue", "CutlassKernel", "DTYPES", "OUT_DTYPES", "STATUS", "generate_source",
-           "CONFIG_TABLE", "M_BUCKETS", "bucket", "configs_for", "build", "library", "reference", "error_bound",
+           "CONFIG_TABLE", "M_BUCKETS", "bucket", "configs_for", "build", "library", "reference",
+           "epilogue_reference", "error_bound", "config_tag", "parse_tag", "kernel_of", "layer_why_not",
            "LAYOUT_TILE_KS", "STREAMK_SPLITS", "kernel_for", "params_of", "kernel_spec"]
 
 # operand dtype -> (CUTLASS element, accumulator, torch dtype)
@@ -802,8 +806,15 @@ def library(k: CutlassKernel):
 def reference(k: CutlassKernel, x: torch.Tensor, w: torch.Tensor, *, bias=None, aux=None, weight_scale=None,
               token_scale=None) -> torch.Tensor:
     """What the kernel computes, in fp64 (before the output's rounding): x [M, K], W [N, K] dense."""
-    ep = k.epilogue
     v = x.to(torch.float64) @ w.to(torch.float64).t()
+    return epilogue_reference(k.epilogue, v, bias=bias, aux=aux, weight_scale=weight_scale, token_scale=token_scale)
+
+
+def epilogue_reference(ep: Epilogue, v: torch.Tensor, *, bias=None, aux=None, weight_scale=None,
+                       token_scale=None) -> torch.Tensor:
+    """The epilogue `ep` on the product v [M, N] in fp64 (the scales, the bias, the activation, the
+    gate, the residual: Epilogue's order), before the output's rounding."""
+    v = v.to(torch.float64)
     if token_scale is not None:
         v = v * token_scale.to(torch.float64).reshape(-1, 1)
     if weight_scale is not None:
@@ -862,7 +873,140 @@ def error_bound(k: CutlassKernel, x: torch.Tensor, w: torch.Tensor, ref: torch.T
 
 
 # ----------------------------------------------------------------------------------------------
-# The dispatcher's description (dispatch.KernelSpec), not registered yet: `kernel_spec()`
+# The op's configuration tag, and the library an op call runs
+# ----------------------------------------------------------------------------------------------
+
+def config_tag(cfg: CutlassConfig, splits: int = 1) -> str:
+    """The op's `config` argument (sparse_inductor::linear_cutlass): CutlassConfig.short() and, for a
+    stream-K config, the call's splits, e.g. "128x16x128_1x1_warpspecialized",
+    "128x16x128_1x1_cooperative_streamk_split2". Its first field is the CTA tile, whose K gives
+    the metadata layout (formats/cutlass_sm90.layout_tile_k; ops.py reads only that)."""
+    if cfg.epilogue_schedule != "auto":
+        raise ValueError(f"config tags name configs with epilogue_schedule 'auto', got {cfg.epilogue_schedule!r}")
+    if cfg.scheduler != "streamk" and splits != 1:
+        raise ValueError(f"splits={splits}: only a stream-K config takes splits other than 1")
+    return cfg.short() + (f"_split{splits}" if cfg.scheduler == "streamk" else "")
+
+
+def parse_tag(tag: str) -> tuple[CutlassConfig, int]:
+    """(config, splits) of a config tag (config_tag's inverse); ValueError naming the tag."""
+    try:
+        parts = tag.split("_")
+        tile = tuple(int(v) for v in parts[0].split("x"))
+        cm, cn = (int(v) for v in parts[1].split("x"))
+        kw: dict = {"tile": tile, "cluster": (cm, cn, 1), "kernel_schedule": parts[2]}
+        splits = 1
+        for part in parts[3:]:
+            if part == "streamk":
+                kw["scheduler"] = "streamk"
+            elif part == "fastacc":
+                kw["fast_accum"] = True
+            elif part.startswith("split"):
+                splits = int(part[5:])
+            elif part.startswith("s"):
+                kw["stages"] = int(part[1:])
+            else:
+                raise ValueError(part)
+        if len(tile) != 3:
+            raise ValueError(parts[0])
+        cfg = CutlassConfig(**kw)
+    except (ValueError, IndexError, TypeError) as e:
+        raise ValueError(f"CUTLASS config tag {tag!r} is not one config_tag writes ({e})") from None
+    if config_tag(cfg, splits) != tag:
+        raise ValueError(f"CUTLASS config tag {tag!r} is not one config_tag writes")
+    return cfg, splits
+
+
+_OP = torch.ops.sparse_inductor.linear_cutlass.default  # (ops.py defines it)
+_OPERAND_NAMES = {v[2]: k for k, v in DTYPES.items()}
+_OUT_NAMES = {v[1]: k for k, v in OUT_DTYPES.items()}
+
+
+def kernel_of(dtype: torch.dtype, config: str, *, out_dtype: Optional[torch.dtype] = None,
+              bias: Optional[torch.dtype] = None, activation: Optional[str] = None, gate: Optional[str] = None,
+              residual: bool = False, aux: Optional[torch.dtype] = None, weight_scale: Optional[str] = None,
+              token_scale: Optional[str] = None) -> tuple[CutlassKernel, int]:
+    """(the library, splits) an op call runs: x's dtype, its config tag, the output dtype (None: x's),
+    the dtypes of the bias and aux it reads (None: none), the kinds of its scales ("vector",
+    "tensor", None; a row check makes the token scale a vector: the row fixup rides in it).
+
+    The one place where op arguments become a CutlassKernel: the op's CUDA implementation, the pass
+    that builds the graph's kernels and the dispatcher's runner all call it, so that what is timed
+    and built is what runs. A kernel without a bias reads a null one (adds zero), so one library
+    serves a linear with and without: its bias dtype is then the output's."""
+    if dtype not in _OPERAND_NAMES:
+        raise ValueError(f"CUTLASS 2:4: x of dtype {dtype} (bf16, fp16, int8, float8_e4m3fn)")
+    name = _OPERAND_NAMES[dtype]
+    out = out_dtype or dtype
+    if out not in _OUT_NAMES:
+        raise ValueError(f"CUTLASS 2:4: output dtype {out} (bfloat16, float16, float32; 8-bit x needs out_dtype)")
+    out_name = _OUT_NAMES[out]
+    for what, dt in (("bias", bias), ("aux", aux)):
+        if dt is not None and dt not in _OUT_NAMES:
+            raise ValueError(f"CUTLASS 2:4: {what} of dtype {dt} (bfloat16, float16, float32)")
+    cfg, splits = parse_tag(config)
+    aux_name = _OUT_NAMES[aux] if aux is not None else None
+    ep = Epilogue(out_name, bias=_OUT_NAMES[bias] if bias is not None else out_name, activation=activation, gate=gate,
+                  residual=residual, weight_scale=weight_scale, token_scale=token_scale,
+                  aux_dtype=aux_name if aux_name != out_name else None)
+    return CutlassKernel(name, cfg, ep), splits
+
+
+def scale_kind(t: Optional[torch.Tensor]) -> Optional[str]:
+    """An op's scale argument as the epilogue reads it: a 0-dim tensor is one number ("tensor"),
+    any other a vector ("vector"); None: none."""
+    return None if t is None else ("tensor" if t.dim() == 0 else "vector")
+
+
+def _ready(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t contiguous and 16-byte aligned (TMA), copied where it is not (a slice of a bias, a view)."""
+    if t is None:
+        return None
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.numel() and t.data_ptr() % 16:
+        t = t.clone()
+    return t
+
+
+_warned: set = set()
+
+
+def _cuda_linear_cutlass(x, values, meta, bias, n, k, config, out_dtype=None, activation=None, gate=None,
+                         residual=False, aux=None, weight_scale=None, token_scale=None, row_check=None):
+    """sparse_inductor::linear_cutlass on CUDA: the generated library, on the current stream (so it
+    runs inside CUDA graphs). The row check g (0 or NaN per row) rides in the token scale, (1 + g)
+    times it: a finite row is multiplied by one (exact), a flagged one becomes NaN before the
+    epilogue, whose every step keeps a NaN. The compiled graph passes that product already
+    (lowering/inductor.py computes it in an Inductor kernel); an eager call computes it here.
+    Where the library cannot be loaded (its build failed) or refuses the call (nothing launched),
+    the op's reference implementation runs instead, with a warning once per kernel."""
+    if row_check is not None:
+        factor = row_check.reshape(-1).to(torch.float32) + 1
+        token_scale = factor if token_scale is None else factor * token_scale.reshape(-1).to(torch.float32)
+    kern, splits = kernel_of(x.dtype, config, out_dtype=out_dtype, bias=None if bias is None else bias.dtype,
+                             activation=activation, gate=gate, residual=residual,
+                             aux=None if aux is None else aux.dtype, weight_scale=scale_kind(weight_scale),
+                             token_scale=scale_kind(token_scale))
+    try:
+        lib = library(kern)
+        return lib(_ready(x), values, meta, n, bias=_ready(bias), aux=_ready(aux), weight_scale=_ready(weight_scale),
+                   token_scale=_ready(token_scale), splits=splits)
+    except (rt.CutlassBuildError, rt.CutlassCallError, OSError) as e:
+        if kern.name not in _warned:
+            _warned.add(kern.name)
+            logging.getLogger("sparse_inductor").warning(
+                "sparse_inductor: CUTLASS kernel %s (%s) cannot run (%s); the reference implementation runs instead",
+                kern.name, kern.describe(), str(e).splitlines()[0][:300])
+        return ops.cutlass_reference(x, values, meta, bias, n, k, config, out_dtype, activation, gate, residual, aux,
+                                     weight_scale, token_scale, None)
+
+
+ops.linear_cutlass.register_kernel("cuda")(_cuda_linear_cutlass)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dispatcher's description (registry.KernelSpec), registered below: `kernel_spec()`
 # ----------------------------------------------------------------------------------------------
 
 # The table's configs read the metadata layout of T = 64 or 128 (tile K 64: the large-M tiles, where
@@ -870,11 +1014,12 @@ def error_bound(k: CutlassKernel, x: torch.Tensor, w: torch.Tensor, ref: torch.T
 # of a 16-bit weight's bytes) is made for each.
 LAYOUT_TILE_KS = (64, 128)
 STREAMK_SPLITS = (0, 2, 4)  # a stream-K config's variants: stream-K (0), split-K in 2 and 4
-_SPEC_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_SPEC_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8", torch.float8_e4m3fn: "e4m3"}
 
 
 def kernel_for(dtype: torch.dtype, params: dict) -> CutlassKernel:
-    """The kernel a variant's params name, for a bf16 / fp16 linear with an optional bias."""
+    """The kernel a variant's params name, for a bf16 / fp16 linear with an optional bias and
+    nothing else in its epilogue (no row check: options nonfinite="fast")."""
     name = _SPEC_DTYPES[dtype]
     cfg = CutlassConfig(tile=tuple(params["tile"]), cluster=tuple(params["cluster"]),
                         kernel_schedule=params["kernel_schedule"], stages=params.get("stages"),
@@ -888,66 +1033,263 @@ def params_of(cfg: CutlassConfig, splits: int = 1) -> dict:
             "stages": cfg.stages, "scheduler": cfg.scheduler, "splits": splits}
 
 
+def _tag_of(params: dict) -> str:
+    cfg = CutlassConfig(tile=tuple(params["tile"]), cluster=tuple(params["cluster"]),
+                        kernel_schedule=params["kernel_schedule"], stages=params.get("stages"),
+                        scheduler=params.get("scheduler", "persistent"))
+    return config_tag(cfg, int(params.get("splits", 1)))
+
+
+def _row_fixup(layer) -> bool:
+    """Whether the layer's op carries a row fixup (its token scale a vector then): a 16-bit layer's
+    non-finite row check (options nonfinite="exact"), or fp8's row guard (e4m3 holds NaN; the
+    rewrite of torch._scaled_mm always adds it)."""
+    if layer.dtype == torch.float8_e4m3fn:
+        return True
+    return layer.dtype in (torch.bfloat16, torch.float16) and layer.row_check != "none"
+
+
+def _out_of(layer, fusion) -> torch.dtype:
+    """What the op writes: the fused cast's dtype; else fp8's out_dtype, int8's product dtype
+    (options int8_product), a 16-bit layer's own dtype."""
+    if fusion is not None and fusion.out_dtype is not None:
+        return fusion.out_dtype
+    if layer.scaled is not None:
+        return layer.scaled.out_dtype
+    if layer.dtype == torch.int8:
+        return layer.product or torch.bfloat16
+    return layer.dtype
+
+
+def _scales_of(layer, fusion) -> tuple[Optional[str], Optional[str]]:
+    """(weight scale kind, token scale kind) of the op's kernel: the fused dequantization's, fp8's
+    from torch._scaled_mm's scales; with a row fixup the token scale is a vector."""
+    ws = ts = None
+    if layer.scaled is not None:
+        ws = "vector" if layer.scaled.scale_b_vector else "tensor"
+        ts = "vector" if layer.scaled.scale_a_vector else "tensor"
+    if fusion is not None:
+        ws, ts = fusion.weight_scale or ws, fusion.token_scale or ts
+    if _row_fixup(layer):
+        ts = "vector"
+    return ws, ts
+
+
+def _pieces(layer) -> tuple:
+    """((start, end, Fusion or None), ...) of the layer's output: one piece unless the graph splits it."""
+    if not layer.epilogue:
+        return ((0, layer.n, None),)
+    out, a = [], 0
+    for size, fusion in layer.epilogue:
+        out.append((a, a + size, fusion))
+        a += size
+    return tuple(out)
+
+
+def _piece_kernel(layer, params: dict, fusion) -> tuple[CutlassKernel, int]:
+    """The library one output piece of the layer runs with variant `params` (kernel_of). The bias:
+    the dequantization's where it brings one; else the layer's own, which is in the output's dtype
+    (the kernel of a 16-bit linear with and without a bias is one library)."""
+    ws, ts = _scales_of(layer, fusion)
+    f = fusion
+    return kernel_of(layer.dtype, _tag_of(params), out_dtype=_out_of(layer, f), bias=f.bias if f else None,
+                     activation=f.activation if f else None, gate=f.gate if f else None,
+                     residual=bool(f and f.residual), aux=f.aux_dtype if f and (f.gate or f.residual) else None,
+                     weight_scale=ws, token_scale=ts)
+
+
+def layer_why_not(layer) -> Optional[str]:
+    """Why the family's kernels cannot compute this layer, whatever the device (shapes and dtypes;
+    the CPU tests' stand-in check), or None."""
+    if layer.dtype not in _SPEC_DTYPES or layer.weight_dtype not in (None, layer.dtype):
+        return ("the CUTLASS family takes bf16 / fp16 linears with weights of the same dtype, int8 x int8 "
+                "(torch._int_mm) and fp8 x fp8 (torch._scaled_mm)")
+    if layer.dtype == torch.float8_e4m3fn and layer.scaled is None:
+        return "an fp8 linear is read from torch._scaled_mm only (its scales and output dtype)"
+    if layer.dtype == torch.int8 and layer.product != torch.bfloat16:
+        return ("the CUTLASS kernels write floating outputs, not torch._int_mm's int32: every use of the product "
+                "must convert it to float, with options int8_product='bf16' (the default)")
+    if layer.n % 8:
+        return f"N={layer.n}: the CUTLASS kernel's output rows need N % 8 == 0"
+    if any((b - a) % 8 for a, b, _ in _pieces(layer)):
+        return "the pieces of the concatenated output need widths that are multiples of 8"
+    k_mult = 32 // layer.dtype.itemsize
+    if layer.k % k_mult:
+        return f"K={layer.k}: the CUTLASS kernel's compressed rows need K % {k_mult} == 0"
+    return None
+
+
 def _spec_check(layer) -> Optional[str]:
     if layer.device != "cuda":
         return "CUTLASS's sm90 kernels run on CUDA only"
-    if layer.dtype not in _SPEC_DTYPES or layer.weight_dtype not in (None, layer.dtype):
-        return ("the CUTLASS family takes bf16 / fp16 linears with weights of the same dtype (its int8 / fp8 "
-                "kernels are not wired to the rewrite yet)")
-    if layer.n % 8:
-        return f"N={layer.n}: the CUTLASS kernel's output rows need N % 8 == 0"
-    if layer.k % 16:
-        return f"K={layer.k}: the CUTLASS kernel's compressed rows need K % 16 == 0"
-    return rt.available(torch.device("cuda"))
+    return layer_why_not(layer) or rt.available(torch.device("cuda"))
 
 
 def _spec_estimate_us(layer, model) -> Optional[float]:
     """Not calibrated: a roofline with the compressed weight's bytes (0.5625x) and half the flops."""
     if model is None or layer.m is None:
         return None
-    es = torch.finfo(layer.dtype).bits // 8
+    es = layer.dtype.itemsize
     byts = es * (0.5625 * layer.n * layer.k + layer.m * layer.k + layer.m * layer.n)
     flops = layer.m * layer.n * layer.k
     return max(byts / model.bytes_per_us, flops / model.flops_per_us) + model.launch_us
 
 
 def _spec_compress(w: torch.Tensor, layer) -> dict:
-    """{"values": ..., "meta_64": ..., "meta_128": ...}: the weight in both metadata layouts."""
+    """{"values": ..., "meta_64": ..., "meta_128": ...}: the weight in both metadata layouts (the
+    graph keeps the one its config reads: passes/cutlass_epilogue.py drops the other)."""
     out = {}
     for t in LAYOUT_TILE_KS:
         out["values"], out[f"meta_{t}"] = compress(w, t)
     return out
 
 
+def _all_params(layer) -> list:
+    return [params_of(c, s) for c in configs_for(layer.m or 1, _SPEC_DTYPES[layer.dtype])
+            for s in (STREAMK_SPLITS if c.scheduler == "streamk" else (1,))]
+
+
+def _variant_kernels(layer, params: dict) -> list:
+    return [_piece_kernel(layer, params, f)[0] for _, _, f in _pieces(layer)]
+
+
+def _spec_prepare(layers) -> None:
+    """Every candidate library of every layer (the table's configs for its M bucket, with the
+    epilogue each piece will run), in one parallel build: a model's layers compile at once."""
+    kernels = list(dict.fromkeys(k for ly in layers for p in _all_params(ly) for k in _variant_kernels(ly, p)))
+    if not kernels:
+        return
+    log = logging.getLogger("sparse_inductor")
+    log.info("sparse_inductor: %d CUTLASS kernels for %d layers (built in parallel where not cached)",
+             len(kernels), len(layers))
+    start = time.perf_counter()
+    failed = [k for k, r in build(kernels).items() if isinstance(r, Exception)]
+    log.info("sparse_inductor: CUTLASS kernels ready in %.1f s%s", time.perf_counter() - start,
+             f" ({len(failed)} did not build)" if failed else "")
+
+
 def _spec_variants(layer, tensors) -> list:
-    """The table's configs for the layer's M bucket, built in parallel now (a config that does not
-    build is left out, with a log line)."""
-    params = [params_of(c, s) for c in configs_for(layer.m or 1, _SPEC_DTYPES[layer.dtype])
-              for s in (STREAMK_SPLITS if c.scheduler == "streamk" else (1,))]
-    built = build([kernel_for(layer.dtype, p) for p in params])
+    """The table's configs for the layer's M bucket (x splits for stream-K), each with the epilogue
+    every piece of the layer will run, built in parallel now unless cached (spec.prepare built them);
+    a config that does not build is left out, with a log line."""
+    params = _all_params(layer)
+    want = [_variant_kernels(layer, p) for p in params]
+    built = build([k for ks in want for k in ks])
     ok = []
-    for p in params:
-        k = kernel_for(layer.dtype, p)
-        if isinstance(built[k], Exception):
+    for p, ks in zip(params, want):
+        bad = [k for k in ks if isinstance(built[k], Exception)]
+        for k in bad:
             logging.getLogger("sparse_inductor").warning("sparse_inductor: CUTLASS %s did not build: %s",
                                                          k.describe(), built[k])
-        else:
+        if not bad:
             ok.append(p)
     return ok
 
 
 def _spec_runner(tensors, bias, layer, params):
-    k = kernel_for(layer.dtype, params)
-    lib = library(k)
-    values, meta = tensors["values"], tensors[f"meta_{k.layout_key[1]}"]
-    n, splits = layer.n, int(params.get("splits", 1))
-    return lambda x: lib(x, values, meta, n, bias=bias, splits=splits)
+    """The layer's kernels as the compiled graph runs them, for timing: per output piece the library
+    with its fused epilogue (synthetic aux and scales: their values do not change the time), and
+    what the graph adds around the call: the row check over x where it is a kernel of its own
+    ("separate", and where a derived check is predicted: that is cuSPARSELt's; its 1 + g as a
+    second small kernel, where the graph fuses it into the check's), fp8's row guard (a reduction
+    over x). Where the check rides in x's norm ("fused") the token scale is ones.
+
+    The first call (the one measure.LayerTimer checks against fp64) returns the pieces side by side,
+    the others the last piece; `run.reference(ref, rows)` maps the fp64 product of x's rows `rows`
+    (plus the bias the timer gave: a 16-bit layer's own) to what those rows of the first call are."""
+    pieces = _pieces(layer)
+    kerns = [_piece_kernel(layer, params, f) for _, _, f in pieces]
+    libs = [library(k) for k, _ in kerns]
+    t = layout_tile_k(kerns[0][0].config.tile[2])
+    values, meta = tensors["values"], tensors[f"meta_{t}"]
+    if len(pieces) > 1:  # each piece compressed on its own (a slice of the metadata is not its layout)
+        w = decompress(values, meta, layer.n, layer.k, t)
+        packed = [compress(w[a:b].contiguous(), t) for a, b, _ in pieces]
+    else:
+        packed = [(values, meta)]
+    device = values.device
+    gen = torch.Generator(device=device).manual_seed(1)
+    own_check = _row_fixup(layer) and layer.dtype.itemsize == 2 and (layer.row_check == "separate" or layer.derived_check)
+    inputs: dict[int, list] = {}  # M -> per piece, the epilogue's synthetic inputs
+    first: dict = {}  # M of the first call
+
+    def inputs_at(m: int) -> list:
+        """Made on the untimed first call at each M (the timer calls once before it times)."""
+        if m in inputs:
+            return inputs[m]
+        out = []
+        for (a, b, f), (kern, _) in zip(pieces, kerns):
+            ep, kw = kern.epilogue, {}
+            if bias is not None:
+                kw["bias"] = bias[a:b].contiguous()
+            elif f is not None and f.bias is not None:
+                kw["bias"] = torch.randn(b - a, device=device, generator=gen).to(f.bias)
+            if ep.has_aux:
+                kw["aux"] = torch.randn(m, b - a, device=device, generator=gen).to(OUT_DTYPES[ep.resolved_aux_dtype][1])
+            if ep.weight_scale:
+                shape = (b - a,) if ep.weight_scale == "vector" else ()
+                kw["weight_scale"] = torch.rand(shape, device=device, generator=gen) + 0.5
+            if ep.token_scale:
+                shape = (m,) if ep.token_scale == "vector" else ()
+                kw["token_scale"] = (torch.rand(shape, device=device, generator=gen) + 0.5 if layer.dtype.itemsize == 1
+                                     else torch.ones(shape, device=device))  # (16-bit: the row fixup, 1 + 0)
+            out.append(kw)
+        inputs[m] = out
+        return out
+
+    def run(x):
+        kws = inputs_at(x.shape[0])
+        if layer.dtype == torch.float8_e4m3fn:  # the row guard's reduction (fp8 has no eager sum: its bytes)
+            torch.sum(x.view(torch.uint8), dim=-1, dtype=torch.int32)
+        elif own_check:
+            g = row_check.row_check_eager(x)
+            for kw in kws:
+                torch.add(g, 1.0, out=kw["token_scale"])
+        outs = [lib(x, v, mt, b - a, splits=splits, **kw)
+                for lib, (_, splits), (v, mt), (a, b, _), kw in zip(libs, kerns, packed, pieces, kws)]
+        if not first:
+            first["m"] = x.shape[0]
+            return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        return outs[-1]
+
+    def reference(ref: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        cols = []
+        for (a, b, _), (kern, _), kw in zip(pieces, kerns, inputs[first["m"]]):
+            ts = kw.get("token_scale")
+            cols.append(epilogue_reference(
+                kern.epilogue, ref[:, a:b], bias=kw.get("bias") if layer.dtype.itemsize == 1 else None,
+                aux=kw["aux"][rows] if "aux" in kw else None, weight_scale=kw.get("weight_scale"),
+                token_scale=None if ts is None else (ts[rows] if ts.dim() else ts)))
+        return torch.cat(cols, dim=1)
+
+    run.reference = reference
+    return run
+
+
+def _spec_node_args(x, constants, bias, n, k, params) -> tuple:
+    """sparse_inductor::linear_cutlass(x, values, meta, bias, n, k, config[, out_dtype]) for the
+    variant `params` (none: the table's first config for x's M, e.g. when forced without timing);
+    the meta of the config's layout (constants: values, meta_64, meta_128). int8 x ends with an
+    out_dtype for the rewrite to set (the product's dtype: linear_rewrite._replace)."""
+    val = x.meta["val"]
+    if not params:
+        m = _compat.size_hint(val.shape[0]) or 16
+        params = params_of(configs_for(m, _SPEC_DTYPES.get(val.dtype, "bf16"))[0])
+    tag = _tag_of(params)
+    values, meta64, meta128 = constants
+    meta = meta64 if layout_tile_k(parse_tag(tag)[0].tile[2]) == 64 else meta128
+    args = (x, values, meta, bias, n, k, tag)
+    if val.dtype == torch.int8:
+        args += (torch.int32,)
+    return _OP, args
 
 
 def kernel_spec():
-    """The family's KernelSpec ("cutlass", pattern "2:4", registry.py), for the integration to
-    register (registry.register_kernel). Not registered here: the rewrite has no op for it yet
-    (node_args)."""
+    """The family's KernelSpec ("cutlass", pattern "2:4", registry.py); registered when this module
+    is imported (lowering/__init__.py)."""
     return KernelSpec("cutlass", "2:4", ("cuda",), _spec_check, _spec_estimate_us, compress=_spec_compress,
-                      fmt="cutlass_sm90", runner=_spec_runner, variants=_spec_variants, host_heavy=True,
-                      row_check=True)
+                      fmt="cutlass_sm90", runner=_spec_runner, variants=_spec_variants, node_args=_spec_node_args,
+                      host_heavy=True, row_check=True, fixup_in_graph=False, prepare=_spec_prepare)
+
+
+register_kernel(kernel_spec())

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from ..ops import OpArgs  # (ops.py defines torch.ops.sparse_inductor)
+from ..ops import OpArgs, arg_names  # (ops.py defines torch.ops.sparse_inductor)
 from ..report import count, record
 from . import block_mlp, row_check, triton_24, triton_block
 
@@ -74,6 +74,7 @@ def register() -> None:
     make(torch.ops.sparse_inductor.linear_block.default)
     register_lowering(torch.ops.sparse_inductor.row_check.default, type_promotion_kind=None)(_row_check_lowering)
     _register_mlp(fallback_handler, lowerings, register_lowering)
+    _register_cutlass(fallback_handler, lowerings, register_lowering)
     _registered = True
 
 
@@ -99,6 +100,30 @@ def _register_mlp(fallback_handler, lowerings, register_lowering) -> None:
                        "those two layers run the reference kernel")
         return fallback(x, blocks1, row_ptr1, col_idx1, bias1, blocks2, row_ptr2, col_idx2, row_order2, bias2, h, n,
                         act, kernel, safe, flag)
+
+    register_lowering(op, type_promotion_kind=None)(lowering)
+
+
+def _register_cutlass(fallback_handler, lowerings, register_lowering) -> None:
+    """sparse_inductor::linear_cutlass(x, values, meta, bias, n, k, config, ...): an extern call of the
+    op, whose CUDA implementation (lowering/cutlass_24.py) launches the generated library on the
+    current stream, so that CUDA graphs capture it; the kernel is opaque to Inductor. On CUDA the
+    row check g joins the token scale here: (1 + g) [* token_scale], an Inductor pointwise op that
+    fuses into the kernel computing g (x's norm, or the row_check kernel), so the call reads one
+    vector and applies it in its epilogue. Elsewhere the op's reference implementation runs."""
+    op = torch.ops.sparse_inductor.linear_cutlass.default
+    fallback = fallback_handler(op, add_to_fallback_set=False)
+    names = arg_names(op)
+    add, mul = lowerings[torch.ops.aten.add.Tensor], lowerings[torch.ops.aten.mul.Tensor]
+
+    def lowering(*args, **kwargs):
+        a = OpArgs(op, args, kwargs)
+        values = {name: getattr(a, name) for name in names}
+        if _on_cuda(a.x) and a.row_check is not None:
+            factor = add(a.row_check, 1.0)
+            values["token_scale"] = factor if a.token_scale is None else mul(factor, a.token_scale)
+            values["row_check"] = None
+        return fallback(*(values[name] for name in names))
 
     register_lowering(op, type_promotion_kind=None)(lowering)
 

@@ -25,7 +25,7 @@ log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
 
 __all__ = [
-    "LINEAR_24", "LINEAR_BLOCK", "LINEAR_CSLT", "MLP_BLOCK", "ROW_CHECK", "SPARSE_LINEARS", "VIEWS", "RESHAPES",
+    "LINEAR_24", "LINEAR_BLOCK", "LINEAR_CSLT", "LINEAR_CUTLASS", "MLP_BLOCK", "ROW_CHECK", "SPARSE_LINEARS", "VIEWS", "RESHAPES",
     "is_pointwise", "pointwise_sources", "pointwise_closure", "pointwise_users", "pointwise_source", "run_chain",
     "identify_activation", "args_of", "set_args", "stamp", "constant", "add_constant", "erase_constant",
     "erase_dead", "mark", "marked", "LayerNote", "note_of", "attach_note", "drop_note", "guarded",
@@ -35,9 +35,10 @@ __all__ = [
 LINEAR_24 = torch.ops.sparse_inductor.linear_24.default
 LINEAR_BLOCK = torch.ops.sparse_inductor.linear_block.default
 LINEAR_CSLT = torch.ops.sparse_inductor.linear_cslt.default
+LINEAR_CUTLASS = torch.ops.sparse_inductor.linear_cutlass.default
 MLP_BLOCK = torch.ops.sparse_inductor.mlp_block.default
 ROW_CHECK = torch.ops.sparse_inductor.row_check.default
-SPARSE_LINEARS = (LINEAR_24, LINEAR_BLOCK, LINEAR_CSLT)
+SPARSE_LINEARS = (LINEAR_24, LINEAR_BLOCK, LINEAR_CSLT, LINEAR_CUTLASS)
 
 # ops that change only the shape (the walks below pass through them), and those of them that take a
 # target shape (what sink_views moves)

@@ -37,6 +37,7 @@ from ..options import SparseOptions
 from ..registry import KernelSpec, Layer, Scaled, kernels
 from ..report import LayerDecision, count, record
 from .detect import Detection, detect
+from .epilogues import predict
 from .graph import (LINEAR_24, LINEAR_BLOCK, LayerNote, add_constant, args_of, attach_note, erase_constant,
                     pointwise_users, stamp)
 from .row_checks import check_mode, decision_text, derives, nan_rows_in_graph, row_bound, row_check
@@ -305,6 +306,7 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions, input_reason=None) 
     its LayerDecision, recorded. Returns the sites it looked at."""
     sites = find_linears(gm, opts, input_reason)
     run = _Run(gm, opts, _Constants(gm))
+    _prepare(run, sites)
     for site in sites:
         record(_rewrite_one(run, site))
     _erase_dead_weights(sites)
@@ -395,6 +397,42 @@ def _decision(site: LinearSite, det: Detection) -> LayerDecision:
                          det.density, "dense", (), det.reason, _m_of(site.x))
 
 
+def _prepare(run: _Run, sites: list[LinearSite]) -> None:
+    """Before the first layer is timed: each family's `prepare` (KernelSpec) with the graph's layers
+    it can run on the timing device (the CUTLASS family builds all their candidate kernels in one
+    parallel build). A layer's Layer is made again when it is decided (earlier rewrites may change
+    it; what was not built here is built then). An internal error here costs time, not the compile."""
+    specs = [s for s in kernels() if s.prepare is not None and run.opts.kernel in (None, s.name)]
+    if not specs or run.opts.dispatch == "model":
+        return
+    try:
+        layers = []
+        for site in sites:
+            if site.weight is None or site.why_not or _input_mismatch(site):
+                continue
+            det = _detect(run, site)
+            if det.pattern != "dense":
+                layer = _layer(run, site, det)
+                if layer.device == "cuda":
+                    layers.append(layer)
+        for spec in specs:
+            ok = [ly for ly in layers if ly.pattern == spec.pattern and spec.check(ly) is None]
+            if ok:
+                spec.prepare(ok)
+    except Exception:  # never break the user's compile
+        log.exception("sparse_inductor: preparing the kernel families failed")
+
+
+def _predict(site: LinearSite) -> tuple:
+    """Layer.epilogue: what a family that generates its epilogue would fuse after the layer
+    (passes/epilogues.predict); () where that cannot be said (logged)."""
+    try:
+        return predict(site.node, site.weight.shape[0])
+    except Exception:  # never break the user's compile: the layer is timed without an epilogue
+        log.exception("sparse_inductor: predicting the epilogue of %s", site.name)
+        return ()
+
+
 def _input_mismatch(site: LinearSite) -> Optional[str]:
     """Why the layer's input cannot go to a sparse op (its dtype is not the one W computes in, or it
     is not a 2-D tensor with metadata), or None."""
@@ -418,7 +456,8 @@ def _layer(run: _Run, site: LinearSite, det: Detection) -> Layer:
                  weight_dtype=w.dtype if w.dtype != compute else None, scaled=site.scaled, row_check=check,
                  product=_int8_product(node, run.opts) if node.target is aten._int_mm.default else None,
                  derived_check=check == "separate" and derives(run.gm, node, site.x, det.pattern, m, k, site.name,
-                                                               run.opts))
+                                                               run.opts),
+                 epilogue=_predict(site) if det.pattern == "2:4" else ())
 
 
 def _tensors(run: _Run, site: LinearSite, det: Detection, layer: Layer):
@@ -450,7 +489,9 @@ def _take(decision: LayerDecision, choice, site: LinearSite, det: Detection, lay
     decision.candidates, decision.params, decision.measured = choice.candidates, choice.params, choice.measured
     timed = choice.kernel != "dense" or any(v is not None for n_, v in choice.candidates.items() if n_ != "dense")
     form = None
-    if timed and layer.product is not None:
+    if choice.kernel == "cutlass":  # (its epilogue computes the dequantization: cutlass_epilogue.py says)
+        pass
+    elif timed and layer.product is not None:
         form = f"int8 product in {_dtype_name(layer.product)}"
     elif timed and site.scaled is not None:
         form = site.scaled.describe()
@@ -538,7 +579,7 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
         kwargs = {}
         if spec.row_check and floating and check != "none":
             g = row_check(x, node, check)
-            if not (fixup_in_graph and pointwise_users(node)):
+            if not (fixup_in_graph and spec.fixup_in_graph and pointwise_users(node)):
                 kwargs, g = {"row_check": g}, None
     else:
         # the block template reads g from the graph where the check does not join x's producer

@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from ..options import SparseOptions
 from ..report import collect, count, record, trace_decisions
 from ..version import source_hash
+from .cutlass_epilogue import fuse_cutlass_epilogues
 from .derived_check import derive_library_checks
 from .fuse_mlp import fuse_mlps
 from .lib_activation import fuse_library_activations
@@ -121,6 +122,7 @@ class SparseGraphPass(CustomGraphPass):
                 fuse_mlps(gm, self.opts)
                 derive_library_checks(gm, self.opts)
                 fuse_library_activations(gm, self.opts)
+                fuse_cutlass_epilogues(gm, self.opts)
             except Exception as e:  # never break the user's compile: the graph is valid layer by layer
                 log.exception("sparse_inductor: the rewrite pass failed")
                 count("pass_failed")
