@@ -910,10 +910,10 @@ def parse_tag(tag: str) -> tuple[CutlassConfig, int]:
         if len(tile) != 3:
             raise ValueError(parts[0])
         cfg = CutlassConfig(**kw)
+        if config_tag(cfg, splits) != tag:
+            raise ValueError("not in its canonical form")
     except (ValueError, IndexError, TypeError) as e:
         raise ValueError(f"CUTLASS config tag {tag!r} is not one config_tag writes ({e})") from None
-    if config_tag(cfg, splits) != tag:
-        raise ValueError(f"CUTLASS config tag {tag!r} is not one config_tag writes")
     return cfg, splits
 
 

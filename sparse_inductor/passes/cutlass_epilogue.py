@@ -236,16 +236,17 @@ def _drop_unread_layouts(gm: fx.GraphModule) -> None:
             erase_constant(gm, n)
 
 
-def graph_kernels(gm: fx.GraphModule) -> dict:
-    """{CutlassKernel: [op nodes]} of the CUDA linear_cutlass ops in the graph (cutlass_24.kernel_of,
-    as the op's CUDA implementation derives it from the same arguments)."""
+def graph_kernels(gm: fx.GraphModule, devices: tuple = ("cuda",)) -> dict:
+    """{CutlassKernel: [op nodes]} of the linear_cutlass ops in the graph whose x is on one of
+    `devices` (cutlass_24.kernel_of, as the op's CUDA implementation derives it from the same
+    arguments; the tests ask for the CPU's too)."""
     out: dict = {}
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target is not LINEAR_CUTLASS:
             continue
         a = args_of(n)
         xv = a.x.meta["val"]
-        if xv.device.type != "cuda":
+        if xv.device.type not in devices:
             continue
         val = lambda t: None if t is None else t.meta["val"]  # noqa: E731
         ts = val(a.token_scale)
