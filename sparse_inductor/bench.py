@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m sparse_inductor.bench [--sections linear24,block,cusparselt,e2e,quant,int8_act,fp8] [--json out.json]`.
+"""Benchmarks: `python -m sparse_inductor.bench [--sections linear24,block,cusparselt,e2e,quant,int8_act,fp8,cutlass] [--json out.json]`.
 
 Needs a CUDA GPU. Every time is the median of triton.testing.do_bench (L2 flushed between reps),
 in microseconds. Compiled modules and our kernels are timed as CUDA-graph replays, so that Python
@@ -30,14 +30,16 @@ from triton.testing import do_bench
 
 from .backend import _FrozenCall
 from .formats import compress_24, compress_block, gemv_layout_ok, to_gemv_layout
+from .lowering import cutlass_24
 from .lowering.triton_24 import sp24_linear
 from .lowering.triton_block import block_linear
 from .measure import LayerTimer, graphed
 from .options import SparseOptions
 from .prune import prune, prune_24_, prune_blocks_
-from .registry import Layer, Scaled, kernels
+from .registry import Fusion, Layer, Scaled, kernels
 from .report import LayerDecision, collect
 from .runtime import cusparselt
+from .runtime import cutlass as cutlass_rt
 
 
 # Version of the --json layout (docs/benchmarks-schema.md); raised when a field changes meaning or is
@@ -710,6 +712,131 @@ def bench_guard(rows: list, blocks: int = 8, batch: int = 1):
               f"{guard_us / times['recompile']:.2%} |", flush=True)
 
 
+# ---- the CUTLASS family: single linears and Llama MLP blocks, compiled, under CUDA graphs
+
+# (N, K, M): the single linears of the cutlass section
+CUTLASS_SINGLES = [(n, k, m) for (n, k) in ((14336, 4096), (4096, 14336), (4096, 4096))
+                   for m in (16, 64, 256, 2048, 8192)] + [(11008, 4096, 32)]
+CUTLASS_MLP_BATCHES = (16, 64, 4096)  # 8 Llama MLP blocks: decode batch 16 and 64, prefill 4096 tokens
+CUTLASS_PARTS = ("singles", "mlp", "choice")
+
+
+def cutlass_kernels(parts=CUTLASS_PARTS) -> list:
+    """The CUTLASS libraries the cutlass section's compiles ask for (every config of each layer's M
+    bucket with the epilogue it gets: the row check a token scale, the gate in w3's, the residual in
+    w2's), for one parallel build ahead of it (`--cutlass-build-only`): a compile builds what is
+    missing, one layer's candidates at a time."""
+    lay = []
+    if "singles" in parts:  # x a graph input: the row check a kernel of its own
+        lay += [Layer("2:4", m, n, k, torch.bfloat16, "cuda", row_check="separate") for n, k, m in CUTLASS_SINGLES]
+    if "mlp" in parts:
+        d, h = 4096, 14336
+        for m in CUTLASS_MLP_BATCHES:
+            for first in (None, Fusion(gate="silu_aux", aux_dtype=torch.bfloat16)):  # w1 | w3, in either order
+                second = Fusion(gate="silu_aux", aux_dtype=torch.bfloat16) if first is None else None
+                lay.append(Layer("2:4", m, 2 * h, d, torch.bfloat16, "cuda", row_check="separate",
+                                 epilogue=((h, first), (h, second))))
+            lay.append(Layer("2:4", m, d, h, torch.bfloat16, "cuda", row_check="separate",
+                             epilogue=((d, Fusion(residual=True, aux_dtype=torch.bfloat16)),)))
+    return list(dict.fromkeys(k for ly in lay for p in cutlass_24._all_params(ly)
+                              for k in cutlass_24._variant_kernels(ly, p)))
+
+
+def build_cutlass(parts=CUTLASS_PARTS) -> None:
+    """Build the section's libraries in one parallel build (no GPU needed: nvcc and the headers)."""
+    why = cutlass_rt.available()
+    if why:
+        sys.exit(f"CUTLASS toolchain not available: {why}")
+    ks = cutlass_kernels(parts)
+    start = time.perf_counter()
+    res = cutlass_24.build(ks)
+    bad = [k for k, r in res.items() if isinstance(r, Exception)]
+    print(f"CUTLASS: {len(ks) - len(bad)} of {len(ks)} libraries ready in {time.perf_counter() - start:.0f} s "
+          f"(cache {cutlass_rt.cache_dir()})", flush=True)
+    for k in bad:
+        print(f"  did not build: {k.describe()}: {str(res[k]).splitlines()[0][:200]}")
+
+
+def _ro_compiled(model: nn.Module, backend: str, options: Optional[dict] = None) -> Callable:
+    torch._dynamo.reset()
+    if backend == "inductor":
+        return torch.compile(model, mode="reduce-overhead")
+    return torch.compile(model, backend="sparse", options={**(options or {}), "mode": "reduce-overhead"})
+
+
+def _ro_case(model: nn.Module, x: torch.Tensor, choice: bool) -> dict:
+    """Dense compiled, CUTLASS forced and the dispatcher's choice, each under mode="reduce-overhead"
+    (plain calls: CUDA-graph replays), with the kernels used and the error against dense."""
+    out: dict = {}
+    with torch.no_grad():
+        dense = _ro_compiled(model, "inductor")
+        ref = dense(x).float()
+        out["dense_ro"] = _bench(lambda: dense(x), rep=200)
+        del dense
+        runs = [("cutlass", {"force": True, "kernel": "cutlass"})] + ([("choice", {})] if choice else [])
+        for name, options in runs:
+            with collect() as sink:
+                ours = _ro_compiled(model, "sparse", options)
+                y = ours(x).float()
+            out[f"{name}_ro"] = _bench(lambda: ours(x), rep=200)
+            ks = [d.kernel for d in sink if isinstance(d, LayerDecision)]
+            out[f"{name}_kernels"] = ", ".join(f"{k} {ks.count(k)}" for k in sorted(set(ks)))
+            out[f"{name}_fused"] = "; ".join(sorted({d.fused_text() for d in sink if isinstance(d, LayerDecision)}))
+            out[f"{name}_relerr"] = float((y - ref).norm() / ref.norm())
+            del ours
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_cutlass(rows: list, parts=CUTLASS_PARTS, singles=None, batches=None):
+    """The CUTLASS family compiled (backend="sparse", CUTLASS forced, and the dispatcher's choice among
+    dense, Triton, cuSPARSELt and CUTLASS) against dense torch.compile, all under
+    mode="reduce-overhead": single 2:4 linears, and 8 Llama MLP blocks (the gate in w3's epilogue,
+    the residual in w2's)."""
+    why = cutlass_rt.available("cuda")
+    print("\n## CUTLASS sm90 2:4: compiled, mode=\"reduce-overhead\", vs dense torch.compile in the same mode\n")
+    if why:
+        print(f"(CUTLASS family not available here: {why})")
+        return
+    choice = "choice" in parts
+    cols = "| cutlass us | vs dense | fused |" + (" chosen | chosen us | vs dense |" if choice else "")
+    if "singles" in parts:
+        print("| N | K | M | dense us " + cols + " rel. err (cutlass) |")
+        print("|---|---|---|---|---|---|---|" + ("---|---|---|" if choice else "") + "---|")
+        for n, k, m in singles or CUTLASS_SINGLES:
+            w, x = _case24(m, n, k)
+            lin = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16).eval()
+            with torch.no_grad():
+                lin.weight.copy_(w)
+            t = _ro_case(lin, x, choice)
+            rows.append(dict(section="cutlass", case="linear", N=n, K=k, M=m, **t))
+            extra = (f" {t['choice_kernels']} | {_fmt(t['choice_ro'])} | {_ratio(t['dense_ro'], t['choice_ro'])} |"
+                     if choice else "")
+            print(f"| {n} | {k} | {m} | {_fmt(t['dense_ro'])} | {_fmt(t['cutlass_ro'])} | "
+                  f"{_ratio(t['dense_ro'], t['cutlass_ro'])} | {t['cutlass_fused']} |{extra} "
+                  f"{t['cutlass_relerr']:.1e} |", flush=True)
+            del lin, w, x
+    if "mlp" in parts:
+        print("\n| 8 Llama MLP blocks 2:4 (4096 x 14336) | tokens | dense us " + cols + " rel. err (cutlass) |")
+        print("|---|---|---|---|---|---|" + ("---|---|---|" if choice else "") + "---|")
+        torch.manual_seed(0)
+        model = nn.Sequential(*[LlamaMLP() for _ in range(8)]).to("cuda", torch.bfloat16).eval()
+        prune(model, "2:4")
+        for m in batches or CUTLASS_MLP_BATCHES:
+            x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+            t = _ro_case(model, x, choice)
+            what = "prefill" if m > 256 else "decode"
+            rows.append(dict(section="cutlass", case="llama_mlp", M=m, **t))
+            extra = (f" {t['choice_kernels']} | {_fmt(t['choice_ro'])} | {_ratio(t['dense_ro'], t['choice_ro'])} |"
+                     if choice else "")
+            print(f"| {what} | {m} | {_fmt(t['dense_ro'])} | {_fmt(t['cutlass_ro'])} | "
+                  f"{_ratio(t['dense_ro'], t['cutlass_ro'])} | {t['cutlass_fused']} |{extra} "
+                  f"{t['cutlass_relerr']:.1e} |", flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+
 def target_summary(rows: list) -> str:
     """A markdown table of the TARGETS this run's rows measured: the ratio, the target, met or not.
     A compose target ("faster than") needs a ratio above 1."""
@@ -738,7 +865,7 @@ def target_summary(rows: list) -> str:
 
 SECTIONS = {"linear24": bench_linear24, "block": bench_block, "cusparselt": bench_cusparselt, "e2e": bench_e2e,
             "quant": bench_quant, "int8_act": bench_int8_act, "fp8": bench_fp8, "compose": bench_compose,
-            "guard": bench_guard}
+            "guard": bench_guard, "cutlass": bench_cutlass}
 
 
 def main(argv=None):
@@ -756,7 +883,19 @@ def main(argv=None):
                         "int8_act at M=8192, compose core)")
     p.add_argument("--compose-core", action="store_true",
                    help="compose: only 2:4 bf16, int8 dense and int8 + 2:4 (the comparison of the target)")
+    p.add_argument("--cutlass", default=",".join(CUTLASS_PARTS),
+                   help="the cutlass section's parts: singles (one linear), mlp (8 Llama MLP blocks), choice "
+                        "(also compile with the dispatcher's choice)")
+    p.add_argument("--cutlass-build-only", action="store_true",
+                   help="build the cutlass section's CUTLASS libraries in parallel and exit (no GPU needed)")
     args = p.parse_args(argv)
+    cutlass_parts = tuple(part.strip() for part in args.cutlass.split(",") if part.strip())
+    if set(cutlass_parts) - set(CUTLASS_PARTS):
+        sys.exit(f"unknown --cutlass part(s) {sorted(set(cutlass_parts) - set(CUTLASS_PARTS))}; choose from "
+                 f"{', '.join(CUTLASS_PARTS)}")
+    if args.cutlass_build_only:
+        build_cutlass(cutlass_parts)
+        return
     E2E_OPTIONS.update(kv.split("=", 1) for kv in args.options.split(",") if kv)
     E2E_MODES.clear()
     E2E_MODES.update(m.strip() for m in args.e2e_modes.split(",") if m.strip())
@@ -768,7 +907,7 @@ def main(argv=None):
              "cusparselt": dict(shapes=[(2048, 4096, 4096)]), "e2e": dict(which=()),
              "quant": dict(shapes=[(1, 4096, 4096)], models=False), "int8_act": dict(shapes=[(2048, 4096, 4096)]),
              "fp8": dict(shapes=[(2048, 4096, 4096)]), "compose": dict(name="vit_base_patch16_224", batch=8),
-             "guard": dict(blocks=2)}
+             "guard": dict(blocks=2), "cutlass": dict(parts=("singles",), singles=[(4096, 4096, 16)])}
     targets = {"quant": dict(shapes=[(1, 14336, 4096)]), "cusparselt": dict(shapes=[(8192, 14336, 4096), (8192, 4096, 14336)]),
                "int8_act": dict(shapes=[(8192, 14336, 4096)]), "compose": dict(core=True)}
     names = [name.strip() for name in args.sections.split(",")]
@@ -783,6 +922,8 @@ def main(argv=None):
     try:
         for name in names:
             kw = quick[name] if args.quick else ({"which": tuple(args.e2e.split(","))} if name == "e2e" else {})
+            if name == "cutlass" and not args.quick:
+                kw = {"parts": cutlass_parts}
             if args.targets and not args.quick:
                 kw = {**kw, **targets.get(name, {})}
             if name == "compose" and args.compose_core:
