@@ -251,6 +251,8 @@ class LayerTimer:
         scaled = "" if ly.scaled is None else f"|scaled={ly.scaled}"
         if ly.product is not None:  # int8: what the library writes (its best algorithm differs)
             scaled += f"|product={ly.product}"
+        if ly.epilogue and name != "dense":  # a family that fuses it is timed with it (CUTLASS)
+            scaled += f"|epilogue={ly.epilogue!r}"
         return (f"{self._env}|{'graph' if self.graphs else 'eager'}|{name}|{ly.pattern}|M={m} N={ly.n} K={ly.k}|"
                 f"{ly.dtype}|w={ly.weight_dtype}|bias={self.has_bias}|block={ly.block}|{self.structure}{scaled}"
                 f"|rc={ly.row_check}{'+derived' if ly.derived_check else ''}")
