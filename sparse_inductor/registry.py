@@ -81,6 +81,12 @@ class Layer:
     # cuSPARSELt, fuse_mlp.py for block pairs predict it): the runners time that check (cuSPARSELt:
     # the flagged-rows kernel; the block template: none of its own), not a pass over x
     derived_check: bool = False
+    # a weight behind a permutation (formats/permute.py): the kernel reads x gathered (x_index) / writes
+    # its output columns through a map (out_index, the block kernel); the runners take the index
+    # vectors from the constants ("x_index", "out_index"), and a kernel without an in-kernel gather
+    # (cuSPARSELt) gathers x before its call
+    x_index: bool = False
+    out_index: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
