@@ -78,7 +78,7 @@ from .block import BLOCK_SIZES
 log = logging.getLogger("sparse_inductor")
 
 __all__ = ["Permutation", "PermutationCache", "find_permutation", "mask_digest", "permute", "kernel_indices",
-           "rows_for", "block_count", "sides", "SEARCH_VERSION"]
+           "rows_for", "block_count", "shared_order", "sides", "SEARCH_VERSION"]
 
 # Part of every cache key: bump when the search or the result's meaning changes.
 SEARCH_VERSION = 2
@@ -973,6 +973,18 @@ def rows_for(w: torch.Tensor, cols: Optional[torch.Tensor], block: int) -> tuple
         cols = cols.to(device=zu.device, dtype=torch.int64)
     rows = _rows_for(zu, cols, block)
     return rows, _nonzero_blocks(zu, rows, cols, block)
+
+
+def shared_order(w1: torch.Tensor, w2: torch.Tensor, block: int) -> torch.Tensor:
+    """An order of the hidden units between two layers, W1 [H, K] (one row a unit) and W2 [N, H] (one
+    column a unit), each in its other order already: the units keyed by their support over W1's
+    block columns and W2's block rows together, grouped and cut into blocks of `block` as the
+    search cuts one weight's lines. Where the units were reordered alike in both (a model's hidden
+    channels), the units of one original block share their key in both weights, so the order is
+    block-sparse for both at once; the caller counts."""
+    z1, z2 = _mask(w1).contiguous(), _mask(w2).contiguous()
+    key = torch.cat([_block_or(z1, block, 1), _block_or(z2, block, 0).t()], 1).contiguous()
+    return _row_order(z1, key, block, math.inf)
 
 
 def block_count(w: torch.Tensor, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor], block: int) -> int:

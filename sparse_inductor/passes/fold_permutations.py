@@ -53,7 +53,7 @@ import torch
 import torch.fx as fx
 
 from ..formats import violations_24
-from ..formats.permute import block_count, permute, rows_for
+from ..formats.permute import block_count, permute, rows_for, shared_order
 from ..ops import unpermute
 from .graph import LINEAR_24, LINEAR_BLOCK, LINEAR_CSLT, VIEWS, add_constant, args_of, constant, erase_constant, \
     erase_dead, is_pointwise, set_args, stamp
@@ -353,27 +353,48 @@ class Placed:
     node:      the node that makes the layer's output (the mm / addmm, or the op).
     pattern:   "dense", "2:4" or "block".
     name:      the layer's name; decision: its LayerDecision (where the fold is said).
-    rows:      block ops: the search's rows (the blocks are of W[rows][:, cols]; None: W's order).
     out_perm:  the op writes y[:, out_perm] of the layer as the model wrote it (None: y itself).
-    wc:        2:4 ops: the dense weight its constants compress (rows in the op's output order).
-    remake:    2:4 ops: wc -> the constants (dict by the op's argument names), as the family makes them.
+    w:         our ops: the weight W as stored [N, K].
+    rows, cols: block ops: the blocks are of W[rows][:, cols] (None: W's order); 2:4 ops: cols.
+    block, nnzb: block ops: the block size and the nonzero blocks of its constants.
+    remake:    our ops: W[rows][:, cols] -> the constants (dict by the op's argument names), as the
+               family makes them.
     """
     node: fx.Node
     pattern: str
     name: str
     decision: object
-    rows: Optional[torch.Tensor] = None
     out_perm: Optional[torch.Tensor] = None
-    wc: Optional[torch.Tensor] = None
+    w: Optional[torch.Tensor] = None
+    rows: Optional[torch.Tensor] = None
+    cols: Optional[torch.Tensor] = None
+    block: Optional[int] = None
+    nnzb: Optional[int] = None
     remake: Optional[object] = None
+    _reblock: dict = dataclasses.field(default_factory=dict)
+
+    def out_map(self, out_perm: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """A block op's out_index for an output order (default: its own): inverse(out_perm)[rows]."""
+        out_perm = self.out_perm if out_perm is None else out_perm
+        return _or_none(compose(inverse(out_perm), self.rows) if self.rows is not None else inverse(out_perm))
+
+    def reblocks(self, p: torch.Tensor) -> bool:
+        """Whether a block op writing out[:, p] can have its blocks made again in that order (rows
+        W[out_perm[p]], no out_index) with no more nonzero blocks than it has."""
+        key = _digest(p)
+        if key not in self._reblock:
+            rows = compose(self.out_perm, p)
+            self._reblock[key] = block_count(self.w, rows, self.cols, self.block) <= self.nnzb
+        return self._reblock[key]
 
     def free(self, p: torch.Tensor) -> bool:
         """Whether writing the output as out[:, p] costs this layer nothing: rows of a constant, or a
-        block op's out_index that it has already or that becomes the identity."""
+        block op's out_index that it has already, that becomes the identity, or that its blocks
+        made again in the new order do without."""
         if self.pattern != "block":
             return True
-        current = compose(inverse(self.out_perm), self.rows)
-        return not is_identity(current) or is_identity(compose(inverse(compose(self.out_perm, p)), self.rows))
+        return (self.out_map() is not None or self.out_map(compose(self.out_perm, p)) is None
+                or self.reblocks(p))
 
 
 def upstream(top: fx.Node, below: fx.Node, placed: dict, k: int) -> Optional[list[Placed]]:
@@ -414,7 +435,8 @@ class Plan:
                permuted by it.
     inputs / outputs: the shuffles folded (removed from the graph by apply).
     neighbours: the layers x_index can be folded into (upstream), or None.
-    rows:      the block rows' order of wc (the search's, or _agree's), for the Placed record.
+    rows, cols: wc is W[rows][:, cols] (block; 2:4: W[out_perm][:, cols]): the search's orders, or
+               _agree's, for the Placed record.
     key:       what the constants depend on, beyond the weight (for sharing them).
     agreed:    the column order is the block layer before's output order (_agree), not the search's.
     """
@@ -427,6 +449,7 @@ class Plan:
     outputs: list
     neighbours: Optional[list]
     rows: Optional[torch.Tensor]
+    cols: Optional[torch.Tensor]
     key: tuple
     agreed: bool
 
@@ -474,22 +497,39 @@ def plan(gm: fx.GraphModule, node: fx.Node, x: fx.Node, w: torch.Tensor, bias: O
         out_index = None
         key = ("2:4", _digest(p), _digest(cols_s))
     return Plan(det.pattern, wc, x_index, out_index, p, inputs, outputs, neighbours if x_index is not None else None,
-                rows_s, key, agreed is not None)
+                rows_s, cols_s, key, agreed is not None)
 
 
 def _agree(w: torch.Tensor, det, q: Optional[torch.Tensor], neighbours: Optional[list]):
-    """(rows, cols) for W that make the layer read x in the order its one block neighbour writes
-    it (that layer's out_index o): then folding x_index = o into the neighbour cancels its out_index,
-    and neither kernel permutes. Taken where W[rows][:, cols] keeps the pattern with no more
-    nonzero blocks than detection found (2:4: still 2:4); else None. The channel orders of a model
-    whose hidden units were reordered consistently (fc1's rows and fc2's columns alike) agree so."""
+    """(rows, cols) for W that make the layer read x in an order its one block neighbour can write
+    without an out_index (then folding x_index into it costs neither layer a permuted access), or
+    None. First the neighbour's own output order (its out_index o: the fold then cancels it); then
+    an order shared by both (formats/permute.shared_order: the hidden units keyed by the
+    neighbour's rows and this layer's columns together; the neighbour's blocks are then made again
+    in it). Taken where W[rows][:, cols] keeps detection's pattern with no more nonzero blocks
+    (2:4: still 2:4), and the neighbour's blocks in the shared order none more. The channel orders
+    of a model whose hidden units were reordered alike (fc1's rows and fc2's columns) agree so."""
     if neighbours is None or len(neighbours) != 1 or neighbours[0].pattern != "block":
         return None
     nb = neighbours[0]
-    o = compose(inverse(nb.out_perm), nb.rows)
-    if is_identity(o):
+    o = nb.out_map()
+    if o is not None:
+        found = _keeps(w, det, compose(inverse(q), o))  # (q[cols] = o: the layer's x_index)
+        if found is not None:
+            return found
+    if det.pattern != "block" or det.block != nb.block:
         return None
-    cols = compose(inverse(q), o)  # so that the layer's x_index, q[cols], is o
+    rows_s = det.perm.rows if det.perm is not None else None
+    w2 = permute(w.detach(), rows_s, inverse(q))  # its columns in the order the neighbour's output has
+    h = shared_order(permute(nb.w, nb.out_perm, nb.cols), w2, nb.block)
+    if is_identity(h) or not nb.reblocks(h):
+        return None
+    return _keeps(w, det, compose(inverse(q), h))
+
+
+def _keeps(w: torch.Tensor, det, cols: torch.Tensor):
+    """(rows, cols) where W[:, cols] keeps detection's pattern (block: a row order found for it, none
+    where W's own will do, with no more nonzero blocks), else None."""
     n, k = w.shape
     if det.pattern == "2:4":
         return (None, cols) if violations_24(permute(w.detach(), None, cols)) == 0 else None
@@ -540,6 +580,11 @@ def permuted_constant(gm: fx.GraphModule, node: fx.Node, p: torch.Tensor, base: 
 def fold_into(gm: fx.GraphModule, layer: Placed, p: torch.Tensor, consumer: str) -> str:
     """Make `layer` write its output as out[:, p] (p: the consumer's x_index); returns what it says."""
     node = layer.node
+    # a block op whose new out_index would not be the identity: its blocks made again where that
+    # costs no nonzero block (asked before its output order changes)
+    reblock = layer.pattern == "block" and layer.out_map(compose(layer.out_perm, p)) is not None and \
+        layer.reblocks(p)
+    layer.out_perm = compose(layer.out_perm, p)
     if layer.pattern == "dense":
         mm = args_of(node)
         wt = mm.mat2
@@ -548,39 +593,54 @@ def fold_into(gm: fx.GraphModule, layer: Placed, p: torch.Tensor, consumer: str)
             set_args(node, self=permuted_constant(gm, mm.self, p, "_permuted_bias", node))
             erase_constant(gm, mm.self)
         erase_constant(gm, wt)
-        layer.out_perm = compose(layer.out_perm, p)
         return f"weight rows and bias permuted to write {consumer}'s input order"
     op = args_of(node)
-    bias = op.bias
-    if bias is not None:
-        set_args(node, bias=permuted_constant(gm, bias, p, "_permuted_bias", node))
-        erase_constant(gm, bias)
-    layer.out_perm = compose(layer.out_perm, p)
+    if op.bias is not None:
+        set_args(node, bias=permuted_constant(gm, op.bias, p, "_permuted_bias", node))
+        erase_constant(gm, op.bias)
     if layer.pattern == "block":
-        old = op.out_index
-        oi = _or_none(compose(inverse(layer.out_perm), layer.rows) if layer.rows is not None
-                      else inverse(layer.out_perm))
+        if reblock:  # the blocks made again in the new order: no out_index
+            layer.rows = layer.out_perm
+            _remake(gm, layer, op)
+            _set_index(gm, node, "out_index", None)
+            return f"blocks made again in {consumer}'s input order (no output map)"
+        oi = layer.out_map()
         dev = constant(gm, op.blocks).device
-        set_args(node, out_index=None if oi is None else add_constant(gm, "_permuted_out_index",
-                                                                          index_tensor(oi, dev), node))
-        erase_constant(gm, old)
+        _set_index(gm, node, "out_index", None if oi is None else index_tensor(oi, dev))
         if oi is None:
             return f"writes {consumer}'s input order: its output order and {consumer}'s cancel (no output map)"
         return f"outputs mapped to {consumer}'s input order in the kernel's store"
-    layer.wc = layer.wc.index_select(0, p.to(layer.wc.device)).contiguous()
-    tensors = layer.remake(layer.wc)
-    old = [getattr(op, name) for name in tensors]
-    set_args(node, **{name: add_constant(gm, f"_permuted_{name}", t, node) for name, t in tensors.items()})
-    for o in old:
-        erase_constant(gm, o)
+    _remake(gm, layer, op)
     return f"rows of its constants permuted to write {consumer}'s input order"
 
 
+def _set_index(gm: fx.GraphModule, node: fx.Node, name: str, t: Optional[torch.Tensor]) -> None:
+    """An op's index argument (x_index / out_index, given by keyword) set to a new constant, or
+    taken out for None; the old constant removed where nothing else reads it."""
+    old = node.kwargs.get(name)
+    kwargs = {k: v for k, v in node.kwargs.items() if k != name}
+    if t is not None:
+        kwargs[name] = add_constant(gm, f"_permuted_{name}", t, node)
+    node.kwargs = kwargs
+    erase_constant(gm, old)
+
+
+def _remake(gm: fx.GraphModule, layer: Placed, op) -> None:
+    """The op's constants made again from W[rows][:, cols] (2:4: W[out_perm][:, cols])."""
+    rows = layer.rows if layer.pattern == "block" else layer.out_perm
+    tensors = layer.remake(permute(layer.w, rows, layer.cols))
+    old = [getattr(op, name) for name in tensors]
+    set_args(layer.node, **{name: add_constant(gm, f"_permuted_{name}", t, layer.node) for name, t in tensors.items()})
+    for o in old:
+        erase_constant(gm, o)
+
+
 def gather_x(x: fx.Node, x_index: fx.Node, near: fx.Node) -> fx.Node:
-    """x[:, x_index] as a graph node before near (for a kernel without an in-kernel gather)."""
+    """x[:, x_index] as a graph node before near (for a kernel without an in-kernel gather), as
+    post-grad graphs write it (index_select is decomposed to index before they are made)."""
     graph = near.graph
     with graph.inserting_before(near):
-        g = graph.call_function(aten.index_select.default, (x, 1, x_index))
+        g = graph.call_function(aten.index.Tensor, (x, [None, x_index]))
     stamp(g, near)
     return g
 

@@ -816,17 +816,15 @@ def _place_dense(run: _Run, site: LinearSite, decision: LayerDecision) -> None:
 
 def _place_op(run: _Run, site: LinearSite, det: Detection, layer: Layer, spec: KernelSpec, out: fx.Node,
               decision: LayerDecision, perm: Optional[_Perm]) -> None:
-    """A rewritten layer a later layer may fold its input order into (its out_index, or the rows of
-    its constants)."""
+    """A rewritten layer a later layer may fold its input order into (its out_index, its blocks
+    made again, or the rows of its constants)."""
     plan = perm.plan if perm is not None else None
-    if det.pattern == "block":
-        run.placed[out] = perms.Placed(out, "block", site.name, decision, rows=plan.rows if plan else None,
-                                       out_perm=plan.out_perm if plan else None)
-        return
-    wc = plan.wc if plan is not None else site.weight.detach()
 
     def remake(w: torch.Tensor) -> dict:
         return spec.compress(w, layer) if spec.compress else _compress(det, w)
 
-    run.placed[out] = perms.Placed(out, "2:4", site.name, decision, out_perm=plan.out_perm if plan else None,
-                                   wc=wc, remake=remake)
+    blocks = args_of(out).blocks if det.pattern == "block" else None
+    nnzb = int(blocks.meta["val"].shape[0]) if blocks is not None else None
+    run.placed[out] = perms.Placed(out, det.pattern, site.name, decision, out_perm=plan.out_perm if plan else None,
+                                   w=site.weight.detach(), rows=plan.rows if plan else None,
+                                   cols=plan.cols if plan else None, block=det.block, nnzb=nnzb, remake=remake)
