@@ -437,3 +437,119 @@ def test_row_checks_of_permuted_block_layers():
     assert r.counts["derived_check"] == 1
     assert "row_check.default(arg" in r.graphs[0]  # fc1's check over the graph's input itself
     check(model, x, r.outputs[0], torch.float16)
+
+
+# ---------------------------------------------------------------- GPU: the templates, fused
+
+class GpuShuffled(nn.Module):
+    """A constant permutation of the input features (advanced indexing) and of the output
+    features (gather) of a block-sparse linear with a ReLU after it: folded, one template kernel."""
+
+    def __init__(self, n=512, k=256, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.fc = linear(prune_blocks_(torch.randn(n, k, generator=g), 64, 0.75))
+        self.register_buffer("p", torch.randperm(k, generator=g))
+        self.register_buffer("q", torch.randperm(n, generator=g))
+
+    def forward(self, x):
+        y = torch.relu(self.fc(x[..., self.p]))
+        return torch.gather(y, -1, self.q.expand_as(y))
+
+
+def _gpu(model):
+    return model.cuda().to(torch.bfloat16).eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 64])
+def test_gpu_permuted_block_layer_is_one_kernel(m):
+    """A block-sparse weight stored scrambled (rows and columns): the template reads x at X_INDEX
+    and writes through out_columns(OUT_INDEX...), with the bias and ReLU in its store: one kernel
+    (nonfinite="fast": no row-check kernel); values against fp64."""
+    from test_gpu_compile import TOL_BF16, _sources, compile_and_code, fp64, kernel_defs, rel_err
+
+    torch.manual_seed(0)
+    model = _gpu(nn.Sequential(nn.Linear(256, 512), nn.ReLU()))
+    sparse_inductor.prune(model, "block", block=64, sparsity=0.75, permute=True)
+    x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton", "nonfinite": "fast"})
+    (d,) = decisions
+    assert d.kernel == "triton" and "after row and column permutation" in d.reason, d.line()
+    assert rel_err(out, fp64(model, x)) < TOL_BF16
+    defs = kernel_defs(code)
+    assert len(defs) == 1 and defs[0].startswith("triton_tem_fused_"), defs
+    assert len(_sources(code, "X_INDEX, True", "out_columns(OUT_INDEX", "maximum")) == 1
+    assert "extern_kernels.mm" not in code and "extern_kernels.addmm" not in code
+
+
+@pytest.mark.gpu
+def test_gpu_permuted_block_nonfinite_like_dense():
+    """Exact mode (the row check over x, the fixup reading x gathered): dense's NaN / Inf positions."""
+    from test_gpu_compile import TOL_BF16, compile_and_code, fp64, rel_err
+
+    torch.manual_seed(0)
+    model = _gpu(nn.Sequential(nn.Linear(256, 512)))
+    sparse_inductor.prune(model, "block", block=64, sparsity=0.75, permute=True)
+    x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
+    x[3, 5], x[10, 200] = float("nan"), float("-inf")
+    out, _, _ = compile_and_code(model, x, {"force": True, "kernel": "triton"})
+    with torch.no_grad():
+        eager = model(x)
+    assert_same_nonfinite(out, eager)
+    fin = eager.isfinite()
+    assert rel_err(out[fin], fp64(model, x)[fin]) < TOL_BF16
+
+
+@pytest.mark.gpu
+def test_gpu_permuted_24_gemv_is_one_kernel():
+    """A 2:4 weight with its columns scrambled, M = 1: the gemv template gathers x (X_INDEX); the
+    bias in its store."""
+    from test_gpu_compile import TOL_BF16, _sources, compile_and_code, fp64, kernel_defs, rel_err
+
+    torch.manual_seed(0)
+    model = _gpu(nn.Sequential(nn.Linear(1024, 2048)))
+    sparse_inductor.prune(model, "2:4", permute=True)
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton"})
+    assert decisions[0].reason.startswith("2:4 after column permutation"), decisions[0].line()
+    assert rel_err(out, fp64(model, x)) < TOL_BF16
+    defs = kernel_defs(code)
+    assert len(defs) == 1 and defs[0].startswith("triton_tem_"), defs
+    assert len(_sources(code, "X_INDEX, True")) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_graph_shuffles_leave_one_kernel():
+    """The shuffles around the layer (dense: two gather kernels beside the matmul) are folded: one
+    template kernel, which gathers x, maps its output columns and applies bias and ReLU."""
+    from test_gpu_compile import TOL_BF16, _sources, compile_and_code, fp64, kernel_defs, rel_err
+
+    model = _gpu(seeded(GpuShuffled))
+    x = torch.randn(4, 16, 256, device="cuda", dtype=torch.bfloat16)
+    _, dense_code, _ = compile_and_code(model, x, {"patterns": ()})  # (every layer dense)
+    assert kernel_defs(dense_code) and "extern_kernels.addmm" in dense_code  # (the gathers: kernels of their own)
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton", "nonfinite": "fast"})
+    assert "index of its input folded; gather of its output folded" in decisions[0].permutation
+    assert rel_err(out, fp64(model, x)) < TOL_BF16
+    defs = kernel_defs(code)
+    assert len(defs) == 1 and defs[0].startswith("triton_tem_fused_"), defs
+    assert len(_sources(code, "X_INDEX, True", "out_columns(OUT_INDEX", "maximum")) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_hidden_order_shared_keeps_the_plain_kernels():
+    """fc1's rows and fc2's columns reordered alike: the two layers agree on one hidden order, so
+    both templates are the plain ones (no X_INDEX, no OUT_INDEX) and the GELU stays in fc1's."""
+    from test_gpu_compile import TOL_BF16, _sources, compile_and_code, fp64, kernel_defs, rel_err
+
+    model = _gpu(Mlp(d=256, h=512, b=64, hidden=True))
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton", "nonfinite": "fast"})
+    assert [d.kernel for d in decisions] == ["triton", "triton"], [d.line() for d in decisions]
+    assert "columns in the order fc1 writes" in decisions[1].permutation, decisions[1].permutation
+    assert rel_err(out, fp64(model, x)) < TOL_BF16
+    tem = [d for d in kernel_defs(code) if d.startswith("triton_tem_fused_")]
+    assert len(tem) == 2, kernel_defs(code)
+    assert not _sources(code, "X_INDEX") and not _sources(code, "OUT_INDEX")
+    assert len(_sources(code, "erf")) == 1
