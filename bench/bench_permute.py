@@ -17,10 +17,22 @@
    separate index_select before the kernel ("gather x first"). The block kernel runs without its
    row check (guard=False) in every column, so the numbers are the kernels' own. Also the 2:4
    gemv layout at M = 1, plain and with x_index.
+3. Compiled (GPU, torch.compile(backend="sparse") under mode="reduce-overhead", plain calls of the
+   compiled module, us; the dispatcher times and picks as for any model): the 14336x4096 block
+   layer (64x64, 90% zero) stored scrambled (rows and columns) against the same weight unscrambled
+   and against dense (torch.compile of the scrambled layer, same mode), at M = 1, 16, 8192; the 2:4
+   layer of that shape with its columns scrambled against plain 2:4, at M = 1.
+4. ViT-B/16 batch 64 (timm, if importable), MLP weights 90% zero in 64x64 blocks, reduce-overhead:
+   unscrambled; the hidden units reordered alike in fc1 and fc2 (the model computes the same: the
+   orders agree and neither kernel permutes); every MLP weight scrambled on its own (rows and
+   columns: fc1 gathers x and maps its outputs, fc2 maps its outputs); dense.
+
+    python bench/bench_permute.py --sections compiled,vit     # only those (search, kernels, compiled, vit)
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import platform
 import statistics
@@ -29,9 +41,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sparse_inductor import prune
+from sparse_inductor.bench import _bench
 from sparse_inductor.formats import compress_24, compress_block, to_gemv_layout
 from sparse_inductor.formats import permute as pm
 from sparse_inductor.prune import prune_24_, prune_blocks_, scramble_
+from sparse_inductor.report import LayerDecision, collect
 
 N, K, B, SPARSITY = 14336, 4096, 64, 0.9
 
@@ -118,11 +133,128 @@ def kernel_table():
     print(f"\n2:4 gemv layout, M = 1, {N}x{K}: plain {plain:.1f} us, x_index {perm:.1f} us")
 
 
+def _compiled(model, x, sparse: bool):
+    """(us per plain call under mode="reduce-overhead", output, the decisions) of model compiled
+    with backend="sparse" (sparse) or plain Inductor."""
+    torch._dynamo.reset()
+    with torch.no_grad(), collect() as sink:
+        c = (torch.compile(model, backend="sparse", options={"mode": "reduce-overhead"}) if sparse
+             else torch.compile(model, mode="reduce-overhead"))
+        out = c(x)
+        c(x)
+        t = _bench(lambda: c(x), rep=200)
+    torch._dynamo.reset()
+    return t, out, [d for d in sink if isinstance(d, LayerDecision)]
+
+
+def _linear(w: torch.Tensor) -> torch.nn.Module:
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=True, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(torch.randn(w.shape[0], device=w.device, dtype=w.dtype))
+    return lin.eval()
+
+
+def _what(decisions) -> str:
+    return "; ".join(f"{d.kernel} ({d.permutation or 'no permutation'})" for d in decisions)
+
+
+def compiled_table():
+    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    wp = prune_blocks_(torch.randn(N, K, generator=g), B, SPARSITY).to(dev, dt)
+    plain = _linear(wp)
+    scrambled = _linear(scramble_(wp.clone(), rows=True, seed=1))
+    print(f"\n### Compiled, mode=\"reduce-overhead\": {N}x{K} linear (+ bias), {B}x{B} blocks {SPARSITY:.0%} zero, us\n")
+    print("| M | dense compile (scrambled W) | sparse, W unscrambled | sparse, W scrambled | scrambled / unscrambled "
+          "| scrambled vs dense | what the scrambled layer ran | rel. err (scrambled, fp64) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m in (1, 16, 8192):
+        x = torch.randn(m, K, device=dev, dtype=dt)
+        t_dense, _, _ = _compiled(scrambled, x, False)
+        t_plain, _, _ = _compiled(plain, x, True)
+        t_s, out, dec = _compiled(scrambled, x, True)
+        ref = F.linear(x.double(), scrambled.weight.double(), scrambled.bias.double())
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        print(f"| {m} | {t_dense:.1f} | {t_plain:.1f} | {t_s:.1f} | {t_s / t_plain:.2f}x | {t_dense / t_s:.2f}x | "
+              f"{_what(dec)} | {err:.1e} |", flush=True)
+    w24 = prune_24_(torch.randn(N, K, generator=g)).to(dev, dt)
+    plain24, scrambled24 = _linear(w24), _linear(scramble_(w24.clone(), rows=False, seed=2))
+    x = torch.randn(1, K, device=dev, dtype=dt)
+    t_dense, _, _ = _compiled(scrambled24, x, False)
+    t_plain, _, d_plain = _compiled(plain24, x, True)
+    t_s, out, dec = _compiled(scrambled24, x, True)
+    ref = F.linear(x.double(), scrambled24.weight.double(), scrambled24.bias.double())
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    print(f"\n2:4 {N}x{K} (+ bias), M = 1, reduce-overhead: dense compile {t_dense:.1f} us; plain 2:4 {t_plain:.1f} us "
+          f"({_what(d_plain)}); columns scrambled {t_s:.1f} us ({_what(dec)}; {t_s / t_plain:.2f}x of plain, "
+          f"rel. err {err:.1e})", flush=True)
+
+
+def _reorder_hidden_(model: torch.nn.Module, seed: int = 0) -> int:
+    """Reorder the hidden units of every timm MLP (fc1's rows and bias, fc2's columns) by one random
+    order each: the model computes what it did. Returns how many MLPs."""
+    g = torch.Generator().manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for mod in model.modules():
+            fc1, fc2 = getattr(mod, "fc1", None), getattr(mod, "fc2", None)
+            if isinstance(fc1, torch.nn.Linear) and isinstance(fc2, torch.nn.Linear):
+                pi = torch.randperm(fc1.out_features, generator=g).to(fc1.weight.device)
+                fc1.weight.copy_(fc1.weight[pi])
+                fc1.bias.copy_(fc1.bias[pi])
+                fc2.weight.copy_(fc2.weight[:, pi])
+                n += 1
+    return n
+
+
+def vit_table():
+    try:
+        # optional: timm, for the ViT case only
+        import timm
+    except ImportError:
+        print("\nViT-B/16: timm is not installed")
+        return
+    dev, dt = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    base = timm.create_model("vit_base_patch16_224", pretrained=False).to(dev, dt).eval()
+    prune(base, "block", block=64, sparsity=0.9, filter_fn=lambda m, n: ".mlp." in f".{n}.")
+    hidden = copy.deepcopy(base)
+    _reorder_hidden_(hidden)
+    scrambled = copy.deepcopy(base)
+    with torch.no_grad():
+        for i, (name, mod) in enumerate(scrambled.named_modules()):
+            if ".mlp." in f".{name}." and isinstance(mod, torch.nn.Linear):
+                scramble_(mod.weight.data, rows=True, seed=i)
+    x = torch.randn(64, 3, 224, 224, device=dev, dtype=dt)
+    print("\n### ViT-B/16 batch 64, MLP weights 90% zero in 64x64 blocks, mode=\"reduce-overhead\", us\n")
+    print("| model | us | vs dense | sparse layers | layers that still gather x / map outputs | rel. err vs dense (same function) |")
+    print("|---|---|---|---|---|---|")
+    t_dense, ref, _ = _compiled(base, x, False)
+    print(f"| dense compile | {t_dense:.1f} | 1.00x | - | - | - |", flush=True)
+    for name, model in (("unscrambled", base), ("hidden units reordered alike (same function)", hidden),
+                        ("each MLP weight scrambled (rows and columns)", scrambled)):
+        t, out, dec = _compiled(model, x, True)
+        sparse = sum(d.sparse for d in dec)
+        gathers = sum("gathered" in d.permutation for d in dec)
+        maps = sum("mapped" in d.permutation for d in dec)
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item() if model is not scrambled else None
+        print(f"| {name} | {t:.1f} | {t_dense / t:.2f}x | {sparse} | {gathers} / {maps} | "
+              f"{'-' if err is None else f'{err:.1e}'} |", flush=True)
+
+
+SECTIONS = ("search", "kernels", "compiled", "vit")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--cpu", action="store_true", help="the search times on the CPU only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}")
     args = p.parse_args()
+    sections = set(args.sections.split(","))
+    if sections - set(SECTIONS):
+        p.error(f"unknown sections {sorted(sections - set(SECTIONS))}; choose from {SECTIONS}")
     if args.threads:
         torch.set_num_threads(args.threads)
     import triton
@@ -130,9 +262,14 @@ def main():
     gpu = torch.cuda.is_available() and not args.cpu
     print(f"{torch.cuda.get_device_name() if gpu else platform.processor() or 'CPU'}, torch {torch.__version__}, "
           f"triton {triton.__version__}, Python {platform.python_version()}, {datetime.date.today().isoformat()}")
-    search_table(["cpu"] + (["cuda"] if gpu else []))
-    if gpu:
+    if "search" in sections:
+        search_table(["cpu"] + (["cuda"] if gpu else []))
+    if gpu and "kernels" in sections:
         kernel_table()
+    if gpu and "compiled" in sections:
+        compiled_table()
+    if gpu and "vit" in sections:
+        vit_table()
 
 
 if __name__ == "__main__":

@@ -255,7 +255,9 @@ class LayerTimer:
             scaled += f"|epilogue={ly.epilogue!r}"
         return (f"{self._env}|{'graph' if self.graphs else 'eager'}|{name}|{ly.pattern}|M={m} N={ly.n} K={ly.k}|"
                 f"{ly.dtype}|w={ly.weight_dtype}|bias={self.has_bias}|block={ly.block}|{self.structure}{scaled}"
-                f"|rc={ly.row_check}{'+derived' if ly.derived_check else ''}")
+                f"|rc={ly.row_check}{'+derived' if ly.derived_check else ''}"
+                + (f"|perm={'x' if ly.x_index else ''}{'y' if ly.out_index else ''}" if ly.x_index or ly.out_index
+                   else ""))
 
     def __call__(self, name: str, m: int) -> Optional[tuple]:
         try:

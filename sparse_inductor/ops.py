@@ -5,7 +5,7 @@ the reference implementations decompress W and call F.linear, on CPU and CUDA al
 plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering/), chosen by the
 `kernel` argument that the rewrite pass writes into the graph.
 
-    sparse_inductor::linear_24(x, values, meta, bias, kernel) -> y [M, N]
+    sparse_inductor::linear_24(x, values, meta, bias, kernel, x_index=None) -> y [M, N]
         values [2, N, K/4] (x's dtype, or int8 for a weight-only quantized W: y = x @ W_int^T, the
         scales stay in the graph after the op), meta [ceil(N/2), K/4] uint8 (formats/sparse24.py)
     sparse_inductor::linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True) -> y [M, N]
@@ -54,6 +54,12 @@ plug in behind the same ops through Inductor lowerings (sparse_inductor/lowering
     linear_block(..., live=L, skip_check=s): the block rows row_order[L:] of y are unspecified (the
         template leaves them unwritten) except in the M tiles where s [M] fp32 (0 or NaN) holds a
         NaN (s None: everywhere); passes/fuse_mlp.py sets it for hidden units nothing reads
+    linear_24(..., x_index=xi), linear_block(..., x_index=xi, out_index=oi): a weight behind a
+        permutation (formats/permute.py): the compressed weight Wp is W[oi][:, xi] (xi [K], oi [N]
+        int32 permutations; None: the identity), and the op computes y = x @ W^T + bias as for W:
+        its kernels read x[:, xi[k']] for Wp's column k' and write Wp's row n' to y[:, oi[n']]
+        (bias in y's own order). The reference implementations un-permute Wp into W, so they do
+        dense's arithmetic on W's values
     sparse_inductor::mlp_block(x, blocks1, row_ptr1, col_idx1, bias1, blocks2, row_ptr2, col_idx2,
                                row_order2, bias2, h, n, act, kernel, safe=0.0, flag=None) -> y [M, n]
         linear_block(act(linear_block(x, W1, bias1)), W2, bias2) for W1 [h, K] and W2 [n, h] in the
@@ -79,17 +85,31 @@ from .formats import cutlass_sm90, decompress_24, decompress_block
 from .runtime import cusparselt
 
 __all__ = ["linear_24", "linear_block", "linear_cslt", "linear_cutlass", "cutlass_reference", "mlp_block",
-           "row_check", "OpArgs"]
+           "row_check", "OpArgs", "unpermute"]
+
+
+def unpermute(wp: Tensor, x_index: Optional[Tensor], out_index: Optional[Tensor]) -> Tensor:
+    """W with W[out_index][:, x_index] = wp (None: the identity)."""
+    if out_index is not None:
+        w = torch.empty_like(wp)
+        w[out_index.to(device=wp.device, dtype=torch.long)] = wp
+        wp = w
+    if x_index is not None:
+        w = torch.empty_like(wp)
+        w[:, x_index.to(device=wp.device, dtype=torch.long)] = wp
+        wp = w
+    return wp
 
 
 @torch.library.custom_op("sparse_inductor::linear_24", mutates_args=())
-def linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor], kernel: str) -> Tensor:
+def linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor], kernel: str,
+              x_index: Optional[Tensor] = None) -> Tensor:
     w = decompress_24(values, meta).to(x.dtype)  # int8 values (weight-only quantized): their integers
-    return F.linear(x, w, bias)
+    return F.linear(x, unpermute(w, x_index, None), bias)
 
 
 @linear_24.register_fake
-def _(x, values, meta, bias, kernel):
+def _(x, values, meta, bias, kernel, x_index=None):
     torch._check(x.dim() == 2, lambda: f"linear_24 expects a 2-D input, got {x.dim()}-D")
     torch._check(x.shape[1] == values.shape[2] * 4, lambda: "linear_24: K mismatch between x and values")
     return x.new_empty(x.shape[0], values.shape[1])
@@ -99,16 +119,17 @@ def _(x, values, meta, bias, kernel):
 def linear_block(
     x: Tensor, blocks: Tensor, row_ptr: Tensor, col_idx: Tensor, row_order: Tensor,
     bias: Optional[Tensor], n: int, k: int, kernel: str, guard: bool = True, row_check: Optional[Tensor] = None,
-    live: int = -1, skip_check: Optional[Tensor] = None,
+    live: int = -1, skip_check: Optional[Tensor] = None, x_index: Optional[Tensor] = None,
+    out_index: Optional[Tensor] = None,
 ) -> Tensor:
     # (live / skip_check allow the template to leave tiles unwritten; computing them is always right)
     w = decompress_block(blocks, row_ptr, col_idx, n, k).to(x.dtype)  # int8 blocks: their integers
-    return F.linear(x, w, bias)
+    return F.linear(x, unpermute(w, x_index, out_index), bias)
 
 
 @linear_block.register_fake
 def _(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard=True, row_check=None, live=-1,
-      skip_check=None):
+      skip_check=None, x_index=None, out_index=None):
     torch._check(x.dim() == 2, lambda: f"linear_block expects a 2-D input, got {x.dim()}-D")
     torch._check(x.shape[1] == k, lambda: "linear_block: K mismatch between x and the weight")
     return x.new_empty(x.shape[0], n)

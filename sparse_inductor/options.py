@@ -185,6 +185,16 @@ class SparseOptions:
                        no mode sees them (docs/decisions.md, "Weights that change").
     rules:             the rewrite's rules (Rules: each on by default), a Rules or a dict of some of its
                        fields, e.g. {"derived_check": False}.
+    permute:           where a weight is neither 2:4 nor block-sparse as stored, search row and column
+                       orders that make it so (formats/permute.py: exact on shuffled block-sparse
+                       weights, best effort for 2:4 under a column order); the layer's kernel then
+                       reads x gathered and writes its outputs at their own columns, or the orders are
+                       folded into a constant neighbour (passes/fold_permutations.py). Only exact
+                       zeros count: a permutation reorders, never prunes. A weight with no more than
+                       half of its entries zero is refused before any search (no order can help).
+    permute_budget_s:  the search's time per weight, in seconds (results, refusals included, are cached
+                       on disk by the weight's nonzero mask, next to the timing cache; a search over a
+                       second is logged).
     """
 
     force: bool = False
@@ -203,12 +213,14 @@ class SparseOptions:
     fuse_mlp: bool = False
     on_weight_change: str = "recompile"
     rules: Rules = dataclasses.field(default_factory=Rules)
+    permute: bool = True
+    permute_budget_s: float = 2.0
 
     def __post_init__(self):
         object.__setattr__(self, "rules", Rules.of(self.rules))
-        for name in ("force", "fx_cache", "fuse_mlp"):
+        for name in ("force", "fx_cache", "fuse_mlp", "permute"):
             _check_type(name, getattr(self, name), bool, "True or False")
-        for name in ("max_block_density", "min_speedup"):
+        for name in ("max_block_density", "min_speedup", "permute_budget_s"):
             _check_type(name, getattr(self, name), (int, float), "a number", exclude=bool)
         for name in ("dispatch", "nonfinite", "fp8_product", "int8_product", "reductions", "on_weight_change"):
             _check_type(name, getattr(self, name), str, "a string")
@@ -228,6 +240,8 @@ class SparseOptions:
             raise ValueError(f"max_block_density must be in [0, 1], got {self.max_block_density}")
         if self.min_speedup <= 0:
             raise ValueError(f"min_speedup must be positive, got {self.min_speedup}")
+        if not 0 < self.permute_budget_s < float("inf"):
+            raise ValueError(f"permute_budget_s must be a positive number of seconds, got {self.permute_budget_s}")
         if self.dispatch not in _DISPATCH:
             raise ValueError(f"unknown dispatch {self.dispatch!r}; choose from {_DISPATCH}")
         if self.nonfinite not in _NONFINITE:

@@ -131,6 +131,12 @@ class Layer:
     # Fusion), ...) left to right, two or more where the graph splits a concatenated layer's output
     # and the pieces take different epilogues (a Llama MLP's w1 | w3); () where nothing is fused
     epilogue: tuple = ()
+    # a weight behind a permutation (formats/permute.py): the kernel reads x gathered (x_index) / writes
+    # its output columns through a map (out_index, the block kernel); the runners take the index
+    # vectors from the constants ("x_index", "out_index"), and a kernel without an in-kernel gather
+    # (cuSPARSELt) gathers x before its call
+    x_index: bool = False
+    out_index: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

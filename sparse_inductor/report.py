@@ -67,6 +67,10 @@ class LayerDecision:
               the block template; options nonfinite): "in x's norm" (the check fused into the
               norm that makes x), "own kernel" (one more read of x, lowering/row_check.py), "off"
               (nonfinite="fast"), "" (not needed: dense, or a kernel that multiplies the zeros).
+    permutation: where a weight's row and column orders (a weight sparse behind a permutation; the
+              reason says what was found) and the graph's shuffles next to the layer went, e.g. "x
+              gathered in the kernel's loads; outputs mapped to their columns in the kernel's store",
+              "x's order folded into blocks.0.fc1"; on a layer before: what a later layer folded into it.
     """
 
     name: str
@@ -85,14 +89,17 @@ class LayerDecision:
     params: dict = dataclasses.field(default_factory=dict)
     measured: bool = False
     row_check: str = ""
+    permutation: str = ""
 
     @property
     def sparse(self) -> bool:
         return self.kernel != "dense"
 
     def fused_text(self) -> str:
-        """e.g. "transpose,bias; row check: own kernel"."""
-        return (",".join(self.fused) or "-") + (f"; row check: {self.row_check}" if self.row_check else "")
+        """e.g. "transpose,bias; row check: own kernel"; a permuted layer's orders after it
+        ("; permutation: x gathered in the kernel's loads")."""
+        return ((",".join(self.fused) or "-") + (f"; row check: {self.row_check}" if self.row_check else "")
+                + (f"; permutation: {self.permutation}" if self.permutation else ""))
 
     def line(self) -> str:
         blk = f" {self.block}x{self.block}" if self.block else ""

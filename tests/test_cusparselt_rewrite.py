@@ -824,3 +824,60 @@ def test_faulting_algorithm_ids_are_never_offered(monkeypatch):
     assert "from 36 up fault sm90 with float16" in cslt.faulting_alg(36, torch.float16)
     monkeypatch.setattr(cslt, "version", lambda: 900)  # another library: nothing known
     assert list(cslt.safe_alg_ids(51, torch.float16)) == list(range(52))
+
+
+# ---------------------------------------------------------------- a weight behind a column order
+
+class Scrambled24(nn.Module):
+    """A 2:4 weight whose columns the model holds shuffled (prune(..., permute=True))."""
+
+    def __init__(self, k=32, n=32):
+        super().__init__()
+        self.fc = nn.Linear(k, n)
+        sparse_inductor.prune(self, "2:4", permute=True)
+
+    def forward(self, x):
+        return self.fc(x) * 2
+
+
+class TestPermuted(expecttest.TestCase):
+    def test_golden_x_gathered_before_the_call(self):
+        """cuSPARSELt has no gather of its own: x is gathered before the call (an index_select
+        Inductor fuses with x's producer where it can); the row check sums x's row as it is."""
+        model = seeded(Scrambled24)
+        x = torch.randn(4, 32)
+        x[1, 5], x[2, 30] = float("nan"), float("inf")
+        torch._dynamo.reset()
+        r = run_sparse(model, (x,), options=OPTS)
+        (d,) = r.decisions
+        assert not r.notes, r.notes
+        assert d.kernel == "cusparselt" and d.reason.startswith("2:4 after column permutation"), d.line()
+        assert d.permutation == "x gathered before the call" and r.counts["permutation_gather"] == 1
+        out, ref = r.outputs[0], model(x).detach()
+        assert torch.equal(out.isfinite(), ref.isfinite())
+        torch.testing.assert_close(out[ref.isfinite()], ref[ref.isfinite()], **TOL32)
+        self.assertExpectedInline(r.graphs[0], """\
+def forward(self, arg2_1: "f32[4, 32]"):
+_sparse_1_x_index: "i32[32]" = self._sparse_1_x_index
+_sparse_0_wc: "f32[32, 32]" = self._sparse_0_wc
+arg1_1: "f32[32]" = self._frozen_param1
+index_tensor: "f32[4, 32]" = torch.ops.aten.index.Tensor(arg2_1, [None, _sparse_1_x_index])
+row_check_default: "f32[4]" = torch.ops.sparse_inductor.row_check.default(arg2_1)
+linear_cslt_default: "f32[4, 32]" = torch.ops.sparse_inductor.linear_cslt.default(index_tensor, _sparse_0_wc, arg1_1, 32, 32, 0, 1)
+add_tensor: "f32[4]" = torch.ops.aten.add.Tensor(row_check_default, 1)
+unsqueeze_default: "f32[4, 1]" = torch.ops.aten.unsqueeze.default(add_tensor, 1)
+mul_tensor: "f32[4, 32]" = torch.ops.aten.mul.Tensor(linear_cslt_default, unsqueeze_default)
+mul: "f32[4, 32]" = torch.ops.aten.mul.Tensor(mul_tensor, 2)
+return (mul,)""")
+
+
+def test_permuted_runner_gathers_x():
+    """The timing runner of a column-permuted layer gathers x before the library call."""
+    from sparse_inductor.registry import Layer
+
+    w = torch.randn(8, 16)
+    cols = torch.randperm(16)
+    ly = Layer("2:4", 3, 8, 16, torch.float32, "cuda", row_check="none", x_index=True)
+    x = torch.randn(3, 16)
+    y = cusparselt_24._runner({"wc": w, "x_index": cols}, None, ly, {"alg_id": 0})(x)
+    torch.testing.assert_close(y, x[:, cols] @ w.t(), **TOL32)

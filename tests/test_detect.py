@@ -8,7 +8,8 @@ from sparse_inductor.options import SparseOptions
 from sparse_inductor.passes.detect import detect
 from sparse_inductor.prune import prune_24_, prune_blocks_
 
-OPTS = SparseOptions()
+# detection of the weight as stored (the search behind a permutation: the tests at the end)
+OPTS = SparseOptions(permute=False)
 
 
 def w24(n=32, k=64, seed=0, dtype=torch.float32):
@@ -61,9 +62,9 @@ def test_block_sizes_option():
     w[16:32, 16:32] = 2.0  # two 16x16 blocks (2 of 16), inside one 32x32 block (1 of 4)
     d = detect(w, OPTS)
     assert (d.pattern, d.block, d.block_density) == ("block", 16, 0.125)  # 0.25 > 1.25 * 0.125
-    d = detect(w, SparseOptions(block_sizes=(32,)))
+    d = detect(w, SparseOptions(permute=False, block_sizes=(32,)))
     assert (d.pattern, d.block, d.block_density) == ("block", 32, 0.25)
-    d = detect(w, SparseOptions(block_sizes=(32,), max_block_density=0.2))
+    d = detect(w, SparseOptions(permute=False, block_sizes=(32,), max_block_density=0.2))
     assert d.pattern == "dense" and "25.0% of 32x32 blocks nonzero" in d.reason
 
 
@@ -151,28 +152,28 @@ def test_patterns_option():
     both = wblock(64, 64, 16, 0.75)
     prune_24_(both)  # 2:4 and 25% of 16x16 blocks
     assert detect(both, OPTS).pattern == "block"  # fewer bytes than 2:4 at <= 50% of blocks
-    d = detect(both, SparseOptions(patterns=("2:4",)))
+    d = detect(both, SparseOptions(permute=False, patterns=("2:4",)))
     assert d.pattern == "2:4"
     blk = wblock(64, 64, 16, 0.75)
-    d = detect(blk, SparseOptions(patterns=("2:4",)))
+    d = detect(blk, SparseOptions(permute=False, patterns=("2:4",)))
     assert d.pattern == "dense" and "block sparsity not requested" in d.reason
-    d = detect(w24(), SparseOptions(patterns=("block",)))
+    d = detect(w24(), SparseOptions(permute=False, patterns=("block",)))
     assert d.pattern == "dense" and "2:4 not requested" in d.reason
-    d = detect(w24(), SparseOptions(patterns=()))
+    d = detect(w24(), SparseOptions(permute=False, patterns=()))
     assert d.pattern == "dense"
 
 
 def test_max_block_density_option():
     w = wblock(64, 64, 16, 0.75)  # 25% of blocks
-    d = detect(w, SparseOptions(max_block_density=0.2))
+    d = detect(w, SparseOptions(permute=False, max_block_density=0.2))
     assert d.pattern == "dense"
     assert "25.0% of 16x16 blocks nonzero (max_block_density=0.2)" in d.reason
-    assert detect(w, SparseOptions(max_block_density=0.25)).pattern == "block"
+    assert detect(w, SparseOptions(permute=False, max_block_density=0.25)).pattern == "block"
     # between 50% and max_block_density, a 2:4 weight is read as 2:4 (2:4 moves fewer bytes)
     both = wblock(64, 64, 16, 0.25)  # 75% of blocks
     prune_24_(both)
-    assert detect(both, SparseOptions(max_block_density=0.8)).pattern == "2:4"
+    assert detect(both, SparseOptions(permute=False, max_block_density=0.8)).pattern == "2:4"
     not24 = wblock(64, 64, 16, 0.25)
-    d = detect(not24, SparseOptions(max_block_density=0.8))
+    d = detect(not24, SparseOptions(permute=False, max_block_density=0.8))
     assert d.pattern == "block" and d.block_density == pytest.approx(0.75)
     assert detect(not24, OPTS).pattern == "dense"

@@ -62,6 +62,7 @@ import collections
 import dataclasses
 import hashlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -77,10 +78,10 @@ from .block import BLOCK_SIZES
 log = logging.getLogger("sparse_inductor")
 
 __all__ = ["Permutation", "PermutationCache", "find_permutation", "mask_digest", "permute", "kernel_indices",
-           "SEARCH_VERSION"]
+           "rows_for", "block_count", "shared_order", "sides", "SEARCH_VERSION"]
 
 # Part of every cache key: bump when the search or the result's meaning changes.
-SEARCH_VERSION = 1
+SEARCH_VERSION = 2
 
 # As passes/detect.py: the largest block size within 25% of the lowest density; block-sparse
 # wins over 2:4 when at most half of the blocks are nonzero.
@@ -948,6 +949,70 @@ def _search_24(zu, bits, row_counts, col_counts, deadline) -> tuple[Optional[tor
 
 
 # ----------------------------------------------------------------------------------------------
+# one side given
+# ----------------------------------------------------------------------------------------------
+
+def _nonzero_blocks(zu: torch.Tensor, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor], b: int) -> int:
+    zr = _block_or(zu if rows is None else zu.index_select(0, rows), b, 0)
+    return int(_block_or(zr if cols is None else zr.index_select(1, cols), b, 1).sum())
+
+
+def _rows_for(zu: torch.Tensor, cols: Optional[torch.Tensor], b: int, deadline: float = math.inf) -> torch.Tensor:
+    """A row order for the mask zu with its column order fixed: rows keyed by their support over
+    the block columns of cols (None: zu's own), cut into block rows (pack_lines)."""
+    zc = zu if cols is None else zu.index_select(1, cols)
+    return _row_order(zu, _block_or(zc, b, 1), b, deadline)
+
+
+def rows_for(w: torch.Tensor, cols: Optional[torch.Tensor], block: int) -> tuple[torch.Tensor, int]:
+    """For W's columns in a fixed order (cols, int64 [K]; None: W's own), a row order grouping W's
+    rows into block rows of `block` as the search does, and the nonzero blocks of W[rows][:, cols]:
+    used where one side's order is given by something else (the layer before, or none at all)."""
+    zu = _mask(w).contiguous()
+    if cols is not None:
+        cols = cols.to(device=zu.device, dtype=torch.int64)
+    rows = _rows_for(zu, cols, block)
+    return rows, _nonzero_blocks(zu, rows, cols, block)
+
+
+def shared_order(w1: torch.Tensor, w2: torch.Tensor, block: int) -> torch.Tensor:
+    """An order of the hidden units between two layers, W1 [H, K] (one row a unit) and W2 [N, H] (one
+    column a unit), each in its other order already: the units keyed by their support over W1's
+    block columns and W2's block rows together, grouped and cut into blocks of `block` as the
+    search cuts one weight's lines. Where the units were reordered alike in both (a model's hidden
+    channels), the units of one original block share their key in both weights, so the order is
+    block-sparse for both at once; the caller counts."""
+    z1, z2 = _mask(w1).contiguous(), _mask(w2).contiguous()
+    key = torch.cat([_block_or(z1, block, 1), _block_or(z2, block, 0).t()], 1).contiguous()
+    return _row_order(z1, key, block, math.inf)
+
+
+def block_count(w: torch.Tensor, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor], block: int) -> int:
+    """The nonzero blocks of W[rows][:, cols] (None: W's own order)."""
+    zu = _mask(w).contiguous()
+    dev = zu.device
+    return _nonzero_blocks(zu, None if rows is None else rows.to(dev), None if cols is None else cols.to(dev), block)
+
+
+def _one_sided(zu: torch.Tensor, found: _BlockFound, deadline: float) -> _BlockFound:
+    """The block result with one side in W's own order (None) where that costs no nonzero block:
+    the kernel then reads x in its order (columns kept) or writes its outputs at their columns
+    (rows kept), one gather or scatter less; else the result as found."""
+    b = found.block
+    if time.perf_counter() < deadline:
+        rows = _rows_for(zu, None, b, deadline)
+        nnzb = _nonzero_blocks(zu, rows, None, b)
+        if nnzb <= found.nnzb:
+            return _BlockFound(rows, None, b, nnzb, found.total)
+    if time.perf_counter() < deadline:
+        cols = _rows_for(zu.t().contiguous(), None, b, deadline)
+        nnzb = _nonzero_blocks(zu, None, cols, b)
+        if nnzb <= found.nnzb:
+            return _BlockFound(None, cols, b, nnzb, found.total)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
 # the entry point
 # ----------------------------------------------------------------------------------------------
 
@@ -988,8 +1053,8 @@ def _verify(zu: torch.Tensor, colbits: torch.Tensor, res: Permutation) -> None:
     elif res.pattern == "block":
         b = res.block
         # OR over block rows commutes with the column order: gather the rows, OR, then the columns
-        zr = _block_or(zu.index_select(0, res.rows), b, 0)
-        bmap = _block_or(zr.index_select(1, res.cols), b, 1)
+        zr = _block_or(zu if res.rows is None else zu.index_select(0, res.rows), b, 0)
+        bmap = _block_or(zr if res.cols is None else zr.index_select(1, res.cols), b, 1)
         if int(bmap.sum()) != round(res.block_density * bmap.numel()):
             raise AssertionError("permutation search returned a wrong block density")
 
@@ -1039,6 +1104,15 @@ def find_permutation(w: torch.Tensor, *, patterns: Sequence[str] = ("2:4", "bloc
     return res
 
 
+def _block_reason(blk: _BlockFound) -> str:
+    return f"{blk.block}x{blk.block} blocks, {blk.density:.1%} of blocks nonzero after a {sides(blk.rows, blk.cols)} permutation"
+
+
+def sides(rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]) -> str:
+    """Which orders a result changes, in words: "row", "column" or "row and column"."""
+    return " and ".join(w for w, t in (("row", rows), ("column", cols)) if t is not None) or "no"
+
+
 def _search(zu, colbits, patterns, sizes, max_density, t0, deadline) -> Permutation:
     N, K = zu.shape
     row_counts, col_counts = _line_counts(zu)
@@ -1054,17 +1128,17 @@ def _search(zu, colbits, patterns, sizes, max_density, t0, deadline) -> Permutat
         blk, why_b = _search_block(zu, colbits, row_counts, col_counts, sizes, max_density, deadline)
         if blk is None:
             why.append(f"not block-sparse ({why_b})")
+    if blk is not None:
+        blk = _one_sided(zu, blk, deadline)
     if blk is not None and blk.density <= _PREFER_BLOCK_BELOW:
-        return out("block", blk.rows, blk.cols, f"{blk.block}x{blk.block} blocks, {blk.density:.1%} of blocks "
-                   "nonzero after a row and column permutation", block=blk.block, block_density=blk.density)
+        return out("block", blk.rows, blk.cols, _block_reason(blk), block=blk.block, block_density=blk.density)
     if "2:4" in patterns:
         cols, why_24 = _search_24(zu, colbits, row_counts, col_counts, deadline)
         if cols is not None:
             return out("2:4", None, cols, "2:4 after a column permutation")
         why.append(f"not 2:4 ({why_24})")
     if blk is not None:
-        return out("block", blk.rows, blk.cols, f"{blk.block}x{blk.block} blocks, {blk.density:.1%} of blocks "
-                   "nonzero after a row and column permutation", block=blk.block, block_density=blk.density)
+        return out("block", blk.rows, blk.cols, _block_reason(blk), block=blk.block, block_density=blk.density)
     return out("dense", None, None, "no permutation found: " + "; ".join(why) if why else "no pattern requested")
 
 
@@ -1074,10 +1148,11 @@ def _search(zu, colbits, patterns, sizes, max_density, t0, deadline) -> Permutat
 
 class PermutationCache:
     """Search results by key (mask digest + arguments): an in-memory LRU of `capacity` entries,
-    and, with `directory`, one file a result in directory/permutations/<key>.pt (torch.save of
-    plain tensors and numbers, read with weights_only=True), so another process's compile of the
-    same weight does not search again. Refusals are cached too. A file that does not load or does
-    not hold permutations of the right sizes is ignored."""
+    and, with `directory`, one file a result in directory/permutations/<key>.json (the fields, the
+    index vectors as lists of ints), so another process's compile of the same weight does not
+    search again. Refusals are cached too. A file that does not load or does not hold permutations
+    of the right sizes is ignored. (JSON, not torch.save: torch.load inside a compile gives tensors
+    without data.)"""
 
     def __init__(self, directory: Optional[str] = None, capacity: int = 256):
         self.directory = os.path.join(directory, "permutations") if directory else None
@@ -1088,7 +1163,7 @@ class PermutationCache:
         self.misses = 0
 
     def _path(self, key: str) -> Optional[str]:
-        return os.path.join(self.directory, key + ".pt") if self.directory else None
+        return os.path.join(self.directory, key + ".json") if self.directory else None
 
     def get(self, key: str, n: int, k: int, device=None) -> Optional[Permutation]:
         with self._lock:
@@ -1116,8 +1191,11 @@ class PermutationCache:
         try:
             os.makedirs(self.directory, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                torch.save({f.name: getattr(res, f.name) for f in dataclasses.fields(Permutation)}, f)
+            fields = {f.name: getattr(res, f.name) for f in dataclasses.fields(Permutation)}
+            fields.update({name: None if t is None else t.tolist() for name, t in (("rows", res.rows),
+                                                                                   ("cols", res.cols))})
+            with os.fdopen(fd, "w") as f:
+                json.dump(fields, f)
             os.replace(tmp, path)
         except OSError as e:
             log.warning("sparse_inductor: cannot write the permutation cache %s: %s", path, e)
@@ -1134,7 +1212,10 @@ class PermutationCache:
         if path is None or not os.path.exists(path):
             return None
         try:
-            d = torch.load(path, weights_only=True)
+            with open(path) as f:
+                d = json.load(f)
+            d.update({name: None if d[name] is None else torch.tensor(d[name], dtype=torch.int64)
+                      for name in ("rows", "cols")})
             res = Permutation(**{f.name: d[f.name] for f in dataclasses.fields(Permutation)})
         except Exception as e:  # unreadable or from another version: search again
             log.debug("sparse_inductor: ignoring permutation cache file %s: %s", path, e)

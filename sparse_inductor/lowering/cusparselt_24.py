@@ -9,6 +9,7 @@ compiled graph.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -24,6 +25,8 @@ def _check(layer) -> Optional[str]:
         return "weight-only quantized weights run on the Triton kernels (cuSPARSELt needs x and W in one dtype)"
     if layer.dtype == torch.float8_e4m3fn and layer.scaled is None:
         return "an fp8 linear is read from torch._scaled_mm only (its scales and output dtype)"
+    if layer.out_index:
+        return "cuSPARSELt maps no output columns (a 2:4 weight's rows are permuted in its constants)"
     return cslt.why_not_runnable(layer.n, layer.k, layer.dtype, _out_dtype(layer) if layer.scaled else None)
 
 
@@ -35,7 +38,9 @@ def _estimate_us(layer, model) -> Optional[float]:
     d = dense_us(layer, model)
     if d is None:
         return None
-    return d / 1.3 if layer.m >= 2048 else d / 0.6
+    # a column-permuted weight: x gathered before the call, a read and a write of x
+    gather = 2 * layer.m * layer.k * layer.dtype.itemsize / model.bytes_per_us if layer.x_index else 0.0
+    return (d / 1.3 if layer.m >= 2048 else d / 0.6) + gather
 
 
 def _compress_spec(w, layer) -> dict:
@@ -46,8 +51,14 @@ def _runner(t, bias, layer, params):
     """The call plus what the compiled graph adds around it, for timing: the non-finite row check
     (layer.row_check: nan_rows_ after the call, and a reduction over x where it is "separate", i.e.
     cannot fuse with x's producer; nothing for "none": int8 x, or options nonfinite="fast"; with
-    layer.derived_check, the flagged-rows check with no row flagged: passes/derived_check.py)."""
+    layer.derived_check, the flagged-rows check with no row flagged: passes/derived_check.py).
+    A column-permuted weight (layer.x_index): the library has no gather of its own, so x is gathered
+    first (index_select, one more pass over x, as the graph runs it)."""
     wc, n, k = t["wc"], layer.n, layer.k
+    xi = t.get("x_index") if layer.x_index else None
+    if xi is not None:
+        plain = _runner({**t, "x_index": None}, bias, dataclasses.replace(layer, x_index=False), params)
+        return lambda x: plain(x.index_select(1, xi))  # (a separate check reads the gathered copy: the same bytes)
     alg, sk = params.get("alg_id", 0), params.get("split_k", 1)
     out = _out_dtype(layer)
     if layer.dtype == torch.float8_e4m3fn:

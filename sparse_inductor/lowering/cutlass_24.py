@@ -1116,6 +1116,8 @@ def layer_why_not(layer) -> Optional[str]:
     k_mult = 32 // layer.dtype.itemsize
     if layer.k % k_mult:
         return f"K={layer.k}: the CUTLASS kernel's compressed rows need K % {k_mult} == 0"
+    if getattr(layer, "x_index", False) or getattr(layer, "out_index", False):
+        return "a weight behind a permutation: the CUTLASS kernels have no gather of x or of the output"
     return None
 
 

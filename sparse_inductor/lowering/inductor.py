@@ -21,15 +21,16 @@ _registered = False
 
 
 def _lower_24(a: OpArgs):
-    """linear_24(x, values, meta, bias, kernel) on the 2:4 template (without the bias)."""
-    return triton_24.lower(a.x, a.values, a.meta, n=int(a.values.get_size()[1]))
+    """linear_24(x, values, meta, bias, kernel, x_index) on the 2:4 template (without the bias)."""
+    return triton_24.lower(a.x, a.values, a.meta, n=int(a.values.get_size()[1]), x_index=a.x_index)
 
 
 def _lower_block(a: OpArgs):
     """linear_block(x, blocks, row_ptr, col_idx, row_order, bias, n, k, kernel, guard, row_check, live,
-    skip_check) on the block template (without the bias)."""
+    skip_check, x_index, out_index) on the block template (without the bias)."""
     return triton_block.lower(a.x, a.blocks, a.row_ptr, a.col_idx, a.row_order, n=int(a.n), guard=a.guard,
-                              row_check=a.row_check, live=a.live, skip_check=a.skip_check)
+                              row_check=a.row_check, live=a.live, skip_check=a.skip_check, x_index=a.x_index,
+                              out_index=a.out_index)
 
 
 # (op, kernel) -> its template's lowering

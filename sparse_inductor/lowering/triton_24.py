@@ -797,6 +797,8 @@ def _check(layer) -> Optional[str]:
         return f"dtype {layer.dtype} not supported"
     if layer.weight_dtype not in (None, layer.dtype, torch.int8):
         return f"weight dtype {layer.weight_dtype} not supported"
+    if layer.out_index:
+        return "the 2:4 kernels map no output columns (a 2:4 weight's rows are permuted in its constants)"
     return None
 
 
@@ -822,7 +824,8 @@ def _runner(t, bias, layer, params):
     # what the lowering emits: the gemv only for a static M of 1, else the tensor-core config
     # sized by the hint (see lower)
     cfg = None if layer.m_static else pick_config(max(2, layer.m), layer.n, layer.k)
-    return lambda x: sp24_linear(x, t["values"], t["meta"], bias, config=cfg)
+    xi = t.get("x_index") if layer.x_index else None  # a permuted weight: x gathered in the kernel's loads
+    return lambda x: sp24_linear(x, t["values"], t["meta"], bias, config=cfg, x_index=xi)
 
 
 def _gemv_layout(layer) -> bool:

@@ -677,14 +677,17 @@ def _runner(t, bias, layer, params):
     row-check kernel; the eager guard, three unfused kernels, would make the family look slower than
     it runs compiled). "fused": the reduction rides in the kernel that makes x (a norm); "none": no check
     (options nonfinite="fast"); layer.derived_check: the check comes from the input of the block fc1
-    before it (passes/fuse_mlp.py), reductions in that layer's norm, no pass over x."""
+    before it (passes/fuse_mlp.py), reductions in that layer's norm, no pass over x. A permuted weight
+    (layer.x_index / out_index): the kernel with the constants' index vectors, x gathered in its loads
+    and its output columns mapped in its store, as the template runs it."""
     separate = layer.row_check == "separate" and not layer.derived_check
+    xi, oi = t.get("x_index") if layer.x_index else None, t.get("out_index") if layer.out_index else None
 
     def run(x):
         if separate:
             torch.sum(x, dim=-1, dtype=torch.float32)
         return block_linear(x, t["blocks"], t["row_ptr"], t["col_idx"], t["row_order"], bias,
-                            layer.n, layer.k, guard=False)
+                            layer.n, layer.k, guard=False, x_index=xi, out_index=oi)
 
     return run
 

@@ -95,7 +95,12 @@ def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
             keeps_own_check(note_b, note_a.name, why)
         return 0
     t1 = constant(gm, fc1.blocks)
-    if opts.fuse_mlp and t1.shape[-1] == t2.shape[-1]:
+    # a permuted pair (passes/fold_permutations.py: fc1's output columns mapped, fc2's x gathered, or
+    # either layer's other side): the hidden units are no longer fc1's block rows and fc2's block
+    # columns, which the fused kernel and the hidden-unit skip rely on; the derived check is a bound
+    # over a whole row of x, which holds in any order
+    permuted = any(v is not None for v in (fc1.x_index, fc1.out_index, fc2.x_index, fc2.out_index))
+    if opts.fuse_mlp and t1.shape[-1] == t2.shape[-1] and not permuted:
         t_fused, t_apart = _time(gm, fc1, fc2, note_a, note_b, act, exact, safe, opts)
         if opts.force or t_fused is None or t_apart is None or t_fused * opts.min_speedup <= t_apart:
             _fuse(gm, a, b, nodes, act, safe, exact, note_a, note_b, t_fused, t_apart)
@@ -108,7 +113,7 @@ def _try_fuse(gm: fx.GraphModule, b: fx.Node, opts: SparseOptions) -> int:
             keeps_own_check(note_b, note_a.name, why)
         else:
             g = _derive_check(a, b, safe, note_a, note_b, act)
-    if opts.rules.skip_hidden and (g is not None or (not exact and not fc1.guard and not fc2.guard)):
+    if opts.rules.skip_hidden and not permuted and (g is not None or (not exact and not fc1.guard and not fc2.guard)):
         _skip_hidden(gm, a, b, act, g, note_a, note_b)
     return 0
 

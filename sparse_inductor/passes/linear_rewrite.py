@@ -13,6 +13,10 @@ After:
     y = sparse_inductor.linear_24(x2d, values, meta, bias, "<kernel>")
       | sparse_inductor.linear_block(x2d, blocks, row_ptr, col_idx, row_order, bias, N, K, "<kernel>")
 
+A weight that is sparse only behind a row / column order (detection's search), and constant
+shuffles of a layer's input or output features next to it, go into the op's x_index / out_index or
+into a constant neighbour (passes/fold_permutations.py draws those graphs).
+
 Invariants: the op computes what the matched node computed (same shape, dtype, device); a weight
 shared by several linears is compressed once; a layer that cannot be rewritten is left untouched
 and says why in its LayerDecision. Analysis (detection, compression) happens before any graph
@@ -36,11 +40,12 @@ from ..measure import LayerTimer
 from ..options import SparseOptions
 from ..registry import KernelSpec, Layer, Scaled, kernels
 from ..report import LayerDecision, count, record
+from . import fold_permutations as perms
 from .detect import Detection, detect
 from .epilogues import predict
 from .graph import (LINEAR_24, LINEAR_BLOCK, LayerNote, add_constant, args_of, attach_note, erase_constant,
                     pointwise_users, stamp)
-from .row_checks import check_mode, decision_text, derives, nan_rows_in_graph, row_bound, row_check
+from .row_checks import check_mode, decision_text, derives, nan_rows_check, nan_rows_in_graph, row_bound, row_check
 from .sink_views import sink_views
 from .split_outputs import output_pieces, split_op
 
@@ -325,6 +330,15 @@ class _Run:
     detections: dict[int, Detection] = dataclasses.field(default_factory=dict)
     compressed: dict[int, dict[str, dict]] = dataclasses.field(default_factory=dict)  # weight -> format -> constants
     outputs: list[fx.Node] = dataclasses.field(default_factory=list)
+    # the layers a later layer's input order may be folded into (fold_permutations.Placed), by output node
+    placed: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Perm:
+    """A layer's orders (fold_permutations.plan) and whether its x_index goes into its neighbours."""
+    plan: perms.Plan
+    fold: bool
 
 
 def _rewrite_one(run: _Run, site: LinearSite) -> LayerDecision:
@@ -337,29 +351,35 @@ def _rewrite_one(run: _Run, site: LinearSite) -> LayerDecision:
     why = site.why_not or (det.reason if det.pattern == "dense" else None) or _input_mismatch(site)
     if why:
         decision.reason = why
+        _place_dense(run, site, decision)
         return decision
-    layer = _layer(run, site, det)
-    tensors = _tensors(run, site, det, layer)
+    perm = _perm(run, site, det)
+    layer = _layer(run, site, det, perm)
+    tensors = _tensors(run, site, det, layer, perm)
     try:
-        choice = choose(layer, run.opts, _timer(run, site, det, layer, tensors))
+        choice = choose(layer, run.opts, _timer(run, site, det, layer, tensors, perm))
     except Exception as e:  # never break the user's compile
         log.exception("sparse_inductor: dispatch failed for %s", site.name)
         decision.reason = f"internal error in the dispatcher, left dense: {type(e).__name__}: {e}"
         count("internal_error")
+        _place_dense(run, site, decision)
         return decision
     _take(decision, choice, site, det, layer)
     if choice.kernel == "dense":
         if site.node.target in (aten.addmm.default, aten.mm.default):  # for derived_check.py: an fc1 kept dense
             attach_note(site.node, LayerNote(decision, layer, _row_bound(run.gm, site.weight, site)))
         count("kept_dense")
+        _place_dense(run, site, decision)
         return decision
     try:
-        _rewrite(run, site, det, layer, choice, tensors, decision)
+        _rewrite(run, site, det, layer, choice, tensors, decision, perm)
     except Exception as e:  # never break the user's compile
         log.exception("sparse_inductor: rewrite failed for %s", site.name)
         decision.kernel = "dense"
         decision.reason = f"internal error, left dense: {type(e).__name__}: {e}"
+        decision.permutation = ""
         count("internal_error")
+        _place_dense(run, site, decision)
     return decision
 
 
@@ -378,10 +398,11 @@ def _unread_decision(site: LinearSite) -> LayerDecision:
 
 def _detect(run: _Run, site: LinearSite) -> Detection:
     """detect() of the site's weight, once per weight node; an internal error reads as dense."""
-    key = id(site.weight_node)
+    search = _plain_linear(site)  # (the permuted kernels serve mm / addmm, not _int_mm / _scaled_mm)
+    key = (id(site.weight_node), search)
     try:
         if key not in run.detections:
-            run.detections[key] = detect(site.weight, run.opts)
+            run.detections[key] = detect(site.weight, run.opts, search=search)
         return run.detections[key]
     except Exception as e:  # never break the user's compile
         log.exception("sparse_inductor: detection failed for %s", site.name)
@@ -444,26 +465,32 @@ def _input_mismatch(site: LinearSite) -> Optional[str]:
     return None
 
 
-def _layer(run: _Run, site: LinearSite, det: Detection) -> Layer:
+def _layer(run: _Run, site: LinearSite, det: Detection, perm: Optional[_Perm] = None) -> Layer:
     """What the dispatcher is told of the layer: shape, dtypes, device, how its non-finite row check
-    costs (row_checks.check_mode) and whether a later pass will derive that check from the layer
-    before (row_checks.derives)."""
+    costs (row_checks.check_mode), whether a later pass will derive that check from the layer
+    before (row_checks.derives), and whether its kernel reads x gathered / maps its output columns
+    (a weight behind a permutation, graph shuffles: perm)."""
     w, node, x_val = site.weight, site.node, site.x.meta["val"]
     (n, k), m, compute = w.shape, _m_of(site.x), site.dequant or w.dtype
     check = check_mode(site.x, compute, run.opts)
+    x_index = perm is not None and perm.plan.x_index is not None and not perm.fold
+    # (a gathered x before cuSPARSELt hides fc1 from derived_check.py: a 2:4 fc2 keeps its own check)
+    derived = check == "separate" and not (x_index and det.pattern == "2:4") and \
+        derives(run.gm, node, site.x, det.pattern, m, k, site.name, run.opts)
     return Layer(det.pattern, m, n, k, compute, w.device.type, det.block, det.block_density,
                  _compat.device_name(w.device), m_static=isinstance(x_val.shape[0], int),
                  weight_dtype=w.dtype if w.dtype != compute else None, scaled=site.scaled, row_check=check,
                  product=_int8_product(node, run.opts) if node.target is aten._int_mm.default else None,
-                 derived_check=check == "separate" and derives(run.gm, node, site.x, det.pattern, m, k, site.name,
-                                                               run.opts),
+                 derived_check=derived, x_index=x_index,
+                 out_index=perm is not None and perm.plan.out_index is not None,
                  epilogue=_predict(site) if det.pattern == "2:4" else ())
 
 
-def _tensors(run: _Run, site: LinearSite, det: Detection, layer: Layer):
-    """spec -> the compressed constants that kernel family reads, made once per (weight, format)."""
-    w = site.weight
-    made = run.compressed.setdefault(id(site.weight_node), {})
+def _tensors(run: _Run, site: LinearSite, det: Detection, layer: Layer, perm: Optional[_Perm] = None):
+    """spec -> the compressed constants that kernel family reads, made once per (weight, orders,
+    format); a permuted layer's are those of its plan's weight (fold_permutations.Plan.wc)."""
+    w = site.weight if perm is None else perm.plan.wc
+    made = run.compressed.setdefault(_weight_key(site, perm), {})
 
     def tensors(spec: KernelSpec) -> dict:
         fmt = _fmt(spec, det, layer)
@@ -474,12 +501,23 @@ def _tensors(run: _Run, site: LinearSite, det: Detection, layer: Layer):
     return tensors
 
 
-def _timer(run: _Run, site: LinearSite, det: Detection, layer: Layer, tensors) -> Optional[LayerTimer]:
-    """The dispatcher's timer for the layer (measure.py): on CUDA, unless options dispatch="model"."""
+def _timer(run: _Run, site: LinearSite, det: Detection, layer: Layer, tensors,
+           perm: Optional[_Perm] = None) -> Optional[LayerTimer]:
+    """The dispatcher's timer for the layer (measure.py): on CUDA, unless options dispatch="model".
+    A permuted layer's candidates run with its index vectors and are checked against the weight the
+    op computes with (its orders undone)."""
     if layer.device != "cuda" or run.opts.dispatch == "model":
         return None
     specs = {spec.name: spec for spec in kernels(det.pattern)}
-    return LayerTimer(layer, site.weight.detach(), site.bias is not None, run.opts, specs, tensors, _structure(det))
+    w, structure = site.weight.detach(), _structure(det)
+    if perm is not None:
+        w = perm.plan.reference_weight(perm.fold)
+        indices = _index_tensors(perm, w.device)
+        plain = tensors
+
+        def tensors(spec: KernelSpec) -> dict:
+            return {**plain(spec), **indices}
+    return LayerTimer(layer, w, site.bias is not None, run.opts, specs, tensors, structure)
 
 
 def _take(decision: LayerDecision, choice, site: LinearSite, det: Detection, layer: Layer) -> None:
@@ -499,18 +537,23 @@ def _take(decision: LayerDecision, choice, site: LinearSite, det: Detection, lay
 
 
 def _rewrite(run: _Run, site: LinearSite, det: Detection, layer: Layer, choice, tensors,
-             decision: LayerDecision) -> None:
+             decision: LayerDecision, perm: Optional[_Perm] = None) -> None:
     """The graph edit: the chosen kernel's constants and op in place of the matmul, split where the
-    graph splits its output; the layer's note for the passes after this one."""
+    graph splits its output; the layer's note for the passes after this one. A permuted layer's
+    index vectors go into the op (or its x_index into its neighbours), its shuffles out of the graph."""
     spec = {s.name: s for s in kernels(det.pattern)}[choice.kernel]
     fmt = _fmt(spec, det, layer)
-    key = id(site.weight_node)
+    key = _weight_key(site, perm)
     n, k = site.weight.shape
+    if perm is not None and not perm.fold and perm.plan.neighbours_possible() and spec.node_args is not None:
+        perm.fold = True  # (no in-kernel gather: the neighbours' store is cheaper than a pass over x)
     cnodes = run.consts.nodes((key, fmt), tensors(spec), site.node)
+    pnodes = _perm_nodes(run, site, perm, key)
     out = _replace(site, det, spec, cnodes, choice.kernel, choice.params, n, k, check=layer.row_check,
-                   product=layer.product, fixup_in_graph=run.opts.rules.row_fixup_in_graph)
-    pieces = _split(out, site, det, spec, choice.kernel, site.weight, layer, run.consts, key) if spec.split_outputs \
-        else None
+                   product=layer.product, fixup_in_graph=run.opts.rules.row_fixup_in_graph, perm=pnodes)
+    split_ok = spec.split_outputs and (perm is None or perm.plan.out_index is None)
+    w = site.weight if perm is None else perm.plan.wc
+    pieces = _split(out, site, det, spec, choice.kernel, w, layer, run.consts, key) if split_ok else None
     if pieces:
         run.consts.drop_unused((key, fmt))
     run.outputs.extend(pieces or [out])
@@ -520,6 +563,11 @@ def _rewrite(run: _Run, site: LinearSite, det: Detection, layer: Layer, choice, 
     decision.row_check = decision_text(skips_zeros, layer, run.opts)
     if not pieces:  # for the passes after this one: the layer's record, how its check runs, its bound
         attach_note(out, LayerNote(decision, layer, _row_bound(run.gm, site.weight, site)))
+    if perm is not None:
+        _apply_perm(run, site, perm, spec, out, decision)
+    op = out if nan_rows_check(out) is None else out.args[0]  # (cuSPARSELt's row fixup in the graph: y * (1 + g))
+    if not pieces and layer.product is None and perms.is_our_op(op):
+        _place_op(run, site, det, layer, spec, op, decision, perm)
     count("rewrite")
     count("split_outputs", len(pieces or ()))
 
@@ -559,23 +607,27 @@ def _int8_product(node: fx.Node, opts: SparseOptions) -> torch.dtype:
 
 def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[fx.Node, ...], kernel: str,
              params: dict, n: int, k: int, check: str = "fused", product: Optional[torch.dtype] = None,
-             fixup_in_graph: bool = True) -> fx.Node:
+             fixup_in_graph: bool = True, perm: Optional["_PermNodes"] = None) -> fx.Node:
     """The matmul `site.node` replaced by the chosen kernel's op; check: the non-finite row check's
     mode (row_checks.check_mode: "none", "fused", "separate"), for the kernels that need one;
     fixup_in_graph (options rules.row_fixup_in_graph): a library op's row fixup in the pointwise
-    ops after it where every use is one, else in the op."""
+    ops after it where every use is one, else in the op. perm: a permuted layer's index vectors
+    and bias (the template ops take them as arguments; a library op gets x gathered before it)."""
     node, graph = site.node, site.node.graph
     if node.target is aten._scaled_mm.default:
         return _replace_scaled_mm(site, spec, cnodes, params, n, k)
     # read x and bias from the node now: rewrites of earlier layers may have replaced them
     mm = args_of(node)
     bias, x = (mm.self, mm.mat1) if node.target is aten.addmm.default else (None, mm.self)
+    if perm is not None and perm.bias is not None:
+        bias = perm.bias
     if node.target is aten._int_mm.default and spec.node_args is None:
         raise RuntimeError(f"kernel {kernel!r} cannot compute torch._int_mm")
     floating = x.meta["val"].dtype.is_floating_point  # int8 x cannot hold a NaN/Inf
     g = None  # the row check, applied in the graph after the op (row_checks.nan_rows_in_graph)
     if spec.node_args is not None:
-        target, args = spec.node_args(x, cnodes, bias, n, k, params)
+        xg = x if perm is None or perm.x_index is None else perms.gather_x(x, perm.x_index, node)
+        target, args = spec.node_args(xg, cnodes, bias, n, k, params)
         kwargs = {}
         if spec.row_check and floating and check != "none":
             g = row_check(x, node, check)
@@ -586,7 +638,8 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
         # (the reference kernel is dense's F.linear: no check to compute)
         g_block = row_check(x, node, check) if det.pattern == "block" and kernel == "triton" and check == "separate" \
             else None
-        target, args, kwargs = _pattern_op(det, x, cnodes, bias, n, k, kernel, check != "none", g_block)
+        target, args, kwargs = _pattern_op(det, x, cnodes, bias, n, k, kernel, check != "none", g_block,
+                                           *((perm.x_index, perm.out_index) if perm is not None else ()))
     with graph.inserting_before(node):
         if product in (None, torch.int32):
             new = graph.call_function(target, args, kwargs)
@@ -665,19 +718,22 @@ def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node
 
 
 def _pattern_op(det: Detection, x: fx.Node, cnodes: tuple, bias: Any, n: int, k: int, kernel: str,
-                check: bool = True, g: Optional[fx.Node] = None) -> tuple:
+                check: bool = True, g: Optional[fx.Node] = None, x_index: Optional[fx.Node] = None,
+                out_index: Optional[fx.Node] = None) -> tuple:
     """(target, args, kwargs) of the pattern's own op: sparse_inductor::linear_24 / linear_block.
     check=False (options nonfinite="fast"): linear_block(..., guard=False), its kernel without the
     non-finite row check (the 2:4 kernels multiply the zeros, or check inside: nothing to drop);
-    g: the check computed in the graph (sparse_inductor::row_check), linear_block's row_check=."""
+    g: the check computed in the graph (sparse_inductor::row_check), linear_block's row_check=;
+    x_index / out_index: a permuted weight's index constants (the ops' arguments of those names)."""
+    perm = {name: t for name, t in (("x_index", x_index), ("out_index", out_index)) if t is not None}
     if det.pattern == "2:4":
-        return LINEAR_24, (x, *cnodes, bias, kernel), {}
+        return LINEAR_24, (x, *cnodes, bias, kernel), perm
     kwargs = {"guard": False} if not check else {"row_check": g} if g is not None else {}
-    return LINEAR_BLOCK, (x, *cnodes, bias, n, k, kernel), kwargs
+    return LINEAR_BLOCK, (x, *cnodes, bias, n, k, kernel), {**kwargs, **perm}
 
 
 def _split(out: fx.Node, site: LinearSite, det: Detection, spec: KernelSpec, kernel: str, w: torch.Tensor,
-           layer: Layer, consts: _Constants, key: int) -> Optional[list[fx.Node]]:
+           layer: Layer, consts: _Constants, key: Any) -> Optional[list[fx.Node]]:
     """The op `out` (the pattern's own op) split into one op per piece of its output, where the
     graph splits that output (passes/split_outputs.py); None where it does not, or cannot be."""
     if spec.node_args is not None or spec.row_check or out.target not in (LINEAR_24, LINEAR_BLOCK):
@@ -693,6 +749,123 @@ def _split(out: fx.Node, site: LinearSite, det: Detection, spec: KernelSpec, ker
         piece, piece_layer = w[a:b], dataclasses.replace(layer, n=b - a)
         t = spec.compress(piece.detach(), piece_layer) if spec.compress else _compress(det, piece)
         cnodes = consts.nodes((key, _fmt(spec, det, piece_layer), a, b), t, out)
-        return _pattern_op(det, op.x, cnodes, piece_bias, b - a, k, kernel, guard, g)
+        return _pattern_op(det, op.x, cnodes, piece_bias, b - a, k, kernel, guard, g, op.x_index)
 
     return split_op(out, pieces, op.bias, make)
+
+
+# ---- a weight behind a permutation, and the shuffles next to a layer (passes/fold_permutations.py)
+
+def _plain_linear(site: LinearSite) -> bool:
+    """An mm / addmm (float or weight-only int8 W): what the permuted kernels serve."""
+    return site.node.target in (aten.mm.default, aten.addmm.default) and site.scaled is None
+
+
+def _weight_key(site: LinearSite, perm: Optional[_Perm]) -> tuple:
+    """What a layer's constants are made from: its weight node, and its plan's orders."""
+    return (id(site.weight_node),) + (perm.plan.key if perm is not None else ())
+
+
+def _perm(run: _Run, site: LinearSite, det: Detection) -> Optional[_Perm]:
+    """The layer's plan (fold_permutations.plan), or None where nothing is permuted; an internal
+    error is logged and reads as no plan (graph shuffles then stay where they are: a search's order
+    is then not applied either, so the layer stays dense)."""
+    if not _plain_linear(site):
+        return None
+    try:
+        plan = perms.plan(run.gm, site.node, site.x, site.weight, site.bias, det, run.placed)
+    except Exception:  # never break the user's compile
+        log.exception("sparse_inductor: permutation plan failed for %s", site.name)
+        count("internal_error")
+        return None
+    if plan is None:
+        return None
+    return _Perm(plan, plan.x_index is not None and plan.neighbours_free())
+
+
+def _index_tensors(perm: _Perm, device) -> dict[str, torch.Tensor]:
+    """The kernels' index vectors of a plan (int32 on the weight's device), by the ops' argument names."""
+    plan, out = perm.plan, {}
+    if plan.x_index is not None and not perm.fold:
+        out["x_index"] = perms.index_tensor(plan.x_index, device)
+    if plan.out_index is not None:
+        out["out_index"] = perms.index_tensor(plan.out_index, device)
+    return out
+
+
+@dataclasses.dataclass
+class _PermNodes:
+    """What _replace puts into a permuted layer's op: the index constants and the permuted bias."""
+    x_index: Optional[fx.Node]
+    out_index: Optional[fx.Node]
+    bias: Optional[fx.Node]
+
+
+def _perm_nodes(run: _Run, site: LinearSite, perm: Optional[_Perm], key: tuple) -> Optional[_PermNodes]:
+    if perm is None:
+        return None
+    indices = _index_tensors(perm, site.weight.device)
+    nodes = dict(zip(indices, run.consts.nodes((key, "index", perm.fold), indices, site.node))) if indices else {}
+    bias = None
+    if perm.plan.out_perm is not None and site.bias is not None:
+        bias = perms.permuted_constant(run.gm, args_of(site.node).self, perm.plan.out_perm, "_permuted_bias",
+                                       site.node)
+    return _PermNodes(nodes.get("x_index"), nodes.get("out_index"), bias)
+
+
+def _apply_perm(run: _Run, site: LinearSite, perm: _Perm, spec: KernelSpec, out: fx.Node,
+                decision: LayerDecision) -> None:
+    """After the op is in the graph: the shuffles it absorbed taken out, its x_index folded into its
+    neighbours where planned; what went where, in its record and counters."""
+    plan, said = perm.plan, []
+    if plan.out_perm is not None and site.bias is not None:  # (the op reads the bias permuted)
+        erase_constant(run.gm, site.bias)
+    for s in plan.outputs:
+        if s.start is site.node:  # (the matmul the op replaced)
+            s.start = out
+    if plan.inputs or plan.outputs:
+        count("shuffle_fold", perms.remove(plan.inputs + plan.outputs))
+        said += [f"{s.kind} of its input folded" for s in plan.inputs]
+        said += [f"{s.kind} of its output folded" for s in plan.outputs]
+    if plan.agreed:
+        said.append(f"columns in the order {plan.neighbours[0].name} writes")
+    if plan.x_index is not None and perm.fold:
+        names = []
+        for nb in plan.neighbours:
+            what = perms.fold_into(run.gm, nb, plan.x_index, site.name)
+            kept = [p for p in nb.decision.permutation.split("; ") if p and p != perms.STORE_MAPPED]
+            nb.decision.permutation = "; ".join([*kept, what])
+            names.append(nb.name)
+        said.append(f"x's order folded into {', '.join(names)}")
+        count("permutation_fold")
+    elif plan.x_index is not None:
+        gather = "x gathered before the call" if spec.node_args is not None else "x gathered in the kernel's loads"
+        said.append(gather)
+        count("permutation_gather")
+    if plan.out_index is not None:
+        said.append(perms.STORE_MAPPED)
+    elif plan.pattern == "2:4" and plan.out_perm is not None:
+        said.append("rows permuted in its constants")
+    decision.permutation = "; ".join(said)
+
+
+def _place_dense(run: _Run, site: LinearSite, decision: LayerDecision) -> None:
+    """A dense linear a later layer may fold its input order into (its weight's rows, its bias)."""
+    if site.weight is not None and perms.dense_site_ok(run.gm, site.node):
+        run.placed[site.node] = perms.Placed(site.node, "dense", site.name, decision)
+
+
+def _place_op(run: _Run, site: LinearSite, det: Detection, layer: Layer, spec: KernelSpec, out: fx.Node,
+              decision: LayerDecision, perm: Optional[_Perm]) -> None:
+    """A rewritten layer a later layer may fold its input order into (its out_index, its blocks
+    made again, or the rows of its constants)."""
+    plan = perm.plan if perm is not None else None
+
+    def remake(w: torch.Tensor) -> dict:
+        return spec.compress(w, layer) if spec.compress else _compress(det, w)
+
+    blocks = args_of(out).blocks if det.pattern == "block" else None
+    nnzb = int(blocks.meta["val"].shape[0]) if blocks is not None else None
+    run.placed[out] = perms.Placed(out, det.pattern, site.name, decision, out_perm=plan.out_perm if plan else None,
+                                   w=site.weight.detach(), rows=plan.rows if plan else None,
+                                   cols=plan.cols if plan else None, block=det.block, nnzb=nnzb, remake=remake)
