@@ -809,13 +809,13 @@ def bench_cutlass(rows: list, parts=CUTLASS_PARTS, singles=None, batches=None):
             lin = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16).eval()
             with torch.no_grad():
                 lin.weight.copy_(w)
-            t = _ro_case(lin, x, choice)
-            rows.append(dict(section="cutlass", case="linear", N=n, K=k, M=m, **t))
-            extra = (f" {t['choice_kernels']} | {_fmt(t['choice_ro'])} | {_ratio(t['dense_ro'], t['choice_ro'])} |"
+            ro = _ro_case(lin, x, choice)
+            rows.append(dict(section="cutlass", case="linear", N=n, K=k, M=m, **ro))
+            extra = (f" {ro['choice_kernels']} | {_fmt(ro['choice_ro'])} | {_ratio(ro['dense_ro'], ro['choice_ro'])} |"
                      if choice else "")
-            print(f"| {n} | {k} | {m} | {_fmt(t['dense_ro'])} | {_fmt(t['cutlass_ro'])} | "
-                  f"{_ratio(t['dense_ro'], t['cutlass_ro'])} | {t['cutlass_fused']} |{extra} "
-                  f"{t['cutlass_relerr']:.1e} |", flush=True)
+            print(f"| {n} | {k} | {m} | {_fmt(ro['dense_ro'])} | {_fmt(ro['cutlass_ro'])} | "
+                  f"{_ratio(ro['dense_ro'], ro['cutlass_ro'])} | {ro['cutlass_fused']} |{extra} "
+                  f"{ro['cutlass_relerr']:.1e} |", flush=True)
             del lin, w, x
     if "mlp" in parts:
         print("\n| 8 Llama MLP blocks 2:4 (4096 x 14336) | tokens | dense us " + cols + " rel. err (cutlass) |")
@@ -825,14 +825,14 @@ def bench_cutlass(rows: list, parts=CUTLASS_PARTS, singles=None, batches=None):
         prune(model, "2:4")
         for m in batches or CUTLASS_MLP_BATCHES:
             x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-            t = _ro_case(model, x, choice)
+            ro = _ro_case(model, x, choice)
             what = "prefill" if m > 256 else "decode"
-            rows.append(dict(section="cutlass", case="llama_mlp", M=m, **t))
-            extra = (f" {t['choice_kernels']} | {_fmt(t['choice_ro'])} | {_ratio(t['dense_ro'], t['choice_ro'])} |"
+            rows.append(dict(section="cutlass", case="llama_mlp", M=m, **ro))
+            extra = (f" {ro['choice_kernels']} | {_fmt(ro['choice_ro'])} | {_ratio(ro['dense_ro'], ro['choice_ro'])} |"
                      if choice else "")
-            print(f"| {what} | {m} | {_fmt(t['dense_ro'])} | {_fmt(t['cutlass_ro'])} | "
-                  f"{_ratio(t['dense_ro'], t['cutlass_ro'])} | {t['cutlass_fused']} |{extra} "
-                  f"{t['cutlass_relerr']:.1e} |", flush=True)
+            print(f"| {what} | {m} | {_fmt(ro['dense_ro'])} | {_fmt(ro['cutlass_ro'])} | "
+                  f"{_ratio(ro['dense_ro'], ro['cutlass_ro'])} | {ro['cutlass_fused']} |{extra} "
+                  f"{ro['cutlass_relerr']:.1e} |", flush=True)
         del model
         torch.cuda.empty_cache()
 
