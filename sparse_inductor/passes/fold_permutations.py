@@ -519,6 +519,8 @@ def _agree(w: torch.Tensor, det, q: Optional[torch.Tensor], neighbours: Optional
             return found
     if det.pattern != "block" or det.block != nb.block:
         return None
+    if det.perm is None and q is None and nb.out_perm is None and nb.rows is None and nb.cols is None:
+        return None  # nothing permuted on either side: both keep their blocks as stored
     rows_s = det.perm.rows if det.perm is not None else None
     w2 = permute(w.detach(), rows_s, inverse(q))  # its columns in the order the neighbour's output has
     h = shared_order(permute(nb.w, nb.out_perm, nb.cols), w2, nb.block)
