@@ -41,7 +41,7 @@ class Choice:
 
 
 def choose(layer: Layer, opts: SparseOptions, timer: Optional[Timer] = None) -> Choice:
-    cands = [k for k in kernels(layer.pattern) if layer.device in k.devices]
+    cands = [k for k in kernels(layer.pattern) if layer.device in k.devices and k.enabled(opts)]
     if opts.kernel is not None:
         cands = [k for k in cands if k.name == opts.kernel]
     if not cands:

@@ -192,6 +192,9 @@ class SparseOptions:
                        folded into a constant neighbour (passes/fold_permutations.py). Only exact
                        zeros count: a permutation reorders, never prunes. A weight with no more than
                        half of its entries zero is refused before any search (no order can help).
+    experimental:      kernel families that are candidates only where named here (or pinned with
+                       `kernel`), e.g. ("cutlass",): the CUTLASS family gives wrong results on the
+                       H100 so far (docs/decisions.md, "The CUTLASS family").
     permute_budget_s:  the search's time per weight, in seconds (results, refusals included, are cached
                        on disk by the weight's nonzero mask, next to the timing cache; a search over a
                        second is logged).
@@ -215,6 +218,7 @@ class SparseOptions:
     rules: Rules = dataclasses.field(default_factory=Rules)
     permute: bool = True
     permute_budget_s: float = 2.0
+    experimental: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "rules", Rules.of(self.rules))
@@ -228,6 +232,7 @@ class SparseOptions:
             if getattr(self, name) is not None:
                 _check_type(name, getattr(self, name), str, "a string or None")
         object.__setattr__(self, "patterns", _sequence("patterns", self.patterns, str, '("2:4", "block")'))
+        object.__setattr__(self, "experimental", _sequence("experimental", self.experimental, str, '("cutlass",)'))
         sizes = _sequence("block_sizes", self.block_sizes, int, "(32, 64)")
         object.__setattr__(self, "block_sizes", tuple(sorted(set(sizes), reverse=True)))
         bad = [p for p in self.patterns if p not in PATTERNS]

@@ -214,6 +214,12 @@ class KernelSpec:
     split_outputs: bool = False  # split a concatenated layer back at its output's split
     fixup_in_graph: bool = True
     prepare: Optional[Callable[[list], None]] = None
+    # not yet verified on a GPU: a candidate only where the options name it (`kernel`, or
+    # `experimental`), never by default
+    experimental: bool = False
+
+    def enabled(self, opts) -> bool:
+        return not self.experimental or opts.kernel == self.name or self.name in opts.experimental
 
 
 _KERNELS: dict[str, KernelSpec] = {}

@@ -307,7 +307,9 @@ def test_gpu_block_permuted_llama_shape(m):
     x[0, 17] = math.nan
     fmt = compress_block(res.apply(ws), b)
     y = block_linear(x, *fmt, bias, n, k, x_index=x_index, out_index=out_index)
-    assert_matches(y, reference(x, ws, bias, elementwise=True), dtype)
+    # the elementwise fp64 reference holds M x N x K products: 16 rows of it (the NaN row among them)
+    rows = torch.arange(min(m, 16), device=x.device)
+    assert_matches(y[rows], reference(x[rows], ws, bias, elementwise=True), dtype)
 
 
 @pytest.mark.gpu

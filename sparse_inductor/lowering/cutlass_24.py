@@ -1291,7 +1291,8 @@ def kernel_spec():
     is imported (lowering/__init__.py)."""
     return KernelSpec("cutlass", "2:4", ("cuda",), _spec_check, _spec_estimate_us, compress=_spec_compress,
                       fmt="cutlass_sm90", runner=_spec_runner, variants=_spec_variants, node_args=_spec_node_args,
-                      host_heavy=True, row_check=True, fixup_in_graph=False, prepare=_spec_prepare)
+                      host_heavy=True, row_check=True, fixup_in_graph=False, prepare=_spec_prepare,
+                      experimental=True)
 
 
 register_kernel(kernel_spec())

@@ -423,7 +423,7 @@ def _prepare(run: _Run, sites: list[LinearSite]) -> None:
     it can run on the timing device (the CUTLASS family builds all their candidate kernels in one
     parallel build). A layer's Layer is made again when it is decided (earlier rewrites may change
     it; what was not built here is built then). An internal error here costs time, not the compile."""
-    specs = [s for s in kernels() if s.prepare is not None and run.opts.kernel in (None, s.name)]
+    specs = [s for s in kernels() if s.prepare is not None and run.opts.kernel in (None, s.name) and s.enabled(run.opts)]
     if not specs or run.opts.dispatch == "model":
         return
     try:
