@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUTLASS family compiled (the rewrite, the epilogues, the dispatcher) on a GPU machine, in
-# steps that each fit one call of under 10 minutes:
+# steps of under 10 minutes each:
 #   bash bench/gpu_cutlass_compiled.sh build     every library the GPU tests and the bench's cutlass
 #                                               section use, in one parallel build (51 libraries,
 #                                               ~75 s of nvcc and ~5 GB each; as many at once as the

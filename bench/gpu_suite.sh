@@ -4,7 +4,7 @@
 # summary table last; the full logs go to $OUT/gpu_tests.tar.gz.
 #   bash bench/gpu_suite.sh [JOBS] [FILE ...]     (JOBS files at a time, default 1; default: every
 #                                                  test file with GPU tests)
-# Installs the carried wheels (.whl: expecttest, hypothesis, ...) first, as bench/gpu_session.sh.
+# Installs the carried wheels (.whl: expecttest, hypothesis, ...) first, as bench/gpu_all.sh.
 set -o pipefail
 cd "$(dirname "$0")/.."
 JOBS=${1:-1}; shift || true

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU tests and the bench sections in under 10 minutes; whole models in a second run:
-#   bash bench/gpu_session.sh - llama,vit,llama_prefill,vit24
-# Usage: bash bench/gpu_session.sh [sections|-] [e2e models]
-#        bash bench/gpu_session.sh targets   (no GPU tests: every case with a target in
+#   bash bench/gpu_all.sh - llama,vit,llama_prefill,vit24
+# Usage: bash bench/gpu_all.sh [sections|-] [e2e models]
+#        bash bench/gpu_all.sh targets   (no GPU tests: every case with a target in
 #        sparse_inductor/bench.py's TARGETS, whole models in reduce-overhead mode only, ending with
 #        the table of targets against the run)
 # Installs the wheels carried in .whl (expecttest) and the package, runs the GPU tests, then the
