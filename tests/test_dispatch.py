@@ -68,6 +68,24 @@ def test_pinned_kernel_is_the_only_candidate():
     assert c.kernel == "triton" and "cusparselt" not in {n for n, _ in t.calls}
 
 
+def test_experimental_family_is_offered_only_where_named(monkeypatch):
+    """The CUTLASS family (KernelSpec.experimental) is never timed by default; options experimental
+    or kernel name it."""
+    from sparse_inductor.lowering import cutlass_24
+
+    monkeypatch.setattr(cutlass_24.rt, "available", lambda device=None: None)  # (as on an H100 with nvcc)
+    table = {"dense": 100, "triton": 90, "cusparselt": 80, "cutlass": 50}
+    t = fake_timer(table)
+    c = choose(layer(), SparseOptions(), t)
+    assert c.kernel == "cusparselt" and "cutlass" not in {n for n, _ in t.calls} and "cutlass" not in c.candidates
+    for opts in (SparseOptions(experimental=("cutlass",)), SparseOptions(kernel="cutlass")):
+        t = fake_timer(table)
+        c = choose(layer(), opts, t)
+        assert "cutlass" in {n for n, _ in t.calls}, (opts, c)
+    with pytest.raises(TypeError, match="experimental"):
+        SparseOptions(experimental="cutlass")
+
+
 def test_untimeable_kernel_is_skipped_and_untimeable_dense_falls_back_to_the_model():
     c = choose(layer(), SparseOptions(), fake_timer({"dense": 100, "triton": 50}))
     assert c.kernel == "triton" and c.candidates["cusparselt"] is None
