@@ -773,7 +773,7 @@ def _ro_case(model: nn.Module, x: torch.Tensor, choice: bool) -> dict:
         ref = dense(x).float()
         out["dense_ro"] = _bench(lambda: dense(x), rep=200)
         del dense
-        runs = [("cutlass", {"force": True, "kernel": "cutlass"})] + ([("choice", {})] if choice else [])
+        runs = [("cutlass", {"force": True, "kernel": "cutlass"})] + ([("choice", {"experimental": ("cutlass",)})] if choice else [])
         for name, options in runs:
             with collect() as sink:
                 ours = _ro_compiled(model, "sparse", options)
