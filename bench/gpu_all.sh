@@ -11,9 +11,8 @@
 set -o pipefail
 SECTIONS=${1:-cusparselt,quant,int8_act,fp8,linear24,block}
 E2E=${2:-}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >/dev/null 2>&1
+cd "$(dirname "$0")/.."
+. bench/gpu_env.sh
 OUT_DIR=${OUT:-/tmp}
 if [ "$SECTIONS" = "targets" ]; then
   timeout 560 python3 -m sparse_inductor.bench --targets --sections block,quant,cusparselt,int8_act,e2e,compose \

@@ -16,12 +16,7 @@ set -o pipefail
 cd "$(dirname "$0")/.."
 STEP=${1:-tests}
 OUT=${OUT:-/tmp/cutlass_out}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  timeout 20 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    >/dev/null 2>&1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-timeout 20 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >/dev/null 2>&1
+. bench/gpu_env.sh
 export SPARSE_INDUCTOR_CUTLASS_CACHE_DIR=${SPARSE_INDUCTOR_CUTLASS_CACHE_DIR:-$PWD/.carry/cutlass_compiled}
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)

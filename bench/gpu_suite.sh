@@ -8,13 +8,7 @@
 set -o pipefail
 cd "$(dirname "$0")/.."
 JOBS=${1:-1}; shift || true
-if [ -z "${SKIP_INSTALL:-}" ]; then  # (SKIP_INSTALL=1: the caller installed them)
-  if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  fi
-  python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >/dev/null 2>&1
-fi
+. bench/gpu_env.sh
 FILES=("$@")
 [ ${#FILES[@]} -gt 0 ] || mapfile -t FILES < <(grep -l "mark.gpu" tests/test_*.py)
 LOGS=/tmp/gpu_test_logs; rm -rf "$LOGS"; mkdir -p "$LOGS"

@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from ..registry import Fusion
-from .graph import LINEAR_CUTLASS, SPARSE_LINEARS, VIEWS, args_of, identify_activation, is_pointwise, marked
+from .graph import LINEAR_CUTLASS, SPARSE_LINEARS, VIEWS, args_of, identify_activation, is_pointwise, marked, tensor_val
 from .split_outputs import output_pieces
 
 aten = torch.ops.aten
@@ -76,11 +76,6 @@ class Chain:
                                    refused=self.refused + other.refused)
 
 
-def _val(n) -> Optional[torch.Tensor]:
-    v = n.meta.get("val") if isinstance(n, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
 def _same(a, b) -> bool:
     """Two sizes equal (ints, or symbols the shape environment knows to be equal)."""
     if isinstance(a, int) and isinstance(b, int):
@@ -100,8 +95,8 @@ def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _fits(t: fx.Node, cur: fx.Node, v: fx.Node) -> bool:
     """Whether t can be the aux of the chain at cur: of cur's shape, or (before the rewrite, where cur
     may be a view of v) of v's, the [M, N] shape the views sink to."""
-    tv = _val(t)
-    return tv is not None and (_same_shape(tv, _val(cur)) or _same_shape(tv, _val(v)))
+    tv = tensor_val(t)
+    return tv is not None and (_same_shape(tv, tensor_val(cur)) or _same_shape(tv, tensor_val(v)))
 
 
 def depends_on(node: fx.Node, v: fx.Node) -> bool:
@@ -145,7 +140,7 @@ def _sole_user(n: fx.Node) -> Optional[fx.Node]:
 
 def _tensor_inputs(n: fx.Node) -> list[fx.Node]:
     """n's inputs that are tensors (not the sizes a view of a dynamic shape reads)."""
-    return [a for a in n.all_input_nodes if _val(a) is not None]
+    return [a for a in n.all_input_nodes if tensor_val(a) is not None]
 
 
 def _other(node: fx.Node, v: fx.Node) -> Optional[fx.Node]:
@@ -193,7 +188,7 @@ def _activation(v: fx.Node, dtype: torch.dtype, views: bool) -> Optional[tuple[s
         if any(u not in part for n in part if n is not end for u in n.users):
             continue
         nodes = [n for n in region if n in part]
-        ev = _val(end)
+        ev = tensor_val(end)
         if ev is None or ev.dtype != dtype:
             continue
         act = identify_activation(nodes, v, dtype, _ACTS)
@@ -251,7 +246,7 @@ def _silu_of(a: fx.Node, dtype: torch.dtype, views: bool) -> Optional[fx.Node]:
 def chain_after(v: fx.Node, *, views: bool = False) -> Chain:
     """The activation, gate and residual after v (a 16-bit or fp32 linear output) that the kernel
     computes as the graph does."""
-    vv = _val(v)
+    vv = tensor_val(v)
     out = Chain()
     if vv is None or vv.dtype not in (*_16BIT, torch.float32):
         return out
@@ -264,7 +259,7 @@ def chain_after(v: fx.Node, *, views: bool = False) -> Chain:
         name, end, act_nodes = act
         gate_user = _sole_user(end)
         t = _other(gate_user, end) if gate_user is not None and gate_user.target is aten.mul.Tensor else None
-        if name == "silu" and t is not None and _fits(t, end, v) and _val(t).dtype == dtype and not depends_on(t, v):
+        if name == "silu" and t is not None and _fits(t, end, v) and tensor_val(t).dtype == dtype and not depends_on(t, v):
             if is_linear_value(t):  # the gate is the other linear's (silu_aux); this one stays plain
                 return Chain()
             if dtype == torch.float16:
@@ -286,14 +281,14 @@ def chain_after(v: fx.Node, *, views: bool = False) -> Chain:
     user = _sole_user(cur)
     if user is not None and user.target is aten.mul.Tensor and fusion.gate is None:
         a = _other(user, cur)
-        s = _silu_of(a, dtype, views) if a is not None and _val(a) is not None and dtype in _16BIT else None
-        if s is not None and _fits(s, cur, v) and _val(s).dtype in (*_16BIT, torch.float32) \
-                and _val(a).dtype == dtype and not depends_on(s, v):
+        s = _silu_of(a, dtype, views) if a is not None and tensor_val(a) is not None and dtype in _16BIT else None
+        if s is not None and _fits(s, cur, v) and tensor_val(s).dtype in (*_16BIT, torch.float32) \
+                and tensor_val(a).dtype == dtype and not depends_on(s, v):
             if dtype == torch.float16:
                 out.refused.append("silu gate: fp16 (the graph's product sees Inf where the fp32 sum overflows "
                                    "fp16; the kernel's does not)")
             else:
-                fusion = dataclasses.replace(fusion, gate="silu_aux", aux_dtype=_val(s).dtype)
+                fusion = dataclasses.replace(fusion, gate="silu_aux", aux_dtype=tensor_val(s).dtype)
                 aux = s
                 nodes.append(user)
                 cur = user
@@ -302,7 +297,7 @@ def chain_after(v: fx.Node, *, views: bool = False) -> Chain:
                 user = _sole_user(cur)
     if aux is None and user is not None and user.target is aten.add.Tensor:
         r = _other(user, cur)
-        rv = _val(r) if r is not None else None
+        rv = tensor_val(r) if r is not None else None
         if rv is not None and _fits(r, cur, v) and rv.dtype == dtype and not depends_on(r, v):
             if dtype == torch.float16:
                 out.refused.append("residual: fp16 (the graph adds to the output rounded to fp16, Inf where the "
@@ -320,7 +315,7 @@ def chain_after(v: fx.Node, *, views: bool = False) -> Chain:
 def _scale_kind(s: fx.Node, cur: torch.Tensor) -> Optional[str]:
     """"token" ([M, 1]), "weight" ([N] or [1, N]) or "one" (one number) for an fp32 factor of the
     [M, N] product, else None."""
-    sv = _val(s)
+    sv = tensor_val(s)
     if sv is None or sv.dtype != torch.float32:
         return None
     if all(isinstance(d, int) and d == 1 for d in sv.shape):
@@ -333,14 +328,14 @@ def _scale_kind(s: fx.Node, cur: torch.Tensor) -> Optional[str]:
 
 
 def _bias_of(b: Optional[fx.Node], n, dtype: torch.dtype) -> bool:
-    bv = _val(b)
+    bv = tensor_val(b)
     return bv is not None and bv.dim() == 1 and _same(bv.shape[0], n) and bv.dtype == dtype
 
 
 def dequant_chain(p: fx.Node, *, views: bool = False) -> Chain:
     """torch._int_mm's product p (int32 [M, N]) -> float32, its scales, a bias and a cast to 16 bits,
     then chain_after (views: only before the rewrite, where the 16-bit chain may be 3-D)."""
-    pv = _val(p)
+    pv = tensor_val(p)
     c = _sole_user(p)
     if pv is None or pv.dim() != 2 or c is None or c.target not in _CVT or args_of(c).dtype != torch.float32:
         return Chain()
@@ -354,7 +349,7 @@ def dequant_chain(p: fx.Node, *, views: bool = False) -> Chain:
             break
         other = _other(u, cur) if u.target in (aten.mul.Tensor, aten.add.Tensor) else None
         if u.target is aten.mul.Tensor and other is not None and ch.bias is None and not depends_on(other, p):
-            kind = _scale_kind(other, _val(cur))
+            kind = _scale_kind(other, tensor_val(cur))
             if kind == "one":
                 kind = "weight" if "weight" not in kinds else "token"
             if kind is None or kind in kinds:
@@ -382,14 +377,14 @@ def dequant_chain(p: fx.Node, *, views: bool = False) -> Chain:
             cur = b
     ch.end = cur
     ch.fusion = Fusion(out_dtype=out, token_scale=_kind_name(ch.token_scale), weight_scale=_kind_name(ch.weight_scale),
-                       bias=_val(ch.bias).dtype if ch.bias is not None else None)
+                       bias=tensor_val(ch.bias).dtype if ch.bias is not None else None)
     return ch.then(chain_after(cur, views=views)) if out in _16BIT else ch
 
 
 def _kind_name(s: Optional[fx.Node]) -> Optional[str]:
     if s is None:
         return None
-    return "tensor" if all(isinstance(d, int) and d == 1 for d in _val(s).shape) else "vector"
+    return "tensor" if all(isinstance(d, int) and d == 1 for d in tensor_val(s).shape) else "vector"
 
 
 def scaled_chain(op: fx.Node) -> Chain:
@@ -428,7 +423,7 @@ def scaled_chain(op: fx.Node) -> Chain:
     nodes.append(u)
     out = args_of(u).dtype
     ch = Chain(Fusion(out_dtype=out, token_scale=_kind_name(steps["sa"]), weight_scale=_kind_name(steps["sb"]),
-                      bias=_val(bias).dtype if bias is not None else None), u, nodes,
+                      bias=tensor_val(bias).dtype if bias is not None else None), u, nodes,
                token_scale=steps["sa"], weight_scale=steps["sb"], bias=bias, row_check=steps["g"])
     return ch.then(chain_after(u)) if out in _16BIT else ch
 
@@ -448,10 +443,10 @@ def _from_scaled_mm(node: fx.Node) -> Chain:
     """The prediction for a torch._scaled_mm not yet rewritten: its scales, bias and out_dtype are
     the kernel's (the fp8 row guard too), then chain_after."""
     mm = args_of(node)
-    sa, sb = _val(mm.scale_a), _val(mm.scale_b)
+    sa, sb = tensor_val(mm.scale_a), tensor_val(mm.scale_b)
     one = lambda t: all(isinstance(d, int) and d == 1 for d in t.shape)  # noqa: E731
     f = Fusion(out_dtype=mm.out_dtype, token_scale="tensor" if one(sa) else "vector",
-               weight_scale="tensor" if one(sb) else "vector", bias=_val(mm.bias).dtype if mm.bias is not None else None)
+               weight_scale="tensor" if one(sb) else "vector", bias=tensor_val(mm.bias).dtype if mm.bias is not None else None)
     ch = Chain(f, node, [])
     return ch.then(chain_after(node, views=True)) if mm.out_dtype in _16BIT else ch
 

@@ -56,7 +56,7 @@ from ..formats import violations_24
 from ..formats.permute import block_count, permute, rows_for, shared_order
 from ..ops import unpermute
 from .graph import LINEAR_24, LINEAR_BLOCK, LINEAR_CSLT, VIEWS, add_constant, args_of, constant, erase_constant, \
-    erase_dead, is_pointwise, set_args, stamp
+    erase_dead, is_pointwise, set_args, stamp, tensor_val
 
 aten = torch.ops.aten
 
@@ -102,11 +102,6 @@ def _digest(p: Optional[torch.Tensor]) -> Optional[str]:
 
 # ---- column-agnostic ops
 
-def _val(n) -> Optional[torch.Tensor]:
-    v = n.meta.get("val") if isinstance(n, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
 def _same(a, b) -> bool:
     """Two sizes equal without a guard: ints by value, symbolic sizes by their expression."""
     if isinstance(a, int) and isinstance(b, int):
@@ -126,11 +121,11 @@ def _carried(n: fx.Node, c: int) -> Optional[list[fx.Node]]:
     """The inputs of n whose columns are n's own, where n treats every column of its last dim (c
     wide) alike: a view that keeps the last dim, or a pointwise op whose other operands broadcast
     over the columns (numbers, [..., 1] tensors); None where n does not."""
-    val = _val(n)
+    val = tensor_val(n)
     if n.op != "call_function" or val is None or val.dim() == 0 or not _same(val.shape[-1], c):
         return None
     if n.target in VIEWS:
-        src = _val(n.args[0])
+        src = tensor_val(n.args[0])
         return [n.args[0]] if src is not None and src.dim() > 0 and _same(src.shape[-1], c) else None
     if not is_pointwise(n.target) or any(isinstance(v, fx.Node) for v in n.kwargs.values()):
         return None
@@ -140,7 +135,7 @@ def _carried(n: fx.Node, c: int) -> Optional[list[fx.Node]]:
             return None
         if not isinstance(a, fx.Node):
             continue
-        v = _val(a)
+        v = tensor_val(a)
         if v is None:
             return None
         if _broadcast_over_columns(v):
@@ -188,12 +183,12 @@ def _gather_index(gm: fx.GraphModule, idx: fx.Node, c: int) -> Optional[torch.Te
 
 def _shuffle_op(gm: fx.GraphModule, end: fx.Node) -> Optional[Shuffle]:
     """end as index_select / index / gather of its input by a constant permutation of the last dim."""
-    val = _val(end)
+    val = tensor_val(end)
     if end.op != "call_function" or val is None or val.dim() == 0 or not isinstance(val.shape[-1], int):
         return None
     c, nd = val.shape[-1], val.dim()
     src = end.args[0] if end.args else None
-    sv = _val(src)
+    sv = tensor_val(src)
     if sv is None or not _same_shape(sv, val):
         return None
     idx, kind = None, None
@@ -215,7 +210,7 @@ def _channel_shuffle(end: fx.Node, start: fx.Node, chain: list[fx.Node]) -> Opti
     """start -> chain (views, permutes, clones; chain[-1] is end) as a permutation of the last dim:
     the leading dims kept, the last one split, its parts permuted and merged again (e.g.
     x.view(B, g, C // g).transpose(1, 2).reshape(B, C))."""
-    sv, ev = _val(start), _val(end)
+    sv, ev = tensor_val(start), tensor_val(end)
     if sv is None or ev is None or not _same_shape(sv, ev) or not isinstance(ev.shape[-1], int):
         return None
     if not any(n.target in (aten.permute.default, aten.transpose.int) for n in chain):
@@ -223,7 +218,7 @@ def _channel_shuffle(end: fx.Node, start: fx.Node, chain: list[fx.Node]) -> Opti
     lead, c = ev.dim() - 1, ev.shape[-1]
     idx = torch.arange(c)
     for n in chain:
-        v = _val(n)
+        v = tensor_val(n)
         if v is None or v.dim() < lead or not all(_same(a, b) for a, b in zip(v.shape[:lead], ev.shape[:lead])):
             return None
         tail = tuple(v.shape[lead:])
@@ -249,7 +244,7 @@ def _channel_shuffle(end: fx.Node, start: fx.Node, chain: list[fx.Node]) -> Opti
 
 def _channel_up(end: fx.Node) -> Optional[Shuffle]:
     """A channel shuffle ending at `end`, found walking up its inputs."""
-    ev = _val(end)
+    ev = tensor_val(end)
     if ev is None or ev.dim() == 0 or end.op != "call_function" or end.target not in _CHANNEL_OPS:
         return None
     chain, cur = [end], end
@@ -257,7 +252,7 @@ def _channel_up(end: fx.Node) -> Optional[Shuffle]:
         src = cur.args[0]
         if not isinstance(src, fx.Node):
             return None
-        sv = _val(src)
+        sv = tensor_val(src)
         if sv is not None and _same_shape(sv, ev) and src.target not in (aten.permute.default, aten.transpose.int):
             return _channel_shuffle(end, src, list(reversed(chain)))
         if src.op != "call_function" or src.target not in _CHANNEL_OPS or len(src.users) != 1:
@@ -269,7 +264,7 @@ def _channel_up(end: fx.Node) -> Optional[Shuffle]:
 
 def _channel_down(start: fx.Node) -> Optional[Shuffle]:
     """A channel shuffle starting at `start` (its input), found walking down single users."""
-    sv = _val(start)
+    sv = tensor_val(start)
     if sv is None or sv.dim() == 0:
         return None
     chain, cur = [], start
@@ -280,7 +275,7 @@ def _channel_down(start: fx.Node) -> Optional[Shuffle]:
         if u.op != "call_function" or u.target not in _CHANNEL_OPS or u.args[0] is not cur:
             return None
         chain.append(u)
-        uv = _val(u)
+        uv = tensor_val(u)
         if uv is not None and _same_shape(uv, sv) and u.target not in (aten.permute.default, aten.transpose.int):
             return _channel_shuffle(u, start, chain)
         cur = u
@@ -295,7 +290,7 @@ def shuffles_in(gm: fx.GraphModule, x: fx.Node, k: int) -> list[Shuffle]:
         if len(cur.users) != 1:
             break
         s = _shuffle_op(gm, cur) or _channel_up(cur)
-        if s is not None and _val(s.start).shape[-1] == k:
+        if s is not None and tensor_val(s.start).shape[-1] == k:
             found.append(s)
             cur = s.start
             continue

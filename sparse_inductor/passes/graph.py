@@ -162,6 +162,12 @@ def identify_activation(nodes: list[fx.Node], start: fx.Node, dtype: torch.dtype
 
 # ---- the ops' arguments by name
 
+def tensor_val(n: Any) -> Optional[torch.Tensor]:
+    """A node's example value (meta["val"]) where it is a tensor, else None."""
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
 def args_of(node: fx.Node) -> OpArgs:
     """A call_function node's arguments by the names of its op's schema: args_of(node).bias."""
     return OpArgs(node.target, node.args, node.kwargs)
