@@ -4,9 +4,10 @@ marked gpu, its numerics on an H100 / H200.
 CPU, any machine: golden sources (tests/golden/cutlass_*.cu; regenerate with EXPECTTEST_ACCEPT=1
 and read the diff), the EVT nodes each epilogue feature adds, config validation, the compressed
 layout against a plain-Python loop over CuTe's layouts, `available()` reasons, the launcher's
-argument errors.
-CPU with nvcc and the CUTLASS headers (skipped elsewhere, with the reason): one library built for
-sm_90a (BUILT; ~80 s of CPU time, 5 GB of memory), then, from the disk cache, its exports, the
+argument errors, its ctypes call read back through the generated C signatures.
+CPU with nvcc and the CUTLASS headers (skipped elsewhere, with the reason): CuTe's own layouts of
+the compressed operands printed by a small host program, every offset against formats/cutlass_sm90;
+one library built for sm_90a (BUILT; ~80 s of CPU time, 5 GB of memory), then, from the disk cache, its exports, the
 layout against the host port of CUTLASS's compressor compiled into it, and its own refusals (error
 codes, nothing launched). SPARSE_INDUCTOR_TEST_CUTLASS_BUILDS=all, or CI=true, builds the second
 golden kernel too (8-bit layout), the two in one parallel build.
@@ -390,6 +391,65 @@ def test_launcher_argument_errors(kernel, change, msg):
         _NoLibrary(kernel.signature())(x, values, meta, n, **args)
 
 
+def _c_params(src: str, fn: str) -> list[tuple[str, str]]:
+    """[(C type, name)] of the generated extern "C" function `fn` (its full name)."""
+    m = re.search(rf"SI_EXPORT [\w ]+?\*? ?{fn}\((.*?)\)\s*\{{", src, re.S)
+    assert m, fn
+    params = [re.match(r"(.*?)(\w+)$", p.strip()).groups() for p in m.group(1).split(",")]
+    return [(" ".join(t.split()), name) for t, name in params]
+
+
+_CTYPE = {"const void*": ctypes.c_void_p, "void*": ctypes.c_void_p, "cudaStream_t": ctypes.c_void_p,
+          "int": ctypes.c_int, "size_t": ctypes.c_size_t, "long long*": ctypes.POINTER(ctypes.c_longlong),
+          "void": None, "const char*": ctypes.c_char_p}
+
+
+def test_launcher_signatures_are_the_generated_ones():
+    """Every export's parameter types (and si_gemm's names) as GemmLibrary declares them to ctypes."""
+    for kernel in (BUILT, SCALED):
+        src = kernel.source()
+        params = _c_params(src, f"si_gemm_{kernel.name}")
+        assert tuple(name for _, name in params) == rt.GEMM_PARAMS
+        exported = set(re.findall(rf"SI_EXPORT [\w ]+?\*? ?si_(\w+)_{kernel.name}\(", src))
+        assert exported == set(rt._FUNCTIONS)
+        for fn, (restype, argtypes) in rt._FUNCTIONS.items():
+            ret = re.search(rf"SI_EXPORT ([\w ]+?\*?) ?si_{fn}_{kernel.name}\(", src).group(1).strip()
+            assert _CTYPE[ret] == restype, fn
+            assert [_CTYPE[t] for t, _ in _c_params(src, f"si_{fn}_{kernel.name}")] == argtypes, fn
+    with pytest.raises(TypeError, match=r"missing \['y'\]"):
+        rt.gemm_call_args(**{p: 0 for p in rt.GEMM_PARAMS if p != "y"})
+
+
+def test_launcher_passes_each_pointer_where_the_library_reads_it(monkeypatch):
+    """The ctypes call, recorded, read back through the generated C signature: the compressed values
+    go to a_values, x to x, and so on (ctypes takes any address anywhere: a swap gives no error,
+    only wrong outputs, or an illegal address where a buffer is shorter than the one it stands for)."""
+    import contextlib
+    import types
+
+    kernel = CutlassKernel("bf16", CutlassConfig((128, 64, 128)),
+                           Epilogue(bias="bf16", residual=True, weight_scale="vector", token_scale="vector"))
+    calls = []
+    lib = _NoLibrary(kernel.signature())
+    lib._gemm = lambda *a: calls.append(a) or 0
+    lib.workspace_bytes = lambda m, n, k, splits=1: 256
+    monkeypatch.setattr(rt, "_check_cuda", lambda t, name: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: types.SimpleNamespace(cuda_stream=12345))
+    m, n, k = 4, 64, 128
+    a = _call_args(m, n, k)
+    t = dict(bias=torch.zeros(n, dtype=torch.bfloat16), aux=torch.zeros(m, n, dtype=torch.bfloat16),
+             weight_scale=torch.ones(n), token_scale=torch.ones(m), out=torch.empty(m, n, dtype=torch.bfloat16))
+    y = lib(a["x"], a["values"], a["meta"], n, **t)
+    assert y is t["out"] and len(calls) == 1
+    got = dict(zip((name for _, name in _c_params(kernel.source(), f"si_gemm_{kernel.name}")), calls[0]))
+    expect = {"a_values": a["values"].data_ptr(), "a_meta": a["meta"].data_ptr(), "x": a["x"].data_ptr(),
+              "y": t["out"].data_ptr(), "M": m, "N": n, "K": k, "splits": 1, "workspace_bytes": 256,
+              "stream": 12345, **{name: t[name].data_ptr() for name in ("bias", "aux", "weight_scale", "token_scale")}}
+    assert {p: got[p] for p in expect} == expect
+    assert got["workspace"] not in (None, 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Built for sm_90a on this machine (nvcc and the headers), no GPU needed
 # ---------------------------------------------------------------------------------------------
@@ -443,6 +503,75 @@ def test_layout_matches_cutlass_host_port(built, n, k):
     v2, m2 = cf.compress(w, 128)
     assert torch.equal(values.view(torch.int16), v2.view(torch.int16))
     assert torch.equal(meta, m2)
+
+
+# A host-only program (no GPU, ~10 s to compile): where CuTe's fill_layoutA / fill_layoutE of
+# Sm90GemmSparseConfig put each compressed value and each metadata byte, for every dtype and both
+# metadata tile Ks, printed as "dtype N K T" then the byte offsets of E [Me, Ke] and the element
+# offsets of the values [N, Kv] (in the order of the layouts' (row, column) coordinates).
+_LAYOUT_PROBE = r"""
+#include <cstdio>
+#include <vector>
+#include "cutlass/cutlass.h"
+#include "cute/tensor.hpp"
+#include "cutlass/numeric_types.h"
+#include "cutlass/gemm/collective/builders/sm90_sparse_config.inl"
+using namespace cute;
+template <class Raw, int T> void probe(const char* name, int N, int K) {
+  using Config = cutlass::Sm90GemmSparseConfig<sparse_elem<2, Raw>, GMMA::Major::K, sparse_elem<8, uint8_t>, Int<T>>;
+  using U = uint_bit_t<sizeof_bits_v<Raw>>;
+  auto problem = make_tuple(N, 1, K, 1);
+  std::vector<uint8_t> e(1 << 20);
+  std::vector<U> a(1 << 20);
+  Tensor gE = recast<uint8_t>(make_tensor(make_gmem_ptr(recast_ptr<sparse_elem<8, uint8_t>>(e.data())),
+                                          Config::fill_layoutE(problem)));
+  Tensor gA = recast<U>(make_tensor(make_gmem_ptr(recast_ptr<sparse_elem<2, U>>(a.data())),
+                                    Config::fill_layoutA(problem)));
+  printf("%s %d %d %d\n", name, N, K, T);
+  for (int m = 0; m < size<0>(gE); ++m)
+    for (int kb = 0; kb < size<1>(gE); ++kb) printf("%ld ", long(&gE(m, kb, 0) - e.data()));
+  printf("\n%d %d\n", int(size<0>(gE)), int(size<1>(gE)));
+  for (int n = 0; n < size<0>(gA); ++n)
+    for (int k = 0; k < size<1>(gA); ++k) printf("%ld ", long(&gA(n, k, 0) - a.data()));
+  printf("\n%d %d\n", int(size<0>(gA)), int(size<1>(gA)));
+}
+int main() {
+  probe<cutlass::bfloat16_t, 128>("bf16", 72, 200);
+  probe<cutlass::bfloat16_t, 64>("bf16", 130, 96);
+  probe<cutlass::half_t, 64>("fp16", 64, 384);
+  probe<cutlass::half_t, 128>("fp16", 8, 4);
+  probe<int8_t, 128>("int8", 66, 160);
+  probe<int8_t, 128>("int8", 130, 384);
+  probe<cutlass::float_e4m3_t, 128>("e4m3", 64, 256);
+  return 0;
+}
+"""
+
+
+@needs_toolchain
+def test_layout_matches_cute_layouts(tmp_path):
+    """formats/cutlass_sm90 against CuTe's own layouts (the ones the mainloop's TMA reads with), every
+    offset, for 16- and 8-bit operands and metadata tile K 64 and 128."""
+    import subprocess
+
+    inc, util = rt.cutlass_dirs()
+    (tmp_path / "probe.cu").write_text(_LAYOUT_PROBE)
+    exe = str(tmp_path / "probe")
+    subprocess.run([rt.nvcc_path(), "-std=c++17", "--expt-relaxed-constexpr", "-I", inc, "-I", util, "-o", exe,
+                    str(tmp_path / "probe.cu")], check=True, capture_output=True, timeout=600)
+    lines = subprocess.run([exe], check=True, capture_output=True, text=True).stdout.splitlines()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "e4m3": torch.float8_e4m3fn}
+    assert len(lines) == 7 * 5
+    for i in range(0, len(lines), 5):
+        name, n, k, t = lines[i].split()
+        n, k, t, dtype = int(n), int(k), int(t), dtypes[name]
+        e_shape, a_shape = tuple(map(int, lines[i + 2].split())), tuple(map(int, lines[i + 4].split()))
+        (vr, vc), (me, ke) = cf.compressed_shape(n, k, dtype, t)
+        assert e_shape == (me, ke) and a_shape == (vr, vc), lines[i]
+        e_off = torch.tensor([int(v) for v in lines[i + 1].split()]).view(me, ke)
+        assert torch.equal(e_off, cf.meta_byte_offsets(me, ke, cf.element_bits(dtype), t)), lines[i]
+        a_off = torch.tensor([int(v) for v in lines[i + 3].split()]).view(vr, vc)
+        assert torch.equal(a_off, torch.arange(vr * vc).view(vr, vc)), lines[i]  # plain row-major [N, Kv]
 
 
 @needs_toolchain

@@ -45,7 +45,7 @@ log = logging.getLogger("sparse_inductor")
 __all__ = ["ENV_CUTLASS_DIR", "ENV_NVCC", "ENV_CACHE_DIR", "ENV_JOBS", "nvcc_path", "nvcc_version",
            "cutlass_dirs", "cutlass_version", "available", "nvcc_command", "cache_dir", "library_path",
            "build", "build_many", "CutlassBuildError", "CutlassCallError", "GemmSignature", "GemmLibrary",
-           "load_gemm"]
+           "load_gemm", "GEMM_PARAMS", "gemm_call_args"]
 
 ENV_CUTLASS_DIR = "SPARSE_INDUCTOR_CUTLASS_DIR"
 ENV_NVCC = "SPARSE_INDUCTOR_NVCC"
@@ -322,6 +322,31 @@ class GemmSignature:
 
 
 _P, _I, _SZ = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+# The parameters of the generated si_gemm_SUFFIX, in its order (lowering/cutlass_24.py writes the
+# function; tests/test_cutlass.py checks its signature against these names). The call is made
+# from a dict by name (`gemm_call_args`): ctypes takes raw addresses, so a pointer in the wrong
+# place is no error, only wrong outputs or an illegal address.
+GEMM_PARAMS = ("a_values", "a_meta", "x", "y", "bias", "aux", "weight_scale", "token_scale", "M", "N", "K",
+               "splits", "workspace", "workspace_bytes", "stream")
+# (restype, argtypes) of each generated function si_NAME_SUFFIX (a test reads them against the source)
+_FUNCTIONS = {
+    "gemm": (_I, [_P] * 8 + [_I] * 4 + [_P, _SZ, _P]),
+    "can_implement": (_I, [_I] * 4),
+    "workspace": (_SZ, [_I] * 4),
+    "compress": (_I, [_P, _P, _P, _I, _I, _P, _SZ, _P]),
+    "compress_workspace": (_SZ, [_I, _I]),
+    "compressed_shape": (None, [_I, _I, ctypes.POINTER(ctypes.c_longlong)]),
+    "host_compress": (_I, [_P, _P, _P, _I, _I]),
+    "error_string": (ctypes.c_char_p, [_I]),
+}
+
+
+def gemm_call_args(**kw) -> tuple:
+    """si_gemm's positional arguments from keywords named as GEMM_PARAMS (every one given)."""
+    if set(kw) != set(GEMM_PARAMS):
+        raise TypeError(f"si_gemm arguments: missing {sorted(set(GEMM_PARAMS) - set(kw))}, "
+                        f"unknown {sorted(set(kw) - set(GEMM_PARAMS))}")
+    return tuple(kw[p] for p in GEMM_PARAMS)
 _libs: dict[str, ctypes.CDLL] = {}
 _libs_guard = threading.Lock()
 
@@ -346,19 +371,19 @@ class GemmLibrary:
         lib = _load(path)
         s = sig.suffix
 
-        def fn(name, restype, argtypes):
+        def fn(name):
             f = getattr(lib, f"si_{name}_{s}")
-            f.restype, f.argtypes = restype, argtypes
+            f.restype, f.argtypes = _FUNCTIONS[name]
             return f
 
-        self._gemm = fn("gemm", _I, [_P] * 8 + [_I] * 4 + [_P, _SZ, _P])
-        self._can = fn("can_implement", _I, [_I] * 4)
-        self._ws = fn("workspace", _SZ, [_I] * 4)
-        self._compress = fn("compress", _I, [_P, _P, _P, _I, _I, _P, _SZ, _P])
-        self._compress_ws = fn("compress_workspace", _SZ, [_I, _I])
-        self._shape = fn("compressed_shape", None, [_I, _I, ctypes.POINTER(ctypes.c_longlong)])
-        self._host_compress = fn("host_compress", _I, [_P, _P, _P, _I, _I])
-        self._err = fn("error_string", ctypes.c_char_p, [_I])
+        self._gemm = fn("gemm")
+        self._can = fn("can_implement")
+        self._ws = fn("workspace")
+        self._compress = fn("compress")
+        self._compress_ws = fn("compress_workspace")
+        self._shape = fn("compressed_shape")
+        self._host_compress = fn("host_compress")
+        self._err = fn("error_string")
 
     # -- helpers ---------------------------------------------------------------------------
     def error_string(self, code: int) -> str:
@@ -478,9 +503,11 @@ class GemmLibrary:
         ws = self.workspace_bytes(m, n, k, splits)
         work = torch.empty(ws, dtype=torch.uint8, device=device) if ws else None
         with torch.cuda.device(device):
-            rc = self._gemm(x.data_ptr(), values.data_ptr(), meta.data_ptr(), out.data_ptr(),
-                            _ptr(bias), _ptr(aux), _ptr(weight_scale), _ptr(token_scale), m, n, k, splits,
-                            _ptr(work), ws, torch.cuda.current_stream(device).cuda_stream)
+            rc = self._gemm(*gemm_call_args(
+                a_values=values.data_ptr(), a_meta=meta.data_ptr(), x=x.data_ptr(), y=out.data_ptr(),
+                bias=_ptr(bias), aux=_ptr(aux), weight_scale=_ptr(weight_scale), token_scale=_ptr(token_scale),
+                M=m, N=n, K=k, splits=splits, workspace=_ptr(work), workspace_bytes=ws,
+                stream=torch.cuda.current_stream(device).cuda_stream))
         if rc:
             self._raise("gemm", rc)
         return out
