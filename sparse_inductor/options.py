@@ -193,8 +193,8 @@ class SparseOptions:
                        zeros count: a permutation reorders, never prunes. A weight with no more than
                        half of its entries zero is refused before any search (no order can help).
     experimental:      kernel families that are candidates only where named here (or pinned with
-                       `kernel`), e.g. ("cutlass",): the CUTLASS family gives wrong results on the
-                       H100 so far (docs/decisions.md, "The CUTLASS family").
+                       `kernel`), e.g. ("cutlass",): the CUTLASS family, until its GPU tests pass
+                       (docs/decisions.md, "The CUTLASS family").
     permute_budget_s:  the search's time per weight, in seconds (results, refusals included, are cached
                        on disk by the weight's nonzero mask, next to the timing cache; a search over a
                        second is logged).
