@@ -159,6 +159,16 @@ def _what(decisions) -> str:
     return "; ".join(f"{d.kernel} ({d.permutation or 'no permutation'})" for d in decisions)
 
 
+def _scrambled_vs_plain(plain, scrambled, x):
+    """Dense compile of the scrambled layer, sparse compiles of both, and the scrambled one's error
+    against fp64: (dense us, plain us, plain's decisions, scrambled us, its decisions, rel. err)."""
+    t_dense, _, _ = _compiled(scrambled, x, False)
+    t_plain, _, d_plain = _compiled(plain, x, True)
+    t_s, out, dec = _compiled(scrambled, x, True)
+    ref = F.linear(x.double(), scrambled.weight.double(), scrambled.bias.double())
+    return t_dense, t_plain, d_plain, t_s, dec, ((out.double() - ref).norm() / ref.norm()).item()
+
+
 def compiled_table():
     dev, dt = "cuda", torch.bfloat16
     g = torch.Generator().manual_seed(0)
@@ -171,21 +181,13 @@ def compiled_table():
     print("|---|---|---|---|---|---|---|---|")
     for m in (1, 16, 8192):
         x = torch.randn(m, K, device=dev, dtype=dt)
-        t_dense, _, _ = _compiled(scrambled, x, False)
-        t_plain, _, _ = _compiled(plain, x, True)
-        t_s, out, dec = _compiled(scrambled, x, True)
-        ref = F.linear(x.double(), scrambled.weight.double(), scrambled.bias.double())
-        err = ((out.double() - ref).norm() / ref.norm()).item()
+        t_dense, t_plain, _, t_s, dec, err = _scrambled_vs_plain(plain, scrambled, x)
         print(f"| {m} | {t_dense:.1f} | {t_plain:.1f} | {t_s:.1f} | {t_s / t_plain:.2f}x | {t_dense / t_s:.2f}x | "
               f"{_what(dec)} | {err:.1e} |", flush=True)
     w24 = prune_24_(torch.randn(N, K, generator=g)).to(dev, dt)
     plain24, scrambled24 = _linear(w24), _linear(scramble_(w24.clone(), rows=False, seed=2))
     x = torch.randn(1, K, device=dev, dtype=dt)
-    t_dense, _, _ = _compiled(scrambled24, x, False)
-    t_plain, _, d_plain = _compiled(plain24, x, True)
-    t_s, out, dec = _compiled(scrambled24, x, True)
-    ref = F.linear(x.double(), scrambled24.weight.double(), scrambled24.bias.double())
-    err = ((out.double() - ref).norm() / ref.norm()).item()
+    t_dense, t_plain, d_plain, t_s, dec, err = _scrambled_vs_plain(plain24, scrambled24, x)
     print(f"\n2:4 {N}x{K} (+ bias), M = 1, reduce-overhead: dense compile {t_dense:.1f} us; plain 2:4 {t_plain:.1f} us "
           f"({_what(d_plain)}); columns scrambled {t_s:.1f} us ({_what(dec)}; {t_s / t_plain:.2f}x of plain, "
           f"rel. err {err:.1e})", flush=True)

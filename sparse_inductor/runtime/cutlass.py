@@ -347,6 +347,8 @@ def gemm_call_args(**kw) -> tuple:
         raise TypeError(f"si_gemm arguments: missing {sorted(set(GEMM_PARAMS) - set(kw))}, "
                         f"unknown {sorted(set(kw) - set(GEMM_PARAMS))}")
     return tuple(kw[p] for p in GEMM_PARAMS)
+
+
 _libs: dict[str, ctypes.CDLL] = {}
 _libs_guard = threading.Lock()
 
