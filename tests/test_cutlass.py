@@ -127,6 +127,20 @@ def test_names_are_stable_and_distinct():
     assert re.fullmatch(r"bf16_[0-9a-f]{12}", a.name)
 
 
+@pytest.mark.parametrize("fast,kdim,chain", [(False, 512, 4), (True, 512, 8), (True, 4096, 64), (False, 128, 2)])
+def test_fp8_error_bound_follows_the_mma_chain(fast, kdim, chain):
+    """e4m3: 2^-13 per sparse wgmma (k = 64) between fp32 promotions, every 4 MMAs or, with
+    FP8FastAccum, never (cutlass_24.error_bound's comment); fp32 sums: K * 2^-24."""
+    k = CutlassKernel("e4m3", CutlassConfig((128, 32, 128), fast_accum=fast), Epilogue("fp32"))
+    x, w = torch.ones(1, kdim, dtype=torch.float64), torch.ones(1, kdim, dtype=torch.float64)
+    ref = torch.zeros(1, 1, dtype=torch.float64)
+    mmas = kdim // 64
+    want = (chain * 2.0 ** -13 + mmas / chain * 2.0 ** -24 + 16 * 2.0 ** -24) * kdim
+    assert c24.error_bound(k, x, w, ref).item() == pytest.approx(want, rel=1e-12)
+    bf = CutlassKernel("bf16", CutlassConfig((128, 32, 64)), Epilogue("fp32"))
+    assert c24.error_bound(bf, x, w, ref).item() == pytest.approx((kdim + 16) * 2.0 ** -24 * kdim, rel=1e-12)
+
+
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(tile=(96, 64, 64)), "tile M 96"),
     (dict(tile=(64, 64, 64), kernel_schedule="cooperative"), "128 or 256"),

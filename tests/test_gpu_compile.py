@@ -202,6 +202,7 @@ def test_nonfinite_input_rows(pattern, kernel):
         assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
 
 
+@pytest.mark.timing
 def test_default_dispatch_on_h100():
     """Without force: M=1 runs the 2:4 gemv (measured faster), M=64 stays dense (measured slower)."""
     model = prepared(LinearBiasReLU(4096, 4096), "2:4")

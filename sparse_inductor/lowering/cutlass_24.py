@@ -842,11 +842,16 @@ def epilogue_reference(ep: Epilogue, v: torch.Tensor, *, bias=None, aux=None, we
 # the epilogue's chain on |x| @ |W|^T (a bound of every partial sum and intermediate) and
 #   u_out: the output's unit roundoff (bf16 2^-8, fp16 2^-11, fp32 2^-24);
 #   acc:   the accumulation's error relative to mag: K * 2^-24 for fp32 sums of exact products
-#          (first order; int8's int32 sum is exact, its conversion to fp32 rounds once); fp8 tensor
-#          cores keep about 14 bits in their accumulator between the fp32 promotions (DeepSeek-V3
-#          technical report, section 3.3.2), so 2^-13 for e4m3, fast_accum or not (the promotion
-#          bounds a partial sum of one k-tile or, without it, K / tile-K of them);
+#          (first order; int8's int32 sum is exact, its conversion to fp32 rounds once). fp8 tensor
+#          cores keep about 14 bits of the running sum inside the MMA chain (DeepSeek-V3 technical
+#          report, section 3.3.2): each sparse e4m3 wgmma (k = 64) adds with an error of at most
+#          2^-13 of the sum so far, so a chain of c MMAs is off by c * 2^-13 of its magnitude, to
+#          first order. The chain is the MMAs between two fp32 promotions: CUTLASS's fp8 mainloop
+#          promotes every mma_promotion_interval = 4 MMAs (its default), FP8FastAccum never, so c
+#          is min(4, K / 64) or K / 64; the promotions themselves add (K / 64 / c) * 2^-24;
 #   16 * 2^-24: the epilogue's own fp32 steps and libm calls (erff, tanhf, expf: a few ulp each).
+_FP8_MMA_K = 64  # K of one sparse e4m3 wgmma (cute's GMMA_64xNx64_F32E4M3E4M3)
+_FP8_PROMOTION_INTERVAL = 4  # MMAs between fp32 promotions (CUTLASS's mma_promotion_interval)
 _ACT_SLOPE = 1.13  # max |d/dv| of gelu (1.13), gelu_tanh, silu (1.1), relu (1)
 
 
@@ -868,7 +873,13 @@ def error_bound(k: CutlassKernel, x: torch.Tensor, w: torch.Tensor, ref: torch.T
     if ep.residual:
         mag = mag + aux.abs().to(torch.float64)
     u_out = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "fp32": 2.0 ** -24}[ep.out_dtype]
-    acc = 2.0 ** -13 if k.dtype == "e4m3" else x.shape[1] * 2.0 ** -24
+    kdim = x.shape[1]
+    if k.dtype == "e4m3":
+        mmas = -(-kdim // _FP8_MMA_K)
+        chain = mmas if k.config.fast_accum else min(_FP8_PROMOTION_INTERVAL, mmas)
+        acc = chain * 2.0 ** -13 + (mmas / chain) * 2.0 ** -24
+    else:
+        acc = kdim * 2.0 ** -24
     return u_out * ref.abs() + (acc + 16 * 2.0 ** -24) * mag
 
 
