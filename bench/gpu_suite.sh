@@ -5,7 +5,8 @@
 #   bash bench/gpu_suite.sh [JOBS] [FILE ...]     (JOBS files at a time, default 1; default: every
 #                                                  test file with GPU tests, the longest first)
 # Tests marked `timing` (they assert what the dispatcher picks from timings) run after the others,
-# one file at a time, with the GPU to themselves. PER_FILE_TIMEOUT (default 500 s) bounds each file.
+# one file at a time, with the GPU to themselves. PER_FILE_TIMEOUT (default 500 s) bounds each file,
+# TIMING_TIMEOUT (default 200 s) each file's timing tests.
 # Installs the carried wheels (.whl: expecttest, hypothesis, ...) first, as bench/gpu_all.sh.
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -20,10 +21,10 @@ if [ ${#FILES[@]} -eq 0 ]; then
   for f in "${ALL[@]}"; do [[ " ${FILES[*]} " == *" $f "* ]] || FILES+=("$f"); done
 fi
 LOGS=/tmp/gpu_test_logs; rm -rf "$LOGS"; mkdir -p "$LOGS"
-run_one() {  # file, marker expression, log suffix
+run_one() {  # file, marker expression, log suffix, timeout
   f=$1; name=$(basename "$f" .py)$3; start=$(date +%s)
   # OUT unset for the tests: some write generated code there when it is set
-  OUT= timeout "${PER_FILE_TIMEOUT:-500}" python3 -m pytest -q -m "$2" "$f" -p no:cacheprovider --tb=short -rfE \
+  OUT= timeout "${4:-${PER_FILE_TIMEOUT:-500}}" python3 -m pytest -q -m "$2" "$f" -p no:cacheprovider --tb=short -rfE \
     >"$LOGS/$name.log" 2>&1
   echo "$? $(( $(date +%s) - start ))" >"$LOGS/$name.rc"
 }
@@ -31,7 +32,7 @@ export -f run_one; export LOGS
 printf '%s\n' "${FILES[@]}" | xargs -P "$JOBS" -I{} bash -c 'run_one {} "gpu and not timing" ""'
 TIMED=()
 for f in "${FILES[@]}"; do
-  if grep -q "mark.timing" "$f"; then TIMED+=("$f"); run_one "$f" "gpu and timing" "[timing]"; fi
+  if grep -q "mark.timing" "$f"; then TIMED+=("$f"); run_one "$f" "gpu and timing" "[timing]" "${TIMING_TIMEOUT:-200}"; fi
 done
 python3 -c 'import torch, triton; print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)'
 echo "| file | rc | seconds | result |"; echo "|---|---|---|---|"
