@@ -167,7 +167,7 @@ def dense_us(layer: Layer, model: Optional[DeviceModel] = None) -> Optional[floa
     model = model or device_model(layer)
     if model is None or layer.m is None:
         return None
-    es = torch.finfo(layer.dtype).bits // 8
+    es = layer.dtype.itemsize
     byts = es * (layer.n * layer.k + layer.m * layer.k + layer.m * layer.n)
     flops = 2 * layer.m * layer.n * layer.k * (2 if layer.dtype == torch.float32 else 1)
     return max(byts / model.bytes_per_us, flops / model.flops_per_us) + model.launch_us

@@ -42,6 +42,21 @@ def fake_timer(table):
     return timer
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, torch.bfloat16, torch.float32])
+def test_modelled_times_for_every_operand_dtype(dtype):
+    """The roofline estimates take 8-bit layers too (the dense estimate read torch.finfo, which
+    int8 has not: the rewrite of an int8 layer on a GPU failed with a TypeError)."""
+    from sparse_inductor.lowering import triton_24, triton_block
+    from sparse_inductor.registry import dense_us, device_model
+
+    ly = Layer("2:4", 16, 4096, 4096, dtype, "cuda", device_name="NVIDIA H100 80GB HBM3")
+    d = dense_us(ly)
+    assert d is not None and d > 0
+    assert triton_24._estimate_us(ly, device_model(ly)) > 0
+    blk = Layer("block", 16, 4096, 4096, dtype, "cuda", device_name="NVIDIA H100 80GB HBM3", block=64, block_density=0.1)
+    assert triton_block._estimate_us(blk, device_model(blk)) > 0
+
+
 def test_measured_picks_the_fastest_sparse_kernel():
     c = choose(layer(), SparseOptions(), fake_timer({"dense": 100, "triton": 90, "cusparselt": 70}))
     assert c.kernel == "cusparselt" and c.measured and c.params == {"alg_id": 7}

@@ -811,7 +811,7 @@ _GEMV_BW, _DOT_VS_DENSE = 0.8, 0.85
 def _estimate_us(layer, model) -> Optional[float]:
     if model is None or layer.m is None:
         return None
-    es = torch.finfo(layer.dtype).bits // 8
+    es = layer.dtype.itemsize
     m, n, k = layer.m, layer.n, layer.k
     ws = 1 if layer.weight_dtype == torch.int8 else es  # int8 weight-only: one byte a value
     if m == 1 and layer.m_static:  # the gemv template is used only for a static M of 1 (see lower)

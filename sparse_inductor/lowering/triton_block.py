@@ -663,7 +663,7 @@ _BW, _MMA = 0.6, 0.4
 def _estimate_us(layer, model) -> Optional[float]:
     if model is None or layer.m is None or layer.block_density is None:
         return None
-    es = torch.finfo(layer.dtype).bits // 8
+    es = layer.dtype.itemsize
     m, n, k, d = layer.m, layer.n, layer.k, layer.block_density
     weight = d * n * k * (1 if layer.weight_dtype == torch.int8 else es)
     io = 2 * m * k * es + m * n * es  # x read by the guard and (at least once) by the kernel, y
