@@ -8,7 +8,7 @@ the times, the best against dense, and the kernels the dispatcher picked.
 
 Rules (fields of SparseOptions.rules, options.Rules):
 - row-fixup (row_fixup_in_graph): cuSPARSELt's non-finite row fixup folded into the pointwise op
-  after the call (A) vs the op's own nan_rows_ launch (B) (docs/benchmarks.md).
+  after the call (A) vs the op's own nan_rows_ launch (B) (docs/performance.md).
 - pointwise-check (pointwise_producer_check): a row check that joins x's pointwise producer timed
   as one more read of x ("separate", A) vs as free ("fused", B).
 - norm-reads (norm_reads_its_input): a check over the GELU after a cuSPARSELt fc1 (whose row fixup

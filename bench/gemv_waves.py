@@ -2,7 +2,7 @@
 a GPU: per config, the registers ptxas gives it for sm_90a, the programs per SM that allows and the
 waves of the grid at each N. The compiled template renders N and K as literals, and ptxas then
 budgets registers differently from the eager launcher (runtime N and K), so a config's launcher
-timing does not predict its compiled one (docs/benchmarks.md); this predicts the waves.
+timing does not predict its compiled one (docs/performance.md); this predicts the waves.
 
     python bench/gemv_waves.py [--values int8] [--shapes 14336x4096,4096x14336] [--sms 132]
 

@@ -9,7 +9,7 @@ flushed) for the decode and prefill shapes of the bench (N=14336, K=4096, 64x64 
 config, and the five fastest configs. Weights pruned like the bench (lowest-norm blocks zeroed:
 block rows hold binomially many blocks). "dense floor" is F.linear on a dense weight of the same
 bytes (N * density rows): what streaming that much weight costs. --compiled times configs as the
-compiled template runs them (for CONFIGS_SHORT_ROWS: docs/benchmarks.md).
+compiled template runs them (for CONFIGS_SHORT_ROWS: docs/performance.md).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def compiled_experiment(nks, ms, sparsities, act: str, configs: list) -> None:
     act="gelu") block-pruned, compiled with backend="sparse" (force, kernel "triton", nonfinite
     "fast": the template alone) once per config put in CONFIGS for its (block, M bucket), FX cache
     off; against the dense compile of the same module. The epilogue changes what is fastest: on
-    ViT-B's fc1 the GELU took 48.7 -> 88.7 us in the template (H200, docs/benchmarks.md)."""
+    ViT-B's fc1 the GELU took 48.7 -> 88.7 us in the template (H200, docs/performance.md)."""
     import torch.nn as nn
 
     dev, dt, b = "cuda", torch.bfloat16, 64

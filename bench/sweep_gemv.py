@@ -9,7 +9,7 @@ config and the five fastest configs (for triton_24.CONFIGS).
 
 The launcher's ranking does not carry over to the compiled template: Inductor renders N and K as
 literals, ptxas then gives the same config other register counts, so other programs per SM and
-another number of waves (docs/benchmarks.md). --compiled-top N and --compiled-configs time
+another number of waves (docs/performance.md). --compiled-top N and --compiled-configs time
 configs as the template runs them, and --llama times the fastest compiled ones (per value type in
 --values) in 8 Llama MLP blocks (decode, batch 1) against the table's.
 

@@ -54,7 +54,7 @@ class Rules:
                               turn into a reduction: "separate" (one more read of x, the check a
                               kernel of its own), or "fused" (free). On the H200 ViT-B/16's GELU with
                               the check fused ran 27-35 us a layer slower than the GELU alone, more
-                              than a separate pass over x (~20 us; docs/benchmarks.md).
+                              than a separate pass over x (~20 us; docs/performance.md).
     norm_reads_its_input:     a reduction among a pointwise x's sources counts as x's norm (the
                               check then rides in it, timed free) only where the pointwise ops also
                               read what it reduces, as a LayerNorm / RMSNorm does; False: any
@@ -163,7 +163,7 @@ class SparseOptions:
                        never writes the hidden activations (passes/fuse_mlp.py), where it is
                        measured faster than the two layers apart. Off by default: on the H200 the
                        fused kernel ran ViT-B's MLP in 119.9 us against 111.6 for the two layers
-                       apart (docs/benchmarks.md).
+                       apart (docs/performance.md).
     reductions:        how Inductor compiles the activation-quantize kernels around the 8-bit
                        linears (amax over a row, then scale, round, clamp and cast to 8 bits,
                        fused with x's producer):

@@ -4,7 +4,7 @@
 
 The hidden activations h = act(x @ W1^T + b1) [M, H] never reach memory. Unfused, fc1 writes h
 (ViT-B/16 at batch 64: 77 MB) and fc2 reads it back, and dense's non-finite rows need a row check
-that reads it once more (docs/benchmarks.md). Here a program owns one output tile y[m tile, block
+that reads it once more (docs/performance.md). Here a program owns one output tile y[m tile, block
 row rb of W2] and walks the nonzero blocks (rb, j) of W2's block row: for each, it computes the
 hidden tile h[m tile, j*B : +B] from W1's block row j (block_range_acc over its nonzero blocks,
 plus b1, rounded to x's dtype as fc1's output is, then the activation in fp32, rounded again) and

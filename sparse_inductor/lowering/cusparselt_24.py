@@ -30,7 +30,7 @@ def _check(layer) -> Optional[str]:
     return cslt.why_not_runnable(layer.n, layer.k, layer.dtype, _out_dtype(layer) if layer.scaled else None)
 
 
-# Calibration from the H100 (torch 2.11, cuSPARSELt 0.8, bf16, docs/benchmarks.md): with the best
+# Calibration from the H100 (torch 2.11, cuSPARSELt 0.8, bf16, docs/performance.md): with the best
 # algorithm, 1.13-1.48x of cuBLAS at M >= 4096; ~1x at M=64 and 0.5x at M=16.
 def _estimate_us(layer, model) -> Optional[float]:
     if layer.dtype == torch.float8_e4m3fn:

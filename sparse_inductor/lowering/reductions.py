@@ -8,7 +8,7 @@ one: a first loop computes the amax, a second loop computes the same inputs agai
 them. For ViT-H's fc2 input (8224 x 5120: the int32 product, its scales, bias and an erf GELU)
 that is two reads and two GELUs per element, 215 us per call on the H100 where one pass would
 move the bytes in about 70. A persistent reduction keeps the row in registers: one read, one
-GELU: 148 us (bench/profile_models.py, docs/benchmarks.md; still compute-bound).
+GELU: 148 us (bench/profile_models.py, docs/performance.md; still compute-bound).
 
 `quantize_reductions()` is the context the backend compiles in (options reductions="one-pass",
 the default): Inductor's own choice, except that an inner reduction whose kernel stores an 8-bit
@@ -21,7 +21,7 @@ sum_k 0 * x[m, k], FX nodes marked ROW_CHECK_MARK), where the check is Inductor 
 producer: a norm's kernel (a check after a pointwise producer is a kernel of its own,
 lowering/row_check.py), and sparse_inductor::row_check's own CPU lowering (Inductor ops). A GELU +
 check kernel between a cuSPARSELt fc1 and fc2 made persistent ran 994 us per forward against 1092
-looped (the 12 such kernels of ViT-B/16 b64 on the H200; dense's GELU 673; docs/benchmarks.md).
+looped (the 12 such kernels of ViT-B/16 b64 on the H200; dense's GELU 673; docs/performance.md).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ LayerNorm: one more sum over a row it reads anyway), and costly where it is a po
 - after one of our Triton templates (the block-sparse fc1 of a ViT), Inductor moves the GELU out
   of the template's epilogue into the check's reduction kernel: on the H200, ViT-B/16 b64 with 90%
   block-sparse MLPs, fc1's template without its GELU plus the GELU + check kernel took 48.7 + 93.5
-  us a layer, where the template with the GELU took 88.7 (docs/benchmarks.md);
+  us a layer, where the template with the GELU took 88.7 (docs/performance.md);
 - after an extern kernel (a cuSPARSELt fc1), the GELU kernel becomes a reduction kernel: +27-35
   us a layer against the GELU alone, where one more read of x is ~20 (H200, ViT-B/16 b64).
 Here the check is a TritonTemplate: Inductor fuses nothing into its loads (no prologue fusion:
@@ -102,7 +102,7 @@ def pick_config(k: int, m: int | None = None, flagged: bool = False) -> dict:
     (m: the row count, or None when unknown); a row alone takes up to 4096 columns a step (small M:
     one step per row, not a loop: M = 16, K = 4096 ran 1.4 us slower with 4 rows of 1024 columns a
     program on the H200). A plain stream over x: on the H200 these configs ran within 2-6% of the
-    best of a grid of tile shapes (8192x14336: 66.4 us, 3.5 TB/s; docs/benchmarks.md).
+    best of a grid of tile shapes (8192x14336: 66.4 us, 3.5 TB/s; docs/performance.md).
     flagged (the op's `maybe`): FLAGGED_ROWS rows a program (fewer where m is smaller), since most
     programs read only maybe; a guess, not timed."""
     if flagged:

@@ -562,7 +562,7 @@ CONFIGS = {
     "gemv_words_int8": dict(GEMV=True, BLOCK_M=1, BLOCK_N=4, BLOCK_G=512, num_warps=1, num_stages=2),
     "gemv_words_narrow_int8": dict(GEMV=True, BLOCK_M=1, BLOCK_N=16, BLOCK_G=512, num_warps=4, num_stages=2),
     # M > 1: tensor cores. Best found on the H100 (bf16), still slower than dense: M=16 at
-    # 0.79-0.94x, M=64 at 0.61-0.80x (docs/benchmarks.md); the dispatcher keeps those layers dense.
+    # 0.79-0.94x, M=64 at 0.61-0.80x (docs/performance.md); the dispatcher keeps those layers dense.
     "m16": dict(GEMV=False, BLOCK_M=16, BLOCK_N=32, BLOCK_G=64, num_warps=4, num_stages=3),
     "m64": dict(GEMV=False, BLOCK_M=64, BLOCK_N=64, BLOCK_G=32, num_warps=4, num_stages=3),
     "m128": dict(GEMV=False, BLOCK_M=128, BLOCK_N=128, BLOCK_G=32, num_warps=8, num_stages=3),
@@ -570,7 +570,7 @@ CONFIGS = {
 
 
 # Per-GPU replacements of CONFIGS entries, by a substring of the device name (the first match wins).
-# H200, weight-only int8 (docs/benchmarks.md; bench/sweep_gemv.py --compiled-configs).
+# H200, weight-only int8 (docs/performance.md; bench/sweep_gemv.py --compiled-configs).
 # The compiled template's register count, not the launcher's, sets the programs per SM and with it
 # the waves: Inductor renders N and K as literals and ptxas then budgets a config differently (4 rows,
 # 1 warp, BLOCK_G 256: 128 registers as launcher, 79 as template: 25 programs per SM, 1.09 waves at
@@ -802,7 +802,7 @@ def _check(layer) -> Optional[str]:
     return None
 
 
-# Calibration from the H100 sweeps (bf16, docs/benchmarks.md): the gemv streams the compressed
+# Calibration from the H100 sweeps (bf16, docs/performance.md): the gemv streams the compressed
 # weight at ~2.1 TB/s (0.8 of the model's 2.6); the tensor-core path reached at best 0.94x of dense
 # at M=16 and 0.80x at M=64, so it is modelled as dense time / 0.85 and never wins on its own.
 _GEMV_BW, _DOT_VS_DENSE = 0.8, 0.85

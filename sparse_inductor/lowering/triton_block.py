@@ -369,7 +369,7 @@ CONFIGS: dict[tuple[int, int], BlockLinearConfig] = {
 # bucket): each program does one or two steps, so prefetch stages only cost shared memory and
 # occupancy, and the epilogue (a GELU: erf per output) is much of the work; smaller M tiles give
 # more programs a wave. H200, ViT-B's fc1 (3072x768, M = 12608, 90% zero: 1.2 blocks a row) with
-# its GELU, compiled (bench/sweep_block.py --compiled --act gelu, docs/benchmarks.md): the
+# its GELU, compiled (bench/sweep_block.py --compiled --act gelu, docs/performance.md): the
 # table's BLOCK_M 128 / 4 warps / 3 stages 91.4 us, 2 stages 88.6, 1 stage 86.6; BLOCK_M 64 / 4
 # warps / 2 stages 82.8, 1 stage 79.5 (dense compile 143.2). fc2 (768x3072, 4.8 blocks a row) is
 # fastest with the table's (33.1 us; BLOCK_M 64 / 2 stages 35.0).

@@ -10,7 +10,7 @@ with 2:4 linears on cuSPARSELt, post-grad; linear_rewrite's row checks):
     y  = linear_cslt(h, W2c, b2) * (1 + g2)[:, None]
 
 g2 turns the GELU's pointwise kernel into a reduction kernel: 27-35 us a layer on the H200 at
-ViT-B/16 b64 (docs/benchmarks.md), more than cuSPARSELt saves on fc2. After:
+ViT-B/16 b64 (docs/performance.md), more than cuSPARSELt saves on fc2. After:
 
     flag = amax(|x|, 1) + sum(0 * x, 1)                 (in x's norm, beside g1)
     gd   = 0 * log(safe - flag)                         (row_checks.check_from_input: NaN where h

@@ -130,7 +130,7 @@ def _derive_check(a: fx.Node, b: fx.Node, safe: float, note_a: LayerNote, note_b
     NaN/Inf positions as before.
     The flag is two reductions over x that Inductor fuses into x's norm (ViT: LayerNorm), where the
     check over h was a kernel of its own reading the hidden activations (ViT-B/16 b64: 77 MB, ~29 us
-    a layer on the H200, docs/benchmarks.md). Returns g (made before fc1, which _skip_hidden may
+    a layer on the H200, docs/performance.md). Returns g (made before fc1, which _skip_hidden may
     give it too)."""
     old = args_of(b).row_check
     g = check_from_input(args_of(a).x, a, b, safe)

@@ -11,7 +11,7 @@ After:
     h  = linear_cslt(x, W1c, b1, row_check=g1, activation="gelu")
 
 The activation's kernel after the library call, which reads and writes h (ViT-B/16 b64: the GELU
-kernels take 673 us of a ~5500 us forward on the H200, docs/benchmarks.md), is gone; the row fixup moves into
+kernels take 673 us of a ~5500 us forward on the H200, docs/performance.md), is gone; the row fixup moves into
 the op (nan_rows_: a small kernel that writes only the flagged rows), since nothing pointwise is
 left after the call to fold it into.
 

@@ -1,7 +1,7 @@
 """2:4 linears on the GPU's sparse tensor cores through cuSPARSELt, with the plan made once.
 
 Why not just `torch._cslt_sparse_mm`: on the H100 (torch 2.11, cuSPARSELt 0.8) every call of it
-spends ~650 us of host time, whatever M (docs/benchmarks.md), because it builds the descriptors,
+spends ~650 us of host time, whatever M (docs/performance.md), because it builds the descriptors,
 the algorithm selection and the plan, and allocates a workspace, on every call. This module talks
 to the same library through ctypes and keeps one plan per (weight shape, M, dtype, bias, algorithm):
 a call is then one `cusparseLtMatmul` launch plus the output allocation. Where the library cannot
