@@ -14,9 +14,11 @@
    the block kernel on the weight as if stored unscrambled ("plain"); on the scrambled weight
    with x gathered in the kernel and the output columns mapped ("x_index + out_index"); with
    the output columns mapped only ("out_index", the cost of P alone); and with x gathered by a
-   separate index_select before the kernel ("gather x first"). The block kernel runs without its
-   row check (guard=False) in every column, so the numbers are the kernels' own. Also the 2:4
-   gemv layout at M = 1, plain and with x_index.
+   separate index_select before the kernel ("gather x first"); and with both orders as passes of
+   their own, x gathered before and the output's columns after ("both gathered in passes", what
+   the graph runs where neither pass joins a neighbouring kernel). The block kernel runs without
+   its row check (guard=False) in every column, so the numbers are the kernels' own. Also the 2:4
+   gemv layout at M = 1: plain, with x_index, and with x gathered first.
 3. Compiled (GPU, torch.compile(backend="sparse") under mode="reduce-overhead", plain calls of the
    compiled module, us; the dispatcher times and picks as for any model): the 14336x4096 block
    layer (64x64, 90% zero) stored scrambled (rows and columns) against the same weight unscrambled
@@ -106,8 +108,10 @@ def kernel_table():
     fmt = compress_block(wp, B)
     xi, oi = cols.to(torch.int32).contiguous(), rows.to(torch.int32).contiguous()
     print(f"\n### Block kernel, {N}x{K}, {B}x{B} blocks, {SPARSITY:.0%} zero (guard off), us\n")
-    print("| M | dense (scrambled W) | plain | x_index + out_index | out_index | gather x first + out_index |")
-    print("|---|---|---|---|---|---|")
+    back = torch.argsort(rows)  # (y = the kernel's output in its rows' order [:, back])
+    print("| M | dense (scrambled W) | plain | x_index + out_index | out_index | gather x first + out_index "
+          "| both gathered in passes |")
+    print("|---|---|---|---|---|---|---|")
     for m in (1, 16, 8192):
         x = torch.randn(m, K, device=dev, dtype=dt)
         runs = {
@@ -116,13 +120,16 @@ def kernel_table():
             "both": lambda: block_linear(x, *fmt, None, N, K, guard=False, x_index=xi, out_index=oi),
             "out": lambda: block_linear(x, *fmt, None, N, K, guard=False, out_index=oi),
             "first": lambda: block_linear(x.index_select(1, cols), *fmt, None, N, K, guard=False, out_index=oi),
+            "passes": lambda: block_linear(x.index_select(1, cols), *fmt, None, N, K, guard=False).index_select(1, back),
         }
         ref = F.linear(x.float(), ws.float())
-        err = ((runs["both"]().float() - ref).norm() / ref.norm()).item()
-        assert err < 1e-2, err  # the permuted kernel computes the layer (bf16 output: ~2^-8 relative)
+        for name in ("both", "passes"):
+            err = ((runs[name]().float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (name, err)  # the permuted layer computed (bf16 output: ~2^-8 relative)
         with torch.no_grad():
             t = {k: _bench(_graphed(f)) for k, f in runs.items()}
-        print(f"| {m} | {t['dense']:.1f} | {t['plain']:.1f} | {t['both']:.1f} | {t['out']:.1f} | {t['first']:.1f} |",
+        print(f"| {m} | {t['dense']:.1f} | {t['plain']:.1f} | {t['both']:.1f} | {t['out']:.1f} | {t['first']:.1f} | "
+              f"{t['passes']:.1f} |",
               flush=True)
     w24 = prune_24_(torch.randn(N, K, generator=g)).to(dev, dt)
     vm = to_gemv_layout(*compress_24(w24))
@@ -130,7 +137,9 @@ def kernel_table():
     with torch.no_grad():
         plain = _bench(_graphed(lambda: sp24_linear(x, *vm)))
         perm = _bench(_graphed(lambda: sp24_linear(x, *vm, x_index=xi)))
-    print(f"\n2:4 gemv layout, M = 1, {N}x{K}: plain {plain:.1f} us, x_index {perm:.1f} us")
+        first = _bench(_graphed(lambda: sp24_linear(x.index_select(1, cols), *vm)))
+    print(f"\n2:4 gemv layout, M = 1, {N}x{K}: plain {plain:.1f} us, x_index {perm:.1f} us, "
+          f"x gathered first {first:.1f} us")
 
 
 def _compiled(model, x, sparse: bool):

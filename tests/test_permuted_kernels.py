@@ -110,6 +110,31 @@ def test_block_permuted_skipped_rows():
     assert_matches(out[:, live_y], ref[:, live_y], dtype)
 
 
+def test_block_runner_variants_match_fp64():
+    """The dispatcher's runner for each place the orders are applied (tb._variants: in the
+    kernel's loads / store, or gathered in the graph before / after the call): the same y (finite
+    x: the runner times the kernel without its row check, guard=False)."""
+    from sparse_inductor.registry import Layer
+
+    b, m, dtype = 16, 21, torch.float16
+    n, k = 4 * b - 5, 4 * b - 3
+    wp = make_weight(n, k, b, MIXED, dtype)
+    ws, rows, cols = scramble(wp)
+    fmt = compress_block(wp, b)
+    t = {"blocks": fmt.blocks, "row_ptr": fmt.row_ptr, "col_idx": fmt.col_idx, "row_order": fmt.row_order,
+         "x_index": idx(cols), "out_index": idx(rows)}
+    x, bias = make_x(m, k, dtype), make_bias(n, dtype)
+    layer = Layer("block", m, n, k, dtype, DEV, b, 0.5, x_index=True, out_index=True, row_check="none")
+    variants = tb._variants(layer, t)
+    assert variants == [{"x": "loads", "y": "store"}, {"x": "loads", "y": "graph"},
+                        {"x": "graph", "y": "store"}, {"x": "graph", "y": "graph"}]
+    ref = reference(x, ws, bias, elementwise=True)
+    for params in variants:
+        assert_matches(tb._runner(t, bias, layer, params)(x), ref, dtype)
+    plain = Layer("block", m, n, k, dtype, DEV, b, 0.5)
+    assert tb._variants(plain, t) == [{}]
+
+
 def test_block_index_errors():
     b, n, k, dtype = 16, 20, 40, torch.float32
     w = make_weight(n, k, b, [[1, 0, 1], [0, 1, 1]], dtype)
@@ -223,6 +248,21 @@ def test_24_template_source_permuted():
     assert 'def_kernel("X", "V", "META", "X_INDEX")' in body
     assert body.count("X_INDEX, True)") == 2  # the gemv and the dot
     assert t24._template_body(False) == t24._TEMPLATE_BODY
+
+
+def test_24_runner_variants_match_fp64():
+    """The dispatcher's runner with x gathered in the kernel's loads or before the call (t24._variants)."""
+    from sparse_inductor.registry import Layer
+
+    m, n, k = 3, 33, 64
+    x, ws, bias, values, meta, x_index = scrambled_24(n, k, m, torch.float32)
+    layer = Layer("2:4", m, n, k, torch.float32, DEV, m_static=False, x_index=True)
+    assert t24._variants(layer, {}) == [{"x": "loads"}, {"x": "graph"}]
+    assert t24._variants(Layer("2:4", m, n, k, torch.float32, DEV), {}) == [{}]
+    ref = x.double() @ ws.double().T + bias.double()
+    t = {"values": values, "meta": meta, "x_index": x_index}
+    for params in t24._variants(layer, t):
+        assert rel_err(t24._runner(t, bias, layer, params)(x), ref) < TOL_24[torch.float32]
 
 
 def test_24_index_errors():

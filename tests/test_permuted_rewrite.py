@@ -11,6 +11,7 @@ bitwise). Golden graphs: the graph right after the sparse pass (EXPECTTEST_ACCEP
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import re
@@ -237,35 +238,36 @@ view_5: "f32[2, 3, 32]" = torch.ops.aten.reshape.default(linear_24_default, [2, 
 return (view_5,)""")
 
     def test_hidden_order_shared_by_fc1_and_fc2(self):
-        # the hidden units reordered alike in both weights: one order serves both layers (fc2's
-        # columns in it, fc1's blocks made again in it): neither kernel permutes anything
+        # the hidden units reordered alike in both weights: one order serves both layers (fc1's
+        # blocks in it, fc2's weight columns permuted to it before fc2 is detected, so fc2 is
+        # block-sparse as it then stands): neither kernel permutes anything
         model = Mlp(hidden=True)
         r = self.graph(model, with_nonfinite(torch.randn(4, 64)), sparse=2)
         fc1, fc2 = r.decisions
         assert fc1.reason.startswith("block 16x16 after row permutation"), fc1.reason
-        assert fc2.reason.startswith("block 16x16 after column permutation"), fc2.reason
-        assert fc1.permutation == "blocks made again in fc2's input order (no output map)", fc1.permutation
-        assert fc2.permutation == "columns in the order fc1 writes; x's order folded into fc1", fc2.permutation
+        assert fc2.reason.startswith("16x16 blocks"), fc2.reason
+        assert fc1.permutation == "outputs in fc2's input order (no output map)", fc1.permutation
+        assert fc2.permutation == "weight's columns permuted to read fc1's output order", fc2.permutation
         assert "x_index" not in r.graphs[0] and "out_index" not in r.graphs[0]
         self.assertExpectedInline(r.graphs[0], """\
 def forward(self, arg4_1: "f32[4, 64]"):
-_permuted_row_order: "i32[8]" = self._permuted_row_order
-_permuted_col_idx: "i32[8]" = self._permuted_col_idx
-_permuted_row_ptr: "i32[9]" = self._permuted_row_ptr
-_permuted_blocks: "f32[8, 16, 16]" = self._permuted_blocks
+_sparse_1_blocks: "f32[8, 16, 16]" = self._sparse_1_blocks
+_sparse_1_row_ptr: "i32[5]" = self._sparse_1_row_ptr
+_sparse_1_col_idx: "i32[8]" = self._sparse_1_col_idx
+_sparse_1_row_order: "i32[4]" = self._sparse_1_row_order
 _permuted_bias: "f32[128]" = self._permuted_bias
-_sparse_2_blocks: "f32[8, 16, 16]" = self._sparse_2_blocks
-_sparse_2_row_ptr: "i32[5]" = self._sparse_2_row_ptr
-_sparse_2_col_idx: "i32[8]" = self._sparse_2_col_idx
-_sparse_2_row_order: "i32[4]" = self._sparse_2_row_order
+_sparse_0_blocks: "f32[8, 16, 16]" = self._sparse_0_blocks
+_sparse_0_row_ptr: "i32[9]" = self._sparse_0_row_ptr
+_sparse_0_col_idx: "i32[8]" = self._sparse_0_col_idx
+_sparse_0_row_order: "i32[8]" = self._sparse_0_row_order
 arg3_1: "f32[64]" = self._frozen_param3
-linear_block_default: "f32[4, 128]" = torch.ops.sparse_inductor.linear_block.default(arg4_1, _permuted_blocks, _permuted_row_ptr, _permuted_col_idx, _permuted_row_order, _permuted_bias, 128, 64, 'reference')
+linear_block_default: "f32[4, 128]" = torch.ops.sparse_inductor.linear_block.default(arg4_1, _sparse_0_blocks, _sparse_0_row_ptr, _sparse_0_col_idx, _sparse_0_row_order, _permuted_bias, 128, 64, 'reference')
 mul: "f32[4, 128]" = torch.ops.aten.mul.Tensor(linear_block_default, 0.5)
 mul_1: "f32[4, 128]" = torch.ops.aten.mul.Tensor(linear_block_default, 0.7071067811865476)
 erf: "f32[4, 128]" = torch.ops.aten.erf.default(mul_1)
 add: "f32[4, 128]" = torch.ops.aten.add.Tensor(erf, 1)
 mul_2: "f32[4, 128]" = torch.ops.aten.mul.Tensor(mul, add)
-linear_block_default_1: "f32[4, 64]" = torch.ops.sparse_inductor.linear_block.default(mul_2, _sparse_2_blocks, _sparse_2_row_ptr, _sparse_2_col_idx, _sparse_2_row_order, arg3_1, 64, 128, 'reference')
+linear_block_default_1: "f32[4, 64]" = torch.ops.sparse_inductor.linear_block.default(mul_2, _sparse_1_blocks, _sparse_1_row_ptr, _sparse_1_col_idx, _sparse_1_row_order, arg3_1, 64, 128, 'reference')
 return (linear_block_default_1,)""")
 
     def test_independent_orders_compose(self):
@@ -301,6 +303,108 @@ add: "f32[4, 128]" = torch.ops.aten.add.Tensor(erf, 1)
 mul_2: "f32[4, 128]" = torch.ops.aten.mul.Tensor(mul, add)
 linear_block_default_1: "f32[4, 64]" = torch.ops.sparse_inductor.linear_block.default(mul_2, _sparse_2_blocks, _sparse_2_row_ptr, _sparse_2_col_idx, _sparse_2_row_order, arg3_1, 64, 128, 'reference', out_index = _sparse_3_out_index)
 return (linear_block_default_1,)""")
+
+    def test_output_order_read_by_a_dense_layer_after(self):
+        # fc1 behind a row order, fc2 with no zero at all: fc1 writes its outputs in its blocks'
+        # order (no output map) and fc2's weight columns are permuted to read them so
+        model = Mlp(d=64, h=128)
+        with torch.no_grad():
+            model.fc1.weight.copy_(scrambled_block(128, 64, seed=5))
+            model.fc2.weight.normal_()
+        r = self.graph(model, with_nonfinite(torch.randn(4, 64)), sparse=1)
+        fc1, fc2 = r.decisions
+        assert fc1.permutation == "x gathered in the kernel's loads; outputs in fc2's input order (no output map)", \
+            fc1.permutation
+        assert fc2.kernel == "dense" and fc2.permutation == "weight's columns permuted to read fc1's output order"
+        assert "out_index" not in r.graphs[0]
+        self.assertExpectedInline(r.graphs[0], """\
+def forward(self, arg4_1: "f32[4, 64]"):
+_permuted_weight: "f32[128, 64]" = self._permuted_weight
+_permuted_bias: "f32[128]" = self._permuted_bias
+_sparse_1_x_index: "i32[64]" = self._sparse_1_x_index
+_sparse_0_blocks: "f32[9, 16, 16]" = self._sparse_0_blocks
+_sparse_0_row_ptr: "i32[9]" = self._sparse_0_row_ptr
+_sparse_0_col_idx: "i32[9]" = self._sparse_0_col_idx
+_sparse_0_row_order: "i32[8]" = self._sparse_0_row_order
+arg3_1: "f32[64]" = self._frozen_param3
+linear_block_default: "f32[4, 128]" = torch.ops.sparse_inductor.linear_block.default(arg4_1, _sparse_0_blocks, _sparse_0_row_ptr, _sparse_0_col_idx, _sparse_0_row_order, _permuted_bias, 128, 64, 'reference', x_index = _sparse_1_x_index)
+mul: "f32[4, 128]" = torch.ops.aten.mul.Tensor(linear_block_default, 0.5)
+mul_1: "f32[4, 128]" = torch.ops.aten.mul.Tensor(linear_block_default, 0.7071067811865476)
+erf: "f32[4, 128]" = torch.ops.aten.erf.default(mul_1)
+add: "f32[4, 128]" = torch.ops.aten.add.Tensor(erf, 1)
+mul_2: "f32[4, 128]" = torch.ops.aten.mul.Tensor(mul, add)
+addmm_1: "f32[4, 64]" = torch.ops.aten.addmm.default(arg3_1, mul_2, _permuted_weight)
+return (addmm_1,)""")
+
+    def test_orders_applied_in_the_graph(self):
+        # the dispatcher's choice (tb._variants, timed on a GPU) to gather x before the call and the
+        # outputs after it: the op reads no index vector, two index nodes around it, its bias in
+        # its rows' order
+        from sparse_inductor.passes import linear_rewrite
+
+        real = linear_rewrite.choose
+
+        def choose(layer, opts, timer):
+            c = real(layer, opts, timer)
+            assert layer.x_index and layer.out_index
+            return dataclasses.replace(c, params={"x": "graph", "y": "graph"})
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(linear_rewrite, "choose", choose)
+            r = self.graph(One(scrambled_block(64, 64)), with_nonfinite(torch.randn(4, 64)))
+        (d,) = r.decisions
+        assert d.permutation == "x gathered before the call; outputs mapped to their columns after the call (a gather)"
+        assert "x_index = " not in r.graphs[0] and "out_index = " not in r.graphs[0]
+        self.assertExpectedInline(r.graphs[0], """\
+def forward(self, arg2_1: "f32[4, 64]"):
+_sparse_2_out_gather: "i32[64]" = self._sparse_2_out_gather
+_permuted_bias: "f32[64]" = self._permuted_bias
+_sparse_1_x_index: "i32[64]" = self._sparse_1_x_index
+_sparse_0_blocks: "f32[4, 16, 16]" = self._sparse_0_blocks
+_sparse_0_row_ptr: "i32[5]" = self._sparse_0_row_ptr
+_sparse_0_col_idx: "i32[4]" = self._sparse_0_col_idx
+_sparse_0_row_order: "i32[4]" = self._sparse_0_row_order
+index_tensor: "f32[4, 64]" = torch.ops.aten.index.Tensor(arg2_1, [None, _sparse_1_x_index])
+linear_block_default: "f32[4, 64]" = torch.ops.sparse_inductor.linear_block.default(index_tensor, _sparse_0_blocks, _sparse_0_row_ptr, _sparse_0_col_idx, _sparse_0_row_order, _permuted_bias, 64, 64, 'reference')
+index_tensor_1: "f32[4, 64]" = torch.ops.aten.index.Tensor(linear_block_default, [None, _sparse_2_out_gather])
+relu: "f32[4, 64]" = torch.ops.aten.relu.default(index_tensor_1)
+return (relu,)""")
+
+
+class Residual(nn.Module):
+    """fc1 -> GELU (+ x, a tensor with columns of its own) -> fc2; or fc1's output also returned."""
+
+    def __init__(self, also_out=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 64)
+        with torch.no_grad():
+            self.fc1.weight.copy_(scrambled_block(64, 64, seed=7))
+        self.also_out = also_out
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.also_out:
+            return self.fc2(nn.functional.gelu(h)), h
+        return self.fc2(nn.functional.gelu(h) + x)
+
+
+@pytest.mark.parametrize("also_out", [False, True], ids=["residual_between", "output_read_twice"])
+def test_output_order_stays_mapped_where_the_layer_after_cannot_take_it(also_out):
+    model = Residual(also_out).eval()
+    x = torch.randn(5, 64)
+    torch._dynamo.reset()
+    r = run_sparse(model, (x,), options=FORCE)
+    fc1 = next(d for d in r.decisions if d.name == "fc1")
+    assert fc1.sparse and fc1.permutation.endswith("outputs mapped to their columns in the kernel's store"), \
+        fc1.permutation
+    fc2 = next(d for d in r.decisions if d.name == "fc2")
+    assert fc2.permutation == "", fc2.permutation
+    outs = r.outputs[0] if also_out else (r.outputs[0],)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(x.double())
+    for o, e in zip(outs, ref64 if also_out else (ref64,)):
+        assert_close_fp64(o, e, torch.float32)
 
 
 # ---------------------------------------------------------------- generated code: no extra kernel

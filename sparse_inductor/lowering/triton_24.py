@@ -821,11 +821,20 @@ def _estimate_us(layer, model) -> Optional[float]:
 
 
 def _runner(t, bias, layer, params):
-    # what the lowering emits: the gemv only for a static M of 1, else the tensor-core config
-    # sized by the hint (see lower)
+    """The kernel as the lowering emits it: the gemv only for a static M of 1, else the tensor-core
+    config sized by the hint (see lower). A column-permuted weight (layer.x_index): x gathered in
+    the kernel's loads (params x "loads"), or before the call ("graph": a pass of its own here; in
+    the compiled graph Inductor puts it into the kernel that makes x)."""
     cfg = None if layer.m_static else pick_config(max(2, layer.m), layer.n, layer.k)
-    xi = t.get("x_index") if layer.x_index else None  # a permuted weight: x gathered in the kernel's loads
+    xi = t.get("x_index") if layer.x_index else None
+    if xi is not None and params.get("x") == "graph":
+        return lambda x: sp24_linear(x.index_select(1, xi), t["values"], t["meta"], bias, config=cfg)
     return lambda x: sp24_linear(x, t["values"], t["meta"], bias, config=cfg, x_index=xi)
+
+
+def _variants(layer, tensors) -> list[dict]:
+    """A column-permuted weight: x gathered in the kernel's loads or before the call (_runner)."""
+    return [{"x": "loads"}, {"x": "graph"}] if layer.x_index else [{}]
 
 
 def _gemv_layout(layer) -> bool:
@@ -846,4 +855,4 @@ def _compress(w, layer) -> dict:
 
 
 register_kernel(KernelSpec("triton", "2:4", ("cuda",), _check, _estimate_us, compress=_compress, fmt=_fmt,
-                           runner=_runner, split_outputs=True))
+                           runner=_runner, variants=_variants, split_outputs=True))

@@ -678,19 +678,38 @@ def _runner(t, bias, layer, params):
     it runs compiled). "fused": the reduction rides in the kernel that makes x (a norm); "none": no check
     (options nonfinite="fast"); layer.derived_check: the check comes from the input of the block fc1
     before it (passes/fuse_mlp.py), reductions in that layer's norm, no pass over x. A permuted weight
-    (layer.x_index / out_index): the kernel with the constants' index vectors, x gathered in its loads
-    and its output columns mapped in its store, as the template runs it."""
+    (layer.x_index / out_index), where the orders are applied (params, _variants): "loads" / "store",
+    the template's index vectors (x gathered in its loads, its output columns mapped in its store);
+    "graph", a gather of x before the call / of the output after it, timed as a pass of its own (in
+    the compiled graph Inductor puts it into the kernel that makes x, or reads the output)."""
     separate = layer.row_check == "separate" and not layer.derived_check
     xi, oi = t.get("x_index") if layer.x_index else None, t.get("out_index") if layer.out_index else None
+    x_first = xi is not None and params.get("x") == "graph"
+    y_after = oi is not None and params.get("y") == "graph"
+    back = torch.argsort(oi) if y_after else None  # (y = the kernel's output in its rows' order [:, back])
+    b_k = bias.index_select(0, oi.long()) if y_after and bias is not None else bias
 
     def run(x):
         if separate:
             torch.sum(x, dim=-1, dtype=torch.float32)
-        return block_linear(x, t["blocks"], t["row_ptr"], t["col_idx"], t["row_order"], bias,
-                            layer.n, layer.k, guard=False, x_index=xi, out_index=oi)
+        if x_first:
+            x = x.index_select(1, xi)
+        y = block_linear(x, t["blocks"], t["row_ptr"], t["col_idx"], t["row_order"], b_k, layer.n, layer.k,
+                         guard=False, x_index=None if x_first else xi, out_index=None if y_after else oi)
+        return y.index_select(1, back) if y_after else y
 
     return run
 
 
+def _variants(layer, tensors) -> list[dict]:
+    """Where a permuted weight's orders are applied (_runner): x in the kernel's loads or gathered
+    before the call; the outputs mapped in its store or gathered back after it. The loads and the
+    store win at decode sizes, the graph's passes at large M, where a scattered load or store costs
+    more than a pass over x or y (docs/benchmarks.md#permuted-scrambled-sparsity)."""
+    xs = ("loads", "graph") if layer.x_index else (None,)
+    ys = ("store", "graph") if layer.out_index else (None,)
+    return [{k: v for k, v in (("x", a), ("y", b)) if v is not None} for a in xs for b in ys]
+
+
 register_kernel(KernelSpec("triton", "block", ("cuda",), _check_layer, _estimate_us, runner=_runner,
-                           split_outputs=True))
+                           variants=_variants, split_outputs=True))

@@ -18,6 +18,28 @@ at out_index[n'], Inductor's epilogue then reading y's own columns):
     z = sparse_inductor.linear_block(x, blocks(W[rows][:, cols]), ..., b[p], N, K, kernel,
                                      x_index=q[cols], out_index=p^-1[rows])
 
+Where the dispatcher's timing says so (the kernels' variants: a scattered load or store costs more
+than a pass at large M), the orders go into the graph instead, as gathers Inductor puts into the
+kernels that make x and read z (Plan.gathered_after):
+
+    xs = aten.index.Tensor(x, [None, q[cols]])
+    yp = sparse_inductor.linear_block(xs, blocks(W[rows][:, cols]), ..., b[p][oi], N, K, kernel)
+    z  = aten.index.Tensor(yp, [None, inverse(oi)])                     # oi = p^-1[rows]
+
+The output order read downstream: where all of the layer's output reaches one dense linear with a
+constant weight W2 as its input, through column-agnostic ops only (downstream), that linear reads
+the op's rows in their order and its weight's columns are permuted alike (fold_down), before it is
+itself detected; the order is first one shared by both weights (shared_order), so a model whose
+hidden units were reordered alike gets both layers back as blocks with nothing permuted:
+
+    h = linear_block(x, blocks(W1[r]), ..., b1[r], ...)              # (no out_index)
+    a = aten.gelu(h)
+    y = aten.addmm(b2, a, W2[:, r]^T)                                 # W2[:, r]: detected as it now stands
+
+Taken where W2 has no zero at all or W2[:, r] is block-sparse as stored (the downstream linear then
+needs no order of its own). The downstream sum over its input runs in another order, as a sparse
+kernel's does.
+
 2:4 weights keep their rows (2:4 is a property of each row): the rows of the compressed constant are
 W[p]'s, and only x_index remains (linear_24(x, compress(W[p][:, cols]), b[p], kernel, x_index=q[cols])).
 cuSPARSELt has no gather of its own: x_index becomes `aten.index_select(x, 1, x_index)` before the
@@ -62,7 +84,7 @@ aten = torch.ops.aten
 
 __all__ = ["Shuffle", "Placed", "Plan", "plan", "shuffles_in", "shuffles_out", "in_perm", "out_perm", "upstream",
            "remove", "fold_into", "permuted_constant", "gather_x", "is_our_op", "dense_site_ok", "compose", "inverse",
-           "is_identity", "index_tensor"]
+           "is_identity", "index_tensor", "downstream", "fold_down", "gather_after"]
 
 STORE_MAPPED = "outputs mapped to their columns in the kernel's store"  # (a block layer's own out_index)
 _CHANNEL_OPS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.permute.default,
@@ -434,6 +456,11 @@ class Plan:
                _agree's, for the Placed record.
     key:       what the constants depend on, beyond the weight (for sharing them).
     agreed:    the column order is the block layer before's output order (_agree), not the search's.
+    after:     int64 [N]: the op's output is read through a gather of its columns by `after` (the
+               output map applied in the graph: gathered_after), None: read as the op writes it.
+    down:      the dense linear after the layer that reads its output in the op's order (downstream):
+               the op writes y[:, out_perm] with no out_index, and fold_down permutes that linear's
+               weight columns alike (None: the op maps its outputs itself, or has no order to map).
     """
     pattern: str
     wc: torch.Tensor
@@ -447,6 +474,16 @@ class Plan:
     cols: Optional[torch.Tensor]
     key: tuple
     agreed: bool
+    down: Optional[fx.Node] = None
+    after: Optional[torch.Tensor] = None
+
+    def gathered_after(self) -> "Plan":
+        """The plan with its output map applied after the call instead of in the kernel's store: the
+        op writes wc's rows in their order (the layer's y[:, out_perm[out_index]], its bias so
+        permuted) and a gather of the output's columns by `after` (inverse(out_index)) puts them
+        back, a gather Inductor puts into the kernel that reads it."""
+        return dataclasses.replace(self, out_index=None, out_perm=compose(self.out_perm, self.out_index),
+                                   after=inverse(self.out_index))
 
     def neighbours_possible(self) -> bool:
         """x_index can go into the layers before (at some cost to them, maybe)."""
@@ -463,10 +500,11 @@ class Plan:
 
 
 def plan(gm: fx.GraphModule, node: fx.Node, x: fx.Node, w: torch.Tensor, bias: Optional[fx.Node], det,
-         placed: dict) -> Optional[Plan]:
+         placed: dict, max_density: float = 0.0) -> Optional[Plan]:
     """The plan of a layer (the mm / addmm `node` with input x, weight W [N, K] as stored, its
-    detection det, sparse; placed: the layers before it, fold_permutations.Placed by output node),
-    or None where nothing is permuted (the rewrite then runs as for any layer)."""
+    detection det, sparse; placed: the layers before it, fold_permutations.Placed by output node;
+    max_density: the options' max_block_density, for the layer after it: _down_order), or None
+    where nothing is permuted (the rewrite then runs as for any layer)."""
     n, k = w.shape
     perm = det.perm
     rows_s = perm.rows if perm is not None else None
@@ -481,9 +519,17 @@ def plan(gm: fx.GraphModule, node: fx.Node, x: fx.Node, w: torch.Tensor, bias: O
         rows_s, cols_s = agreed
     if perm is None and agreed is None and not inputs and not outputs:
         return None
-    dev = w.device
     x_index = _or_none(compose(q, cols_s))
-    if det.pattern == "block":
+    down = None
+    if det.pattern == "block" and rows_s is not None and not outputs:
+        found = _down_order(gm, node, w, det, rows_s, cols_s, max_density)
+        if found is not None:
+            down, rows_s = found
+    if det.pattern == "block" and down is not None:
+        wc = permute(w.detach(), rows_s, cols_s)
+        out_index, p = None, rows_s  # (the op's output is y[:, rows_s], read so by `down`)
+        key = ("block", _digest(rows_s), _digest(cols_s))
+    elif det.pattern == "block":
         wc = w.detach() if rows_s is None and cols_s is None else permute(w.detach(), rows_s, cols_s)
         out_index = _or_none(compose(inverse(p), rows_s) if rows_s is not None else inverse(p))
         key = ("block", _digest(rows_s), _digest(cols_s))
@@ -492,7 +538,7 @@ def plan(gm: fx.GraphModule, node: fx.Node, x: fx.Node, w: torch.Tensor, bias: O
         out_index = None
         key = ("2:4", _digest(p), _digest(cols_s))
     return Plan(det.pattern, wc, x_index, out_index, p, inputs, outputs, neighbours if x_index is not None else None,
-                rows_s, cols_s, key, agreed is not None)
+                rows_s, cols_s, key, agreed is not None, down)
 
 
 def _agree(w: torch.Tensor, det, q: Optional[torch.Tensor], neighbours: Optional[list]):
@@ -538,6 +584,76 @@ def _keeps(w: torch.Tensor, det, cols: torch.Tensor):
     return (rows, cols) if nnzb <= have else None
 
 
+def downstream(gm: fx.GraphModule, node: fx.Node, n: int) -> Optional[fx.Node]:
+    """The one dense linear (mm / addmm with a constant weight, dense_site_ok) that all of node's
+    output (n columns) reaches, as its input, through column-agnostic ops that nothing else reads,
+    with no other tensor with columns of its own coming in (upstream, from that linear); else None."""
+    inside, todo, found = {node}, [node], set()
+    while todo:
+        cur = todo.pop()
+        for u in cur.users:
+            if u in inside or u in found:
+                continue
+            if u.op == "call_function" and u.target in _DENSE_LINEARS:
+                mm = args_of(u)
+                x = mm.self if u.target is aten.mm.default else mm.mat1
+                if x is cur and mm.mat2 is not cur and (u.target is aten.mm.default or mm.self is not cur):
+                    found.add(u)
+                    continue
+                return None
+            carried = _carried(u, n)
+            if not carried or cur not in carried:
+                return None
+            inside.add(u)
+            todo.append(u)
+    if len(found) != 1:
+        return None
+    (c,) = found
+    mm = args_of(c)
+    if not dense_site_ok(gm, c) or len(mm.mat2.users) != 1:
+        return None
+    mark = Placed(node, "dense", "", None)  # (upstream's leaf record for this layer)
+    x = mm.self if c.target is aten.mm.default else mm.mat1
+    return c if upstream(x, c, {node: mark}, n) == [mark] else None
+
+
+def _down_order(gm: fx.GraphModule, node: fx.Node, w: torch.Tensor, det, rows: torch.Tensor,
+                cols: Optional[torch.Tensor], max_density: float):
+    """(the linear after, a row order for W) where a block layer's output order can be read by the
+    dense linear after it (downstream) instead of mapped in its own store: that linear's weight W2
+    then has its columns permuted alike (fold_down), which costs it nothing where W2 has no zero
+    at all, or where W2 in that order is block-sparse as stored (at most max_density of its
+    blocks nonzero: no order of its own to apply). The order is first one shared by both weights
+    (formats/permute.shared_order; a model whose hidden units were reordered alike in fc1's rows
+    and fc2's columns gets both back as blocks), then detection's; taken where W keeps its nonzero
+    block count. Else None."""
+    c = downstream(gm, node, w.shape[0])
+    if c is None:
+        return None
+    w2 = constant(gm, args_of(c).mat2).t()  # [N2, H]: one column per output of this layer
+    b = det.block
+    nz = w2 != 0
+    dense = bool(nz.all())
+    have = round(det.block_density * math.ceil(w.shape[0] / b) * math.ceil(w.shape[1] / b))
+    total2 = math.ceil(w2.shape[0] / b) * math.ceil(w2.shape[1] / b)
+    candidates = [] if dense else [shared_order(permute(w.detach(), None, cols), w2, b)]
+    for h in [*candidates, rows]:
+        if h is not rows and block_count(w, h, cols, b) > have:
+            continue
+        if dense or block_count(w2, None, h, b) <= max_density * total2:
+            return c, h
+    return None
+
+
+def fold_down(gm: fx.GraphModule, down: fx.Node, p: torch.Tensor) -> None:
+    """The dense linear `down` reads its input as x[:, p]: its weight's columns permuted by p
+    (W2[:, p], in the layout the constant had)."""
+    mm = args_of(down)
+    wt = mm.mat2
+    set_args(down, mat2=permuted_constant(gm, wt, p, "_permuted_weight", down, dim=0))
+    erase_constant(gm, wt)
+
+
 # ---- graph edits (after the layer is rewritten)
 
 def remove(found: list) -> int:
@@ -567,8 +683,8 @@ def permuted_constant(gm: fx.GraphModule, node: fx.Node, p: torch.Tensor, base: 
     if t is None:
         raise RuntimeError(f"{node} is not a constant")
     idx = p.to(t.device)
-    if t.dim() == 2 and dim == 1 and t.stride(0) == 1:  # W^T [K, N] as a transposed view of W [N, K]
-        new = t.t().index_select(0, idx).contiguous().t()
+    if t.dim() == 2 and t.stride(0) == 1 and t.stride(1) != 1:  # W^T [K, N] as a transposed view of W [N, K]
+        new = t.t().index_select(1 - dim, idx).contiguous().t()
     else:
         new = t.index_select(dim, idx).contiguous()
     return add_constant(gm, base, new, near)
@@ -639,6 +755,16 @@ def gather_x(x: fx.Node, x_index: fx.Node, near: fx.Node) -> fx.Node:
     with graph.inserting_before(near):
         g = graph.call_function(aten.index.Tensor, (x, [None, x_index]))
     stamp(g, near)
+    return g
+
+
+def gather_after(y: fx.Node, index: fx.Node) -> fx.Node:
+    """y[:, index] as a graph node right after y, read by what read y."""
+    graph = y.graph
+    with graph.inserting_after(y):
+        g = graph.call_function(aten.index.Tensor, (y, [None, index]))
+    y.replace_all_uses_with(g, delete_user_cb=lambda u: u is not g)
+    stamp(g, y)
     return g
 
 

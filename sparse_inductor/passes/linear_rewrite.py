@@ -310,7 +310,7 @@ def rewrite_linears(gm: fx.GraphModule, opts: SparseOptions, input_reason=None) 
     runs it (the dispatcher) and, where that is a sparse kernel, the graph edit; every linear gets
     its LayerDecision, recorded. Returns the sites it looked at."""
     sites = find_linears(gm, opts, input_reason)
-    run = _Run(gm, opts, _Constants(gm))
+    run = _Run(gm, opts, _Constants(gm), sites={s.node: s for s in sites})
     _prepare(run, sites)
     for site in sites:
         record(_rewrite_one(run, site))
@@ -332,6 +332,10 @@ class _Run:
     outputs: list[fx.Node] = dataclasses.field(default_factory=list)
     # the layers a later layer's input order may be folded into (fold_permutations.Placed), by output node
     placed: dict = dataclasses.field(default_factory=dict)
+    sites: dict = dataclasses.field(default_factory=dict)  # mm / addmm node -> its LinearSite
+    # a later layer whose weight's columns were permuted to read a layer's output order (Plan.down) ->
+    # what its record says
+    reads: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -348,6 +352,7 @@ def _rewrite_one(run: _Run, site: LinearSite) -> LayerDecision:
         return _unread_decision(site)
     det = _detect(run, site)
     decision = _decision(site, det)
+    decision.permutation = run.reads.get(site.node, "")
     why = site.why_not or (det.reason if det.pattern == "dense" else None) or _input_mismatch(site)
     if why:
         decision.reason = why
@@ -547,11 +552,19 @@ def _rewrite(run: _Run, site: LinearSite, det: Detection, layer: Layer, choice, 
     n, k = site.weight.shape
     if perm is not None and not perm.fold and perm.plan.neighbours_possible() and spec.node_args is not None:
         perm.fold = True  # (no in-kernel gather: the neighbours' store is cheaper than a pass over x)
+    params = choice.params or {}
+    if perm is not None and perm.plan.out_index is not None and params.get("y") == "graph":
+        perm.plan = perm.plan.gathered_after()  # (the timing chose the output map after the call)
     cnodes = run.consts.nodes((key, fmt), tensors(spec), site.node)
     pnodes = _perm_nodes(run, site, perm, key)
-    out = _replace(site, det, spec, cnodes, choice.kernel, choice.params, n, k, check=layer.row_check,
+    out = _replace(site, det, spec, cnodes, choice.kernel, params, n, k, check=layer.row_check,
                    product=layer.product, fixup_in_graph=run.opts.rules.row_fixup_in_graph, perm=pnodes)
-    split_ok = spec.split_outputs and (perm is None or perm.plan.out_index is None)
+    after = None
+    if perm is not None and perm.plan.after is not None:
+        (idx,) = run.consts.nodes((key, "after"), {"out_gather": perms.index_tensor(perm.plan.after,
+                                                                                     site.weight.device)}, out)
+        after = perms.gather_after(out, idx)
+    split_ok = spec.split_outputs and (perm is None or (perm.plan.out_index is None and after is None))
     w = site.weight if perm is None else perm.plan.wc
     pieces = _split(out, site, det, spec, choice.kernel, w, layer, run.consts, key) if split_ok else None
     if pieces:
@@ -564,9 +577,9 @@ def _rewrite(run: _Run, site: LinearSite, det: Detection, layer: Layer, choice, 
     if not pieces:  # for the passes after this one: the layer's record, how its check runs, its bound
         attach_note(out, LayerNote(decision, layer, _row_bound(run.gm, site.weight, site)))
     if perm is not None:
-        _apply_perm(run, site, perm, spec, out, decision)
+        _apply_perm(run, site, perm, spec, out if after is None else after, decision, params)
     op = out if nan_rows_check(out) is None else out.args[0]  # (cuSPARSELt's row fixup in the graph: y * (1 + g))
-    if not pieces and layer.product is None and perms.is_our_op(op):
+    if not pieces and layer.product is None and after is None and perms.is_our_op(op):
         _place_op(run, site, det, layer, spec, op, decision, perm)
     count("rewrite")
     count("split_outputs", len(pieces or ()))
@@ -638,8 +651,11 @@ def _replace(site: LinearSite, det: Detection, spec: KernelSpec, cnodes: tuple[f
         # (the reference kernel is dense's F.linear: no check to compute)
         g_block = row_check(x, node, check) if det.pattern == "block" and kernel == "triton" and check == "separate" \
             else None
-        target, args, kwargs = _pattern_op(det, x, cnodes, bias, n, k, kernel, check != "none", g_block,
-                                           *((perm.x_index, perm.out_index) if perm is not None else ()))
+        x_first = perm is not None and perm.x_index is not None and params.get("x") == "graph"
+        target, args, kwargs = _pattern_op(det, perms.gather_x(x, perm.x_index, node) if x_first else x, cnodes,
+                                           bias, n, k, kernel, check != "none", g_block,
+                                           *((None if x_first else perm.x_index, perm.out_index)
+                                             if perm is not None else ()))
     with graph.inserting_before(node):
         if product in (None, torch.int32):
             new = graph.call_function(target, args, kwargs)
@@ -773,7 +789,8 @@ def _perm(run: _Run, site: LinearSite, det: Detection) -> Optional[_Perm]:
     if not _plain_linear(site):
         return None
     try:
-        plan = perms.plan(run.gm, site.node, site.x, site.weight, site.bias, det, run.placed)
+        plan = perms.plan(run.gm, site.node, site.x, site.weight, site.bias, det, run.placed,
+                          run.opts.max_block_density)
     except Exception:  # never break the user's compile
         log.exception("sparse_inductor: permutation plan failed for %s", site.name)
         count("internal_error")
@@ -814,10 +831,11 @@ def _perm_nodes(run: _Run, site: LinearSite, perm: Optional[_Perm], key: tuple) 
 
 
 def _apply_perm(run: _Run, site: LinearSite, perm: _Perm, spec: KernelSpec, out: fx.Node,
-                decision: LayerDecision) -> None:
-    """After the op is in the graph: the shuffles it absorbed taken out, its x_index folded into its
-    neighbours where planned; what went where, in its record and counters."""
-    plan, said = perm.plan, []
+                decision: LayerDecision, params: Optional[dict] = None) -> None:
+    """After the op is in the graph (out: what reads as the layer's output, the op or the gather
+    after it): the shuffles it absorbed taken out, its x_index folded into its neighbours where
+    planned; what went where, in its record and counters."""
+    plan, said = perm.plan, [p for p in (decision.permutation,) if p]
     if plan.out_perm is not None and site.bias is not None:  # (the op reads the bias permuted)
         erase_constant(run.gm, site.bias)
     for s in plan.outputs:
@@ -839,14 +857,35 @@ def _apply_perm(run: _Run, site: LinearSite, perm: _Perm, spec: KernelSpec, out:
         said.append(f"x's order folded into {', '.join(names)}")
         count("permutation_fold")
     elif plan.x_index is not None:
-        gather = "x gathered before the call" if spec.node_args is not None else "x gathered in the kernel's loads"
+        first = spec.node_args is not None or (params or {}).get("x") == "graph"
+        gather = "x gathered before the call" if first else "x gathered in the kernel's loads"
         said.append(gather)
         count("permutation_gather")
+    if plan.down is not None:
+        said.append(_fold_down(run, site, plan))
     if plan.out_index is not None:
         said.append(perms.STORE_MAPPED)
+    elif plan.after is not None:
+        said.append("outputs mapped to their columns after the call (a gather)")
+        count("permutation_gather_after")
     elif plan.pattern == "2:4" and plan.out_perm is not None:
         said.append("rows permuted in its constants")
     decision.permutation = "; ".join(said)
+
+
+def _fold_down(run: _Run, site: LinearSite, plan: perms.Plan) -> str:
+    """The linear after the layer (Plan.down) made to read the layer's output in the op's order:
+    its weight's columns permuted, its site reading the new constant (it is decided later, in
+    graph order); returns what the layer's record says."""
+    perms.fold_down(run.gm, plan.down, plan.out_perm)
+    after = run.sites.get(plan.down)
+    name = after.name if after is not None else plan.down.name
+    if after is not None:
+        after.weight_node, after.weight, after.why_not, after.chain, after.dequant = \
+            _resolve_weight(run.gm, args_of(plan.down).mat2)
+        run.reads[plan.down] = f"weight's columns permuted to read {site.name}'s output order"
+    count("permutation_fold_down")
+    return f"outputs in {name}'s input order (no output map)"
 
 
 def _place_dense(run: _Run, site: LinearSite, decision: LayerDecision) -> None:
