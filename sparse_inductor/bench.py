@@ -359,7 +359,7 @@ def _e2e_row(rows, name, model, x, options=None):
           f"{_fmt(t_ours_ro)} | {_ratio(t_dense_ro, t_ours_ro)} | {kernels_ro} | {relerr:.1e} |", flush=True)
 
 
-def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24")):
+def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24", "hf_llama")):
     dev, dt = "cuda", torch.bfloat16
     print("\n## Whole models: dense torch.compile vs backend=\"sparse\" (dispatcher's choice)\n")
     print("Default-mode compiles timed as CUDA-graph replays and as plain calls (host overhead included); "
@@ -403,6 +403,46 @@ def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24")):
                      torch.randn(batch, 3, 224, 224, device=dev, dtype=dt))
             del model
             torch.cuda.empty_cache()
+    if "hf_llama" in which:
+        _hf_llama_rows(rows)
+    torch.cuda.empty_cache()
+
+
+class _Logits(nn.Module):
+    """A causal LM's logits for input ids, no KV cache (one decode step of a batch, as its own call)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+HF_LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+                num_key_value_heads=16, vocab_size=32000)
+
+
+def _hf_llama_rows(rows: list, batch: int = 32) -> None:
+    """transformers' LlamaForCausalLM (HF_LLAMA, random weights), every projection of its layers 2:4
+    (lm_head dense), batch 32, one token, no KV cache: with the dispatcher's default families and with
+    the CUTLASS family as a candidate too (options experimental=("cutlass",))."""
+    try:
+        # optional: transformers, for this case only
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        print("| LlamaForCausalLM | (transformers not installed) | | | | |")
+        return
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(**HF_LLAMA)).to("cuda", torch.bfloat16).eval()
+    prune(lm, "2:4", filter_fn=lambda m, n: n.endswith("_proj"))
+    model = _Logits(lm)
+    ids = torch.randint(0, HF_LLAMA["vocab_size"], (batch, 1), device="cuda")
+    name = f"HF LlamaForCausalLM 2048/5632 x8, batch {batch}, one token, every projection 2:4"
+    _e2e_row(rows, name, model, ids)
+    if not cutlass_rt.available("cuda"):
+        _e2e_row(rows, name + ", CUTLASS a candidate", model, ids, options={"experimental": ("cutlass",)})
+    del model, lm
     torch.cuda.empty_cache()
 
 
@@ -655,6 +695,9 @@ TARGETS = [
     ("2:4", "8 Llama MLP blocks 2:4, prefill 4096", "e2e", dict(model="8 Llama MLP blocks 2:4, prefill 4096 tokens"), "e2e", 1.35),
     ("2:4", "ViT-B/16 b64, every linear 2:4", "e2e", dict(model="vit_base_patch16_224 batch 64, every linear 2:4"), "e2e", 1.1),
     ("2:4", "ViT-H/14 b32, every linear 2:4", "e2e", dict(model="vit_huge_patch14_224 batch 32, every linear 2:4"), "e2e", 1.1),
+    ("2:4", "HF LlamaForCausalLM b32 one token, CUTLASS a candidate", "e2e",
+     dict(model="HF LlamaForCausalLM 2048/5632 x8, batch 32, one token, every projection 2:4, CUTLASS a candidate"),
+     ("dense_ro", "sparse_ro"), 1.3),
     ("8-bit", "weight-only int8 2:4, 14336x4096, M=1 vs bf16 F.linear", "quant", dict(M=1, N=14336, K=4096), ("dense", "compiled"), 2.5),
     ("8-bit", "8 Llama MLP blocks, int8 weight-only 2:4, decode b1", "quant", dict(model="llama8 int8 woq 2:4 decode b1"),
      ("dense_compile", "sparse"), 2.2),
@@ -886,8 +929,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
-    p.add_argument("--e2e", default="llama,vit,llama_prefill,vit24",
-                   help="models of the e2e section: llama (decode), vit (block), llama_prefill, vit24 (2:4 ViT-B, ViT-H)")
+    p.add_argument("--e2e", default="llama,vit,llama_prefill,vit24,hf_llama",
+                   help="models of the e2e section: llama (decode), vit (block), llama_prefill, vit24 (2:4 ViT-B, "
+                        "ViT-H), hf_llama (transformers' LlamaForCausalLM, batch 32, one token)")
     p.add_argument("--quick", action="store_true", help="one small case per section (a smoke test)")
     p.add_argument("--options", default="", help="backend options for the e2e compiles, e.g. nonfinite=fast")
     p.add_argument("--e2e-modes", default="default,ro",
