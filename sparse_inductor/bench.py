@@ -359,7 +359,7 @@ def _e2e_row(rows, name, model, x, options=None):
           f"{_fmt(t_ours_ro)} | {_ratio(t_dense_ro, t_ours_ro)} | {kernels_ro} | {relerr:.1e} |", flush=True)
 
 
-def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24", "hf_llama")):
+def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24", "hf_llama", "hf_llama_cutlass")):
     dev, dt = "cuda", torch.bfloat16
     print("\n## Whole models: dense torch.compile vs backend=\"sparse\" (dispatcher's choice)\n")
     print("Default-mode compiles timed as CUDA-graph replays and as plain calls (host overhead included); "
@@ -403,8 +403,8 @@ def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24", "hf_l
                      torch.randn(batch, 3, 224, 224, device=dev, dtype=dt))
             del model
             torch.cuda.empty_cache()
-    if "hf_llama" in which:
-        _hf_llama_rows(rows)
+    if "hf_llama" in which or "hf_llama_cutlass" in which:
+        _hf_llama_rows(rows, default="hf_llama" in which, cutlass="hf_llama_cutlass" in which)
     torch.cuda.empty_cache()
 
 
@@ -423,10 +423,11 @@ HF_LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, n
                 num_key_value_heads=16, vocab_size=32000)
 
 
-def _hf_llama_rows(rows: list, batch: int = 32) -> None:
+def _hf_llama_rows(rows: list, batch: int = 32, default: bool = True, cutlass: bool = True) -> None:
     """transformers' LlamaForCausalLM (HF_LLAMA, random weights), every projection of its layers 2:4
-    (lm_head dense), batch 32, one token, no KV cache: with the dispatcher's default families and with
-    the CUTLASS family as a candidate too (options experimental=("cutlass",))."""
+    (lm_head dense), batch 32, one token, no KV cache: with the dispatcher's default families
+    (default) and with the CUTLASS family as a candidate too (cutlass: options
+    experimental=("cutlass",))."""
     try:
         # optional: transformers, for this case only
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -439,8 +440,9 @@ def _hf_llama_rows(rows: list, batch: int = 32) -> None:
     model = _Logits(lm)
     ids = torch.randint(0, HF_LLAMA["vocab_size"], (batch, 1), device="cuda")
     name = f"HF LlamaForCausalLM 2048/5632 x8, batch {batch}, one token, every projection 2:4"
-    _e2e_row(rows, name, model, ids)
-    if not cutlass_rt.available("cuda"):
+    if default:
+        _e2e_row(rows, name, model, ids)
+    if cutlass and not cutlass_rt.available("cuda"):
         _e2e_row(rows, name + ", CUTLASS a candidate", model, ids, options={"experimental": ("cutlass",)})
     del model, lm
     torch.cuda.empty_cache()
@@ -929,9 +931,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
-    p.add_argument("--e2e", default="llama,vit,llama_prefill,vit24,hf_llama",
+    p.add_argument("--e2e", default="llama,vit,llama_prefill,vit24,hf_llama,hf_llama_cutlass",
                    help="models of the e2e section: llama (decode), vit (block), llama_prefill, vit24 (2:4 ViT-B, "
-                        "ViT-H), hf_llama (transformers' LlamaForCausalLM, batch 32, one token)")
+                        "ViT-H), hf_llama (transformers' LlamaForCausalLM, batch 32, one token), hf_llama_cutlass (the same "
+                        "with the CUTLASS family a candidate)")
     p.add_argument("--quick", action="store_true", help="one small case per section (a smoke test)")
     p.add_argument("--options", default="", help="backend options for the e2e compiles, e.g. nonfinite=fast")
     p.add_argument("--e2e-modes", default="default,ro",
