@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_inductor import prune
-from sparse_inductor.bench import _bench
+from sparse_inductor.bench import _bench, _bench_settled
 from sparse_inductor.formats import compress_24, compress_block, to_gemv_layout
 from sparse_inductor.formats import permute as pm
 from sparse_inductor.prune import prune_24_, prune_blocks_, scramble_
@@ -143,15 +143,15 @@ def kernel_table():
 
 
 def _compiled(model, x, sparse: bool):
-    """(us per plain call under mode="reduce-overhead", output, the decisions) of model compiled
-    with backend="sparse" (sparse) or plain Inductor."""
+    """(us per plain call under mode="reduce-overhead": the least of three medians, output, the
+    decisions) of model compiled with backend="sparse" (sparse) or plain Inductor."""
     torch._dynamo.reset()
     with torch.no_grad(), collect() as sink:
         c = (torch.compile(model, backend="sparse", options={"mode": "reduce-overhead"}) if sparse
              else torch.compile(model, mode="reduce-overhead"))
         out = c(x).clone()  # (a CUDA graph's output is overwritten by the next replay)
         c(x)
-        t = _bench(lambda: c(x), rep=200)
+        t = _bench_settled(lambda: c(x))
     torch._dynamo.reset()
     return t, out, [d for d in sink if isinstance(d, LayerDecision)]
 

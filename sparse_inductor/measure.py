@@ -223,6 +223,22 @@ def check_output(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: Option
     return None
 
 
+_KERNEL_SIDE = {"x": "loads", "y": "store"}
+
+
+def pinned(variants: list[dict], apply: str) -> list[dict]:
+    """A family's variants with options permute_apply held: "kernel" keeps those that apply a
+    permuted layer's orders in the kernel's loads / store, "graph" those that gather in the graph,
+    "timed" all (variants without those keys are kept by every setting)."""
+    if apply == "timed":
+        return variants
+
+    def ok(p: dict) -> bool:
+        return all(p[side] == (_KERNEL_SIDE[side] if apply == "kernel" else "graph") for side in _KERNEL_SIDE if side in p)
+
+    return [p for p in variants if ok(p)] or variants
+
+
 class LayerTimer:
     """The dispatcher's timer for one layer: (kernel name or "dense", M) -> (us, params) or None.
 
@@ -256,8 +272,8 @@ class LayerTimer:
         return (f"{self._env}|{'graph' if self.graphs else 'eager'}|{name}|{ly.pattern}|M={m} N={ly.n} K={ly.k}|"
                 f"{ly.dtype}|w={ly.weight_dtype}|bias={self.has_bias}|block={ly.block}|{self.structure}{scaled}"
                 f"|rc={ly.row_check}{'+derived' if ly.derived_check else ''}"
-                + (f"|perm={'x' if ly.x_index else ''}{'y' if ly.out_index else ''}" if ly.x_index or ly.out_index
-                   else ""))
+                + (f"|perm={'x' if ly.x_index else ''}{'y' if ly.out_index else ''}|{self.opts.permute_apply}"
+                   f"{'|joins' if ly.x_gather_joins else ''}" if ly.x_index or ly.out_index else ""))
 
     def __call__(self, name: str, m: int) -> Optional[tuple]:
         try:
@@ -304,7 +320,7 @@ class LayerTimer:
         spec = self.specs[name]
         tensors = self.tensors(spec)
         best, first_error = None, None
-        for params in (spec.variants(ly, tensors) if spec.variants else [{}]):
+        for params in pinned(spec.variants(ly, tensors) if spec.variants else [{}], self.opts.permute_apply):
             try:
                 fn = spec.runner(tensors, bias, ly, params)
                 y = fn(x)  # compile / plan outside the timed region, and check what it computes

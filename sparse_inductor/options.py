@@ -32,6 +32,7 @@ _NONFINITE = ("exact", "fast")
 _FP8_PRODUCT = ("bf16", "fp32")
 _INT8_PRODUCT = ("bf16", "int32")
 _REDUCTIONS = ("one-pass", "inductor")
+_PERMUTE_APPLY = ("timed", "kernel", "graph")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _ON_WEIGHT_CHANGE = ("recompile", "raise", "ignore")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
@@ -195,6 +196,12 @@ class SparseOptions:
     experimental:      kernel families that are candidates only where named here (or pinned with
                        `kernel`), e.g. ("cutlass",): the CUTLASS family, until its GPU tests pass
                        (docs/decisions.md, "The CUTLASS family").
+    permute_apply:     where a permuted layer's orders go that no neighbour takes (the Triton kernels;
+                       cuSPARSELt and CUTLASS always read x gathered before the call): "timed" (the
+                       dispatcher times both and keeps the faster, per side), "kernel" (x gathered in
+                       the kernel's loads, outputs mapped in its store: no pass of their own), "graph"
+                       (gathers of x before the call and of the outputs after it, which Inductor puts
+                       into the kernels that make x and read y).
     permute_budget_s:  the search's time per weight, in seconds (results, refusals included, are cached
                        on disk by the weight's nonzero mask, next to the timing cache; a search over a
                        second is logged).
@@ -218,6 +225,7 @@ class SparseOptions:
     rules: Rules = dataclasses.field(default_factory=Rules)
     permute: bool = True
     permute_budget_s: float = 2.0
+    permute_apply: str = "timed"
     experimental: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -226,7 +234,8 @@ class SparseOptions:
             _check_type(name, getattr(self, name), bool, "True or False")
         for name in ("max_block_density", "min_speedup", "permute_budget_s"):
             _check_type(name, getattr(self, name), (int, float), "a number", exclude=bool)
-        for name in ("dispatch", "nonfinite", "fp8_product", "int8_product", "reductions", "on_weight_change"):
+        for name in ("dispatch", "nonfinite", "fp8_product", "int8_product", "reductions", "on_weight_change",
+                     "permute_apply"):
             _check_type(name, getattr(self, name), str, "a string")
         for name in ("kernel", "mode"):
             if getattr(self, name) is not None:
@@ -257,6 +266,8 @@ class SparseOptions:
             raise ValueError(f"unknown int8_product {self.int8_product!r}; choose from {_INT8_PRODUCT}")
         if self.reductions not in _REDUCTIONS:
             raise ValueError(f"unknown reductions {self.reductions!r}; choose from {_REDUCTIONS}")
+        if self.permute_apply not in _PERMUTE_APPLY:
+            raise ValueError(f"unknown permute_apply {self.permute_apply!r}; choose from {_PERMUTE_APPLY}")
         if self.mode not in _MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {_MODES[1:]}")
         if self.on_weight_change not in _ON_WEIGHT_CHANGE:

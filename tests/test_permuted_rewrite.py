@@ -370,6 +370,14 @@ index_tensor_1: "f32[4, 64]" = torch.ops.aten.index.Tensor(linear_block_default,
 relu: "f32[4, 64]" = torch.ops.aten.relu.default(index_tensor_1)
 return (relu,)""")
 
+    def test_options_hold_the_orders_in_the_graph(self):
+        # options permute_apply="graph" without a timer (CPU): the same graph as the timed choice
+        r = self.graph(One(scrambled_block(64, 64)), with_nonfinite(torch.randn(4, 64)),
+                       options={**FORCE, "permute_apply": "graph"})
+        (d,) = r.decisions
+        assert d.permutation == "x gathered before the call; outputs mapped to their columns after the call (a gather)"
+        assert r.graphs[0].count("aten.index.Tensor") == 2 and "x_index = " not in r.graphs[0]
+
 
 class Residual(nn.Module):
     """fc1 -> GELU (+ x, a tensor with columns of its own) -> fc2; or fc1's output also returned."""
@@ -517,6 +525,8 @@ def test_permute_off_keeps_the_layer_dense():
     ({"permute_budget_s": "2"}, TypeError, "'permute_budget_s' must be a number"),
     ({"permute_budget_s": 0}, ValueError, "permute_budget_s must be a positive number"),
     ({"permute_budget_s": float("nan")}, ValueError, "permute_budget_s must be a positive number"),
+    ({"permute_apply": "store"}, ValueError, "unknown permute_apply 'store'"),
+    ({"permute_apply": None}, TypeError, "'permute_apply' must be a string"),
 ])
 def test_bad_options(kw, err, match):
     with pytest.raises(err, match=match):
@@ -526,6 +536,17 @@ def test_bad_options(kw, err, match):
 def test_options_enter_the_digest():
     assert SparseOptions().digest() != SparseOptions(permute=False).digest()
     assert SparseOptions().digest() != SparseOptions(permute_budget_s=1.0).digest()
+    assert SparseOptions().digest() != SparseOptions(permute_apply="graph").digest()
+
+
+def test_pinned_variants():
+    from sparse_inductor.measure import pinned
+
+    both = [{"x": a, "y": b} for a in ("loads", "graph") for b in ("store", "graph")]
+    assert pinned(both, "timed") == both
+    assert pinned(both, "kernel") == [{"x": "loads", "y": "store"}]
+    assert pinned(both, "graph") == [{"x": "graph", "y": "graph"}]
+    assert pinned([{"alg_id": 1}, {"alg_id": 2}], "graph") == [{"alg_id": 1}, {"alg_id": 2}]
 
 
 def test_explain_says_what_was_found_and_where_it_went():
@@ -590,7 +611,8 @@ def test_gpu_permuted_block_layer_is_one_kernel(m):
     model = _gpu(nn.Sequential(nn.Linear(256, 512), nn.ReLU()))
     sparse_inductor.prune(model, "block", block=64, sparsity=0.75, permute=True)
     x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
-    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton", "nonfinite": "fast"})
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton", "nonfinite": "fast",
+                                                       "permute_apply": "kernel"})
     (d,) = decisions
     assert d.kernel == "triton" and "after row and column permutation" in d.reason, d.line()
     assert rel_err(out, fp64(model, x)) < TOL_BF16
@@ -598,6 +620,29 @@ def test_gpu_permuted_block_layer_is_one_kernel(m):
     assert len(defs) == 1 and defs[0].startswith("triton_tem_fused_"), defs
     assert len(_sources(code, "X_INDEX, True", "out_columns(OUT_INDEX", "maximum")) == 1
     assert "extern_kernels.mm" not in code and "extern_kernels.addmm" not in code
+
+
+@pytest.mark.gpu
+def test_gpu_gathers_in_the_graph_join_their_neighbours():
+    """permute_apply="graph": x's gather joins the LayerNorm kernel that makes x, the outputs'
+    gather the GELU kernel that reads them: three kernels (the norm, the template, the GELU), none
+    a gather alone; values against fp64."""
+    from test_gpu_compile import TOL_BF16, compile_and_code, fp64, kernel_defs, rel_err
+
+    torch.manual_seed(0)
+    model = _gpu(nn.Sequential(nn.LayerNorm(256), nn.Linear(256, 512), nn.GELU()))
+    sparse_inductor.prune(model, "block", block=64, sparsity=0.75, permute=True)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton", "nonfinite": "fast",
+                                                       "permute_apply": "graph"})
+    (d,) = decisions
+    assert d.permutation == "x gathered before the call; outputs mapped to their columns after the call (a gather)"
+    assert rel_err(out, fp64(model, x)) < TOL_BF16
+    defs = kernel_defs(code)
+    assert len(defs) == 3, defs
+    assert sum(n.startswith("triton_tem_") for n in defs) == 1, defs
+    assert any("layer_norm" in n and "index" in n for n in defs), defs  # (the x gather in the norm's kernel)
+    assert any("gelu" in n and "index" in n or "erf" in n and "index" in n for n in defs), defs
 
 
 @pytest.mark.gpu
@@ -646,7 +691,8 @@ def test_gpu_graph_shuffles_leave_one_kernel():
     x = torch.randn(4, 16, 256, device="cuda", dtype=torch.bfloat16)
     _, dense_code, _ = compile_and_code(model, x, {"patterns": ()})  # (every layer dense)
     assert kernel_defs(dense_code)  # (the gathers: kernels of their own)
-    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton", "nonfinite": "fast"})
+    out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton", "nonfinite": "fast",
+                                                       "permute_apply": "kernel"})
     assert "index of its input folded; gather of its output folded" in decisions[0].permutation
     assert rel_err(out, fp64(model, x)) < TOL_BF16
     defs = kernel_defs(code)
@@ -664,7 +710,8 @@ def test_gpu_hidden_order_shared_keeps_the_plain_kernels():
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     out, code, decisions = compile_and_code(model, x, {"force": True, "kernel": "triton", "nonfinite": "fast"})
     assert [d.kernel for d in decisions] == ["triton", "triton"], [d.line() for d in decisions]
-    assert "columns in the order fc1 writes" in decisions[1].permutation, decisions[1].permutation
+    assert decisions[0].permutation == "outputs in fc2's input order (no output map)", decisions[0].permutation
+    assert decisions[1].permutation == "weight's columns permuted to read fc1's output order", decisions[1].permutation
     assert rel_err(out, fp64(model, x)) < TOL_BF16
     tem = [d for d in kernel_defs(code) if d.startswith("triton_tem_fused_")]
     assert len(tem) == 2, kernel_defs(code)
