@@ -273,7 +273,7 @@ class LayerTimer:
                 f"{ly.dtype}|w={ly.weight_dtype}|bias={self.has_bias}|block={ly.block}|{self.structure}{scaled}"
                 f"|rc={ly.row_check}{'+derived' if ly.derived_check else ''}"
                 + (f"|perm={'x' if ly.x_index else ''}{'y' if ly.out_index else ''}|{self.opts.permute_apply}"
-                   f"{'|joins' if ly.x_gather_joins else ''}" if ly.x_index or ly.out_index else ""))
+                   if ly.x_index or ly.out_index else ""))
 
     def __call__(self, name: str, m: int) -> Optional[tuple]:
         try:

@@ -200,7 +200,7 @@ class SparseOptions:
                        cuSPARSELt and CUTLASS always read x gathered before the call): "timed" (the
                        dispatcher times both and keeps the faster, per side), "kernel" (x gathered in
                        the kernel's loads, outputs mapped in its store: no pass of their own), "graph"
-                       (gathers of x before the call and of the outputs after it, which Inductor puts
+                       (gathers of x before the call and of the outputs after it, which Inductor can fuse
                        into the kernels that make x and read y).
     permute_budget_s:  the search's time per weight, in seconds (results, refusals included, are cached
                        on disk by the weight's nonzero mask, next to the timing cache; a search over a

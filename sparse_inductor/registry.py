@@ -137,9 +137,6 @@ class Layer:
     # (cuSPARSELt) gathers x before its call
     x_index: bool = False
     out_index: bool = False
-    # a gather of x before the call joins the Inductor kernel that makes x (a norm, a pointwise op that
-    # is no template's epilogue): the kernels' "graph" variant is then timed without a pass over x
-    x_gather_joins: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

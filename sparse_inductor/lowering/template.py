@@ -12,7 +12,7 @@ import inspect
 import textwrap
 from typing import Any, Callable, Sequence
 
-__all__ = ["template_source", "get_template", "grid_nm", "HEAD_X_MNK", "x_gather"]
+__all__ = ["template_source", "get_template", "grid_nm", "HEAD_X_MNK"]
 
 _PRELUDE = "import triton\nimport triton.language as tl\n\n"
 
@@ -99,19 +99,3 @@ def grid_nm() -> Callable:
         return (cdiv(n, meta["BLOCK_N"]), cdiv(m, meta["BLOCK_M"]), 1)
 
     return grid
-
-
-def x_gather(xi, joins: bool) -> Callable:
-    """For a family's runner (timing a permuted layer whose x is gathered before the call):
-    x -> x[:, xi]. joins (Layer.x_gather_joins: the gather rides in the kernel that makes x) makes
-    the gather once per x tensor (on the checked first call), so that the timed calls leave it out."""
-    last: list = []
-
-    def gather(x):
-        if not joins:
-            return x.index_select(1, xi)
-        if not last or last[0] is not x:
-            last[:] = [x, x.index_select(1, xi)]
-        return last[1]
-
-    return gather

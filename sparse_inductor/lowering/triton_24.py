@@ -52,7 +52,7 @@ import triton.language as tl
 from .._compat import INTERPRETING, inductor_size_hint
 from ..formats import compress_24, from_gemv_layout, gemv_layout_ok, to_gemv_layout
 from ..registry import KernelSpec, dense_us, register_kernel
-from .template import get_template, grid_nm, template_source, x_gather
+from .template import get_template, grid_nm, template_source
 
 __all__ = ["sp24_dot_acc", "sp24_gemv_acc", "sp24_linear", "pick_config", "DEVICE_FUNCTIONS"]
 
@@ -823,13 +823,12 @@ def _estimate_us(layer, model) -> Optional[float]:
 def _runner(t, bias, layer, params):
     """The kernel as the lowering emits it: the gemv only for a static M of 1, else the tensor-core
     config sized by the hint (see lower). A column-permuted weight (layer.x_index): x gathered in
-    the kernel's loads (params x "loads"), or before the call ("graph": a pass of its own, or none
-    where it joins the kernel that makes x, layer.x_gather_joins)."""
+    the kernel's loads (params x "loads"), or before the call ("graph": a pass of its own here; in
+    the compiled graph Inductor can fuse it into the kernel that makes x)."""
     cfg = None if layer.m_static else pick_config(max(2, layer.m), layer.n, layer.k)
     xi = t.get("x_index") if layer.x_index else None
     if xi is not None and params.get("x") == "graph":
-        gather = x_gather(xi, layer.x_gather_joins)
-        return lambda x: sp24_linear(gather(x), t["values"], t["meta"], bias, config=cfg)
+        return lambda x: sp24_linear(x.index_select(1, xi), t["values"], t["meta"], bias, config=cfg)
     return lambda x: sp24_linear(x, t["values"], t["meta"], bias, config=cfg, x_index=xi)
 
 

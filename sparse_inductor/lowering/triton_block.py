@@ -65,7 +65,7 @@ from .._compat import INTERPRETING, inductor_size_hint, static_int
 from ..formats.block import BLOCK_SIZES
 from ..registry import KernelSpec, register_kernel
 from . import row_check as checks
-from .template import HEAD_X_MNK, device_functions_source, get_template, template_source, x_gather
+from .template import HEAD_X_MNK, device_functions_source, get_template, template_source
 
 __all__ = [
     "BlockLinearConfig", "CONFIGS", "DEVICE_FUNCTIONS", "M_BUCKETS", "block_linear",
@@ -680,22 +680,20 @@ def _runner(t, bias, layer, params):
     before it (passes/fuse_mlp.py), reductions in that layer's norm, no pass over x. A permuted weight
     (layer.x_index / out_index), where the orders are applied (params, _variants): "loads" / "store",
     the template's index vectors (x gathered in its loads, its output columns mapped in its store);
-    "graph", a gather of x before the call / of the output after it, timed as a pass of its own, or,
-    for x, not at all where it joins the kernel that makes x (layer.x_gather_joins: gathered once, on
-    the checked first call)."""
+    "graph", a gather of x before the call / of the output after it, timed as a pass of its own (in
+    the compiled graph Inductor can fuse it into the kernel that makes x, or reads the output)."""
     separate = layer.row_check == "separate" and not layer.derived_check
     xi, oi = t.get("x_index") if layer.x_index else None, t.get("out_index") if layer.out_index else None
     x_first = xi is not None and params.get("x") == "graph"
     y_after = oi is not None and params.get("y") == "graph"
     back = torch.argsort(oi) if y_after else None  # (y = the kernel's output in its rows' order [:, back])
-    gather = x_gather(xi, layer.x_gather_joins) if x_first else None
     b_k = bias.index_select(0, oi.long()) if y_after and bias is not None else bias
 
     def run(x):
         if separate:
             torch.sum(x, dim=-1, dtype=torch.float32)
         if x_first:
-            x = gather(x)
+            x = x.index_select(1, xi)
         y = block_linear(x, t["blocks"], t["row_ptr"], t["col_idx"], t["row_order"], b_k, layer.n, layer.k,
                          guard=False, x_index=None if x_first else xi, out_index=None if y_after else oi)
         return y.index_select(1, back) if y_after else y

@@ -19,7 +19,7 @@ at out_index[n'], Inductor's epilogue then reading y's own columns):
                                      x_index=q[cols], out_index=p^-1[rows])
 
 Where the dispatcher's timing says so (the kernels' variants: a scattered load or store costs more
-than a pass at large M), the orders go into the graph instead, as gathers Inductor puts into the
+than a pass at large M), the orders go into the graph instead, as gathers Inductor can fuse into the
 kernels that make x and read z (Plan.gathered_after):
 
     xs = aten.index.Tensor(x, [None, q[cols]])
@@ -481,7 +481,7 @@ class Plan:
         """The plan with its output map applied after the call instead of in the kernel's store: the
         op writes wc's rows in their order (the layer's y[:, out_perm[out_index]], its bias so
         permuted) and a gather of the output's columns by `after` (inverse(out_index)) puts them
-        back, a gather Inductor puts into the kernel that reads it."""
+        back, a gather Inductor can fuse into the kernel that reads it."""
         return dataclasses.replace(self, out_index=None, out_perm=compose(self.out_perm, self.out_index),
                                    after=inverse(self.out_index))
 

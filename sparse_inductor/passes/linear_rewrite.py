@@ -45,7 +45,7 @@ from .detect import Detection, detect
 from .epilogues import predict
 from .graph import (LINEAR_24, LINEAR_BLOCK, LayerNote, add_constant, args_of, attach_note, erase_constant,
                     pointwise_users, stamp)
-from .row_checks import check_mode, decision_text, gather_joins, derives, nan_rows_check, nan_rows_in_graph, row_bound, row_check
+from .row_checks import check_mode, decision_text, derives, nan_rows_check, nan_rows_in_graph, row_bound, row_check
 from .sink_views import sink_views
 from .split_outputs import output_pieces, split_op
 
@@ -488,7 +488,6 @@ def _layer(run: _Run, site: LinearSite, det: Detection, perm: Optional[_Perm] = 
                  product=_int8_product(node, run.opts) if node.target is aten._int_mm.default else None,
                  derived_check=derived, x_index=x_index,
                  out_index=perm is not None and perm.plan.out_index is not None,
-                 x_gather_joins=x_index and gather_joins(site.x),
                  epilogue=_predict(site) if det.pattern == "2:4" else ())
 
 

@@ -39,7 +39,7 @@ from .graph import (LINEAR_BLOCK, LINEAR_CSLT, ROW_CHECK, SPARSE_LINEARS, VIEWS,
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
 
-__all__ = ["check_mode", "gather_joins", "decision_text", "row_check", "nan_rows_in_graph", "nan_rows_check", "library_op",
+__all__ = ["check_mode", "decision_text", "row_check", "nan_rows_in_graph", "nan_rows_check", "library_op",
            "row_bound", "block_fc1", "fc1_side", "derive_why", "library_fc1", "Fc1", "derives", "keeps_own_check",
            "check_from_input", "flag"]
 
@@ -88,25 +88,6 @@ def check_mode(x: fx.Node, compute: torch.dtype, opts: SparseOptions) -> str:
     if any(a.target in _TEMPLATE_OPS and args_of(a).kernel == "triton" for a in sources):
         return "separate"
     return opts.rules.pointwise_producer_check
-
-
-def gather_joins(x: fx.Node) -> bool:
-    """Whether a gather of x's columns (x[:, index], a pointwise read at other columns) joins the
-    Inductor kernel that makes x, so costs no pass of its own: x from a reduction kernel (a norm)
-    or a pointwise one, through views, unless that pointwise op is the epilogue of one of our
-    Triton templates (which reads the tile at its own columns). Not a graph input, an extern
-    kernel's output or one of our ops' own."""
-    node = x
-    while node.op == "call_function" and node.target in VIEWS:
-        node = node.args[0]
-    target = node.target if node.op == "call_function" else None
-    if not isinstance(target, torch._ops.OpOverload) or target in SPARSE_LINEARS:
-        return False
-    if target in _FUSABLE_REDUCTIONS:
-        return True
-    if not is_pointwise(target):
-        return False
-    return not any(a.target in _TEMPLATE_OPS and args_of(a).kernel == "triton" for a in pointwise_sources(node))
 
 
 def decision_text(skips_zeros: bool, layer: Layer, opts: SparseOptions) -> str:
