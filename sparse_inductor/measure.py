@@ -234,7 +234,8 @@ def pinned(variants: list[dict], apply: str) -> list[dict]:
         return variants
 
     def ok(p: dict) -> bool:
-        return all(p[side] == (_KERNEL_SIDE[side] if apply == "kernel" else "graph") for side in _KERNEL_SIDE if side in p)
+        want = _KERNEL_SIDE if apply == "kernel" else {side: "graph" for side in _KERNEL_SIDE}
+        return all(p[side] == form for side, form in want.items() if side in p)
 
     return [p for p in variants if ok(p)] or variants
 

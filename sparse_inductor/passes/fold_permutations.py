@@ -525,13 +525,12 @@ def plan(gm: fx.GraphModule, node: fx.Node, x: fx.Node, w: torch.Tensor, bias: O
         found = _down_order(gm, node, w, det, rows_s, cols_s, max_density)
         if found is not None:
             down, rows_s = found
-    if det.pattern == "block" and down is not None:
-        wc = permute(w.detach(), rows_s, cols_s)
-        out_index, p = None, rows_s  # (the op's output is y[:, rows_s], read so by `down`)
-        key = ("block", _digest(rows_s), _digest(cols_s))
-    elif det.pattern == "block":
+    if det.pattern == "block":
         wc = w.detach() if rows_s is None and cols_s is None else permute(w.detach(), rows_s, cols_s)
-        out_index = _or_none(compose(inverse(p), rows_s) if rows_s is not None else inverse(p))
+        if down is not None:
+            out_index, p = None, rows_s  # (the op's output is y[:, rows_s], read so by `down`)
+        else:
+            out_index = _or_none(compose(inverse(p), rows_s) if rows_s is not None else inverse(p))
         key = ("block", _digest(rows_s), _digest(cols_s))
     else:
         wc = permute(w.detach(), p, cols_s) if p is not None or cols_s is not None else w.detach()
@@ -573,15 +572,25 @@ def _agree(w: torch.Tensor, det, q: Optional[torch.Tensor], neighbours: Optional
 def _keeps(w: torch.Tensor, det, cols: torch.Tensor):
     """(rows, cols) where W[:, cols] keeps detection's pattern (block: a row order found for it, none
     where W's own will do, with no more nonzero blocks), else None."""
-    n, k = w.shape
     if det.pattern == "2:4":
         return (None, cols) if violations_24(permute(w.detach(), None, cols)) == 0 else None
-    b = det.block
-    have = round(det.block_density * math.ceil(n / b) * math.ceil(k / b))
+    b, have = det.block, _detected_blocks(w, det)
     if block_count(w, None, cols, b) <= have:
         return None, cols
     rows, nnzb = rows_for(w, cols, b)
     return (rows, cols) if nnzb <= have else None
+
+
+def _detected_blocks(w: torch.Tensor, det) -> int:
+    """The nonzero blocks detection found for W (block pattern)."""
+    b = det.block
+    return round(det.block_density * math.ceil(w.shape[0] / b) * math.ceil(w.shape[1] / b))
+
+
+def _mm_input(mm_node: fx.Node) -> fx.Node:
+    """x of a dense linear: mm(x, W_t) / addmm(b, x, W_t)."""
+    mm = args_of(mm_node)
+    return mm.self if mm_node.target is aten.mm.default else mm.mat1
 
 
 def downstream(gm: fx.GraphModule, node: fx.Node, n: int) -> Optional[fx.Node]:
@@ -596,8 +605,7 @@ def downstream(gm: fx.GraphModule, node: fx.Node, n: int) -> Optional[fx.Node]:
                 continue
             if u.op == "call_function" and u.target in _DENSE_LINEARS:
                 mm = args_of(u)
-                x = mm.self if u.target is aten.mm.default else mm.mat1
-                if x is cur and mm.mat2 is not cur and (u.target is aten.mm.default or mm.self is not cur):
+                if _mm_input(u) is cur and mm.mat2 is not cur and (u.target is aten.mm.default or mm.self is not cur):
                     found.add(u)
                     continue
                 return None
@@ -613,8 +621,7 @@ def downstream(gm: fx.GraphModule, node: fx.Node, n: int) -> Optional[fx.Node]:
     if not dense_site_ok(gm, c) or len(mm.mat2.users) != 1:
         return None
     mark = Placed(node, "dense", "", None)  # (upstream's leaf record for this layer)
-    x = mm.self if c.target is aten.mm.default else mm.mat1
-    return c if upstream(x, c, {node: mark}, n) == [mark] else None
+    return c if upstream(_mm_input(c), c, {node: mark}, n) == [mark] else None
 
 
 def _down_order(gm: fx.GraphModule, node: fx.Node, w: torch.Tensor, det, rows: torch.Tensor,
@@ -631,10 +638,8 @@ def _down_order(gm: fx.GraphModule, node: fx.Node, w: torch.Tensor, det, rows: t
     if c is None:
         return None
     w2 = constant(gm, args_of(c).mat2).t()  # [N2, H]: one column per output of this layer
-    b = det.block
-    nz = w2 != 0
-    dense = bool(nz.all())
-    have = round(det.block_density * math.ceil(w.shape[0] / b) * math.ceil(w.shape[1] / b))
+    b, have = det.block, _detected_blocks(w, det)
+    dense = bool((w2 != 0).all())
     total2 = math.ceil(w2.shape[0] / b) * math.ceil(w2.shape[1] / b)
     candidates = [] if dense else [shared_order(permute(w.detach(), None, cols), w2, b)]
     for h in [*candidates, rows]:

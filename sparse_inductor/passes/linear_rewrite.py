@@ -880,10 +880,10 @@ def _fold_down(run: _Run, site: LinearSite, plan: perms.Plan) -> str:
     its weight's columns permuted, its site reading the new constant (it is decided later, in
     graph order); returns what the layer's record says."""
     perms.fold_down(run.gm, plan.down, plan.out_perm)
-    after = run.sites.get(plan.down)
-    name = after.name if after is not None else plan.down.name
-    if after is not None:
-        after.weight_node, after.weight, after.why_not, after.chain, after.dequant = \
+    reader = run.sites.get(plan.down)
+    name = reader.name if reader is not None else plan.down.name
+    if reader is not None:
+        reader.weight_node, reader.weight, reader.why_not, reader.chain, reader.dequant = \
             _resolve_weight(run.gm, args_of(plan.down).mat2)
         run.reads[plan.down] = f"weight's columns permuted to read {site.name}'s output order"
     count("permutation_fold_down")
