@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_inductor import prune
-from sparse_inductor.bench import _bench, _bench_settled
+from sparse_inductor.bench import _bench, _bench_gpu, _bench_settled
 from sparse_inductor.formats import compress_24, compress_block, to_gemv_layout
 from sparse_inductor.formats import permute as pm
 from sparse_inductor.prune import prune_24_, prune_blocks_, scramble_
@@ -142,18 +142,29 @@ def kernel_table():
           f"x gathered first {first:.1f} us")
 
 
-def _compiled(model, x, sparse: bool):
-    """(us per plain call under mode="reduce-overhead": the least of three medians, output, the
-    decisions) of model compiled with backend="sparse" (sparse) or plain Inductor."""
+def _compiled(model, x, sparse: bool, options=None):
+    """(GPU us, call us, output, the decisions) of model compiled under mode="reduce-overhead" with
+    backend="sparse" (sparse; `options` added) or plain Inductor. GPU: one call's GPU time with its
+    host time hidden (bench._bench_gpu); call: do_bench of a plain call, the least of three medians
+    (the host time counts where the GPU waits for it)."""
     torch._dynamo.reset()
     with torch.no_grad(), collect() as sink:
-        c = (torch.compile(model, backend="sparse", options={"mode": "reduce-overhead"}) if sparse
+        c = (torch.compile(model, backend="sparse", options={**(options or {}), "mode": "reduce-overhead"}) if sparse
              else torch.compile(model, mode="reduce-overhead"))
         out = c(x).clone()  # (a CUDA graph's output is overwritten by the next replay)
         c(x)
         t = _bench_settled(lambda: c(x))
+        gpu = _bench_gpu(lambda: c(x))
     torch._dynamo.reset()
-    return t, out, [d for d in sink if isinstance(d, LayerDecision)]
+    return gpu, t, out, [d for d in sink if isinstance(d, LayerDecision)]
+
+
+def _pair(t: tuple) -> str:
+    return f"{t[0]:.1f} / {t[1]:.1f}"
+
+
+def _ratios(num: tuple, den: tuple) -> str:
+    return f"{num[0] / den[0]:.2f}x / {num[1] / den[1]:.2f}x"
 
 
 def _linear(w: torch.Tensor) -> torch.nn.Module:
@@ -168,12 +179,13 @@ def _what(decisions) -> str:
     return "; ".join(f"{d.kernel} ({d.permutation or 'no permutation'})" for d in decisions)
 
 
-def _scrambled_vs_plain(plain, scrambled, x):
+def _scrambled_vs_plain(plain, scrambled, x, options=None):
     """Dense compile of the scrambled layer, sparse compiles of both, and the scrambled one's error
-    against fp64: (dense us, plain us, plain's decisions, scrambled us, its decisions, rel. err)."""
-    t_dense, _, _ = _compiled(scrambled, x, False)
-    t_plain, _, d_plain = _compiled(plain, x, True)
-    t_s, out, dec = _compiled(scrambled, x, True)
+    against fp64: (dense, plain, plain's decisions, scrambled, its decisions, rel. err); each time
+    a (GPU us, call us) pair."""
+    *t_dense, _, _ = _compiled(scrambled, x, False)
+    *t_plain, _, d_plain = _compiled(plain, x, True)
+    *t_s, out, dec = _compiled(scrambled, x, True, options)
     ref = F.linear(x.double(), scrambled.weight.double(), scrambled.bias.double())
     return t_dense, t_plain, d_plain, t_s, dec, ((out.double() - ref).norm() / ref.norm()).item()
 
@@ -185,21 +197,26 @@ def compiled_table():
     plain = _linear(wp)
     scrambled = _linear(scramble_(wp.clone(), rows=True, seed=1))
     print(f"\n### Compiled, mode=\"reduce-overhead\": {N}x{K} linear (+ bias), {B}x{B} blocks {SPARSITY:.0%} zero, us\n")
+    print("Each time is GPU / call: one call's GPU time with its host time hidden, and do_bench of a plain call "
+          "(the host time counted where the GPU waits for it). \"kernel form\": the scrambled layer compiled "
+          "with permute_apply=\"kernel\" (both orders in the kernel's loads and store).\n")
     print("| M | dense compile (scrambled W) | sparse, W unscrambled | sparse, W scrambled | scrambled / unscrambled "
-          "| scrambled vs dense | what the scrambled layer ran | rel. err (scrambled, fp64) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| scrambled vs dense | what the scrambled layer ran | kernel form | kernel form vs dense "
+          "| rel. err (scrambled, fp64) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for m in (1, 16, 8192):
         x = torch.randn(m, K, device=dev, dtype=dt)
         t_dense, t_plain, _, t_s, dec, err = _scrambled_vs_plain(plain, scrambled, x)
-        print(f"| {m} | {t_dense:.1f} | {t_plain:.1f} | {t_s:.1f} | {t_s / t_plain:.2f}x | {t_dense / t_s:.2f}x | "
-              f"{_what(dec)} | {err:.1e} |", flush=True)
+        *t_k, _, _ = _compiled(scrambled, x, True, {"permute_apply": "kernel"})
+        print(f"| {m} | {_pair(t_dense)} | {_pair(t_plain)} | {_pair(t_s)} | {_ratios(t_s, t_plain)} | "
+              f"{_ratios(t_dense, t_s)} | {_what(dec)} | {_pair(t_k)} | {_ratios(t_dense, t_k)} | {err:.1e} |", flush=True)
     w24 = prune_24_(torch.randn(N, K, generator=g)).to(dev, dt)
     plain24, scrambled24 = _linear(w24), _linear(scramble_(w24.clone(), rows=False, seed=2))
     x = torch.randn(1, K, device=dev, dtype=dt)
     t_dense, t_plain, d_plain, t_s, dec, err = _scrambled_vs_plain(plain24, scrambled24, x)
-    print(f"\n2:4 {N}x{K} (+ bias), M = 1, reduce-overhead: dense compile {t_dense:.1f} us; plain 2:4 {t_plain:.1f} us "
-          f"({_what(d_plain)}); columns scrambled {t_s:.1f} us ({_what(dec)}; {t_s / t_plain:.2f}x of plain, "
-          f"rel. err {err:.1e})", flush=True)
+    print(f"\n2:4 {N}x{K} (+ bias), M = 1, reduce-overhead, GPU / call us: dense compile {_pair(t_dense)}; plain 2:4 "
+          f"{_pair(t_plain)} ({_what(d_plain)}); columns scrambled {_pair(t_s)} ({_what(dec)}; "
+          f"{t_plain[0] / t_s[0]:.2f}x / {t_plain[1] / t_s[1]:.2f}x of plain's speed, rel. err {err:.1e})", flush=True)
 
 
 def _reorder_hidden_(model: torch.nn.Module, seed: int = 0) -> int:
@@ -239,18 +256,19 @@ def vit_table():
                 scramble_(mod.weight.data, rows=True, seed=i)
     x = torch.randn(64, 3, 224, 224, device=dev, dtype=dt)
     print("\n### ViT-B/16 batch 64, MLP weights 90% zero in 64x64 blocks, mode=\"reduce-overhead\", us\n")
-    print("| model | us | vs dense | sparse layers | layers that still gather x / map outputs | rel. err vs dense (same function) |")
+    print("| model | GPU / call us | vs dense | sparse layers | layers that still gather x / map outputs "
+          "| rel. err vs dense (same function) |")
     print("|---|---|---|---|---|---|")
-    t_dense, ref, _ = _compiled(base, x, False)
-    print(f"| dense compile | {t_dense:.1f} | 1.00x | - | - | - |", flush=True)
+    *t_dense, ref, _ = _compiled(base, x, False)
+    print(f"| dense compile | {_pair(t_dense)} | 1.00x | - | - | - |", flush=True)
     for name, model in (("unscrambled", base), ("hidden units reordered alike (same function)", hidden),
                         ("each MLP weight scrambled (rows and columns)", scrambled)):
-        t, out, dec = _compiled(model, x, True)
+        *t, out, dec = _compiled(model, x, True)
         sparse = sum(d.sparse for d in dec)
         gathers = sum("gathered" in d.permutation for d in dec)
         maps = sum("mapped" in d.permutation for d in dec)
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item() if model is not scrambled else None
-        print(f"| {name} | {t:.1f} | {t_dense / t:.2f}x | {sparse} | {gathers} / {maps} | "
+        print(f"| {name} | {_pair(t)} | {_ratios(t_dense, t)} | {sparse} | {gathers} / {maps} | "
               f"{'-' if err is None else f'{err:.1e}'} |", flush=True)
 
 

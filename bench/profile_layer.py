@@ -3,7 +3,8 @@ the CUDA-graph replay time (do_bench median) of dense F.linear, dense torch.comp
 backend="sparse" with force=True under each option set, then the per-kernel CUDA times
 (torch.profiler) of each compiled call; the "ro" variants compile with mode="reduce-overhead" and
 are timed as a user calls them (do_bench of the call: Inductor's CUDA-graph replay with its input
-copy and its host time where the GPU waits for it), with their host time per call beside.
+copy and its host time where the GPU waits for it), as the GPU time of a call with its host time
+hidden ("gpu"), and with their host time per call beside; "ro cutlass" forces the CUTLASS family.
 
     python bench/profile_layer.py [--pattern block|2:4] [--nk 14336x4096] [--ms 1,16,8192]
                                   [--sparsity 0.9] [--block 64] [--variants "exact;fast"]
@@ -20,14 +21,15 @@ import torch.nn.functional as F
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from profile_models import _profile  # noqa: E402
 
-from sparse_inductor.bench import _bench, _compiled_linear, _graphed, header  # noqa: E402
+from sparse_inductor.bench import _bench, _bench_gpu, _compiled_linear, _graphed, header  # noqa: E402
 from sparse_inductor.prune import prune_24_, prune_blocks_  # noqa: E402
 
 VARIANTS = {"exact": {"force": True}, "fast": {"force": True, "nonfinite": "fast"}}
 # compiled with mode="reduce-overhead" (Inductor's CUDA graphs) and called as a user calls it:
 # do_bench of the call, which includes the host time of each replay where the GPU waits for it
 RO_VARIANTS = {"ro exact": {"force": True, "mode": "reduce-overhead"},
-               "ro fast": {"force": True, "nonfinite": "fast", "mode": "reduce-overhead"}}
+               "ro fast": {"force": True, "nonfinite": "fast", "mode": "reduce-overhead"},
+               "ro cutlass": {"force": True, "kernel": "cutlass", "mode": "reduce-overhead"}}
 
 
 def host_us(fn, n: int = 50) -> float:
@@ -73,6 +75,7 @@ def main(argv=None) -> None:
             for _ in range(3):
                 dro(x)
             row["dense compile ro"] = _bench(lambda: dro(x))
+            row["dense compile ro gpu"] = _bench_gpu(lambda: dro(x))
             row["dense ro host"] = host_us(lambda: dro(x))
             for v in a.variants.split(";"):
                 v = v.strip()
@@ -81,7 +84,13 @@ def main(argv=None) -> None:
                     mod(x)
                 if v in RO_VARIANTS:
                     row[v] = _bench(lambda: mod(x))
+                    row[v + " gpu"] = _bench_gpu(lambda: mod(x))
                     row[v + " host"] = host_us(lambda: mod(x))
+                    total, launches, kernels = _profile(lambda: mod(x))
+                    print(f"\n### M={m} {v}: {row[v]:.1f} us (call), {row[v + ' gpu']:.1f} us (GPU, host hidden); "
+                          f"{total:.1f} us of kernels, {launches} launches")
+                    for name, calls, us in kernels[: a.top]:
+                        print(f"- {name[:100]}: {calls:.0f} x, {us:.1f} us")
                     continue
                 row[v] = _bench(_graphed(lambda: mod(x)))
                 total, launches, kernels = _profile(lambda: mod(x))
