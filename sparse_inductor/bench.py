@@ -742,6 +742,26 @@ TARGETS = [
     ("8-bit", "ViT-H/14 int8 + 2:4 MLPs vs int8 dense", "compose", dict(model="vit_huge_patch14_224"), ("int8_dense", "int8_+_2:4"), 1.0),
 ]
 
+# The CUTLASS issue's targets, reduce-overhead compiles with the family a candidate: single linears
+# by GPU time (a single layer's plain-call time is mostly host time at small M), whole models and
+# the 8-bit cases as named.
+_CUTLASS_SINGLE_TARGETS = {16: 1.5, 64: 1.4, 256: 1.3, 2048: 1.4, 8192: 1.5}
+TARGETS += [("CUTLASS", f"{n}x{k} M={m}, chosen vs dense compile (GPU time)", "cutlass",
+             dict(case="linear", N=n, K=k, M=m), ("dense_gpu", "choice_gpu"), least)
+            for n, k in ((14336, 4096), (4096, 14336), (4096, 4096)) for m, least in _CUTLASS_SINGLE_TARGETS.items()]
+TARGETS += [
+    ("CUTLASS", "11008x4096 M=32, chosen vs dense compile (GPU time)", "cutlass", dict(case="linear", N=11008, K=4096, M=32),
+     ("dense_gpu", "choice_gpu"), 1.45),
+    ("CUTLASS", "8 Llama MLP blocks, decode 16", "cutlass", dict(case="llama_mlp", M=16), ("dense_ro", "choice_ro"), 1.4),
+    ("CUTLASS", "8 Llama MLP blocks, decode 64", "cutlass", dict(case="llama_mlp", M=64), ("dense_ro", "choice_ro"), 1.4),
+    ("CUTLASS", "8 Llama MLP blocks, prefill 4096 (RO)", "cutlass", dict(case="llama_mlp", M=4096),
+     ("dense_ro", "choice_ro"), 1.45),
+    ("CUTLASS", "fp8 row-wise 8192x14336x4096 vs dense fp8 _scaled_mm (GPU time)", "cutlass", dict(case="fp8_rowwise"),
+     ("dense_gpu", "choice_gpu"), 1.35),
+    ("CUTLASS", "int8 activations 8192x14336x4096 vs bf16 F.linear (GPU time)", "cutlass", dict(case="int8_act"),
+     ("bf16_gpu", "choice_gpu"), 2.0),
+]
+
 _E2E_MODES = (("graph", "dense_compile", "sparse"), ("default", "dense_compile_nograph", "sparse_nograph"),
               ("RO", "dense_ro", "sparse_ro"))
 
@@ -802,7 +822,8 @@ def bench_guard(rows: list, blocks: int = 8, batch: int = 1):
 CUTLASS_SINGLES = [(n, k, m) for (n, k) in ((14336, 4096), (4096, 14336), (4096, 4096))
                    for m in (16, 64, 256, 2048, 8192)] + [(11008, 4096, 32)]
 CUTLASS_MLP_BATCHES = (16, 64, 4096)  # 8 Llama MLP blocks: decode batch 16 and 64, prefill 4096 tokens
-CUTLASS_PARTS = ("singles", "mlp", "choice")
+CUTLASS_QUANT8 = (14336, 4096, 8192)  # N, K, M of the 8-bit cases (int8 activations, fp8 row-wise)
+CUTLASS_PARTS = ("singles", "mlp", "quant8", "choice")
 
 
 def cutlass_kernels(parts=CUTLASS_PARTS) -> list:
@@ -822,8 +843,13 @@ def cutlass_kernels(parts=CUTLASS_PARTS) -> list:
                                  epilogue=((h, first), (h, second))))
             lay.append(Layer("2:4", m, d, h, torch.bfloat16, "cuda", row_check="separate",
                              epilogue=((d, Fusion(residual=True, aux_dtype=torch.bfloat16)),)))
-    return list(dict.fromkeys(k for ly in lay for p in cutlass_24._all_params(ly)
-                              for k in cutlass_24._variant_kernels(ly, p)))
+    out = [k for ly in lay for p in cutlass_24._all_params(ly) for k in cutlass_24._variant_kernels(ly, p)]
+    if "quant8" in parts:  # x quantized in the graph: both scales vectors, bf16 out (a bias slot either way)
+        for dt, name in ((torch.int8, "int8"), (torch.float8_e4m3fn, "e4m3")):
+            out += [cutlass_24.kernel_of(dt, cutlass_24.config_tag(c), out_dtype=torch.bfloat16, bias=torch.bfloat16,
+                                         weight_scale="vector", token_scale="vector")[0]
+                    for c in cutlass_24.configs_for(CUTLASS_QUANT8[2], name)]
+    return list(dict.fromkeys(out))
 
 
 def build_cutlass(parts=CUTLASS_PARTS) -> None:
@@ -940,6 +966,26 @@ def bench_cutlass(rows: list, parts=CUTLASS_PARTS, singles=None, batches=None):
                   + "\n".join(timed))
         del model
         torch.cuda.empty_cache()
+    if "quant8" in parts:
+        n, k, m = CUTLASS_QUANT8
+        print(f"\n| 8-bit 2:4, {n} x {k} (dense: the same model compiled) | M | dense us " + cols
+              + " rel. err (cutlass) | bf16 F.linear GPU us | chosen vs bf16 (GPU) |")
+        print("|---|---|---|---|---|---|" + ("---|---|---|---|" if choice else "") + "---|---|---|")
+        w, x = _case24(m, n, k)
+        with torch.no_grad():
+            bf16 = _bench_gpu(_graphed(lambda: F.linear(x, w)))
+        for case, what, model in (
+                ("int8_act", "int8 dynamic activations x int8 weight (torch._int_mm + scales)",
+                 W8A8Linear(*_int8_per_channel(w))),
+                ("fp8_rowwise", "fp8 e4m3, row-wise scales (torch._scaled_mm)", Fp8Linear(*fp8_per_channel(w), rowwise=True))):
+            ro = _ro_case(model.eval(), x, choice)
+            rows.append(dict(section="cutlass", case=case, M=m, N=n, K=k, bf16_gpu=bf16, **ro))
+            best = ro.get("choice_gpu") or ro.get("cutlass_gpu")
+            print(f"| {what} | {m} | {cells(ro)} {_fmt(bf16)} | {_ratio(bf16, best)} |", flush=True)
+            if ro.get("choice_timed"):
+                print(f"\n(timed at compile time: {ro['choice_timed']})\n")
+        del w, x
+        torch.cuda.empty_cache()
 
 
 def target_summary(rows: list) -> str:
@@ -991,7 +1037,8 @@ def main(argv=None):
     p.add_argument("--compose-core", action="store_true",
                    help="compose: only 2:4 bf16, int8 dense and int8 + 2:4 (the comparison of the target)")
     p.add_argument("--cutlass", default=",".join(CUTLASS_PARTS),
-                   help="the cutlass section's parts: singles (one linear), mlp (8 Llama MLP blocks), choice "
+                   help="the cutlass section's parts: singles (one linear), mlp (8 Llama MLP blocks), quant8 (int8 "
+                        "activations and fp8 row-wise, one linear at M = 8192), choice "
                         "(also compile with the dispatcher's choice)")
     p.add_argument("--cutlass-build-only", action="store_true",
                    help="build the cutlass section's CUTLASS libraries in parallel and exit (no GPU needed)")

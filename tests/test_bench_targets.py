@@ -31,7 +31,20 @@ def test_compose_needs_strictly_faster_and_empty_without_rows():
     out = target_summary(rows)
     assert "| 1.00x | > 1.00x | no |" in out and "| 1.30x | > 1.00x | yes |" in out
     assert target_summary([]) == ""
-    assert {t[0] for t in TARGETS} == {"block", "2:4", "8-bit"}
+    assert {t[0] for t in TARGETS} == {"block", "2:4", "8-bit", "CUTLASS"}
+
+
+def test_cutlass_single_linears_by_gpu_time_and_models_by_call_time():
+    rows = [dict(section="cutlass", case="linear", N=14336, K=4096, M=16, dense_gpu=45.0, choice_gpu=30.0,
+                 dense_ro=70.0, choice_ro=90.0),
+            dict(section="cutlass", case="llama_mlp", M=16, dense_gpu=1000.0, choice_gpu=600.0, dense_ro=1050.0,
+                 choice_ro=726.0),
+            dict(section="cutlass", case="int8_act", M=8192, N=14336, K=4096, bf16_gpu=1400.0, choice_gpu=800.0)]
+    out = target_summary(rows)
+    assert "| CUTLASS | 14336x4096 M=16, chosen vs dense compile (GPU time) | 1.50x | >= 1.50x | yes |" in out
+    assert "| CUTLASS | 8 Llama MLP blocks, decode 16 | 1.45x | >= 1.40x | yes |" in out
+    assert "| CUTLASS | int8 activations 8192x14336x4096 vs bf16 F.linear (GPU time) | 1.75x | >= 2.00x | no |" in out
+    assert "M=64" not in out
 
 
 def test_every_json_field_is_documented():
