@@ -392,6 +392,8 @@ def _e2e_row(rows, name, model, x, options=None):
 
 
 def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24", "hf_llama", "hf_llama_cutlass")):
+    """Whole models; `which` also takes "vit24_cutlass" (the 2:4 ViTs with the CUTLASS family a
+    candidate: not in the default list, its libraries take a parallel build)."""
     dev, dt = "cuda", torch.bfloat16
     print("\n## Whole models: dense torch.compile vs backend=\"sparse\" (dispatcher's choice)\n")
     print("Default-mode compiles timed as CUDA-graph replays and as plain calls (host overhead included); "
@@ -423,16 +425,20 @@ def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24", "hf_l
         _e2e_row(rows, "ViT-B/16 batch 64, MLP weights 90% zero 64x64 blocks", model,
                  torch.randn(64, 3, 224, 224, device=dev, dtype=dt))
         del model
-    if "vit24" in which:
+    if "vit24" in which or "vit24_cutlass" in which:
         # optional: timm, for the ViT cases only
         import timm
 
+        runs = ([("", None)] if "vit24" in which else []) + (
+            [(", CUTLASS a candidate", {"experimental": ("cutlass",)})]
+            if "vit24_cutlass" in which and not cutlass_rt.available("cuda") else [])
         for name, batch in (("vit_base_patch16_224", 64), ("vit_huge_patch14_224", 32)):
             torch.manual_seed(0)
             model = timm.create_model(name, pretrained=False).to(dev, dt).eval()
             prune(model, "2:4")
-            _e2e_row(rows, f"{name} batch {batch}, every linear 2:4", model,
-                     torch.randn(batch, 3, 224, 224, device=dev, dtype=dt))
+            for suffix, options in runs:
+                _e2e_row(rows, f"{name} batch {batch}, every linear 2:4{suffix}", model,
+                         torch.randn(batch, 3, 224, 224, device=dev, dtype=dt), options=options)
             del model
             torch.cuda.empty_cache()
     if "hf_llama" in which or "hf_llama_cutlass" in which:
@@ -729,6 +735,10 @@ TARGETS = [
     ("2:4", "8 Llama MLP blocks 2:4, prefill 4096", "e2e", dict(model="8 Llama MLP blocks 2:4, prefill 4096 tokens"), "e2e", 1.35),
     ("2:4", "ViT-B/16 b64, every linear 2:4", "e2e", dict(model="vit_base_patch16_224 batch 64, every linear 2:4"), "e2e", 1.1),
     ("2:4", "ViT-H/14 b32, every linear 2:4", "e2e", dict(model="vit_huge_patch14_224 batch 32, every linear 2:4"), "e2e", 1.1),
+    ("CUTLASS", "ViT-B/16 b64, every linear 2:4, CUTLASS a candidate", "e2e",
+     dict(model="vit_base_patch16_224 batch 64, every linear 2:4, CUTLASS a candidate"), "e2e", 1.15),
+    ("CUTLASS", "ViT-H/14 b32, every linear 2:4, CUTLASS a candidate", "e2e",
+     dict(model="vit_huge_patch14_224 batch 32, every linear 2:4, CUTLASS a candidate"), "e2e", 1.3),
     ("2:4", "HF LlamaForCausalLM b32 one token, CUTLASS a candidate", "e2e",
      dict(model="HF LlamaForCausalLM 2048/5632 x8, batch 32, one token, every projection 2:4, CUTLASS a candidate"),
      ("dense_ro", "sparse_ro"), 1.3),
@@ -1025,7 +1035,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--e2e", default="llama,vit,llama_prefill,vit24,hf_llama,hf_llama_cutlass",
                    help="models of the e2e section: llama (decode), vit (block), llama_prefill, vit24 (2:4 ViT-B, "
-                        "ViT-H), hf_llama (transformers' LlamaForCausalLM, batch 32, one token), hf_llama_cutlass (the same "
+                        "ViT-H), vit24_cutlass (the same with the CUTLASS family a candidate), hf_llama (transformers' "
+                        "LlamaForCausalLM, batch 32, one token), hf_llama_cutlass (the same "
                         "with the CUTLASS family a candidate)")
     p.add_argument("--quick", action="store_true", help="one small case per section (a smoke test)")
     p.add_argument("--options", default="", help="backend options for the e2e compiles, e.g. nonfinite=fast")
