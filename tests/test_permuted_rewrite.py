@@ -641,8 +641,11 @@ def test_gpu_gathers_in_the_graph_join_their_neighbours():
     defs = kernel_defs(code)
     assert len(defs) == 3, defs
     assert sum(n.startswith("triton_tem_") for n in defs) == 1, defs
-    assert any("layer_norm" in n and "index" in n for n in defs), defs  # (the x gather in the norm's kernel)
-    assert any("gelu" in n and "index" in n or "erf" in n and "index" in n for n in defs), defs
+    # the two gathers are in no kernel of their own (five kernels otherwise); Inductor names a
+    # kernel by its ops' origins, which leave the gathers out (on H100: "..._native_layer_norm_0",
+    # "triton_tem_fused_addmm_native_layer_norm_1", "..._addmm_gelu_native_layer_norm_2")
+    assert sum("layer_norm" in n and not n.startswith("triton_tem_") for n in defs) == 2, defs
+    assert sum("gelu" in n for n in defs) == 1, defs
 
 
 @pytest.mark.gpu

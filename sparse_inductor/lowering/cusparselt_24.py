@@ -53,7 +53,12 @@ def _runner(t, bias, layer, params):
     cannot fuse with x's producer; nothing for "none": int8 x, or options nonfinite="fast"; with
     layer.derived_check, the flagged-rows check with no row flagged: passes/derived_check.py).
     A column-permuted weight (layer.x_index): the library has no gather of its own, so x is gathered
-    first (index_select, one more pass over x, as the graph runs it)."""
+    first (index_select, one more pass over x, as the graph runs it). int8 x int8: the graph's
+    dequantization after the call, timed as one pass over the product (int32: a cast to bf16;
+    bf16: a multiplication by a scalar), as dense's torch._int_mm is (measure.Timer): the CUTLASS
+    family computes it in its epilogue, and at 8192x14336x4096 the pass was what set the two apart
+    (cuSPARSELt 456.5 us timed without it, 714.5 us compiled; CUTLASS 530.6 / 640.7 us; H100,
+    docs/benchmarks.md#cutlass)."""
     wc, n, k = t["wc"], layer.n, layer.k
     xi = t.get("x_index") if layer.x_index else None
     if xi is not None:
@@ -82,6 +87,14 @@ def _runner(t, bias, layer, params):
             g = zeros_for(x)
         return cslt.nan_rows_(cslt.linear(x, wc, bias, n, k, alg, sk, out), g)
 
+    if layer.dtype == torch.int8:
+        one = torch.ones((), device=wc.device, dtype=torch.float32)
+
+        def run_int8(x):
+            y = run(x)
+            return y.to(torch.bfloat16) if y.dtype == torch.int32 else torch.mul(y, one)
+
+        return run_int8
     return run
 
 
