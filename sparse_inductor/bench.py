@@ -897,7 +897,10 @@ def _ro_case(model: nn.Module, x: torch.Tensor, choice: bool) -> dict:
         out["dense_ro"] = _bench_settled(lambda: dense(x))
         out["dense_gpu"], out["dense_host"] = _bench_gpu(lambda: dense(x)), _host_us(lambda: dense(x))
         del dense
-        runs = [("cutlass", {"force": True, "kernel": "cutlass"})] + ([("choice", {"experimental": ("cutlass",)})] if choice else [])
+        # fx_cache off: on an FX graph cache hit (the same layer compiled earlier in the process or on
+        # the machine) the pass does not run, and the kernels / fused columns would stay empty
+        runs = [("cutlass", {"force": True, "kernel": "cutlass", "fx_cache": False})] + (
+            [("choice", {"experimental": ("cutlass",), "fx_cache": False})] if choice else [])
         for name, options in runs:
             with collect() as sink:
                 ours = _ro_compiled(model, "sparse", options)
