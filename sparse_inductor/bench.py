@@ -173,23 +173,24 @@ def fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Fp8Linear(nn.Module):
     """An fp8 linear as users write it: e4m3 weight W8 [N, K] with its fp32 scale (per-tensor, or
     per-channel [1, N]), the input quantized per tensor (or per row: rowwise=True) on the fly, then
-    torch._scaled_mm(x8, W8^T, scale_a, scale_b, bias, out_dtype=out_dtype).
+    torch._scaled_mm(x8, W8^T, scale_a, scale_b, bias, out_dtype=out_dtype, use_fast_accum=fast_accum).
     forward(x) quantizes x; forward(x8, x_scale) takes it already quantized."""
 
     def __init__(self, wq: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 rowwise: bool = False, out_dtype: torch.dtype = torch.bfloat16):
+                 rowwise: bool = False, out_dtype: torch.dtype = torch.bfloat16, fast_accum: bool = False):
         super().__init__()
         self.register_buffer("wq", wq)
         self.register_buffer("w_scale", w_scale.float())
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.rowwise, self.out_dtype = rowwise, out_dtype
+        self.rowwise, self.out_dtype, self.fast_accum = rowwise, out_dtype, fast_accum
 
     def forward(self, x, x_scale=None):
         if x_scale is None:
             amax = x.abs().amax(dim=-1, keepdim=True) if self.rowwise else x.abs().amax()
             x_scale = amax.float().clamp(min=1e-12) / 448
             x = (x.float() / x_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
-        return torch._scaled_mm(x, self.wq.t(), x_scale, self.w_scale, self.bias, out_dtype=self.out_dtype)
+        return torch._scaled_mm(x, self.wq.t(), x_scale, self.w_scale, self.bias, out_dtype=self.out_dtype,
+                                use_fast_accum=self.fast_accum)
 
     def fp64(self, xq: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
         """The dequantized matmul in float64: (x8 @ W8^T) * scale_a * scale_b + bias."""
@@ -768,6 +769,8 @@ TARGETS += [
      ("dense_ro", "choice_ro"), 1.45),
     ("CUTLASS", "fp8 row-wise 8192x14336x4096 vs dense fp8 _scaled_mm (GPU time)", "cutlass", dict(case="fp8_rowwise"),
      ("dense_gpu", "choice_gpu"), 1.35),
+    ("CUTLASS", "same, use_fast_accum=True vs dense fp8 _scaled_mm with it (GPU time)", "cutlass",
+     dict(case="fp8_rowwise_fast"), ("dense_gpu", "choice_gpu"), 1.35),
     ("CUTLASS", "int8 activations 8192x14336x4096 vs bf16 F.linear (GPU time)", "cutlass", dict(case="int8_act"),
      ("bf16_gpu", "choice_gpu"), 2.0),
 ]
@@ -858,7 +861,7 @@ def cutlass_kernels(parts=CUTLASS_PARTS) -> list:
         for dt, name in ((torch.int8, "int8"), (torch.float8_e4m3fn, "e4m3")):
             out += [cutlass_24.kernel_of(dt, cutlass_24.config_tag(c), out_dtype=torch.bfloat16, bias=torch.bfloat16,
                                          weight_scale="vector", token_scale="vector")[0]
-                    for c in cutlass_24.configs_for(CUTLASS_QUANT8[2], name)]
+                    for c in cutlass_24.configs_for(CUTLASS_QUANT8[2], name, fast_accum=True)]
     return list(dict.fromkeys(out))
 
 
@@ -991,7 +994,9 @@ def bench_cutlass(rows: list, parts=CUTLASS_PARTS, singles=None, batches=None):
         for case, what, model in (
                 ("int8_act", "int8 dynamic activations x int8 weight (torch._int_mm + scales)",
                  W8A8Linear(*_int8_per_channel(w))),
-                ("fp8_rowwise", "fp8 e4m3, row-wise scales (torch._scaled_mm)", Fp8Linear(*fp8_per_channel(w), rowwise=True))):
+                ("fp8_rowwise", "fp8 e4m3, row-wise scales (torch._scaled_mm)", Fp8Linear(*fp8_per_channel(w), rowwise=True)),
+                ("fp8_rowwise_fast", "fp8 e4m3, row-wise scales, use_fast_accum=True",
+                 Fp8Linear(*fp8_per_channel(w), rowwise=True, fast_accum=True))):
             ro = _ro_case(model.eval(), x, choice)
             rows.append(dict(section="cutlass", case=case, M=m, N=n, K=k, bf16_gpu=bf16, **ro))
             best = ro.get("choice_gpu") or ro.get("cutlass_gpu")
@@ -1057,6 +1062,9 @@ def main(argv=None):
                    help="the cutlass section's parts: singles (one linear), mlp (8 Llama MLP blocks), quant8 (int8 "
                         "activations and fp8 row-wise, one linear at M = 8192), choice "
                         "(also compile with the dispatcher's choice)")
+    p.add_argument("--cutlass-batches", default=None,
+                   help="the mlp part's token counts, comma-separated (default: "
+                        + ",".join(map(str, CUTLASS_MLP_BATCHES)) + ")")
     p.add_argument("--cutlass-build-only", action="store_true",
                    help="build the cutlass section's CUTLASS libraries in parallel and exit (no GPU needed)")
     args = p.parse_args(argv)
@@ -1095,6 +1103,8 @@ def main(argv=None):
             kw = quick[name] if args.quick else ({"which": tuple(args.e2e.split(","))} if name == "e2e" else {})
             if name == "cutlass" and not args.quick:
                 kw = {"parts": cutlass_parts}
+                if args.cutlass_batches:
+                    kw["batches"] = [int(b) for b in args.cutlass_batches.split(",")]
             if args.targets and not args.quick:
                 kw = {**kw, **targets.get(name, {})}
             if name == "compose" and args.compose_core:

@@ -349,7 +349,8 @@ class LayerTimer:
 
     def _fp8_inputs(self, m: int, gen: torch.Generator) -> tuple:
         """fp8 x [m, K], the bias (out_dtype) and dense: torch._scaled_mm as the graph calls it, with
-        the layer's scale shapes (per-tensor, or scale_a [M, 1] / scale_b [1, N]) and out_dtype."""
+        the layer's scale shapes (per-tensor, or scale_a [M, 1] / scale_b [1, N]), out_dtype and
+        use_fast_accum."""
         ly, w, sc = self.layer, self.w, self.layer.scaled
         dev = w.device
         x = torch.randn(m, ly.k, device=dev, generator=gen).to(torch.float8_e4m3fn)
@@ -357,4 +358,5 @@ class LayerTimer:
         sa = torch.full((m, 1) if sc.scale_a_vector else (), 0.5, device=dev)
         sb = torch.full((1, ly.n) if sc.scale_b_vector else (), 0.5, device=dev)
         wt = w.t()
-        return x, bias, lambda: torch._scaled_mm(x, wt, sa, sb, bias, out_dtype=sc.out_dtype)
+        fast = sc.fast_accum
+        return x, bias, lambda: torch._scaled_mm(x, wt, sa, sb, bias, out_dtype=sc.out_dtype, use_fast_accum=fast)

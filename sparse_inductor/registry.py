@@ -37,12 +37,16 @@ class Scaled:
     kernel (one rounding, as torch._scaled_mm; costs an fp32 write and read of y).
     scale_a_vector / scale_b_vector: scale_a is [M, 1] / scale_b is [1, N] (row-wise) rather than one
     number (the dense timing calls torch._scaled_mm with the same scale shapes).
+    fast_accum: the call's use_fast_accum=True: the model accepts the tensor core's own accumulation
+    between fp32 promotions, so the CUTLASS family may run its FP8FastAccum configs (with False it
+    never does; the dense timing passes the same flag).
     """
 
     form: str  # "lib16" | "row"
     out_dtype: torch.dtype
     scale_a_vector: bool = False
     scale_b_vector: bool = False
+    fast_accum: bool = False
 
     @property
     def lib_out_dtype(self) -> torch.dtype:

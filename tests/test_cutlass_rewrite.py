@@ -327,6 +327,26 @@ def test_fp8_numerics_and_nan_rows(rowwise):
     torch.testing.assert_close(out[keep].double(), ref[keep], rtol=2 ** -8, atol=1e-5 * float(ref[keep].abs().max()))
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_fp8_fast_accum_only_where_the_model_asks(fast):
+    """torch._scaled_mm(use_fast_accum=True): the layer's candidates include the FP8FastAccum
+    configs and the untimed (forced) call takes its bucket's first config in that form; with
+    False no fast config is a candidate (its accumulation is less precise than the model's)."""
+    model = fp8_model(rowwise=True)
+    model.fast_accum = fast
+    xq, s = fp8_input(rowwise=True)
+    torch._dynamo.reset()
+    r = run_sparse(model, (xq, s), options=OPTS)
+    (d,) = [d for d in r.decisions if d.kernel == "cutlass"]
+    assert ("_fastacc'" in r.graphs[0]) == fast, r.graphs[0]
+    ref = model.fp64(xq, s)
+    torch.testing.assert_close(r.outputs[0].double(), ref, rtol=2 ** -8, atol=1e-5 * float(ref.abs().max()))
+    layer = Layer("2:4", 8192, 256, 512, torch.float8_e4m3fn, "cuda", scaled=Scaled("lib16", BF16, True, True, fast))
+    tags = [c24._tag_of(p) for p in c24._all_params(layer)]
+    assert any(t.endswith("_fastacc") or "_fastacc_" in t for t in tags) == fast, tags
+    assert len({t.replace("_fastacc", "") for t in tags}) == len(c24.configs_for(8192, "e4m3")) + 2  # (stream-K: 3 splits)
+
+
 def test_reference_skips_the_pruned_zeros():
     """The op's reference is the tensor cores' product: a NaN meeting only pruned zeros leaves the
     output finite, one meeting a stored slot (a half-empty group's zero included) makes it NaN, an

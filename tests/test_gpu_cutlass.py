@@ -10,6 +10,7 @@ SPARSE_INDUCTOR_CUTLASS_CACHE_DIR); what the dispatcher picks among configs is b
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 
 import pytest
@@ -48,6 +49,9 @@ def expected_kernels() -> list:
         else:
             for ws in (("vector",) if dt is torch.int8 else ("vector", "tensor")):
                 out.append(c24.kernel_of(dt, tag, out_dtype=BF16, bias=BF16, weight_scale=ws, token_scale="vector")[0])
+    fast = c24.config_tag(dataclasses.replace(c24.configs_for(16, "e4m3")[0], fast_accum=True))
+    out.append(c24.kernel_of(torch.float8_e4m3fn, fast, out_dtype=BF16, bias=BF16, weight_scale="vector",
+                             token_scale="vector")[0])
     return out
 
 
@@ -167,3 +171,23 @@ def test_fp8_scales_and_row_guard_in_the_epilogue(rowwise):
     # fp8 tensor cores keep ~14 bits of the sum between fp32 promotions, every 4 MMAs
     # (cutlass_24.error_bound): 4 * 2^-13 of the sum of |terms|; then bf16 rounding (2^-8 of |ref|)
     torch.testing.assert_close(out[keep].double(), ref[keep], rtol=2 ** -7, atol=2e-3 * float(ref[keep].abs().max()))
+
+
+def test_fp8_fast_accum_where_the_model_asks():
+    """torch._scaled_mm(use_fast_accum=True), row-wise scales: the FP8FastAccum kernel, within
+    cutlass_24.error_bound for its chain (every MMA of K between fp32 promotions)."""
+    model = fp8_model(k=512, n=256, rowwise=True).to("cuda")
+    model.fast_accum = True
+    x = torch.randn(16, 512, device="cuda")
+    s = x.abs().amax(dim=-1, keepdim=True) / 448
+    xq = (x / s).to(torch.float8_e4m3fn)
+    (out,), code, decisions = _compile_and_run(model, [(xq, s)], options={**OPTS, "mode": "reduce-overhead"})
+    (d,) = decisions
+    assert d.kernel == "cutlass", d.line()
+    (tag,) = re.findall(r"'(\w+_fastacc)'", code)
+    k = c24.kernel_of(torch.float8_e4m3fn, tag, out_dtype=BF16, bias=BF16, weight_scale="vector",
+                      token_scale="vector")[0]
+    ref = model.fp64(xq, s)
+    bound = c24.error_bound(k, xq, model.wq, ref, bias=model.bias, weight_scale=model.w_scale, token_scale=s)
+    err = (out.double() - ref).abs()
+    assert (err <= bound).all(), float((err / bound).max())

@@ -772,11 +772,15 @@ def bucket(m: int) -> int:
     return M_BUCKETS[-1]
 
 
-def configs_for(m: int, dtype: str = "bf16") -> tuple[CutlassConfig, ...]:
-    """The table's candidates for a layer with M tokens (8-bit operands: tile K of at least 128)."""
+def configs_for(m: int, dtype: str = "bf16", fast_accum: bool = False) -> tuple[CutlassConfig, ...]:
+    """The table's candidates for a layer with M tokens (8-bit operands: tile K of at least 128);
+    fast_accum (e4m3, a torch._scaled_mm with use_fast_accum=True): each config in its FP8FastAccum
+    schedule too, after the promoting one."""
     cands = CONFIG_TABLE[bucket(m)]
     if dtype in ("int8", "e4m3"):
         cands = tuple(dataclasses.replace(c, tile=(c.tile[0], c.tile[1], max(128, c.tile[2]))) for c in cands)
+    if fast_accum and dtype == "e4m3":
+        cands = cands + tuple(dataclasses.replace(c, fast_accum=True) for c in cands)
     return cands
 
 
@@ -1040,14 +1044,17 @@ def kernel_for(dtype: torch.dtype, params: dict) -> CutlassKernel:
 
 def params_of(cfg: CutlassConfig, splits: int = 1) -> dict:
     """A config as JSON-able variant params (measure.py caches them with the time)."""
-    return {"tile": list(cfg.tile), "cluster": list(cfg.cluster), "kernel_schedule": cfg.kernel_schedule,
-            "stages": cfg.stages, "scheduler": cfg.scheduler, "splits": splits}
+    out = {"tile": list(cfg.tile), "cluster": list(cfg.cluster), "kernel_schedule": cfg.kernel_schedule,
+           "stages": cfg.stages, "scheduler": cfg.scheduler, "splits": splits}
+    if cfg.fast_accum:
+        out["fast_accum"] = True
+    return out
 
 
 def _tag_of(params: dict) -> str:
     cfg = CutlassConfig(tile=tuple(params["tile"]), cluster=tuple(params["cluster"]),
                         kernel_schedule=params["kernel_schedule"], stages=params.get("stages"),
-                        scheduler=params.get("scheduler", "persistent"))
+                        scheduler=params.get("scheduler", "persistent"), fast_accum=bool(params.get("fast_accum")))
     return config_tag(cfg, int(params.get("splits", 1)))
 
 
@@ -1158,7 +1165,8 @@ def _spec_compress(w: torch.Tensor, layer) -> dict:
 
 
 def _all_params(layer) -> list:
-    return [params_of(c, s) for c in configs_for(layer.m or 1, _SPEC_DTYPES[layer.dtype])
+    fast = layer.scaled is not None and layer.scaled.fast_accum
+    return [params_of(c, s) for c in configs_for(layer.m or 1, _SPEC_DTYPES[layer.dtype], fast)
             for s in (STREAMK_SPLITS if c.scheduler == "streamk" else (1,))]
 
 
@@ -1285,9 +1293,12 @@ def _spec_node_args(x, constants, bias, n, k, params) -> tuple:
     the meta of the config's layout (constants: values, meta_64, meta_128). int8 x ends with an
     out_dtype for the rewrite to set (the product's dtype: linear_rewrite._replace)."""
     val = x.meta["val"]
-    if not params:
+    if "tile" not in params:  # untimed: the bucket's first config ({"fast_accum": True}: its fast form)
         m = _compat.size_hint(val.shape[0]) or 16
-        params = params_of(configs_for(m, _SPEC_DTYPES.get(val.dtype, "bf16"))[0])
+        cfg = configs_for(m, _SPEC_DTYPES.get(val.dtype, "bf16"))[0]
+        if params.get("fast_accum") and val.dtype == torch.float8_e4m3fn:
+            cfg = dataclasses.replace(cfg, fast_accum=True)
+        params = params_of(cfg)
     tag = _tag_of(params)
     values, meta64, meta128 = constants
     meta = meta64 if layout_tile_k(parse_tag(tag)[0].tile[2]) == 64 else meta128

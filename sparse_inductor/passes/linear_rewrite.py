@@ -234,7 +234,7 @@ def _read_scaled_mm(node: fx.Node, n: int, product: str = "bf16") -> tuple[Optio
     if bias is not None and not _bias_is_row(mm.bias, n):
         return None, "bias is not a vector of out_features"
     form = "lib16" if out == torch.bfloat16 and product == "bf16" else "row"
-    return Scaled(form, out, not a_tensor, not b_tensor), None
+    return Scaled(form, out, not a_tensor, not b_tensor, fast_accum=bool(mm.use_fast_accum)), None
 
 
 def _is_one(t: torch.Tensor) -> bool:
@@ -706,6 +706,8 @@ def _replace_scaled_mm(site: LinearSite, spec: KernelSpec, cnodes: tuple[fx.Node
     # read the operands from the node now: rewrites of earlier layers may have replaced them
     mm = args_of(node)
     x, sa, sb, bias = mm.self, mm.scale_a, mm.scale_b, mm.bias
+    if sc.fast_accum and not params:  # untimed (forced): the hint a family's first config may read
+        params = {"fast_accum": True}
     target, args = spec.node_args(x, cnodes, None, n, k, params)  # (x, wc, None, n, k, alg_id, split_k)
     cvt = torch.ops.prims.convert_element_type.default
 
