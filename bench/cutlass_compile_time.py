@@ -50,6 +50,9 @@ def main(argv=None) -> None:
     handler = _Ready()
     logger = logging.getLogger("sparse_inductor")
     logger.addHandler(handler)
+    stream = logging.StreamHandler(sys.stderr)  # each library's compile as it runs, with the time
+    stream.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(stream)
     logger.setLevel(logging.INFO)
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[LlamaMLP() for _ in range(a.blocks)]).to("cuda", torch.bfloat16).eval()
