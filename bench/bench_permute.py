@@ -179,13 +179,13 @@ def _what(decisions) -> str:
     return "; ".join(f"{d.kernel} ({d.permutation or 'no permutation'})" for d in decisions)
 
 
-def _scrambled_vs_plain(plain, scrambled, x, options=None):
+def _scrambled_vs_plain(plain, scrambled, x):
     """Dense compile of the scrambled layer, sparse compiles of both, and the scrambled one's error
     against fp64: (dense, plain, plain's decisions, scrambled, its decisions, rel. err); each time
     a (GPU us, call us) pair."""
     *t_dense, _, _ = _compiled(scrambled, x, False)
     *t_plain, _, d_plain = _compiled(plain, x, True)
-    *t_s, out, dec = _compiled(scrambled, x, True, options)
+    *t_s, out, dec = _compiled(scrambled, x, True)
     ref = F.linear(x.double(), scrambled.weight.double(), scrambled.bias.double())
     return t_dense, t_plain, d_plain, t_s, dec, ((out.double() - ref).norm() / ref.norm()).item()
 

@@ -923,6 +923,12 @@ def _ro_case(model: nn.Module, x: torch.Tensor, choice: bool) -> dict:
     return out
 
 
+def _print_timed(lines: list, which: str = "") -> None:
+    """What the dispatcher timed at compile time for the chosen compiles, a bullet per case."""
+    if lines:
+        print(f"\nThe dispatcher's timings at compile time (chosen compiles{which}):\n\n" + "\n".join(lines))
+
+
 def bench_cutlass(rows: list, parts=CUTLASS_PARTS, singles=None, batches=None):
     """The CUTLASS family compiled (backend="sparse", CUTLASS forced, and the dispatcher's choice among
     dense, Triton, cuSPARSELt and CUTLASS) against dense torch.compile, all under
@@ -960,8 +966,7 @@ def bench_cutlass(rows: list, parts=CUTLASS_PARTS, singles=None, batches=None):
                 timed.append(f"- {n}x{k}, M = {m}: {ro['choice_timed']}")
             print(f"| {n} | {k} | {m} | {cells(ro)}", flush=True)
             del lin, w, x
-        if timed:
-            print("\nThe dispatcher's timings at compile time (chosen compiles):\n\n" + "\n".join(timed))
+        _print_timed(timed)
     if "mlp" in parts:
         timed = []
         print("\n| 8 Llama MLP blocks 2:4 (4096 x 14336) | tokens | dense us " + cols + " rel. err (cutlass) |")
@@ -977,9 +982,7 @@ def bench_cutlass(rows: list, parts=CUTLASS_PARTS, singles=None, batches=None):
             if ro.get("choice_timed"):
                 timed.append(f"- {m} tokens: {ro['choice_timed_first']}")
             print(f"| {what} | {m} | {cells(ro)}", flush=True)
-        if timed:
-            print("\nThe dispatcher's timings at compile time (chosen compiles, the first block's two layers):\n\n"
-                  + "\n".join(timed))
+        _print_timed(timed, ", the first block's two layers")
         del model
         torch.cuda.empty_cache()
     if "quant8" in parts:
@@ -1003,8 +1006,7 @@ def bench_cutlass(rows: list, parts=CUTLASS_PARTS, singles=None, batches=None):
             print(f"| {what} | {m} | {cells(ro)} {_fmt(bf16)} | {_ratio(bf16, best)} |", flush=True)
             if ro.get("choice_timed"):
                 timed.append(f"- {case}: {ro['choice_timed']}")
-        if timed:
-            print("\nThe dispatcher's timings at compile time (chosen compiles):\n\n" + "\n".join(timed))
+        _print_timed(timed)
         del w, x
         torch.cuda.empty_cache()
 
