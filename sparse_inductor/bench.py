@@ -861,7 +861,8 @@ def cutlass_kernels(parts=CUTLASS_PARTS) -> list:
         for dt, name in ((torch.int8, "int8"), (torch.float8_e4m3fn, "e4m3")):
             out += [cutlass_24.kernel_of(dt, cutlass_24.config_tag(c), out_dtype=torch.bfloat16, bias=torch.bfloat16,
                                          weight_scale="vector", token_scale="vector")[0]
-                    for c in cutlass_24.configs_for(CUTLASS_QUANT8[2], name, fast_accum=True)]
+                    for fast in ((False, True) if name == "e4m3" else (False,))
+                    for c in cutlass_24.configs_for(CUTLASS_QUANT8[2], name, fast_accum=fast)]
     return list(dict.fromkeys(out))
 
 

@@ -265,7 +265,7 @@ class LayerTimer:
         if self._env is None:
             self._env = _versions(self.w.device)
         ly = self.layer
-        scaled = "" if ly.scaled is None else f"|scaled={ly.scaled}"
+        scaled = "" if ly.scaled is None else f"|scaled={ly.scaled}|guard={ly.guard}"
         if ly.product is not None:  # int8: what the library writes (its best algorithm differs)
             scaled += f"|product={ly.product}"
         if ly.epilogue and name != "dense":  # a family that fuses it is timed with it (CUTLASS)

@@ -127,6 +127,9 @@ class Layer:
     # the non-finite row check of kernels that skip zeros (KernelSpec.row_check): "none", "fused"
     # (its reduction over x can fuse with x's producer: not timed) or "separate" (timed)
     row_check: str = "none"
+    # fp8 (scaled): how the graph's non-finite row guard over x8 (a sum, linear_rewrite._replace_scaled_mm)
+    # costs: "fused" (it joins x8's producer kernel, the quantization: not timed) or "separate" (timed)
+    guard: str = "separate"
     # the check will come from the input of the layer before (passes/derived_check.py for 2:4 on
     # cuSPARSELt, fuse_mlp.py for block pairs predict it): the runners time that check (cuSPARSELt:
     # the flagged-rows kernel; the block template: none of its own), not a pass over x

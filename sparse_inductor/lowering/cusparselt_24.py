@@ -100,7 +100,9 @@ def _runner(t, bias, layer, params):
 
 def _fp8_runner(wc, bias, layer, alg, sk):
     """fp8 (torch._scaled_mm rewritten, passes/linear_rewrite._replace_scaled_mm), kernels per call:
-    the row check's reduction over x (read here as bytes: same traffic, fp8 has no eager sum);
+    the row guard's reduction over x where it does not join x's producer (layer.guard "separate": x8
+    a graph input, not the output of a quantization in the graph; read here as bytes: same traffic,
+    fp8 has no eager sum);
     form "row": the call with an fp32 output and the epilogue kernel,
     timed as a cast of y to out_dtype (the same bytes as Inductor's fused scale/bias/cast kernel:
     read 4, write 2 per output); form "lib16": the call with a bf16 output (the unscaled product)
@@ -110,8 +112,11 @@ def _fp8_runner(wc, bias, layer, alg, sk):
     sc, n, k = layer.scaled, layer.n, layer.k
     one = torch.ones((), device=wc.device, dtype=torch.float32)
 
+    separate = layer.guard == "separate"
+
     def run(x):
-        torch.sum(x.view(torch.uint8), dim=-1, dtype=torch.int32)
+        if separate:
+            torch.sum(x.view(torch.uint8), dim=-1, dtype=torch.int32)
         y = cslt.linear(x, wc, None, n, k, alg, sk, sc.lib_out_dtype)
         if y.dtype == sc.out_dtype:  # "lib16": one pass in the product's dtype (a 0-dim fp32 factor keeps bf16)
             return torch.mul(y, one)

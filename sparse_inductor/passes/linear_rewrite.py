@@ -45,7 +45,8 @@ from .detect import Detection, detect
 from .epilogues import predict
 from .graph import (LINEAR_24, LINEAR_BLOCK, LayerNote, add_constant, args_of, attach_note, erase_constant,
                     pointwise_users, stamp)
-from .row_checks import check_mode, decision_text, derives, nan_rows_check, nan_rows_in_graph, row_bound, row_check
+from .row_checks import (check_mode, decision_text, derives, nan_rows_check, nan_rows_in_graph, reduction_cost, row_bound,
+                         row_check)
 from .sink_views import sink_views
 from .split_outputs import output_pieces, split_op
 
@@ -472,7 +473,7 @@ def _input_mismatch(site: LinearSite) -> Optional[str]:
 
 def _layer(run: _Run, site: LinearSite, det: Detection, perm: Optional[_Perm] = None) -> Layer:
     """What the dispatcher is told of the layer: shape, dtypes, device, how its non-finite row check
-    costs (row_checks.check_mode), whether a later pass will derive that check from the layer
+    costs (row_checks.check_mode; fp8's row guard: row_checks.reduction_cost), whether a later pass will derive that check from the layer
     before (row_checks.derives), and whether its kernel reads x gathered / maps its output columns
     (a weight behind a permutation, graph shuffles: perm)."""
     w, node, x_val = site.weight, site.node, site.x.meta["val"]
@@ -485,6 +486,7 @@ def _layer(run: _Run, site: LinearSite, det: Detection, perm: Optional[_Perm] = 
     return Layer(det.pattern, m, n, k, compute, w.device.type, det.block, det.block_density,
                  _compat.device_name(w.device), m_static=isinstance(x_val.shape[0], int),
                  weight_dtype=w.dtype if w.dtype != compute else None, scaled=site.scaled, row_check=check,
+                 guard=reduction_cost(site.x, run.opts) if site.scaled is not None else "separate",
                  product=_int8_product(node, run.opts) if node.target is aten._int_mm.default else None,
                  derived_check=derived, x_index=x_index,
                  out_index=perm is not None and perm.plan.out_index is not None,

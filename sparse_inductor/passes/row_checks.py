@@ -39,7 +39,7 @@ from .graph import (LINEAR_BLOCK, LINEAR_CSLT, ROW_CHECK, SPARSE_LINEARS, VIEWS,
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
 
-__all__ = ["check_mode", "decision_text", "row_check", "nan_rows_in_graph", "nan_rows_check", "library_op",
+__all__ = ["check_mode", "reduction_cost", "decision_text", "row_check", "nan_rows_in_graph", "nan_rows_check", "library_op",
            "row_bound", "block_fc1", "fc1_side", "derive_why", "library_fc1", "Fc1", "derives", "keeps_own_check",
            "check_from_input", "flag"]
 
@@ -60,6 +60,13 @@ def check_mode(x: fx.Node, compute: torch.dtype, opts: SparseOptions) -> str:
     where it is one more read of x."""
     if opts.nonfinite != "exact" or not compute.is_floating_point or compute.itemsize == 1:
         return "none"
+    return reduction_cost(x, opts)
+
+
+def reduction_cost(x: fx.Node, opts: SparseOptions) -> str:
+    """How a reduction over the rows of x costs: "fused" where it joins x's producer kernel (a
+    reduction, or pointwise ops after one: a norm, fp8's quantization by the row's amax),
+    rules.pointwise_producer_check after other pointwise ops, "separate" otherwise (check_mode)."""
     node = x
     while node.op == "call_function" and node.target in VIEWS:
         node = node.args[0]
