@@ -393,8 +393,9 @@ def _e2e_row(rows, name, model, x, options=None):
 
 
 def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24", "hf_llama", "hf_llama_cutlass")):
-    """Whole models; `which` also takes "vit24_cutlass" (the 2:4 ViTs with the CUTLASS family a
-    candidate: not in the default list, its libraries take a parallel build)."""
+    """Whole models; `which` also takes "vit24_cutlass" and "llama_prefill_cutlass" (the 2:4 ViTs, the
+    8 Llama MLP blocks at prefill, with the CUTLASS family a candidate: not in the default list, their
+    libraries take a parallel build)."""
     dev, dt = "cuda", torch.bfloat16
     print("\n## Whole models: dense torch.compile vs backend=\"sparse\" (dispatcher's choice)\n")
     print("Default-mode compiles timed as CUDA-graph replays and as plain calls (host overhead included); "
@@ -403,7 +404,7 @@ def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24", "hf_l
           "sparse us (default) | speedup (default) | kernels (default) | dense RO us | sparse RO us | speedup (RO) | "
           "kernels (RO) | rel. err vs dense (default / RO) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    if "llama" in which or "llama_prefill" in which:
+    if "llama" in which or "llama_prefill" in which:  # ("llama_prefill_cutlass": below)
         torch.manual_seed(0)
         model = nn.Sequential(*[LlamaMLP() for _ in range(8)]).to(dev, dt).eval()
         prune(model, "2:4")
@@ -412,6 +413,13 @@ def bench_e2e(rows: list, which=("llama", "vit", "llama_prefill", "vit24", "hf_l
         if "llama_prefill" in which:
             _e2e_row(rows, "8 Llama MLP blocks 2:4, prefill 4096 tokens", model,
                      torch.randn(4096, 4096, device=dev, dtype=dt))
+        del model
+    if "llama_prefill_cutlass" in which and not cutlass_rt.available("cuda"):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[LlamaMLP() for _ in range(8)]).to(dev, dt).eval()
+        prune(model, "2:4")
+        _e2e_row(rows, "8 Llama MLP blocks 2:4, prefill 4096 tokens, CUTLASS a candidate", model,
+                 torch.randn(4096, 4096, device=dev, dtype=dt), options={"experimental": ("cutlass",)})
         del model
     if "vit" in which:
         try:
@@ -736,11 +744,20 @@ TARGETS = [
     ("2:4", "8 Llama MLP blocks 2:4, prefill 4096", "e2e", dict(model="8 Llama MLP blocks 2:4, prefill 4096 tokens"), "e2e", 1.35),
     ("2:4", "ViT-B/16 b64, every linear 2:4", "e2e", dict(model="vit_base_patch16_224 batch 64, every linear 2:4"), "e2e", 1.1),
     ("2:4", "ViT-H/14 b32, every linear 2:4", "e2e", dict(model="vit_huge_patch14_224 batch 32, every linear 2:4"), "e2e", 1.1),
-    ("CUTLASS", "ViT-B/16 b64, every linear 2:4, CUTLASS a candidate", "e2e",
-     dict(model="vit_base_patch16_224 batch 64, every linear 2:4, CUTLASS a candidate"), "e2e", 1.15),
-    ("CUTLASS", "ViT-H/14 b32, every linear 2:4, CUTLASS a candidate", "e2e",
-     dict(model="vit_huge_patch14_224 batch 32, every linear 2:4, CUTLASS a candidate"), "e2e", 1.3),
-    ("2:4", "HF LlamaForCausalLM b32 one token, CUTLASS a candidate", "e2e",
+    ("CUTLASS", "ViT-B/16 b64, every linear 2:4, CUTLASS a candidate (RO)", "e2e",
+     dict(model="vit_base_patch16_224 batch 64, every linear 2:4, CUTLASS a candidate"), ("dense_ro", "sparse_ro"), 1.15),
+    ("CUTLASS", "same, default mode (plain calls)", "e2e",
+     dict(model="vit_base_patch16_224 batch 64, every linear 2:4, CUTLASS a candidate"),
+     ("dense_compile_nograph", "sparse_nograph"), 1.1),
+    ("CUTLASS", "ViT-H/14 b32, every linear 2:4, CUTLASS a candidate (RO)", "e2e",
+     dict(model="vit_huge_patch14_224 batch 32, every linear 2:4, CUTLASS a candidate"), ("dense_ro", "sparse_ro"), 1.3),
+    ("CUTLASS", "same, default mode (plain calls)", "e2e",
+     dict(model="vit_huge_patch14_224 batch 32, every linear 2:4, CUTLASS a candidate"),
+     ("dense_compile_nograph", "sparse_nograph"), 1.2),
+    ("CUTLASS", "8 Llama MLP blocks, prefill 4096, CUTLASS a candidate, default mode (plain calls)", "e2e",
+     dict(model="8 Llama MLP blocks 2:4, prefill 4096 tokens, CUTLASS a candidate"),
+     ("dense_compile_nograph", "sparse_nograph"), 1.35),
+    ("CUTLASS", "HF LlamaForCausalLM b32 one token, CUTLASS a candidate (RO)", "e2e",
      dict(model="HF LlamaForCausalLM 2048/5632 x8, batch 32, one token, every projection 2:4, CUTLASS a candidate"),
      ("dense_ro", "sparse_ro"), 1.3),
     ("8-bit", "weight-only int8 2:4, 14336x4096, M=1 vs bf16 F.linear", "quant", dict(M=1, N=14336, K=4096), ("dense", "compiled"), 2.5),
@@ -1049,7 +1066,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--e2e", default="llama,vit,llama_prefill,vit24,hf_llama,hf_llama_cutlass",
                    help="models of the e2e section: llama (decode), vit (block), llama_prefill, vit24 (2:4 ViT-B, "
-                        "ViT-H), vit24_cutlass (the same with the CUTLASS family a candidate), hf_llama (transformers' "
+                        "ViT-H), vit24_cutlass (the same with the CUTLASS family a candidate), llama_prefill_cutlass (the "
+                        "prefill with the CUTLASS family a candidate), hf_llama (transformers' "
                         "LlamaForCausalLM, batch 32, one token), hf_llama_cutlass (the same "
                         "with the CUTLASS family a candidate)")
     p.add_argument("--quick", action="store_true", help="one small case per section (a smoke test)")
