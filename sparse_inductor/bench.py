@@ -379,13 +379,18 @@ def _e2e_row(rows, name, model, x, options=None):
         ks = [d.kernel for d in records if isinstance(d, LayerDecision)]
         return ", ".join(f"{k} {ks.count(k)}" for k in sorted(set(ks)))
 
+    def timed(records):  # what the dispatcher timed for each layer (JSON only: too long for the table)
+        return "; ".join(f"{d.name} -> {d.kernel}: {d.times_text()}" for d in records
+                         if isinstance(d, LayerDecision) and d.candidates)
+
     kernels, kernels_ro = used(sink), used(sink_ro)
     # each compile's output against the dense compile's (default mode's where both ran)
     relerrs = [None if y is None else float((y - ref).norm() / ref.norm()) for y in (out, out_ro)]
     relerr = max(e for e in relerrs if e is not None)
     rows.append(dict(section="e2e", model=name, dense_compile=t_dense, sparse=t_ours, dense_compile_nograph=t_dense_eager,
                      sparse_nograph=t_ours_eager, dense_ro=t_dense_ro, sparse_ro=t_ours_ro, kernels=kernels,
-                     kernels_ro=kernels_ro, relerr=relerr, relerr_default=relerrs[0], relerr_ro=relerrs[1]))
+                     kernels_ro=kernels_ro, relerr=relerr, relerr_default=relerrs[0], relerr_ro=relerrs[1],
+                     timed=timed(sink), timed_ro=timed(sink_ro)))
     errs = " / ".join("-" if e is None else f"{e:.1e}" for e in relerrs)
     print(f"| {name} | {_fmt(t_dense)} | {_fmt(t_ours)} | {_ratio(t_dense, t_ours)} | {_fmt(t_dense_eager)} | "
           f"{_fmt(t_ours_eager)} | {_ratio(t_dense_eager, t_ours_eager)} | {kernels} | {_fmt(t_dense_ro)} | "
