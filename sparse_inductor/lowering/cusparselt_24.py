@@ -57,7 +57,7 @@ def _runner(t, bias, layer, params):
     dequantization after the call, timed as one pass over the product (int32: a cast to bf16;
     bf16: a multiplication by a scalar), as dense's torch._int_mm is (measure.Timer): the CUTLASS
     family computes it in its epilogue, and at 8192x14336x4096 the pass is what sets the two apart
-    (cuSPARSELt 456.5 us timed without it, 714.5 us compiled; CUTLASS 641.6 us compiled; H100,
+    (timed with it: cuSPARSELt 863.4 us, CUTLASS 535.3 us, dense 1448.5 us; H100,
     docs/benchmarks.md#cutlass)."""
     wc, n, k = t["wc"], layer.n, layer.k
     xi = t.get("x_index") if layer.x_index else None

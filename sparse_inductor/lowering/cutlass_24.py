@@ -775,7 +775,7 @@ def bucket(m: int) -> int:
 def configs_for(m: int, dtype: str = "bf16", fast_accum: bool = False) -> tuple[CutlassConfig, ...]:
     """The table's candidates for a layer with M tokens (8-bit operands: tile K of at least 128);
     fast_accum (e4m3, a torch._scaled_mm with use_fast_accum=True): each config in its FP8FastAccum
-    schedule instead of the promoting one, which is never faster (1638.9 against 653.8 us at
+    schedule instead of the promoting one, which is never faster (1633.2 against 650.8 us at
     M = 8192, N = 14336, K = 4096 on the H100, docs/benchmarks.md#cutlass) and, timed beside them,
     would heat the GPU under its power cap for the configs timed after it."""
     cands = CONFIG_TABLE[bucket(m)]
