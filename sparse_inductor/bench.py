@@ -335,6 +335,13 @@ E2E_OPTIONS: dict = {}
 E2E_MODES: set = {"default", "ro"}
 
 
+def _layer_timings(records, kernel: bool = False) -> list[str]:
+    """What the dispatcher timed for each layer of a compile (its LayerDecisions): "name: times", or
+    with kernel "name -> kernel: times"."""
+    return [f"{d.name}{f' -> {d.kernel}' if kernel else ''}: {d.times_text()}" for d in records
+            if isinstance(d, LayerDecision) and d.candidates]
+
+
 def _e2e_row(rows, name, model, x, options=None):
     """Three ways to run the same model, dense vs sparse: CUDA-graph replays of the default-mode
     compile, plain calls of it (default mode, host overhead included), and plain calls of both
@@ -379,10 +386,6 @@ def _e2e_row(rows, name, model, x, options=None):
         ks = [d.kernel for d in records if isinstance(d, LayerDecision)]
         return ", ".join(f"{k} {ks.count(k)}" for k in sorted(set(ks)))
 
-    def timed(records):  # what the dispatcher timed for each layer (JSON only: too long for the table)
-        return "; ".join(f"{d.name} -> {d.kernel}: {d.times_text()}" for d in records
-                         if isinstance(d, LayerDecision) and d.candidates)
-
     kernels, kernels_ro = used(sink), used(sink_ro)
     # each compile's output against the dense compile's (default mode's where both ran)
     relerrs = [None if y is None else float((y - ref).norm() / ref.norm()) for y in (out, out_ro)]
@@ -390,7 +393,8 @@ def _e2e_row(rows, name, model, x, options=None):
     rows.append(dict(section="e2e", model=name, dense_compile=t_dense, sparse=t_ours, dense_compile_nograph=t_dense_eager,
                      sparse_nograph=t_ours_eager, dense_ro=t_dense_ro, sparse_ro=t_ours_ro, kernels=kernels,
                      kernels_ro=kernels_ro, relerr=relerr, relerr_default=relerrs[0], relerr_ro=relerrs[1],
-                     timed=timed(sink), timed_ro=timed(sink_ro)))
+                     timed="; ".join(_layer_timings(sink, kernel=True)),  # (JSON only: too long for the table)
+                     timed_ro="; ".join(_layer_timings(sink_ro, kernel=True))))
     errs = " / ".join("-" if e is None else f"{e:.1e}" for e in relerrs)
     print(f"| {name} | {_fmt(t_dense)} | {_fmt(t_ours)} | {_ratio(t_dense, t_ours)} | {_fmt(t_dense_eager)} | "
           f"{_fmt(t_ours_eager)} | {_ratio(t_dense_eager, t_ours_eager)} | {kernels} | {_fmt(t_dense_ro)} | "
@@ -934,7 +938,7 @@ def _ro_case(model: nn.Module, x: torch.Tensor, choice: bool) -> dict:
             out[f"{name}_ro"] = _bench_settled(lambda: ours(x))
             out[f"{name}_gpu"], out[f"{name}_host"] = _bench_gpu(lambda: ours(x)), _host_us(lambda: ours(x))
             ks = [d.kernel for d in sink if isinstance(d, LayerDecision)]
-            layers = [f"{d.name}: {d.times_text()}" for d in sink if isinstance(d, LayerDecision) and d.candidates]
+            layers = _layer_timings(sink)
             out[f"{name}_timed"] = "; ".join(layers)
             out[f"{name}_timed_first"] = "; ".join(layers[:2])
             out[f"{name}_kernels"] = ", ".join(f"{k} {ks.count(k)}" for k in sorted(set(ks)))

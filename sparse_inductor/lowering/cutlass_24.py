@@ -1215,7 +1215,8 @@ def _spec_runner(tensors, bias, layer, params):
     what the graph adds around the call: the row check over x where it is a kernel of its own
     ("separate", and where a derived check is predicted: that is cuSPARSELt's; its 1 + g as a
     second small kernel, where the graph fuses it into the check's), fp8's row guard (a reduction
-    over x, where it does not join x's producer: layer.guard "separate"). Where the check rides in x's norm ("fused") the token scale is ones.
+    over x, where it does not join x's producer: layer.guard "separate"). Where the check rides in
+    x's norm ("fused") the token scale is ones.
 
     The first call (the one measure.LayerTimer checks against fp64) returns the pieces side by side,
     the others the last piece; `run.reference(ref, rows)` maps the fp64 product of x's rows `rows`
@@ -1262,9 +1263,8 @@ def _spec_runner(tensors, bias, layer, params):
 
     def run(x):
         kws = inputs_at(x.shape[0])
-        if layer.dtype == torch.float8_e4m3fn:  # the row guard's reduction where it is a kernel of its own
-            if layer.guard == "separate":  # (fp8 has no eager sum: its bytes, the same traffic)
-                torch.sum(x.view(torch.uint8), dim=-1, dtype=torch.int32)
+        if layer.dtype == torch.float8_e4m3fn and layer.guard == "separate":  # the row guard's reduction
+            torch.sum(x.view(torch.uint8), dim=-1, dtype=torch.int32)  # (fp8 has no eager sum: its bytes)
         elif own_check:
             g = row_check.row_check_eager(x)
             for kw in kws:
@@ -1298,10 +1298,7 @@ def _spec_node_args(x, constants, bias, n, k, params) -> tuple:
     val = x.meta["val"]
     if "tile" not in params:  # untimed: the bucket's first config ({"fast_accum": True}: its fast form)
         m = _compat.size_hint(val.shape[0]) or 16
-        cfg = configs_for(m, _SPEC_DTYPES.get(val.dtype, "bf16"))[0]
-        if params.get("fast_accum") and val.dtype == torch.float8_e4m3fn:
-            cfg = dataclasses.replace(cfg, fast_accum=True)
-        params = params_of(cfg)
+        params = params_of(configs_for(m, _SPEC_DTYPES.get(val.dtype, "bf16"), bool(params.get("fast_accum")))[0])
     tag = _tag_of(params)
     values, meta64, meta128 = constants
     meta = meta64 if layout_tile_k(parse_tag(tag)[0].tile[2]) == 64 else meta128

@@ -473,9 +473,9 @@ def _input_mismatch(site: LinearSite) -> Optional[str]:
 
 def _layer(run: _Run, site: LinearSite, det: Detection, perm: Optional[_Perm] = None) -> Layer:
     """What the dispatcher is told of the layer: shape, dtypes, device, how its non-finite row check
-    costs (row_checks.check_mode; fp8's row guard: row_checks.reduction_cost), whether a later pass will derive that check from the layer
-    before (row_checks.derives), and whether its kernel reads x gathered / maps its output columns
-    (a weight behind a permutation, graph shuffles: perm)."""
+    costs (row_checks.check_mode; fp8's row guard: row_checks.reduction_cost), whether a later pass
+    will derive that check from the layer before (row_checks.derives), and whether its kernel reads
+    x gathered / maps its output columns (a weight behind a permutation, graph shuffles: perm)."""
     w, node, x_val = site.weight, site.node, site.x.meta["val"]
     (n, k), m, compute = w.shape, _m_of(site.x), site.dequant or w.dtype
     check = check_mode(site.x, compute, run.opts)

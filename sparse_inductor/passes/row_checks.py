@@ -39,9 +39,9 @@ from .graph import (LINEAR_BLOCK, LINEAR_CSLT, ROW_CHECK, SPARSE_LINEARS, VIEWS,
 log = logging.getLogger("sparse_inductor")
 aten = torch.ops.aten
 
-__all__ = ["check_mode", "reduction_cost", "decision_text", "row_check", "nan_rows_in_graph", "nan_rows_check", "library_op",
-           "row_bound", "block_fc1", "fc1_side", "derive_why", "library_fc1", "Fc1", "derives", "keeps_own_check",
-           "check_from_input", "flag"]
+__all__ = ["check_mode", "reduction_cost", "decision_text", "row_check", "nan_rows_in_graph", "nan_rows_check",
+           "library_op", "row_bound", "block_fc1", "fc1_side", "derive_why", "library_fc1", "Fc1", "derives",
+           "keeps_own_check", "check_from_input", "flag"]
 
 _DTYPES = (torch.float16, torch.bfloat16)  # the derived checks: the activation is identified exhaustively
 _FUSABLE_REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.var_mean.correction}
