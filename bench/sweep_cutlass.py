@@ -2,6 +2,7 @@
 
     python bench/sweep_cutlass.py                      (the table's configs for each M's bucket)
     python bench/sweep_cutlass.py --shapes 14336x4096 --ms 16,64 --configs "128x16x128_1x1_warpspecialized"
+    python bench/sweep_cutlass.py --ms 16,64 --configs "16=64x16x256_1x1_pingpong;64=128x32x128_1x1_pingpong"
     python bench/sweep_cutlass.py --build-only         (compile the libraries into the disk cache)
 
 For every config: builds the libraries in parallel (nvcc subprocesses, runtime/cutlass.build_many),
@@ -40,10 +41,22 @@ def parse_config(text: str) -> c24.CutlassConfig:
 
 
 def configs_by_m(ms: list[int], dtype: str, configs: str) -> dict[int, tuple]:
+    """--configs: 'table' (each M's bucket in cutlass_24.configs_for), configs for every M
+    ('a,b'), or configs per M ('16=a,b;64=c'; an M not named: its table's)."""
     if configs == "table":
         return {m: c24.configs_for(m, dtype) for m in ms}
-    chosen = tuple(parse_config(c.strip()) for c in configs.split(",") if c.strip())
-    return {m: chosen for m in ms}
+    if "=" not in configs:
+        chosen = tuple(parse_config(c.strip()) for c in configs.split(",") if c.strip())
+        return {m: chosen for m in ms}
+    per_m = {}
+    for part in configs.split(";"):
+        if part.strip():
+            m, _, names = part.partition("=")
+            per_m[int(m)] = tuple(parse_config(c.strip()) for c in names.split(",") if c.strip())
+    unknown = sorted(set(per_m) - set(ms))
+    if unknown:
+        raise SystemExit(f"--configs names M = {unknown}, not among --ms {ms}")
+    return {m: per_m.get(m) or c24.configs_for(m, dtype) for m in ms}
 
 
 def kernels(ms: list[int], dtype: str = "bf16", configs: str = "table") -> list[c24.CutlassKernel]:
@@ -92,7 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=SHAPES, help="N x K pairs (out x in features), comma-separated")
     ap.add_argument("--ms", default=MS, help="token counts, comma-separated")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
-    ap.add_argument("--configs", default="table", help="'table' or CutlassConfig.short() strings, comma-separated")
+    ap.add_argument("--configs", default="table",
+                    help="'table', CutlassConfig.short() strings comma-separated, or per M: '16=a,b;64=c'")
     ap.add_argument("--no-bias", action="store_true")
     ap.add_argument("--splits", default=",".join(map(str, c24.STREAMK_SPLITS)),
                     help="splits timed for stream-K configs (0: stream-K, >1: split-K)")
