@@ -183,6 +183,18 @@ def test_config_table_covers_buckets_in_the_spec_layouts():
                 assert {k.layout_key[1] for k in ks} == {128}
 
 
+def test_promoting_fp8_configs_keep_each_warpgroups_accumulator_small():
+    # the promoting fp8 mainloop holds the accumulators twice: 64 x 256 fp32 per warpgroup spills
+    for m in (1, 16, 64, 256, 512, 8192):
+        for c in c24.configs_for(m, "e4m3"):
+            per_wg = c.tile[0] * c.tile[1] // (2 if c.kernel_schedule == "cooperative" else 1)
+            assert per_wg <= 64 * 128 and not c.fast_accum, (m, c.short())
+        fast = c24.configs_for(m, "e4m3", fast_accum=True)
+        assert [c.tile for c in fast] == [c.tile for c in c24.configs_for(m, "int8")], m  # the table's tiles
+    assert c24._promoting_fp8(CutlassConfig((128, 256, 128), (2, 1, 1), "cooperative")).tile == (128, 128, 128)
+    assert c24._promoting_fp8(CutlassConfig((128, 128, 128), (1, 1, 1), "pingpong")).tile == (128, 64, 128)
+
+
 # ---------------------------------------------------------------------------------------------
 # The compressed layout
 # ---------------------------------------------------------------------------------------------

@@ -773,17 +773,38 @@ def bucket(m: int) -> int:
 
 
 def configs_for(m: int, dtype: str = "bf16", fast_accum: bool = False) -> tuple[CutlassConfig, ...]:
-    """The table's candidates for a layer with M tokens (8-bit operands: tile K of at least 128);
-    fast_accum (e4m3, a torch._scaled_mm with use_fast_accum=True): each config in its FP8FastAccum
-    schedule instead of the promoting one, which is never faster (1633.2 against 650.8 us at
-    M = 8192, N = 14336, K = 4096 on the H100, docs/benchmarks.md#cutlass) and, timed beside them,
-    would heat the GPU under its power cap for the configs timed after it."""
+    """The table's candidates for a layer with M tokens (8-bit operands: tile K of at least 128).
+    e4m3: fast_accum (a torch._scaled_mm with use_fast_accum=True) takes each config in its
+    FP8FastAccum schedule only, not also in the promoting one, which is slower and, timed beside
+    them, would heat the GPU under its power cap for the configs timed after it. Without it, the
+    promoting schedule with the token tile shrunk where its accumulators would spill
+    (_promoting_fp8): with the table's 128x256 tiles it ran 1633.2 against 650.8 us (fast) at
+    M = 8192, N = 14336, K = 4096 on the H100."""
     cands = CONFIG_TABLE[bucket(m)]
     if dtype in ("int8", "e4m3"):
         cands = tuple(dataclasses.replace(c, tile=(c.tile[0], c.tile[1], max(128, c.tile[2]))) for c in cands)
     if fast_accum and dtype == "e4m3":
         cands = tuple(dataclasses.replace(c, fast_accum=True) for c in cands)
+    elif dtype == "e4m3":
+        cands = tuple(dict.fromkeys(_promoting_fp8(c) for c in cands))
     return cands
+
+
+# The promoting fp8 mainloop (GmmaFP8Accumulation) holds each consumer warpgroup's accumulators
+# twice, the running fp32 sums and the MMAs' own. At 64 x 256 fp32 per warpgroup (128x256
+# cooperative) that is 256 registers a thread: ptxas caps the cooperative kernel at 168 and
+# spills (a 256-264 byte stack frame, where the FP8FastAccum build of the same tile has none).
+_FP8_PROMOTING_ACC = 64 * 128  # accumulator elements per consumer warpgroup, at most
+
+
+def _promoting_fp8(c: CutlassConfig) -> CutlassConfig:
+    """c with its token tile halved until each consumer warpgroup's accumulator fits the promoting
+    fp8 mainloop without spilling (_FP8_PROMOTING_ACC)."""
+    tm, tn, tk = c.tile
+    per_wg = 2 if c.kernel_schedule == "cooperative" else 1
+    while tm * tn // per_wg > _FP8_PROMOTING_ACC and tn > 8:
+        tn //= 2
+    return dataclasses.replace(c, tile=(tm, tn, tk))
 
 
 # ----------------------------------------------------------------------------------------------
