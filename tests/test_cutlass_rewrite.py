@@ -146,7 +146,7 @@ _sparse_0_values: "bf16[64, 16]" = self._sparse_0_values
 _sparse_0_meta_128: "u8[64, 16]" = self._sparse_0_meta_128
 arg1_1: "bf16[64]" = self._frozen_param1
 row_check_default: "f32[4]" = torch.ops.sparse_inductor.row_check.default(arg2_1)
-linear_cutlass_default_1: "bf16[4, 64]" = torch.ops.sparse_inductor.linear_cutlass.default(arg2_1, _sparse_0_values, _sparse_0_meta_128, arg1_1, 64, 32, '128x16x128_1x1_warpspecialized', row_check = row_check_default, activation = 'relu')
+linear_cutlass_default_1: "bf16[4, 64]" = torch.ops.sparse_inductor.linear_cutlass.default(arg2_1, _sparse_0_values, _sparse_0_meta_128, arg1_1, 64, 32, '128x16x256_1x1_warpspecialized', row_check = row_check_default, activation = 'relu')
 return (linear_cutlass_default_1,)""")
 
     def test_golden_llama_mlp(self):
@@ -165,10 +165,10 @@ _sparse_1_meta_128: "u8[64, 16]" = self._sparse_1_meta_128
 _sparse_0_values: "bf16[64, 16]" = self._sparse_0_values
 _sparse_0_meta_128: "u8[64, 16]" = self._sparse_0_meta_128
 row_check_default: "f32[4]" = torch.ops.sparse_inductor.row_check.default(arg3_1)
-linear_cutlass_default: "bf16[4, 64]" = torch.ops.sparse_inductor.linear_cutlass.default(arg3_1, _sparse_0_values, _sparse_0_meta_128, None, 64, 32, '128x16x128_1x1_warpspecialized', row_check = row_check_default)
-linear_cutlass_default_3: "bf16[4, 64]" = torch.ops.sparse_inductor.linear_cutlass.default(arg3_1, _sparse_1_values, _sparse_1_meta_128, None, 64, 32, '128x16x128_1x1_warpspecialized', row_check = row_check_default, gate = 'silu_aux', aux = linear_cutlass_default)
+linear_cutlass_default: "bf16[4, 64]" = torch.ops.sparse_inductor.linear_cutlass.default(arg3_1, _sparse_0_values, _sparse_0_meta_128, None, 64, 32, '128x16x256_1x1_warpspecialized', row_check = row_check_default)
+linear_cutlass_default_3: "bf16[4, 64]" = torch.ops.sparse_inductor.linear_cutlass.default(arg3_1, _sparse_1_values, _sparse_1_meta_128, None, 64, 32, '128x16x256_1x1_warpspecialized', row_check = row_check_default, gate = 'silu_aux', aux = linear_cutlass_default)
 row_check_default_1: "f32[4]" = torch.ops.sparse_inductor.row_check.default(linear_cutlass_default_3)
-linear_cutlass_default_4: "bf16[4, 32]" = torch.ops.sparse_inductor.linear_cutlass.default(linear_cutlass_default_3, _sparse_2_values, _sparse_2_meta_128, None, 32, 64, '128x16x128_1x1_warpspecialized', row_check = row_check_default_1, residual = True, aux = arg3_1)
+linear_cutlass_default_4: "bf16[4, 32]" = torch.ops.sparse_inductor.linear_cutlass.default(linear_cutlass_default_3, _sparse_2_values, _sparse_2_meta_128, None, 32, 64, '128x16x256_1x1_warpspecialized', row_check = row_check_default_1, residual = True, aux = arg3_1)
 return (linear_cutlass_default_4,)""")
 
     def test_golden_llama_mlp_concatenated_3d(self):
@@ -190,11 +190,11 @@ _sparse_cutlass_piece_values: "bf16[64, 16]" = self._sparse_cutlass_piece_values
 _sparse_cutlass_piece_meta: "u8[64, 16]" = self._sparse_cutlass_piece_meta
 _sparse_cutlass_piece_values_1: "bf16[64, 16]" = self._sparse_cutlass_piece_values_1
 _sparse_cutlass_piece_meta_1: "u8[64, 16]" = self._sparse_cutlass_piece_meta_1
-linear_cutlass_default_3: "bf16[6, 64]" = torch.ops.sparse_inductor.linear_cutlass.default(view, _sparse_cutlass_piece_values_1, _sparse_cutlass_piece_meta_1, None, 64, 32, '128x16x128_1x1_warpspecialized', row_check = row_check_default)
-linear_cutlass_default_4: "bf16[6, 64]" = torch.ops.sparse_inductor.linear_cutlass.default(view, _sparse_cutlass_piece_values, _sparse_cutlass_piece_meta, None, 64, 32, '128x16x128_1x1_warpspecialized', row_check = row_check_default, gate = 'silu_aux', aux = linear_cutlass_default_3)
+linear_cutlass_default_3: "bf16[6, 64]" = torch.ops.sparse_inductor.linear_cutlass.default(view, _sparse_cutlass_piece_values_1, _sparse_cutlass_piece_meta_1, None, 64, 32, '128x16x256_1x1_warpspecialized', row_check = row_check_default)
+linear_cutlass_default_4: "bf16[6, 64]" = torch.ops.sparse_inductor.linear_cutlass.default(view, _sparse_cutlass_piece_values, _sparse_cutlass_piece_meta, None, 64, 32, '128x16x256_1x1_warpspecialized', row_check = row_check_default, gate = 'silu_aux', aux = linear_cutlass_default_3)
 row_check_default_1: "f32[6]" = torch.ops.sparse_inductor.row_check.default(linear_cutlass_default_4)
 reshape_default: "bf16[6, 32]" = torch.ops.aten.reshape.default(arg3_1, [6, 32])
-linear_cutlass_default_5: "bf16[6, 32]" = torch.ops.sparse_inductor.linear_cutlass.default(linear_cutlass_default_4, _sparse_1_values, _sparse_1_meta_128, None, 32, 64, '128x16x128_1x1_warpspecialized', row_check = row_check_default_1, residual = True, aux = reshape_default)
+linear_cutlass_default_5: "bf16[6, 32]" = torch.ops.sparse_inductor.linear_cutlass.default(linear_cutlass_default_4, _sparse_1_values, _sparse_1_meta_128, None, 32, 64, '128x16x256_1x1_warpspecialized', row_check = row_check_default_1, residual = True, aux = reshape_default)
 reshape_default_1: "bf16[2, 3, 32]" = torch.ops.aten.reshape.default(linear_cutlass_default_5, [2, 3, 32])
 return (reshape_default_1,)""")
 
@@ -207,7 +207,7 @@ def forward(self, arg1_1: "bf16[4, 32]", arg2_1: "bf16[4, 64]"):
 _sparse_0_values: "bf16[64, 16]" = self._sparse_0_values
 _sparse_0_meta_128: "u8[64, 16]" = self._sparse_0_meta_128
 row_check_default: "f32[4]" = torch.ops.sparse_inductor.row_check.default(arg1_1)
-linear_cutlass_default_1: "bf16[4, 64]" = torch.ops.sparse_inductor.linear_cutlass.default(arg1_1, _sparse_0_values, _sparse_0_meta_128, None, 64, 32, '128x16x128_1x1_warpspecialized', row_check = row_check_default, gate = 'silu_acc', aux = arg2_1)
+linear_cutlass_default_1: "bf16[4, 64]" = torch.ops.sparse_inductor.linear_cutlass.default(arg1_1, _sparse_0_values, _sparse_0_meta_128, None, 64, 32, '128x16x256_1x1_warpspecialized', row_check = row_check_default, gate = 'silu_acc', aux = arg2_1)
 return (linear_cutlass_default_1,)""")
         _check_fp64(r.outputs[0], _fp64(model, x, t))
 
@@ -238,7 +238,7 @@ clamp_min_1: "f32[8, 64]" = torch.ops.aten.clamp_min.default(round_1, -128)
 clamp_max: "f32[8, 64]" = torch.ops.aten.clamp_max.default(clamp_min_1, 127)
 convert_element_type_2: "i8[8, 64]" = torch.ops.prims.convert_element_type.default(clamp_max, torch.int8)
 reshape_default: "f32[8]" = torch.ops.aten.reshape.default(div, [-1])
-linear_cutlass_default_1: "bf16[8, 32]" = torch.ops.sparse_inductor.linear_cutlass.default(convert_element_type_2, _sparse_0_values, _sparse_0_meta_128, arg0_1, 32, 64, '128x16x128_1x1_warpspecialized', out_dtype = torch.bfloat16, weight_scale = arg2_1, token_scale = reshape_default)
+linear_cutlass_default_1: "bf16[8, 32]" = torch.ops.sparse_inductor.linear_cutlass.default(convert_element_type_2, _sparse_0_values, _sparse_0_meta_128, arg0_1, 32, 64, '128x16x256_1x1_warpspecialized', out_dtype = torch.bfloat16, weight_scale = arg2_1, token_scale = reshape_default)
 return (linear_cutlass_default_1,)""")
 
     def test_golden_fp8_rowwise(self):
@@ -261,7 +261,7 @@ sum_dim_int_list: "f32[16, 1]" = torch.ops.aten.sum.dim_IntList(mul_tensor, [1],
 reshape_default: "f32[32]" = torch.ops.aten.reshape.default(arg2_1, [-1])
 reshape_default_1: "f32[16]" = torch.ops.aten.reshape.default(arg3_1, [-1])
 reshape_default_2: "f32[16]" = torch.ops.aten.reshape.default(sum_dim_int_list, [-1])
-linear_cutlass_default_1: "bf16[16, 32]" = torch.ops.sparse_inductor.linear_cutlass.default(arg4_1, _sparse_0_values, _sparse_0_meta_128, arg0_1, 32, 64, '128x16x128_1x1_warpspecialized', out_dtype = torch.bfloat16, weight_scale = reshape_default, token_scale = reshape_default_1, row_check = reshape_default_2)
+linear_cutlass_default_1: "bf16[16, 32]" = torch.ops.sparse_inductor.linear_cutlass.default(arg4_1, _sparse_0_values, _sparse_0_meta_128, arg0_1, 32, 64, '128x16x256_1x1_warpspecialized', out_dtype = torch.bfloat16, weight_scale = reshape_default, token_scale = reshape_default_1, row_check = reshape_default_2)
 return (linear_cutlass_default_1,)""")
 
 
@@ -344,7 +344,8 @@ def test_fp8_fast_accum_only_where_the_model_asks(fast):
     layer = Layer("2:4", 8192, 256, 512, torch.float8_e4m3fn, "cuda", scaled=Scaled("lib16", BF16, True, True, fast))
     tags = [c24._tag_of(p) for p in c24._all_params(layer)]
     assert all(("_fastacc" in t) == fast for t in tags), tags  # (fast: the promoting form is never faster)
-    assert len(tags) == len(c24.configs_for(8192, "e4m3")) + 2  # (stream-K: 3 splits)
+    cfgs = c24.configs_for(8192, "e4m3", fast_accum=fast)
+    assert len(tags) == sum(len(c24.STREAMK_SPLITS) if c.scheduler == "streamk" else 1 for c in cfgs)
 
 
 def test_reference_skips_the_pruned_zeros():

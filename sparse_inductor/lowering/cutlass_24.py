@@ -28,8 +28,8 @@ parallel and `library(kernel)` returns the loaded `GemmLibrary`, whose call take
     y = lib(x, values, meta, N, bias=b)                             # [M, N], on the current stream
 
 `reference` / `error_bound` are the fp64 answer and the tolerance the tests hold it to;
-`kernel_spec()` is the dispatcher's description (not registered yet); CONFIG_TABLE the starting
-configs per token bucket (bench/sweep_cutlass.py times them).
+`kernel_spec()` is the dispatcher's description; CONFIG_TABLE the candidate configs per token
+bucket (chosen with bench/sweep_cutlass.py on the H100).
 
 The exported functions (SUFFIX = the kernel's name, `CutlassKernel.name`):
 
@@ -728,40 +728,47 @@ SI_EXPORT const char* si_error_string_{sfx}(int code) {{ return error_string(cod
 
 
 # ----------------------------------------------------------------------------------------------
-# Starting configurations per token bucket (to be tuned on the GPU: bench/sweep_cutlass.py)
+# Configurations per token bucket (tuned on the GPU with bench/sweep_cutlass.py)
 # ----------------------------------------------------------------------------------------------
 
 M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # a layer's M goes to the first bucket >= M; 1024: 1024 and up
 
-# Not measured yet: starting points from CUTLASS's unit tests and vLLM's former sm90 sparse table
-# (which used GEMM N tiles 64-128 with swap-AB), with the token tile shrunk to M at decode sizes.
-# At small M the grid is N / tile M CTAs (32 for N = 4096 with tile M 128, on 132 SMs): the
-# stream-K entries split K over the idle SMs (splits chosen per call: kernel_spec's variants).
+# Chosen from bench/sweep_cutlass.py on the H100 (graph replays of y = x @ W^T + b against dense
+# F.linear; docs/benchmarks.md#cutlass-sweep): per bucket the configs that were best or within a
+# few percent of it on 14336x4096, 4096x14336 and 4096x4096 (M = 16, 64, 256, 2048, 8192), on
+# 11008x4096, 5632x2048, 2048x5632, 2048x2048 and 4096x4096 (M = 32), and on the ViT-B/16 and
+# ViT-H/14 linears (M = 12608 and 8224). Buckets 128 and 512 were not swept: their entries are
+# starting points. The dispatcher times each entry per layer at compile time and keeps the best.
+# - M <= 64: a tile K of 256 and 64-row tiles (twice the CTAs of the 128-row ones) won on the long
+#   K loops: 128x16x256 35.9 us against 36.2 for 128x16x128 at 14336x4096 M = 16 (dense 53.7),
+#   64x16x256 30.2 against 31.1 for 128x32x128 at 11008x4096 M = 32 (dense 46.2).
+# - Stream-K lost at M <= 32 and 1024+ (128x256x64 stream-K: 1443.8 against 1069.5 us for the
+#   2x1 data-parallel tile at 14336x4096 M = 8192) and won once, at 4096x14336 M = 256 (split-K
+#   in 2: 48.8 against 49.5 us for the best data-parallel config).
 CONFIG_TABLE: dict[int, tuple[CutlassConfig, ...]] = {
-    16: (CutlassConfig((128, 16, 128), (1, 1, 1), "warpspecialized"),
-         CutlassConfig((64, 16, 128), (1, 1, 1), "pingpong"),
-         CutlassConfig((128, 16, 128), (2, 1, 1), "pingpong"),
-         CutlassConfig((128, 16, 128), (1, 1, 1), "cooperative", scheduler="streamk")),
-    32: (CutlassConfig((128, 32, 128), (1, 1, 1), "warpspecialized"),
-         CutlassConfig((64, 32, 128), (1, 1, 1), "pingpong"),
-         CutlassConfig((128, 32, 128), (2, 1, 1), "pingpong"),
-         CutlassConfig((128, 32, 128), (1, 1, 1), "cooperative", scheduler="streamk")),
-    64: (CutlassConfig((128, 64, 128), (1, 1, 1), "pingpong"),
-         CutlassConfig((64, 64, 128), (1, 1, 1), "pingpong"),
-         CutlassConfig((128, 64, 128), (2, 1, 1), "pingpong"),
-         CutlassConfig((128, 64, 128), (1, 1, 1), "cooperative", scheduler="streamk")),
+    16: (CutlassConfig((128, 16, 256), (1, 1, 1), "warpspecialized"),
+         CutlassConfig((64, 16, 256), (1, 1, 1), "pingpong"),
+         CutlassConfig((128, 16, 128), (1, 1, 1), "warpspecialized")),
+    32: (CutlassConfig((64, 16, 256), (1, 1, 1), "pingpong"),
+         CutlassConfig((128, 32, 128), (1, 1, 1), "warpspecialized"),
+         CutlassConfig((64, 32, 128), (1, 1, 1), "pingpong")),
+    64: (CutlassConfig((64, 64, 128), (1, 1, 1), "pingpong"),
+         CutlassConfig((64, 64, 256), (1, 1, 1), "pingpong"),
+         CutlassConfig((128, 32, 128), (1, 1, 1), "pingpong")),
     128: (CutlassConfig((128, 128, 64), (1, 1, 1), "pingpong"),
           CutlassConfig((128, 64, 128), (2, 1, 1), "pingpong"),
           CutlassConfig((128, 128, 128), (1, 1, 1), "cooperative")),
-    256: (CutlassConfig((128, 128, 128), (1, 1, 1), "cooperative"),
-          CutlassConfig((128, 128, 64), (2, 1, 1), "pingpong"),
-          CutlassConfig((128, 256, 64), (1, 1, 1), "cooperative")),
+    256: (CutlassConfig((128, 256, 64), (1, 1, 1), "cooperative"),
+          CutlassConfig((128, 128, 128), (1, 1, 1), "cooperative"),
+          CutlassConfig((128, 64, 128), (1, 1, 1), "pingpong"),
+          CutlassConfig((128, 128, 128), (1, 1, 1), "cooperative", scheduler="streamk")),
     512: (CutlassConfig((128, 256, 64), (1, 1, 1), "cooperative"),
           CutlassConfig((128, 128, 128), (2, 1, 1), "cooperative"),
           CutlassConfig((256, 128, 64), (1, 1, 1), "cooperative")),
     1024: (CutlassConfig((128, 256, 64), (2, 1, 1), "cooperative"),
            CutlassConfig((256, 128, 64), (1, 2, 1), "cooperative"),
-           CutlassConfig((128, 256, 64), (1, 1, 1), "cooperative", scheduler="streamk")),
+           CutlassConfig((256, 128, 64), (2, 1, 1), "cooperative"),
+           CutlassConfig((128, 128, 128), (1, 1, 1), "cooperative")),
 }
 
 
