@@ -343,7 +343,7 @@ def test_fp8_fast_accum_only_where_the_model_asks(fast):
     torch.testing.assert_close(r.outputs[0].double(), ref, rtol=2 ** -8, atol=1e-5 * float(ref.abs().max()))
     layer = Layer("2:4", 8192, 256, 512, torch.float8_e4m3fn, "cuda", scaled=Scaled("lib16", BF16, True, True, fast))
     tags = [c24._tag_of(p) for p in c24._all_params(layer)]
-    assert all(("_fastacc" in t) == fast for t in tags), tags  # (fast: the promoting form is never faster)
+    assert all(("_fastacc" in t) == fast for t in tags), tags  # (fast: the FP8FastAccum configs only)
     cfgs = c24.configs_for(8192, "e4m3", fast_accum=fast)
     assert len(tags) == sum(len(c24.STREAMK_SPLITS) if c.scheduler == "streamk" else 1 for c in cfgs)
 
