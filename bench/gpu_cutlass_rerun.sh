@@ -39,14 +39,14 @@ step() {
   tar -cf "$OUT/$CALL.tar" -C "$OUT" "$CALL"
 }
 
-bench() { python3 -m sparse_inductor.bench "$@"; }
+B="python3 -m sparse_inductor.bench"
 case "$CALL" in
   cases)
-    step singles 150 bench --sections cutlass --cutlass singles,quant8,choice --json "$OUT/$CALL/singles.json"
-    step mlp 290 bench --sections cutlass --cutlass mlp,choice --cutlass-batches 16,64,4096 --json "$OUT/$CALL/mlp.json"
-    step hf 360 bench --sections e2e --e2e hf_llama_cutlass --e2e-modes ro --json "$OUT/$CALL/hf.json"
-    step vit 520 bench --sections e2e --e2e vit24_cutlass --e2e-modes default,ro --json "$OUT/$CALL/vit.json"
-    step prefill 590 bench --sections e2e --e2e llama_prefill_cutlass --e2e-modes default,ro --json "$OUT/$CALL/prefill.json"
+    step singles 150 $B --sections cutlass --cutlass singles,quant8,choice --json "$OUT/$CALL/singles.json"
+    step mlp 290 $B --sections cutlass --cutlass mlp,choice --cutlass-batches 16,64,4096 --json "$OUT/$CALL/mlp.json"
+    step hf 360 $B --sections e2e --e2e hf_llama_cutlass --e2e-modes ro --json "$OUT/$CALL/hf.json"
+    step vit 520 $B --sections e2e --e2e vit24_cutlass --e2e-modes default,ro --json "$OUT/$CALL/vit.json"
+    step prefill 590 $B --sections e2e --e2e llama_prefill_cutlass --e2e-modes default,ro --json "$OUT/$CALL/prefill.json"
     ;;
   compile)
     step layout 40 python3 bench/dense_operand_layout.py
