@@ -1,7 +1,8 @@
 """Dense matmul time by the weight operand's layout, on the linears of ViT-B/16 (batch 64, M =
 12608) and ViT-H/14 (batch 32, M = 8224), bf16: mm(x, W.t()) with W stored [N, K] (the view a
-plain torch.compile hands the matmul), mm(x, Wt) with Wt a contiguous [K, N] copy (what freezing's
-constant folding makes of W.t() when the backend freezes), and F.linear. do_bench medians, L2
+plain torch.compile hands the matmul), mm(x, Wt) with Wt a contiguous [K, N] copy (a layout the backend
+must not hand a dense layer: freezing keeps W.t() a view, tests/test_backend.py checks it), and
+F.linear. do_bench medians, L2
 flushed, us.
 
     python bench/dense_operand_layout.py

@@ -35,6 +35,8 @@ VARIANTS = {
         "force": True, "kernel": "cusparselt", "nonfinite": "fast"}}, False),
     # with --pattern block (the names say what the default pattern does; these are neutral)
     "sparse": (False, {"backend": "sparse"}, False),
+    # the backend's compile with every layer kept dense (its frozen graph against plain Inductor's)
+    "sparse, kept dense": (False, {"backend": "sparse", "options": {"min_speedup": 1000.0}}, False),
     "sparse, nonfinite fast": (False, {"backend": "sparse", "options": {"nonfinite": "fast"}}, False),
     "sparse, MLPs fused": (False, {"backend": "sparse", "options": {"fuse_mlp": True}}, False),
     "sparse, MLPs fused (forced)": (False, {"backend": "sparse", "options": {
