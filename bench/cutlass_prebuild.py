@@ -24,7 +24,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -112,7 +111,6 @@ def main(argv=None) -> None:
     import test_gpu_cutlass
 
     from sparse_inductor import bench
-    from sparse_inductor.lowering import cutlass_24
     from sparse_inductor.runtime import cutlass as rt
 
     models = tuple(m.strip() for m in a.models.split(",") if m.strip())
@@ -122,16 +120,7 @@ def main(argv=None) -> None:
             print(k.describe())
         print(f"{len(ks)} kernels")
         return
-    why = rt.available()
-    if why:
-        sys.exit(f"cutlass_prebuild: CUTLASS toolchain not available: {why}")
-    start = time.perf_counter()
-    res = cutlass_24.build(ks)
-    bad = [k for k, r in res.items() if isinstance(r, Exception)]
-    print(f"{len(ks) - len(bad)} of {len(ks)} libraries ready in {time.perf_counter() - start:.0f} s "
-          f"(cache {rt.cache_dir()})", flush=True)
-    for k in bad:
-        print(f"  did not build: {k.describe()}: {str(res[k]).splitlines()[0][:200]}")
+    res = bench.build_cutlass(kernels=ks)
     if a.pack:
         names = sorted(os.path.basename(p) for p in res.values() if isinstance(p, str))
         os.makedirs(os.path.dirname(os.path.abspath(a.pack)), exist_ok=True)

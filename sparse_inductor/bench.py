@@ -892,12 +892,13 @@ def cutlass_kernels(parts=CUTLASS_PARTS) -> list:
     return list(dict.fromkeys(out))
 
 
-def build_cutlass(parts=CUTLASS_PARTS) -> None:
-    """Build the section's libraries in one parallel build (no GPU needed: nvcc and the headers)."""
+def build_cutlass(parts=CUTLASS_PARTS, kernels=None) -> dict:
+    """Build the section's libraries (or `kernels`) in one parallel build (no GPU needed: nvcc and
+    the headers); kernel -> library path or the exception its build raised."""
     why = cutlass_rt.available()
     if why:
         sys.exit(f"CUTLASS toolchain not available: {why}")
-    ks = cutlass_kernels(parts)
+    ks = cutlass_kernels(parts) if kernels is None else kernels
     start = time.perf_counter()
     res = cutlass_24.build(ks)
     bad = [k for k, r in res.items() if isinstance(r, Exception)]
@@ -905,6 +906,7 @@ def build_cutlass(parts=CUTLASS_PARTS) -> None:
           f"(cache {cutlass_rt.cache_dir()})", flush=True)
     for k in bad:
         print(f"  did not build: {k.describe()}: {str(res[k]).splitlines()[0][:200]}")
+    return res
 
 
 def _ro_compiled(model: nn.Module, backend: str, options: Optional[dict] = None) -> Callable:
