@@ -14,7 +14,7 @@ run of bench/gpu_cutlass_rerun.sh asks for, and pack them for carrying to the GP
 
 The libraries go to SPARSE_INDUCTOR_CUTLASS_CACHE_DIR (the library cache, keyed by source, flags
 and the nvcc and CUTLASS versions, not torch's); --pack writes the .so files into one tar.xz.
-A library takes ~55 s of nvcc and ~5 GB of memory: on 2 cores, ~30 minutes for the section's 56.
+A library takes ~55-70 s of nvcc and ~5 GB of memory: on 2 cores, ~36 minutes for all 64.
 """
 from __future__ import annotations
 

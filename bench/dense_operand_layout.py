@@ -1,9 +1,8 @@
 """Dense matmul time by the weight operand's layout, on the linears of ViT-B/16 (batch 64, M =
 12608) and ViT-H/14 (batch 32, M = 8224), bf16: mm(x, W.t()) with W stored [N, K] (the view a
-plain torch.compile hands the matmul), mm(x, Wt) with Wt a contiguous [K, N] copy (a layout the backend
-must not hand a dense layer: freezing keeps W.t() a view, tests/test_backend.py checks it), and
-F.linear. do_bench medians, L2
-flushed, us.
+plain torch.compile hands the matmul), mm(x, Wt) with Wt a contiguous [K, N] copy (a layout the
+backend must not hand a dense layer: freezing keeps W.t() a view, tests/test_backend.py checks
+it), and F.linear. do_bench medians, L2 flushed, us.
 
     python bench/dense_operand_layout.py
 """
@@ -27,10 +26,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     for model, (m, shapes) in SHAPES.items():
-        x = torch.randn(m, shapes[0][1], device="cuda", dtype=torch.bfloat16)
         for n, k in shapes:
-            if x.shape[1] != k:
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
             wt = w.t().contiguous()
             t_view = triton.testing.do_bench(lambda: torch.mm(x, w.t()), return_mode="median")

@@ -34,7 +34,7 @@ step() {
   local s=$(date +%s)
   timeout "$left" "$@" > "$OUT/$CALL/$name.log" 2>&1
   local rc=$?
-  grep -v "^\s*$" "$OUT/$CALL/$name.log" | grep "^|\|^#\|H100\|H200\|stopped\|Error\|passed\|failed\|cold\|warm\|ready" | cut -c1-400
+  grep "^|\|^#\|H100\|H200\|stopped\|Error\|passed\|failed\|cold\|warm\|ready" "$OUT/$CALL/$name.log" | cut -c1-400
   echo "step $name rc $rc ($(( $(date +%s) - s )) s; $(( $(date +%s) - t0 )) s in all)"
   tar -cf "$OUT/$CALL.tar" -C "$OUT" "$CALL"
 }
